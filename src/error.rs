@@ -1,0 +1,112 @@
+//! The crate's error type.
+
+use std::fmt;
+
+/// An error from a [`FenceHandle`](crate::FenceHandle) operation or from
+/// setting a fence up.
+///
+/// Requests never see this type: a cache failure on the request path turns
+/// into a pass-through to the inner service. It is returned by the handle's
+/// invalidation calls, whose caller must know whether the invalidation
+/// happened.
+pub struct FenceError {
+    kind: Kind,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Redis(redis::RedisError),
+    Timeout,
+    CircuitOpen,
+    InvalidInput(&'static str),
+}
+
+impl FenceError {
+    pub(crate) fn redis(err: redis::RedisError) -> Self {
+        Self {
+            kind: Kind::Redis(err),
+        }
+    }
+
+    pub(crate) fn timeout() -> Self {
+        Self {
+            kind: Kind::Timeout,
+        }
+    }
+
+    pub(crate) fn circuit_open() -> Self {
+        Self {
+            kind: Kind::CircuitOpen,
+        }
+    }
+
+    pub(crate) fn invalid_input(what: &'static str) -> Self {
+        Self {
+            kind: Kind::InvalidInput(what),
+        }
+    }
+
+    /// Redis answered with an error, or the connection failed.
+    pub fn is_redis(&self) -> bool {
+        matches!(self.kind, Kind::Redis(_))
+    }
+
+    /// Redis did not answer within the configured timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self.kind, Kind::Timeout) || matches!(&self.kind, Kind::Redis(e) if e.is_timeout())
+    }
+
+    /// The circuit breaker is open after repeated failures, so the command
+    /// was not sent.
+    pub fn is_circuit_open(&self) -> bool {
+        matches!(self.kind, Kind::CircuitOpen)
+    }
+
+    /// An argument was rejected (for example an empty prefix).
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self.kind, Kind::InvalidInput(_))
+    }
+
+    /// Whether this failure says the Redis server is unreachable or
+    /// unhealthy, as opposed to a command being refused (a wrong type, a
+    /// full memory).
+    pub(crate) fn is_transport(&self) -> bool {
+        match &self.kind {
+            Kind::Timeout => true,
+            Kind::Redis(e) => !matches!(e.kind(), redis::ErrorKind::Server(_)),
+            Kind::CircuitOpen | Kind::InvalidInput(_) => false,
+        }
+    }
+}
+
+impl fmt::Debug for FenceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("FenceError").field(&self.kind).finish()
+    }
+}
+
+impl fmt::Display for FenceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            Kind::Redis(e) => write!(f, "redis error: {e}"),
+            Kind::Timeout => f.write_str("redis did not answer in time"),
+            Kind::CircuitOpen => f.write_str("redis circuit breaker is open"),
+            Kind::InvalidInput(what) => write!(f, "invalid input: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for FenceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.kind {
+            Kind::Redis(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl From<redis::RedisError> for FenceError {
+    fn from(err: redis::RedisError) -> Self {
+        Self::redis(err)
+    }
+}

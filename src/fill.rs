@@ -1,0 +1,754 @@
+//! A fill: the task that takes a key's lease, calls the inner service once,
+//! stores the response fenced by the lease, and hands the result to every
+//! request that waited. It runs as its own task, so the request that started
+//! it may go away without stopping it (DESIGN.md promise 2).
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
+use http_body::Body;
+use redis::aio::ConnectionLike;
+use tokio::sync::oneshot;
+use tower::ServiceExt;
+use tower_service::Service;
+
+use crate::body::{Buffered, FenceBody, buffer};
+use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
+use crate::flight::{CacheStatus, Flight, Outcome};
+use crate::key::{EntryKey, header_value, lease_of};
+use crate::layer::{OnWaitTimeout, Shared};
+use crate::policy::{ResponseRule, vary_names};
+use crate::service::{Ctx, from_entry, plain_response};
+use crate::stats::Counters;
+use crate::store::{Acquired, StoreArgs};
+use crate::wait::Backoff;
+
+/// Why a fill runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// A miss: serve the entry if someone else stored it, else fill it.
+    Fill,
+    /// A client asked for a fresh copy (and the policy honours that): fill
+    /// even if the entry is fresh, but through the lease like any fill.
+    Refetch,
+    /// A background refresh (XFetch or stale-while-revalidate): give up if
+    /// another fill holds the lease.
+    Refresh,
+}
+
+type LeaderResult<B, E> = Result<Response<FenceBody<B>>, E>;
+
+pub(crate) struct Job<S, C, ReqB, ResB: Body, E> {
+    pub(crate) ctx: Ctx<C>,
+    pub(crate) flight: Arc<Flight>,
+    pub(crate) svc: S,
+    pub(crate) req: Request<ReqB>,
+    pub(crate) ek: EntryKey,
+    pub(crate) key: Arc<str>,
+    /// The key to fill: the primary or a variant.
+    pub(crate) entry_key: String,
+    pub(crate) mode: Mode,
+    /// A stale entry to fall back on when the origin fails.
+    pub(crate) stale: Option<Arc<Entry>>,
+    /// The request that started the fill, if it is not a background refresh.
+    pub(crate) leader: Option<oneshot::Sender<LeaderResult<ResB, E>>>,
+}
+
+/// Removes the flight from the table when the fill ends, however it ends;
+/// joiners of a fill that ended without an outcome (a panic) look again.
+struct FlightGuard<C> {
+    shared: Arc<Shared<C>>,
+    key: String,
+    flight: Arc<Flight>,
+}
+
+impl<C> Drop for FlightGuard<C> {
+    fn drop(&mut self) {
+        self.flight.finish(Outcome::Restart);
+        self.shared.flights.remove(&self.key, &self.flight);
+    }
+}
+
+pub(crate) async fn run<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>)
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let _guard = FlightGuard {
+        shared: job.ctx.shared.clone(),
+        key: job.entry_key.clone(),
+        flight: job.flight.clone(),
+    };
+    let shared = job.ctx.shared.clone();
+    let config = job.ctx.config.clone();
+    let counters = &shared.counters;
+    let token = new_token();
+    let mut key = job.entry_key.clone();
+    let mut redirected = false;
+    let mut refresh = job.mode != Mode::Fill;
+    let mut deadline: Option<Instant> = None;
+    let mut backoff = Backoff::new();
+    loop {
+        let lease = lease_of(&key);
+        let acquired = shared
+            .store
+            .acquire(&key, &lease, &token, config.lock_timeout, refresh)
+            .await;
+        match acquired {
+            Err(err) => {
+                tracing::warn!(error = %err, key = %key, "fill lease unavailable, calling the origin without caching");
+                if job.mode == Mode::Refresh {
+                    return;
+                }
+                return unlocked(job).await;
+            }
+            Ok(Acquired::Hit(fields)) => match Record::decode(fields, now_ms()) {
+                Record::Entry(entry) => {
+                    let vary = vary_values(&entry.headers, job.req.headers());
+                    serve_all(
+                        &job.flight,
+                        &mut job.leader,
+                        &config,
+                        Arc::new(entry),
+                        CacheStatus::Hit,
+                        vary,
+                    );
+                    return;
+                }
+                _ => return unlocked(job).await,
+            },
+            Ok(Acquired::Vary(names)) if !redirected => {
+                let Ok(names) = std::str::from_utf8(&names).map_err(drop).and_then(|s| {
+                    s.split(',')
+                        .map(|n| HeaderName::try_from(n).map_err(drop))
+                        .collect::<Result<Vec<_>, ()>>()
+                }) else {
+                    return unlocked(job).await;
+                };
+                key = job.ek.variant(&names, job.req.headers());
+                redirected = true;
+            }
+            Ok(Acquired::Vary(_)) => return unlocked(job).await,
+            Ok(Acquired::Pass) => {
+                if job.mode == Mode::Refresh {
+                    return;
+                }
+                job.flight.finish(Outcome::Origin);
+                let result =
+                    crate::service::origin(&config, job.svc, job.req, CacheStatus::Bypass).await;
+                send(&mut job.leader, result);
+                return;
+            }
+            Ok(Acquired::Won(fields)) => {
+                tracing::debug!(key = %key, mode = ?job.mode, "fill lease won");
+                if job.stale.is_none() {
+                    if let Record::Entry(entry) = Record::decode(fields, now_ms()) {
+                        job.stale = Some(Arc::new(entry));
+                    }
+                }
+                return won(job, key, token).await;
+            }
+            Ok(Acquired::Held(remaining)) => {
+                if job.mode == Mode::Refresh {
+                    tracing::trace!(key = %key, "refresh skipped: another fill holds the lease");
+                    job.flight.finish(Outcome::Origin);
+                    return;
+                }
+                let now = Instant::now();
+                let deadline = *deadline.get_or_insert_with(|| {
+                    Counters::inc(&counters.remote_waits);
+                    tracing::debug!(key = %key, "fill lease held elsewhere, waiting");
+                    now + config.wait_timeout
+                });
+                if now >= deadline {
+                    Counters::inc(&counters.wait_timeouts);
+                    tracing::debug!(key = %key, "wait budget spent");
+                    return wait_timed_out(job).await;
+                }
+                // After the other fill lands, a plain lookup finds it.
+                refresh = false;
+                let pause = backoff.next().min(remaining).min(deadline - now);
+                tokio::select! {
+                    _ = job.flight.wake.notified() => {}
+                    _ = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+    }
+}
+
+/// The wait budget is spent: stale if there is one, else the configured
+/// action. The response is shared with local joiners only through "go to the
+/// origin yourself", since it is not cached.
+async fn wait_timed_out<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>)
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    if let Some(stale) = job.stale.clone() {
+        Counters::inc(&job.ctx.shared.counters.stale);
+        let vary = vary_values(&stale.headers, job.req.headers());
+        serve_all(
+            &job.flight,
+            &mut job.leader,
+            &job.ctx.config,
+            stale,
+            CacheStatus::Stale,
+            vary,
+        );
+        return;
+    }
+    if job.ctx.config.on_wait_timeout == OnWaitTimeout::GatewayTimeout {
+        job.flight.finish(Outcome::Origin);
+        let res = plain_response(&job.ctx.config, StatusCode::GATEWAY_TIMEOUT);
+        send(&mut job.leader, Ok(res));
+        return;
+    }
+    unlocked(job).await
+}
+
+/// Calls the origin without a lease (Redis failed, or the wait timed out):
+/// nothing is stored, the response is shared with joiners if it may be.
+async fn unlocked<S, C, ReqB, ResB>(job: Job<S, C, ReqB, ResB, S::Error>)
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    call_and_decide(job, None).await;
+}
+
+async fn won<S, C, ReqB, ResB>(job: Job<S, C, ReqB, ResB, S::Error>, key: String, token: String)
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    call_and_decide(job, Some(Lease { key, token })).await;
+}
+
+/// The lease a fill holds on the key it fills.
+struct Lease {
+    key: String,
+    token: String,
+}
+
+impl Lease {
+    fn lease_key(&self) -> String {
+        lease_of(&self.key)
+    }
+}
+
+/// What the origin call and body buffering produced.
+enum Called<B: Body, E> {
+    Failed(E),
+    Responded {
+        parts: http::response::Parts,
+        rule: ResponseRule,
+        body: Either<B>,
+    },
+}
+
+enum Either<B: Body> {
+    Buffered(Buffered<B>),
+    Streaming(B),
+}
+
+async fn call_and_decide<S, C, ReqB, ResB>(
+    job: Job<S, C, ReqB, ResB, S::Error>,
+    lease: Option<Lease>,
+) where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let Job {
+        ctx,
+        flight,
+        svc,
+        req,
+        ek,
+        key,
+        entry_key,
+        mode,
+        stale,
+        mut leader,
+    } = job;
+    let Ctx { config, shared } = ctx;
+    let counters = &shared.counters;
+    let started = Instant::now();
+    let req_headers = req.headers().clone();
+    Counters::inc(&counters.fills);
+
+    let body_limit = config.body_limit;
+    let policy = config.policy.clone();
+    let joined = flight.clone();
+    let call = async move {
+        // A background refresh owns a clone that was never polled ready.
+        let res = if mode == Mode::Refresh {
+            svc.oneshot(req).await
+        } else {
+            let mut svc = svc;
+            svc.call(req).await
+        };
+        let res = match res {
+            Ok(res) => res,
+            Err(err) => return Called::Failed(err),
+        };
+        let (parts, body) = res.into_parts();
+        let rule = policy.response(&parts);
+        let buffer_it = match &rule {
+            ResponseRule::Store { .. } => true,
+            // Buffer an uncacheable response only to hand it to joiners.
+            ResponseRule::DontStore { shareable, .. } => *shareable && joined.joiners() > 0,
+        };
+        let body = if buffer_it {
+            Either::Buffered(buffer(body, body_limit).await)
+        } else {
+            Either::Streaming(body)
+        };
+        Called::Responded { parts, rule, body }
+    };
+    let called = with_lease(
+        &shared,
+        lease.as_ref(),
+        &flight,
+        &mut leader,
+        call,
+        config.lock_timeout,
+    )
+    .await;
+    let Some(called) = called else {
+        tracing::debug!(key = %entry_key, "fill abandoned after an invalidation");
+        release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
+        return;
+    };
+    let delta = started.elapsed();
+    let pass = config.pass_ttl;
+
+    let (parts, rule, body) = match called {
+        Called::Failed(err) => {
+            release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
+            match stale.filter(|_| config.stale_if_error) {
+                Some(stale) => {
+                    tracing::debug!(key = %entry_key, "origin failed, serving stale");
+                    Counters::inc(&counters.stale);
+                    let vary = vary_values(&stale.headers, &req_headers);
+                    serve_all(
+                        &flight,
+                        &mut leader,
+                        &config,
+                        stale,
+                        CacheStatus::Stale,
+                        vary,
+                    );
+                }
+                None => {
+                    flight.finish(Outcome::Origin);
+                    send(&mut leader, Err(err));
+                }
+            }
+            return;
+        }
+        Called::Responded { parts, rule, body } => (parts, rule, body),
+    };
+
+    if parts.status.is_server_error() && config.stale_if_error {
+        if let Some(stale) = stale {
+            tracing::debug!(key = %entry_key, status = %parts.status, "origin answered 5xx, serving stale");
+            release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
+            Counters::inc(&counters.stale);
+            let vary = vary_values(&stale.headers, &req_headers);
+            serve_all(
+                &flight,
+                &mut leader,
+                &config,
+                stale,
+                CacheStatus::Stale,
+                vary,
+            );
+            return;
+        }
+    }
+
+    let vary_of = |names: &[HeaderName]| -> Arc<[(HeaderName, Vec<u8>)]> {
+        names
+            .iter()
+            .map(|n| (n.clone(), header_value(&req_headers, n)))
+            .collect()
+    };
+    let entry_of = |data: bytes::Bytes, ttl: Duration| {
+        let now = now_ms();
+        let fresh_ms = now.saturating_add(duration_ms(ttl));
+        Arc::new(Entry {
+            status: parts.status,
+            headers: storable_headers(&parts.headers, config.status_header.as_ref()),
+            body: data,
+            delta,
+            stored_ms: now,
+            fresh_ms,
+            stale_ms: fresh_ms.saturating_add(duration_ms(config.policy.grace)),
+        })
+    };
+
+    match (rule, body) {
+        (
+            ResponseRule::Store { ttl, vary },
+            Either::Buffered(Buffered::Complete {
+                data,
+                trailers: None,
+            }),
+        ) => {
+            let entry = entry_of(data, ttl);
+            if let Some(lease) = &lease {
+                let store_key = if vary.is_empty() {
+                    lease.key.clone()
+                } else {
+                    ek.variant(&vary, &req_headers)
+                };
+                let vary_field = if vary.is_empty() {
+                    String::new()
+                } else {
+                    encode_vary(&vary)
+                };
+                let args = StoreArgs {
+                    entry_key: &store_key,
+                    lease_key: &lease.lease_key(),
+                    primary: &ek.primary,
+                    variants_set: &ek.variants_set(),
+                    token: &lease.token,
+                    ttl: ttl.saturating_add(config.policy.grace),
+                    vary: &vary_field,
+                    fields: entry.to_fields(&key, &lease.token),
+                };
+                match shared.store.store(args).await {
+                    Ok(true) => {
+                        Counters::inc(&counters.stores);
+                        tracing::debug!(key = %store_key, ?delta, "fill stored");
+                    }
+                    Ok(false) => {
+                        Counters::inc(&counters.fenced);
+                        tracing::debug!(key = %store_key, "write-back fenced out: the lease was lost (invalidated or expired)");
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, key = %store_key, "storing the fill failed");
+                        release(&shared, &ek, Some(lease), Duration::ZERO).await;
+                    }
+                }
+            }
+            // A detached flight keeps its `Restart`: its joiners look again
+            // instead of taking a response that was computed before an
+            // invalidation. The leader's own request raced the invalidation,
+            // so it may have it.
+            let status = if leader.is_some() {
+                CacheStatus::Miss
+            } else {
+                CacheStatus::Hit
+            };
+            serve_all(&flight, &mut leader, &config, entry, status, vary_of(&vary));
+        }
+        (rule, Either::Buffered(buffered)) => {
+            let shareable = matches!(
+                rule,
+                ResponseRule::DontStore {
+                    shareable: true,
+                    ..
+                }
+            );
+            let reason = match (&rule, &buffered) {
+                (ResponseRule::DontStore { reason, .. }, _) => *reason,
+                (_, Buffered::TooLarge { .. }) => "too large",
+                (_, Buffered::Failed { .. }) => "body error",
+                (_, Buffered::Complete { .. }) => "trailers",
+            };
+            tracing::debug!(key = %entry_key, reason, "response not cacheable");
+            // A body that failed says nothing about the key: no pass marker.
+            let failed = matches!(buffered, Buffered::Failed { .. });
+            let pass_for = if failed || stale.is_some() {
+                Duration::ZERO
+            } else {
+                pass
+            };
+            release(&shared, &ek, lease.as_ref(), pass_for).await;
+            match buffered {
+                Buffered::Complete {
+                    data,
+                    trailers: None,
+                } if shareable => {
+                    let vary = vary_names(&parts.headers).unwrap_or_default();
+                    let entry = entry_of(data.clone(), Duration::ZERO);
+                    flight.finish(Outcome::Serve {
+                        entry,
+                        status: CacheStatus::Miss,
+                        vary: vary_of(&vary),
+                    });
+                    send_response(&mut leader, &config, parts, FenceBody::full(data));
+                }
+                other => {
+                    flight.finish(Outcome::Origin);
+                    let body = match other {
+                        Buffered::Complete { data, trailers } => {
+                            FenceBody::buffered(data, trailers, None)
+                        }
+                        Buffered::TooLarge { prefix, rest } => FenceBody::rest(prefix, rest),
+                        Buffered::Failed { data, error } => {
+                            FenceBody::buffered(data, None, Some(error))
+                        }
+                    };
+                    send_response(&mut leader, &config, parts, body);
+                }
+            }
+        }
+        (_, Either::Streaming(body)) => {
+            let pass_for = if stale.is_some() {
+                Duration::ZERO
+            } else {
+                pass
+            };
+            release(&shared, &ek, lease.as_ref(), pass_for).await;
+            flight.finish(Outcome::Origin);
+            send_response(&mut leader, &config, parts, FenceBody::inner(body));
+        }
+    }
+}
+
+/// Runs `fut` (the origin call and the buffering of its body) while renewing
+/// the lease, so a slow but live fill keeps it. Returns `None` when the fill
+/// was detached by an invalidation and nobody waits for it any more: the
+/// origin future is then dropped.
+async fn with_lease<C, F, T>(
+    shared: &Shared<C>,
+    lease: Option<&Lease>,
+    flight: &Flight,
+    leader: &mut Option<oneshot::Sender<T>>,
+    fut: F,
+    lock_timeout: Duration,
+) -> Option<F::Output>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+    F: Future,
+{
+    let mut fut = pin!(fut);
+    let period = (lock_timeout / 3).max(Duration::from_millis(5));
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let abandoned = async {
+        loop {
+            if flight.is_detached() {
+                match leader.as_mut() {
+                    Some(tx) => tx.closed().await,
+                    None => return,
+                }
+                return;
+            }
+            flight.detach.notified().await;
+        }
+    };
+    let mut abandoned = pin!(abandoned);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            _ = &mut abandoned => return None,
+            _ = renew.tick(), if lease.is_some() => {
+                if let Some(lease) = lease {
+                    match shared.store.extend(&lease.lease_key(), &lease.token, lock_timeout).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::debug!(key = %lease.key, "fill lease lost while filling; its write-back will be refused"),
+                        Err(err) => tracing::debug!(error = %err, "renewing the fill lease failed"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gives the lease up (if held), leaving a pass marker when `pass` is not zero.
+async fn release<C>(shared: &Shared<C>, ek: &EntryKey, lease: Option<&Lease>, pass: Duration)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let Some(lease) = lease else {
+        return;
+    };
+    match shared
+        .store
+        .release(&lease.lease_key(), &ek.primary, &lease.token, pass)
+        .await
+    {
+        Ok(true) if !pass.is_zero() => {
+            Counters::inc(&shared.counters.pass_markers);
+            tracing::debug!(key = %ek.primary, ?pass, "pass marker set");
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::debug!(error = %err, "releasing the fill lease failed; it expires by itself")
+        }
+    }
+}
+
+/// Hands an entry to the joiners and to the leader.
+fn serve_all<B: Body, E>(
+    flight: &Flight,
+    leader: &mut Option<oneshot::Sender<LeaderResult<B, E>>>,
+    config: &crate::layer::Config,
+    entry: Arc<Entry>,
+    status: CacheStatus,
+    vary: Arc<[(HeaderName, Vec<u8>)]>,
+) {
+    let res = from_entry(config, &entry, status, false, now_ms());
+    let joiner_status = if status == CacheStatus::Hit {
+        CacheStatus::Hit
+    } else if status == CacheStatus::Stale {
+        CacheStatus::Stale
+    } else {
+        CacheStatus::Miss
+    };
+    flight.finish(Outcome::Serve {
+        entry,
+        status: joiner_status,
+        vary,
+    });
+    send(leader, Ok(res));
+}
+
+fn send_response<B: Body, E>(
+    leader: &mut Option<oneshot::Sender<LeaderResult<B, E>>>,
+    config: &crate::layer::Config,
+    parts: http::response::Parts,
+    body: FenceBody<B>,
+) {
+    let mut res = Response::from_parts(parts, body);
+    crate::service::mark(
+        config.status_header.as_ref(),
+        res.headers_mut(),
+        CacheStatus::Miss,
+    );
+    send(leader, Ok(res));
+}
+
+fn send<T>(leader: &mut Option<oneshot::Sender<T>>, value: T) {
+    if let Some(tx) = leader.take() {
+        // The leader's client may be gone; the fill finished anyway.
+        let _ = tx.send(value);
+    }
+}
+
+/// The request header values a response varies on.
+fn vary_values(response: &HeaderMap, request: &HeaderMap) -> Arc<[(HeaderName, Vec<u8>)]> {
+    vary_names(response)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|n| {
+            let v = header_value(request, &n);
+            (n, v)
+        })
+        .collect()
+}
+
+/// Headers that are stored: not hop-by-hop, not per-client, not the ones the
+/// cache adds itself.
+pub(crate) fn storable_headers(
+    headers: &HeaderMap,
+    status_header: Option<&HeaderName>,
+) -> HeaderMap {
+    use http::header::{
+        AGE, CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE,
+        TRAILER, TRANSFER_ENCODING, UPGRADE,
+    };
+    const HOP_BY_HOP: [&str; 2] = ["keep-alive", "proxy-connection"];
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
+                named.push(name);
+            }
+        }
+    }
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let drop = [
+            &CONNECTION,
+            &TE,
+            &TRAILER,
+            &TRANSFER_ENCODING,
+            &UPGRADE,
+            &PROXY_AUTHENTICATE,
+            &PROXY_AUTHORIZATION,
+            &SET_COOKIE,
+            &AGE,
+            &CONTENT_LENGTH,
+        ]
+        .contains(&name)
+            || HOP_BY_HOP.contains(&name.as_str())
+            || named.contains(name)
+            || status_header == Some(name);
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+/// A random lease token.
+fn new_token() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_per_client_headers_are_not_stored() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "x-private, close"),
+            ("x-private", "1"),
+            ("keep-alive", "5"),
+            ("transfer-encoding", "chunked"),
+            ("set-cookie", "a=b"),
+            ("x-cache", "MISS"),
+            ("content-type", "text/plain"),
+            ("age", "3"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        let stored = storable_headers(&h, Some(&HeaderName::from_static("x-cache")));
+        assert_eq!(stored.len(), 1);
+        assert!(stored.contains_key("content-type"));
+    }
+}

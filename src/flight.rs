@@ -1,0 +1,230 @@
+//! In-process single flight: concurrent requests for one key share one fill.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use http::HeaderName;
+use tokio::sync::{Notify, watch};
+
+use crate::entry::Entry;
+
+/// How a response was produced, as told by the cache-status header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CacheStatus {
+    Hit,
+    Miss,
+    Stale,
+    Bypass,
+}
+
+impl CacheStatus {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Stale => "STALE",
+            CacheStatus::Bypass => "BYPASS",
+        }
+    }
+}
+
+/// What a fill hands to the requests that joined it.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    /// Serve this response. `vary` holds the request header values it was
+    /// made for: a joiner whose headers differ must not be served it.
+    Serve {
+        entry: Arc<Entry>,
+        status: CacheStatus,
+        vary: Arc<[(HeaderName, Vec<u8>)]>,
+    },
+    /// The result can't be shared: call the inner service yourself.
+    Origin,
+    /// The fill was detached by an invalidation: look the key up again.
+    Restart,
+}
+
+/// One in-flight fill.
+#[derive(Debug)]
+pub(crate) struct Flight {
+    tx: watch::Sender<Option<Outcome>>,
+    /// Signalled when another process announces a finished fill of this key.
+    pub(crate) wake: Notify,
+    detached: AtomicBool,
+    /// Signalled when the flight is detached.
+    pub(crate) detach: Notify,
+}
+
+impl Flight {
+    fn new() -> Self {
+        Self {
+            tx: watch::channel(None).0,
+            wake: Notify::new(),
+            detached: AtomicBool::new(false),
+            detach: Notify::new(),
+        }
+    }
+
+    /// Hands the outcome to every joiner (once; a detached flight keeps its
+    /// `Restart`).
+    pub(crate) fn finish(&self, outcome: Outcome) {
+        if !self.is_detached() {
+            self.tx.send_if_modified(|slot| {
+                if slot.is_none() {
+                    *slot = Some(outcome);
+                    true
+                } else {
+                    false
+                }
+            });
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Option<Outcome>> {
+        self.tx.subscribe()
+    }
+
+    pub(crate) fn joiners(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    pub(crate) fn is_detached(&self) -> bool {
+        self.detached.load(Ordering::Acquire)
+    }
+
+    fn detach_now(&self) {
+        self.detached.store(true, Ordering::Release);
+        self.tx.send_replace(Some(Outcome::Restart));
+        self.detach.notify_waiters();
+        self.detach.notify_one();
+    }
+}
+
+/// Whether the caller leads a new fill or joins one.
+#[derive(Debug)]
+pub(crate) enum Joined {
+    Lead(Arc<Flight>),
+    Join(watch::Receiver<Option<Outcome>>),
+}
+
+/// The table of in-flight fills of one process (of one layer and its clones).
+#[derive(Debug, Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<String, Arc<Flight>>>,
+}
+
+impl Flights {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Flight>>> {
+        // A panic while holding this lock can't leave the map inconsistent
+        // (every operation is a single insert or remove), so recover from
+        // poisoning instead of failing every later request.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn join_or_lead(&self, key: &str) -> Joined {
+        let mut map = self.lock();
+        if let Some(flight) = map.get(key) {
+            return Joined::Join(flight.subscribe());
+        }
+        let flight = Arc::new(Flight::new());
+        map.insert(key.to_owned(), flight.clone());
+        Joined::Lead(flight)
+    }
+
+    /// Leads only if nobody else fills or refreshes the key (for background
+    /// refreshes, which never wait).
+    pub(crate) fn try_lead(&self, key: &str) -> Option<Arc<Flight>> {
+        let mut map = self.lock();
+        if map.contains_key(key) {
+            return None;
+        }
+        let flight = Arc::new(Flight::new());
+        map.insert(key.to_owned(), flight.clone());
+        Some(flight)
+    }
+
+    /// Removes `flight` if it is still the one registered under `key`.
+    pub(crate) fn remove(&self, key: &str, flight: &Arc<Flight>) {
+        let mut map = self.lock();
+        if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(key);
+        }
+    }
+
+    /// Wakes the local waiter on `key`, if any.
+    pub(crate) fn wake(&self, key: &str) {
+        if let Some(flight) = self.lock().get(key) {
+            flight.wake.notify_one();
+        }
+    }
+
+    /// Detaches the fills of an entry (the primary key and its variants):
+    /// they leave the table, so the next request starts a new fill, and
+    /// their joiners restart. Returns how many were detached.
+    pub(crate) fn detach_entry(&self, primary: &str) -> usize {
+        let variant_prefix = format!("{primary}:v:");
+        self.detach_where(|k| k == primary || k.starts_with(&variant_prefix))
+    }
+
+    /// Detaches every fill whose key starts with `prefix`.
+    pub(crate) fn detach_prefix(&self, prefix: &str) -> usize {
+        self.detach_where(|k| k.starts_with(prefix))
+    }
+
+    fn detach_where(&self, pred: impl Fn(&str) -> bool) -> usize {
+        let detached: Vec<Arc<Flight>> = {
+            let mut map = self.lock();
+            let keys: Vec<String> = map.keys().filter(|k| pred(k)).cloned().collect();
+            keys.iter().filter_map(|k| map.remove(k)).collect()
+        };
+        for flight in &detached {
+            flight.detach_now();
+        }
+        detached.len()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_caller_leads_and_the_others_join() {
+        let flights = Flights::default();
+        let Joined::Lead(lead) = flights.join_or_lead("k") else {
+            panic!("first caller must lead")
+        };
+        let Joined::Join(mut rx) = flights.join_or_lead("k") else {
+            panic!("second caller must join")
+        };
+        lead.finish(Outcome::Origin);
+        assert!(matches!(*rx.borrow_and_update(), Some(Outcome::Origin)));
+        flights.remove("k", &lead);
+        assert_eq!(flights.len(), 0);
+    }
+
+    #[test]
+    fn detaching_restarts_joiners_and_frees_the_key() {
+        let flights = Flights::default();
+        let Joined::Lead(lead) = flights.join_or_lead("p:v:1") else {
+            panic!()
+        };
+        let Joined::Join(rx) = flights.join_or_lead("p:v:1") else {
+            panic!()
+        };
+        assert_eq!(flights.detach_entry("p"), 1);
+        assert!(matches!(*rx.borrow(), Some(Outcome::Restart)));
+        // The old fill's late outcome is ignored.
+        lead.finish(Outcome::Origin);
+        assert!(matches!(*rx.borrow(), Some(Outcome::Restart)));
+        assert!(matches!(flights.join_or_lead("p:v:1"), Joined::Lead(_)));
+        // Removing the detached flight doesn't remove its successor.
+        flights.remove("p:v:1", &lead);
+        assert_eq!(flights.len(), 1);
+    }
+}

@@ -1,0 +1,100 @@
+//! A stampede-proof HTTP response cache in Redis for any tower service.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{Router, routing::get};
+//! use cachefence::FenceLayer;
+//!
+//! # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = redis::Client::open("redis://127.0.0.1/")?;
+//! let fence = FenceLayer::new(client.get_connection_manager().await?)
+//!     .ttl(Duration::from_secs(60))
+//!     .grace(Duration::from_secs(30))
+//!     .namespace("shop:")
+//!     .wake_ups(client);
+//! let handle = fence.handle();
+//! let app: Router = Router::new()
+//!     .route("/products/{id}", get(|| async { "product" }).layer(fence.clone()))
+//!     .route("/prices", get(|| async { "prices" }).layer(fence.clone().ttl(Duration::from_secs(5))));
+//! // later, when product 42 changes:
+//! handle.invalidate_path("/products/42").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # The request path
+//!
+//! 1. Requests that may not be cached (not GET or HEAD, carrying
+//!    `Authorization` or `Cookie`, a key function that says `None`, Redis's
+//!    circuit breaker open) go straight to the inner service (`BYPASS`).
+//! 2. Everything else is looked up with ONE Redis command (`HGETALL`; two when
+//!    the response varies on request headers). A fresh entry is served
+//!    (`HIT`) without spawning anything; XFetch may pick this request to start
+//!    one early refresh in the background. An entry inside its grace period
+//!    is served (`STALE`) while one background refresh runs.
+//! 3. A miss joins this process's fill for the key or starts one. The fill
+//!    runs as its own task: it takes the key's lease in Redis (one per key
+//!    across every process), calls the inner service, stores the response
+//!    fenced by the lease, and hands it to everyone who waited (`MISS`). If
+//!    another process holds the lease, the fill waits for it, woken by pub/sub
+//!    when [`FenceLayer::wake_ups`] is set and polling with backoff anyway.
+//!
+//! # Concurrent requests for the same key
+//!
+//! At most one request per key reaches the inner service at a time, across
+//! every process sharing the Redis, on a miss and on a refresh. Requests in one
+//! process share one fill: one lease attempt, one wait loop. A client that
+//! disconnects never cancels a fill others wait on. No request waits longer
+//! than [`FenceLayer::wait_timeout`]; then it is served the stale entry if one
+//! exists, or calls the inner service itself ([`OnWaitTimeout`]). A leader that
+//! crashes leaves a lease that expires after [`FenceLayer::lock_timeout`].
+//! When the response can't be cached (5xx, `private`, `Set-Cookie`, too
+//! large), the waiters are released at once and a short "pass" marker sends
+//! the following requests for the key straight to the origin.
+//!
+//! # Failure behaviour
+//!
+//! The cache fails open: when Redis errors, times out
+//! ([`FenceLayer::redis_timeout`], 250 ms by default) or holds garbage, the
+//! request goes to the inner service and its response is returned unchanged.
+//! After repeated failures a circuit breaker stops sending commands for a
+//! cool-down ([`FenceLayer::circuit_breaker`]). The service's error type is
+//! the inner service's: the cache adds no error of its own.
+//!
+//! # Ordering with other layers
+//!
+//! Put the fence outside layers that produce the response to cache
+//! (compression should be inside, so compressed bodies are cached once per
+//! `Accept-Encoding` variant the response names in `Vary`), and inside layers
+//! that authenticate or rate-limit requests, which must run for every request
+//! including hits.
+//!
+//! # Panics
+//!
+//! Nothing in the cache panics on input or network errors. If the inner
+//! service panics during a fill, the request that started it is answered
+//! `500` and the requests that waited on it look the key up again.
+
+mod body;
+mod entry;
+mod error;
+mod fill;
+mod flight;
+mod handle;
+mod key;
+mod layer;
+mod policy;
+mod service;
+mod stats;
+mod store;
+mod wait;
+mod wake;
+mod xfetch;
+
+pub use body::FenceBody;
+pub use error::FenceError;
+pub use handle::FenceHandle;
+pub use key::{DefaultKey, MakeKey};
+pub use layer::{FenceLayer, OnWaitTimeout};
+pub use policy::CacheTtl;
+pub use service::{Fence, ResponseFuture};
+pub use stats::Stats;

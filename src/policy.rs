@@ -1,0 +1,406 @@
+//! What may be cached, and for how long: the HTTP rules of a shared cache.
+
+use std::time::Duration;
+
+use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, PRAGMA, SET_COOKIE, VARY};
+use http::{HeaderMap, HeaderName, Method, StatusCode, request, response};
+
+/// Sets the fresh lifetime of one response, overriding the layer's TTL.
+///
+/// Put it in the response's extensions from a handler. A zero duration
+/// means "don't cache this response".
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use cachefence::CacheTtl;
+///
+/// let mut res = http::Response::new("price: 42");
+/// res.extensions_mut().insert(CacheTtl(Duration::from_secs(5)));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTtl(pub Duration);
+
+/// The statuses cached by default (RFC 9110 "heuristically cacheable").
+pub(crate) const DEFAULT_STATUSES: [u16; 11] =
+    [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
+
+/// Responses longer-lived than this are cut to it, whatever they ask for.
+pub(crate) const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+#[derive(Debug, Clone)]
+pub(crate) struct Policy {
+    pub(crate) ttl: Duration,
+    pub(crate) negative_ttl: Duration,
+    pub(crate) grace: Duration,
+    pub(crate) statuses: Vec<StatusCode>,
+    pub(crate) respect_cache_control: bool,
+    pub(crate) cache_authorized: bool,
+    pub(crate) cache_cookies: bool,
+    pub(crate) honor_request_no_cache: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(10),
+            grace: Duration::from_secs(30),
+            statuses: DEFAULT_STATUSES
+                .iter()
+                .filter_map(|&s| StatusCode::from_u16(s).ok())
+                .collect(),
+            respect_cache_control: false,
+            cache_authorized: false,
+            cache_cookies: false,
+            honor_request_no_cache: false,
+        }
+    }
+}
+
+/// What to do with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RequestRule {
+    /// Not cacheable: straight to the inner service.
+    Bypass(&'static str),
+    /// Look it up. `refresh` is set when the client asked for a fresh copy
+    /// and the policy honours that.
+    Lookup { head: bool, refresh: bool },
+}
+
+/// What to do with a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ResponseRule {
+    Store {
+        ttl: Duration,
+        vary: Vec<HeaderName>,
+    },
+    /// Not cacheable. `shareable` says whether requests that waited on this
+    /// fill may be served the same response (it is not private to the
+    /// request that made it).
+    DontStore {
+        reason: &'static str,
+        shareable: bool,
+    },
+}
+
+impl Policy {
+    pub(crate) fn request(&self, parts: &request::Parts) -> RequestRule {
+        let head = match parts.method {
+            Method::GET => false,
+            Method::HEAD => true,
+            _ => return RequestRule::Bypass("method"),
+        };
+        if !self.cache_authorized && parts.headers.contains_key(AUTHORIZATION) {
+            return RequestRule::Bypass("authorization");
+        }
+        if !self.cache_cookies && parts.headers.contains_key(COOKIE) {
+            return RequestRule::Bypass("cookie");
+        }
+        let refresh = self.honor_request_no_cache && asks_for_fresh_copy(&parts.headers);
+        RequestRule::Lookup { head, refresh }
+    }
+
+    pub(crate) fn response(&self, parts: &response::Parts) -> ResponseRule {
+        let shareable = shareable(&parts.headers);
+        let dont = |reason| ResponseRule::DontStore { reason, shareable };
+        if !self.statuses.contains(&parts.status) {
+            return dont("status");
+        }
+        if parts.headers.contains_key(SET_COOKIE) {
+            return dont("set-cookie");
+        }
+        let cc = CacheControl::parse(&parts.headers);
+        if cc.no_store || cc.private || cc.no_cache {
+            return dont("cache-control");
+        }
+        let Some(vary) = vary_names(&parts.headers) else {
+            return dont("vary: *");
+        };
+        let ttl = if let Some(CacheTtl(ttl)) = parts.extensions.get::<CacheTtl>() {
+            *ttl
+        } else if let Some(age) = cc
+            .s_maxage
+            .or(cc.max_age)
+            .filter(|_| self.respect_cache_control)
+        {
+            Duration::from_secs(age)
+        } else if parts.status.is_client_error() || parts.status.is_server_error() {
+            self.negative_ttl.min(self.ttl)
+        } else {
+            self.ttl
+        };
+        if ttl.is_zero() {
+            return dont("zero ttl");
+        }
+        ResponseRule::Store {
+            ttl: ttl.min(MAX_TTL),
+            vary,
+        }
+    }
+}
+
+/// Whether a response can be handed to other requests for the same key: not
+/// marked private and setting no cookie.
+fn shareable(headers: &HeaderMap) -> bool {
+    !headers.contains_key(SET_COOKIE) && !CacheControl::parse(headers).private
+}
+
+/// Request `Cache-Control: no-cache|no-store|max-age=0` or `Pragma: no-cache`.
+fn asks_for_fresh_copy(headers: &HeaderMap) -> bool {
+    let cc = CacheControl::parse(headers);
+    cc.no_cache
+        || cc.no_store
+        || cc.max_age == Some(0)
+        || headers
+            .get_all(PRAGMA)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"no-cache"))
+}
+
+/// The header names a response varies on, lowercased, sorted and deduplicated;
+/// `None` for `Vary: *`.
+pub(crate) fn vary_names(headers: &HeaderMap) -> Option<Vec<HeaderName>> {
+    let mut names = Vec::new();
+    for value in headers.get_all(VARY) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token == b"*" {
+                return None;
+            }
+            if token.is_empty() {
+                continue;
+            }
+            // A malformed name cannot be matched against requests: refuse to
+            // cache rather than ignore it.
+            names.push(HeaderName::from_bytes(token).ok()?);
+        }
+    }
+    names.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    names.dedup();
+    Some(names)
+}
+
+/// The directives of `Cache-Control` that matter to a shared cache. Unknown or
+/// malformed directives are ignored; numbers too large saturate.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct CacheControl {
+    pub(crate) no_store: bool,
+    pub(crate) no_cache: bool,
+    pub(crate) private: bool,
+    pub(crate) max_age: Option<u64>,
+    pub(crate) s_maxage: Option<u64>,
+}
+
+impl CacheControl {
+    pub(crate) fn parse(headers: &HeaderMap) -> Self {
+        let mut cc = Self::default();
+        for value in headers.get_all(CACHE_CONTROL) {
+            for directive in split_directives(value.as_bytes()) {
+                let (name, arg) = match directive.iter().position(|&b| b == b'=') {
+                    Some(i) => (&directive[..i], Some(&directive[i + 1..])),
+                    None => (directive, None),
+                };
+                let name = name.trim_ascii();
+                let seconds = || arg.and_then(parse_seconds);
+                if name.eq_ignore_ascii_case(b"no-store") {
+                    cc.no_store = true;
+                } else if name.eq_ignore_ascii_case(b"no-cache") {
+                    cc.no_cache = true;
+                } else if name.eq_ignore_ascii_case(b"private") {
+                    cc.private = true;
+                } else if name.eq_ignore_ascii_case(b"max-age") {
+                    cc.max_age = cc.max_age.or_else(seconds);
+                } else if name.eq_ignore_ascii_case(b"s-maxage") {
+                    cc.s_maxage = cc.s_maxage.or_else(seconds);
+                }
+            }
+        }
+        cc
+    }
+}
+
+/// Splits on commas outside quoted strings.
+fn split_directives(value: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, &b) in value.iter().enumerate() {
+        match b {
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                out.push(value[start..i].trim_ascii());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(value[start..].trim_ascii());
+    out.retain(|d| !d.is_empty());
+    out
+}
+
+/// Delta-seconds (RFC 9111 1.2.2): digits, possibly quoted; values too large
+/// saturate, anything else is invalid.
+fn parse_seconds(arg: &[u8]) -> Option<u64> {
+    let arg = arg.trim_ascii();
+    let arg = arg
+        .strip_prefix(b"\"")
+        .and_then(|a| a.strip_suffix(b"\""))
+        .unwrap_or(arg);
+    if arg.is_empty() || !arg.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(arg.iter().fold(0u64, |acc, &d| {
+        acc.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, v.parse().unwrap());
+        }
+        h
+    }
+
+    fn response(status: u16, pairs: &[(&'static str, &'static str)]) -> response::Parts {
+        let mut res = http::Response::new(());
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        *res.headers_mut() = headers(pairs);
+        res.into_parts().0
+    }
+
+    #[test]
+    fn cache_control_parsing_tolerates_garbage() {
+        let cc = CacheControl::parse(&headers(&[(
+            "cache-control",
+            "max-age=99999999999999999999999, S-MAXAGE=\"5\", private=\"a,b\", x=\"\", =, ,",
+        )]));
+        assert_eq!(cc.max_age, Some(u64::MAX));
+        assert_eq!(cc.s_maxage, Some(5));
+        assert!(cc.private && !cc.no_store);
+        let cc = CacheControl::parse(&headers(&[("cache-control", "max-age=-1, max-age=abc")]));
+        assert_eq!(cc.max_age, None);
+    }
+
+    #[test]
+    fn only_get_and_head_without_credentials_are_looked_up() {
+        let p = Policy::default();
+        let req = |m: Method, h: &[(&'static str, &'static str)]| {
+            let mut r = http::Request::new(());
+            *r.method_mut() = m;
+            *r.headers_mut() = headers(h);
+            p.request(&r.into_parts().0)
+        };
+        assert_eq!(
+            req(Method::GET, &[]),
+            RequestRule::Lookup {
+                head: false,
+                refresh: false
+            }
+        );
+        assert_eq!(
+            req(Method::HEAD, &[]),
+            RequestRule::Lookup {
+                head: true,
+                refresh: false
+            }
+        );
+        assert!(matches!(req(Method::POST, &[]), RequestRule::Bypass(_)));
+        assert!(matches!(
+            req(Method::GET, &[("authorization", "x")]),
+            RequestRule::Bypass(_)
+        ));
+        assert!(matches!(
+            req(Method::GET, &[("cookie", "a=b")]),
+            RequestRule::Bypass(_)
+        ));
+        // Ignored by default: a client cannot force load onto the origin.
+        assert_eq!(
+            req(
+                Method::GET,
+                &[("cache-control", "no-cache"), ("pragma", "no-cache")]
+            ),
+            RequestRule::Lookup {
+                head: false,
+                refresh: false
+            }
+        );
+    }
+
+    #[test]
+    fn uncacheable_responses_are_refused_with_sharing_decided() {
+        let p = Policy::default();
+        let dont = |r| match p.response(&r) {
+            ResponseRule::DontStore { shareable, .. } => Some(shareable),
+            ResponseRule::Store { .. } => None,
+        };
+        assert_eq!(dont(response(500, &[])), Some(true));
+        assert_eq!(
+            dont(response(200, &[("cache-control", "private")])),
+            Some(false)
+        );
+        assert_eq!(dont(response(200, &[("set-cookie", "a=b")])), Some(false));
+        assert_eq!(
+            dont(response(200, &[("cache-control", "no-store")])),
+            Some(true)
+        );
+        assert_eq!(dont(response(200, &[("vary", "accept, *")])), Some(true));
+        assert_eq!(dont(response(200, &[])), None);
+    }
+
+    #[test]
+    fn ttl_comes_from_the_extension_then_cache_control_then_defaults() {
+        let mut p = Policy::default();
+        let ttl = |p: &Policy, r| match p.response(&r) {
+            ResponseRule::Store { ttl, .. } => ttl,
+            ResponseRule::DontStore { .. } => Duration::ZERO,
+        };
+        assert_eq!(
+            ttl(&p, response(200, &[("cache-control", "max-age=5")])),
+            p.ttl
+        );
+        assert_eq!(ttl(&p, response(404, &[])), p.negative_ttl);
+        p.respect_cache_control = true;
+        assert_eq!(
+            ttl(
+                &p,
+                response(200, &[("cache-control", "max-age=5, s-maxage=7")])
+            ),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            ttl(
+                &p,
+                response(200, &[("cache-control", "max-age=99999999999999")])
+            ),
+            MAX_TTL
+        );
+        assert_eq!(
+            ttl(&p, response(200, &[("cache-control", "max-age=0")])),
+            Duration::ZERO
+        );
+        let mut r = response(200, &[("cache-control", "max-age=5")]);
+        r.extensions.insert(CacheTtl(Duration::from_secs(3)));
+        assert_eq!(ttl(&p, r), Duration::from_secs(3));
+    }
+
+    #[test]
+    fn vary_names_are_normalised() {
+        let h = headers(&[("vary", "Accept-Language, accept"), ("vary", "ACCEPT")]);
+        let names = vary_names(&h).unwrap();
+        assert_eq!(
+            names,
+            vec![
+                HeaderName::from_static("accept"),
+                HeaderName::from_static("accept-language")
+            ]
+        );
+        assert_eq!(vary_names(&headers(&[("vary", "a b")])), None);
+    }
+}

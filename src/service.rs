@@ -1,0 +1,525 @@
+//! [`Fence`]: the service, and the request path of DESIGN.md.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use http::header::{AGE, CONTENT_LENGTH};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use pin_project_lite::pin_project;
+use redis::aio::ConnectionLike;
+use tokio::sync::oneshot;
+use tower_service::Service;
+
+use crate::body::FenceBody;
+use crate::entry::{Entry, Record, now_ms};
+use crate::error::FenceError;
+use crate::fill::{self, Job, Mode};
+use crate::flight::{CacheStatus, Joined, Outcome};
+use crate::key::{EntryKey, header_value};
+use crate::layer::{Config, OnWaitTimeout, Shared};
+use crate::policy::RequestRule;
+use crate::stats::Counters;
+use crate::store::Store;
+use crate::xfetch;
+
+/// The service made by [`FenceLayer`](crate::FenceLayer): caches the inner
+/// service's responses in Redis.
+///
+/// See the [crate documentation](crate) for the request path.
+pub struct Fence<S, C> {
+    inner: S,
+    config: Arc<Config>,
+    shared: Arc<Shared<C>>,
+}
+
+impl<S: Clone, C> Clone for Fence<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for Fence<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fence")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C> Fence<S, C> {
+    pub(crate) fn new(inner: S, config: Arc<Config>, shared: Arc<Shared<C>>) -> Self {
+        Self {
+            inner,
+            config,
+            shared,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+pin_project! {
+    /// The response future of [`Fence`].
+    pub struct ResponseFuture<F, B: Body, E> {
+        #[pin]
+        state: State<F, B, E>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B: Body, E> {
+        // The request is not cacheable: the inner future, untouched.
+        Bypass {
+            #[pin]
+            future: F,
+            status_header: Option<HeaderName>,
+        },
+        // The cache path. It awaits Redis, so it is an `async` block; boxing
+        // it costs one allocation per cacheable request and keeps this
+        // state machine readable.
+        Cached {
+            future: BoxFuture<Result<Response<FenceBody<B>>, E>>,
+        },
+    }
+}
+
+impl<F, B: Body, E> fmt::Debug for ResponseFuture<F, B, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<FenceBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Bypass {
+                future,
+                status_header,
+            } => {
+                let res = ready!(future.poll(cx))?;
+                let mut res = res.map(FenceBody::inner);
+                mark(
+                    status_header.as_ref(),
+                    res.headers_mut(),
+                    CacheStatus::Bypass,
+                );
+                Poll::Ready(Ok(res))
+            }
+            StateProj::Cached { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<S, C, ReqB, ResB> Service<Request<ReqB>> for Fence<S, C>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    type Response = Response<FenceBody<ResB>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResB, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // Take the service that was driven to readiness and leave a clone.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let (parts, body) = req.into_parts();
+        let rule = self.config.policy.request(&parts);
+        let key = match rule {
+            RequestRule::Lookup { .. } if !self.shared.store.breaker().is_open() => {
+                self.config.key.make_key(&parts)
+            }
+            _ => None,
+        };
+        let (Some(key), RequestRule::Lookup { head, refresh }) = (key, rule) else {
+            Counters::inc(&self.shared.counters.bypasses);
+            if let RequestRule::Bypass(reason) = rule {
+                tracing::trace!(reason, "bypassing the cache");
+            }
+            return ResponseFuture {
+                state: State::Bypass {
+                    future: inner.call(Request::from_parts(parts, body)),
+                    status_header: self.config.status_header.clone(),
+                },
+            };
+        };
+        let ctx = Ctx {
+            config: self.config.clone(),
+            shared: self.shared.clone(),
+        };
+        let req = Request::from_parts(parts, body);
+        ResponseFuture {
+            state: State::Cached {
+                future: Box::pin(serve(ctx, inner, req, key, head, refresh)),
+            },
+        }
+    }
+}
+
+/// What every step of the request path needs.
+pub(crate) struct Ctx<C> {
+    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared<C>>,
+}
+
+impl<C> Clone for Ctx<C> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// Lookups that find a fill restarted (by an invalidation) or a response
+/// made for other `Vary` values try again at most this often.
+const MAX_ATTEMPTS: usize = 3;
+
+async fn serve<S, C, ReqB, ResB>(
+    ctx: Ctx<C>,
+    mut svc: S,
+    req: Request<ReqB>,
+    key: String,
+    head: bool,
+    refresh: bool,
+) -> Result<Response<FenceBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let Ctx { config, shared } = &ctx;
+    let counters = &shared.counters;
+    let ek = EntryKey::new(&config.namespace, &key);
+    let key: Arc<str> = Arc::from(key);
+    for attempt in 0..MAX_ATTEMPTS {
+        let now = now_ms();
+        let (entry_key, record) = match lookup(&shared.store, &ek, req.headers(), now).await {
+            Ok(found) => found,
+            Err(err) => {
+                tracing::warn!(error = %err, "cache lookup failed, passing the request through");
+                Counters::inc(&counters.bypasses);
+                return origin(config, svc, req, CacheStatus::Bypass).await;
+            }
+        };
+        let stale = match record {
+            Record::Pass => {
+                tracing::trace!(key = %entry_key, "pass marker: going to the origin");
+                Counters::inc(&counters.bypasses);
+                return origin(config, svc, req, CacheStatus::Bypass).await;
+            }
+            Record::Entry(entry) if !refresh && entry.is_fresh(now) => {
+                Counters::inc(&counters.hits);
+                let early = !head
+                    && config.beta > 0.0
+                    && xfetch::should_refresh(
+                        now,
+                        entry.fresh_ms,
+                        crate::entry::duration_ms(entry.delta),
+                        config.beta,
+                        xfetch::random01(),
+                    );
+                let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
+                if early {
+                    Counters::inc(&counters.early_refreshes);
+                    tracing::debug!(key = %entry_key, "xfetch: refreshing early");
+                    refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry);
+                }
+                return Ok(res);
+            }
+            Record::Entry(entry) if !refresh && entry.is_usable_stale(now) => {
+                Counters::inc(&counters.stale);
+                tracing::debug!(key = %entry_key, "serving stale while revalidating");
+                let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
+                if !head {
+                    Counters::inc(&counters.stale_refreshes);
+                    refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry);
+                }
+                return Ok(res);
+            }
+            Record::Entry(entry) if entry.is_usable_stale(now) => Some(Arc::new(entry)),
+            _ => None,
+        };
+        if attempt == 0 {
+            Counters::inc(&counters.misses);
+        }
+        if head {
+            // A HEAD response has no body to cache, and turning it into a GET
+            // would need a request body we can't make: pass it through.
+            return origin(config, svc, req, CacheStatus::Miss).await;
+        }
+        match shared.flights.join_or_lead(&entry_key) {
+            Joined::Lead(flight) => {
+                let (tx, rx) = oneshot::channel();
+                let job = Job {
+                    ctx: ctx.clone(),
+                    flight,
+                    svc,
+                    req,
+                    ek,
+                    key: key.clone(),
+                    entry_key,
+                    mode: if refresh { Mode::Refetch } else { Mode::Fill },
+                    stale,
+                    leader: Some(tx),
+                };
+                // The fill runs as its own task: if this request goes away,
+                // the fill still finishes for everyone waiting on it.
+                tokio::spawn(fill::run(job));
+                return match rx.await {
+                    Ok(result) => result,
+                    // The fill task ended without answering: the inner
+                    // service panicked.
+                    Err(_) => Ok(plain_response(config, StatusCode::INTERNAL_SERVER_ERROR)),
+                };
+            }
+            Joined::Join(mut rx) => {
+                Counters::inc(&counters.coalesced);
+                let wait = rx.wait_for(Option::is_some);
+                let outcome = match tokio::time::timeout(config.wait_timeout, wait).await {
+                    Ok(Ok(outcome)) => outcome.clone(),
+                    // The flight ended without an outcome: look again.
+                    Ok(Err(_)) => Some(Outcome::Restart),
+                    Err(_) => None,
+                };
+                match outcome {
+                    Some(Outcome::Serve {
+                        entry,
+                        status,
+                        vary,
+                    }) => {
+                        let matches = vary
+                            .iter()
+                            .all(|(name, value)| header_value(req.headers(), name) == *value);
+                        if matches {
+                            return Ok(from_entry(config, &entry, status, false, now_ms()));
+                        }
+                    }
+                    Some(Outcome::Origin) => {
+                        return origin(config, svc, req, CacheStatus::Miss).await;
+                    }
+                    Some(Outcome::Restart) => {}
+                    None => {
+                        Counters::inc(&counters.wait_timeouts);
+                        return after_wait_timeout(config, counters, svc, req, stale).await;
+                    }
+                }
+            }
+        }
+    }
+    origin(config, svc, req, CacheStatus::Miss).await
+}
+
+/// Reads the entry of a key: ONE command, two when the response varies.
+pub(crate) async fn lookup<C>(
+    store: &Store<C>,
+    ek: &EntryKey,
+    headers: &HeaderMap,
+    now: u64,
+) -> Result<(String, Record), FenceError>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let record = Record::decode(store.read(&ek.primary).await?, now);
+    let Record::Vary(names) = record else {
+        return Ok((ek.primary.clone(), record));
+    };
+    let variant = ek.variant(&names, headers);
+    let record = match Record::decode(store.read(&variant).await?, now) {
+        Record::Vary(_) => Record::Missing,
+        other => other,
+    };
+    Ok((variant, record))
+}
+
+fn refresh_in_background<S, C, ReqB, ResB>(
+    ctx: &Ctx<C>,
+    svc: S,
+    req: Request<ReqB>,
+    ek: &EntryKey,
+    entry_key: String,
+    key: &Arc<str>,
+    current: Entry,
+) where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqB: Send + 'static,
+    ResB: Body + Send + 'static,
+    ResB::Data: Send,
+    ResB::Error: Send + 'static,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    // One refresh per key per process; the lease makes it one per fleet.
+    let Some(flight) = ctx.shared.flights.try_lead(&entry_key) else {
+        return;
+    };
+    let job = Job {
+        ctx: ctx.clone(),
+        flight,
+        svc,
+        req,
+        ek: ek.clone(),
+        key: key.clone(),
+        entry_key,
+        mode: Mode::Refresh,
+        stale: Some(Arc::new(current)),
+        leader: None,
+    };
+    tokio::spawn(fill::run(job));
+}
+
+async fn after_wait_timeout<S, ReqB, ResB>(
+    config: &Config,
+    counters: &Counters,
+    svc: S,
+    req: Request<ReqB>,
+    stale: Option<Arc<Entry>>,
+) -> Result<Response<FenceBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body,
+{
+    if let Some(stale) = stale {
+        Counters::inc(&counters.stale);
+        return Ok(from_entry(
+            config,
+            &stale,
+            CacheStatus::Stale,
+            false,
+            now_ms(),
+        ));
+    }
+    match config.on_wait_timeout {
+        OnWaitTimeout::GatewayTimeout => Ok(plain_response(config, StatusCode::GATEWAY_TIMEOUT)),
+        OnWaitTimeout::CallOrigin => origin(config, svc, req, CacheStatus::Miss).await,
+    }
+}
+
+/// Calls the inner service (which is ready) and passes its response through.
+pub(crate) async fn origin<S, ReqB, ResB>(
+    config: &Config,
+    mut svc: S,
+    req: Request<ReqB>,
+    status: CacheStatus,
+) -> Result<Response<FenceBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body,
+{
+    let res = svc.call(req).await?;
+    let mut res = res.map(FenceBody::inner);
+    mark(config.status_header.as_ref(), res.headers_mut(), status);
+    Ok(res)
+}
+
+/// A cached response, as sent to a client.
+pub(crate) fn from_entry<B: Body>(
+    config: &Config,
+    entry: &Entry,
+    status: CacheStatus,
+    head: bool,
+    now: u64,
+) -> Response<FenceBody<B>> {
+    let body = if head {
+        FenceBody::empty()
+    } else {
+        FenceBody::full(entry.body.clone())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = entry.status;
+    *res.headers_mut() = entry.headers.clone();
+    let headers = res.headers_mut();
+    if !(entry.status.is_informational()
+        || entry.status == StatusCode::NO_CONTENT
+        || entry.status == StatusCode::NOT_MODIFIED)
+    {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+    }
+    if status != CacheStatus::Miss {
+        headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
+    }
+    mark(config.status_header.as_ref(), headers, status);
+    res
+}
+
+/// A response made by the cache itself (504 after a wait, 500 after a panic).
+pub(crate) fn plain_response<B: Body>(
+    config: &Config,
+    status: StatusCode,
+) -> Response<FenceBody<B>> {
+    let mut res = Response::new(FenceBody::empty());
+    *res.status_mut() = status;
+    mark(
+        config.status_header.as_ref(),
+        res.headers_mut(),
+        CacheStatus::Miss,
+    );
+    res
+}
+
+pub(crate) fn mark(name: Option<&HeaderName>, headers: &mut HeaderMap, status: CacheStatus) {
+    if let Some(name) = name {
+        headers.insert(name.clone(), HeaderValue::from_static(status.as_str()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assert_send<T: Send>() {}
+    fn assert_sync<T: Sync>() {}
+    fn assert_clone<T: Clone>() {}
+
+    #[test]
+    fn fence_is_clone_send_sync_and_its_future_send() {
+        type Inner = tower::util::BoxCloneSyncService<
+            Request<String>,
+            Response<String>,
+            std::convert::Infallible,
+        >;
+        type F = Fence<Inner, redis::aio::MultiplexedConnection>;
+        assert_send::<F>();
+        assert_sync::<F>();
+        assert_clone::<F>();
+        assert_send::<<F as Service<Request<String>>>::Future>();
+        assert_send::<FenceBody<String>>();
+    }
+}

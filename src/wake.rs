@@ -1,0 +1,101 @@
+//! Wake-ups: one pub/sub subscription per layer that turns "a fill landed"
+//! and "an entry was invalidated" announcements from any process into local
+//! notifications. Pub/sub is at-most-once, so waiters always keep polling
+//! as well; this only makes them faster.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::ConnectionLike;
+
+use crate::layer::Shared;
+use crate::stats::Counters;
+use crate::store::{INVALIDATE_CHANNEL, WAKE_CHANNEL};
+
+/// Runs until the layer is dropped, reconnecting with backoff.
+pub(crate) async fn listen<C>(client: redis::Client, shared: Weak<Shared<C>>)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        if shared.strong_count() == 0 {
+            return;
+        }
+        match subscribe(&client).await {
+            Ok(pubsub) => {
+                backoff = Duration::from_millis(50);
+                tracing::debug!("wake-up subscription established");
+                let mut messages = pubsub.into_on_message();
+                while let Some(msg) = next_or_gone(&mut messages, &shared).await {
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
+                        continue;
+                    };
+                    match msg.get_channel_name() {
+                        WAKE_CHANNEL => {
+                            if let Some(key) = payload.strip_suffix(":lease") {
+                                shared.flights.wake(key);
+                                Counters::inc(&shared.counters.wakeups);
+                            }
+                        }
+                        INVALIDATE_CHANNEL => {
+                            let n = if let Some(prefix) = payload.strip_prefix("prefix:") {
+                                shared.flights.detach_prefix(prefix)
+                            } else if let Some(key) = payload.strip_prefix("key:") {
+                                shared.flights.detach_entry(key)
+                            } else {
+                                0
+                            };
+                            for _ in 0..n {
+                                Counters::inc(&shared.counters.detached);
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                tracing::debug!("wake-up subscription lost, reconnecting");
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "wake-up subscription failed, retrying");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+async fn subscribe(client: &redis::Client) -> redis::RedisResult<redis::aio::PubSub> {
+    let connect = async {
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub
+            .subscribe(&[WAKE_CHANNEL, INVALIDATE_CHANNEL])
+            .await?;
+        Ok(pubsub)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), connect).await {
+        Ok(result) => result,
+        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "pub/sub connect timed out",
+        ))),
+    }
+}
+
+/// The next message, or `None` when the stream ends or the layer is gone
+/// (checked every few seconds so an idle listener doesn't outlive it).
+async fn next_or_gone<C>(
+    messages: &mut redis::aio::PubSubStream,
+    shared: &Weak<Shared<C>>,
+) -> Option<redis::Msg> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+            Ok(msg) => return msg,
+            Err(_) if shared.strong_count() == 0 => return None,
+            Err(_) => {}
+        }
+    }
+}
