@@ -93,10 +93,11 @@ impl Record {
                 .find(|(k, _)| k.as_slice() == name)
                 .map(|(_, v)| v.as_slice())
         };
-        if let Some(until) = get(b"pass").and_then(parse_u64) {
-            if until > now {
-                return Record::Pass;
-            }
+        if get(b"pass")
+            .and_then(parse_u64)
+            .is_some_and(|until| until > now)
+        {
+            return Record::Pass;
         }
         if get(b"v") != Some(FORMAT_VERSION.as_bytes()) {
             return Record::Missing;
@@ -235,7 +236,8 @@ mod tests {
     #[test]
     fn damaged_entries_read_as_missing() {
         let good = fields(&sample());
-        let damage: [&dyn Fn(&mut Vec<(Vec<u8>, Vec<u8>)>); 6] = [
+        type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+        let damage: [&dyn Fn(&mut Fields); 6] = [
             &|f| f.retain(|(k, _)| k != b"status"),
             &|f| {
                 f.iter_mut()

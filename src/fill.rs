@@ -150,10 +150,10 @@ where
             }
             Ok(Acquired::Won(fields)) => {
                 tracing::debug!(key = %key, mode = ?job.mode, "fill lease won");
-                if job.stale.is_none() {
-                    if let Record::Entry(entry) = Record::decode(fields, now_ms()) {
-                        job.stale = Some(Arc::new(entry));
-                    }
+                if job.stale.is_none()
+                    && let Record::Entry(entry) = Record::decode(fields, now_ms())
+                {
+                    job.stale = Some(Arc::new(entry));
                 }
                 return won(job, key, token).await;
             }
@@ -268,7 +268,7 @@ impl Lease {
 enum Called<B: Body, E> {
     Failed(E),
     Responded {
-        parts: http::response::Parts,
+        parts: Box<http::response::Parts>,
         rule: ResponseRule,
         body: Either<B>,
     },
@@ -337,7 +337,11 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         } else {
             Either::Streaming(body)
         };
-        Called::Responded { parts, rule, body }
+        Called::Responded {
+            parts: Box::new(parts),
+            rule,
+            body,
+        }
     };
     let called = with_lease(
         &shared,
@@ -380,11 +384,14 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             }
             return;
         }
-        Called::Responded { parts, rule, body } => (parts, rule, body),
+        Called::Responded { parts, rule, body } => (*parts, rule, body),
     };
 
-    if parts.status.is_server_error() && config.stale_if_error {
-        if let Some(stale) = stale {
+    if parts.status.is_server_error()
+        && config.stale_if_error
+        && let Some(stale) = stale.clone()
+    {
+        {
             tracing::debug!(key = %entry_key, status = %parts.status, "origin answered 5xx, serving stale");
             release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
             Counters::inc(&counters.stale);

@@ -121,7 +121,7 @@ impl MakeKey for DefaultKey {
             parts.uri.query(),
         ));
         for name in &self.headers {
-            key.push_str("\n");
+            key.push('\n');
             key.push_str(name.as_str());
             key.push(':');
             escape_into(&mut key, &header_value(&parts.headers, name));

@@ -208,7 +208,7 @@ const MAX_ATTEMPTS: usize = 3;
 
 async fn serve<S, C, ReqB, ResB>(
     ctx: Ctx<C>,
-    mut svc: S,
+    svc: S,
     req: Request<ReqB>,
     key: String,
     head: bool,

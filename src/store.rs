@@ -294,9 +294,6 @@ where
             .store(duration_ms(timeout).max(1), Ordering::Relaxed);
     }
 
-    pub(crate) fn connection(&self) -> C {
-        self.conn.clone()
-    }
 
     /// Runs one Redis call under the timeout and the breaker.
     async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, FenceError>
@@ -458,7 +455,8 @@ where
         .await
     }
 
-    /// One SCAN step. Returns the next cursor and the keys.
+    /// One SCAN step.
+    #[allow(dead_code)] Returns the next cursor and the keys.
     pub(crate) async fn scan(
         &self,
         cursor: u64,
@@ -478,6 +476,7 @@ where
         .await
     }
 
+    #[allow(dead_code)]
     /// HGET of one field, for checking candidates of a prefix scan.
     pub(crate) async fn hget(&self, key: &str, field: &str) -> Result<Option<Vec<u8>>, FenceError> {
         let result = self
@@ -492,6 +491,7 @@ where
         }
     }
 
+    #[allow(dead_code)]
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), FenceError> {
         self.run("publish", |mut c| {
             let cmd = redis::cmd("PUBLISH").arg(channel).arg(message).clone();

@@ -18,7 +18,7 @@ pub(crate) fn should_refresh(
     if now_ms >= expiry_ms {
         return true;
     }
-    if !(beta > 0.0) || delta_ms == 0 || !(r > 0.0) {
+    if beta.is_nan() || beta <= 0.0 || delta_ms == 0 || r.is_nan() || r <= 0.0 {
         // beta of 0 or NaN turns it off; r is never 0 from `random01`, but a
         // zero would make ln(r) infinite.
         return false;

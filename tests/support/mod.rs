@@ -2,7 +2,9 @@
 //!
 //! Used from integration tests via `mod support;`. Not every test uses every
 //! item, hence the module-level `dead_code` allowance.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
+
+pub mod origin;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -17,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 // ---------------------------------------------------------------------------
-// Redis
+// Redis (and the counting origin in `origin.rs`)
 // ---------------------------------------------------------------------------
 
 const REDIS_NOT_FOUND: &str = "redis-server not found on PATH: install it \
