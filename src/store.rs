@@ -455,8 +455,8 @@ where
         .await
     }
 
-    /// One SCAN step.
-    #[allow(dead_code)] Returns the next cursor and the keys.
+    /// One SCAN step. Returns the next cursor and the keys.
+    #[allow(dead_code)]
     pub(crate) async fn scan(
         &self,
         cursor: u64,
