@@ -18,9 +18,9 @@ use tower_service::Service;
 use crate::body::{Buffered, FenceBody, buffer};
 use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
 use crate::flight::{CacheStatus, Flight, Outcome};
-use crate::key::{EntryKey, header_value, lease_of};
+use crate::key::{EntryKey, header_value, lease_of, tag_keys};
 use crate::layer::{OnWaitTimeout, Shared};
-use crate::policy::{ResponseRule, vary_names};
+use crate::policy::{ResponseRule, response_tags, vary_names};
 use crate::service::{Ctx, from_entry, plain_response};
 use crate::stats::Counters;
 use crate::store::{Acquired, StoreArgs};
@@ -148,14 +148,14 @@ where
                 send(&mut job.leader, result);
                 return;
             }
-            Ok(Acquired::Won(fields)) => {
+            Ok(Acquired::Won(fields, started)) => {
                 tracing::debug!(key = %key, mode = ?job.mode, "fill lease won");
                 if job.stale.is_none()
                     && let Record::Entry(entry) = Record::decode(fields, now_ms())
                 {
                     job.stale = Some(Arc::new(entry));
                 }
-                return won(job, key, token).await;
+                return won(job, key, token, started).await;
             }
             Ok(Acquired::Held(remaining)) => {
                 if job.mode == Mode::Refresh {
@@ -238,8 +238,12 @@ where
     call_and_decide(job, None).await;
 }
 
-async fn won<S, C, ReqB, ResB>(job: Job<S, C, ReqB, ResB, S::Error>, key: String, token: String)
-where
+async fn won<S, C, ReqB, ResB>(
+    job: Job<S, C, ReqB, ResB, S::Error>,
+    key: String,
+    token: String,
+    started: u64,
+) where
     S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
@@ -249,13 +253,23 @@ where
     ResB::Error: Send + 'static,
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    call_and_decide(job, Some(Lease { key, token })).await;
+    call_and_decide(
+        job,
+        Some(Lease {
+            key,
+            token,
+            started,
+        }),
+    )
+    .await;
 }
 
 /// The lease a fill holds on the key it fills.
 struct Lease {
     key: String,
     token: String,
+    /// The Redis time it was taken (ms).
+    started: u64,
 }
 
 impl Lease {
@@ -360,7 +374,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let delta = started.elapsed();
     let pass = config.pass_ttl;
 
-    let (parts, rule, body) = match called {
+    let (mut parts, rule, body) = match called {
         Called::Failed(err) => {
             release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
             match stale.filter(|_| config.stale_if_error) {
@@ -408,6 +422,12 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         }
     }
 
+    let tags = response_tags(&parts, &config.tag_headers);
+    if !config.expose_tags {
+        for name in &config.tag_headers {
+            parts.headers.remove(name);
+        }
+    }
     let vary_of = |names: &[HeaderName]| -> Arc<[(HeaderName, Vec<u8>)]> {
         names
             .iter()
@@ -456,6 +476,11 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     token: &lease.token,
                     ttl: ttl.saturating_add(config.policy.grace),
                     vary: &vary_field,
+                    started: lease.started,
+                    tags: tags
+                        .iter()
+                        .map(|t| tag_keys(&config.namespace, t))
+                        .collect(),
                     fields: entry.to_fields(&key, &lease.token),
                 };
                 match shared.store.store(args).await {
@@ -465,6 +490,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     }
                     Ok(false) => {
                         Counters::inc(&counters.fenced);
+                        // Computed before an invalidation: the joiners look
+                        // again rather than take it.
+                        flight.finish(Outcome::Restart);
                         tracing::debug!(key = %store_key, "write-back fenced out: the lease was lost (invalidated or expired)");
                     }
                     Err(err) => {

@@ -6,10 +6,138 @@ use std::sync::atomic::Ordering;
 
 use redis::aio::ConnectionLike;
 
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+
 use crate::error::FenceError;
-use crate::key::{EntryKey, normalize_user_path};
+use crate::key::{EntryKey, READABLE_MAX, escape, normalize_user_path, tag_keys, truncate_escaped};
 use crate::layer::{Config, Shared};
 use crate::stats::{Counters, Stats};
+use crate::store::INVALIDATE_CHANNEL;
+
+/// Keys read per SCAN step.
+const SCAN_BATCH: usize = 500;
+/// Entries popped from a tag index per step.
+const TAG_BATCH: usize = 500;
+/// Invalidation scripts in flight at once.
+const PARALLEL: usize = 64;
+/// How long a tag's fence refuses fills that started before its last
+/// invalidation.
+const TAG_FENCE_TTL: Duration = Duration::from_secs(3600);
+
+/// Escapes the glob characters of a Redis `MATCH` pattern. (Keys built by
+/// this crate never hold them, as the key escaping encodes them; this is a
+/// second line of defence.)
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\' | '^' | '-') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// One invalidation, as applied by [`FenceHandle::apply`] and carried by the
+/// invalidation queue.
+///
+/// # Example
+///
+/// ```
+/// use cachefence::Invalidation;
+///
+/// let inv = Invalidation::prefix("/products/").soft();
+/// assert_eq!(Invalidation::decode(&inv.encode()), Some(inv));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalidation {
+    target: Target,
+    soft: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Path(String),
+    Key(String),
+    Prefix(String),
+    Tag(String),
+    All,
+}
+
+impl Invalidation {
+    /// Every variant of a URL ([`FenceHandle::invalidate_path`]).
+    pub fn path(path: impl Into<String>) -> Self {
+        Self::new(Target::Path(path.into()))
+    }
+
+    /// The entry of a cache key ([`FenceHandle::invalidate_key`]).
+    pub fn key(key: impl Into<String>) -> Self {
+        Self::new(Target::Key(key.into()))
+    }
+
+    /// Every entry under a key prefix ([`FenceHandle::invalidate_prefix`]).
+    pub fn prefix(prefix: impl Into<String>) -> Self {
+        Self::new(Target::Prefix(prefix.into()))
+    }
+
+    /// Every entry carrying a tag ([`FenceHandle::invalidate_tag`]).
+    pub fn tag(tag: impl Into<String>) -> Self {
+        Self::new(Target::Tag(tag.into()))
+    }
+
+    /// Everything in the namespace ([`FenceHandle::invalidate_all`]).
+    pub fn all() -> Self {
+        Self::new(Target::All)
+    }
+
+    /// Marks entries stale instead of removing them (not for `all`).
+    #[must_use]
+    pub fn soft(mut self) -> Self {
+        self.soft = true;
+        self
+    }
+
+    fn new(target: Target) -> Self {
+        Self {
+            target,
+            soft: false,
+        }
+    }
+
+    /// A compact text form: `<kind>[~]:<value>`, where `~` marks a soft one.
+    pub fn encode(&self) -> String {
+        let (kind, value) = match &self.target {
+            Target::Path(v) => ("path", v.as_str()),
+            Target::Key(v) => ("key", v.as_str()),
+            Target::Prefix(v) => ("prefix", v.as_str()),
+            Target::Tag(v) => ("tag", v.as_str()),
+            Target::All => ("all", ""),
+        };
+        format!("{kind}{}:{value}", if self.soft { "~" } else { "" })
+    }
+
+    /// Reads the form written by [`encode`](Self::encode); `None` when it is
+    /// not one.
+    pub fn decode(text: &str) -> Option<Self> {
+        let (kind, value) = text.split_once(':')?;
+        let (kind, soft) = match kind.strip_suffix('~') {
+            Some(kind) => (kind, true),
+            None => (kind, false),
+        };
+        let target = match kind {
+            "path" => Target::Path(value.to_owned()),
+            "key" => Target::Key(value.to_owned()),
+            "prefix" => Target::Prefix(value.to_owned()),
+            "tag" => Target::Tag(value.to_owned()),
+            "all" => Target::All,
+            _ => return None,
+        };
+        Some(Self { target, soft })
+    }
+}
 
 /// Invalidates cached entries and reads the cache's counters.
 ///
@@ -108,10 +236,207 @@ where
         Ok(marked)
     }
 
+    /// Removes every entry whose key starts with `prefix` (for the default
+    /// key, a path prefix such as `/products/`). Returns how many entries
+    /// were removed.
+    ///
+    /// Walks the namespace with `SCAN` and a `MATCH` pattern in which no
+    /// character of `prefix` can act as a glob, in batches of 500 keys, so
+    /// memory stays bounded and Redis is never blocked. Keys of entries
+    /// stored while the walk runs may be missed; their fills' leases are
+    /// removed if the walk sees them. An empty prefix is refused: use
+    /// [`invalidate_all`](Self::invalidate_all).
+    pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, FenceError> {
+        if prefix.is_empty() {
+            return Err(FenceError::invalid_input(
+                "empty prefix; use invalidate_all",
+            ));
+        }
+        self.prefix_walk(prefix, false).await
+    }
+
+    /// [`invalidate_prefix`](Self::invalidate_prefix), marking entries stale
+    /// instead of removing them.
+    pub async fn soft_invalidate_prefix(&self, prefix: &str) -> Result<u64, FenceError> {
+        if prefix.is_empty() {
+            return Err(FenceError::invalid_input(
+                "empty prefix; use invalidate_all",
+            ));
+        }
+        self.prefix_walk(prefix, true).await
+    }
+
+    /// Removes every entry of this handle's namespace, and its tag indexes.
+    /// Returns how many entries were removed.
+    pub async fn invalidate_all(&self) -> Result<u64, FenceError> {
+        let removed = self.prefix_walk("", false).await?;
+        // The tag indexes of the namespace.
+        let mut pattern = glob_escape(&escape(self.config.namespace.as_bytes()));
+        pattern.push_str("#tag:*");
+        let mut cursor = 0;
+        loop {
+            let (next, keys) = self.shared.store.scan(cursor, &pattern, SCAN_BATCH).await?;
+            let unlinks = keys.iter().map(|k| self.shared.store.unlink(k));
+            for result in join_all(unlinks).await {
+                result?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(removed)
+    }
+
+    /// Removes every entry that carries `tag` (named by the response's
+    /// `Cache-Tag` / `Surrogate-Key` header or its [`CacheTags`](crate::CacheTags)
+    /// extension). Returns how many entries were removed.
+    ///
+    /// Fills that started before this call and whose response carries the
+    /// tag are refused when they try to store: the tag's fence holds the
+    /// time of the invalidation for an hour.
+    pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
+        self.tag_walk(tag, false).await
+    }
+
+    /// [`invalidate_tag`](Self::invalidate_tag), marking entries stale
+    /// instead of removing them.
+    pub async fn soft_invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
+        self.tag_walk(tag, true).await
+    }
+
+    /// Applies an [`Invalidation`] (as the invalidation queue's worker does).
+    /// Applying one twice is harmless.
+    pub async fn apply(&self, invalidation: &Invalidation) -> Result<u64, FenceError> {
+        let Invalidation { target, soft } = invalidation;
+        match (target, soft) {
+            (Target::Path(p), false) => self.invalidate_path(p).await,
+            (Target::Path(p), true) => self.soft_invalidate_path(p).await,
+            (Target::Key(k), false) => self.invalidate_key(k).await,
+            (Target::Key(k), true) => self.soft_invalidate_key(k).await,
+            (Target::Prefix(p), false) => self.invalidate_prefix(p).await,
+            (Target::Prefix(p), true) => self.soft_invalidate_prefix(p).await,
+            (Target::Tag(t), false) => self.invalidate_tag(t).await,
+            (Target::Tag(t), true) => self.soft_invalidate_tag(t).await,
+            (Target::All, _) => self.invalidate_all().await,
+        }
+    }
+
+    async fn tag_walk(&self, tag: &str, soft: bool) -> Result<u64, FenceError> {
+        let (index, fence) = tag_keys(&self.config.namespace, tag);
+        let mut total = 0;
+        let mut offset = 0;
+        loop {
+            let peek = soft.then_some(offset);
+            let members = self
+                .shared
+                .store
+                .tag_batch(&index, &fence, TAG_BATCH, TAG_FENCE_TTL, peek)
+                .await?;
+            if members.is_empty() {
+                break;
+            }
+            offset += members.len();
+            total += self
+                .invalidate_primaries(members.iter().map(String::as_str), soft)
+                .await?;
+        }
+        tracing::debug!(tag, removed = total, soft, "tag invalidated");
+        Ok(total)
+    }
+
+    async fn prefix_walk(&self, prefix: &str, soft: bool) -> Result<u64, FenceError> {
+        let namespace = escape(self.config.namespace.as_bytes());
+        let mut readable = escape(prefix.as_bytes());
+        // Entry keys keep at most READABLE_MAX bytes of the key: a longer
+        // prefix is matched on those, and candidates are checked against
+        // the full key stored in the entry.
+        let verify = readable.len() > READABLE_MAX;
+        truncate_escaped(&mut readable, READABLE_MAX);
+        let key_prefix = format!("{namespace}{readable}");
+        let local = self.shared.flights.detach_prefix(&key_prefix);
+        for _ in 0..local {
+            Counters::inc(&self.shared.counters.detached);
+        }
+        let pattern = format!("{}*", glob_escape(&key_prefix));
+        let mut cursor = 0;
+        let mut total = 0;
+        loop {
+            let (next, keys) = self.shared.store.scan(cursor, &pattern, SCAN_BATCH).await?;
+            let mut primaries: HashSet<&str> = HashSet::new();
+            for key in &keys {
+                // Tag keys start with `<namespace>#`, never an entry key.
+                if key[namespace.len().min(key.len())..].starts_with('#') {
+                    continue;
+                }
+                if let Some(end) = key.find('}') {
+                    primaries.insert(&key[..=end]);
+                }
+            }
+            let mut chosen: Vec<&str> = Vec::with_capacity(primaries.len());
+            for primary in primaries {
+                if verify {
+                    let key = self.shared.store.hget(primary, "key").await?;
+                    let matches = key.is_some_and(|k| k.starts_with(prefix.as_bytes()));
+                    if !matches {
+                        continue;
+                    }
+                }
+                chosen.push(primary);
+            }
+            total += self.invalidate_primaries(chosen.into_iter(), soft).await?;
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        if let Err(err) = self
+            .shared
+            .store
+            .publish(INVALIDATE_CHANNEL, &format!("prefix:{key_prefix}"))
+            .await
+        {
+            tracing::debug!(error = %err, "announcing a prefix invalidation failed; fencing still holds");
+        }
+        tracing::debug!(prefix, removed = total, soft, "prefix invalidated");
+        Ok(total)
+    }
+
+    /// Invalidates entries by primary key, a batch at a time.
+    async fn invalidate_primaries<'a>(
+        &self,
+        primaries: impl Iterator<Item = &'a str>,
+        soft: bool,
+    ) -> Result<u64, FenceError> {
+        let store = &self.shared.store;
+        let primaries: Vec<&str> = primaries.collect();
+        let mut total = 0;
+        for chunk in primaries.chunks(PARALLEL) {
+            let calls = chunk.iter().map(|primary| async move {
+                self.shared.flights.detach_entry(primary);
+                let variants = format!("{primary}:vars");
+                if soft {
+                    store.soft_invalidate(primary, &variants).await
+                } else {
+                    store.invalidate(primary, &variants).await
+                }
+            });
+            for result in join_all(calls).await {
+                total += result?;
+            }
+        }
+        Ok(total)
+    }
+
     fn detach(&self, ek: &EntryKey) {
         for _ in 0..self.shared.flights.detach_entry(&ek.primary) {
             Counters::inc(&self.shared.counters.detached);
         }
+    }
+
+    /// The namespace this handle invalidates in.
+    pub fn namespace(&self) -> &str {
+        &self.config.namespace
     }
 
     /// A snapshot of the counters of the layer this handle came from (shared

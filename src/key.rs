@@ -263,6 +263,24 @@ impl EntryKey {
     }
 }
 
+/// The Redis keys of a tag: its index (a sorted set of primary keys scored
+/// by expiry) and its fence (the Redis time of its last invalidation).
+///
+/// They start with `<namespace>#tag:`; `#` is always escaped in entry keys,
+/// so no entry key can look like a tag key.
+pub(crate) fn tag_keys(namespace: &str, tag: &str) -> (String, String) {
+    let mut index = escape(namespace.as_bytes());
+    index.push_str("#tag:");
+    let mut readable = escape(tag.as_bytes());
+    truncate_escaped(&mut readable, READABLE_MAX);
+    index.push_str(&readable);
+    index.push_str(":{");
+    index.push_str(&digest(&[namespace.as_bytes(), b"#tag", tag.as_bytes()]));
+    index.push('}');
+    let fence = format!("{index}:fence");
+    (index, fence)
+}
+
 /// The fill lease of an entry (primary or variant) key.
 pub(crate) fn lease_of(key: &str) -> String {
     format!("{key}:lease")

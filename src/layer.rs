@@ -41,6 +41,8 @@ pub(crate) struct Config {
     pub(crate) on_wait_timeout: OnWaitTimeout,
     pub(crate) stale_if_error: bool,
     pub(crate) pass_ttl: Duration,
+    pub(crate) tag_headers: Vec<HeaderName>,
+    pub(crate) expose_tags: bool,
 }
 
 impl fmt::Debug for Config {
@@ -56,6 +58,8 @@ impl fmt::Debug for Config {
             .field("on_wait_timeout", &self.on_wait_timeout)
             .field("stale_if_error", &self.stale_if_error)
             .field("pass_ttl", &self.pass_ttl)
+            .field("tag_headers", &self.tag_headers)
+            .field("expose_tags", &self.expose_tags)
             .finish_non_exhaustive()
     }
 }
@@ -74,6 +78,11 @@ impl Default for Config {
             on_wait_timeout: OnWaitTimeout::CallOrigin,
             stale_if_error: true,
             pass_ttl: Duration::from_secs(10),
+            tag_headers: vec![
+                HeaderName::from_static("cache-tag"),
+                HeaderName::from_static("surrogate-key"),
+            ],
+            expose_tags: false,
         }
     }
 }
@@ -350,6 +359,22 @@ where
     #[must_use]
     pub fn pass_ttl(mut self, ttl: Duration) -> Self {
         self.config.pass_ttl = ttl;
+        self
+    }
+
+    /// The response headers that name a response's tags, comma or space
+    /// separated (default `Cache-Tag` and `Surrogate-Key`).
+    #[must_use]
+    pub fn tag_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.config.tag_headers = names.into_iter().collect();
+        self
+    }
+
+    /// Send the tag headers on to clients (default off: they are stripped
+    /// from cached and filled responses, as CDNs do).
+    #[must_use]
+    pub fn expose_tags(mut self, on: bool) -> Self {
+        self.config.expose_tags = on;
         self
     }
 

@@ -92,9 +92,9 @@ mod xfetch;
 
 pub use body::FenceBody;
 pub use error::FenceError;
-pub use handle::FenceHandle;
+pub use handle::{FenceHandle, Invalidation};
 pub use key::{DefaultKey, MakeKey};
 pub use layer::{FenceLayer, OnWaitTimeout};
-pub use policy::CacheTtl;
+pub use policy::{CacheTags, CacheTtl};
 pub use service::{Fence, ResponseFuture};
 pub use stats::Stats;

@@ -22,6 +22,57 @@ use http::{HeaderMap, HeaderName, Method, StatusCode, request, response};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheTtl(pub Duration);
 
+/// Tags (surrogate keys) of one response, set by a handler; added to the
+/// ones named in the tag headers (`Cache-Tag`, `Surrogate-Key` by default).
+/// [`FenceHandle::invalidate_tag`](crate::FenceHandle::invalidate_tag)
+/// removes every entry carrying a tag.
+///
+/// # Example
+///
+/// ```
+/// use cachefence::CacheTags;
+///
+/// let mut res = http::Response::new("product 42");
+/// res.extensions_mut().insert(CacheTags(vec!["product:42".into(), "products".into()]));
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheTags(pub Vec<String>);
+
+/// At most this many tags are kept per response; the rest are ignored (and
+/// logged), so one response can't make a store unboundedly large.
+pub(crate) const MAX_TAGS: usize = 64;
+
+/// The tags of a response: its tag headers (comma or space separated) and
+/// its [`CacheTags`] extension, deduplicated.
+pub(crate) fn response_tags(parts: &response::Parts, tag_headers: &[HeaderName]) -> Vec<String> {
+    let mut tags: Vec<String> = Vec::new();
+    for name in tag_headers {
+        for value in parts.headers.get_all(name) {
+            let Ok(value) = value.to_str() else { continue };
+            tags.extend(
+                value
+                    .split([',', ' ', '\t'])
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned),
+            );
+        }
+    }
+    if let Some(CacheTags(more)) = parts.extensions.get::<CacheTags>() {
+        tags.extend(more.iter().filter(|t| !t.is_empty()).cloned());
+    }
+    tags.sort();
+    tags.dedup();
+    if tags.len() > MAX_TAGS {
+        tracing::warn!(
+            count = tags.len(),
+            max = MAX_TAGS,
+            "too many cache tags, ignoring the rest"
+        );
+        tags.truncate(MAX_TAGS);
+    }
+    tags
+}
+
 /// The statuses cached by default (RFC 9110 "heuristically cacheable").
 pub(crate) const DEFAULT_STATUSES: [u16; 11] =
     [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];

@@ -26,7 +26,8 @@ pub(crate) const INVALIDATE_CHANNEL: &str = "cachefence:invalidate";
 /// KEYS: entry, lease. ARGV: token, lease ms, now ms, mode (`fill` or
 /// `refresh`), format version.
 /// Returns `{'pass'}`, `{'vary', names}`, `{'hit', fields}`,
-/// `{'won', fields}` (fields of a stale entry, `fill` mode only) or
+/// `{'won', fields, start}` (fields of a stale entry in `fill` mode, and
+/// the Redis time the lease was taken, in ms) or
 /// `{'held', pttl}`.
 const ACQUIRE: &str = r"
 local ok, e = pcall(redis.call, 'HGETALL', KEYS[1])
@@ -42,29 +43,46 @@ if f['v'] == ARGV[5] then
   end
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[4] == 'fill' and f['v'] == ARGV[5] then return {'won', e} end
-  return {'won', {}}
+  local t = redis.call('TIME')
+  local start = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if ARGV[4] == 'fill' and f['v'] == ARGV[5] then return {'won', e, start} end
+  return {'won', {}, start}
 end
 return {'held', redis.call('PTTL', KEYS[2])}
 ";
 
 /// The fenced write-back: stores only while the lease holds our token.
 ///
-/// KEYS: entry, lease, primary, variants set. ARGV: token, entry ttl ms,
-/// wake channel, wake message, vary names ('' when the entry is the
-/// primary), format version, then field/value pairs.
-/// Returns 1 when stored, 0 when fenced out.
+/// KEYS: entry, lease, primary, variants set, then `n` tag indexes and
+/// their `n` tag fences. ARGV: token, entry ttl ms, wake channel, wake
+/// message, vary names ('' when the entry is the primary), format version,
+/// fill start (Redis ms), `n`, then field/value pairs.
+/// Returns 1 when stored, 0 when fenced out (the lease is gone, or one of
+/// the response's tags was invalidated after the fill started).
 const STORE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local n = tonumber(ARGV[8])
+for i = 1, n do
+  local ok, ts = pcall(redis.call, 'GET', KEYS[4 + n + i])
+  if ok and ts and tonumber(ts) and tonumber(ts) >= tonumber(ARGV[7]) then
+    redis.call('DEL', KEYS[2])
+    redis.call('PUBLISH', ARGV[3], ARGV[4])
+    return 0
+  end
+end
 local ttl = tonumber(ARGV[2])
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 7))
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
 redis.call('PEXPIRE', KEYS[1], ttl)
 if ARGV[5] ~= '' then
   local ok, cur = pcall(redis.call, 'HGET', KEYS[3], 'vary')
   if not ok or cur ~= ARGV[5] then
+    local key = ''
+    for i = 9, #ARGV - 1, 2 do
+      if ARGV[i] == 'key' then key = ARGV[i + 1] end
+    end
     redis.call('DEL', KEYS[3])
-    redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5])
+    redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
   end
   if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
   local ok2 = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
@@ -74,9 +92,45 @@ if ARGV[5] ~= '' then
   end
   if redis.call('PTTL', KEYS[4]) < ttl then redis.call('PEXPIRE', KEYS[4], ttl) end
 end
+if n > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = 1, n do
+    local z = KEYS[4 + i]
+    if redis.call('TYPE', z)['ok'] ~= 'zset' then redis.call('DEL', z) end
+    redis.call('ZADD', z, now + ttl, KEYS[3])
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+    if redis.call('PTTL', z) < ttl then redis.call('PEXPIRE', z, ttl) end
+  end
+end
 redis.call('DEL', KEYS[2])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
+";
+
+/// Starts (or continues) a tag invalidation: sets the tag's fence to now,
+/// so fills that started before can't store an entry carrying the tag, and
+/// pops a batch of the entries the tag index lists.
+///
+/// KEYS: tag index, tag fence. ARGV: batch size, fence ttl ms, offset
+/// (`-1` pops the batch; otherwise it is read from that offset and kept,
+/// for soft invalidation).
+const TAG_BATCH: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then
+  redis.call('DEL', KEYS[1])
+  return {}
+end
+local batch = tonumber(ARGV[1])
+local offset = tonumber(ARGV[3])
+if offset >= 0 then
+  return redis.call('ZRANGE', KEYS[1], offset, offset + batch - 1)
+end
+local members = redis.call('ZRANGE', KEYS[1], 0, batch - 1)
+if #members > 0 then redis.call('ZREM', KEYS[1], unpack(members)) end
+return members
 ";
 
 /// Gives a lease up without storing, optionally leaving a pass marker.
@@ -150,7 +204,9 @@ pub(crate) enum Acquired {
     Pass,
     Vary(Vec<u8>),
     Hit(Vec<(Vec<u8>, Vec<u8>)>),
-    Won(Vec<(Vec<u8>, Vec<u8>)>),
+    /// The lease was won: the fields of a stale entry (if any), and the
+    /// Redis time it was taken.
+    Won(Vec<(Vec<u8>, Vec<u8>)>, u64),
     Held(Duration),
 }
 
@@ -162,6 +218,7 @@ pub(crate) struct Scripts {
     extend: Script,
     invalidate: Script,
     soft_invalidate: Script,
+    tag_batch: Script,
 }
 
 impl Scripts {
@@ -173,6 +230,7 @@ impl Scripts {
             extend: Script::new(EXTEND),
             invalidate: Script::new(INVALIDATE),
             soft_invalidate: Script::new(SOFT_INVALIDATE),
+            tag_batch: Script::new(TAG_BATCH),
         }
     }
 }
@@ -186,6 +244,10 @@ pub(crate) struct StoreArgs<'a> {
     pub(crate) token: &'a str,
     pub(crate) ttl: Duration,
     pub(crate) vary: &'a str,
+    /// The Redis time the lease was taken (ms), for the tag fences.
+    pub(crate) started: u64,
+    /// (index key, fence key) of every tag of the response.
+    pub(crate) tags: Vec<(String, String)>,
     pub(crate) fields: Vec<(&'static str, Vec<u8>)>,
 }
 
@@ -294,7 +356,6 @@ where
             .store(duration_ms(timeout).max(1), Ordering::Relaxed);
     }
 
-
     /// Runs one Redis call under the timeout and the breaker.
     async fn run<T, F, Fut>(&self, what: &'static str, f: F) -> Result<T, FenceError>
     where
@@ -374,13 +435,21 @@ where
                 let mut inv = self.scripts.store.key(args.entry_key);
                 inv.key(args.lease_key)
                     .key(args.primary)
-                    .key(args.variants_set)
-                    .arg(args.token)
+                    .key(args.variants_set);
+                for (index, _) in &args.tags {
+                    inv.key(index.as_str());
+                }
+                for (_, fence) in &args.tags {
+                    inv.key(fence.as_str());
+                }
+                inv.arg(args.token)
                     .arg(duration_ms(args.ttl).max(1))
                     .arg(WAKE_CHANNEL)
                     .arg(args.lease_key)
                     .arg(args.vary)
-                    .arg(FORMAT_VERSION);
+                    .arg(FORMAT_VERSION)
+                    .arg(args.started)
+                    .arg(args.tags.len());
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
                 }
@@ -455,8 +524,28 @@ where
         .await
     }
 
+    /// Sets a tag's fence and pops up to `batch` entries from its index.
+    pub(crate) async fn tag_batch(
+        &self,
+        index: &str,
+        fence: &str,
+        batch: usize,
+        fence_for: Duration,
+        offset: Option<usize>,
+    ) -> Result<Vec<String>, FenceError> {
+        let offset = offset.map_or(-1, |o| i64::try_from(o).unwrap_or(i64::MAX));
+        self.run("tag_batch", |mut c| {
+            let mut inv = self.scripts.tag_batch.key(index);
+            inv.key(fence)
+                .arg(batch.max(1))
+                .arg(duration_ms(fence_for).max(1))
+                .arg(offset);
+            async move { inv.invoke_async(&mut c).await }
+        })
+        .await
+    }
+
     /// One SCAN step. Returns the next cursor and the keys.
-    #[allow(dead_code)]
     pub(crate) async fn scan(
         &self,
         cursor: u64,
@@ -476,7 +565,15 @@ where
         .await
     }
 
-    #[allow(dead_code)]
+    /// UNLINK of one key.
+    pub(crate) async fn unlink(&self, key: &str) -> Result<(), FenceError> {
+        self.run("unlink", |mut c| {
+            let cmd = redis::cmd("UNLINK").arg(key).clone();
+            async move { cmd.query_async::<Value>(&mut c).await.map(drop) }
+        })
+        .await
+    }
+
     /// HGET of one field, for checking candidates of a prefix scan.
     pub(crate) async fn hget(&self, key: &str, field: &str) -> Result<Option<Vec<u8>>, FenceError> {
         let result = self
@@ -491,7 +588,6 @@ where
         }
     }
 
-    #[allow(dead_code)]
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), FenceError> {
         self.run("publish", |mut c| {
             let cmd = redis::cmd("PUBLISH").arg(channel).arg(message).clone();
@@ -522,7 +618,11 @@ fn parse_acquired(value: Value) -> Option<Acquired> {
         b"pass" => Acquired::Pass,
         b"vary" => Acquired::Vary(bytes_of(rest.next()?)?),
         b"hit" => Acquired::Hit(pairs(rest.next()?)?),
-        b"won" => Acquired::Won(pairs(rest.next()?)?),
+        b"won" => {
+            let fields = pairs(rest.next()?)?;
+            let start = bytes_of(rest.next()?).and_then(|b| crate::entry::parse_u64(&b))?;
+            Acquired::Won(fields, start)
+        }
         b"held" => {
             let ms = match rest.next()? {
                 Value::Int(ms) => ms,
