@@ -152,10 +152,14 @@ impl Flights {
         }
     }
 
-    /// Wakes the local waiter on `key`, if any.
-    pub(crate) fn wake(&self, key: &str) {
-        if let Some(flight) = self.lock().get(key) {
-            flight.wake.notify_one();
+    /// Wakes the local waiter on `key`, if any; says whether there was one.
+    pub(crate) fn wake(&self, key: &str) -> bool {
+        match self.lock().get(key) {
+            Some(flight) => {
+                flight.wake.notify_one();
+                true
+            }
+            None => false,
         }
     }
 
