@@ -202,15 +202,18 @@ where
     /// removed.
     pub async fn invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        // Detach first: a local fill that finishes between the script and
-        // the detach must not hand its response to the requests that joined.
-        self.detach(&ek);
         let removed = self
             .shared
             .store
-            .invalidate(&ek.primary, &ek.variants_set())
-            .await?;
+            .invalidate(&ek.primary, &ek.variants_set(), self.shared.id)
+            .await;
+        // Then detach this process's fill of the key, so the requests that
+        // joined it look again instead of taking its response. A fill that
+        // lands between the script and this line is fenced out, and a fenced
+        // fill restarts its joiners too. (Detaching first would let a joiner
+        // restart, take a new lease before the script and be fenced out by it.)
         self.detach(&ek);
+        let removed = removed?;
         tracing::debug!(key = %ek.primary, removed, "invalidated");
         Ok(removed)
     }
@@ -226,13 +229,13 @@ where
     /// [`soft_invalidate_path`](Self::soft_invalidate_path) by cache key.
     pub async fn soft_invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        self.detach(&ek);
         let marked = self
             .shared
             .store
             .soft_invalidate(&ek.primary, &ek.variants_set())
-            .await?;
+            .await;
         self.detach(&ek);
+        let marked = marked?;
         Ok(marked)
     }
 
@@ -354,10 +357,6 @@ where
         let verify = readable.len() > READABLE_MAX;
         truncate_escaped(&mut readable, READABLE_MAX);
         let key_prefix = format!("{namespace}{readable}");
-        let local = self.shared.flights.detach_prefix(&key_prefix);
-        for _ in 0..local {
-            Counters::inc(&self.shared.counters.detached);
-        }
         let pattern = format!("{}*", glob_escape(&key_prefix));
         let mut cursor = 0;
         let mut total = 0;
@@ -390,10 +389,16 @@ where
             }
             cursor = next;
         }
+        for _ in 0..self.shared.flights.detach_prefix(&key_prefix) {
+            Counters::inc(&self.shared.counters.detached);
+        }
         if let Err(err) = self
             .shared
             .store
-            .publish(INVALIDATE_CHANNEL, &format!("prefix:{key_prefix}"))
+            .publish(
+                INVALIDATE_CHANNEL,
+                &format!("prefix:{}:{key_prefix}", self.shared.id),
+            )
             .await
         {
             tracing::debug!(error = %err, "announcing a prefix invalidation failed; fencing still holds");
@@ -413,13 +418,14 @@ where
         let mut total = 0;
         for chunk in primaries.chunks(PARALLEL) {
             let calls = chunk.iter().map(|primary| async move {
-                self.shared.flights.detach_entry(primary);
                 let variants = format!("{primary}:vars");
-                if soft {
+                let result = if soft {
                     store.soft_invalidate(primary, &variants).await
                 } else {
-                    store.invalidate(primary, &variants).await
-                }
+                    store.invalidate(primary, &variants, self.shared.id).await
+                };
+                self.shared.flights.detach_entry(primary);
+                result
             });
             for result in join_all(calls).await {
                 total += result?;

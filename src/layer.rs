@@ -94,6 +94,8 @@ pub(crate) struct Shared<C> {
     pub(crate) counters: Counters,
     pub(crate) wake_client: OnceLock<redis::Client>,
     pub(crate) listener: OnceLock<()>,
+    /// Tells this layer's own invalidation announcements from others'.
+    pub(crate) id: u64,
 }
 
 impl<C> fmt::Debug for Shared<C> {
@@ -203,6 +205,7 @@ where
                 counters: Counters::default(),
                 wake_client: OnceLock::new(),
                 listener: OnceLock::new(),
+                id: rand::random(),
             }),
         }
     }

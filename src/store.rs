@@ -158,7 +158,7 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 
 /// Removes an entry, its variants and every lease, so that no fill that
 /// started before can write back. KEYS: primary, variants set.
-/// ARGV: invalidate channel. Returns the number of entries removed.
+/// ARGV: invalidate channel, sender id. Returns the number of entries removed.
 const INVALIDATE: &str = r"
 local n = 0
 local ok, vars = pcall(redis.call, 'SMEMBERS', KEYS[2])
@@ -174,7 +174,7 @@ local index = false
 if kind == 'hash' then index = redis.call('HEXISTS', KEYS[1], 'vary') == 1 end
 redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease', KEYS[2])
 if had == 1 and not index then n = n + 1 end
-redis.call('PUBLISH', ARGV[1], 'key:' .. KEYS[1])
+redis.call('PUBLISH', ARGV[1], 'key:' .. ARGV[2] .. ':' .. KEYS[1])
 return n
 ";
 
@@ -502,10 +502,11 @@ where
         &self,
         primary: &str,
         variants: &str,
+        sender: u64,
     ) -> Result<u64, FenceError> {
         self.run("invalidate", |mut c| {
             let mut inv = self.scripts.invalidate.key(primary);
-            inv.key(variants).arg(INVALIDATE_CHANNEL);
+            inv.key(variants).arg(INVALIDATE_CHANNEL).arg(sender);
             async move { inv.invoke_async(&mut c).await }
         })
         .await

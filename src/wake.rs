@@ -44,12 +44,21 @@ where
                             }
                         }
                         INVALIDATE_CHANNEL => {
-                            let n = if let Some(prefix) = payload.strip_prefix("prefix:") {
-                                shared.flights.detach_prefix(prefix)
-                            } else if let Some(key) = payload.strip_prefix("key:") {
-                                shared.flights.detach_entry(key)
-                            } else {
-                                0
+                            // `<kind>:<sender id>:<key or prefix>`; this
+                            // layer already detached its own.
+                            let Some((kind, rest)) = payload.split_once(':') else {
+                                continue;
+                            };
+                            let Some((sender, target)) = rest.split_once(':') else {
+                                continue;
+                            };
+                            if sender.parse::<u64>().ok() == Some(shared.id) {
+                                continue;
+                            }
+                            let n = match kind {
+                                "prefix" => shared.flights.detach_prefix(target),
+                                "key" => shared.flights.detach_entry(target),
+                                _ => 0,
                             };
                             for _ in 0..n {
                                 Counters::inc(&shared.counters.detached);
