@@ -278,6 +278,36 @@ impl Lease {
     }
 }
 
+/// Lists a lease in the shared table while its fill runs, so that
+/// [`FenceHandle::shutdown`](crate::FenceHandle::shutdown) can release the
+/// leases of fills that don't finish in time.
+struct LeaseRegistration<'a, C> {
+    shared: &'a Shared<C>,
+    key: String,
+}
+
+impl<'a, C> LeaseRegistration<'a, C> {
+    fn new(shared: &'a Shared<C>, lease: &Lease) -> Self {
+        let key = lease.lease_key();
+        shared
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), lease.token.clone());
+        Self { shared, key }
+    }
+}
+
+impl<C> Drop for LeaseRegistration<'_, C> {
+    fn drop(&mut self) {
+        self.shared
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// What the origin call and body buffering produced.
 enum Called<B: Body, E> {
     Failed(E),
@@ -357,6 +387,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             body,
         }
     };
+    let _registered = lease.as_ref().map(|l| LeaseRegistration::new(&shared, l));
     let called = with_lease(
         &shared,
         lease.as_ref(),

@@ -440,6 +440,49 @@ where
         }
     }
 
+    /// Shuts the cache down gracefully, for a process that is about to exit:
+    /// new requests bypass the cache from now on, in-flight fills get up to
+    /// `grace` to finish and store, and the Redis leases of those still
+    /// running are released, so that other processes take the keys over at
+    /// once instead of waiting for the leases to expire. Returns how many
+    /// leases it released.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) {
+    /// // after the server stopped accepting connections:
+    /// let released = handle.shutdown(std::time::Duration::from_secs(2)).await;
+    /// # }
+    /// ```
+    pub async fn shutdown(&self, grace: Duration) -> usize {
+        self.shared.closing.store(true, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.shared.flights.len() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let held: Vec<(String, String)> = self
+            .shared
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(k, t)| (k.clone(), t.clone()))
+            .collect();
+        let mut released = 0;
+        for (lease, token) in held {
+            match self.shared.store.release_lease(&lease, &token).await {
+                Ok(true) => released += 1,
+                Ok(false) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, lease, "releasing a lease at shutdown failed; it expires by itself")
+                }
+            }
+        }
+        tracing::info!(released, "cache shut down");
+        released
+    }
+
     /// The namespace this handle invalidates in.
     pub fn namespace(&self) -> &str {
         &self.config.namespace

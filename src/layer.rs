@@ -96,6 +96,11 @@ pub(crate) struct Shared<C> {
     pub(crate) listener: OnceLock<()>,
     /// Tells this layer's own invalidation announcements from others'.
     pub(crate) id: u64,
+    /// The leases held by this process's running fills (lease key → token),
+    /// so that shutdown can release them.
+    pub(crate) leases: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Set by [`FenceHandle::shutdown`]: new requests bypass the cache.
+    pub(crate) closing: std::sync::atomic::AtomicBool,
 }
 
 impl<C> fmt::Debug for Shared<C> {
@@ -206,6 +211,8 @@ where
                 wake_client: OnceLock::new(),
                 listener: OnceLock::new(),
                 id: rand::random(),
+                leases: Default::default(),
+                closing: Default::default(),
             }),
         }
     }

@@ -98,3 +98,8 @@ pub use layer::{FenceLayer, OnWaitTimeout};
 pub use policy::{CacheTags, CacheTtl};
 pub use service::{Fence, ResponseFuture};
 pub use stats::Stats;
+
+// The README's examples are compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -157,7 +157,13 @@ where
         let (parts, body) = req.into_parts();
         let rule = self.config.policy.request(&parts);
         let key = match rule {
-            RequestRule::Lookup { .. } if !self.shared.store.breaker().is_open() => {
+            RequestRule::Lookup { .. }
+                if !self.shared.store.breaker().is_open()
+                    && !self
+                        .shared
+                        .closing
+                        .load(std::sync::atomic::Ordering::Relaxed) =>
+            {
                 self.config.key.make_key(&parts)
             }
             _ => None,

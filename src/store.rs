@@ -482,6 +482,23 @@ where
         Ok(released == 1)
     }
 
+    /// Deletes a lease if it still holds `token`, waking its waiters.
+    pub(crate) async fn release_lease(&self, lease: &str, token: &str) -> Result<bool, FenceError> {
+        let released: i64 = self
+            .run("release", |mut c| {
+                let mut inv = self.scripts.release.key(lease);
+                inv.key(lease)
+                    .arg(token)
+                    .arg(0)
+                    .arg(0)
+                    .arg(WAKE_CHANNEL)
+                    .arg(lease);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(released == 1)
+    }
+
     pub(crate) async fn extend(
         &self,
         lease: &str,
