@@ -8,12 +8,11 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::bounds::{CacheBody, Conn, Inner};
 use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
 use http_body::Body;
-use redis::aio::ConnectionLike;
 use tokio::sync::oneshot;
 use tower::ServiceExt;
-use tower_service::Service;
 
 use crate::body::{Buffered, FenceBody, buffer};
 use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
@@ -74,14 +73,10 @@ impl<C> Drop for FlightGuard<C> {
 
 pub(crate) async fn run<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>)
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, ResB>,
     ReqB: Send + 'static,
-    ResB: Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Send + 'static,
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    ResB: CacheBody,
+    C: Conn,
 {
     let _guard = FlightGuard {
         shared: job.ctx.shared.clone(),
@@ -191,14 +186,10 @@ where
 /// origin yourself", since it is not cached.
 async fn wait_timed_out<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>)
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, ResB>,
     ReqB: Send + 'static,
-    ResB: Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Send + 'static,
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    ResB: CacheBody,
+    C: Conn,
 {
     if let Some(stale) = job.stale.clone() {
         Counters::inc(&job.ctx.shared.counters.stale);
@@ -226,14 +217,10 @@ where
 /// nothing is stored, the response is shared with joiners if it may be.
 async fn unlocked<S, C, ReqB, ResB>(job: Job<S, C, ReqB, ResB, S::Error>)
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, ResB>,
     ReqB: Send + 'static,
-    ResB: Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Send + 'static,
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    ResB: CacheBody,
+    C: Conn,
 {
     call_and_decide(job, None).await;
 }
@@ -244,14 +231,10 @@ async fn won<S, C, ReqB, ResB>(
     token: String,
     started: u64,
 ) where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, ResB>,
     ReqB: Send + 'static,
-    ResB: Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Send + 'static,
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    ResB: CacheBody,
+    C: Conn,
 {
     call_and_decide(
         job,
@@ -327,14 +310,10 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     job: Job<S, C, ReqB, ResB, S::Error>,
     lease: Option<Lease>,
 ) where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, ResB>,
     ReqB: Send + 'static,
-    ResB: Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Send + 'static,
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    ResB: CacheBody,
+    C: Conn,
 {
     let Job {
         ctx,
@@ -621,7 +600,7 @@ async fn with_lease<C, F, T>(
     lock_timeout: Duration,
 ) -> Option<F::Output>
 where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    C: Conn,
     F: Future,
 {
     let mut fut = pin!(fut);
@@ -661,7 +640,7 @@ where
 /// Gives the lease up (if held), leaving a pass marker when `pass` is not zero.
 async fn release<C>(shared: &Shared<C>, ek: &EntryKey, lease: Option<&Lease>, pass: Duration)
 where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    C: Conn,
 {
     let Some(lease) = lease else {
         return;

@@ -75,6 +75,7 @@
 //! `500` and the requests that waited on it look the key up again.
 
 mod body;
+mod bounds;
 mod entry;
 mod error;
 mod fill;

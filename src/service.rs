@@ -14,6 +14,8 @@ use redis::aio::ConnectionLike;
 use tokio::sync::oneshot;
 use tower_service::Service;
 
+use crate::bounds::{CacheBody, Conn, Inner};
+
 use crate::body::FenceBody;
 use crate::entry::{Entry, Record, now_ms};
 use crate::error::FenceError;
@@ -221,14 +223,10 @@ async fn serve<S, C, ReqB, ResB>(
     refresh: bool,
 ) -> Result<Response<FenceBody<ResB>>, S::Error>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, ResB> + Clone,
     ReqB: Send + 'static,
-    ResB: Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Send + 'static,
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    ResB: CacheBody,
+    C: Conn,
 {
     let Ctx { config, shared } = &ctx;
     let counters = &shared.counters;
@@ -360,7 +358,7 @@ pub(crate) async fn lookup<C>(
     now: u64,
 ) -> Result<(String, Record), FenceError>
 where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    C: Conn,
 {
     let record = Record::decode(store.read(&ek.primary).await?, now);
     let Record::Vary(names) = record else {
@@ -383,14 +381,10 @@ fn refresh_in_background<S, C, ReqB, ResB>(
     key: &Arc<str>,
     current: Entry,
 ) where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    S: Inner<ReqB, ResB> + Clone,
     ReqB: Send + 'static,
-    ResB: Body + Send + 'static,
-    ResB::Data: Send,
-    ResB::Error: Send + 'static,
-    C: ConnectionLike + Clone + Send + Sync + 'static,
+    ResB: CacheBody,
+    C: Conn,
 {
     // One refresh per key per process; the lease makes it one per fleet.
     let Some(flight) = ctx.shared.flights.try_lead(&entry_key) else {
