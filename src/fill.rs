@@ -192,16 +192,8 @@ where
     C: Conn,
 {
     if let Some(stale) = job.stale.clone() {
-        Counters::inc(&job.ctx.shared.counters.stale);
-        let vary = vary_values(&stale.headers, job.req.headers());
-        serve_all(
-            &job.flight,
-            &mut job.leader,
-            &job.ctx.config,
-            stale,
-            CacheStatus::Stale,
-            vary,
-        );
+        let headers = job.req.headers().clone();
+        serve_stale(&job.ctx, &job.flight, &mut job.leader, stale, &headers);
         return;
     }
     if job.ctx.config.on_wait_timeout == OnWaitTimeout::GatewayTimeout {
@@ -327,7 +319,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         stale,
         mut leader,
     } = job;
-    let Ctx { config, shared } = ctx;
+    let (config, shared) = (ctx.config.clone(), ctx.shared.clone());
     let counters = &shared.counters;
     let started = Instant::now();
     let req_headers = req.headers().clone();
@@ -390,16 +382,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             match stale.filter(|_| config.stale_if_error) {
                 Some(stale) => {
                     tracing::debug!(key = %entry_key, "origin failed, serving stale");
-                    Counters::inc(&counters.stale);
-                    let vary = vary_values(&stale.headers, &req_headers);
-                    serve_all(
-                        &flight,
-                        &mut leader,
-                        &config,
-                        stale,
-                        CacheStatus::Stale,
-                        vary,
-                    );
+                    serve_stale(&ctx, &flight, &mut leader, stale, &req_headers);
                 }
                 None => {
                     flight.finish(Outcome::Origin);
@@ -415,21 +398,16 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         && config.stale_if_error
         && let Some(stale) = stale.clone()
     {
-        {
-            tracing::debug!(key = %entry_key, status = %parts.status, "origin answered 5xx, serving stale");
-            release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
-            Counters::inc(&counters.stale);
-            let vary = vary_values(&stale.headers, &req_headers);
-            serve_all(
-                &flight,
-                &mut leader,
-                &config,
-                stale,
-                CacheStatus::Stale,
-                vary,
-            );
-            return;
-        }
+        tracing::debug!(key = %entry_key, status = %parts.status, "origin answered 5xx, serving stale");
+        release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
+        serve_stale(
+            &ctx_of(&config, &shared),
+            &flight,
+            &mut leader,
+            stale,
+            &req_headers,
+        );
+        return;
     }
 
     let tags = response_tags(&parts, &config.tag_headers);
@@ -659,6 +637,19 @@ where
             tracing::debug!(error = %err, "releasing the fill lease failed; it expires by itself")
         }
     }
+}
+
+/// Hands a stale entry to the joiners and to the leader.
+fn serve_stale<C, B: Body, E>(
+    ctx: &Ctx<C>,
+    flight: &Flight,
+    leader: &mut Option<oneshot::Sender<LeaderResult<B, E>>>,
+    stale: Arc<Entry>,
+    req_headers: &HeaderMap,
+) {
+    Counters::inc(&ctx.shared.counters.stale);
+    let vary = vary_values(&stale.headers, req_headers);
+    serve_all(flight, leader, &ctx.config, stale, CacheStatus::Stale, vary);
 }
 
 /// Hands an entry to the joiners and to the leader.
