@@ -400,13 +400,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     {
         tracing::debug!(key = %entry_key, status = %parts.status, "origin answered 5xx, serving stale");
         release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
-        serve_stale(
-            &ctx_of(&config, &shared),
-            &flight,
-            &mut leader,
-            stale,
-            &req_headers,
-        );
+        serve_stale(&ctx, &flight, &mut leader, stale, &req_headers);
         return;
     }
 
