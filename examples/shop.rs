@@ -40,7 +40,10 @@ async fn prices(State(shop): State<Shop>) -> String {
 async fn invalidate(State(shop): State<Shop>, Path(id): Path<u32>) -> impl IntoResponse {
     match shop.fence.invalidate_tag(&format!("product:{id}")).await {
         Ok(n) => (StatusCode::OK, format!("invalidated {n} entries\n")),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("invalidation failed: {e}\n")),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("invalidation failed: {e}\n"),
+        ),
     }
 }
 
@@ -73,7 +76,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let show = |method: &'static str, path: &'static str| async move {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let req = format!("{method} {path} HTTP/1.1\r\nhost: demo\r\nconnection: close\r\ncontent-length: 0\r\n\r\n");
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nhost: demo\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"
+        );
         stream.write_all(req.as_bytes()).await?;
         let mut raw = String::new();
         stream.read_to_string(&mut raw).await?;

@@ -13,6 +13,7 @@ use pin_project_lite::pin_project;
 use redis::aio::ConnectionLike;
 use tokio::sync::oneshot;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::bounds::{CacheBody, Conn, Inner};
 
@@ -305,7 +306,8 @@ where
                 };
                 // The fill runs as its own task: if this request goes away,
                 // the fill still finishes for everyone waiting on it.
-                tokio::spawn(fill::run(job));
+                let span = tracing::debug_span!("cachefence.fill", key = %job.entry_key);
+                tokio::spawn(fill::run(job).instrument(span));
                 return match rx.await {
                     Ok(result) => result,
                     // The fill task ended without answering: the inner
@@ -402,7 +404,8 @@ fn refresh_in_background<S, C, ReqB, ResB>(
         stale: Some(Arc::new(current)),
         leader: None,
     };
-    tokio::spawn(fill::run(job));
+    let span = tracing::debug_span!("cachefence.refresh", key = %job.entry_key);
+    tokio::spawn(fill::run(job).instrument(span));
 }
 
 async fn after_wait_timeout<S, ReqB, ResB>(

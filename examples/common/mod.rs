@@ -50,7 +50,10 @@ pub(crate) fn redis() -> Result<LocalRedis, Box<dyn std::error::Error>> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    eprintln!("(no Redis at the default URL: started a throwaway redis-server at {})", local.url);
+    eprintln!(
+        "(no Redis at the default URL: started a throwaway redis-server at {})",
+        local.url
+    );
     Ok(local)
 }
 
