@@ -1,0 +1,2 @@
+//! Placeholder: the wake-up benchmark is being written.
+fn main() {}
