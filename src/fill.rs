@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::bounds::{CacheBody, Conn, Inner};
@@ -36,6 +37,20 @@ pub(crate) enum Mode {
     /// A background refresh (XFetch or stale-while-revalidate): give up if
     /// another fill holds the lease.
     Refresh,
+    /// Redis is unreachable: call the origin without a lease and share the
+    /// answer with the requests of this process that joined.
+    Offline,
+}
+
+impl Mode {
+    /// The cache status of a response the origin produced for this fill.
+    fn origin_status(self) -> CacheStatus {
+        if self == Mode::Offline {
+            CacheStatus::Bypass
+        } else {
+            CacheStatus::Miss
+        }
+    }
 }
 
 type LeaderResult<B, E> = Result<Response<FenceBody<B>>, E>;
@@ -89,9 +104,13 @@ where
     let token = new_token();
     let mut key = job.entry_key.clone();
     let mut redirected = false;
+    let mut repairing = false;
     let mut refresh = job.mode != Mode::Fill;
     let mut deadline: Option<Instant> = None;
     let mut backoff = Backoff::new();
+    if job.mode == Mode::Offline {
+        return unlocked(job).await;
+    }
     loop {
         let lease = lease_of(&key);
         let acquired = shared
@@ -119,18 +138,33 @@ where
                     );
                     return;
                 }
+                // Unreadable (damaged, foreign, another version): take the
+                // lease regardless of what is stored, so this fill replaces it.
+                _ if !repairing => {
+                    tracing::debug!(key = %key, "unreadable entry: refilling it");
+                    repairing = true;
+                    refresh = true;
+                }
                 _ => return unlocked(job).await,
             },
             Ok(Acquired::Vary(names)) if !redirected => {
-                let Ok(names) = std::str::from_utf8(&names).map_err(drop).and_then(|s| {
+                let names = std::str::from_utf8(&names).map_err(drop).and_then(|s| {
                     s.split(',')
                         .map(|n| HeaderName::try_from(n).map_err(drop))
                         .collect::<Result<Vec<_>, ()>>()
-                }) else {
-                    return unlocked(job).await;
-                };
-                key = job.ek.variant(&names, job.req.headers());
-                redirected = true;
+                });
+                match names {
+                    Ok(names) => {
+                        key = job.ek.variant(&names, job.req.headers());
+                        redirected = true;
+                    }
+                    // A damaged Vary index: refill the primary over it.
+                    Err(()) if !repairing => {
+                        repairing = true;
+                        refresh = true;
+                    }
+                    Err(()) => return unlocked(job).await,
+                }
             }
             Ok(Acquired::Vary(_)) => return unlocked(job).await,
             Ok(Acquired::Pass) => {
@@ -172,10 +206,12 @@ where
                 // After the other fill lands, a plain lookup finds it.
                 refresh = false;
                 let pause = backoff.next().min(remaining).min(deadline - now);
+                job.flight.waiting.store(true, Ordering::Release);
                 tokio::select! {
                     _ = job.flight.wake.notified() => {}
                     _ = tokio::time::sleep(pause) => {}
                 }
+                job.flight.waiting.store(false, Ordering::Release);
             }
         }
     }
@@ -488,7 +524,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             // invalidation. The leader's own request raced the invalidation,
             // so it may have it.
             let status = if leader.is_some() {
-                CacheStatus::Miss
+                mode.origin_status()
             } else {
                 CacheStatus::Hit
             };
@@ -526,10 +562,16 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     let entry = entry_of(data.clone(), Duration::ZERO);
                     flight.finish(Outcome::Serve {
                         entry,
-                        status: CacheStatus::Miss,
+                        status: mode.origin_status(),
                         vary: vary_of(&vary),
                     });
-                    send_response(&mut leader, &config, parts, FenceBody::full(data));
+                    send_response(
+                        &mut leader,
+                        &config,
+                        parts,
+                        FenceBody::full(data),
+                        mode.origin_status(),
+                    );
                 }
                 other => {
                     flight.finish(Outcome::Origin);
@@ -542,7 +584,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                             FenceBody::buffered(data, None, Some(error))
                         }
                     };
-                    send_response(&mut leader, &config, parts, body);
+                    send_response(&mut leader, &config, parts, body, mode.origin_status());
                 }
             }
         }
@@ -554,7 +596,13 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             };
             release(&shared, &ek, lease.as_ref(), pass_for).await;
             flight.finish(Outcome::Origin);
-            send_response(&mut leader, &config, parts, FenceBody::inner(body));
+            send_response(
+                &mut leader,
+                &config,
+                parts,
+                FenceBody::inner(body),
+                mode.origin_status(),
+            );
         }
     }
 }
@@ -656,16 +704,9 @@ fn serve_all<B: Body, E>(
     vary: Arc<[(HeaderName, Vec<u8>)]>,
 ) {
     let res = from_entry(config, &entry, status, false, now_ms());
-    let joiner_status = if status == CacheStatus::Hit {
-        CacheStatus::Hit
-    } else if status == CacheStatus::Stale {
-        CacheStatus::Stale
-    } else {
-        CacheStatus::Miss
-    };
     flight.finish(Outcome::Serve {
         entry,
-        status: joiner_status,
+        status,
         vary,
     });
     send(leader, Ok(res));
@@ -676,13 +717,10 @@ fn send_response<B: Body, E>(
     config: &crate::layer::Config,
     parts: http::response::Parts,
     body: FenceBody<B>,
+    status: CacheStatus,
 ) {
     let mut res = Response::from_parts(parts, body);
-    crate::service::mark(
-        config.status_header.as_ref(),
-        res.headers_mut(),
-        CacheStatus::Miss,
-    );
+    crate::service::mark(config.status_header.as_ref(), res.headers_mut(), status);
     send(leader, Ok(res));
 }
 

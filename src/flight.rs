@@ -54,6 +54,8 @@ pub(crate) struct Flight {
     detached: AtomicBool,
     /// Signalled when the flight is detached.
     pub(crate) detach: Notify,
+    /// Set while the fill waits on another process's lease.
+    pub(crate) waiting: AtomicBool,
 }
 
 impl Flight {
@@ -63,6 +65,7 @@ impl Flight {
             wake: Notify::new(),
             detached: AtomicBool::new(false),
             detach: Notify::new(),
+            waiting: AtomicBool::new(false),
         }
     }
 
@@ -152,14 +155,15 @@ impl Flights {
         }
     }
 
-    /// Wakes the local waiter on `key`, if any; says whether there was one.
+    /// Wakes the fill of `key` if it waits on another process's lease; says
+    /// whether it did.
     pub(crate) fn wake(&self, key: &str) -> bool {
         match self.lock().get(key) {
-            Some(flight) => {
+            Some(flight) if flight.waiting.load(Ordering::Acquire) => {
                 flight.wake.notify_one();
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 

@@ -483,6 +483,22 @@ where
         released
     }
 
+    /// The durable invalidation queue of this handle's namespace: a Redis
+    /// Stream that [`InvalidationWorker`](crate::InvalidationWorker)s apply
+    /// with this handle. `conn` carries the queue's commands (none of them
+    /// blocks), for example a clone of the connection the layer was made
+    /// with.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>, conn: redis::aio::ConnectionManager) -> Result<(), cachefence::FenceError> {
+    /// use cachefence::Invalidation;
+    /// handle.queue(conn).enqueue(&Invalidation::path("/products/42")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn queue(&self, conn: C) -> crate::queue::InvalidationQueue<C> {
+        crate::queue::InvalidationQueue::new(self.clone(), conn)
+    }
+
     /// The namespace this handle invalidates in.
     pub fn namespace(&self) -> &str {
         &self.config.namespace

@@ -94,8 +94,11 @@ impl DefaultKey {
     }
 
     /// Puts the value of a request header in the key, for example the
-    /// header that selects a tenant. (Headers the *response* names in `Vary`
-    /// are keyed automatically.)
+    /// header that selects a tenant, or `Authorization` together with
+    /// [`cache_authorized`](crate::FenceLayer::cache_authorized). The value
+    /// enters the key as a SHA-256 digest, so credentials never appear in
+    /// Redis key names. (Headers the *response* names in `Vary` are keyed
+    /// automatically.)
     #[must_use]
     pub fn with_header(mut self, name: HeaderName) -> Self {
         self.headers.push(name);
@@ -107,12 +110,17 @@ impl MakeKey for DefaultKey {
     fn make_key(&self, parts: &Parts) -> Option<String> {
         let mut key = String::new();
         if self.host {
-            let host = parts
-                .uri
-                .authority()
-                .map(|a| a.as_str().as_bytes())
-                .or_else(|| parts.headers.get(http::header::HOST).map(|h| h.as_bytes()))
-                .unwrap_or_default();
+            // The origin answers for the `Host` header; an absolute-form
+            // target naming another host could file that answer under the
+            // wrong host, so such requests are not cached.
+            let header = parts.headers.get(http::header::HOST).map(|h| h.as_bytes());
+            let target = parts.uri.authority().map(|a| a.as_str().as_bytes());
+            let host = match (header, target) {
+                (Some(h), Some(t)) if !h.eq_ignore_ascii_case(t) => return None,
+                (Some(h), _) => h,
+                (None, Some(t)) => t,
+                (None, None) => &[],
+            };
             key.push_str("//");
             escape_into(&mut key, &host.to_ascii_lowercase());
         }
@@ -121,10 +129,12 @@ impl MakeKey for DefaultKey {
             parts.uri.query(),
         ));
         for name in &self.headers {
+            // A digest, not the value: keyed headers are often credentials,
+            // and the key is readable in Redis key names.
             key.push('\n');
             key.push_str(name.as_str());
             key.push(':');
-            escape_into(&mut key, &header_value(&parts.headers, name));
+            key.push_str(&digest(&[&header_value(&parts.headers, name)]));
         }
         Some(key)
     }

@@ -84,6 +84,7 @@ mod handle;
 mod key;
 mod layer;
 mod policy;
+mod queue;
 mod service;
 mod stats;
 mod store;
@@ -97,6 +98,7 @@ pub use handle::{FenceHandle, Invalidation};
 pub use key::{DefaultKey, MakeKey};
 pub use layer::{FenceLayer, OnWaitTimeout};
 pub use policy::{CacheTags, CacheTtl};
+pub use queue::{DeadLetter, InvalidationQueue, InvalidationWorker, WorkerHandle, WorkerStats};
 pub use service::{Fence, ResponseFuture};
 pub use stats::Stats;
 

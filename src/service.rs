@@ -159,18 +159,17 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
         let rule = self.config.policy.request(&parts);
+        let closing = self
+            .shared
+            .closing
+            .load(std::sync::atomic::Ordering::Relaxed);
         let key = match rule {
-            RequestRule::Lookup { .. }
-                if !self.shared.store.breaker().is_open()
-                    && !self
-                        .shared
-                        .closing
-                        .load(std::sync::atomic::Ordering::Relaxed) =>
-            {
-                self.config.key.make_key(&parts)
-            }
+            RequestRule::Lookup { .. } if !closing => self.config.key.make_key(&parts),
             _ => None,
         };
+        // With the breaker open, Redis is skipped; requests for one key still
+        // share one origin call in this process.
+        let offline = self.shared.store.breaker().is_open();
         let (Some(key), RequestRule::Lookup { head, refresh }) = (key, rule) else {
             Counters::inc(&self.shared.counters.bypasses);
             if let RequestRule::Bypass(reason) = rule {
@@ -190,7 +189,7 @@ where
         let req = Request::from_parts(parts, body);
         ResponseFuture {
             state: State::Cached {
-                future: Box::pin(serve(ctx, inner, req, key, head, refresh)),
+                future: Box::pin(serve(ctx, inner, req, key, head, refresh, offline)),
             },
         }
     }
@@ -222,6 +221,7 @@ async fn serve<S, C, ReqB, ResB>(
     key: String,
     head: bool,
     refresh: bool,
+    mut offline: bool,
 ) -> Result<Response<FenceBody<ResB>>, S::Error>
 where
     S: Inner<ReqB, ResB> + Clone,
@@ -235,14 +235,19 @@ where
     let key: Arc<str> = Arc::from(key);
     for attempt in 0..MAX_ATTEMPTS {
         let now = now_ms();
-        let (entry_key, record) = match lookup(&shared.store, &ek, req.headers(), now).await {
-            Ok(found) => found,
-            Err(err) => {
-                tracing::warn!(error = %err, "cache lookup failed, passing the request through");
-                Counters::inc(&counters.bypasses);
-                return origin(config, svc, req, CacheStatus::Bypass).await;
+        let found = if offline {
+            None
+        } else {
+            match lookup(&shared.store, &ek, req.headers(), now).await {
+                Ok(found) => Some(found),
+                Err(err) => {
+                    tracing::warn!(error = %err, "cache lookup failed, passing the request through");
+                    offline = true;
+                    None
+                }
             }
         };
+        let (entry_key, record) = found.unwrap_or_else(|| (ek.primary.clone(), Record::Missing));
         let stale = match record {
             Record::Pass => {
                 tracing::trace!(key = %entry_key, "pass marker: going to the origin");
@@ -261,10 +266,9 @@ where
                         xfetch::random01(),
                     );
                 let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
-                if early {
+                if early && refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
                     Counters::inc(&counters.early_refreshes);
-                    tracing::debug!(key = %entry_key, "xfetch: refreshing early");
-                    refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry);
+                    tracing::debug!("xfetch: refreshing early");
                 }
                 return Ok(res);
             }
@@ -272,17 +276,21 @@ where
                 Counters::inc(&counters.stale);
                 tracing::debug!(key = %entry_key, "serving stale while revalidating");
                 let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
-                if !head {
+                if !head && refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
                     Counters::inc(&counters.stale_refreshes);
-                    refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry);
                 }
                 return Ok(res);
             }
             Record::Entry(entry) if entry.is_usable_stale(now) => Some(Arc::new(entry)),
             _ => None,
         };
-        if attempt == 0 {
+        if offline {
+            Counters::inc(&counters.bypasses);
+        } else if attempt == 0 {
             Counters::inc(&counters.misses);
+        }
+        if head && offline {
+            return origin(config, svc, req, CacheStatus::Bypass).await;
         }
         if head {
             // A HEAD response has no body to cache, and turning it into a GET
@@ -300,7 +308,13 @@ where
                     ek,
                     key: key.clone(),
                     entry_key,
-                    mode: if refresh { Mode::Refetch } else { Mode::Fill },
+                    mode: if offline {
+                        Mode::Offline
+                    } else if refresh {
+                        Mode::Refetch
+                    } else {
+                        Mode::Fill
+                    },
                     stale,
                     leader: Some(tx),
                 };
@@ -382,7 +396,8 @@ fn refresh_in_background<S, C, ReqB, ResB>(
     entry_key: String,
     key: &Arc<str>,
     current: Entry,
-) where
+) -> bool
+where
     S: Inner<ReqB, ResB> + Clone,
     ReqB: Send + 'static,
     ResB: CacheBody,
@@ -390,7 +405,7 @@ fn refresh_in_background<S, C, ReqB, ResB>(
 {
     // One refresh per key per process; the lease makes it one per fleet.
     let Some(flight) = ctx.shared.flights.try_lead(&entry_key) else {
-        return;
+        return false;
     };
     let job = Job {
         ctx: ctx.clone(),
@@ -406,6 +421,7 @@ fn refresh_in_background<S, C, ReqB, ResB>(
     };
     let span = tracing::debug_span!("cachefence.refresh", key = %job.entry_key);
     tokio::spawn(fill::run(job).instrument(span));
+    true
 }
 
 async fn after_wait_timeout<S, ReqB, ResB>(

@@ -24,7 +24,8 @@ pub(crate) const INVALIDATE_CHANNEL: &str = "cachefence:invalidate";
 /// "Return the entry if it is fresh, else take the fill lease."
 ///
 /// KEYS: entry, lease. ARGV: token, lease ms, now ms, mode (`fill` or
-/// `refresh`), format version.
+/// `refresh`: take the lease whatever is stored, even a `Vary` index),
+/// format version.
 /// Returns `{'pass'}`, `{'vary', names}`, `{'hit', fields}`,
 /// `{'won', fields, start}` (fields of a stale entry in `fill` mode, and
 /// the Redis time the lease was taken, in ms) or
@@ -36,9 +37,9 @@ local f = {}
 for i = 1, #e, 2 do f[e[i]] = e[i + 1] end
 local now = tonumber(ARGV[3])
 if tonumber(f['pass'] or '') and tonumber(f['pass']) > now then return {'pass'} end
-if f['v'] == ARGV[5] then
+if f['v'] == ARGV[5] and ARGV[4] == 'fill' then
   if f['vary'] then return {'vary', f['vary']} end
-  if ARGV[4] == 'fill' and tonumber(f['fresh'] or '') and tonumber(f['fresh']) > now then
+  if tonumber(f['fresh'] or '') and tonumber(f['fresh']) > now then
     return {'hit', e}
   end
 end

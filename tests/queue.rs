@@ -1,0 +1,618 @@
+//! The durable invalidation queue against a real `redis-server`: applying,
+//! bounded streams, a worker killed with messages in hand, poison messages,
+//! duplicate deliveries and clean shutdown.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cachefence::{FenceHandle, FenceLayer, Invalidation, InvalidationQueue};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use support::origin::{Counter, routes};
+use support::{Http, RedisServer, serve};
+use tokio::sync::watch;
+
+const NS: &str = "q:";
+const GROUP: &str = "cachefence";
+
+/// A connection whose commands wait until its gate is open, then go to
+/// Redis: a handle over a closed gate applies nothing until told to.
+#[derive(Clone)]
+struct Gated {
+    inner: ConnectionManager,
+    open: watch::Receiver<bool>,
+}
+
+impl Gated {
+    fn open(inner: ConnectionManager) -> Self {
+        let (tx, open) = watch::channel(true);
+        drop(tx);
+        Self { inner, open }
+    }
+
+    fn closed(inner: ConnectionManager) -> (Self, watch::Sender<bool>) {
+        let (tx, open) = watch::channel(false);
+        (Self { inner, open }, tx)
+    }
+
+    async fn wait(&self) {
+        let mut open = self.open.clone();
+        // An error means the sender is gone: the gate stays as it is.
+        if !*open.borrow() && open.wait_for(|o| *o).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl ConnectionLike for Gated {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            self.wait().await;
+            self.inner.req_packed_command(cmd).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.wait().await;
+            self.inner
+                .req_packed_commands(pipeline, offset, count)
+                .await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// A cached origin over HTTP, its handle and queue.
+struct App {
+    addr: SocketAddr,
+    http: Http,
+    handle: FenceHandle<Gated>,
+    queue: InvalidationQueue<Gated>,
+    conn: ConnectionManager,
+}
+
+async fn app(redis: &RedisServer) -> App {
+    let conn = redis.connection_manager().await;
+    let layer = FenceLayer::new(Gated::open(conn.clone()))
+        .namespace(NS)
+        .beta(0.0)
+        .redis_timeout(Duration::from_secs(5));
+    let handle = layer.handle();
+    let queue = handle.queue(Gated::open(conn.clone()));
+    let addr = serve(routes(Counter::default()).layer(layer)).await;
+    App {
+        addr,
+        http: Http::new(),
+        handle,
+        queue,
+        conn,
+    }
+}
+
+impl App {
+    async fn status(&self, path: &str) -> String {
+        let reply = self.http.get(self.addr, path).await;
+        reply.cache_status().unwrap_or("none").to_owned()
+    }
+
+    /// Stores `path` in the cache and checks that it is served from there.
+    async fn cache(&self, path: &str) {
+        self.status(path).await;
+        assert_eq!(self.status(path).await, "HIT", "{path} was not cached");
+    }
+
+    /// A queue whose worker's handle waits on a gate before every command.
+    fn gated_queue(&self) -> (InvalidationQueue<Gated>, watch::Sender<bool>) {
+        let (gated, gate) = Gated::closed(self.conn.clone());
+        let handle = FenceLayer::new(gated)
+            .namespace(NS)
+            .redis_timeout(Duration::from_secs(600))
+            .handle();
+        (handle.queue(Gated::open(self.conn.clone())), gate)
+    }
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn int(redis: &RedisServer, args: &[&str]) -> i64 {
+    match redis.cli_value(args) {
+        Value::Int(n) => n,
+        other => panic!("{args:?}: {other:?}"),
+    }
+}
+
+fn array_len(redis: &RedisServer, args: &[&str]) -> usize {
+    match redis.cli_value(args) {
+        Value::Array(items) => items.len(),
+        Value::Nil => 0,
+        other => panic!("{args:?}: {other:?}"),
+    }
+}
+
+/// Messages pending in the group (for one consumer, or all).
+fn pending(redis: &RedisServer, stream: &str, consumer: Option<&str>) -> usize {
+    let mut args = vec!["XPENDING", stream, GROUP, "-", "+", "10000"];
+    if let Some(c) = consumer {
+        args.push(c);
+    }
+    // Before any worker made the group, nothing is pending.
+    match redis.try_cli(&args) {
+        Ok(Value::Array(items)) => items.len(),
+        _ => 0,
+    }
+}
+
+fn attempts_key(queue: &InvalidationQueue<Gated>) -> String {
+    format!("{}:attempts", queue.stream_key())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn queued_invalidations_are_applied_and_the_stream_stays_bounded() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    app.cache("/item/1").await;
+    let queue = &app.queue;
+    queue.enqueue(&Invalidation::path("/item/1")).await.unwrap();
+    assert_eq!(queue.backlog().await.unwrap(), 1);
+    // Enqueuing sends no blocking command on the shared connection.
+    assert_eq!(redis.command_count("xreadgroup"), 0);
+
+    let worker = queue
+        .worker(redis.client())
+        .block(Duration::from_millis(200))
+        .consumer("w1");
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    wait_for("the first invalidation", Duration::from_secs(10), || {
+        control.stats().applied == 1
+    })
+    .await;
+    assert_eq!(queue.backlog().await.unwrap(), 0);
+    assert_eq!(app.status("/item/1").await, "MISS");
+
+    // 1000 more: every one applied, and nothing stays behind.
+    let many: Vec<Invalidation> = (0..1000)
+        .map(|i| Invalidation::path(format!("/item/n{i}")))
+        .collect();
+    let ids = queue.enqueue_all(&many).await.unwrap();
+    assert_eq!(ids.len(), 1000);
+    let stream = queue.stream_key().to_owned();
+    let mut longest = 0;
+    wait_for("1000 invalidations", Duration::from_secs(60), || {
+        longest = longest.max(int(&redis, &["XLEN", &stream]));
+        control.stats().applied == 1001
+    })
+    .await;
+    assert!(longest <= 1000, "the stream grew to {longest}");
+    assert_eq!(queue.backlog().await.unwrap(), 0);
+    assert_eq!(int(&redis, &["XLEN", &stream]), 0);
+    assert_eq!(pending(&redis, &stream, None), 0);
+    assert_eq!(int(&redis, &["EXISTS", &attempts_key(queue)]), 0);
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 0);
+    let stats = control.stats();
+    assert_eq!(
+        (stats.retries, stats.dead_lettered, stats.redis_errors),
+        (0, 0, 0)
+    );
+    assert_eq!(stats.connects, 1);
+
+    control.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the worker stops")
+        .unwrap();
+    assert!(!control.is_running());
+    // A clean stop with nothing pending leaves no consumer behind.
+    assert_eq!(
+        array_len(&redis, &["XINFO", "CONSUMERS", &stream, GROUP]),
+        0
+    );
+}
+
+/// A worker in a child process whose every apply hangs (its handle's
+/// connection is gated shut), so it holds its messages until killed.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "the child process of a_killed_worker_s_messages_are_claimed_and_applied"]
+async fn worker_process() {
+    if std::env::var("CACHEFENCE_ROLE").as_deref() != Ok("worker") {
+        return;
+    }
+    let url = std::env::var("CACHEFENCE_REDIS_URL").expect("CACHEFENCE_REDIS_URL");
+    let consumer = std::env::var("CACHEFENCE_CONSUMER").expect("CACHEFENCE_CONSUMER");
+    let client = redis::Client::open(url).expect("redis url");
+    let conn = client.get_connection_manager().await.expect("connect");
+    let (gated, _gate) = Gated::closed(conn.clone());
+    let handle = FenceLayer::new(gated)
+        .namespace(NS)
+        .redis_timeout(Duration::from_secs(600))
+        .handle();
+    let worker = handle
+        .queue(Gated::open(conn))
+        .worker(client)
+        .consumer(consumer)
+        .batch(50)
+        .block(Duration::from_millis(200));
+    worker.run().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_worker_s_messages_are_claimed_and_applied() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    let paths: Vec<String> = (0..20).map(|i| format!("/item/k{i}")).collect();
+    for p in &paths {
+        app.cache(p).await;
+    }
+    let invs: Vec<Invalidation> = paths.iter().map(Invalidation::path).collect();
+    app.queue.enqueue_all(&invs).await.unwrap();
+    let stream = app.queue.stream_key().to_owned();
+
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["--exact", "worker_process", "--ignored", "--nocapture"])
+        .env("CACHEFENCE_ROLE", "worker")
+        .env("CACHEFENCE_REDIS_URL", redis.url())
+        .env("CACHEFENCE_CONSUMER", "doomed")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The child read all 20 and is stuck applying the first.
+    let attempts = attempts_key(&app.queue);
+    wait_for(
+        "the child to take the messages",
+        Duration::from_secs(30),
+        || pending(&redis, &stream, Some("doomed")) == 20 && int(&redis, &["HLEN", &attempts]) >= 1,
+    )
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(pending(&redis, &stream, Some("doomed")), 20);
+    for p in &paths {
+        assert_eq!(
+            app.status(p).await,
+            "HIT",
+            "{p} was invalidated by the killed worker"
+        );
+    }
+
+    let worker = app
+        .queue
+        .worker(redis.client())
+        .consumer("rescuer")
+        .claim_idle(Duration::from_millis(300))
+        .block(Duration::from_millis(100));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    wait_for("the rescue", Duration::from_secs(20), || {
+        control.stats().applied == 20
+    })
+    .await;
+    for p in &paths {
+        assert_eq!(app.status(p).await, "MISS", "{p} was not invalidated");
+    }
+    assert_eq!(pending(&redis, &stream, None), 0);
+    assert_eq!(app.queue.backlog().await.unwrap(), 0);
+    let stats = control.stats();
+    assert_eq!(stats.claimed, 20);
+    assert_eq!(stats.dead_lettered, 0);
+    control.shutdown();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn poison_messages_go_to_the_dead_letter_stream_and_do_not_block_others() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    let good = ["/item/g1", "/item/g2", "/item/g3"];
+    for p in good {
+        app.cache(p).await;
+    }
+    let queue = &app.queue;
+    let stream = queue.stream_key().to_owned();
+    // Refused by apply: an empty prefix.
+    let refused = queue.enqueue(&Invalidation::prefix("")).await.unwrap();
+    // Written by something else: no `inv` field, and a bogus one.
+    let junk = redis.cli(&["XADD", &stream, "*", "junk", "1"]);
+    let bogus = redis.cli(&["XADD", &stream, "*", "inv", "bogus"]);
+    for p in good {
+        queue.enqueue(&Invalidation::path(p)).await.unwrap();
+    }
+
+    let worker = queue
+        .worker(redis.client())
+        .max_attempts(3)
+        .backoff(Duration::from_millis(300), Duration::from_secs(1))
+        .claim_idle(Duration::from_secs(5))
+        .block(Duration::from_millis(100));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    // The good ones are applied while the poison waits for its retry.
+    wait_for("the good invalidations", Duration::from_secs(10), || {
+        control.stats().applied == 3
+    })
+    .await;
+    assert_eq!(control.stats().dead_lettered, 0);
+    for p in good {
+        assert_eq!(app.status(p).await, "MISS");
+    }
+    wait_for("the dead letters", Duration::from_secs(20), || {
+        control.stats().dead_lettered == 3
+    })
+    .await;
+    let stats = control.stats();
+    assert_eq!((stats.applied, stats.retries), (3, 6));
+    assert_eq!(queue.backlog().await.unwrap(), 0);
+    assert_eq!(pending(&redis, &stream, None), 0);
+    assert_eq!(int(&redis, &["EXISTS", &attempts_key(queue)]), 0);
+
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 3);
+    assert_eq!(dead.len(), 3);
+    assert!(dead.iter().all(|d| d.attempts == 3), "{dead:?}");
+    // (Their order depends on the jitter of their retries.)
+    let by_source = |id: &str| {
+        dead.iter()
+            .find(|d| d.source_id == id)
+            .unwrap_or_else(|| panic!("no dead letter for {id}: {dead:?}"))
+    };
+    let refused = by_source(&refused);
+    assert_eq!(refused.payload.as_deref(), Some("prefix:"));
+    assert!(refused.error.contains("empty prefix"), "{}", refused.error);
+    let junk = by_source(&junk);
+    assert_eq!(junk.payload, None);
+    assert!(junk.error.contains("undecodable"), "{}", junk.error);
+    let bogus = by_source(&bogus);
+    assert_eq!(bogus.payload.as_deref(), Some("bogus"));
+    assert!(bogus.error.contains("undecodable"), "{}", bogus.error);
+    // The dead-letter entry keeps the original fields.
+    let raw = redis.cli(&["XRANGE", queue.dead_letter_key(), &junk.id, &junk.id]);
+    assert!(raw.contains("junk"), "{raw}");
+    control.shutdown();
+    task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_delivered_twice_does_no_harm() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    app.cache("/item/d").await;
+    let stream = app.queue.stream_key().to_owned();
+    app.queue
+        .enqueue(&Invalidation::path("/item/d"))
+        .await
+        .unwrap();
+
+    // The first worker takes it and hangs in the invalidation.
+    let (slow_queue, gate) = app.gated_queue();
+    let slow = slow_queue
+        .worker(redis.client())
+        .consumer("slow")
+        .claim_idle(Duration::from_secs(600))
+        .block(Duration::from_millis(100));
+    let slow_control = slow.handle();
+    let slow_task = tokio::spawn(slow.run());
+    wait_for("the slow worker to start", Duration::from_secs(10), || {
+        pending(&redis, &stream, Some("slow")) == 1
+    })
+    .await;
+
+    // A second worker claims it once idle, applies and acknowledges it.
+    let fast = app
+        .queue
+        .worker(redis.client())
+        .consumer("fast")
+        .claim_idle(Duration::from_millis(300))
+        .block(Duration::from_millis(100));
+    let fast_control = fast.handle();
+    let fast_task = tokio::spawn(fast.run());
+    wait_for("the second delivery", Duration::from_secs(10), || {
+        fast_control.stats().applied == 1
+    })
+    .await;
+    assert_eq!(app.status("/item/d").await, "MISS");
+    assert_eq!(app.status("/item/d").await, "HIT");
+
+    // The first worker finishes too: applied twice, harmlessly.
+    gate.send_replace(true);
+    wait_for("the first delivery", Duration::from_secs(10), || {
+        slow_control.stats().applied == 1
+    })
+    .await;
+    assert_eq!(slow_control.stats().duplicates, 1);
+    // A late duplicate invalidates what was stored after it was enqueued,
+    // which is allowed; nothing failed and nothing is left over.
+    assert_eq!(app.queue.backlog().await.unwrap(), 0);
+    assert_eq!(pending(&redis, &stream, None), 0);
+    assert_eq!(app.queue.dead_letter_count().await.unwrap(), 0);
+    assert_eq!(int(&redis, &["EXISTS", &attempts_key(&app.queue)]), 0);
+    // Applying it once more by hand is harmless as well.
+    app.handle
+        .apply(&Invalidation::path("/item/d"))
+        .await
+        .unwrap();
+    assert_eq!(app.status("/item/d").await, "MISS");
+    assert_eq!(app.status("/item/d").await, "HIT");
+
+    // Enqueued twice: both applied, the second removes nothing.
+    app.queue
+        .enqueue_all(&[Invalidation::path("/item/d"), Invalidation::path("/item/d")])
+        .await
+        .unwrap();
+    wait_for("both copies", Duration::from_secs(10), || {
+        fast_control.stats().applied + slow_control.stats().applied == 4
+    })
+    .await;
+    assert_eq!(app.status("/item/d").await, "MISS");
+    assert_eq!(
+        fast_control.stats().dead_lettered + slow_control.stats().dead_lettered,
+        0
+    );
+    slow_control.shutdown();
+    fast_control.shutdown();
+    slow_task.await.unwrap();
+    fast_task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_ends_a_blocking_read_at_once() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    let stream = app.queue.stream_key().to_owned();
+    let worker = app
+        .queue
+        .worker(redis.client())
+        .consumer("idle")
+        .block(Duration::from_secs(30));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    wait_for("the blocking read", Duration::from_secs(10), || {
+        redis.command_count("xreadgroup") >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    control.shutdown();
+    tokio::time::timeout(Duration::from_secs(3), task)
+        .await
+        .expect("shutdown waited for the 30 s read")
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(3));
+    assert_eq!(
+        array_len(&redis, &["XINFO", "CONSUMERS", &stream, GROUP]),
+        0
+    );
+    // A message enqueued now waits for the next worker.
+    app.queue.enqueue(&Invalidation::path("/x")).await.unwrap();
+    assert_eq!(app.queue.backlog().await.unwrap(), 1);
+    assert_eq!(pending(&redis, &stream, None), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn shutdown_finishes_the_message_in_hand_and_releases_the_rest() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    let paths = ["/item/s1", "/item/s2", "/item/s3"];
+    for p in paths {
+        app.cache(p).await;
+    }
+    let invs: Vec<Invalidation> = paths.iter().map(|p| Invalidation::path(*p)).collect();
+    app.queue.enqueue_all(&invs).await.unwrap();
+    let stream = app.queue.stream_key().to_owned();
+    let attempts = attempts_key(&app.queue);
+
+    let (slow_queue, gate) = app.gated_queue();
+    let worker = slow_queue
+        .worker(redis.client())
+        .consumer("stopping")
+        .batch(3)
+        .claim_idle(Duration::from_secs(60))
+        .block(Duration::from_millis(100));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    wait_for("the first message in hand", Duration::from_secs(10), || {
+        int(&redis, &["HLEN", &attempts]) == 1
+    })
+    .await;
+    control.shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !task.is_finished(),
+        "shutdown abandoned the message in hand"
+    );
+    gate.send_replace(true);
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the worker stops")
+        .unwrap();
+    let stats = control.stats();
+    assert_eq!((stats.applied, stats.released), (1, 2));
+    assert_eq!(app.status("/item/s1").await, "MISS");
+    assert_eq!(app.status("/item/s2").await, "HIT");
+    assert_eq!(pending(&redis, &stream, Some("stopping")), 2);
+
+    // Released messages are claimable at once, long before the 60 s idle
+    // time a crashed worker's would need.
+    let next = app
+        .queue
+        .worker(redis.client())
+        .consumer("next")
+        .claim_idle(Duration::from_secs(60))
+        .block(Duration::from_millis(100));
+    let next_control = next.handle();
+    let next_task = tokio::spawn(next.run());
+    wait_for("the released messages", Duration::from_secs(5), || {
+        next_control.stats().applied == 2
+    })
+    .await;
+    assert_eq!(next_control.stats().claimed, 2);
+    assert_eq!(app.status("/item/s2").await, "MISS");
+    assert_eq!(app.status("/item/s3").await, "MISS");
+    assert_eq!(app.queue.backlog().await.unwrap(), 0);
+    assert_eq!(pending(&redis, &stream, None), 0);
+    next_control.shutdown();
+    next_task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_reconnects_after_redis_restarts() {
+    let mut redis = RedisServer::new();
+    let app = app(&redis).await;
+    let worker = app
+        .queue
+        .worker(redis.client())
+        .block(Duration::from_millis(200));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    app.queue.enqueue(&Invalidation::path("/a")).await.unwrap();
+    wait_for("the first invalidation", Duration::from_secs(10), || {
+        control.stats().applied == 1
+    })
+    .await;
+
+    // Without persistence the restart loses the stream and its group too.
+    redis.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.start();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.queue.enqueue(&Invalidation::path("/b")).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the queue's connection did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    wait_for(
+        "an invalidation after the restart",
+        Duration::from_secs(15),
+        || control.stats().applied == 2,
+    )
+    .await;
+    let stats = control.stats();
+    assert!(stats.redis_errors > 0, "{stats:?}");
+    assert!(stats.connects >= 2, "{stats:?}");
+    assert_eq!(app.queue.backlog().await.unwrap(), 0);
+    control.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("the worker stops")
+        .unwrap();
+}
