@@ -56,7 +56,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     // Producer side: append to the stream and return.
-    let queue = handle.queue(conn.clone());
+    let queue = handle.queue();
     let ids = queue
         .enqueue_all(&[
             Invalidation::path("/products/1"),

@@ -485,17 +485,21 @@ where
 
     /// The durable invalidation queue of this handle's namespace: a Redis
     /// Stream that [`InvalidationWorker`](crate::InvalidationWorker)s apply
-    /// with this handle. `conn` carries the queue's commands (none of them
-    /// blocks), for example a clone of the connection the layer was made
-    /// with.
+    /// with this handle. Its commands (none of them blocks) go over the
+    /// layer's connection.
     ///
     /// ```no_run
-    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>, conn: redis::aio::ConnectionManager) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// use cachefence::Invalidation;
-    /// handle.queue(conn).enqueue(&Invalidation::path("/products/42")).await?;
+    /// handle.queue().enqueue(&Invalidation::path("/products/42")).await?;
     /// # Ok(()) }
     /// ```
-    pub fn queue(&self, conn: C) -> crate::queue::InvalidationQueue<C> {
+    pub fn queue(&self) -> crate::queue::InvalidationQueue<C> {
+        self.queue_with(self.shared.store.connection())
+    }
+
+    /// [`queue`](Self::queue) over another connection.
+    pub fn queue_with(&self, conn: C) -> crate::queue::InvalidationQueue<C> {
         crate::queue::InvalidationQueue::new(self.clone(), conn)
     }
 

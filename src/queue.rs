@@ -139,8 +139,8 @@ struct Scripts {
 /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
 /// let client = redis::Client::open("redis://127.0.0.1/")?;
 /// let conn = client.get_connection_manager().await?;
-/// let handle = FenceLayer::new(conn.clone()).namespace("shop:").handle();
-/// let queue = handle.queue(conn);
+/// let handle = FenceLayer::new(conn).namespace("shop:").handle();
+/// let queue = handle.queue();
 /// queue.enqueue(&Invalidation::path("/products/42")).await?;
 ///
 /// // In this process or any other:

@@ -352,6 +352,10 @@ where
         &self.breaker
     }
 
+    pub(crate) fn connection(&self) -> C {
+        self.conn.clone()
+    }
+
     pub(crate) fn set_timeout(&self, timeout: Duration) {
         self.timeout_ms
             .store(duration_ms(timeout).max(1), Ordering::Relaxed);

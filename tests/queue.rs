@@ -90,7 +90,7 @@ async fn app(redis: &RedisServer) -> App {
         .beta(0.0)
         .redis_timeout(Duration::from_secs(5));
     let handle = layer.handle();
-    let queue = handle.queue(Gated::open(conn.clone()));
+    let queue = handle.queue_with(Gated::open(conn.clone()));
     let addr = serve(routes(Counter::default()).layer(layer)).await;
     App {
         addr,
@@ -120,7 +120,7 @@ impl App {
             .namespace(NS)
             .redis_timeout(Duration::from_secs(600))
             .handle();
-        (handle.queue(Gated::open(self.conn.clone())), gate)
+        (handle.queue_with(Gated::open(self.conn.clone())), gate)
     }
 }
 
@@ -245,7 +245,7 @@ async fn worker_process() {
         .redis_timeout(Duration::from_secs(600))
         .handle();
     let worker = handle
-        .queue(Gated::open(conn))
+        .queue_with(Gated::open(conn))
         .worker(client)
         .consumer(consumer)
         .batch(50)
