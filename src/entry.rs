@@ -190,6 +190,50 @@ fn decode_headers(mut bytes: &[u8]) -> Option<HeaderMap> {
     Some(headers)
 }
 
+/// Headers that are stored: not hop-by-hop, not per-client, not the ones the
+/// cache adds itself.
+pub(crate) fn storable_headers(
+    headers: &HeaderMap,
+    status_header: Option<&HeaderName>,
+) -> HeaderMap {
+    use http::header::{
+        AGE, CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE,
+        TRAILER, TRANSFER_ENCODING, UPGRADE,
+    };
+    const HOP_BY_HOP: [&str; 2] = ["keep-alive", "proxy-connection"];
+    let mut named: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(CONNECTION) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
+                named.push(name);
+            }
+        }
+    }
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let drop = [
+            &CONNECTION,
+            &TE,
+            &TRAILER,
+            &TRANSFER_ENCODING,
+            &UPGRADE,
+            &PROXY_AUTHENTICATE,
+            &PROXY_AUTHORIZATION,
+            &SET_COOKIE,
+            &AGE,
+            &CONTENT_LENGTH,
+        ]
+        .contains(&name)
+            || HOP_BY_HOP.contains(&name.as_str())
+            || named.contains(name)
+            || status_header == Some(name);
+        if !drop {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,5 +322,25 @@ mod tests {
         f.push((b"pass".to_vec(), b"500".to_vec()));
         assert!(matches!(Record::decode(f.clone(), 499), Record::Pass));
         assert!(matches!(Record::decode(f, 500), Record::Entry(_)));
+    }
+
+    #[test]
+    fn hop_by_hop_and_per_client_headers_are_not_stored() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "x-private, close"),
+            ("x-private", "1"),
+            ("keep-alive", "5"),
+            ("transfer-encoding", "chunked"),
+            ("set-cookie", "a=b"),
+            ("x-cache", "MISS"),
+            ("content-type", "text/plain"),
+            ("age", "3"),
+        ] {
+            h.append(k, v.parse().unwrap());
+        }
+        let stored = storable_headers(&h, Some(&HeaderName::from_static("x-cache")));
+        assert_eq!(stored.len(), 1);
+        assert!(stored.contains_key("content-type"));
     }
 }

@@ -3,8 +3,6 @@
 //! request that waited. It runs as its own task, so the request that started
 //! it may go away without stopping it (DESIGN.md promise 2).
 
-use std::future::Future;
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -16,10 +14,12 @@ use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use crate::body::{Buffered, FenceBody, buffer};
+use crate::entry::storable_headers;
 use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
 use crate::flight::{CacheStatus, Flight, Outcome};
 use crate::key::{EntryKey, header_value, lease_of, tag_keys};
 use crate::layer::{OnWaitTimeout, Shared};
+use crate::lease::{Lease, LeaseRegistration, new_token, release, with_lease};
 use crate::policy::{ResponseRule, response_tags, vary_names};
 use crate::service::{Ctx, from_entry, plain_response};
 use crate::stats::Counters;
@@ -273,50 +273,6 @@ async fn won<S, C, ReqB, ResB>(
         }),
     )
     .await;
-}
-
-/// The lease a fill holds on the key it fills.
-struct Lease {
-    key: String,
-    token: String,
-    /// The Redis time it was taken (ms).
-    started: u64,
-}
-
-impl Lease {
-    fn lease_key(&self) -> String {
-        lease_of(&self.key)
-    }
-}
-
-/// Lists a lease in the shared table while its fill runs, so that
-/// [`FenceHandle::shutdown`](crate::FenceHandle::shutdown) can release the
-/// leases of fills that don't finish in time.
-struct LeaseRegistration<'a, C> {
-    shared: &'a Shared<C>,
-    key: String,
-}
-
-impl<'a, C> LeaseRegistration<'a, C> {
-    fn new(shared: &'a Shared<C>, lease: &Lease) -> Self {
-        let key = lease.lease_key();
-        shared
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.clone(), lease.token.clone());
-        Self { shared, key }
-    }
-}
-
-impl<C> Drop for LeaseRegistration<'_, C> {
-    fn drop(&mut self) {
-        self.shared
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
-    }
 }
 
 /// What the origin call and body buffering produced.
@@ -607,80 +563,6 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     }
 }
 
-/// Runs `fut` (the origin call and the buffering of its body) while renewing
-/// the lease, so a slow but live fill keeps it. Returns `None` when the fill
-/// was detached by an invalidation and nobody waits for it any more: the
-/// origin future is then dropped.
-async fn with_lease<C, F, T>(
-    shared: &Shared<C>,
-    lease: Option<&Lease>,
-    flight: &Flight,
-    leader: &mut Option<oneshot::Sender<T>>,
-    fut: F,
-    lock_timeout: Duration,
-) -> Option<F::Output>
-where
-    C: Conn,
-    F: Future,
-{
-    let mut fut = pin!(fut);
-    let period = (lock_timeout / 3).max(Duration::from_millis(5));
-    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let abandoned = async {
-        loop {
-            if flight.is_detached() {
-                match leader.as_mut() {
-                    Some(tx) => tx.closed().await,
-                    None => return,
-                }
-                return;
-            }
-            flight.detach.notified().await;
-        }
-    };
-    let mut abandoned = pin!(abandoned);
-    loop {
-        tokio::select! {
-            out = &mut fut => return Some(out),
-            _ = &mut abandoned => return None,
-            _ = renew.tick(), if lease.is_some() => {
-                if let Some(lease) = lease {
-                    match shared.store.extend(&lease.lease_key(), &lease.token, lock_timeout).await {
-                        Ok(true) => {}
-                        Ok(false) => tracing::debug!(key = %lease.key, "fill lease lost while filling; its write-back will be refused"),
-                        Err(err) => tracing::debug!(error = %err, "renewing the fill lease failed"),
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Gives the lease up (if held), leaving a pass marker when `pass` is not zero.
-async fn release<C>(shared: &Shared<C>, ek: &EntryKey, lease: Option<&Lease>, pass: Duration)
-where
-    C: Conn,
-{
-    let Some(lease) = lease else {
-        return;
-    };
-    match shared
-        .store
-        .release(&lease.lease_key(), &ek.primary, &lease.token, pass)
-        .await
-    {
-        Ok(true) if !pass.is_zero() => {
-            Counters::inc(&shared.counters.pass_markers);
-            tracing::debug!(key = %ek.primary, ?pass, "pass marker set");
-        }
-        Ok(_) => {}
-        Err(err) => {
-            tracing::debug!(error = %err, "releasing the fill lease failed; it expires by itself")
-        }
-    }
-}
-
 /// Hands a stale entry to the joiners and to the leader.
 fn serve_stale<C, B: Body, E>(
     ctx: &Ctx<C>,
@@ -741,82 +623,4 @@ fn vary_values(response: &HeaderMap, request: &HeaderMap) -> Arc<[(HeaderName, V
             (n, v)
         })
         .collect()
-}
-
-/// Headers that are stored: not hop-by-hop, not per-client, not the ones the
-/// cache adds itself.
-pub(crate) fn storable_headers(
-    headers: &HeaderMap,
-    status_header: Option<&HeaderName>,
-) -> HeaderMap {
-    use http::header::{
-        AGE, CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE,
-        TRAILER, TRANSFER_ENCODING, UPGRADE,
-    };
-    const HOP_BY_HOP: [&str; 2] = ["keep-alive", "proxy-connection"];
-    let mut named: Vec<HeaderName> = Vec::new();
-    for value in headers.get_all(CONNECTION) {
-        for token in value.as_bytes().split(|&b| b == b',') {
-            if let Ok(name) = HeaderName::from_bytes(token.trim_ascii()) {
-                named.push(name);
-            }
-        }
-    }
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let drop = [
-            &CONNECTION,
-            &TE,
-            &TRAILER,
-            &TRANSFER_ENCODING,
-            &UPGRADE,
-            &PROXY_AUTHENTICATE,
-            &PROXY_AUTHORIZATION,
-            &SET_COOKIE,
-            &AGE,
-            &CONTENT_LENGTH,
-        ]
-        .contains(&name)
-            || HOP_BY_HOP.contains(&name.as_str())
-            || named.contains(name)
-            || status_header == Some(name);
-        if !drop {
-            out.append(name.clone(), value.clone());
-        }
-    }
-    out
-}
-
-/// A random lease token.
-fn new_token() -> String {
-    format!(
-        "{:016x}{:016x}",
-        rand::random::<u64>(),
-        rand::random::<u64>()
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hop_by_hop_and_per_client_headers_are_not_stored() {
-        let mut h = HeaderMap::new();
-        for (k, v) in [
-            ("connection", "x-private, close"),
-            ("x-private", "1"),
-            ("keep-alive", "5"),
-            ("transfer-encoding", "chunked"),
-            ("set-cookie", "a=b"),
-            ("x-cache", "MISS"),
-            ("content-type", "text/plain"),
-            ("age", "3"),
-        ] {
-            h.append(k, v.parse().unwrap());
-        }
-        let stored = storable_headers(&h, Some(&HeaderName::from_static("x-cache")));
-        assert_eq!(stored.len(), 1);
-        assert!(stored.contains_key("content-type"));
-    }
 }

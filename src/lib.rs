@@ -76,6 +76,7 @@
 
 mod body;
 mod bounds;
+mod breaker;
 mod entry;
 mod error;
 mod fill;
@@ -83,8 +84,10 @@ mod flight;
 mod handle;
 mod key;
 mod layer;
+mod lease;
 mod policy;
 mod queue;
+mod scripts;
 mod service;
 mod stats;
 mod store;

@@ -1,0 +1,145 @@
+//! A fill's lease on its key: taking part in shutdown, renewal while the
+//! origin works, release with an optional pass marker.
+
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::bounds::Conn;
+use crate::flight::Flight;
+use crate::key::{EntryKey, lease_of};
+use crate::layer::Shared;
+use crate::stats::Counters;
+
+/// The lease a fill holds on the key it fills.
+pub(crate) struct Lease {
+    pub(crate) key: String,
+    pub(crate) token: String,
+    /// The Redis time it was taken (ms).
+    pub(crate) started: u64,
+}
+
+impl Lease {
+    pub(crate) fn lease_key(&self) -> String {
+        lease_of(&self.key)
+    }
+}
+
+/// Lists a lease in the shared table while its fill runs, so that
+/// [`FenceHandle::shutdown`](crate::FenceHandle::shutdown) can release the
+/// leases of fills that don't finish in time.
+pub(crate) struct LeaseRegistration<'a, C> {
+    shared: &'a Shared<C>,
+    key: String,
+}
+
+impl<'a, C> LeaseRegistration<'a, C> {
+    pub(crate) fn new(shared: &'a Shared<C>, lease: &Lease) -> Self {
+        let key = lease.lease_key();
+        shared
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), lease.token.clone());
+        Self { shared, key }
+    }
+}
+
+impl<C> Drop for LeaseRegistration<'_, C> {
+    fn drop(&mut self) {
+        self.shared
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
+/// Runs `fut` (the origin call and the buffering of its body) while renewing
+/// the lease, so a slow but live fill keeps it. Returns `None` when the fill
+/// was detached by an invalidation and nobody waits for it any more: the
+/// origin future is then dropped.
+pub(crate) async fn with_lease<C, F, T>(
+    shared: &Shared<C>,
+    lease: Option<&Lease>,
+    flight: &Flight,
+    leader: &mut Option<oneshot::Sender<T>>,
+    fut: F,
+    lock_timeout: Duration,
+) -> Option<F::Output>
+where
+    C: Conn,
+    F: Future,
+{
+    let mut fut = pin!(fut);
+    let period = (lock_timeout / 3).max(Duration::from_millis(5));
+    let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let abandoned = async {
+        loop {
+            if flight.is_detached() {
+                match leader.as_mut() {
+                    Some(tx) => tx.closed().await,
+                    None => return,
+                }
+                return;
+            }
+            flight.detach.notified().await;
+        }
+    };
+    let mut abandoned = pin!(abandoned);
+    loop {
+        tokio::select! {
+            out = &mut fut => return Some(out),
+            _ = &mut abandoned => return None,
+            _ = renew.tick(), if lease.is_some() => {
+                if let Some(lease) = lease {
+                    match shared.store.extend(&lease.lease_key(), &lease.token, lock_timeout).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::debug!(key = %lease.key, "fill lease lost while filling; its write-back will be refused"),
+                        Err(err) => tracing::debug!(error = %err, "renewing the fill lease failed"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Gives the lease up (if held), leaving a pass marker when `pass` is not zero.
+pub(crate) async fn release<C>(
+    shared: &Shared<C>,
+    ek: &EntryKey,
+    lease: Option<&Lease>,
+    pass: Duration,
+) where
+    C: Conn,
+{
+    let Some(lease) = lease else {
+        return;
+    };
+    match shared
+        .store
+        .release(&lease.lease_key(), &ek.primary, &lease.token, pass)
+        .await
+    {
+        Ok(true) if !pass.is_zero() => {
+            Counters::inc(&shared.counters.pass_markers);
+            tracing::debug!(key = %ek.primary, ?pass, "pass marker set");
+        }
+        Ok(_) => {}
+        Err(err) => {
+            tracing::debug!(error = %err, "releasing the fill lease failed; it expires by itself")
+        }
+    }
+}
+
+/// A random lease token.
+pub(crate) fn new_token() -> String {
+    format!(
+        "{:016x}{:016x}",
+        rand::random::<u64>(),
+        rand::random::<u64>()
+    )
+}

@@ -1,0 +1,211 @@
+//! The Lua scripts the crate runs. Each is built once per layer;
+//! `redis::Script` sends EVALSHA and loads the script on NOSCRIPT.
+//!
+//! Every key one script touches shares the entry's `{hash tag}`, except the
+//! tag indexes and fences of the store script (see the README's note on
+//! Redis Cluster).
+
+use redis::Script;
+
+/// "Return the entry if it is fresh, else take the fill lease."
+///
+/// KEYS: entry, lease. ARGV: token, lease ms, now ms, mode (`fill` or
+/// `refresh`: take the lease whatever is stored, even a `Vary` index),
+/// format version.
+/// Returns `{'pass'}`, `{'vary', names}`, `{'hit', fields}`,
+/// `{'won', fields, start}` (fields of a stale entry in `fill` mode, and
+/// the Redis time the lease was taken, in ms) or
+/// `{'held', pttl}`.
+pub(crate) const ACQUIRE: &str = r"
+local ok, e = pcall(redis.call, 'HGETALL', KEYS[1])
+if not ok then e = {} end
+local f = {}
+for i = 1, #e, 2 do f[e[i]] = e[i + 1] end
+local now = tonumber(ARGV[3])
+if tonumber(f['pass'] or '') and tonumber(f['pass']) > now then return {'pass'} end
+if f['v'] == ARGV[5] and ARGV[4] == 'fill' then
+  if f['vary'] then return {'vary', f['vary']} end
+  if tonumber(f['fresh'] or '') and tonumber(f['fresh']) > now then
+    return {'hit', e}
+  end
+end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local t = redis.call('TIME')
+  local start = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  if ARGV[4] == 'fill' and f['v'] == ARGV[5] then return {'won', e, start} end
+  return {'won', {}, start}
+end
+return {'held', redis.call('PTTL', KEYS[2])}
+";
+
+/// The fenced write-back: stores only while the lease holds our token.
+///
+/// KEYS: entry, lease, primary, variants set, then `n` tag indexes and
+/// their `n` tag fences. ARGV: token, entry ttl ms, wake channel, wake
+/// message, vary names ('' when the entry is the primary), format version,
+/// fill start (Redis ms), `n`, then field/value pairs.
+/// Returns 1 when stored, 0 when fenced out (the lease is gone, or one of
+/// the response's tags was invalidated after the fill started).
+pub(crate) const STORE: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local n = tonumber(ARGV[8])
+for i = 1, n do
+  local ok, ts = pcall(redis.call, 'GET', KEYS[4 + n + i])
+  if ok and ts and tonumber(ts) and tonumber(ts) >= tonumber(ARGV[7]) then
+    redis.call('DEL', KEYS[2])
+    redis.call('PUBLISH', ARGV[3], ARGV[4])
+    return 0
+  end
+end
+local ttl = tonumber(ARGV[2])
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('PEXPIRE', KEYS[1], ttl)
+if ARGV[5] ~= '' then
+  local ok, cur = pcall(redis.call, 'HGET', KEYS[3], 'vary')
+  if not ok or cur ~= ARGV[5] then
+    local key = ''
+    for i = 9, #ARGV - 1, 2 do
+      if ARGV[i] == 'key' then key = ARGV[i + 1] end
+    end
+    redis.call('DEL', KEYS[3])
+    redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
+  end
+  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+  local ok2 = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
+  if not ok2 then
+    redis.call('DEL', KEYS[4])
+    redis.call('SADD', KEYS[4], KEYS[1])
+  end
+  if redis.call('PTTL', KEYS[4]) < ttl then redis.call('PEXPIRE', KEYS[4], ttl) end
+end
+if n > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = 1, n do
+    local z = KEYS[4 + i]
+    if redis.call('TYPE', z)['ok'] ~= 'zset' then redis.call('DEL', z) end
+    redis.call('ZADD', z, now + ttl, KEYS[3])
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+    if redis.call('PTTL', z) < ttl then redis.call('PEXPIRE', z, ttl) end
+  end
+end
+redis.call('DEL', KEYS[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+";
+
+/// Starts (or continues) a tag invalidation: sets the tag's fence to now,
+/// so fills that started before can't store an entry carrying the tag, and
+/// pops a batch of the entries the tag index lists.
+///
+/// KEYS: tag index, tag fence. ARGV: batch size, fence ttl ms, offset
+/// (`-1` pops the batch; otherwise it is read from that offset and kept,
+/// for soft invalidation).
+pub(crate) const TAG_BATCH: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then
+  redis.call('DEL', KEYS[1])
+  return {}
+end
+local batch = tonumber(ARGV[1])
+local offset = tonumber(ARGV[3])
+if offset >= 0 then
+  return redis.call('ZRANGE', KEYS[1], offset, offset + batch - 1)
+end
+local members = redis.call('ZRANGE', KEYS[1], 0, batch - 1)
+if #members > 0 then redis.call('ZREM', KEYS[1], unpack(members)) end
+return members
+";
+
+/// Gives a lease up without storing, optionally leaving a pass marker.
+///
+/// KEYS: lease, primary. ARGV: token, pass-until ms (0 for none), pass ms,
+/// wake channel, wake message.
+pub(crate) const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+local pass_ms = tonumber(ARGV[3])
+if pass_ms > 0 then
+  if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then redis.call('DEL', KEYS[2]) end
+  redis.call('HSET', KEYS[2], 'pass', ARGV[2])
+  if redis.call('PTTL', KEYS[2]) < pass_ms then redis.call('PEXPIRE', KEYS[2], pass_ms) end
+end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+";
+
+/// Extends a lease we still hold. KEYS: lease. ARGV: token, ms.
+pub(crate) const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+";
+
+/// Removes an entry, its variants and every lease, so that no fill that
+/// started before can write back. KEYS: primary, variants set.
+/// ARGV: invalidate channel, sender id. Returns the number of entries removed.
+pub(crate) const INVALIDATE: &str = r"
+local n = 0
+local ok, vars = pcall(redis.call, 'SMEMBERS', KEYS[2])
+if ok then
+  for _, v in ipairs(vars) do
+    n = n + redis.call('UNLINK', v)
+    redis.call('UNLINK', v .. ':lease')
+  end
+end
+local had = redis.call('EXISTS', KEYS[1])
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local index = false
+if kind == 'hash' then index = redis.call('HEXISTS', KEYS[1], 'vary') == 1 end
+redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease', KEYS[2])
+if had == 1 and not index then n = n + 1 end
+redis.call('PUBLISH', ARGV[1], 'key:' .. ARGV[2] .. ':' .. KEYS[1])
+return n
+";
+
+/// Marks an entry and its variants stale. KEYS: primary, variants set.
+/// ARGV: now ms. Returns the number of entries marked.
+pub(crate) const SOFT_INVALIDATE: &str = r"
+local n = 0
+local keys = {KEYS[1]}
+local ok, vars = pcall(redis.call, 'SMEMBERS', KEYS[2])
+if ok then for _, v in ipairs(vars) do table.insert(keys, v) end end
+for _, k in ipairs(keys) do
+  local ok2, fresh = pcall(redis.call, 'HGET', k, 'fresh')
+  if ok2 and fresh then
+    if tonumber(fresh) and tonumber(fresh) > tonumber(ARGV[1]) then
+      redis.call('HSET', k, 'fresh', ARGV[1])
+    end
+    n = n + 1
+  end
+  redis.call('UNLINK', k .. ':lease')
+end
+return n
+";
+
+#[derive(Debug)]
+pub(crate) struct Scripts {
+    pub(crate) acquire: Script,
+    pub(crate) store: Script,
+    pub(crate) release: Script,
+    pub(crate) extend: Script,
+    pub(crate) invalidate: Script,
+    pub(crate) soft_invalidate: Script,
+    pub(crate) tag_batch: Script,
+}
+
+impl Scripts {
+    pub(crate) fn new() -> Self {
+        Self {
+            acquire: Script::new(ACQUIRE),
+            store: Script::new(STORE),
+            release: Script::new(RELEASE),
+            extend: Script::new(EXTEND),
+            invalidate: Script::new(INVALIDATE),
+            soft_invalidate: Script::new(SOFT_INVALIDATE),
+            tag_batch: Script::new(TAG_BATCH),
+        }
+    }
+}
