@@ -4,7 +4,6 @@
 //! it may go away without stopping it (DESIGN.md promise 2).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::bounds::{CacheBody, Conn, Inner};
@@ -206,12 +205,10 @@ where
                 // After the other fill lands, a plain lookup finds it.
                 refresh = false;
                 let pause = backoff.next().min(remaining).min(deadline - now);
-                job.flight.waiting.store(true, Ordering::Release);
                 tokio::select! {
-                    _ = job.flight.wake.notified() => {}
+                    _ = job.flight.wake.notified() => Counters::inc(&counters.wakeups),
                     _ = tokio::time::sleep(pause) => {}
                 }
-                job.flight.waiting.store(false, Ordering::Release);
             }
         }
     }

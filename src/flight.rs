@@ -54,8 +54,6 @@ pub(crate) struct Flight {
     detached: AtomicBool,
     /// Signalled when the flight is detached.
     pub(crate) detach: Notify,
-    /// Set while the fill waits on another process's lease.
-    pub(crate) waiting: AtomicBool,
 }
 
 impl Flight {
@@ -65,7 +63,6 @@ impl Flight {
             wake: Notify::new(),
             detached: AtomicBool::new(false),
             detach: Notify::new(),
-            waiting: AtomicBool::new(false),
         }
     }
 
@@ -155,15 +152,12 @@ impl Flights {
         }
     }
 
-    /// Wakes the fill of `key` if it waits on another process's lease; says
-    /// whether it did.
-    pub(crate) fn wake(&self, key: &str) -> bool {
-        match self.lock().get(key) {
-            Some(flight) if flight.waiting.load(Ordering::Acquire) => {
-                flight.wake.notify_one();
-                true
-            }
-            _ => false,
+    /// Wakes the fill of `key`, if there is one. When it is not waiting
+    /// right now (a poll is in flight) the wake-up is kept for its next
+    /// wait, which then ends at once.
+    pub(crate) fn wake(&self, key: &str) {
+        if let Some(flight) = self.lock().get(key) {
+            flight.wake.notify_one();
         }
     }
 

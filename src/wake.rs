@@ -37,10 +37,8 @@ where
                     };
                     match msg.get_channel_name() {
                         WAKE_CHANNEL => {
-                            if let Some(key) = payload.strip_suffix(":lease")
-                                && shared.flights.wake(key)
-                            {
-                                Counters::inc(&shared.counters.wakeups);
+                            if let Some(key) = payload.strip_suffix(":lease") {
+                                shared.flights.wake(key);
                             }
                         }
                         INVALIDATE_CHANNEL => {

@@ -99,7 +99,7 @@ async fn origin_handler(State(o): State<Origin>, uri: Uri) -> Response {
 /// the time a task waits for a CPU: a burst of 1,000 connections on a busy
 /// 2-core machine trips it, the requests fail open to the origin, and the
 /// counts below would measure the machine, not the single flight. (That
-/// fail-open is itself a stampede: see the ignored test at the end.)
+/// fail-open would itself be a stampede: see the last test.)
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A layer on `redis` in namespace `ns`, XFetch off unless a test turns it on.
@@ -1074,7 +1074,7 @@ async fn without_wake_ups_a_remote_waiter_still_finds_the_fill_by_polling() {
 }
 
 // ---------------------------------------------------------------------------
-// Counters (bugs found while measuring; see the ignore reasons)
+// Counters, and single flight while Redis is unreachable
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
