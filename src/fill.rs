@@ -204,7 +204,12 @@ where
                 }
                 // After the other fill lands, a plain lookup finds it.
                 refresh = false;
-                let pause = backoff.next().min(remaining).min(deadline - now);
+                // Poll again when the lease expires, if that is sooner.
+                let mut pause = backoff.next();
+                if !remaining.is_zero() {
+                    pause = pause.min(remaining);
+                }
+                let pause = pause.min(deadline - now);
                 tokio::select! {
                     _ = job.flight.wake.notified() => Counters::inc(&counters.wakeups),
                     _ = tokio::time::sleep(pause) => {}

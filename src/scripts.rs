@@ -35,7 +35,14 @@ if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[4] == 'fill' and f['v'] == ARGV[5] then return {'won', e, start} end
   return {'won', {}, start}
 end
-return {'held', redis.call('PTTL', KEYS[2])}
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl == -1 then
+  -- A lease without expiry (written by someone else) would hold the key
+  -- forever: give it the lease lifetime.
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+  ttl = tonumber(ARGV[2])
+end
+return {'held', ttl}
 ";
 
 /// The fenced write-back: stores only while the lease holds our token.

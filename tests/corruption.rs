@@ -460,3 +460,35 @@ async fn racing_fills_after_lost_leases_never_store_an_older_response_over_a_new
         assert!(version_of(&String::from_utf8_lossy(&body)) >= newest);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_foreign_lease_without_expiry_does_not_hold_the_key_forever() {
+    let redis = RedisServer::new();
+    let layer = FenceLayer::new(redis.connection_manager().await)
+        .namespace("stuck:")
+        .beta(0.0)
+        .lock_timeout(Duration::from_millis(300))
+        .wait_timeout(Duration::from_secs(5));
+    let counter = Counter::default();
+    let addr = serve(routes(counter.clone()).layer(layer)).await;
+    let http = TryHttp::new(Duration::from_secs(10));
+    // Learn the key, then remove the entry and plant a lease with no TTL.
+    http.get(addr, "/item/l").await.unwrap();
+    let key = key_of(&redis, "stuck:", "/item/l");
+    redis.cli(&["DEL", &key]);
+    redis.cli(&["SET", &format!("{key}:lease"), "someone-else"]);
+    let started = Instant::now();
+    let r = http.get(addr, "/item/l").await.expect("answered");
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "item /item/l #2")
+    );
+    // The lease got the lease lifetime, expired, and this request filled.
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    let r = http.get(addr, "/item/l").await.expect("answered");
+    assert_eq!(r.cache_status(), Some("HIT"));
+}
