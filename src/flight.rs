@@ -155,8 +155,17 @@ impl Flights {
     /// Wakes the fill of `key`, if there is one. When it is not waiting
     /// right now (a poll is in flight) the wake-up is kept for its next
     /// wait, which then ends at once.
+    ///
+    /// A fill registered under an entry's primary key may have followed its
+    /// `Vary` index to a variant: a variant's wake-up wakes it too.
     pub(crate) fn wake(&self, key: &str) {
-        if let Some(flight) = self.lock().get(key) {
+        let map = self.lock();
+        if let Some(flight) = map.get(key) {
+            flight.wake.notify_one();
+        }
+        if let Some((primary, _)) = key.split_once("}:v:")
+            && let Some(flight) = map.get(&format!("{primary}}}"))
+        {
             flight.wake.notify_one();
         }
     }
