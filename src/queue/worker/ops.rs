@@ -1,0 +1,180 @@
+//! The Redis commands of an [`InvalidationWorker`]: creating its group,
+//! claiming and reading messages, and the scripts for each attempt.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+use redis::{AsyncConnectionConfig, Value};
+
+use super::InvalidationWorker;
+use super::control::Counters;
+use super::run::Run;
+use crate::error::FenceError;
+use crate::queue::call::{call, duration_ms, is_code, timed};
+use crate::queue::reply::{Entry, parse_entries, parse_read, text};
+
+/// How long the attempts hash lives after its last write.
+const ATTEMPTS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How a blocking read ended.
+pub(super) enum Read {
+    Entries(Vec<Entry>),
+    Stopped,
+}
+
+impl<C> InvalidationWorker<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    pub(super) async fn ensure_group(&self) -> Result<(), FenceError> {
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE")
+            .arg(&self.queue.keys.stream)
+            .arg(&self.group)
+            .arg("0")
+            .arg("MKSTREAM");
+        match call::<Value, _>(&self.queue.conn, self.queue.timeout, &cmd).await {
+            Ok(_) => Ok(()),
+            Err(err) if is_code(&err, "BUSYGROUP") => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
+    pub(super) async fn autoclaim(&self, cursor: &str) -> Result<(String, Vec<Entry>), FenceError> {
+        let mut cmd = redis::cmd("XAUTOCLAIM");
+        cmd.arg(&self.queue.keys.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(duration_ms(self.claim_idle))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(self.batch);
+        let value: Value = call(&self.queue.conn, self.queue.timeout, &cmd).await?;
+        let Value::Array(mut parts) = value else {
+            return Err(FenceError::invalid_input("unexpected XAUTOCLAIM reply"));
+        };
+        if parts.len() < 2 {
+            return Err(FenceError::invalid_input("unexpected XAUTOCLAIM reply"));
+        }
+        let entries = parts.swap_remove(1);
+        let next = text(&parts[0]).unwrap_or_else(|| "0-0".to_owned());
+        Ok((next, parse_entries(entries)))
+    }
+
+    /// One blocking read on the worker's own connection. Shutdown ends it
+    /// early with `CLIENT UNBLOCK`, so no message is delivered to a read
+    /// nobody waits for.
+    pub(super) async fn read(&self, run: &mut Run, wait: Duration) -> Result<Read, FenceError> {
+        let margin = self.queue.timeout.max(Duration::from_secs(1));
+        if run.conn.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(margin))
+                .set_response_timeout(Some(self.block + margin));
+            let mut conn = timed(
+                margin + margin,
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
+            )
+            .await?;
+            Counters::add(&self.control.counters.connects, 1);
+            let id: Option<i64> = timed(
+                margin,
+                redis::cmd("CLIENT").arg("ID").query_async(&mut conn),
+            )
+            .await
+            .ok();
+            run.conn = Some((conn, id));
+        }
+        let Some((conn, client_id)) = run.conn.as_mut() else {
+            return Ok(Read::Stopped);
+        };
+        let client_id = *client_id;
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(self.batch)
+            .arg("BLOCK")
+            .arg(duration_ms(wait).max(1))
+            .arg("STREAMS")
+            .arg(&self.queue.keys.stream)
+            .arg(">");
+        let read = timed::<Value>(wait + margin, cmd.query_async(conn));
+        tokio::pin!(read);
+        let mut rx = self.control.shutdown.subscribe();
+        let stopped = async move {
+            if rx.wait_for(|stop| *stop).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let value = tokio::select! {
+            value = &mut read => value?,
+            () = stopped => {
+                if let Some(id) = client_id {
+                    let mut unblock = redis::cmd("CLIENT");
+                    unblock.arg("UNBLOCK").arg(id);
+                    if let Err(err) = call::<Value, _>(&self.queue.conn, self.queue.timeout, &unblock).await {
+                        tracing::debug!(error = %err, "CLIENT UNBLOCK failed; waiting for the read to end");
+                    }
+                }
+                match read.await {
+                    Ok(value) => {
+                        let ids: Vec<String> = parse_read(value).into_iter().map(|e| e.id).collect();
+                        self.release(&ids).await;
+                    }
+                    Err(err) => tracing::debug!(error = %err, "the last read failed at shutdown"),
+                }
+                return Ok(Read::Stopped);
+            }
+        };
+        Ok(Read::Entries(parse_read(value)))
+    }
+
+    pub(super) async fn begin(&self, id: &str) -> Result<(u64, String), FenceError> {
+        let mut inv = self.queue.scripts.begin.key(&self.queue.keys.attempts);
+        inv.arg(id).arg(duration_ms(ATTEMPTS_TTL));
+        let mut conn = self.queue.conn.clone();
+        let (n, err): (i64, String) =
+            timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
+        Ok((u64::try_from(n).unwrap_or(1).max(1), err))
+    }
+
+    pub(super) async fn ack(&self, id: &str) -> Result<bool, FenceError> {
+        let keys = &self.queue.keys;
+        let mut inv = self.queue.scripts.ack.key(&keys.stream);
+        inv.key(&keys.attempts).arg(&self.group).arg(id);
+        let mut conn = self.queue.conn.clone();
+        let n: i64 = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
+        Ok(n > 0)
+    }
+
+    pub(super) async fn fail(
+        &self,
+        id: &str,
+        error: &str,
+        delay: Duration,
+    ) -> Result<(), FenceError> {
+        let keys = &self.queue.keys;
+        let idle = self.claim_idle.saturating_sub(delay);
+        let mut inv = self.queue.scripts.fail.key(&keys.stream);
+        inv.key(&keys.attempts)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(id)
+            .arg(error)
+            .arg(duration_ms(idle))
+            .arg(duration_ms(ATTEMPTS_TTL));
+        let mut conn = self.queue.conn.clone();
+        timed::<Value>(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    pub(super) async fn retire(&self) -> Result<bool, FenceError> {
+        let mut inv = self.queue.scripts.retire.key(&self.queue.keys.stream);
+        inv.arg(&self.group).arg(&self.consumer);
+        let mut conn = self.queue.conn.clone();
+        let n: i64 = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
+        Ok(n == 1)
+    }
+}

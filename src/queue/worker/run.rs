@@ -1,0 +1,348 @@
+//! The run loop of an [`InvalidationWorker`]: claiming what is due,
+//! reading new messages, applying them, retrying with backoff, moving what
+//! keeps failing to the dead-letter stream, and stopping cleanly.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use redis::Value;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+
+use super::InvalidationWorker;
+#[cfg(doc)]
+use super::WorkerHandle;
+use super::control::Counters;
+use super::ops::Read;
+use crate::error::FenceError;
+use crate::queue::call::{call, duration_ms, is_code, timed};
+use crate::queue::reply::Entry;
+
+/// Backoff between failed Redis calls of the worker itself (reading,
+/// reconnecting), not of invalidations.
+const REDIS_BACKOFF_BASE: Duration = Duration::from_millis(100);
+const REDIS_BACKOFF_CAP: Duration = Duration::from_secs(5);
+/// The longest error text kept with a dead letter.
+const ERROR_MAX: usize = 1000;
+
+/// The mutable state of a running worker.
+pub(super) struct Run {
+    pub(super) conn: Option<(MultiplexedConnection, Option<i64>)>,
+    group_ready: bool,
+    cursor: String,
+    next_claim: Instant,
+    redis_failures: u32,
+}
+
+impl<C> InvalidationWorker<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// Applies invalidations until [`WorkerHandle::shutdown`] is called.
+    /// Redis failures never end it: it logs them and tries again with
+    /// backoff.
+    ///
+    /// ```no_run
+    /// # async fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// let task = tokio::spawn(worker.run());
+    /// # }
+    /// ```
+    pub async fn run(self) {
+        let control = &self.control;
+        control.running.store(true, Ordering::Release);
+        tracing::info!(stream = %self.queue.keys.stream, group = %self.group, consumer = %self.consumer, "invalidation worker started");
+        let mut run = Run {
+            conn: None,
+            group_ready: false,
+            cursor: "0-0".to_owned(),
+            next_claim: Instant::now(),
+            redis_failures: 0,
+        };
+        while !self.stopping() {
+            self.step(&mut run).await;
+        }
+        match self.retire().await {
+            Ok(true) => {
+                tracing::debug!(consumer = %self.consumer, "consumer removed from the group")
+            }
+            Ok(false) => {}
+            Err(err) => tracing::debug!(error = %err, "removing the consumer failed"),
+        }
+        let stats = self.stats();
+        tracing::info!(consumer = %self.consumer, applied = stats.applied, retries = stats.retries, dead_lettered = stats.dead_lettered, released = stats.released, "invalidation worker stopped");
+        control.running.store(false, Ordering::Release);
+    }
+
+    /// One turn of the loop: claim what is due, else read new messages.
+    async fn step(&self, run: &mut Run) {
+        if !run.group_ready {
+            match self.ensure_group().await {
+                Ok(()) => run.group_ready = true,
+                Err(err) => {
+                    return self
+                        .redis_failed(run, "creating the consumer group", &err)
+                        .await;
+                }
+            }
+        }
+        if Instant::now() >= run.next_claim {
+            match self.autoclaim(&run.cursor).await {
+                Ok((next, entries)) => {
+                    run.redis_failures = 0;
+                    let done = next == "0-0";
+                    run.cursor = next;
+                    if done {
+                        run.next_claim = Instant::now() + self.block.min(self.claim_idle);
+                    }
+                    if !entries.is_empty() {
+                        Counters::add(&self.control.counters.claimed, entries.len() as u64);
+                        tracing::debug!(count = entries.len(), "claimed pending invalidations");
+                        self.process(run, entries).await;
+                    }
+                    if !done {
+                        return;
+                    }
+                }
+                Err(err) => {
+                    if is_code(&err, "NOGROUP") {
+                        run.group_ready = false;
+                    }
+                    return self
+                        .redis_failed(run, "claiming pending messages", &err)
+                        .await;
+                }
+            }
+        }
+        let wait = run
+            .next_claim
+            .saturating_duration_since(Instant::now())
+            .min(self.block)
+            .max(Duration::from_millis(1));
+        match self.read(run, wait).await {
+            Ok(Read::Entries(entries)) => {
+                run.redis_failures = 0;
+                self.process(run, entries).await;
+            }
+            Ok(Read::Stopped) => {}
+            Err(err) => {
+                if is_code(&err, "NOGROUP") {
+                    run.group_ready = false;
+                } else {
+                    // Reopen the connection: it may be broken, or hold a
+                    // reply nobody will read.
+                    run.conn = None;
+                }
+                self.redis_failed(run, "reading the stream", &err).await;
+            }
+        }
+    }
+
+    async fn redis_failed(&self, run: &mut Run, what: &str, err: &FenceError) {
+        Counters::add(&self.control.counters.redis_errors, 1);
+        run.redis_failures = run.redis_failures.saturating_add(1);
+        let delay = backoff(REDIS_BACKOFF_BASE, REDIS_BACKOFF_CAP, run.redis_failures);
+        tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "invalidation worker: {what} failed");
+        self.sleep(delay).await;
+    }
+
+    /// Applies a batch one message at a time; at shutdown, releases the
+    /// messages not started.
+    async fn process(&self, run: &mut Run, entries: Vec<Entry>) {
+        let mut rest = entries.into_iter();
+        while let Some(entry) = rest.next() {
+            if self.stopping() {
+                let ids: Vec<String> = std::iter::once(entry).chain(rest).map(|e| e.id).collect();
+                self.release(&ids).await;
+                return;
+            }
+            self.one(run, entry).await;
+        }
+    }
+
+    /// One attempt at one message.
+    async fn one(&self, run: &mut Run, entry: Entry) {
+        let counters = &self.control.counters;
+        let (attempt, last_error) = match self.begin(&entry.id).await {
+            Ok(begun) => begun,
+            Err(err) => {
+                // It stays pending and is claimed again after the idle time.
+                Counters::add(&counters.redis_errors, 1);
+                tracing::warn!(error = %err, id = %entry.id, "invalidation worker: recording an attempt failed");
+                return;
+            }
+        };
+        if attempt > u64::from(self.max_attempts) {
+            let error = if last_error.is_empty() {
+                format!(
+                    "no attempt finished in {} tries (the workers stopped while applying it)",
+                    attempt - 1
+                )
+            } else {
+                last_error
+            };
+            return self.dead_letter(&entry, &error, attempt - 1).await;
+        }
+        let result = match entry.invalidation() {
+            Ok(inv) => self
+                .queue
+                .handle
+                .apply(&inv)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(err) => Err(err),
+        };
+        match result {
+            Ok(removed) => match self.ack(&entry.id).await {
+                Ok(acked) => {
+                    Counters::add(&counters.applied, 1);
+                    if !acked {
+                        Counters::add(&counters.duplicates, 1);
+                    }
+                    tracing::debug!(id = %entry.id, invalidation = entry.payload().unwrap_or(""), removed, attempt, "invalidation applied");
+                }
+                Err(err) => {
+                    // Applied but not acknowledged: it will be applied again.
+                    Counters::add(&counters.redis_errors, 1);
+                    tracing::warn!(error = %err, id = %entry.id, "invalidation worker: acknowledging failed");
+                }
+            },
+            Err(error) => {
+                let mut error = error;
+                truncate(&mut error, ERROR_MAX);
+                if attempt >= u64::from(self.max_attempts) {
+                    return self.dead_letter(&entry, &error, attempt).await;
+                }
+                let delay = backoff(self.backoff_base, self.backoff_cap, attempt_u32(attempt))
+                    .min(self.claim_idle);
+                match self.fail(&entry.id, &error, delay).await {
+                    Ok(()) => {
+                        Counters::add(&counters.retries, 1);
+                        run.next_claim = run.next_claim.min(Instant::now() + delay);
+                        tracing::warn!(id = %entry.id, invalidation = entry.payload().unwrap_or(""), error = %error, attempt, max_attempts = self.max_attempts, retry_in_ms = delay.as_millis() as u64, "invalidation failed; will retry");
+                    }
+                    Err(err) => {
+                        Counters::add(&counters.redis_errors, 1);
+                        tracing::warn!(error = %err, id = %entry.id, "invalidation worker: recording a failure failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, entry: &Entry, error: &str, attempts: u64) {
+        let keys = &self.queue.keys;
+        let mut inv = self.queue.scripts.dead.key(&keys.stream);
+        inv.key(&keys.dead)
+            .key(&keys.attempts)
+            .arg(&self.group)
+            .arg(&entry.id)
+            .arg(error)
+            .arg(attempts)
+            .arg(self.dead_letter_limit)
+            .arg(&self.consumer);
+        let mut conn = self.queue.conn.clone();
+        match timed::<i64>(self.queue.timeout, inv.invoke_async(&mut conn)).await {
+            Ok(1) => {
+                Counters::add(&self.control.counters.dead_lettered, 1);
+                tracing::warn!(id = %entry.id, invalidation = entry.payload().unwrap_or(""), error, attempts, dead_letters = %keys.dead, "invalidation moved to the dead-letter stream");
+            }
+            Ok(_) => {
+                Counters::add(&self.control.counters.duplicates, 1);
+                tracing::debug!(id = %entry.id, "already finished by another worker");
+            }
+            Err(err) => {
+                Counters::add(&self.control.counters.redis_errors, 1);
+                tracing::warn!(error = %err, id = %entry.id, "invalidation worker: moving to the dead-letter stream failed");
+            }
+        }
+    }
+
+    /// Hands messages back unstarted: pending, with an idle time that lets
+    /// any worker claim them at once.
+    pub(super) async fn release(&self, ids: &[String]) {
+        if ids.is_empty() {
+            return;
+        }
+        let mut cmd = redis::cmd("XCLAIM");
+        cmd.arg(&self.queue.keys.stream)
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg(0)
+            .arg(ids)
+            .arg("IDLE")
+            .arg(duration_ms(self.claim_idle))
+            .arg("JUSTID");
+        match call::<Value, _>(&self.queue.conn, self.queue.timeout, &cmd).await {
+            Ok(_) => {
+                Counters::add(&self.control.counters.released, ids.len() as u64);
+                tracing::info!(
+                    count = ids.len(),
+                    "released unstarted invalidations at shutdown"
+                );
+            }
+            Err(err) => {
+                // Still pending: claimed by another worker after the idle time.
+                Counters::add(&self.control.counters.redis_errors, 1);
+                tracing::warn!(error = %err, count = ids.len(), "releasing invalidations failed; they will be claimed after the idle time");
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        *self.control.shutdown.borrow()
+    }
+
+    /// Sleeps, cut short by shutdown.
+    async fn sleep(&self, duration: Duration) {
+        let mut rx = self.control.shutdown.subscribe();
+        tokio::select! {
+            () = tokio::time::sleep(duration) => {}
+            _ = rx.wait_for(|stop| *stop) => {}
+        }
+    }
+}
+
+/// Exponential backoff with jitter: `base * 2^(n-1)` capped, then a random
+/// point in its upper half.
+fn backoff(base: Duration, cap: Duration, n: u32) -> Duration {
+    let exp = base
+        .saturating_mul(1u32 << n.saturating_sub(1).min(20))
+        .min(cap);
+    exp.mul_f64(0.5 + rand::random_range(0.0..0.5))
+}
+
+fn attempt_u32(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn truncate(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_stays_capped() {
+        let base = Duration::from_millis(100);
+        let cap = Duration::from_secs(1);
+        for n in 1..40 {
+            let d = backoff(base, cap, n);
+            let exp = base.saturating_mul(1 << (n - 1).min(20)).min(cap);
+            assert!(d >= exp / 2 && d <= exp, "{n}: {d:?}");
+        }
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary() {
+        let mut s = "é".repeat(600);
+        truncate(&mut s, ERROR_MAX);
+        assert!(s.len() <= ERROR_MAX);
+    }
+}
