@@ -352,7 +352,12 @@ where
                         }
                     }
                     Some(Outcome::Origin) => {
-                        return origin(config, svc, req, CacheStatus::Miss).await;
+                        let status = if offline {
+                            CacheStatus::Bypass
+                        } else {
+                            CacheStatus::Miss
+                        };
+                        return origin(config, svc, req, status).await;
                     }
                     Some(Outcome::Restart) => {}
                     None => {
