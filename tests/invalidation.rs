@@ -105,9 +105,10 @@ async fn get_with(svc: &Svc, path: &str, headers: &[(&str, &str)]) -> (String, S
 #[tokio::test(flavor = "multi_thread")]
 async fn no_read_after_an_invalidation_returns_an_older_version() {
     // Two layers on one Redis play two processes. Each trial: concurrent
-    // reads on both (some filling, with random origin delays), a write that
-    // bumps the version and invalidates through a random handle, then reads
-    // on both that must see at least the version current at invalidation.
+    // reads on both of a cold key (filling, with random origin delays), a
+    // write that bumps the version and invalidates through a random handle
+    // by path, prefix or tag, then reads on both that must see at least the
+    // version current at the invalidation.
     let redis = RedisServer::new();
     let world = World::default();
     let (la, lb) = (layer(&redis, "race:").await, layer(&redis, "race:").await);
@@ -122,7 +123,9 @@ async fn no_read_after_an_invalidation_returns_an_older_version() {
         let path = format!("/r/{}", trial % 7);
         world
             .delay_ms
-            .store(rand::random_range(0..3), Ordering::SeqCst);
+            .store(rand::random_range(0..4), Ordering::SeqCst);
+        // Cold, so the readers below start fills that race the invalidation.
+        handles[0].invalidate_path(&path).await.unwrap();
         let mut readers = Vec::new();
         for i in 0..rand::random_range(1..6) {
             let svc = if i % 2 == 0 { a.clone() } else { b.clone() };
@@ -134,10 +137,13 @@ async fn no_read_after_an_invalidation_returns_an_older_version() {
         }
         tokio::time::sleep(Duration::from_micros(rand::random_range(0..1_500))).await;
         let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
-        handles[rand::random_range(0..2)]
-            .invalidate_path(&path)
-            .await
-            .unwrap();
+        // By path, by prefix or by tag (the origin tags `t:<path>`).
+        let handle = &handles[rand::random_range(0..2)];
+        match rand::random_range(0..3) {
+            0 => handle.invalidate_path(&path).await.unwrap(),
+            1 => handle.invalidate_prefix(&path).await.unwrap(),
+            _ => handle.invalidate_tag(&format!("t:{path}")).await.unwrap(),
+        };
         for svc in [&a, &b] {
             let (_, body) = get(svc, &path).await;
             let seen: u64 = body.parse().unwrap();
@@ -150,6 +156,11 @@ async fn no_read_after_an_invalidation_returns_an_older_version() {
             r.await.unwrap();
         }
     }
+    let fenced = handles[0].stats().fenced + handles[1].stats().fenced;
+    assert!(
+        fenced > 0,
+        "no fill raced an invalidation: the test tests nothing"
+    );
     eprintln!(
         "race: {trials} trials, {stale_reads} stale reads, {} origin calls, fenced {} + {}",
         world.calls.load(Ordering::SeqCst),
