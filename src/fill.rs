@@ -604,7 +604,7 @@ fn send_response<B: Body, E>(
     status: CacheStatus,
 ) {
     let mut res = Response::from_parts(parts, body);
-    crate::service::mark(config.status_header.as_ref(), res.headers_mut(), status);
+    crate::service::outgoing(config, res.headers_mut(), status);
     send(leader, Ok(res));
 }
 

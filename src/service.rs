@@ -90,7 +90,7 @@ pin_project! {
         Bypass {
             #[pin]
             future: F,
-            status_header: Option<HeaderName>,
+            config: Arc<Config>,
         },
         // The cache path. It awaits Redis, so it is an `async` block; boxing
         // it costs one allocation per cacheable request and keeps this
@@ -116,17 +116,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Bypass {
-                future,
-                status_header,
-            } => {
+            StateProj::Bypass { future, config } => {
                 let res = ready!(future.poll(cx))?;
                 let mut res = res.map(FenceBody::inner);
-                mark(
-                    status_header.as_ref(),
-                    res.headers_mut(),
-                    CacheStatus::Bypass,
-                );
+                outgoing(config, res.headers_mut(), CacheStatus::Bypass);
                 Poll::Ready(Ok(res))
             }
             StateProj::Cached { future } => future.as_mut().poll(cx),
@@ -178,7 +171,7 @@ where
             return ResponseFuture {
                 state: State::Bypass {
                     future: inner.call(Request::from_parts(parts, body)),
-                    status_header: self.config.status_header.clone(),
+                    config: self.config.clone(),
                 },
             };
         };
@@ -469,8 +462,19 @@ where
 {
     let res = svc.call(req).await?;
     let mut res = res.map(FenceBody::inner);
-    mark(config.status_header.as_ref(), res.headers_mut(), status);
+    outgoing(config, res.headers_mut(), status);
     Ok(res)
+}
+
+/// The last touch on every response: the cache-status header, and the tag
+/// headers removed unless they are to be exposed.
+pub(crate) fn outgoing(config: &Config, headers: &mut HeaderMap, status: CacheStatus) {
+    if !config.expose_tags {
+        for name in &config.tag_headers {
+            headers.remove(name);
+        }
+    }
+    mark(config.status_header.as_ref(), headers, status);
 }
 
 /// A cached response, as sent to a client.
