@@ -365,7 +365,7 @@ where
             let mut primaries: HashSet<&str> = HashSet::new();
             for key in &keys {
                 // Tag keys start with `<namespace>#`, never an entry key.
-                if key[namespace.len().min(key.len())..].starts_with('#') {
+                if key.as_bytes().get(namespace.len()) == Some(&b'#') {
                     continue;
                 }
                 if let Some(end) = key.find('}') {

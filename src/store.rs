@@ -299,13 +299,29 @@ where
         .await
     }
 
-    /// One SCAN step. Returns the next cursor and the keys.
+    /// One SCAN step. Returns the next cursor and the keys that are UTF-8
+    /// (every key this crate writes is; a foreign one matching the pattern
+    /// is skipped rather than failing the walk).
     pub(crate) async fn scan(
         &self,
         cursor: u64,
         pattern: &str,
         count: usize,
     ) -> Result<(u64, Vec<String>), FenceError> {
+        let (next, keys): (u64, Vec<Vec<u8>>) = self.scan_raw(cursor, pattern, count).await?;
+        let keys = keys
+            .into_iter()
+            .filter_map(|k| String::from_utf8(k).ok())
+            .collect();
+        Ok((next, keys))
+    }
+
+    async fn scan_raw(
+        &self,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<Vec<u8>>), FenceError> {
         self.run("scan", |mut c| {
             let cmd = redis::cmd("SCAN")
                 .arg(cursor)
