@@ -12,7 +12,10 @@ use std::time::Duration;
 use futures_util::future::join_all;
 
 use crate::error::FenceError;
-use crate::key::{EntryKey, READABLE_MAX, escape, normalize_user_path, tag_keys, truncate_escaped};
+use crate::key::{
+    EntryKey, READABLE_MAX, escape, namespace_prefix, normalize_user_path, tag_keys,
+    truncate_escaped,
+};
 use crate::layer::{Config, Shared};
 use crate::stats::{Counters, Stats};
 use crate::store::INVALIDATE_CHANNEL;
@@ -274,7 +277,7 @@ where
     pub async fn invalidate_all(&self) -> Result<u64, FenceError> {
         let removed = self.prefix_walk("", false).await?;
         // The tag indexes of the namespace.
-        let mut pattern = glob_escape(&escape(self.config.namespace.as_bytes()));
+        let mut pattern = glob_escape(&namespace_prefix(&self.config.namespace));
         pattern.push_str("#tag:*");
         let mut cursor = 0;
         loop {
@@ -349,7 +352,7 @@ where
     }
 
     async fn prefix_walk(&self, prefix: &str, soft: bool) -> Result<u64, FenceError> {
-        let namespace = escape(self.config.namespace.as_bytes());
+        let namespace = namespace_prefix(&self.config.namespace);
         let mut readable = escape(prefix.as_bytes());
         // Entry keys keep at most READABLE_MAX bytes of the key: a longer
         // prefix is matched on those, and candidates are checked against

@@ -4,10 +4,11 @@
 //! and the query with its parameters sorted). In Redis an entry lives at
 //!
 //! ```text
-//! <namespace><readable key>:{<digest>}
+//! <namespace>|<readable key>:{<digest>}
 //! ```
 //!
-//! where the readable key is the key with every byte outside a safe set
+//! where the namespace is escaped like the key (so the first raw `|` ends
+//! it), the readable key is the key with every byte outside a safe set
 //! percent-encoded (so no glob character, brace or control byte ever reaches
 //! Redis) and cut to [`READABLE_MAX`] bytes, and the digest is the first 128
 //! bits of SHA-256 over the namespace and the whole key. The braces make the
@@ -221,6 +222,16 @@ pub(crate) fn escape(bytes: &[u8]) -> String {
     out
 }
 
+/// What every Redis key of a namespace starts with: the escaped namespace
+/// and a `|`. Escaping encodes `|`, so the first raw `|` ends the namespace
+/// and no namespace's keys can match another's patterns (`a|*` never
+/// matches the keys of namespace `ab`).
+pub(crate) fn namespace_prefix(namespace: &str) -> String {
+    let mut out = escape(namespace.as_bytes());
+    out.push('|');
+    out
+}
+
 /// 128 bits of SHA-256 in hex.
 pub(crate) fn digest(parts: &[&[u8]]) -> String {
     let mut hasher = Sha256::new();
@@ -246,7 +257,7 @@ pub(crate) struct EntryKey {
 impl EntryKey {
     pub(crate) fn new(namespace: &str, key: &str) -> Self {
         let mut primary = String::with_capacity(namespace.len() + READABLE_MAX + 36);
-        escape_into(&mut primary, namespace.as_bytes());
+        primary.push_str(&namespace_prefix(namespace));
         let mut readable = escape(key.as_bytes());
         truncate_escaped(&mut readable, READABLE_MAX);
         primary.push_str(&readable);
@@ -276,10 +287,10 @@ impl EntryKey {
 /// The Redis keys of a tag: its index (a sorted set of primary keys scored
 /// by expiry) and its fence (the Redis time of its last invalidation).
 ///
-/// They start with `<namespace>#tag:`; `#` is always escaped in entry keys,
+/// They start with `<namespace>|#tag:`; `#` is always escaped in entry keys,
 /// so no entry key can look like a tag key.
 pub(crate) fn tag_keys(namespace: &str, tag: &str) -> (String, String) {
-    let mut index = escape(namespace.as_bytes());
+    let mut index = namespace_prefix(namespace);
     index.push_str("#tag:");
     let mut readable = escape(tag.as_bytes());
     truncate_escaped(&mut readable, READABLE_MAX);

@@ -44,7 +44,7 @@ async fn app(redis: &RedisServer, ns: &str) -> App {
 fn key_of(redis: &RedisServer, ns: &str, path: &str) -> String {
     let keys: Vec<String> = entry_keys(redis, ns)
         .into_iter()
-        .filter(|k| k.starts_with(&format!("{ns}{path}:{{")))
+        .filter(|k| k.starts_with(&format!("{ns}|{path}:{{")))
         .collect();
     assert_eq!(keys.len(), 1, "entry key of {path}: {keys:?}");
     keys.into_iter().next().unwrap()

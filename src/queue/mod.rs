@@ -6,11 +6,11 @@
 //! For a namespace `ns` (escaped as entry keys are), under one hash tag so
 //! that a script may touch them all on a Redis Cluster:
 //!
-//! - `ns#queue:{q}`: the stream; each entry has one field, `inv`, holding
+//! - `ns|#queue:{q}`: the stream; each entry has one field, `inv`, holding
 //!   [`Invalidation::encode`]. Workers read it with a consumer group.
-//! - `ns#queue:{q}:dead`: the dead-letter stream: the fields of the original
+//! - `ns|#queue:{q}:dead`: the dead-letter stream: the fields of the original
 //!   entry plus `error`, `attempts`, `source_id` and `consumer`.
-//! - `ns#queue:{q}:attempts`: a hash counting attempts per entry id (and the
+//! - `ns|#queue:{q}:attempts`: a hash counting attempts per entry id (and the
 //!   last error), with a TTL.
 //!
 //! An entry is deleted from the stream (`XDEL`) in the same script that
@@ -35,7 +35,7 @@ use redis::{Client, Value};
 
 use crate::error::FenceError;
 use crate::handle::{FenceHandle, Invalidation};
-use crate::key::escape;
+use crate::key::namespace_prefix;
 
 use call::{call, timed};
 pub use reply::DeadLetter;
@@ -120,7 +120,7 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     pub(crate) fn new(handle: FenceHandle<C>, conn: C) -> Self {
-        let base = format!("{}#queue:{{q}}", escape(handle.namespace().as_bytes()));
+        let base = format!("{}#queue:{{q}}", namespace_prefix(handle.namespace()));
         let keys = Keys {
             dead: format!("{base}:dead"),
             attempts: format!("{base}:attempts"),
