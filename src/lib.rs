@@ -24,13 +24,16 @@
 //! # The request path
 //!
 //! 1. Requests that may not be cached (not GET or HEAD, carrying
-//!    `Authorization` or `Cookie`, a key function that says `None`, Redis's
-//!    circuit breaker open) go straight to the inner service (`BYPASS`).
+//!    `Authorization` or `Cookie`, a key function that says `None`) go
+//!    straight to the inner service, untouched but for the `BYPASS`
+//!    cache-status header.
 //! 2. Everything else is looked up with ONE Redis command (`HGETALL`; two when
 //!    the response varies on request headers). A fresh entry is served
 //!    (`HIT`) without spawning anything; XFetch may pick this request to start
 //!    one early refresh in the background. An entry inside its grace period
-//!    is served (`STALE`) while one background refresh runs.
+//!    is served (`STALE`) while one background refresh runs. A HEAD request
+//!    is served from the GET entry; a HEAD miss passes through and stores
+//!    nothing.
 //! 3. A miss joins this process's fill for the key or starts one. The fill
 //!    runs as its own task: it takes the key's lease in Redis (one per key
 //!    across every process), calls the inner service, stores the response
@@ -55,10 +58,13 @@
 //!
 //! The cache fails open: when Redis errors, times out
 //! ([`FenceLayer::redis_timeout`], 250 ms by default) or holds garbage, the
-//! request goes to the inner service and its response is returned unchanged.
-//! After repeated failures a circuit breaker stops sending commands for a
-//! cool-down ([`FenceLayer::circuit_breaker`]). The service's error type is
-//! the inner service's: the cache adds no error of its own.
+//! request goes to the inner service and its response is returned unchanged
+//! (`BYPASS`); concurrent requests for one key in one process still share
+//! one origin call. After repeated failures a circuit breaker stops sending
+//! commands for a cool-down ([`FenceLayer::circuit_breaker`]). Damaged
+//! entries read as misses and are overwritten. The service's error type is
+//! the inner service's: the cache adds no error of its own. See
+//! [`FenceHandle::shutdown`] for a graceful exit.
 //!
 //! # Ordering with other layers
 //!
