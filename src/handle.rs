@@ -449,7 +449,13 @@ where
                 }
             }
         }
-        tracing::debug!(tag, removed = total, fenced, soft, "tag invalidated (cluster)");
+        tracing::debug!(
+            tag,
+            removed = total,
+            fenced,
+            soft,
+            "tag invalidated (cluster)"
+        );
         Ok(total)
     }
 

@@ -343,13 +343,16 @@ where
                         };
                         // Without a response policy the replies come back
                         // as a map keyed by node address.
-                        let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                        let routing =
+                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
                         conn.route_command(redis::cmd("PING"), routing).await
                     }
                 })
                 .await?;
             let Value::Map(replies) = value else {
-                return Err(FenceError::invalid_input("unexpected reply listing cluster primaries"));
+                return Err(FenceError::invalid_input(
+                    "unexpected reply listing cluster primaries",
+                ));
             };
             let mut nodes = Vec::with_capacity(replies.len());
             for (address, _) in replies {
@@ -380,8 +383,7 @@ where
         pattern: &str,
         count: usize,
     ) -> Result<(u64, Vec<String>), FenceError> {
-        let (next, keys): (u64, Vec<Vec<u8>>) =
-            self.scan_raw(node, cursor, pattern, count).await?;
+        let (next, keys): (u64, Vec<Vec<u8>>) = self.scan_raw(node, cursor, pattern, count).await?;
         let keys = keys
             .into_iter()
             .filter_map(|k| String::from_utf8(k).ok())
@@ -428,7 +430,9 @@ where
                 .await
             }
             #[cfg(not(feature = "cluster-async"))]
-            Some(_) => Err(FenceError::invalid_input("cluster node without cluster support")),
+            Some(_) => Err(FenceError::invalid_input(
+                "cluster node without cluster support",
+            )),
         }
     }
 
@@ -481,10 +485,7 @@ where
 
 #[cfg(feature = "cluster-async")]
 fn not_cluster() -> redis::RedisError {
-    redis::RedisError::from((
-        redis::ErrorKind::Client,
-        "not a Redis Cluster connection",
-    ))
+    redis::RedisError::from((redis::ErrorKind::Client, "not a Redis Cluster connection"))
 }
 
 fn is_wrong_type(err: &FenceError) -> bool {

@@ -144,7 +144,11 @@ async fn invalidate_prefix_scans_every_primary() {
     assert_eq!(before.iter().sum::<usize>(), 301);
 
     assert_eq!(s.handle.invalidate_prefix("/p/").await.unwrap(), 300);
-    assert_eq!(s.entries_per_node().iter().sum::<usize>(), 1, "only /q/1 is left");
+    assert_eq!(
+        s.entries_per_node().iter().sum::<usize>(),
+        1,
+        "only /q/1 is left"
+    );
     assert_eq!(s.get("/q/1").await.0.as_deref(), Some("HIT"));
     assert_eq!(s.get("/p/7").await.0.as_deref(), Some("MISS"));
 }

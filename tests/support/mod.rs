@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod origin;
 
 #[cfg(feature = "cluster-async")]
+#[allow(unused_imports)]
 pub use cluster::RedisCluster;
 
 use std::net::{SocketAddr, TcpListener};
