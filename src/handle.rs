@@ -290,9 +290,9 @@ where
     ///
     /// Walks the namespace with `SCAN` and a `MATCH` pattern in which no
     /// character of `prefix` can act as a glob, in batches of 500 keys, so
-    /// memory stays bounded and Redis is never blocked. Keys of entries
-    /// stored while the walk runs may be missed; their fills' leases are
-    /// removed if the walk sees them. An empty prefix is refused: use
+    /// memory stays bounded and Redis is never blocked; on a Redis Cluster,
+    /// every primary is walked. Keys of entries stored while the walk runs
+    /// may be missed; their fills' leases are removed if the walk sees them. An empty prefix is refused: use
     /// [`invalidate_all`](Self::invalidate_all).
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, FenceError> {
         if prefix.is_empty() {
@@ -350,6 +350,11 @@ where
     /// Fills that started before this call and whose response carries the
     /// tag are refused when they try to store: the tag's fence holds the
     /// time of the invalidation for an hour.
+    ///
+    /// On a Redis Cluster the tag's entries are found by SCANning every
+    /// primary for their tag markers, and fills are fenced by removing every
+    /// fill lease of the namespace first (fills of untagged keys then don't
+    /// store either; their waiters look again).
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
         self.tag_walk(tag, false).await
     }
