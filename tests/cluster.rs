@@ -116,15 +116,25 @@ async fn miss_then_hit_and_invalidate_path() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_cold_key_burst_reaches_the_origin_once() {
+async fn a_cold_key_burst_across_two_layers_reaches_the_origin_once() {
     let s = Arc::new(Setup::new().await);
-    s.world.delay_ms.store(200, Ordering::SeqCst);
-    let requests = (0..100).map(|_| {
+    // A second layer with its own cluster connection stands for a second
+    // process: only the lease in Redis keeps it from filling too.
+    let other = FenceLayer::new(s.cluster.connection().await)
+        .namespace(NS)
+        .redis_timeout(Duration::from_secs(2));
+    let app = Router::new()
+        .route("/{*path}", get(origin).layer(other))
+        .with_state(s.world.clone());
+    let other_addr = support::serve(app).await;
+    s.world.delay_ms.store(300, Ordering::SeqCst);
+    let requests = (0..100).map(|i| {
         let s = s.clone();
-        tokio::spawn(async move { s.get("/burst/1").await })
+        let addr = if i % 2 == 0 { s.addr } else { other_addr };
+        tokio::spawn(async move { s.http.get(addr, "/burst/1").await.text() })
     });
-    for reply in futures_util::future::join_all(requests).await {
-        assert_eq!(reply.unwrap().1, "0 /burst/1");
+    for body in futures_util::future::join_all(requests).await {
+        assert_eq!(body.unwrap(), "0 /burst/1");
     }
     assert_eq!(s.calls(), 1);
 }
