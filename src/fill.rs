@@ -16,7 +16,7 @@ use crate::body::{Buffered, FenceBody, buffer};
 use crate::entry::storable_headers;
 use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
 use crate::flight::{CacheStatus, Flight, Outcome};
-use crate::key::{EntryKey, header_value, lease_of, tag_keys};
+use crate::key::{EntryKey, header_value, lease_of, tag_keys, tag_marker};
 use crate::layer::{OnWaitTimeout, Shared};
 use crate::lease::{Lease, LeaseRegistration, new_token, release, with_lease};
 use crate::policy::{ResponseRule, response_tags, vary_names};
@@ -455,10 +455,15 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     ttl: ttl.saturating_add(config.policy.grace),
                     vary: &vary_field,
                     started: lease.started,
-                    tags: tags
-                        .iter()
-                        .map(|t| tag_keys(&config.namespace, t))
-                        .collect(),
+                    tags: if shared.store.is_cluster() {
+                        tags.iter()
+                            .map(|t| (tag_marker(&config.namespace, t, &ek.primary), String::new()))
+                            .collect()
+                    } else {
+                        tags.iter()
+                            .map(|t| tag_keys(&config.namespace, t))
+                            .collect()
+                    },
                     fields: entry.to_fields(&key, &lease.token),
                 };
                 match shared.store.store(args).await {

@@ -14,11 +14,11 @@ use futures_util::future::join_all;
 use crate::error::FenceError;
 use crate::key::{
     EntryKey, READABLE_MAX, escape, namespace_prefix, normalize_user_path, tag_keys,
-    truncate_escaped,
+    tag_marker_prefix, truncate_escaped,
 };
 use crate::layer::{Config, Shared};
 use crate::stats::{Counters, Stats};
-use crate::store::INVALIDATE_CHANNEL;
+use crate::store::{INVALIDATE_CHANNEL, Node, Store};
 
 /// Keys read per SCAN step.
 const SCAN_BATCH: usize = 500;
@@ -42,6 +42,48 @@ fn glob_escape(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// A SCAN walk over every node: the server, or each primary of a Redis
+/// Cluster in turn. One batch of keys at a time, so memory stays bounded.
+struct Walk {
+    /// The nodes left, the one being scanned last.
+    nodes: Vec<Node>,
+    cursor: u64,
+    pattern: String,
+}
+
+impl Walk {
+    async fn new<C>(store: &Store<C>, pattern: String) -> Result<Self, FenceError>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let mut nodes = store.nodes().await?;
+        nodes.reverse();
+        Ok(Self {
+            nodes,
+            cursor: 0,
+            pattern,
+        })
+    }
+
+    /// The next batch of keys, or `None` when every node was walked.
+    async fn next<C>(&mut self, store: &Store<C>) -> Result<Option<Vec<String>>, FenceError>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let Some(node) = self.nodes.last() else {
+            return Ok(None);
+        };
+        let (next, keys) = store
+            .scan(node, self.cursor, &self.pattern, SCAN_BATCH)
+            .await?;
+        if next == 0 {
+            self.nodes.pop();
+        }
+        self.cursor = next;
+        Ok(Some(keys))
+    }
 }
 
 /// One invalidation, as applied by [`FenceHandle::apply`] and carried by the
@@ -248,9 +290,9 @@ where
     ///
     /// Walks the namespace with `SCAN` and a `MATCH` pattern in which no
     /// character of `prefix` can act as a glob, in batches of 500 keys, so
-    /// memory stays bounded and Redis is never blocked. Keys of entries
-    /// stored while the walk runs may be missed; their fills' leases are
-    /// removed if the walk sees them. An empty prefix is refused: use
+    /// memory stays bounded and Redis is never blocked; on a Redis Cluster,
+    /// every primary is walked. Keys of entries stored while the walk runs
+    /// may be missed; their fills' leases are removed if the walk sees them. An empty prefix is refused: use
     /// [`invalidate_all`](Self::invalidate_all).
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, FenceError> {
         if prefix.is_empty() {
@@ -277,21 +319,28 @@ where
     pub async fn invalidate_all(&self) -> Result<u64, FenceError> {
         let removed = self.prefix_walk("", false).await?;
         // The tag indexes of the namespace.
+        // (`#tag:` indexes and fences, and `#tagged:` markers in cluster mode.)
         let mut pattern = glob_escape(&namespace_prefix(&self.config.namespace));
-        pattern.push_str("#tag:*");
-        let mut cursor = 0;
-        loop {
-            let (next, keys) = self.shared.store.scan(cursor, &pattern, SCAN_BATCH).await?;
-            let unlinks = keys.iter().map(|k| self.shared.store.unlink(k));
-            for result in join_all(unlinks).await {
-                result?;
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        pattern.push_str("#tag*");
+        self.unlink_matching(pattern).await?;
         Ok(removed)
+    }
+
+    /// UNLINKs every key matching a SCAN pattern, on every node. Returns how
+    /// many keys were seen.
+    async fn unlink_matching(&self, pattern: String) -> Result<u64, FenceError> {
+        let store = &self.shared.store;
+        let mut walk = Walk::new(store, pattern).await?;
+        let mut seen = 0;
+        while let Some(keys) = walk.next(store).await? {
+            seen += keys.len() as u64;
+            for chunk in keys.chunks(PARALLEL) {
+                for result in join_all(chunk.iter().map(|k| store.unlink(k))).await {
+                    result?;
+                }
+            }
+        }
+        Ok(seen)
     }
 
     /// Removes every entry that carries `tag` (named by the response's
@@ -301,6 +350,11 @@ where
     /// Fills that started before this call and whose response carries the
     /// tag are refused when they try to store: the tag's fence holds the
     /// time of the invalidation for an hour.
+    ///
+    /// On a Redis Cluster the tag's entries are found by SCANning every
+    /// primary for their tag markers, and fills are fenced by removing every
+    /// fill lease of the namespace first (fills of untagged keys then don't
+    /// store either; their waiters look again).
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
         self.tag_walk(tag, false).await
     }
@@ -329,6 +383,9 @@ where
     }
 
     async fn tag_walk(&self, tag: &str, soft: bool) -> Result<u64, FenceError> {
+        if self.shared.store.is_cluster() {
+            return self.cluster_tag_walk(tag, soft).await;
+        }
         let (index, fence) = tag_keys(&self.config.namespace, tag);
         let mut total = 0;
         let mut offset = 0;
@@ -351,6 +408,62 @@ where
         Ok(total)
     }
 
+    /// Tag invalidation on a Redis Cluster, where no one key can list a
+    /// tag's entries (they live in every slot). Each tagged entry has a
+    /// marker key in its own slot, and fills are fenced by removing leases:
+    ///
+    /// 1. every fill lease of the namespace is removed, on every primary.
+    ///    A fill that started before this call holds its lease for the
+    ///    whole scan, so SCAN returns it; such a fill can no longer store
+    ///    (fills of other tags are fenced too, which is harmless: they don't
+    ///    store and their waiters look again);
+    /// 2. every marker of the tag is read, on every primary, and the entry
+    ///    it names is invalidated. An entry stored before step 1 has its
+    ///    marker in place before this scan starts.
+    async fn cluster_tag_walk(&self, tag: &str, soft: bool) -> Result<u64, FenceError> {
+        let store = &self.shared.store;
+        let namespace = namespace_prefix(&self.config.namespace);
+        let fenced = self
+            .unlink_matching(format!("{}*:lease", glob_escape(&namespace)))
+            .await?;
+        let pattern = format!(
+            "{}*",
+            glob_escape(&tag_marker_prefix(&self.config.namespace, tag))
+        );
+        let mut walk = Walk::new(store, pattern).await?;
+        let mut total = 0;
+        while let Some(markers) = walk.next(store).await? {
+            let mut primaries = Vec::with_capacity(markers.len());
+            for chunk in markers.chunks(PARALLEL) {
+                for primary in join_all(chunk.iter().map(|m| store.get(m))).await {
+                    let primary = primary?.and_then(|p| String::from_utf8(p).ok());
+                    // Only a primary key of this namespace is followed.
+                    if let Some(p) = primary.filter(|p| p.starts_with(&namespace)) {
+                        primaries.push(p);
+                    }
+                }
+            }
+            total += self
+                .invalidate_primaries(primaries.iter().map(String::as_str), soft)
+                .await?;
+            if !soft {
+                for chunk in markers.chunks(PARALLEL) {
+                    for result in join_all(chunk.iter().map(|m| store.unlink(m))).await {
+                        result?;
+                    }
+                }
+            }
+        }
+        tracing::debug!(
+            tag,
+            removed = total,
+            fenced,
+            soft,
+            "tag invalidated (cluster)"
+        );
+        Ok(total)
+    }
+
     async fn prefix_walk(&self, prefix: &str, soft: bool) -> Result<u64, FenceError> {
         let namespace = namespace_prefix(&self.config.namespace);
         let mut readable = escape(prefix.as_bytes());
@@ -361,10 +474,9 @@ where
         truncate_escaped(&mut readable, READABLE_MAX);
         let key_prefix = format!("{namespace}{readable}");
         let pattern = format!("{}*", glob_escape(&key_prefix));
-        let mut cursor = 0;
         let mut total = 0;
-        loop {
-            let (next, keys) = self.shared.store.scan(cursor, &pattern, SCAN_BATCH).await?;
+        let mut walk = Walk::new(&self.shared.store, pattern).await?;
+        while let Some(keys) = walk.next(&self.shared.store).await? {
             let mut primaries: HashSet<&str> = HashSet::new();
             for key in &keys {
                 // Tag keys start with `<namespace>#`, never an entry key.
@@ -387,10 +499,6 @@ where
                 chosen.push(primary);
             }
             total += self.invalidate_primaries(chosen.into_iter(), soft).await?;
-            if next == 0 {
-                break;
-            }
-            cursor = next;
         }
         for _ in 0..self.shared.flights.detach_prefix(&key_prefix) {
             Counters::inc(&self.shared.counters.detached);

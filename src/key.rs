@@ -302,6 +302,30 @@ pub(crate) fn tag_keys(namespace: &str, tag: &str) -> (String, String) {
     (index, fence)
 }
 
+/// What every tag marker of a tag starts with (Redis Cluster mode):
+/// `<namespace>|#tagged:<escaped tag>:{`. The tag is escaped but never cut,
+/// so the prefix names exactly one tag, and holds no glob character.
+pub(crate) fn tag_marker_prefix(namespace: &str, tag: &str) -> String {
+    let mut out = namespace_prefix(namespace);
+    out.push_str("#tagged:");
+    escape_into(&mut out, tag.as_bytes());
+    out.push_str(":{");
+    out
+}
+
+/// The tag marker of an entry (Redis Cluster mode): a string key holding
+/// the entry's primary key, in the entry's hash slot (its hash tag is the
+/// entry's digest), so the store script may write it next to the entry.
+pub(crate) fn tag_marker(namespace: &str, tag: &str, primary: &str) -> String {
+    let digest = primary
+        .rfind(":{")
+        .map_or(primary, |i| primary[i + 2..].trim_end_matches('}'));
+    let mut out = tag_marker_prefix(namespace, tag);
+    out.push_str(digest);
+    out.push('}');
+    out
+}
+
 /// The fill lease of an entry (primary or variant) key.
 pub(crate) fn lease_of(key: &str) -> String {
     format!("{key}:lease")
@@ -379,6 +403,16 @@ mod tests {
         let mut s = "ab%2Fc".to_owned();
         truncate_escaped(&mut s, 5);
         assert_eq!(s, "ab%2F");
+    }
+
+    #[test]
+    fn tag_markers_share_the_entry_slot() {
+        let ek = EntryKey::new("n:", "/a?b=1");
+        let marker = tag_marker("n:", "x*y", &ek.primary);
+        let slot_tag = |k: &str| k[k.find('{').unwrap()..=k.find('}').unwrap()].to_owned();
+        assert_eq!(slot_tag(&marker), slot_tag(&ek.primary));
+        assert!(marker.starts_with(&tag_marker_prefix("n:", "x*y")));
+        assert!(!tag_marker_prefix("n:", "x*y").contains('*'));
     }
 
     #[test]

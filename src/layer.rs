@@ -195,6 +195,11 @@ where
     /// A layer caching in the Redis behind `redis`: any async connection of
     /// the `redis` crate (`ConnectionManager`, `MultiplexedConnection`, ...).
     ///
+    /// With the `cluster-async` feature, a
+    /// `redis::cluster_async::ClusterConnection` is detected as a Redis
+    /// Cluster: invalidation walks SCAN every primary and tags are kept in
+    /// the slot of each entry (see the README's section on Redis Cluster).
+    ///
     /// Defaults: TTL 60 s, grace 30 s, namespace `cachefence:`, body limit
     /// 1 MiB, `x-cache` status header, XFetch beta 1, lock timeout 5 s, wait
     /// timeout 5 s, stale-if-error on, pass markers 10 s, Redis timeout

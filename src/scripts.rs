@@ -2,8 +2,9 @@
 //! `redis::Script` sends EVALSHA and loads the script on NOSCRIPT.
 //!
 //! Every key one script touches shares the entry's `{hash tag}`, except the
-//! tag indexes and fences of the store script (see the README's note on
-//! Redis Cluster).
+//! tag indexes and fences of the store script on a single server. In Redis
+//! Cluster mode the store script writes per-entry tag markers in the entry's
+//! slot instead (see the README's section on Redis Cluster).
 
 use redis::Script;
 
@@ -51,12 +52,19 @@ return {'held', ttl}
 /// their `n` tag fences. ARGV: token, entry ttl ms, wake channel, wake
 /// message, vary names ('' when the entry is the primary), format version,
 /// fill start (Redis ms), `n`, then field/value pairs.
+///
+/// In Redis Cluster mode `n` is negative and the `-n` keys after the
+/// variants set are the entry's tag markers (in the entry's slot): each is
+/// set to the primary key, living at least as long as the entry, and no tag
+/// fence is read (cluster tag invalidations fence by removing leases).
 /// Returns 1 when stored, 0 when fenced out (the lease is gone, or one of
 /// the response's tags was invalidated after the fill started).
 pub(crate) const STORE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local n = tonumber(ARGV[8])
-for i = 1, n do
+local markers = n < 0
+if markers then n = -n end
+for i = 1, (markers and 0 or n) do
   local ok, ts = pcall(redis.call, 'GET', KEYS[4 + n + i])
   if ok and ts and tonumber(ts) and tonumber(ts) >= tonumber(ARGV[7]) then
     redis.call('DEL', KEYS[2])
@@ -86,7 +94,14 @@ if ARGV[5] ~= '' then
   end
   if redis.call('PTTL', KEYS[4]) < ttl then redis.call('PEXPIRE', KEYS[4], ttl) end
 end
-if n > 0 then
+if markers then
+  for i = 1, n do
+    local m = KEYS[4 + i]
+    local keep = redis.call('PTTL', m)
+    if keep < ttl then keep = ttl end
+    redis.call('SET', m, KEYS[3], 'PX', keep)
+  end
+elseif n > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   for i = 1, n do

@@ -46,15 +46,28 @@ pub(crate) struct StoreArgs<'a> {
     pub(crate) vary: &'a str,
     /// The Redis time the lease was taken (ms), for the tag fences.
     pub(crate) started: u64,
-    /// (index key, fence key) of every tag of the response.
+    /// (index key, fence key) of every tag of the response; in cluster
+    /// mode (tag marker, unused).
     pub(crate) tags: Vec<(String, String)>,
     pub(crate) fields: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// A node a SCAN goes to: `None` is the connection itself (a single
+/// server); `Some((host, port))` one primary of a Redis Cluster.
+pub(crate) type Node = Option<(String, u16)>;
+
+/// The connection as a Redis Cluster connection, if it is one.
+#[cfg(feature = "cluster-async")]
+fn as_cluster<C: 'static>(conn: &C) -> Option<&redis::cluster_async::ClusterConnection> {
+    (conn as &dyn std::any::Any).downcast_ref()
 }
 
 /// The Redis side of the cache.
 #[derive(Debug)]
 pub(crate) struct Store<C> {
     conn: C,
+    /// The connection is a `redis::cluster_async::ClusterConnection`.
+    cluster: bool,
     timeout_ms: AtomicU64,
     breaker: Breaker,
     scripts: Scripts,
@@ -69,14 +82,25 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     pub(crate) fn new(conn: C, timeout: Duration, breaker: Breaker) -> Self {
+        #[cfg(feature = "cluster-async")]
+        let cluster = as_cluster(&conn).is_some();
+        #[cfg(not(feature = "cluster-async"))]
+        let cluster = false;
         Self {
             conn,
+            cluster,
             timeout_ms: AtomicU64::new(duration_ms(timeout)),
             breaker,
             scripts: Scripts::new(),
             errors: AtomicU64::new(0),
             commands: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the connection is a Redis Cluster connection: tags are then
+    /// kept as per-entry markers and SCANs go to every primary.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.cluster
     }
 
     pub(crate) fn breaker(&self) -> &Breaker {
@@ -175,9 +199,14 @@ where
                 for (index, _) in &args.tags {
                     inv.key(index.as_str());
                 }
-                for (_, fence) in &args.tags {
-                    inv.key(fence.as_str());
+                if !self.cluster {
+                    for (_, fence) in &args.tags {
+                        inv.key(fence.as_str());
+                    }
                 }
+                // In cluster mode the keys are tag markers, flagged by a
+                // negative count.
+                let n = i64::try_from(args.tags.len()).unwrap_or(i64::MAX);
                 inv.arg(args.token)
                     .arg(duration_ms(args.ttl).max(1))
                     .arg(WAKE_CHANNEL)
@@ -185,7 +214,7 @@ where
                     .arg(args.vary)
                     .arg(FORMAT_VERSION)
                     .arg(args.started)
-                    .arg(args.tags.len());
+                    .arg(if self.cluster { -n } else { n });
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
                 }
@@ -299,16 +328,62 @@ where
         .await
     }
 
-    /// One SCAN step. Returns the next cursor and the keys that are UTF-8
-    /// (every key this crate writes is; a foreign one matching the pattern
-    /// is skipped rather than failing the walk).
+    /// The nodes a walk over every key must SCAN: the connection itself, or
+    /// on a Redis Cluster every primary the connection knows of.
+    pub(crate) async fn nodes(&self) -> Result<Vec<Node>, FenceError> {
+        #[cfg(feature = "cluster-async")]
+        if self.cluster {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            let value: Value = self
+                .run("nodes", |c| {
+                    let conn = as_cluster(&c).cloned();
+                    async move {
+                        let Some(mut conn) = conn else {
+                            return Err(not_cluster());
+                        };
+                        // Without a response policy the replies come back
+                        // as a map keyed by node address.
+                        let routing =
+                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                        conn.route_command(redis::cmd("PING"), routing).await
+                    }
+                })
+                .await?;
+            let Value::Map(replies) = value else {
+                return Err(FenceError::invalid_input(
+                    "unexpected reply listing cluster primaries",
+                ));
+            };
+            let mut nodes = Vec::with_capacity(replies.len());
+            for (address, _) in replies {
+                let address = bytes_of(address).and_then(|a| String::from_utf8(a).ok());
+                let node = address.as_deref().and_then(|a| {
+                    let (host, port) = a.rsplit_once(':')?;
+                    Some((host.to_owned(), port.parse().ok()?))
+                });
+                match node {
+                    Some(node) => nodes.push(Some(node)),
+                    None => {
+                        return Err(FenceError::invalid_input("unexpected cluster node address"));
+                    }
+                }
+            }
+            return Ok(nodes);
+        }
+        Ok(vec![None])
+    }
+
+    /// One SCAN step on one node. Returns the next cursor and the keys that
+    /// are UTF-8 (every key this crate writes is; a foreign one matching the
+    /// pattern is skipped rather than failing the walk).
     pub(crate) async fn scan(
         &self,
+        node: &Node,
         cursor: u64,
         pattern: &str,
         count: usize,
     ) -> Result<(u64, Vec<String>), FenceError> {
-        let (next, keys): (u64, Vec<Vec<u8>>) = self.scan_raw(cursor, pattern, count).await?;
+        let (next, keys): (u64, Vec<Vec<u8>>) = self.scan_raw(node, cursor, pattern, count).await?;
         let keys = keys
             .into_iter()
             .filter_map(|k| String::from_utf8(k).ok())
@@ -318,21 +393,62 @@ where
 
     async fn scan_raw(
         &self,
+        node: &Node,
         cursor: u64,
         pattern: &str,
         count: usize,
     ) -> Result<(u64, Vec<Vec<u8>>), FenceError> {
-        self.run("scan", |mut c| {
-            let cmd = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(count)
-                .clone();
-            async move { cmd.query_async(&mut c).await }
-        })
-        .await
+        let cmd = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count)
+            .clone();
+        match node {
+            None => {
+                self.run("scan", |mut c| async move { cmd.query_async(&mut c).await })
+                    .await
+            }
+            #[cfg(feature = "cluster-async")]
+            Some((host, port)) => {
+                use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port: *port,
+                });
+                self.run("scan", |c| {
+                    let conn = as_cluster(&c).cloned();
+                    async move {
+                        let Some(mut conn) = conn else {
+                            return Err(not_cluster());
+                        };
+                        let value = conn.route_command(cmd, routing).await?;
+                        Ok(redis::from_redis_value(value)?)
+                    }
+                })
+                .await
+            }
+            #[cfg(not(feature = "cluster-async"))]
+            Some(_) => Err(FenceError::invalid_input(
+                "cluster node without cluster support",
+            )),
+        }
+    }
+
+    /// GET of one string key (a tag marker). A key of another type reads as
+    /// absent.
+    pub(crate) async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, FenceError> {
+        let result = self
+            .run("get", |mut c| {
+                let cmd = redis::cmd("GET").arg(key).clone();
+                async move { cmd.query_async(&mut c).await }
+            })
+            .await;
+        match result {
+            Err(e) if is_wrong_type(&e) => Ok(None),
+            other => other,
+        }
     }
 
     /// UNLINK of one key.
@@ -365,6 +481,11 @@ where
         })
         .await
     }
+}
+
+#[cfg(feature = "cluster-async")]
+fn not_cluster() -> redis::RedisError {
+    redis::RedisError::from((redis::ErrorKind::Client, "not a Redis Cluster connection"))
 }
 
 fn is_wrong_type(err: &FenceError) -> bool {

@@ -4,7 +4,13 @@
 //! item, hence the module-level `dead_code` allowance.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "cluster-async")]
+pub mod cluster;
 pub mod origin;
+
+#[cfg(feature = "cluster-async")]
+#[allow(unused_imports)]
+pub use cluster::RedisCluster;
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
