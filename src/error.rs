@@ -67,6 +67,14 @@ impl FenceError {
         matches!(self.kind, Kind::InvalidInput(_))
     }
 
+    /// The error code Redis answered with (`WRONGTYPE`, `NOGROUP`, ...).
+    pub(crate) fn redis_code(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Redis(e) => e.code(),
+            _ => None,
+        }
+    }
+
     /// Whether this failure says the Redis server is unreachable or
     /// unhealthy, as opposed to a command being refused (a wrong type, a
     /// full memory).
@@ -76,6 +84,18 @@ impl FenceError {
             Kind::Redis(e) => !matches!(e.kind(), redis::ErrorKind::Server(_)),
             Kind::CircuitOpen | Kind::InvalidInput(_) => false,
         }
+    }
+}
+
+/// Awaits one Redis call for at most `timeout`.
+pub(crate) async fn timed<T>(
+    timeout: std::time::Duration,
+    call: impl Future<Output = redis::RedisResult<T>>,
+) -> Result<T, FenceError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(FenceError::redis(err)),
+        Err(_) => Err(FenceError::timeout()),
     }
 }
 

@@ -582,7 +582,14 @@ where
             .collect();
         let mut released = 0;
         for (lease, token) in held {
-            match self.shared.store.release_lease(&lease, &token).await {
+            // The entry a lease belongs to ends at its hash tag's `}`.
+            let primary = lease.find('}').map_or(lease.as_str(), |end| &lease[..=end]);
+            match self
+                .shared
+                .store
+                .release(&lease, primary, &token, Duration::ZERO)
+                .await
+            {
                 Ok(true) => released += 1,
                 Ok(false) => {}
                 Err(err) => {

@@ -15,7 +15,7 @@ use redis::aio::ConnectionLike;
 
 pub(crate) use crate::breaker::Breaker;
 use crate::entry::{FORMAT_VERSION, duration_ms, now_ms};
-use crate::error::FenceError;
+use crate::error::{FenceError, timed};
 use crate::scripts::Scripts;
 
 /// The pub/sub channel the store script announces finished fills on.
@@ -127,11 +127,7 @@ where
         }
         self.commands.fetch_add(1, Ordering::Relaxed);
         let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
-        let result = match tokio::time::timeout(timeout, f(self.conn.clone())).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(FenceError::redis(err)),
-            Err(_) => Err(FenceError::timeout()),
-        };
+        let result = timed(timeout, f(self.conn.clone())).await;
         match &result {
             Ok(_) => self.breaker.success(),
             Err(err) => {
@@ -239,23 +235,6 @@ where
                     .arg(token)
                     .arg(if pass_ms > 0 { now_ms() + pass_ms } else { 0 })
                     .arg(pass_ms)
-                    .arg(WAKE_CHANNEL)
-                    .arg(lease);
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?;
-        Ok(released == 1)
-    }
-
-    /// Deletes a lease if it still holds `token`, waking its waiters.
-    pub(crate) async fn release_lease(&self, lease: &str, token: &str) -> Result<bool, FenceError> {
-        let released: i64 = self
-            .run("release", |mut c| {
-                let mut inv = self.scripts.release.key(lease);
-                inv.key(lease)
-                    .arg(token)
-                    .arg(0)
-                    .arg(0)
                     .arg(WAKE_CHANNEL)
                     .arg(lease);
                 async move { inv.invoke_async(&mut c).await }
@@ -489,10 +468,7 @@ fn not_cluster() -> redis::RedisError {
 }
 
 fn is_wrong_type(err: &FenceError) -> bool {
-    use std::error::Error as _;
-    err.source()
-        .and_then(|s| s.downcast_ref::<redis::RedisError>())
-        .is_some_and(|e| e.code() == Some("WRONGTYPE"))
+    err.redis_code() == Some("WRONGTYPE")
 }
 
 fn parse_acquired(value: Value) -> Option<Acquired> {

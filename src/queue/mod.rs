@@ -37,7 +37,8 @@ use crate::error::FenceError;
 use crate::handle::{FenceHandle, Invalidation};
 use crate::key::namespace_prefix;
 
-use call::{call, timed};
+use crate::error::timed;
+use call::call;
 pub use reply::DeadLetter;
 use reply::parse_entries;
 use scripts::Scripts;

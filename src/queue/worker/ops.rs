@@ -9,8 +9,10 @@ use redis::{AsyncConnectionConfig, Value};
 use super::InvalidationWorker;
 use super::control::Counters;
 use super::run::Run;
+use crate::entry::duration_ms;
 use crate::error::FenceError;
-use crate::queue::call::{call, duration_ms, is_code, timed};
+use crate::error::timed;
+use crate::queue::call::call;
 use crate::queue::reply::{Entry, parse_entries, parse_read, text};
 
 /// How long the attempts hash lives after its last write.
@@ -35,7 +37,7 @@ where
             .arg("MKSTREAM");
         match call::<Value, _>(&self.queue.conn, self.queue.timeout, &cmd).await {
             Ok(_) => Ok(()),
-            Err(err) if is_code(&err, "BUSYGROUP") => Ok(()),
+            Err(err) if err.redis_code() == Some("BUSYGROUP") => Ok(()),
             Err(err) => Err(err),
         }
     }

@@ -13,8 +13,10 @@ use super::InvalidationWorker;
 use super::WorkerHandle;
 use super::control::Counters;
 use super::ops::Read;
+use crate::entry::duration_ms;
 use crate::error::FenceError;
-use crate::queue::call::{call, duration_ms, is_code, timed};
+use crate::error::timed;
+use crate::queue::call::call;
 use crate::queue::reply::Entry;
 
 /// Backoff between failed Redis calls of the worker itself (reading,
@@ -103,7 +105,7 @@ where
                     }
                 }
                 Err(err) => {
-                    if is_code(&err, "NOGROUP") {
+                    if err.redis_code() == Some("NOGROUP") {
                         run.group_ready = false;
                     }
                     return self
@@ -124,7 +126,7 @@ where
             }
             Ok(Read::Stopped) => {}
             Err(err) => {
-                if is_code(&err, "NOGROUP") {
+                if err.redis_code() == Some("NOGROUP") {
                     run.group_ready = false;
                 } else {
                     // Reopen the connection: it may be broken, or hold a
