@@ -83,7 +83,7 @@ impl Entry {
 
 impl Record {
     /// Reads a hash as returned by HGETALL. Anything malformed is `Missing`.
-    pub(crate) fn decode(fields: Vec<(Vec<u8>, Vec<u8>)>, now: u64) -> Record {
+    pub(crate) fn decode(mut fields: Vec<(Vec<u8>, Vec<u8>)>, now: u64) -> Record {
         if fields.is_empty() {
             return Record::Missing;
         }
@@ -108,25 +108,33 @@ impl Record {
                 None => Record::Missing,
             };
         }
-        match decode_entry(&get) {
-            Some(entry) => Record::Entry(entry),
-            None => Record::Missing,
-        }
+        let Some(entry) = decode_entry(&get) else {
+            return Record::Missing;
+        };
+        // The body moves out of the reply instead of being copied: a hit
+        // serves the bytes Redis sent.
+        let body = fields
+            .iter_mut()
+            .find(|(k, _)| k.as_slice() == b"body")
+            .map(|(_, v)| Bytes::from(std::mem::take(v)))
+            .unwrap_or_default();
+        Record::Entry(Entry { body, ..entry })
     }
 }
 
+/// Everything of an entry but its body (left empty), which must be as
+/// long as its `len` field says.
 fn decode_entry<'a>(get: &dyn Fn(&[u8]) -> Option<&'a [u8]>) -> Option<Entry> {
     let status = StatusCode::from_bytes(get(b"status")?).ok()?;
     let headers = decode_headers(get(b"hdrs")?)?;
-    let body = get(b"body")?;
     let len = get(b"len").and_then(parse_u64)?;
-    if body.len() as u64 != len {
+    if get(b"body")?.len() as u64 != len {
         return None;
     }
     Some(Entry {
         status,
         headers,
-        body: Bytes::copy_from_slice(body),
+        body: Bytes::new(),
         delta: Duration::from_millis(get(b"delta").and_then(parse_u64)?),
         stored_ms: get(b"stored").and_then(parse_u64)?,
         fresh_ms: get(b"fresh").and_then(parse_u64)?,

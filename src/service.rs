@@ -225,7 +225,6 @@ where
     let Ctx { config, shared } = &ctx;
     let counters = &shared.counters;
     let ek = EntryKey::new(&config.namespace, &key);
-    let key: Arc<str> = Arc::from(key);
     for attempt in 0..MAX_ATTEMPTS {
         let now = now_ms();
         let found = if offline {
@@ -299,7 +298,7 @@ where
                     svc,
                     req,
                     ek,
-                    key: key.clone(),
+                    key: Arc::from(key.as_str()),
                     entry_key,
                     mode: if offline {
                         Mode::Offline
@@ -392,7 +391,7 @@ fn refresh_in_background<S, C, ReqB, ResB>(
     req: Request<ReqB>,
     ek: &EntryKey,
     entry_key: String,
-    key: &Arc<str>,
+    key: &str,
     current: Entry,
 ) -> bool
 where
@@ -411,7 +410,7 @@ where
         svc,
         req,
         ek: ek.clone(),
-        key: key.clone(),
+        key: Arc::from(key),
         entry_key,
         mode: Mode::Refresh,
         stale: Some(Arc::new(current)),
