@@ -202,7 +202,7 @@ fn decode_headers(mut bytes: &[u8]) -> Option<HeaderMap> {
 /// cache adds itself.
 pub(crate) fn storable_headers(
     headers: &HeaderMap,
-    status_header: Option<&HeaderName>,
+    cache_own: impl Fn(&HeaderName) -> bool,
 ) -> HeaderMap {
     use http::header::{
         AGE, CONNECTION, CONTENT_LENGTH, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, SET_COOKIE, TE,
@@ -234,7 +234,7 @@ pub(crate) fn storable_headers(
         .contains(&name)
             || HOP_BY_HOP.contains(&name.as_str())
             || named.contains(name)
-            || status_header == Some(name);
+            || cache_own(name);
         if !drop {
             out.append(name.clone(), value.clone());
         }
@@ -347,7 +347,7 @@ mod tests {
         ] {
             h.append(k, v.parse().unwrap());
         }
-        let stored = storable_headers(&h, Some(&HeaderName::from_static("x-cache")));
+        let stored = storable_headers(&h, |n| n == "x-cache");
         assert_eq!(stored.len(), 1);
         assert!(stored.contains_key("content-type"));
     }

@@ -16,7 +16,7 @@ use crate::body::{Buffered, FenceBody, buffer};
 use crate::entry::storable_headers;
 use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
 use crate::flight::{CacheStatus, Flight, Outcome};
-use crate::key::{EntryKey, header_value, lease_of, tag_keys, tag_marker};
+use crate::key::{EntryKey, header_value, lease_of};
 use crate::layer::{OnWaitTimeout, Shared};
 use crate::lease::{Lease, LeaseRegistration, new_token, release, with_lease};
 use crate::policy::{ResponseRule, response_tags, vary_names};
@@ -110,7 +110,7 @@ where
     let mut deadline: Option<Instant> = None;
     let mut backoff = Backoff::new();
     if job.mode == Mode::Offline {
-        return unlocked(job).await;
+        return call_and_decide(job, None).await;
     }
     loop {
         let lease = lease_of(&key);
@@ -124,11 +124,11 @@ where
                 if job.mode == Mode::Refresh {
                     return;
                 }
-                return unlocked(job).await;
+                return call_and_decide(job, None).await;
             }
             Ok(Acquired::Hit(fields)) => match Record::decode(fields, now_ms()) {
                 Record::Entry(entry) => {
-                    let vary = vary_values(&entry.headers, job.req.headers());
+                    let vary = varies_on(&entry.headers, job.req.headers());
                     serve_all(
                         &job.flight,
                         &mut job.leader,
@@ -146,7 +146,7 @@ where
                     repairing = true;
                     refresh = true;
                 }
-                _ => return unlocked(job).await,
+                _ => return call_and_decide(job, None).await,
             },
             Ok(Acquired::Vary(names)) if !redirected => {
                 let names = std::str::from_utf8(&names).map_err(drop).and_then(|s| {
@@ -164,10 +164,10 @@ where
                         repairing = true;
                         refresh = true;
                     }
-                    Err(()) => return unlocked(job).await,
+                    Err(()) => return call_and_decide(job, None).await,
                 }
             }
-            Ok(Acquired::Vary(_)) => return unlocked(job).await,
+            Ok(Acquired::Vary(_)) => return call_and_decide(job, None).await,
             Ok(Acquired::Pass) => {
                 if job.mode == Mode::Refresh {
                     return;
@@ -185,7 +185,12 @@ where
                 {
                     job.stale = Some(Arc::new(entry));
                 }
-                return won(job, key, token, started).await;
+                let lease = Lease {
+                    key,
+                    token,
+                    started,
+                };
+                return call_and_decide(job, Some(lease)).await;
             }
             Ok(Acquired::Held(remaining)) => {
                 if job.mode == Mode::Refresh {
@@ -242,41 +247,7 @@ where
         send(&mut job.leader, Ok(res));
         return;
     }
-    unlocked(job).await
-}
-
-/// Calls the origin without a lease (Redis failed, or the wait timed out):
-/// nothing is stored, the response is shared with joiners if it may be.
-async fn unlocked<S, C, ReqB, ResB>(job: Job<S, C, ReqB, ResB, S::Error>)
-where
-    S: Inner<ReqB, ResB>,
-    ReqB: Send + 'static,
-    ResB: CacheBody,
-    C: Conn,
-{
-    call_and_decide(job, None).await;
-}
-
-async fn won<S, C, ReqB, ResB>(
-    job: Job<S, C, ReqB, ResB, S::Error>,
-    key: String,
-    token: String,
-    started: u64,
-) where
-    S: Inner<ReqB, ResB>,
-    ReqB: Send + 'static,
-    ResB: CacheBody,
-    C: Conn,
-{
-    call_and_decide(
-        job,
-        Some(Lease {
-            key,
-            token,
-            started,
-        }),
-    )
-    .await;
+    call_and_decide(job, None).await
 }
 
 /// What the origin call and body buffering produced.
@@ -294,6 +265,9 @@ enum Either<B: Body> {
     Streaming(B),
 }
 
+/// Calls the origin, under `lease` if one was won (without one when Redis
+/// failed or the wait timed out: nothing is stored then), and hands the
+/// response to the leader and, when it may be shared, to the joiners.
 async fn call_and_decide<S, C, ReqB, ResB>(
     job: Job<S, C, ReqB, ResB, S::Error>,
     lease: Option<Lease>,
@@ -370,9 +344,19 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         return;
     };
     let delta = started.elapsed();
-    let pass = config.pass_ttl;
+    // How long a pass marker sends the key's next requests straight to the
+    // origin after an uncacheable answer: not while a stale entry can be
+    // served instead, nor for a body that failed (that says nothing about
+    // the key).
+    let pass_for = |body_failed: bool| {
+        if body_failed || stale.is_some() {
+            Duration::ZERO
+        } else {
+            config.pass_ttl
+        }
+    };
 
-    let (mut parts, rule, body) = match called {
+    let (parts, rule, body) = match called {
         Called::Failed(err) => {
             release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
             match stale.filter(|_| config.stale_if_error) {
@@ -401,23 +385,12 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     }
 
     let tags = response_tags(&parts, &config.tag_headers);
-    if !config.expose_tags {
-        for name in &config.tag_headers {
-            parts.headers.remove(name);
-        }
-    }
-    let vary_of = |names: &[HeaderName]| -> Arc<[(HeaderName, Vec<u8>)]> {
-        names
-            .iter()
-            .map(|n| (n.clone(), header_value(&req_headers, n)))
-            .collect()
-    };
     let entry_of = |data: bytes::Bytes, ttl: Duration| {
         let now = now_ms();
         let fresh_ms = now.saturating_add(duration_ms(ttl));
         Arc::new(Entry {
             status: parts.status,
-            headers: storable_headers(&parts.headers, config.status_header.as_ref()),
+            headers: storable_headers(&parts.headers, |n| config.is_own_header(n)),
             body: data,
             delta,
             stored_ms: now,
@@ -455,15 +428,8 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     ttl: ttl.saturating_add(config.policy.grace),
                     vary: &vary_field,
                     started: lease.started,
-                    tags: if shared.store.is_cluster() {
-                        tags.iter()
-                            .map(|t| (tag_marker(&config.namespace, t, &ek.primary), String::new()))
-                            .collect()
-                    } else {
-                        tags.iter()
-                            .map(|t| tag_keys(&config.namespace, t))
-                            .collect()
-                    },
+                    namespace: &config.namespace,
+                    tags: &tags,
                     fields: entry.to_fields(&key, &lease.token),
                 };
                 match shared.store.store(args).await {
@@ -494,7 +460,14 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             } else {
                 CacheStatus::Hit
             };
-            serve_all(&flight, &mut leader, &config, entry, status, vary_of(&vary));
+            serve_all(
+                &flight,
+                &mut leader,
+                &config,
+                entry,
+                status,
+                vary_values(&vary, &req_headers),
+            );
         }
         (rule, Either::Buffered(buffered)) => {
             let shareable = matches!(
@@ -511,14 +484,8 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 (_, Buffered::Complete { .. }) => "trailers",
             };
             tracing::debug!(key = %entry_key, reason, "response not cacheable");
-            // A body that failed says nothing about the key: no pass marker.
             let failed = matches!(buffered, Buffered::Failed { .. });
-            let pass_for = if failed || stale.is_some() {
-                Duration::ZERO
-            } else {
-                pass
-            };
-            release(&shared, &ek, lease.as_ref(), pass_for).await;
+            release(&shared, &ek, lease.as_ref(), pass_for(failed)).await;
             match buffered {
                 Buffered::Complete {
                     data,
@@ -529,7 +496,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     flight.finish(Outcome::Serve {
                         entry,
                         status: mode.origin_status(),
-                        vary: vary_of(&vary),
+                        vary: vary_values(&vary, &req_headers),
                     });
                     send_response(
                         &mut leader,
@@ -555,12 +522,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             }
         }
         (_, Either::Streaming(body)) => {
-            let pass_for = if stale.is_some() {
-                Duration::ZERO
-            } else {
-                pass
-            };
-            release(&shared, &ek, lease.as_ref(), pass_for).await;
+            release(&shared, &ek, lease.as_ref(), pass_for(false)).await;
             flight.finish(Outcome::Origin);
             send_response(
                 &mut leader,
@@ -582,7 +544,7 @@ fn serve_stale<C, B: Body, E>(
     req_headers: &HeaderMap,
 ) {
     Counters::inc(&ctx.shared.counters.stale);
-    let vary = vary_values(&stale.headers, req_headers);
+    let vary = varies_on(&stale.headers, req_headers);
     serve_all(flight, leader, &ctx.config, stale, CacheStatus::Stale, vary);
 }
 
@@ -624,13 +586,15 @@ fn send<T>(leader: &mut Option<oneshot::Sender<T>>, value: T) {
 }
 
 /// The request header values a response varies on.
-fn vary_values(response: &HeaderMap, request: &HeaderMap) -> Arc<[(HeaderName, Vec<u8>)]> {
-    vary_names(response)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|n| {
-            let v = header_value(request, &n);
-            (n, v)
-        })
+fn varies_on(response: &HeaderMap, request: &HeaderMap) -> Arc<[(HeaderName, Vec<u8>)]> {
+    vary_values(&vary_names(response).unwrap_or_default(), request)
+}
+
+/// The values of these request headers, for telling joiners whose request
+/// selects another variant.
+fn vary_values(names: &[HeaderName], request: &HeaderMap) -> Arc<[(HeaderName, Vec<u8>)]> {
+    names
+        .iter()
+        .map(|n| (n.clone(), header_value(request, n)))
         .collect()
 }

@@ -64,6 +64,15 @@ impl fmt::Debug for Config {
     }
 }
 
+impl Config {
+    /// The headers the cache adds or strips itself: the cache-status header,
+    /// and the tag headers unless they are exposed. They are never stored.
+    pub(crate) fn is_own_header(&self, name: &HeaderName) -> bool {
+        self.status_header.as_ref() == Some(name)
+            || (!self.expose_tags && self.tag_headers.contains(name))
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {

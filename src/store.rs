@@ -16,6 +16,7 @@ use redis::aio::ConnectionLike;
 pub(crate) use crate::breaker::Breaker;
 use crate::entry::{FORMAT_VERSION, duration_ms, now_ms};
 use crate::error::{FenceError, timed};
+use crate::key::{tag_keys, tag_marker};
 use crate::scripts::Scripts;
 
 /// The pub/sub channel the store script announces finished fills on.
@@ -46,9 +47,9 @@ pub(crate) struct StoreArgs<'a> {
     pub(crate) vary: &'a str,
     /// The Redis time the lease was taken (ms), for the tag fences.
     pub(crate) started: u64,
-    /// (index key, fence key) of every tag of the response; in cluster
-    /// mode (tag marker, unused).
-    pub(crate) tags: Vec<(String, String)>,
+    /// The namespace, and the tags of the response.
+    pub(crate) namespace: &'a str,
+    pub(crate) tags: &'a [String],
     pub(crate) fields: Vec<(&'static str, Vec<u8>)>,
 }
 
@@ -192,11 +193,22 @@ where
                 inv.key(args.lease_key)
                     .key(args.primary)
                     .key(args.variants_set);
-                for (index, _) in &args.tags {
-                    inv.key(index.as_str());
-                }
-                if !self.cluster {
-                    for (_, fence) in &args.tags {
+                if self.cluster {
+                    // Markers in the entry's own slot.
+                    for tag in args.tags {
+                        inv.key(tag_marker(args.namespace, tag, args.primary));
+                    }
+                } else {
+                    // Every index, then every fence.
+                    let keys: Vec<(String, String)> = args
+                        .tags
+                        .iter()
+                        .map(|t| tag_keys(args.namespace, t))
+                        .collect();
+                    for (index, _) in &keys {
+                        inv.key(index.as_str());
+                    }
+                    for (_, fence) in &keys {
                         inv.key(fence.as_str());
                     }
                 }
