@@ -14,7 +14,7 @@ use futures_util::future::join_all;
 use crate::error::FenceError;
 use crate::key::{
     EntryKey, READABLE_MAX, escape, namespace_prefix, normalize_user_path, tag_keys,
-    tag_marker_prefix, truncate_escaped,
+    tag_marker_prefix, truncate_escaped, variants_set_of,
 };
 use crate::layer::{Config, Shared};
 use crate::stats::{Counters, Stats};
@@ -247,18 +247,7 @@ where
     /// removed.
     pub async fn invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        let removed = self
-            .shared
-            .store
-            .invalidate(&ek.primary, &ek.variants_set(), self.shared.id)
-            .await;
-        // Then detach this process's fill of the key, so the requests that
-        // joined it look again instead of taking its response. A fill that
-        // lands between the script and this line is fenced out, and a fenced
-        // fill restarts its joiners too. (Detaching first would let a joiner
-        // restart, take a new lease before the script and be fenced out by it.)
-        self.detach(&ek);
-        let removed = removed?;
+        let removed = self.invalidate_entry(&ek.primary, false).await?;
         tracing::debug!(key = %ek.primary, removed, "invalidated");
         Ok(removed)
     }
@@ -274,14 +263,7 @@ where
     /// [`soft_invalidate_path`](Self::soft_invalidate_path) by cache key.
     pub async fn soft_invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        let marked = self
-            .shared
-            .store
-            .soft_invalidate(&ek.primary, &ek.variants_set())
-            .await;
-        self.detach(&ek);
-        let marked = marked?;
-        Ok(marked)
+        self.invalidate_entry(&ek.primary, true).await
     }
 
     /// Removes every entry whose key starts with `prefix` (for the default
@@ -500,9 +482,8 @@ where
             }
             total += self.invalidate_primaries(chosen.into_iter(), soft).await?;
         }
-        for _ in 0..self.shared.flights.detach_prefix(&key_prefix) {
-            Counters::inc(&self.shared.counters.detached);
-        }
+        let detached = self.shared.flights.detach_prefix(&key_prefix);
+        Counters::add(&self.shared.counters.detached, detached);
         if let Err(err) = self
             .shared
             .store
@@ -524,20 +505,12 @@ where
         primaries: impl Iterator<Item = &'a str>,
         soft: bool,
     ) -> Result<u64, FenceError> {
-        let store = &self.shared.store;
         let primaries: Vec<&str> = primaries.collect();
         let mut total = 0;
         for chunk in primaries.chunks(PARALLEL) {
-            let calls = chunk.iter().map(|primary| async move {
-                let variants = format!("{primary}:vars");
-                let result = if soft {
-                    store.soft_invalidate(primary, &variants).await
-                } else {
-                    store.invalidate(primary, &variants, self.shared.id).await
-                };
-                self.shared.flights.detach_entry(primary);
-                result
-            });
+            let calls = chunk
+                .iter()
+                .map(|primary| self.invalidate_entry(primary, soft));
             for result in join_all(calls).await {
                 total += result?;
             }
@@ -545,10 +518,24 @@ where
         Ok(total)
     }
 
-    fn detach(&self, ek: &EntryKey) {
-        for _ in 0..self.shared.flights.detach_entry(&ek.primary) {
-            Counters::inc(&self.shared.counters.detached);
-        }
+    /// Removes (or, `soft`, marks stale) the entry at `primary` with its
+    /// variants and leases, then detaches this process's fill of it, so the
+    /// requests that joined it look again instead of taking its response. A
+    /// fill that lands between the script and the detach is fenced out, and
+    /// a fenced fill restarts its joiners too. (Detaching first would let a
+    /// joiner restart, take a new lease before the script and be fenced out
+    /// by it.)
+    async fn invalidate_entry(&self, primary: &str, soft: bool) -> Result<u64, FenceError> {
+        let store = &self.shared.store;
+        let variants = variants_set_of(primary);
+        let result = if soft {
+            store.soft_invalidate(primary, &variants).await
+        } else {
+            store.invalidate(primary, &variants, self.shared.id).await
+        };
+        let detached = self.shared.flights.detach_entry(primary);
+        Counters::add(&self.shared.counters.detached, detached);
+        result
     }
 
     /// Shuts the cache down gracefully, for a process that is about to exit:

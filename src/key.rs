@@ -280,8 +280,13 @@ impl EntryKey {
 
     /// The set listing this entry's variants.
     pub(crate) fn variants_set(&self) -> String {
-        format!("{}:vars", self.primary)
+        variants_set_of(&self.primary)
     }
+}
+
+/// The set listing the variants of the entry at `primary`.
+pub(crate) fn variants_set_of(primary: &str) -> String {
+    format!("{primary}:vars")
 }
 
 /// The Redis keys of a tag: its index (a sorted set of primary keys scored

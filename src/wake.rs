@@ -58,9 +58,7 @@ where
                                 "key" => shared.flights.detach_entry(target),
                                 _ => 0,
                             };
-                            for _ in 0..n {
-                                Counters::inc(&shared.counters.detached);
-                            }
+                            Counters::add(&shared.counters.detached, n);
                         }
                         _ => {}
                     }
