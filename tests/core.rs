@@ -322,13 +322,13 @@ async fn stale_entries_are_served_inside_grace_while_one_refresh_runs() {
 async fn bodies_over_the_limit_stream_through_uncached_with_flat_memory() {
     let redis = RedisServer::new();
     let app = app(&redis, |l| l.body_limit(64 * 1024)).await;
-    let before = peak_rss_kib();
+    let before = support::peak_rss_kib();
     let r = app.get("/big/256").await;
     assert_eq!(r.body.len(), 256 * 1024 * 1024);
     drop(r);
     // The test client buffers the whole body itself (256 MiB); the cache
     // must add nothing on top of that.
-    let grown = peak_rss_kib().saturating_sub(before);
+    let grown = support::peak_rss_kib().saturating_sub(before);
     assert!(
         grown < 256 * 1024 + 64 * 1024,
         "peak RSS grew by {grown} KiB"
@@ -353,7 +353,7 @@ async fn a_streamed_body_is_not_held_in_memory() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(256);
-    let before = peak_rss_kib();
+    let before = support::peak_rss_kib();
     let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     stream
@@ -372,23 +372,12 @@ async fn a_streamed_body_is_not_held_in_memory() {
         total += n;
     }
     assert!(total > mib * 1024 * 1024);
-    let grown = peak_rss_kib().saturating_sub(before);
+    let grown = support::peak_rss_kib().saturating_sub(before);
     eprintln!("streamed {total} bytes; peak RSS grew by {grown} KiB");
     assert!(
         grown < 32 * 1024,
         "peak RSS grew by {grown} KiB while streaming {mib} MiB"
     );
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread")]

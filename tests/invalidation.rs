@@ -441,13 +441,13 @@ async fn prefix_invalidation_over_many_entries_is_bounded_and_does_not_block_hit
             (worst, count)
         }
     });
-    let rss_before = peak_rss_kib();
+    let rss_before = support::peak_rss_kib();
     let t = Instant::now();
     let removed = l.handle().invalidate_prefix("/p/").await.unwrap();
     let took = t.elapsed();
     stop.store(true, Ordering::SeqCst);
     let (worst_hit, hits) = prober.await.unwrap();
-    let grown = peak_rss_kib().saturating_sub(rss_before);
+    let grown = support::peak_rss_kib().saturating_sub(rss_before);
     eprintln!(
         "purge: {n} entries filled in {filled_in:?}; invalidate_prefix removed {removed} in {took:?}; \
          peak RSS grew {grown} KiB; {hits} concurrent hits, worst {worst_hit:?}"
@@ -455,17 +455,6 @@ async fn prefix_invalidation_over_many_entries_is_bounded_and_does_not_block_hit
     assert_eq!(removed, n as u64);
     assert_eq!(redis.cli(&["KEYS", "purge:|/p/*"]), "");
     assert!(hits > 0);
-}
-
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 #[allow(dead_code)]

@@ -118,6 +118,36 @@ async fn app(
     let addr = serve(origin.router().layer(layer.clone())).await;
     (addr, layer.handle())
 }
+/// Once the fill of `path` has reached the origin, `n` requests for it over
+/// HTTP that have joined that fill when this returns.
+async fn join_the_fill(
+    origin: &Origin,
+    handle: &FenceHandle<ConnectionManager>,
+    http: &Http,
+    addr: SocketAddr,
+    path: &'static str,
+    n: u64,
+) -> Vec<tokio::task::JoinHandle<Reply>> {
+    eventually(
+        "the fill to reach the origin",
+        Duration::from_secs(5),
+        || origin.calls() == 1,
+    )
+    .await;
+    let waiters = (0..n)
+        .map(|_| {
+            let http = http.clone();
+            tokio::spawn(async move { http.get(addr, path).await })
+        })
+        .collect();
+    eventually(
+        &format!("{n} requests to join the fill"),
+        Duration::from_secs(5),
+        || handle.stats().coalesced >= n,
+    )
+    .await;
+    waiters
+}
 
 async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -614,25 +644,8 @@ async fn dropping_the_leaders_future_does_not_cancel_the_fill() {
             _ = cancelled => None,
         }
     });
-    eventually(
-        "the fill to reach the origin",
-        Duration::from_secs(5),
-        || origin.calls() == 1,
-    )
-    .await;
     let http = Http::new();
-    let waiters: Vec<_> = (0..20)
-        .map(|_| {
-            let http = http.clone();
-            tokio::spawn(async move { http.get(addr, path).await })
-        })
-        .collect();
-    eventually(
-        "20 requests to join the fill",
-        Duration::from_secs(5),
-        || handle.stats().coalesced >= 20,
-    )
-    .await;
+    let waiters = join_the_fill(&origin, &handle, &http, addr, path, 20).await;
     cancel.send(()).unwrap();
     assert_eq!(
         leader.await.unwrap(),
@@ -668,25 +681,8 @@ async fn a_client_that_hangs_up_on_the_leading_request_does_not_cancel_the_fill(
         .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    eventually(
-        "the fill to reach the origin",
-        Duration::from_secs(5),
-        || origin.calls() == 1,
-    )
-    .await;
     let http = Http::new();
-    let waiters: Vec<_> = (0..20)
-        .map(|_| {
-            let http = http.clone();
-            tokio::spawn(async move { http.get(addr, path).await })
-        })
-        .collect();
-    eventually(
-        "20 requests to join the fill",
-        Duration::from_secs(5),
-        || handle.stats().coalesced >= 20,
-    )
-    .await;
+    let waiters = join_the_fill(&origin, &handle, &http, addr, path, 20).await;
     drop(stream);
 
     for w in waiters {

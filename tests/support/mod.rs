@@ -521,3 +521,17 @@ impl Default for Http {
         Self::new()
     }
 }
+
+/// This process's peak resident set size (`VmHWM`), in KiB; 0 where
+/// `/proc` doesn't tell. Nextest runs each test in its own process, so it is
+/// the test's own peak.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
