@@ -80,10 +80,7 @@ struct FlightGuard<C> {
 
 impl<C> Drop for FlightGuard<C> {
     fn drop(&mut self) {
-        // Out of the table first: a joiner told to look again must not find
-        // this finished flight and join it again.
-        self.shared.flights.remove(&self.key, &self.flight);
-        self.flight.finish(Outcome::Restart);
+        self.shared.flights.restart(&self.key, &self.flight);
     }
 }
 
@@ -441,8 +438,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                         Counters::inc(&counters.fenced);
                         // Computed before an invalidation: the joiners look
                         // again rather than take it.
-                        shared.flights.remove(&entry_key, &flight);
-                        flight.finish(Outcome::Restart);
+                        shared.flights.restart(&entry_key, &flight);
                         tracing::debug!(key = %store_key, "write-back fenced out: the lease was lost (invalidated or expired)");
                     }
                     Err(err) => {

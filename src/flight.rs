@@ -152,6 +152,14 @@ impl Flights {
         }
     }
 
+    /// Ends `flight` without an outcome its joiners may take: it leaves the
+    /// table first, so a joiner told to look again can't find this finished
+    /// flight and join it again; then its joiners are told to look again.
+    pub(crate) fn restart(&self, key: &str, flight: &Arc<Flight>) {
+        self.remove(key, flight);
+        flight.finish(Outcome::Restart);
+    }
+
     /// Wakes the fill of `key`, if there is one. When it is not waiting
     /// right now (a poll is in flight) the wake-up is kept for its next
     /// wait, which then ends at once.
