@@ -189,10 +189,22 @@ pub(crate) enum Buffered<B: Body> {
     TooLarge { prefix: Bytes, rest: Pin<Box<B>> },
     /// The body failed after `data`.
     Failed { data: Bytes, error: B::Error },
+    /// The deadline passed before the body ended: what was read so far and
+    /// the rest (a slow or endless stream).
+    Unfinished { prefix: Bytes, rest: Pin<Box<B>> },
 }
 
-/// Reads `body` until its end, or until more than `limit` bytes were read.
-pub(crate) async fn buffer<B: Body>(body: B, limit: usize) -> Buffered<B> {
+/// The most a body's size hint makes the buffer reserve up front; a larger
+/// body grows it as its data arrives.
+const MAX_RESERVE: usize = 1024 * 1024;
+
+/// Reads `body` until its end, until more than `limit` bytes were read, or
+/// until `deadline`.
+pub(crate) async fn buffer<B: Body>(
+    body: B,
+    limit: usize,
+    deadline: tokio::time::Instant,
+) -> Buffered<B> {
     let mut body = Box::pin(body);
     let mut buf = bytes::BytesMut::new();
     // Preallocate when the body says how long it is, but never past the limit.
@@ -203,10 +215,16 @@ pub(crate) async fn buffer<B: Body>(body: B, limit: usize) -> Buffered<B> {
                 rest: body,
             };
         }
-        buf.reserve(exact as usize);
+        buf.reserve((exact as usize).min(MAX_RESERVE));
     }
     loop {
-        let frame = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await;
+        let next = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx));
+        let Ok(frame) = tokio::time::timeout_at(deadline, next).await else {
+            return Buffered::Unfinished {
+                prefix: buf.freeze(),
+                rest: body,
+            };
+        };
         match frame {
             None => {
                 return Buffered::Complete {

@@ -23,6 +23,9 @@ pub(crate) struct Entry {
     pub(crate) fresh_ms: u64,
     /// May be served stale until (ms since the epoch).
     pub(crate) stale_ms: u64,
+    /// No background refresh before this time (ms since the epoch): the last
+    /// refresh failed and the next one backs off (0: none).
+    pub(crate) retry_ms: u64,
 }
 
 /// What a primary or variant hash holds.
@@ -73,6 +76,18 @@ impl Entry {
 
     pub(crate) fn is_usable_stale(&self, now: u64) -> bool {
         now < self.stale_ms
+    }
+
+    /// Whether a background refresh may start now: not while the backoff
+    /// of a failed refresh runs.
+    pub(crate) fn may_refresh(&self, now: u64) -> bool {
+        now >= self.retry_ms
+    }
+
+    /// Whether at least `share` of the fresh lifetime has passed.
+    pub(crate) fn past_share(&self, now: u64, share: f64) -> bool {
+        let lifetime = self.fresh_ms.saturating_sub(self.stored_ms) as f64;
+        now.saturating_sub(self.stored_ms) as f64 >= lifetime * share
     }
 
     /// Seconds since it was stored, for the `Age` header.
@@ -139,6 +154,7 @@ fn decode_entry<'a>(get: &dyn Fn(&[u8]) -> Option<&'a [u8]>) -> Option<Entry> {
         stored_ms: get(b"stored").and_then(parse_u64)?,
         fresh_ms: get(b"fresh").and_then(parse_u64)?,
         stale_ms: get(b"stale").and_then(parse_u64)?,
+        retry_ms: get(b"retry").and_then(parse_u64).unwrap_or(0),
     })
 }
 
@@ -259,6 +275,7 @@ mod tests {
             stored_ms: 1_000,
             fresh_ms: 2_000,
             stale_ms: 3_000,
+            retry_ms: 0,
         }
     }
 

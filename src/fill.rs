@@ -18,8 +18,8 @@ use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
 use crate::flight::{CacheStatus, Flight, Outcome};
 use crate::key::{EntryKey, header_value, lease_of};
 use crate::layer::{OnWaitTimeout, Shared};
-use crate::lease::{Lease, LeaseRegistration, new_token, release, with_lease};
-use crate::policy::{ResponseRule, response_tags, vary_names};
+use crate::lease::{Ended, Lease, LeaseRegistration, Leave, new_token, release, with_lease};
+use crate::policy::{ResponseRule, response_tags, uncacheable_by_nature, vary_names};
 use crate::service::{Ctx, from_entry, plain_response};
 use crate::stats::Counters;
 use crate::store::{Acquired, StoreArgs};
@@ -68,6 +68,30 @@ pub(crate) struct Job<S, C, ReqB, ResB: Body, E> {
     pub(crate) stale: Option<Arc<Entry>>,
     /// The request that started the fill, if it is not a background refresh.
     pub(crate) leader: Option<oneshot::Sender<LeaderResult<ResB, E>>>,
+    /// The `stored` time of the entry a background refresh was decided on.
+    pub(crate) decided_on: Option<u64>,
+    /// When the wait of the request that started the fill runs out.
+    pub(crate) deadlines: Deadlines,
+}
+
+/// The wait deadlines of one request, set once when it arrives: restarts
+/// (a fill detached by an invalidation) count against the same ones.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadlines {
+    /// Then a stale entry is served, or `on_wait_timeout` acts.
+    pub(crate) wait: tokio::time::Instant,
+    /// Then the wait ends whatever happens: `504` (or stale).
+    pub(crate) cap: tokio::time::Instant,
+}
+
+impl Deadlines {
+    pub(crate) fn new(config: &crate::layer::Config) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            wait: now + config.wait_timeout,
+            cap: now + config.wait_cap(),
+        }
+    }
 }
 
 /// Removes the flight from the table when the fill ends, however it ends;
@@ -104,7 +128,8 @@ where
     let mut redirected = false;
     let mut repairing = false;
     let mut refresh = job.mode != Mode::Fill;
-    let mut deadline: Option<Instant> = None;
+    let mut waiting = false;
+    let mut wait_spent = false;
     let mut backoff = Backoff::new();
     if job.mode == Mode::Offline {
         return call_and_decide(job, None).await;
@@ -113,7 +138,14 @@ where
         let lease = lease_of(&key);
         let acquired = shared
             .store
-            .acquire(&key, &lease, &token, config.lock_timeout, refresh)
+            .acquire(
+                &key,
+                &lease,
+                &token,
+                config.lock_timeout,
+                refresh,
+                job.decided_on.filter(|_| !redirected && !repairing),
+            )
             .await;
         match acquired {
             Err(err) => {
@@ -125,6 +157,9 @@ where
             }
             Ok(Acquired::Hit(fields)) => match Record::decode(fields, now_ms()) {
                 Record::Entry(entry) => {
+                    if job.mode == Mode::Refresh {
+                        tracing::trace!(key = %key, "refresh skipped: another fill replaced the entry");
+                    }
                     let vary = varies_on(&entry.headers, job.req.headers());
                     serve_all(
                         &job.flight,
@@ -190,21 +225,33 @@ where
                 return call_and_decide(job, Some(lease)).await;
             }
             Ok(Acquired::Held(remaining)) => {
-                if job.mode == Mode::Refresh {
+                // A background refresh nobody waits for gives way to the
+                // other fill; one that requests joined waits for it with
+                // them, as a fill would (never sending them to the origin).
+                if job.mode == Mode::Refresh && job.flight.joiners() == 0 {
                     tracing::trace!(key = %key, "refresh skipped: another fill holds the lease");
-                    job.flight.finish(Outcome::Origin);
                     return;
                 }
-                let now = Instant::now();
-                let deadline = *deadline.get_or_insert_with(|| {
+                if !waiting {
+                    waiting = true;
                     Counters::inc(&counters.remote_waits);
                     tracing::debug!(key = %key, "fill lease held elsewhere, waiting");
-                    now + config.wait_timeout
-                });
-                if now >= deadline {
+                    // The listener may have died with a runtime: restart it.
+                    shared.ensure_listener();
+                }
+                let now = tokio::time::Instant::now();
+                if now >= job.deadlines.cap {
+                    Counters::inc(&counters.wait_timeouts);
+                    tracing::debug!(key = %key, "waited the longest a fill may take");
+                    return give_up(job, true).await;
+                }
+                if now >= job.deadlines.wait && !wait_spent {
+                    wait_spent = true;
                     Counters::inc(&counters.wait_timeouts);
                     tracing::debug!(key = %key, "wait budget spent");
-                    return wait_timed_out(job).await;
+                    if job.stale.is_some() || config.on_wait_timeout != OnWaitTimeout::Wait {
+                        return give_up(job, false).await;
+                    }
                 }
                 // After the other fill lands, a plain lookup finds it.
                 refresh = false;
@@ -213,7 +260,12 @@ where
                 if !remaining.is_zero() {
                     pause = pause.min(remaining);
                 }
-                let pause = pause.min(deadline - now);
+                let next_deadline = if wait_spent {
+                    job.deadlines.cap
+                } else {
+                    job.deadlines.wait
+                };
+                let pause = pause.min(next_deadline.saturating_duration_since(now));
                 tokio::select! {
                     _ = job.flight.wake.notified() => Counters::inc(&counters.wakeups),
                     _ = tokio::time::sleep(pause) => {}
@@ -223,10 +275,11 @@ where
     }
 }
 
-/// The wait budget is spent: stale if there is one, else the configured
-/// action. The response is shared with local joiners only through "go to the
-/// origin yourself", since it is not cached.
-async fn wait_timed_out<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>)
+/// The wait for another process's fill is over (`cap`: the longest a fill
+/// may take has passed): stale if there is one, else the configured action
+/// (`504` after the cap). The origin response of `CallOrigin` is handed to
+/// this process's joiners like any fill's, but not stored.
+async fn give_up<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>, cap: bool)
 where
     S: Inner<ReqB, ResB>,
     ReqB: Send + 'static,
@@ -238,18 +291,45 @@ where
         serve_stale(&job.ctx, &job.flight, &mut job.leader, stale, &headers);
         return;
     }
-    if job.ctx.config.on_wait_timeout == OnWaitTimeout::GatewayTimeout {
-        job.flight.finish(Outcome::Origin);
-        let res = plain_response(&job.ctx.config, StatusCode::GATEWAY_TIMEOUT);
-        send(&mut job.leader, Ok(res));
+    if cap || job.ctx.config.on_wait_timeout != OnWaitTimeout::CallOrigin {
+        gateway_timeout(&job.ctx.config, &job.flight, &mut job.leader);
         return;
     }
     call_and_decide(job, None).await
 }
 
+/// Answers the leader and every joiner `504 Gateway Timeout`.
+fn gateway_timeout<B: Body, E>(
+    config: &crate::layer::Config,
+    flight: &Flight,
+    leader: &mut Option<oneshot::Sender<LeaderResult<B, E>>>,
+) {
+    let now = now_ms();
+    let entry = Arc::new(Entry {
+        status: StatusCode::GATEWAY_TIMEOUT,
+        headers: HeaderMap::new(),
+        body: bytes::Bytes::new(),
+        delta: Duration::ZERO,
+        stored_ms: now,
+        fresh_ms: now,
+        stale_ms: now,
+        retry_ms: 0,
+    });
+    serve_all(
+        flight,
+        leader,
+        config,
+        entry,
+        CacheStatus::Miss,
+        Arc::from([]),
+    );
+}
+
 /// What the origin call and body buffering produced.
 enum Called<B: Body, E> {
     Failed(E),
+    /// No response head before the fill timeout.
+    TimedOut,
     Responded {
         parts: Box<http::response::Parts>,
         rule: ResponseRule,
@@ -285,10 +365,12 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         mode,
         stale,
         mut leader,
+        ..
     } = job;
     let (config, shared) = (ctx.config.clone(), ctx.shared.clone());
     let counters = &shared.counters;
     let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + config.fill_timeout;
     let req_headers = req.headers().clone();
     Counters::inc(&counters.fills);
 
@@ -298,14 +380,15 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let call = async move {
         // A background refresh owns a clone that was never polled ready.
         let res = if mode == Mode::Refresh {
-            svc.oneshot(req).await
+            tokio::time::timeout_at(deadline, svc.oneshot(req)).await
         } else {
             let mut svc = svc;
-            svc.call(req).await
+            tokio::time::timeout_at(deadline, svc.call(req)).await
         };
         let res = match res {
-            Ok(res) => res,
-            Err(err) => return Called::Failed(err),
+            Ok(Ok(res)) => res,
+            Ok(Err(err)) => return Called::Failed(err),
+            Err(_) => return Called::TimedOut,
         };
         let (parts, body) = res.into_parts();
         let rule = policy.response(&parts);
@@ -315,7 +398,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             ResponseRule::DontStore { shareable, .. } => *shareable && joined.joiners() > 0,
         };
         let body = if buffer_it {
-            Either::Buffered(buffer(body, body_limit).await)
+            Either::Buffered(buffer(body, body_limit, deadline).await)
         } else {
             Either::Streaming(body)
         };
@@ -326,7 +409,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         }
     };
     let _registered = lease.as_ref().map(|l| LeaseRegistration::new(&shared, l));
-    let called = with_lease(
+    let ended = with_lease(
         &shared,
         lease.as_ref(),
         &flight,
@@ -335,27 +418,38 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         config.lock_timeout,
     )
     .await;
-    let Some(called) = called else {
-        tracing::debug!(key = %entry_key, "fill abandoned after an invalidation");
-        release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
-        return;
+    // A failed background refresh backs the next one off, fleet-wide, while
+    // the stale entry keeps being served.
+    let failed_leave = if mode == Mode::Refresh && stale.is_some() {
+        Leave::Backoff {
+            cap: config.policy.grace,
+        }
+    } else {
+        Leave::Nothing
     };
-    let delta = started.elapsed();
-    // How long a pass marker sends the key's next requests straight to the
-    // origin after an uncacheable answer: not while a stale entry can be
-    // served instead, nor for a body that failed (that says nothing about
-    // the key).
-    let pass_for = |body_failed: bool| {
-        if body_failed || stale.is_some() {
-            Duration::ZERO
-        } else {
-            config.pass_ttl
+    let called = match ended {
+        Ended::Done(called) => called,
+        Ended::Abandoned => {
+            tracing::debug!(key = %entry_key, "fill abandoned after an invalidation");
+            release(&shared, &ek, &key, lease.as_ref(), Leave::Nothing).await;
+            return;
+        }
+        Ended::Panicked => {
+            tracing::error!(key = %entry_key, "the inner service panicked during a fill; its lease is released and waiting requests look again");
+            release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
+            shared.flights.restart(&entry_key, &flight);
+            send(
+                &mut leader,
+                Ok(plain_response(&config, StatusCode::INTERNAL_SERVER_ERROR)),
+            );
+            return;
         }
     };
+    let delta = started.elapsed();
 
     let (parts, rule, body) = match called {
         Called::Failed(err) => {
-            release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
+            release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
             match stale.filter(|_| config.stale_if_error) {
                 Some(stale) => {
                     tracing::debug!(key = %entry_key, "origin failed, serving stale");
@@ -368,6 +462,16 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             }
             return;
         }
+        Called::TimedOut => {
+            tracing::warn!(key = %entry_key, fill_timeout = ?config.fill_timeout, "fill timed out before the response began; abandoned");
+            Counters::inc(&counters.fill_timeouts);
+            release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
+            match stale {
+                Some(stale) => serve_stale(&ctx, &flight, &mut leader, stale, &req_headers),
+                None => gateway_timeout(&config, &flight, &mut leader),
+            }
+            return;
+        }
         Called::Responded { parts, rule, body } => (*parts, rule, body),
     };
 
@@ -376,7 +480,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         && let Some(stale) = stale.clone()
     {
         tracing::debug!(key = %entry_key, status = %parts.status, "origin answered 5xx, serving stale");
-        release(&shared, &ek, lease.as_ref(), Duration::ZERO).await;
+        release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
         serve_stale(&ctx, &flight, &mut leader, stale, &req_headers);
         return;
     }
@@ -393,6 +497,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             stored_ms: now,
             fresh_ms,
             stale_ms: fresh_ms.saturating_add(duration_ms(config.policy.grace)),
+            retry_ms: 0,
         })
     };
 
@@ -443,7 +548,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     }
                     Err(err) => {
                         tracing::warn!(error = %err, key = %store_key, "storing the fill failed");
-                        release(&shared, &ek, Some(lease), Duration::ZERO).await;
+                        release(&shared, &ek, &key, Some(lease), Leave::Nothing).await;
                     }
                 }
             }
@@ -465,34 +570,60 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 vary_values(&vary, &req_headers),
             );
         }
-        (rule, Either::Buffered(buffered)) => {
-            let shareable = matches!(
-                rule,
-                ResponseRule::DontStore {
-                    shareable: true,
-                    ..
-                }
-            );
-            let reason = match (&rule, &buffered) {
-                (ResponseRule::DontStore { reason, .. }, _) => *reason,
-                (_, Buffered::TooLarge { .. }) => "too large",
-                (_, Buffered::Failed { .. }) => "body error",
-                (_, Buffered::Complete { .. }) => "trailers",
+        (rule, body) => {
+            let (reason, shareable) = match &rule {
+                ResponseRule::DontStore { reason, shareable } => (*reason, *shareable),
+                ResponseRule::Store { .. } => ("", true),
+            };
+            let (reason, partial) = match &body {
+                Either::Buffered(Buffered::TooLarge { .. }) => ("too large", false),
+                Either::Buffered(Buffered::Unfinished { .. }) => ("fill timeout", true),
+                Either::Buffered(Buffered::Failed { .. }) => ("body error", true),
+                Either::Buffered(Buffered::Complete {
+                    trailers: Some(_), ..
+                }) => ("trailers", false),
+                _ => (reason, false),
             };
             tracing::debug!(key = %entry_key, reason, "response not cacheable");
-            let failed = matches!(buffered, Buffered::Failed { .. });
-            release(&shared, &ek, lease.as_ref(), pass_for(failed)).await;
-            match buffered {
-                Buffered::Complete {
+            // A pass marker only for what is uncacheable by nature, on the
+            // variant the response belongs to; none while a stale entry can
+            // be served instead, nor for a body that failed or timed out.
+            let vary = vary_names(&parts.headers);
+            let vary_field = vary.as_deref().map(encode_vary).unwrap_or_default();
+            let filled = match vary.as_deref() {
+                Some(names) if !names.is_empty() => ek.variant(names, &req_headers),
+                _ => lease.as_ref().map_or_else(String::new, |l| l.key.clone()),
+            };
+            let leave = if mode == Mode::Refresh && stale.is_some() {
+                failed_leave
+            } else if partial
+                || stale.is_some()
+                || config.pass_ttl.is_zero()
+                || !uncacheable_by_nature(reason, parts.status)
+            {
+                Leave::Nothing
+            } else {
+                Leave::Pass {
+                    filled: &filled,
+                    vary: &vary_field,
+                    ttl: config.pass_ttl,
+                }
+            };
+            if reason == "fill timeout" {
+                Counters::inc(&counters.fill_timeouts);
+                tracing::warn!(key = %entry_key, fill_timeout = ?config.fill_timeout, "fill timed out while reading the body; the rest streams to its own client");
+            }
+            release(&shared, &ek, &key, lease.as_ref(), leave).await;
+            match body {
+                Either::Buffered(Buffered::Complete {
                     data,
                     trailers: None,
-                } if shareable => {
-                    let vary = vary_names(&parts.headers).unwrap_or_default();
+                }) if shareable => {
                     let entry = entry_of(data.clone(), Duration::ZERO);
                     flight.finish(Outcome::Serve {
                         entry,
                         status: mode.origin_status(),
-                        vary: vary_values(&vary, &req_headers),
+                        vary: vary_values(&vary.unwrap_or_default(), &req_headers),
                     });
                     send_response(
                         &mut leader,
@@ -502,31 +633,49 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                         mode.origin_status(),
                     );
                 }
+                Either::Buffered(Buffered::Unfinished { prefix, rest }) => {
+                    // The response is its leader's own; the others must not
+                    // wait for an endless body.
+                    match stale {
+                        Some(stale) => {
+                            Counters::inc(&counters.stale);
+                            let vary = varies_on(&stale.headers, &req_headers);
+                            flight.finish(Outcome::Serve {
+                                entry: stale,
+                                status: CacheStatus::Stale,
+                                vary,
+                            });
+                        }
+                        None => gateway_timeout::<ResB, S::Error>(&config, &flight, &mut None),
+                    }
+                    send_response(
+                        &mut leader,
+                        &config,
+                        parts,
+                        FenceBody::rest(prefix, rest),
+                        mode.origin_status(),
+                    );
+                }
                 other => {
                     flight.finish(Outcome::Origin);
                     let body = match other {
-                        Buffered::Complete { data, trailers } => {
+                        Either::Buffered(Buffered::Complete { data, trailers }) => {
                             FenceBody::buffered(data, trailers, None)
                         }
-                        Buffered::TooLarge { prefix, rest } => FenceBody::rest(prefix, rest),
-                        Buffered::Failed { data, error } => {
+                        Either::Buffered(Buffered::TooLarge { prefix, rest }) => {
+                            FenceBody::rest(prefix, rest)
+                        }
+                        Either::Buffered(Buffered::Failed { data, error }) => {
                             FenceBody::buffered(data, None, Some(error))
                         }
+                        Either::Buffered(Buffered::Unfinished { prefix, rest }) => {
+                            FenceBody::rest(prefix, rest)
+                        }
+                        Either::Streaming(body) => FenceBody::inner(body),
                     };
                     send_response(&mut leader, &config, parts, body, mode.origin_status());
                 }
             }
-        }
-        (_, Either::Streaming(body)) => {
-            release(&shared, &ek, lease.as_ref(), pass_for(false)).await;
-            flight.finish(Outcome::Origin);
-            send_response(
-                &mut leader,
-                &config,
-                parts,
-                FenceBody::inner(body),
-                mode.origin_status(),
-            );
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::key::{
 };
 use crate::layer::{Config, Shared};
 use crate::stats::{Counters, Stats};
-use crate::store::{INVALIDATE_CHANNEL, Node, Store};
+use crate::store::{INVALIDATE_CHANNEL, Node, ReleaseArgs, Store};
 
 /// Keys read per SCAN step.
 const SCAN_BATCH: usize = 500;
@@ -574,11 +574,11 @@ where
             match self
                 .shared
                 .store
-                .release(&lease, primary, &token, Duration::ZERO)
+                .release(ReleaseArgs::plain(&lease, primary, &token))
                 .await
             {
-                Ok(true) => released += 1,
-                Ok(false) => {}
+                Ok(Some(_)) => released += 1,
+                Ok(None) => {}
                 Err(err) => {
                     tracing::warn!(error = %err, lease, "releasing a lease at shutdown failed; it expires by itself")
                 }

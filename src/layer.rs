@@ -21,7 +21,15 @@ use crate::wake;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum OnWaitTimeout {
-    /// Call the inner service itself (without storing the result). The default.
+    /// Keep waiting for the fill (the default). A live fill is bounded by
+    /// [`fill_timeout`](FenceLayer::fill_timeout) and a dead one by
+    /// [`lock_timeout`](FenceLayer::lock_timeout), after which one request
+    /// takes over: the request is answered by whichever fill lands, and never
+    /// waits longer than `fill_timeout` + `lock_timeout` in all (then `504`).
+    Wait,
+    /// Call the inner service without storing the result. At most one
+    /// request per key and process does so (the others of the process are
+    /// handed its response), never one per waiting request.
     CallOrigin,
     /// Answer `504 Gateway Timeout`.
     GatewayTimeout,
@@ -37,7 +45,9 @@ pub(crate) struct Config {
     pub(crate) status_header: Option<HeaderName>,
     pub(crate) beta: f64,
     pub(crate) lock_timeout: Duration,
+    pub(crate) fill_timeout: Duration,
     pub(crate) wait_timeout: Duration,
+    pub(crate) early_refresh_after: f64,
     pub(crate) on_wait_timeout: OnWaitTimeout,
     pub(crate) stale_if_error: bool,
     pub(crate) pass_ttl: Duration,
@@ -54,7 +64,9 @@ impl fmt::Debug for Config {
             .field("status_header", &self.status_header)
             .field("beta", &self.beta)
             .field("lock_timeout", &self.lock_timeout)
+            .field("fill_timeout", &self.fill_timeout)
             .field("wait_timeout", &self.wait_timeout)
+            .field("early_refresh_after", &self.early_refresh_after)
             .field("on_wait_timeout", &self.on_wait_timeout)
             .field("stale_if_error", &self.stale_if_error)
             .field("pass_ttl", &self.pass_ttl)
@@ -71,7 +83,41 @@ impl Config {
         self.status_header.as_ref() == Some(name)
             || (!self.expose_tags && self.tag_headers.contains(name))
     }
+
+    /// The settings as a layer uses them: every duration inside the range
+    /// its setter documents, so that no deadline overflows and no lease is
+    /// too short to renew. Applied when a service is made, so the order of
+    /// the setters doesn't matter.
+    pub(crate) fn sanitized(mut self) -> Self {
+        self.lock_timeout = self.lock_timeout.clamp(MIN_LOCK_TIMEOUT, MAX_TIMEOUT);
+        self.fill_timeout = self.fill_timeout.clamp(MIN_LOCK_TIMEOUT, MAX_TIMEOUT);
+        self.wait_timeout = self.wait_timeout.min(MAX_TIMEOUT);
+        self.pass_ttl = self.pass_ttl.min(crate::policy::MAX_TTL);
+        self.policy.grace = self.policy.grace.min(crate::policy::MAX_TTL);
+        if !self.beta.is_finite() || self.beta < 0.0 {
+            self.beta = 0.0;
+        }
+        if !(0.0..=1.0).contains(&self.early_refresh_after) {
+            // NaN too.
+            self.early_refresh_after = DEFAULT_EARLY_REFRESH_AFTER;
+        }
+        self
+    }
+
+    /// The longest a request may wait for fills in all: the longest a live
+    /// fill may run, plus the time a dead filler's lease takes to expire.
+    pub(crate) fn wait_cap(&self) -> Duration {
+        self.fill_timeout.saturating_add(self.lock_timeout)
+    }
 }
+
+/// The shortest lease and fill timeout a layer uses: a lease must outlive a
+/// few Redis round trips to be renewed.
+pub(crate) const MIN_LOCK_TIMEOUT: Duration = Duration::from_millis(100);
+/// The longest lease, fill and wait timeout a layer uses (one day).
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// The default share of the TTL before which XFetch never refreshes.
+pub(crate) const DEFAULT_EARLY_REFRESH_AFTER: f64 = 0.75;
 
 impl Default for Config {
     fn default() -> Self {
@@ -82,9 +128,11 @@ impl Default for Config {
             body_limit: 1024 * 1024,
             status_header: Some(HeaderName::from_static("x-cache")),
             beta: 1.0,
-            lock_timeout: Duration::from_secs(5),
+            lock_timeout: Duration::from_secs(3),
+            fill_timeout: Duration::from_secs(30),
             wait_timeout: Duration::from_secs(5),
-            on_wait_timeout: OnWaitTimeout::CallOrigin,
+            early_refresh_after: DEFAULT_EARLY_REFRESH_AFTER,
+            on_wait_timeout: OnWaitTimeout::Wait,
             stale_if_error: true,
             pass_ttl: Duration::from_secs(10),
             tag_headers: vec![
@@ -102,7 +150,9 @@ pub(crate) struct Shared<C> {
     pub(crate) flights: Flights,
     pub(crate) counters: Counters,
     pub(crate) wake_client: OnceLock<redis::Client>,
-    pub(crate) listener: OnceLock<()>,
+    /// Whether the wake-up listener task is running; it clears this when
+    /// it ends, for example with the runtime it was spawned on.
+    pub(crate) listening: Arc<std::sync::atomic::AtomicBool>,
     /// Tells this layer's own invalidation announcements from others'.
     pub(crate) id: u64,
     /// The leases held by this process's running fills (lease key → token),
@@ -127,8 +177,12 @@ where
 {
     /// Starts the wake-up listener once, if a client for it was given and a
     /// Tokio runtime is running.
+    ///
+    /// Called again where waiting starts: a listener that ended with the
+    /// runtime it ran on is started again on the current one.
     pub(crate) fn ensure_listener(self: &Arc<Self>) {
-        if self.listener.get().is_some() {
+        use std::sync::atomic::Ordering;
+        if self.listening.load(Ordering::Acquire) {
             return;
         }
         let Some(client) = self.wake_client.get() else {
@@ -137,9 +191,14 @@ where
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        if self.listener.set(()).is_ok() {
+        if self
+            .listening
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
             let weak: Weak<Self> = Arc::downgrade(self);
-            runtime.spawn(wake::listen(client.clone(), weak));
+            let running = wake::Running(self.listening.clone());
+            runtime.spawn(wake::listen(client.clone(), weak, running));
         }
     }
 }
@@ -210,10 +269,13 @@ where
     /// the slot of each entry (see the README's section on Redis Cluster).
     ///
     /// Defaults: TTL 60 s, grace 30 s, namespace `cachefence:`, body limit
-    /// 1 MiB, `x-cache` status header, XFetch beta 1, lock timeout 5 s, wait
-    /// timeout 5 s, stale-if-error on, pass markers 10 s, Redis timeout
-    /// 250 ms, breaker opening after 5 failures for 1 s. Waiters poll
-    /// until [`wake_ups`](Self::wake_ups) gives a client for notifications.
+    /// 1 MiB, `x-cache` status header, XFetch beta 1 (never before 75 % of
+    /// the TTL), lock timeout 3 s (renewed every second while a fill runs),
+    /// fill timeout 30 s, wait timeout 5 s (then stale if there is one, else
+    /// keep waiting for the fill), stale-if-error on, pass markers 10 s,
+    /// Redis timeout 250 ms, breaker opening after 5 failures for 1 s.
+    /// Waiters poll until [`wake_ups`](Self::wake_ups) gives a client for
+    /// notifications.
     pub fn new(redis: C) -> Self {
         let breaker = Breaker::new(5, Duration::from_secs(1));
         Self {
@@ -223,7 +285,7 @@ where
                 flights: Flights::default(),
                 counters: Counters::default(),
                 wake_client: OnceLock::new(),
-                listener: OnceLock::new(),
+                listening: Default::default(),
                 id: rand::random(),
                 leases: Default::default(),
                 closing: Default::default(),
@@ -233,7 +295,7 @@ where
 
     /// A handle to invalidate entries and read counters.
     pub fn handle(&self) -> FenceHandle<C> {
-        FenceHandle::new(self.shared.clone(), self.config.clone())
+        FenceHandle::new(self.shared.clone(), self.config.clone().sanitized())
     }
 
     /// How long a response stays fresh (default 60 s). Per route: set it on a
@@ -338,23 +400,55 @@ where
     }
 
     /// The XFetch beta (default 1.0): larger refreshes earlier, 0 turns early
-    /// refresh off.
+    /// refresh off. NaN, infinite and negative values turn it off.
     #[must_use]
     pub fn beta(mut self, beta: f64) -> Self {
         self.config.beta = if beta.is_finite() { beta.max(0.0) } else { 0.0 };
         self
     }
 
-    /// How long a fill lease lives if its owner stops renewing it, for
-    /// example because its process crashed (default 5 s). A live owner
-    /// renews it while the fill runs.
+    /// The share of an entry's TTL that must have passed before XFetch may
+    /// refresh it early (default 0.75). It bounds early refreshes of a hot
+    /// key to about one per TTL at any request rate, fleet-wide; 1.0 turns
+    /// early refresh off (refresh on expiry, served stale inside `grace`),
+    /// 0.0 is plain XFetch. Values outside `0.0..=1.0` (and NaN) mean the
+    /// default.
     #[must_use]
-    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
-        self.config.lock_timeout = timeout.max(Duration::from_millis(10));
+    pub fn early_refresh_after(mut self, share: f64) -> Self {
+        self.config.early_refresh_after = share;
         self
     }
 
-    /// The longest a request waits for another request's fill (default 5 s).
+    /// How long a fill lease lives if its owner stops renewing it, for
+    /// example because its process crashed (default 3 s). A live owner
+    /// renews it every third of this while the fill runs, so a dead owner's
+    /// lease is taken over by one waiting request within this time.
+    /// Clamped to 100 ms ..= 1 day.
+    #[must_use]
+    pub fn lock_timeout(mut self, timeout: Duration) -> Self {
+        self.config.lock_timeout = timeout;
+        self
+    }
+
+    /// The longest a fill may take to produce a complete response (default
+    /// 30 s). A fill still running then is abandoned: the inner service's
+    /// future is dropped (or, when its response has started, the rest of the
+    /// body streams to its own client only), the lease is released, the
+    /// requests waiting for it are served stale if there is a stale entry,
+    /// else `504 Gateway Timeout`, and the next request starts a new fill.
+    /// A hung upstream can't hold a key's lease fleet-wide. Clamped to
+    /// 100 ms ..= 1 day.
+    #[must_use]
+    pub fn fill_timeout(mut self, timeout: Duration) -> Self {
+        self.config.fill_timeout = timeout;
+        self
+    }
+
+    /// How long a request waits for another request's fill before it is
+    /// served a stale entry, when there is one (default 5 s). Without a
+    /// stale entry, [`on_wait_timeout`](Self::on_wait_timeout) decides.
+    /// Invalidations that restart a wait count against the same budget.
+    /// Clamped to at most 1 day.
     #[must_use]
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.config.wait_timeout = timeout;
@@ -362,7 +456,8 @@ where
     }
 
     /// What a request does when its wait runs out and no stale entry can be
-    /// served (default [`OnWaitTimeout::CallOrigin`]).
+    /// served (default [`OnWaitTimeout::Wait`]: keep waiting for the live
+    /// fill, which is itself bounded by `fill_timeout`).
     #[must_use]
     pub fn on_wait_timeout(mut self, action: OnWaitTimeout) -> Self {
         self.config.on_wait_timeout = action;
@@ -441,6 +536,10 @@ where
 
     fn layer(&self, inner: S) -> Self::Service {
         self.shared.ensure_listener();
-        Fence::new(inner, Arc::new(self.config.clone()), self.shared.clone())
+        Fence::new(
+            inner,
+            Arc::new(self.config.clone().sanitized()),
+            self.shared.clone(),
+        )
     }
 }

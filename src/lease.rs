@@ -2,9 +2,11 @@
 //! origin works, release with an optional pass marker.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::pin;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use crate::bounds::Conn;
@@ -12,6 +14,7 @@ use crate::flight::Flight;
 use crate::key::{EntryKey, lease_of};
 use crate::layer::Shared;
 use crate::stats::Counters;
+use crate::store::ReleaseArgs;
 
 /// The lease a fill holds on the key it fills.
 pub(crate) struct Lease {
@@ -57,10 +60,21 @@ impl<C> Drop for LeaseRegistration<'_, C> {
     }
 }
 
+/// How a fill's origin call under its lease ended.
+pub(crate) enum Ended<T> {
+    /// The call finished.
+    Done(T),
+    /// The fill was detached by an invalidation and nobody waits for it.
+    Abandoned,
+    /// The inner service (or its body) panicked.
+    Panicked,
+}
+
 /// Runs `fut` (the origin call and the buffering of its body) while renewing
-/// the lease, so a slow but live fill keeps it. Returns `None` when the fill
-/// was detached by an invalidation and nobody waits for it any more: the
-/// origin future is then dropped.
+/// the lease, so a slow but live fill keeps it. The call is abandoned (the
+/// future dropped) when the fill was detached by an invalidation and nobody
+/// waits for it any more. A panic in the call is caught, so that the fill
+/// can release its lease at once instead of leaving it to expire.
 pub(crate) async fn with_lease<C, F, T>(
     shared: &Shared<C>,
     lease: Option<&Lease>,
@@ -68,12 +82,12 @@ pub(crate) async fn with_lease<C, F, T>(
     leader: &mut Option<oneshot::Sender<T>>,
     fut: F,
     lock_timeout: Duration,
-) -> Option<F::Output>
+) -> Ended<F::Output>
 where
     C: Conn,
     F: Future,
 {
-    let mut fut = pin!(fut);
+    let mut fut = pin!(AssertUnwindSafe(fut).catch_unwind());
     let period = (lock_timeout / 3).max(Duration::from_millis(5));
     let mut renew = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -92,8 +106,11 @@ where
     let mut abandoned = pin!(abandoned);
     loop {
         tokio::select! {
-            out = &mut fut => return Some(out),
-            _ = &mut abandoned => return None,
+            out = &mut fut => return match out {
+                Ok(out) => Ended::Done(out),
+                Err(_) => Ended::Panicked,
+            },
+            _ = &mut abandoned => return Ended::Abandoned,
             _ = renew.tick(), if lease.is_some() => {
                 if let Some(lease) = lease {
                     match shared.store.extend(&lease.lease_key(), &lease.token, lock_timeout).await {
@@ -107,26 +124,59 @@ where
     }
 }
 
-/// Gives the lease up (if held), leaving a pass marker when `pass` is not zero.
+/// What a lease given up without a store leaves behind.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Leave<'a> {
+    /// Nothing: the next request for the key is coalesced as usual.
+    Nothing,
+    /// A pass marker (hit-for-miss) on `filled`, the key of the entry or
+    /// variant the response belongs to, for `ttl`; `vary` holds the
+    /// response's encoded `Vary` names ('' for none).
+    Pass {
+        filled: &'a str,
+        vary: &'a str,
+        ttl: Duration,
+    },
+    /// The background refresh of the entry under the lease failed: the next
+    /// one waits (1 s, doubling up to `cap`), fleet-wide.
+    Backoff { cap: Duration },
+}
+
+/// The first pause after a failed background refresh.
+pub(crate) const REFRESH_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Gives the lease up (if held), leaving what `leave` says.
 pub(crate) async fn release<C>(
     shared: &Shared<C>,
     ek: &EntryKey,
+    url_key: &str,
     lease: Option<&Lease>,
-    pass: Duration,
+    leave: Leave<'_>,
 ) where
     C: Conn,
 {
     let Some(lease) = lease else {
         return;
     };
-    match shared
-        .store
-        .release(&lease.lease_key(), &ek.primary, &lease.token, pass)
-        .await
-    {
-        Ok(true) if !pass.is_zero() => {
+    let lease_key = lease.lease_key();
+    let variants_set = ek.variants_set();
+    let mut args = ReleaseArgs::plain(&lease_key, &ek.primary, &lease.token);
+    args.filled = &lease.key;
+    args.variants_set = &variants_set;
+    args.url_key = url_key;
+    match leave {
+        Leave::Nothing => {}
+        Leave::Pass { filled, vary, ttl } => {
+            args.filled = filled;
+            args.vary = vary;
+            args.pass = ttl;
+        }
+        Leave::Backoff { cap } => args.backoff = (REFRESH_BACKOFF, cap.max(REFRESH_BACKOFF)),
+    }
+    match shared.store.release(args).await {
+        Ok(Some(true)) => {
             Counters::inc(&shared.counters.pass_markers);
-            tracing::debug!(key = %ek.primary, ?pass, "pass marker set");
+            tracing::debug!(key = %lease.key, "pass marker set");
         }
         Ok(_) => {}
         Err(err) => {

@@ -166,6 +166,13 @@ impl Policy {
         if cc.no_store || cc.private || cc.no_cache {
             return dont("cache-control");
         }
+        if is_event_stream(&parts.headers) {
+            // Server-sent events: endless, and each client's own.
+            return ResponseRule::DontStore {
+                reason: "streaming",
+                shareable: false,
+            };
+        }
         let Some(vary) = vary_names(&parts.headers) else {
             return dont("vary: *");
         };
@@ -190,6 +197,24 @@ impl Policy {
             vary,
         }
     }
+}
+
+/// `Content-Type: text/event-stream`.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("text/event-stream"))
+}
+
+/// Whether an uncacheable response says the key is uncacheable by nature,
+/// so that a pass marker should send the next requests straight to the
+/// origin: not a transient failure (5xx, 408, 425, 429), which says nothing
+/// about the next response.
+pub(crate) fn uncacheable_by_nature(reason: &str, status: http::StatusCode) -> bool {
+    let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429);
+    !(reason == "status" && transient)
 }
 
 /// Whether a response can be handed to other requests for the same key: not

@@ -12,7 +12,9 @@ use redis::Script;
 ///
 /// KEYS: entry, lease. ARGV: token, lease ms, now ms, mode (`fill` or
 /// `refresh`: take the lease whatever is stored, even a `Vary` index),
-/// format version.
+/// format version, the `stored` time of the entry a background refresh
+/// was decided on ('' for none: a refresh of an entry that another fill
+/// has replaced since is not run, and the new entry is returned as a hit).
 /// Returns `{'pass'}`, `{'vary', names}`, `{'hit', fields}`,
 /// `{'won', fields, start}` (fields of a stale entry in `fill` mode, and
 /// the Redis time the lease was taken, in ms) or
@@ -24,6 +26,9 @@ local f = {}
 for i = 1, #e, 2 do f[e[i]] = e[i + 1] end
 local now = tonumber(ARGV[3])
 if tonumber(f['pass'] or '') and tonumber(f['pass']) > now then return {'pass'} end
+if f['v'] == ARGV[5] and ARGV[4] == 'refresh' and ARGV[6] ~= '' and f['stored'] and f['stored'] ~= ARGV[6] then
+  return {'hit', e}
+end
 if f['v'] == ARGV[5] and ARGV[4] == 'fill' then
   if f['vary'] then return {'vary', f['vary']} end
   if tonumber(f['fresh'] or '') and tonumber(f['fresh']) > now then
@@ -142,20 +147,58 @@ if #members > 0 then redis.call('ZREM', KEYS[1], unpack(members)) end
 return members
 ";
 
-/// Gives a lease up without storing, optionally leaving a pass marker.
+/// Gives a lease up without storing; optionally leaves a pass marker on
+/// the key that was filled, or backs the next refresh of the entry there off.
 ///
-/// KEYS: lease, primary. ARGV: token, pass-until ms (0 for none), pass ms,
-/// wake channel, wake message.
+/// KEYS: lease, filled key (the primary or a variant), primary, variants
+/// set. ARGV: token, pass-until ms (0 for none), pass ms, wake channel, wake
+/// message, vary names ('' when the response does not vary), format
+/// version, the URL's key, backoff base ms (0 for none), backoff cap ms,
+/// now ms.
+///
+/// A pass marker on a variant needs the primary to be a `Vary` index that
+/// sends lookups to the variant: it is created when the primary is empty,
+/// and no marker is left when the primary holds something else. A backoff
+/// counts the failures in the entry's `fails` field and sets its `retry`
+/// time to now + base * 2^(fails - 1), at most the cap; a successful store
+/// rewrites the hash and so resets both.
 pub(crate) const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 local pass_ms = tonumber(ARGV[3])
+if pass_ms > 0 and ARGV[6] ~= '' and KEYS[2] ~= KEYS[3] then
+  local kind = redis.call('TYPE', KEYS[3])['ok']
+  if kind == 'none' then
+    redis.call('HSET', KEYS[3], 'v', ARGV[7], 'vary', ARGV[6], 'key', ARGV[8])
+    redis.call('PEXPIRE', KEYS[3], pass_ms)
+  elseif kind == 'hash' and redis.call('HGET', KEYS[3], 'vary') == ARGV[6] then
+    if redis.call('PTTL', KEYS[3]) < pass_ms then redis.call('PEXPIRE', KEYS[3], pass_ms) end
+  else
+    pass_ms = 0
+  end
+  if pass_ms > 0 then
+    if not pcall(redis.call, 'SADD', KEYS[4], KEYS[2]) then
+      redis.call('DEL', KEYS[4])
+      redis.call('SADD', KEYS[4], KEYS[2])
+    end
+    if redis.call('PTTL', KEYS[4]) < pass_ms then redis.call('PEXPIRE', KEYS[4], pass_ms) end
+  end
+end
 if pass_ms > 0 then
   if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then redis.call('DEL', KEYS[2]) end
   redis.call('HSET', KEYS[2], 'pass', ARGV[2])
   if redis.call('PTTL', KEYS[2]) < pass_ms then redis.call('PEXPIRE', KEYS[2], pass_ms) end
 end
+local base = tonumber(ARGV[9])
+if base > 0 and redis.call('TYPE', KEYS[2])['ok'] == 'hash'
+    and redis.call('HEXISTS', KEYS[2], 'fresh') == 1 then
+  local fails = redis.call('HINCRBY', KEYS[2], 'fails', 1)
+  local delay = base * 2 ^ math.min(fails - 1, 40)
+  if delay > tonumber(ARGV[10]) then delay = tonumber(ARGV[10]) end
+  redis.call('HSET', KEYS[2], 'retry', string.format('%d', tonumber(ARGV[11]) + delay))
+end
 redis.call('PUBLISH', ARGV[4], ARGV[5])
+if pass_ms > 0 then return 2 end
 return 1
 ";
 

@@ -20,7 +20,7 @@ use crate::bounds::{CacheBody, Conn, Inner};
 use crate::body::FenceBody;
 use crate::entry::{Entry, Record, now_ms};
 use crate::error::FenceError;
-use crate::fill::{self, Job, Mode};
+use crate::fill::{self, Deadlines, Job, Mode};
 use crate::flight::{CacheStatus, Joined, Outcome};
 use crate::key::{EntryKey, header_value};
 use crate::layer::{Config, OnWaitTimeout, Shared};
@@ -225,6 +225,7 @@ where
     let Ctx { config, shared } = &ctx;
     let counters = &shared.counters;
     let ek = EntryKey::new(&config.namespace, &key);
+    let deadlines = Deadlines::new(config);
     for attempt in 0..MAX_ATTEMPTS {
         let now = now_ms();
         let found = if offline {
@@ -250,6 +251,8 @@ where
                 Counters::inc(&counters.hits);
                 let early = !head
                     && config.beta > 0.0
+                    && entry.may_refresh(now)
+                    && entry.past_share(now, config.early_refresh_after)
                     && xfetch::should_refresh(
                         now,
                         entry.fresh_ms,
@@ -268,7 +271,10 @@ where
                 Counters::inc(&counters.stale);
                 tracing::debug!(key = %entry_key, "serving stale while revalidating");
                 let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
-                if !head && refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
+                if !head
+                    && entry.may_refresh(now)
+                    && refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry)
+                {
                     Counters::inc(&counters.stale_refreshes);
                 }
                 return Ok(res);
@@ -309,6 +315,8 @@ where
                     },
                     stale,
                     leader: Some(tx),
+                    decided_on: None,
+                    deadlines,
                 };
                 // The fill runs as its own task: if this request goes away,
                 // the fill still finishes for everyone waiting on it.
@@ -324,7 +332,17 @@ where
             Joined::Join(mut rx) => {
                 Counters::inc(&counters.coalesced);
                 let wait = rx.wait_for(Option::is_some);
-                let outcome = match tokio::time::timeout(config.wait_timeout, wait).await {
+                // The fill this request joined acts on the wait budget for
+                // all of them (stale, or one origin call, or keeps waiting);
+                // a request of its own gives up only to be served its stale
+                // entry or a 504, as configured.
+                let until =
+                    if stale.is_some() || config.on_wait_timeout == OnWaitTimeout::GatewayTimeout {
+                        deadlines.wait
+                    } else {
+                        deadlines.cap
+                    };
+                let outcome = match tokio::time::timeout_at(until, wait).await {
                     Ok(Ok(outcome)) => outcome.clone(),
                     // The flight ended without an outcome: look again.
                     Ok(Err(_)) => Some(Outcome::Restart),
@@ -354,7 +372,7 @@ where
                     Some(Outcome::Restart) => {}
                     None => {
                         Counters::inc(&counters.wait_timeouts);
-                        return after_wait_timeout(config, counters, svc, req, stale).await;
+                        return Ok(after_wait_timeout(config, counters, stale));
                     }
                 }
             }
@@ -413,38 +431,28 @@ where
         key: Arc::from(key),
         entry_key,
         mode: Mode::Refresh,
+        decided_on: Some(current.stored_ms),
         stale: Some(Arc::new(current)),
         leader: None,
+        deadlines: Deadlines::new(&ctx.config),
     };
     let span = tracing::debug_span!("cachefence.refresh", key = %job.entry_key);
     tokio::spawn(fill::run(job).instrument(span));
     true
 }
 
-async fn after_wait_timeout<S, ReqB, ResB>(
+/// A joiner's wait ran out: its stale entry, else `504`.
+fn after_wait_timeout<B: Body>(
     config: &Config,
     counters: &Counters,
-    svc: S,
-    req: Request<ReqB>,
     stale: Option<Arc<Entry>>,
-) -> Result<Response<FenceBody<ResB>>, S::Error>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: Body,
-{
-    if let Some(stale) = stale {
-        Counters::inc(&counters.stale);
-        return Ok(from_entry(
-            config,
-            &stale,
-            CacheStatus::Stale,
-            false,
-            now_ms(),
-        ));
-    }
-    match config.on_wait_timeout {
-        OnWaitTimeout::GatewayTimeout => Ok(plain_response(config, StatusCode::GATEWAY_TIMEOUT)),
-        OnWaitTimeout::CallOrigin => origin(config, svc, req, CacheStatus::Miss).await,
+) -> Response<FenceBody<B>> {
+    match stale {
+        Some(stale) => {
+            Counters::inc(&counters.stale);
+            from_entry(config, &stale, CacheStatus::Stale, false, now_ms())
+        }
+        None => plain_response(config, StatusCode::GATEWAY_TIMEOUT),
     }
 }
 

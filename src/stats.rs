@@ -77,6 +77,10 @@ counters! {
     pass_markers,
     /// Fills detached from the in-flight table by an invalidation.
     detached,
+    /// Fills abandoned by `fill_timeout`.
+    fill_timeouts,
+    /// Times the wake-up listener (re)connected its subscription.
+    listener_connects,
 }
 
 impl Counters {

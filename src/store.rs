@@ -53,6 +53,41 @@ pub(crate) struct StoreArgs<'a> {
     pub(crate) fields: Vec<(&'static str, Vec<u8>)>,
 }
 
+/// A release of a lease without a store.
+pub(crate) struct ReleaseArgs<'a> {
+    pub(crate) lease_key: &'a str,
+    /// The key the fill filled: where a pass marker or a backoff goes.
+    pub(crate) filled: &'a str,
+    pub(crate) primary: &'a str,
+    pub(crate) variants_set: &'a str,
+    pub(crate) token: &'a str,
+    /// How long a pass marker lasts (zero: none).
+    pub(crate) pass: Duration,
+    /// The response's `Vary` names, encoded ('' for none).
+    pub(crate) vary: &'a str,
+    /// The URL's cache key (written into a `Vary` index the release makes).
+    pub(crate) url_key: &'a str,
+    /// The base and cap of the refresh backoff (zero base: none).
+    pub(crate) backoff: (Duration, Duration),
+}
+
+impl<'a> ReleaseArgs<'a> {
+    /// A release that leaves nothing behind.
+    pub(crate) fn plain(lease_key: &'a str, primary: &'a str, token: &'a str) -> Self {
+        Self {
+            lease_key,
+            filled: primary,
+            primary,
+            variants_set: primary,
+            token,
+            pass: Duration::ZERO,
+            vary: "",
+            url_key: "",
+            backoff: (Duration::ZERO, Duration::ZERO),
+        }
+    }
+}
+
 /// A node a SCAN goes to: `None` is the connection itself (a single
 /// server); `Some((host, port))` one primary of a Redis Cluster.
 pub(crate) type Node = Option<(String, u16)>;
@@ -169,6 +204,7 @@ where
         token: &str,
         lease_for: Duration,
         refresh: bool,
+        decided_on: Option<u64>,
     ) -> Result<Acquired, FenceError> {
         let value: Value = self
             .run("acquire", |mut c| {
@@ -179,7 +215,8 @@ where
                     .arg(duration_ms(lease_for).max(1))
                     .arg(now_ms())
                     .arg(if refresh { "refresh" } else { "fill" })
-                    .arg(FORMAT_VERSION);
+                    .arg(FORMAT_VERSION)
+                    .arg(decided_on.map_or_else(String::new, |s| s.to_string()));
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
@@ -232,27 +269,40 @@ where
         Ok(stored == 1)
     }
 
-    pub(crate) async fn release(
-        &self,
-        lease: &str,
-        primary: &str,
-        token: &str,
-        pass: Duration,
-    ) -> Result<bool, FenceError> {
-        let pass_ms = duration_ms(pass);
+    /// Gives a lease up (see the RELEASE script). Returns `None` when the
+    /// lease was no longer ours, else whether a pass marker was left.
+    pub(crate) async fn release(&self, args: ReleaseArgs<'_>) -> Result<Option<bool>, FenceError> {
+        let pass_ms = duration_ms(args.pass);
+        let now = now_ms();
         let released: i64 = self
             .run("release", |mut c| {
-                let mut inv = self.scripts.release.key(lease);
-                inv.key(primary)
-                    .arg(token)
-                    .arg(if pass_ms > 0 { now_ms() + pass_ms } else { 0 })
+                let mut inv = self.scripts.release.key(args.lease_key);
+                inv.key(args.filled)
+                    .key(args.primary)
+                    .key(args.variants_set)
+                    .arg(args.token)
+                    .arg(if pass_ms > 0 {
+                        now.saturating_add(pass_ms)
+                    } else {
+                        0
+                    })
                     .arg(pass_ms)
                     .arg(WAKE_CHANNEL)
-                    .arg(lease);
+                    .arg(args.lease_key)
+                    .arg(args.vary)
+                    .arg(FORMAT_VERSION)
+                    .arg(args.url_key)
+                    .arg(duration_ms(args.backoff.0))
+                    .arg(duration_ms(args.backoff.1).max(1))
+                    .arg(now);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        Ok(released == 1)
+        Ok(match released {
+            0 => None,
+            2 => Some(true),
+            _ => Some(false),
+        })
     }
 
     pub(crate) async fn extend(

@@ -3,7 +3,8 @@
 //! notifications. Pub/sub is at-most-once, so waiters always keep polling
 //! as well; this only makes them faster.
 
-use std::sync::Weak;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -13,8 +14,18 @@ use crate::layer::Shared;
 use crate::stats::Counters;
 use crate::store::{INVALIDATE_CHANNEL, WAKE_CHANNEL};
 
+/// Clears the layer's "listening" flag when the listener ends, however it
+/// ends (the layer dropped, or the runtime it ran on shut down).
+pub(crate) struct Running(pub(crate) Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 /// Runs until the layer is dropped, reconnecting with backoff.
-pub(crate) async fn listen<C>(client: redis::Client, shared: Weak<Shared<C>>)
+pub(crate) async fn listen<C>(client: redis::Client, shared: Weak<Shared<C>>, _running: Running)
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
@@ -27,6 +38,9 @@ where
             Ok(pubsub) => {
                 backoff = Duration::from_millis(50);
                 tracing::debug!("wake-up subscription established");
+                if let Some(shared) = shared.upgrade() {
+                    Counters::inc(&shared.counters.listener_connects);
+                }
                 let mut messages = pubsub.into_on_message();
                 while let Some(msg) = next_or_gone(&mut messages, &shared).await {
                     let Some(shared) = shared.upgrade() else {

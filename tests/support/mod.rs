@@ -7,6 +7,7 @@
 #[cfg(feature = "cluster-async")]
 pub mod cluster;
 pub mod origin;
+pub mod procs;
 
 #[cfg(feature = "cluster-async")]
 #[allow(unused_imports)]
