@@ -46,13 +46,17 @@
 //! At most one request per key reaches the inner service at a time, across
 //! every process sharing the Redis, on a miss and on a refresh. Requests in one
 //! process share one fill: one lease attempt, one wait loop. A client that
-//! disconnects never cancels a fill others wait on. No request waits longer
-//! than [`FenceLayer::wait_timeout`]; then it is served the stale entry if one
-//! exists, or calls the inner service itself ([`OnWaitTimeout`]). A leader that
-//! crashes leaves a lease that expires after [`FenceLayer::lock_timeout`].
-//! When the response can't be cached (5xx, `private`, `Set-Cookie`, too
-//! large), the waiters are released at once and a short "pass" marker sends
-//! the following requests for the key straight to the origin.
+//! disconnects never cancels a fill others wait on. A waiting request never
+//! duplicates a live fill: after [`FenceLayer::wait_timeout`] it is served
+//! the stale entry if one exists, else it keeps waiting ([`OnWaitTimeout`]);
+//! a fill is bounded by [`FenceLayer::fill_timeout`]. A leader that crashes
+//! leaves a lease that expires after [`FenceLayer::lock_timeout`] (a live one
+//! renews it), and one waiting request takes over. When the response can't
+//! be cached, the waiters get it if it is shareable (a 5xx) or go to the
+//! origin side by side if not; only a response uncacheable by nature
+//! (`private`, `no-store`, `Set-Cookie`, too large) leaves a short "pass"
+//! marker that sends the following requests for its variant straight to the
+//! origin.
 //!
 //! # Failure behaviour
 //!

@@ -959,3 +959,72 @@ fn the_wake_up_listener_outlives_the_runtime_that_built_the_layer() {
         assert!(hb.stats().wakeups >= 1, "{:?}", hb.stats());
     });
 }
+
+/// `Vary: x-variant`; variant `private` answers with `Set-Cookie`
+/// (uncacheable by nature), the others are cacheable.
+async fn varying(State(o): State<Origin>, headers: http::HeaderMap) -> Response {
+    let n = o.calls.fetch_add(1, Ordering::SeqCst) + 1;
+    let variant = headers
+        .get("x-variant")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let mut res = format!("variant {variant} #{n}").into_response();
+    res.headers_mut().insert(
+        http::header::VARY,
+        http::HeaderValue::from_static("x-variant"),
+    );
+    if variant == "private" {
+        res.headers_mut().insert(
+            http::header::SET_COOKIE,
+            http::HeaderValue::from_static("session=1"),
+        );
+    }
+    res
+}
+
+async fn get_variant(client: &RawClient, addr: SocketAddr, variant: &str) -> Reply {
+    let req = http::Request::get(format!("http://{addr}/v"))
+        .header("x-variant", variant)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let res = client.request(req).await.expect("request");
+    let (parts, body) = res.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("body").to_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pass_marker_covers_its_vary_variant_not_the_whole_url() {
+    let redis = RedisServer::new();
+    let origin = Origin::default();
+    let layer = default_layer(&redis, "pv:").await;
+    let handle = layer.handle();
+    let app = Router::new()
+        .route("/v", get(varying))
+        .with_state(origin.clone())
+        .layer(layer);
+    let addr = serve(app).await;
+    let client = raw_client();
+    // The first response for the URL is the private variant's.
+    let first = get_variant(&client, addr, "private").await;
+    assert_eq!(first.cache_status(), Some("MISS"));
+    assert_eq!(handle.stats().pass_markers, 1);
+    // That variant passes...
+    let again = get_variant(&client, addr, "private").await;
+    assert_eq!(again.cache_status(), Some("BYPASS"));
+    // ...the others are cached as usual.
+    for v in ["en", "de"] {
+        assert_eq!(
+            get_variant(&client, addr, v).await.cache_status(),
+            Some("MISS")
+        );
+        let hit = get_variant(&client, addr, v).await;
+        assert_eq!(hit.cache_status(), Some("HIT"), "variant {v}");
+        assert!(hit.text().starts_with(&format!("variant {v} #")));
+    }
+    assert_eq!(origin.calls(), 4);
+}
