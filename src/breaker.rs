@@ -52,9 +52,14 @@ impl Breaker {
             .is_ok()
     }
 
-    pub(crate) fn success(&self) {
-        self.failures.store(0, Ordering::Release);
-        self.open_until.store(0, Ordering::Release);
+    /// Returns true when this success closed an open breaker (a probe
+    /// succeeded). The common case, a closed breaker, only reads.
+    pub(crate) fn success(&self) -> bool {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Release);
+        }
+        self.open_until.load(Ordering::Acquire) != 0
+            && self.open_until.swap(0, Ordering::AcqRel) != 0
     }
 
     /// Returns true when this failure opened the breaker.
@@ -65,6 +70,16 @@ impl Breaker {
             return self.open_until.swap(next, Ordering::AcqRel) == 0;
         }
         false
+    }
+
+    /// The state, for [`Stats`](crate::Stats).
+    pub(crate) fn state(&self) -> crate::stats::BreakerState {
+        use crate::stats::BreakerState;
+        match self.open_until.load(Ordering::Acquire) {
+            0 => BreakerState::Closed,
+            until if now_ms() < until => BreakerState::Open,
+            _ => BreakerState::HalfOpen,
+        }
     }
 
     pub(crate) fn is_open(&self) -> bool {

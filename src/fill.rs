@@ -122,7 +122,7 @@ where
     };
     let shared = job.ctx.shared.clone();
     let config = job.ctx.config.clone();
-    let counters = &shared.counters;
+    let counters = &config.counters;
     let token = new_token();
     let mut key = job.entry_key.clone();
     let mut redirected = false;
@@ -131,6 +131,8 @@ where
     let mut waiting = false;
     let mut wait_spent = false;
     let mut backoff = Backoff::new();
+    // When this fill began waiting on another process's lease.
+    let mut wait_started: Option<Instant> = None;
     if job.mode == Mode::Offline {
         return call_and_decide(job, None).await;
     }
@@ -147,6 +149,11 @@ where
                 job.decided_on.filter(|_| !redirected && !repairing),
             )
             .await;
+        if !matches!(acquired, Ok(Acquired::Held(_)))
+            && let Some(started) = wait_started.take()
+        {
+            counters.waited(started.elapsed());
+        }
         match acquired {
             Err(err) => {
                 tracing::warn!(error = %err, key = %key, "fill lease unavailable, calling the origin without caching");
@@ -234,6 +241,7 @@ where
                 }
                 if !waiting {
                     waiting = true;
+                    wait_started = Some(Instant::now());
                     Counters::inc(&counters.remote_waits);
                     tracing::debug!(key = %key, "fill lease held elsewhere, waiting");
                     // The listener may have died with a runtime: restart it.
@@ -243,6 +251,7 @@ where
                 if now >= job.deadlines.cap {
                     Counters::inc(&counters.wait_timeouts);
                     tracing::debug!(key = %key, "waited the longest a fill may take");
+                    counters.waited(wait_started.map_or(Duration::ZERO, |s| s.elapsed()));
                     return give_up(job, true).await;
                 }
                 if now >= job.deadlines.wait && !wait_spent {
@@ -250,6 +259,7 @@ where
                     Counters::inc(&counters.wait_timeouts);
                     tracing::debug!(key = %key, "wait budget spent");
                     if job.stale.is_some() || config.on_wait_timeout != OnWaitTimeout::Wait {
+                        counters.waited(wait_started.map_or(Duration::ZERO, |s| s.elapsed()));
                         return give_up(job, false).await;
                     }
                 }
@@ -368,7 +378,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         ..
     } = job;
     let (config, shared) = (ctx.config.clone(), ctx.shared.clone());
-    let counters = &shared.counters;
+    let counters = &config.counters;
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + config.fill_timeout;
     let req_headers = req.headers().clone();
@@ -446,6 +456,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         }
     };
     let delta = started.elapsed();
+    counters.fill_took(delta);
 
     let (parts, rule, body) = match called {
         Called::Failed(err) => {
@@ -688,7 +699,7 @@ fn serve_stale<C, B: Body, E>(
     stale: Arc<Entry>,
     req_headers: &HeaderMap,
 ) {
-    Counters::inc(&ctx.shared.counters.stale);
+    Counters::inc(&ctx.config.counters.stale);
     let vary = varies_on(&stale.headers, req_headers);
     serve_all(flight, leader, &ctx.config, stale, CacheStatus::Stale, vary);
 }

@@ -129,6 +129,7 @@ impl Flights {
         }
         let flight = Arc::new(Flight::new());
         map.insert(key.to_owned(), flight.clone());
+        crate::metrics::fills_in_flight(1.0);
         Joined::Lead(flight)
     }
 
@@ -141,6 +142,7 @@ impl Flights {
         }
         let flight = Arc::new(Flight::new());
         map.insert(key.to_owned(), flight.clone());
+        crate::metrics::fills_in_flight(1.0);
         Some(flight)
     }
 
@@ -149,6 +151,7 @@ impl Flights {
         let mut map = self.lock();
         if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             map.remove(key);
+            crate::metrics::fills_in_flight(-1.0);
         }
     }
 
@@ -197,6 +200,7 @@ impl Flights {
             let keys: Vec<String> = map.keys().filter(|k| pred(k)).cloned().collect();
             keys.iter().filter_map(|k| map.remove(k)).collect()
         };
+        crate::metrics::fills_in_flight(-(detached.len() as f64));
         for flight in &detached {
             flight.detach_now();
         }

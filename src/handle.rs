@@ -202,7 +202,7 @@ impl Invalidation {
 /// println!("removed {removed} entries");
 /// # Ok(()) }
 /// ```
-pub struct FenceHandle<C> {
+pub struct FenceHandle<C = redis::aio::ConnectionManager> {
     shared: Arc<Shared<C>>,
     config: Config,
 }
@@ -483,7 +483,7 @@ where
             total += self.invalidate_primaries(chosen.into_iter(), soft).await?;
         }
         let detached = self.shared.flights.detach_prefix(&key_prefix);
-        Counters::add(&self.shared.counters.detached, detached);
+        Counters::add(&self.config.counters.detached, detached);
         if let Err(err) = self
             .shared
             .store
@@ -534,7 +534,7 @@ where
             store.invalidate(primary, &variants, self.shared.id).await
         };
         let detached = self.shared.flights.detach_entry(primary);
-        Counters::add(&self.shared.counters.detached, detached);
+        Counters::add(&self.config.counters.detached, detached);
         result
     }
 
@@ -620,6 +620,7 @@ where
         stats.redis_errors = self.shared.store.errors.load(Ordering::Relaxed);
         stats.redis_calls = self.shared.store.commands.load(Ordering::Relaxed);
         stats.in_flight = self.shared.flights.len() as u64;
+        stats.breaker = self.shared.store.breaker().state();
         stats
     }
 }

@@ -53,6 +53,11 @@ pub(crate) struct Config {
     pub(crate) pass_ttl: Duration,
     pub(crate) tag_headers: Vec<HeaderName>,
     pub(crate) expose_tags: bool,
+    /// The route's name, a label of its metrics and spans.
+    pub(crate) name: Arc<str>,
+    /// The route's counters: the cache's totals, labelled metrics. Set by
+    /// [`Config::for_route`].
+    pub(crate) counters: Arc<Counters>,
 }
 
 impl fmt::Debug for Config {
@@ -72,6 +77,7 @@ impl fmt::Debug for Config {
             .field("pass_ttl", &self.pass_ttl)
             .field("tag_headers", &self.tag_headers)
             .field("expose_tags", &self.expose_tags)
+            .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
@@ -102,6 +108,14 @@ impl Config {
             self.early_refresh_after = DEFAULT_EARLY_REFRESH_AFTER;
         }
         self
+    }
+
+    /// The settings as a service or handle of `shared` uses them: sanitized,
+    /// with the route's counters.
+    pub(crate) fn for_route<C>(&self, shared: &Shared<C>) -> Self {
+        let mut config = self.clone().sanitized();
+        config.counters = Arc::new(shared.counters.for_route(&config.namespace, &config.name));
+        config
     }
 
     /// The longest a request may wait for fills in all: the longest a live
@@ -140,6 +154,8 @@ impl Default for Config {
                 HeaderName::from_static("surrogate-key"),
             ],
             expose_tags: false,
+            name: Arc::from("default"),
+            counters: Arc::default(),
         }
     }
 }
@@ -234,7 +250,7 @@ where
 /// handle.invalidate_path("/products/42").await?;
 /// # Ok(()) }
 /// ```
-pub struct FenceLayer<C> {
+pub struct FenceLayer<C = redis::aio::ConnectionManager> {
     pub(crate) config: Config,
     pub(crate) shared: Arc<Shared<C>>,
 }
@@ -283,7 +299,7 @@ where
             shared: Arc::new(Shared {
                 store: Store::new(redis, Duration::from_millis(250), breaker),
                 flights: Flights::default(),
-                counters: Counters::default(),
+                counters: Counters::new(),
                 wake_client: OnceLock::new(),
                 listening: Default::default(),
                 id: rand::random(),
@@ -295,7 +311,10 @@ where
 
     /// A handle to invalidate entries and read counters.
     pub fn handle(&self) -> FenceHandle<C> {
-        FenceHandle::new(self.shared.clone(), self.config.clone().sanitized())
+        let mut config = self.config.clone().sanitized();
+        // A handle counts what it does for the whole cache, not a route.
+        config.counters = Arc::new(self.shared.counters.clone());
+        FenceHandle::new(self.shared.clone(), config)
     }
 
     /// How long a response stays fresh (default 60 s). Per route: set it on a
@@ -319,6 +338,22 @@ where
     #[must_use]
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
         self.config.policy.negative_ttl = ttl;
+        self
+    }
+
+    /// The route's name (default `default`): the `route` label of its
+    /// metrics (feature `metrics`) and a field of its request spans. Per
+    /// route: set it on the layer of each route.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let products = fence.clone().name("products");
+    /// let prices = fence.name("prices");
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = Arc::from(name.into());
         self
     }
 
@@ -538,7 +573,7 @@ where
         self.shared.ensure_listener();
         Fence::new(
             inner,
-            Arc::new(self.config.clone().sanitized()),
+            Arc::new(self.config.for_route(&self.shared)),
             self.shared.clone(),
         )
     }

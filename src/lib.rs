@@ -95,6 +95,7 @@ mod handle;
 mod key;
 mod layer;
 mod lease;
+mod metrics;
 mod policy;
 mod queue;
 mod scripts;
@@ -113,7 +114,7 @@ pub use layer::{FenceLayer, OnWaitTimeout};
 pub use policy::{CacheTags, CacheTtl};
 pub use queue::{DeadLetter, InvalidationQueue, InvalidationWorker, WorkerHandle, WorkerStats};
 pub use service::{Fence, ResponseFuture};
-pub use stats::Stats;
+pub use stats::{BreakerState, Stats};
 
 // The README's examples are compiled as doctests.
 #[cfg(doctest)]

@@ -164,7 +164,7 @@ where
         // share one origin call in this process.
         let offline = self.shared.store.breaker().is_open();
         let (Some(key), RequestRule::Lookup { head, refresh }) = (key, rule) else {
-            Counters::inc(&self.shared.counters.bypasses);
+            Counters::inc(&self.config.counters.bypasses);
             if let RequestRule::Bypass(reason) = rule {
                 tracing::trace!(reason, "bypassing the cache");
             }
@@ -223,7 +223,7 @@ where
     C: Conn,
 {
     let Ctx { config, shared } = &ctx;
-    let counters = &shared.counters;
+    let counters = &config.counters;
     let ek = EntryKey::new(&config.namespace, &key);
     let deadlines = Deadlines::new(config);
     for attempt in 0..MAX_ATTEMPTS {
@@ -342,12 +342,14 @@ where
                     } else {
                         deadlines.cap
                     };
+                let waited = std::time::Instant::now();
                 let outcome = match tokio::time::timeout_at(until, wait).await {
                     Ok(Ok(outcome)) => outcome.clone(),
                     // The flight ended without an outcome: look again.
                     Ok(Err(_)) => Some(Outcome::Restart),
                     Err(_) => None,
                 };
+                counters.waited(waited.elapsed());
                 match outcome {
                     Some(Outcome::Serve {
                         entry,

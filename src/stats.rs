@@ -1,12 +1,72 @@
 //! Counters of what the cache did, readable from the handle.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::metrics::{self, Labels};
+
+/// One counter: the total shared by every route of a cache (what
+/// [`Stats`] reads), and the route's labelled metric (feature `metrics`).
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Count {
+    total: Arc<AtomicU64>,
+    metric: metrics::Counter,
+}
+
+impl Count {
+    fn load(&self) -> u64 {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// The same total, with the metric of a route (`labels`) or of the
+    /// whole cache. A counter is a metric of one or the other (see
+    /// [`CACHE_LEVEL`]), never both, so no event is exported twice.
+    fn labelled(&self, field: &'static str, labels: Option<&Labels>) -> Self {
+        let metric = if CACHE_LEVEL.contains(&field) == labels.is_none() {
+            metrics::counter(field, labels)
+        } else {
+            Default::default()
+        };
+        Self {
+            total: self.total.clone(),
+            metric,
+        }
+    }
+}
+
+/// The counters of events that happen outside a route's requests (a lease
+/// release leaving a pass marker, the wake-up listener, invalidations): their
+/// metrics carry no labels. Every other counter is a metric per route.
+const CACHE_LEVEL: [&str; 3] = ["pass_markers", "detached", "listener_connects"];
+
+/// Whether the circuit breaker in front of Redis lets commands through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BreakerState {
+    /// Commands go to Redis (the normal state).
+    #[default]
+    Closed,
+    /// Redis failed repeatedly: no command is sent until the cool-down ends;
+    /// requests bypass the cache.
+    Open,
+    /// The cool-down is over: the next command probes Redis and closes the
+    /// breaker if it succeeds.
+    HalfOpen,
+}
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident,)*) => {
-        #[derive(Debug, Default)]
+        /// The counters of a cache (unlabelled metrics), or of one route
+        /// (made by [`Counters::for_route`]: the same totals, labelled
+        /// metrics, and the route's histograms).
+        #[derive(Debug, Default, Clone)]
         pub(crate) struct Counters {
-            $(pub(crate) $name: AtomicU64,)*
+            $(pub(crate) $name: Count,)*
+            /// How long fills took (origin call and body).
+            pub(crate) fill_duration: metrics::Histogram,
+            /// How long requests waited for another request's fill.
+            pub(crate) wait_duration: metrics::Histogram,
         }
 
         /// A snapshot of a fence's counters, shared by every clone of a
@@ -30,15 +90,41 @@ macro_rules! counters {
             pub redis_calls: u64,
             /// Fills in flight in this process right now.
             pub in_flight: u64,
+            /// The state of the circuit breaker in front of Redis.
+            pub breaker: BreakerState,
         }
 
         impl Counters {
             pub(crate) fn snapshot(&self) -> Stats {
                 Stats {
-                    $($name: self.$name.load(Ordering::Relaxed),)*
+                    $($name: self.$name.load(),)*
                     redis_errors: 0,
                     redis_calls: 0,
                     in_flight: 0,
+                    breaker: BreakerState::Closed,
+                }
+            }
+
+            /// The counters of a cache: the totals, with unlabelled metrics.
+            pub(crate) fn new() -> Self {
+                let base = Self::default();
+                Self {
+                    $($name: base.$name.labelled(stringify!($name), None),)*
+                    ..base
+                }
+            }
+
+            /// The counters of one route of this cache: the same totals,
+            /// and metrics labelled with the route's namespace and name.
+            pub(crate) fn for_route(&self, namespace: &str, route: &str) -> Self {
+                let labels = Labels {
+                    namespace: namespace.to_owned(),
+                    route: route.to_owned(),
+                };
+                Self {
+                    $($name: self.$name.labelled(stringify!($name), Some(&labels)),)*
+                    fill_duration: metrics::histogram("fill", &labels),
+                    wait_duration: metrics::histogram("wait", &labels),
                 }
             }
         }
@@ -84,11 +170,22 @@ counters! {
 }
 
 impl Counters {
-    pub(crate) fn inc(counter: &AtomicU64) {
+    pub(crate) fn inc(counter: &Count) {
         Self::add(counter, 1);
     }
 
-    pub(crate) fn add(counter: &AtomicU64, n: usize) {
-        counter.fetch_add(n as u64, Ordering::Relaxed);
+    pub(crate) fn add(counter: &Count, n: usize) {
+        counter.total.fetch_add(n as u64, Ordering::Relaxed);
+        metrics::increment(&counter.metric, n as u64);
+    }
+
+    /// Records how long a fill took.
+    pub(crate) fn fill_took(&self, elapsed: Duration) {
+        metrics::record(&self.fill_duration, elapsed);
+    }
+
+    /// Records how long a request waited for another request's fill.
+    pub(crate) fn waited(&self, elapsed: Duration) {
+        metrics::record(&self.wait_duration, elapsed);
     }
 }

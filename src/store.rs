@@ -122,6 +122,7 @@ where
         let cluster = as_cluster(&conn).is_some();
         #[cfg(not(feature = "cluster-async"))]
         let cluster = false;
+        crate::metrics::breaker_open(false);
         Self {
             conn,
             cluster,
@@ -163,23 +164,36 @@ where
         }
         self.commands.fetch_add(1, Ordering::Relaxed);
         let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        let started = std::time::Instant::now();
         let result = timed(timeout, f(self.conn.clone())).await;
+        crate::metrics::redis_call(what, started.elapsed(), result.is_ok());
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(_) => self.succeeded(),
             Err(err) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
                 if err.is_transport() {
                     if self.breaker.failure() {
+                        // Logged once per outage: a failed probe re-opens
+                        // the breaker silently.
+                        crate::metrics::breaker_open(true);
                         tracing::warn!(error = %err, cooldown_ms = self.breaker.cooldown(), "redis failing, circuit breaker opened");
                     }
                 } else {
                     // Redis answered: it is alive.
-                    self.breaker.success();
+                    self.succeeded();
                 }
                 tracing::debug!(error = %err, op = what, "redis call failed");
             }
         }
         result
+    }
+
+    /// A call reached Redis: close the breaker, logging it once.
+    fn succeeded(&self) {
+        if self.breaker.success() {
+            crate::metrics::breaker_open(false);
+            tracing::info!("redis answering again, circuit breaker closed");
+        }
     }
 
     /// HGETALL: the one command of a hit. A key of another type reads as
