@@ -156,7 +156,9 @@ where
         }
         match acquired {
             Err(err) => {
-                tracing::warn!(error = %err, key = %key, "fill lease unavailable, calling the origin without caching");
+                if let Some(held) = shared.warn_gate.allow() {
+                    tracing::warn!(error = %err, key = %crate::trace::redact(&key), held_back = held, "fill lease unavailable, calling the origin without caching");
+                }
                 if job.mode == Mode::Refresh {
                     return;
                 }
@@ -165,7 +167,7 @@ where
             Ok(Acquired::Hit(fields)) => match Record::decode(fields, now_ms()) {
                 Record::Entry(entry) => {
                     if job.mode == Mode::Refresh {
-                        tracing::trace!(key = %key, "refresh skipped: another fill replaced the entry");
+                        tracing::trace!(key = %crate::trace::redact(&key), "refresh skipped: another fill replaced the entry");
                     }
                     let vary = varies_on(&entry.headers, job.req.headers());
                     serve_all(
@@ -181,7 +183,7 @@ where
                 // Unreadable (damaged, foreign, another version): take the
                 // lease regardless of what is stored, so this fill replaces it.
                 _ if !repairing => {
-                    tracing::debug!(key = %key, "unreadable entry: refilling it");
+                    tracing::debug!(key = %crate::trace::redact(&key), "unreadable entry: refilling it");
                     repairing = true;
                     refresh = true;
                 }
@@ -218,7 +220,7 @@ where
                 return;
             }
             Ok(Acquired::Won(fields, started)) => {
-                tracing::debug!(key = %key, mode = ?job.mode, "fill lease won");
+                tracing::debug!(key = %crate::trace::redact(&key), mode = ?job.mode, "fill lease won");
                 if job.stale.is_none()
                     && let Record::Entry(entry) = Record::decode(fields, now_ms())
                 {
@@ -236,28 +238,28 @@ where
                 // other fill; one that requests joined waits for it with
                 // them, as a fill would (never sending them to the origin).
                 if job.mode == Mode::Refresh && job.flight.joiners() == 0 {
-                    tracing::trace!(key = %key, "refresh skipped: another fill holds the lease");
+                    tracing::trace!(key = %crate::trace::redact(&key), "refresh skipped: another fill holds the lease");
                     return;
                 }
                 if !waiting {
                     waiting = true;
                     wait_started = Some(Instant::now());
                     Counters::inc(&counters.remote_waits);
-                    tracing::debug!(key = %key, "fill lease held elsewhere, waiting");
+                    tracing::debug!(key = %crate::trace::redact(&key), "fill lease held elsewhere, waiting");
                     // The listener may have died with a runtime: restart it.
                     shared.ensure_listener();
                 }
                 let now = tokio::time::Instant::now();
                 if now >= job.deadlines.cap {
                     Counters::inc(&counters.wait_timeouts);
-                    tracing::debug!(key = %key, "waited the longest a fill may take");
+                    tracing::debug!(key = %crate::trace::redact(&key), "waited the longest a fill may take");
                     counters.waited(wait_started.map_or(Duration::ZERO, |s| s.elapsed()));
                     return give_up(job, true).await;
                 }
                 if now >= job.deadlines.wait && !wait_spent {
                     wait_spent = true;
                     Counters::inc(&counters.wait_timeouts);
-                    tracing::debug!(key = %key, "wait budget spent");
+                    tracing::debug!(key = %crate::trace::redact(&key), "wait budget spent");
                     if job.stale.is_some() || config.on_wait_timeout != OnWaitTimeout::Wait {
                         counters.waited(wait_started.map_or(Duration::ZERO, |s| s.elapsed()));
                         return give_up(job, false).await;
@@ -440,12 +442,12 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let called = match ended {
         Ended::Done(called) => called,
         Ended::Abandoned => {
-            tracing::debug!(key = %entry_key, "fill abandoned after an invalidation");
+            tracing::debug!(key = %crate::trace::redact(&entry_key), "fill abandoned after an invalidation");
             release(&shared, &ek, &key, lease.as_ref(), Leave::Nothing).await;
             return;
         }
         Ended::Panicked => {
-            tracing::error!(key = %entry_key, "the inner service panicked during a fill; its lease is released and waiting requests look again");
+            tracing::error!(key = %crate::trace::redact(&entry_key), "the inner service panicked during a fill; its lease is released and waiting requests look again");
             release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
             shared.flights.restart(&entry_key, &flight);
             send(
@@ -463,7 +465,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
             match stale.filter(|_| config.stale_if_error) {
                 Some(stale) => {
-                    tracing::debug!(key = %entry_key, "origin failed, serving stale");
+                    tracing::debug!(key = %crate::trace::redact(&entry_key), "origin failed, serving stale");
                     serve_stale(&ctx, &flight, &mut leader, stale, &req_headers);
                 }
                 None => {
@@ -474,7 +476,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             return;
         }
         Called::TimedOut => {
-            tracing::warn!(key = %entry_key, fill_timeout = ?config.fill_timeout, "fill timed out before the response began; abandoned");
+            tracing::warn!(key = %crate::trace::redact(&entry_key), fill_timeout = ?config.fill_timeout, "fill timed out before the response began; abandoned");
             Counters::inc(&counters.fill_timeouts);
             release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
             match stale {
@@ -490,7 +492,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         && config.stale_if_error
         && let Some(stale) = stale.clone()
     {
-        tracing::debug!(key = %entry_key, status = %parts.status, "origin answered 5xx, serving stale");
+        tracing::debug!(key = %crate::trace::redact(&entry_key), status = %parts.status, "origin answered 5xx, serving stale");
         release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
         serve_stale(&ctx, &flight, &mut leader, stale, &req_headers);
         return;
@@ -548,17 +550,17 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 match shared.store.store(args).await {
                     Ok(true) => {
                         Counters::inc(&counters.stores);
-                        tracing::debug!(key = %store_key, ?delta, "fill stored");
+                        tracing::debug!(key = %crate::trace::redact(&store_key), ?delta, "fill stored");
                     }
                     Ok(false) => {
                         Counters::inc(&counters.fenced);
                         // Computed before an invalidation: the joiners look
                         // again rather than take it.
                         shared.flights.restart(&entry_key, &flight);
-                        tracing::debug!(key = %store_key, "write-back fenced out: the lease was lost (invalidated or expired)");
+                        tracing::debug!(key = %crate::trace::redact(&store_key), "write-back fenced out: the lease was lost (invalidated or expired)");
                     }
                     Err(err) => {
-                        tracing::warn!(error = %err, key = %store_key, "storing the fill failed");
+                        tracing::warn!(error = %err, key = %crate::trace::redact(&store_key), "storing the fill failed");
                         release(&shared, &ek, &key, Some(lease), Leave::Nothing).await;
                     }
                 }
@@ -595,7 +597,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 }) => ("trailers", false),
                 _ => (reason, false),
             };
-            tracing::debug!(key = %entry_key, reason, "response not cacheable");
+            tracing::debug!(key = %crate::trace::redact(&entry_key), reason, "response not cacheable");
             // A pass marker only for what is uncacheable by nature, on the
             // variant the response belongs to; none while a stale entry can
             // be served instead, nor for a body that failed or timed out.
@@ -622,7 +624,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             };
             if reason == "fill timeout" {
                 Counters::inc(&counters.fill_timeouts);
-                tracing::warn!(key = %entry_key, fill_timeout = ?config.fill_timeout, "fill timed out while reading the body; the rest streams to its own client");
+                tracing::warn!(key = %crate::trace::redact(&entry_key), fill_timeout = ?config.fill_timeout, "fill timed out while reading the body; the rest streams to its own client");
             }
             release(&shared, &ek, &key, lease.as_ref(), leave).await;
             match body {
@@ -731,6 +733,7 @@ fn send_response<B: Body, E>(
 ) {
     let mut res = Response::from_parts(parts, body);
     crate::service::outgoing(config, res.headers_mut(), status);
+    res.extensions_mut().insert(status);
     send(leader, Ok(res));
 }
 

@@ -248,7 +248,7 @@ where
     pub async fn invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
         let removed = self.invalidate_entry(&ek.primary, false).await?;
-        tracing::debug!(key = %ek.primary, removed, "invalidated");
+        tracing::debug!(key = %crate::trace::redact(&ek.primary), removed, "invalidated");
         Ok(removed)
     }
 
@@ -580,7 +580,7 @@ where
                 Ok(Some(_)) => released += 1,
                 Ok(None) => {}
                 Err(err) => {
-                    tracing::warn!(error = %err, lease, "releasing a lease at shutdown failed; it expires by itself")
+                    tracing::warn!(error = %err, lease = %crate::trace::redact(&lease), "releasing a lease at shutdown failed; it expires by itself")
                 }
             }
         }

@@ -176,6 +176,9 @@ pub(crate) struct Shared<C> {
     pub(crate) leases: std::sync::Mutex<std::collections::HashMap<String, String>>,
     /// Set by [`FenceHandle::shutdown`]: new requests bypass the cache.
     pub(crate) closing: std::sync::atomic::AtomicBool,
+    /// Lets the warning of a failed Redis call on the request path through
+    /// once a second, not once per request.
+    pub(crate) warn_gate: crate::trace::Gate,
 }
 
 impl<C> fmt::Debug for Shared<C> {
@@ -305,6 +308,7 @@ where
                 id: rand::random(),
                 leases: Default::default(),
                 closing: Default::default(),
+                warn_gate: Default::default(),
             }),
         }
     }

@@ -115,7 +115,7 @@ where
                 if let Some(lease) = lease {
                     match shared.store.extend(&lease.lease_key(), &lease.token, lock_timeout).await {
                         Ok(true) => {}
-                        Ok(false) => tracing::debug!(key = %lease.key, "fill lease lost while filling; its write-back will be refused"),
+                        Ok(false) => tracing::debug!(key = %crate::trace::redact(&lease.key), "fill lease lost while filling; its write-back will be refused"),
                         Err(err) => tracing::debug!(error = %err, "renewing the fill lease failed"),
                     }
                 }
@@ -176,7 +176,7 @@ pub(crate) async fn release<C>(
     match shared.store.release(args).await {
         Ok(Some(true)) => {
             Counters::inc(&shared.counters.pass_markers);
-            tracing::debug!(key = %lease.key, "pass marker set");
+            tracing::debug!(key = %crate::trace::redact(&lease.key), "pass marker set");
         }
         Ok(_) => {}
         Err(err) => {

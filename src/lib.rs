@@ -102,6 +102,7 @@ mod scripts;
 mod service;
 mod stats;
 mod store;
+mod trace;
 mod wait;
 mod wake;
 mod xfetch;

@@ -179,10 +179,27 @@ where
             config: self.config.clone(),
             shared: self.shared.clone(),
         };
+        // The path only: a query or header value may be personal data.
+        let span = tracing::debug_span!(
+            "cachefence.request",
+            route = %self.config.name,
+            method = %parts.method,
+            path = parts.uri.path(),
+            cache = tracing::field::Empty,
+        );
         let req = Request::from_parts(parts, body);
+        let future = serve(ctx, inner, req, key, head, refresh, offline).instrument(span.clone());
         ResponseFuture {
             state: State::Cached {
-                future: Box::pin(serve(ctx, inner, req, key, head, refresh, offline)),
+                future: Box::pin(async move {
+                    let res = future.await;
+                    if let Ok(res) = &res
+                        && let Some(status) = res.extensions().get::<CacheStatus>()
+                    {
+                        span.record("cache", status.as_str());
+                    }
+                    res
+                }),
             },
         }
     }
@@ -234,7 +251,14 @@ where
             match lookup(&shared.store, &ek, req.headers(), now).await {
                 Ok(found) => Some(found),
                 Err(err) => {
-                    tracing::warn!(error = %err, "cache lookup failed, passing the request through");
+                    match shared.warn_gate.allow() {
+                        Some(held) => {
+                            tracing::warn!(error = %err, held_back = held, "cache lookup failed, passing the request through")
+                        }
+                        None => {
+                            tracing::debug!(error = %err, "cache lookup failed, passing the request through")
+                        }
+                    }
                     offline = true;
                     None
                 }
@@ -243,7 +267,7 @@ where
         let (entry_key, record) = found.unwrap_or_else(|| (ek.primary.clone(), Record::Missing));
         let stale = match record {
             Record::Pass => {
-                tracing::trace!(key = %entry_key, "pass marker: going to the origin");
+                tracing::trace!(key = %crate::trace::redact(&entry_key), "pass marker: going to the origin");
                 Counters::inc(&counters.bypasses);
                 return origin(config, svc, req, CacheStatus::Bypass).await;
             }
@@ -269,7 +293,7 @@ where
             }
             Record::Entry(entry) if !refresh && entry.is_usable_stale(now) => {
                 Counters::inc(&counters.stale);
-                tracing::debug!(key = %entry_key, "serving stale while revalidating");
+                tracing::debug!(key = %crate::trace::redact(&entry_key), "serving stale while revalidating");
                 let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
                 if !head
                     && entry.may_refresh(now)
@@ -320,7 +344,7 @@ where
                 };
                 // The fill runs as its own task: if this request goes away,
                 // the fill still finishes for everyone waiting on it.
-                let span = tracing::debug_span!("cachefence.fill", key = %job.entry_key);
+                let span = tracing::debug_span!("cachefence.fill", key = %crate::trace::redact(&job.entry_key));
                 tokio::spawn(fill::run(job).instrument(span));
                 return match rx.await {
                     Ok(result) => result,
@@ -438,7 +462,8 @@ where
         leader: None,
         deadlines: Deadlines::new(&ctx.config),
     };
-    let span = tracing::debug_span!("cachefence.refresh", key = %job.entry_key);
+    let span =
+        tracing::debug_span!("cachefence.refresh", key = %crate::trace::redact(&job.entry_key));
     tokio::spawn(fill::run(job).instrument(span));
     true
 }
@@ -472,6 +497,7 @@ where
     let res = svc.call(req).await?;
     let mut res = res.map(FenceBody::inner);
     outgoing(config, res.headers_mut(), status);
+    res.extensions_mut().insert(status);
     Ok(res)
 }
 
@@ -513,6 +539,7 @@ pub(crate) fn from_entry<B: Body>(
         headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
     }
     mark(config.status_header.as_ref(), headers, status);
+    res.extensions_mut().insert(status);
     res
 }
 
@@ -528,6 +555,7 @@ pub(crate) fn plain_response<B: Body>(
         res.headers_mut(),
         CacheStatus::Miss,
     );
+    res.extensions_mut().insert(CacheStatus::Miss);
     res
 }
 
