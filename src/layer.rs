@@ -1,21 +1,20 @@
 //! [`FenceLayer`]: the builder users configure.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, StatusCode};
 use redis::aio::ConnectionLike;
 use tower_layer::Layer;
 
-use crate::flight::Flights;
+use crate::cache::FenceCache;
 use crate::handle::FenceHandle;
 use crate::key::{DefaultKey, MakeKey};
 use crate::policy::Policy;
 use crate::service::Fence;
+pub(crate) use crate::shared::Shared;
 use crate::stats::Counters;
-use crate::store::{Breaker, Store};
-use crate::wake;
 
 /// What a request does when its wait for another request's fill runs out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,77 +159,19 @@ impl Default for Config {
     }
 }
 
-/// The state shared by a layer, its clones, its services and its handles.
-pub(crate) struct Shared<C> {
-    pub(crate) store: Store<C>,
-    pub(crate) flights: Flights,
-    pub(crate) counters: Counters,
-    pub(crate) wake_client: OnceLock<redis::Client>,
-    /// Whether the wake-up listener task is running; it clears this when
-    /// it ends, for example with the runtime it was spawned on.
-    pub(crate) listening: Arc<std::sync::atomic::AtomicBool>,
-    /// Tells this layer's own invalidation announcements from others'.
-    pub(crate) id: u64,
-    /// The leases held by this process's running fills (lease key → token),
-    /// so that shutdown can release them.
-    pub(crate) leases: std::sync::Mutex<std::collections::HashMap<String, String>>,
-    /// Set by [`FenceHandle::shutdown`]: new requests bypass the cache.
-    pub(crate) closing: std::sync::atomic::AtomicBool,
-    /// Lets the warning of a failed Redis call on the request path through
-    /// once a second, not once per request.
-    pub(crate) warn_gate: crate::trace::Gate,
-}
-
-impl<C> fmt::Debug for Shared<C> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Shared")
-            .field("flights", &self.flights)
-            .field("counters", &self.counters)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<C> Shared<C>
-where
-    C: ConnectionLike + Clone + Send + Sync + 'static,
-{
-    /// Starts the wake-up listener once, if a client for it was given and a
-    /// Tokio runtime is running.
-    ///
-    /// Called again where waiting starts: a listener that ended with the
-    /// runtime it ran on is started again on the current one.
-    pub(crate) fn ensure_listener(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering;
-        if self.listening.load(Ordering::Acquire) {
-            return;
-        }
-        let Some(client) = self.wake_client.get() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self
-            .listening
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            let weak: Weak<Self> = Arc::downgrade(self);
-            let running = wake::Running(self.listening.clone());
-            runtime.spawn(wake::listen(client.clone(), weak, running));
-        }
-    }
-}
-
 /// A tower [`Layer`] that caches responses in Redis and lets one request per
 /// key reach the inner service when the key is cold or about to expire.
 ///
 /// Cloning this layer is cheap and does not create a new cache: every clone,
 /// every [`Fence`] made from it and every [`FenceHandle`] share one Redis
 /// connection, one in-flight table and one set of counters. A clone may
-/// change the per-route settings (TTL, grace, namespace, key, policy) without
-/// affecting the original; the Redis settings (`redis_timeout`, the circuit
-/// breaker, `wake_ups`) are shared by all clones.
+/// change the per-route settings (TTL, grace, name, namespace, key, policy)
+/// without affecting the original; the cache-wide settings (`redis_timeout`,
+/// the circuit breaker, `wake_ups`) belong to the [`FenceCache`] behind it
+/// and are shared by all clones. With several routes, make the cache first
+/// and a layer per route from it ([`FenceCache::layer`]);
+/// `FenceLayer::new(conn)` is the one-liner for
+/// `FenceCache::new(conn).layer()`.
 ///
 /// # Example
 ///
@@ -296,21 +237,7 @@ where
     /// Waiters poll until [`wake_ups`](Self::wake_ups) gives a client for
     /// notifications.
     pub fn new(redis: C) -> Self {
-        let breaker = Breaker::new(5, Duration::from_secs(1));
-        Self {
-            config: Config::default(),
-            shared: Arc::new(Shared {
-                store: Store::new(redis, Duration::from_millis(250), breaker),
-                flights: Flights::default(),
-                counters: Counters::new(),
-                wake_client: OnceLock::new(),
-                listening: Default::default(),
-                id: rand::random(),
-                leases: Default::default(),
-                closing: Default::default(),
-                warn_gate: Default::default(),
-            }),
-        }
+        FenceCache::new(redis).layer()
     }
 
     /// A handle to invalidate entries and read counters.
@@ -536,33 +463,36 @@ where
         self
     }
 
-    /// The timeout of every Redis call (default 250 ms). A call that takes
-    /// longer counts as a failure and the request goes to the inner service.
-    /// Shared by all clones of this layer.
+    /// The cache this layer belongs to: the one object that owns the
+    /// connection and the cache-wide settings, and makes more layers.
+    pub fn cache(&self) -> FenceCache<C> {
+        FenceCache::from_parts(self.shared.clone(), self.config.clone())
+    }
+
+    /// Cache-wide: see [`FenceCache::redis_timeout`], where it belongs when
+    /// there are several routes. Here it changes the cache of this layer
+    /// and of all its clones, for the one-liner `FenceLayer::new(conn)`.
     #[must_use]
     pub fn redis_timeout(self, timeout: Duration) -> Self {
-        self.shared.store.set_timeout(timeout);
+        let _ = self.cache().redis_timeout(timeout);
         self
     }
 
-    /// After `failures` Redis failures in a row, send no command for
-    /// `cooldown`, then probe with one (default 5 and 1 s). Shared by all
-    /// clones of this layer.
+    /// Cache-wide: see [`FenceCache::circuit_breaker`], where it belongs
+    /// when there are several routes. Here it changes the cache of this
+    /// layer and of all its clones.
     #[must_use]
     pub fn circuit_breaker(self, failures: u32, cooldown: Duration) -> Self {
-        self.shared.store.breaker().configure(failures, cooldown);
+        let _ = self.cache().circuit_breaker(failures, cooldown);
         self
     }
 
-    /// Wake waiting requests the moment another process stores the value
-    /// they wait for, through a Redis pub/sub subscription opened from
-    /// `client` (one per layer and its clones). Without it, waiters poll
-    /// with backoff (5 ms to 100 ms); with it they still poll as a fallback.
-    /// Shared by all clones of this layer; the first call wins.
+    /// Cache-wide: see [`FenceCache::wake_ups`], where it belongs when there
+    /// are several routes. Here it sets the wake-ups of the cache of this
+    /// layer and of all its clones; a second client is ignored.
     #[must_use]
     pub fn wake_ups(self, client: redis::Client) -> Self {
-        let _ = self.shared.wake_client.set(client);
-        self.shared.ensure_listener();
+        let _ = self.cache().wake_ups(client);
         self
     }
 }

@@ -87,6 +87,7 @@
 mod body;
 mod bounds;
 mod breaker;
+mod cache;
 mod entry;
 mod error;
 mod fill;
@@ -100,6 +101,7 @@ mod policy;
 mod queue;
 mod scripts;
 mod service;
+mod shared;
 mod stats;
 mod store;
 mod trace;
@@ -108,6 +110,7 @@ mod wake;
 mod xfetch;
 
 pub use body::FenceBody;
+pub use cache::FenceCache;
 pub use error::FenceError;
 pub use handle::{FenceHandle, Invalidation};
 pub use key::{DefaultKey, MakeKey};

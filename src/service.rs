@@ -33,7 +33,7 @@ use crate::xfetch;
 /// service's responses in Redis.
 ///
 /// See the [crate documentation](crate) for the request path.
-pub struct Fence<S, C> {
+pub struct Fence<S, C = redis::aio::ConnectionManager> {
     inner: S,
     config: Arc<Config>,
     shared: Arc<Shared<C>>,

@@ -1,0 +1,146 @@
+//! [`FenceCache`]: one cache, many routes.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionLike;
+
+use crate::handle::FenceHandle;
+use crate::layer::{Config, FenceLayer};
+use crate::shared::Shared;
+use crate::stats::Stats;
+
+/// One cache: the Redis connection and everything that belongs to it once
+/// per process (the call timeout, the circuit breaker, the wake-up
+/// subscription, the in-flight table, the counters). Routes get their own
+/// [`FenceLayer`] from it with [`layer`](Self::layer), and set their own TTL,
+/// name, key and policy there; the settings on this type can't be set per
+/// route by mistake.
+///
+/// Cloning is cheap: every clone is the same cache.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use axum::{Router, routing::get};
+/// use cachefence::FenceCache;
+///
+/// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis::Client::open("redis://127.0.0.1/")?;
+/// let cache = FenceCache::new(client.get_connection_manager().await?)
+///     .namespace("shop:")
+///     .redis_timeout(Duration::from_millis(100))
+///     .wake_ups(client);
+/// let app: Router = Router::new()
+///     .route("/products/{id}", get(|| async { "a product" })
+///         .layer(cache.layer().name("products").ttl(Duration::from_secs(60))))
+///     .route("/prices", get(|| async { "prices" })
+///         .layer(cache.layer().name("prices").ttl(Duration::from_secs(5))));
+/// let handle = cache.handle();
+/// handle.invalidate_path("/products/42").await?;
+/// # Ok(()) }
+/// ```
+pub struct FenceCache<C = redis::aio::ConnectionManager> {
+    shared: Arc<Shared<C>>,
+    /// What [`layer`](Self::layer) starts from (the namespace).
+    defaults: Config,
+}
+
+impl<C> Clone for FenceCache<C> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            defaults: self.defaults.clone(),
+        }
+    }
+}
+
+impl<C> fmt::Debug for FenceCache<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FenceCache")
+            .field("namespace", &self.defaults.namespace)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> FenceCache<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A cache in the Redis behind `redis`: any async connection of the
+    /// `redis` crate (`ConnectionManager`, `MultiplexedConnection`, and with
+    /// the `cluster-async` feature a Redis Cluster connection).
+    ///
+    /// Defaults: namespace `cachefence:`, Redis timeout 250 ms, breaker
+    /// opening after 5 failures for 1 s, no wake-ups (waiters poll).
+    pub fn new(redis: C) -> Self {
+        Self::from_parts(Arc::new(Shared::new(redis)), Config::default())
+    }
+
+    pub(crate) fn from_parts(shared: Arc<Shared<C>>, defaults: Config) -> Self {
+        Self { shared, defaults }
+    }
+
+    /// A layer for one route, with the default per-route settings and this
+    /// cache's namespace. Set the route's TTL, name, key and policy on it.
+    pub fn layer(&self) -> FenceLayer<C> {
+        FenceLayer {
+            config: self.defaults.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// A handle to invalidate entries of this cache's namespace and read
+    /// its counters.
+    pub fn handle(&self) -> FenceHandle<C> {
+        self.layer().handle()
+    }
+
+    /// A snapshot of the counters, summed over every route.
+    pub fn stats(&self) -> Stats {
+        self.handle().stats()
+    }
+
+    /// The prefix of every Redis key this cache's layers write and its
+    /// handle invalidates (default `cachefence:`). A layer may still put a
+    /// route in another namespace with [`FenceLayer::namespace`].
+    #[must_use]
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.defaults.namespace = Arc::from(namespace.into());
+        self
+    }
+
+    /// The timeout of every Redis call (default 250 ms). A call that takes
+    /// longer counts as a failure and the request goes to the inner service.
+    #[must_use]
+    pub fn redis_timeout(self, timeout: Duration) -> Self {
+        self.shared.store.set_timeout(timeout);
+        self
+    }
+
+    /// After `failures` Redis failures in a row, send no command for
+    /// `cooldown`, then probe with one (default 5 and 1 s). Its state is
+    /// [`Stats::breaker`].
+    #[must_use]
+    pub fn circuit_breaker(self, failures: u32, cooldown: Duration) -> Self {
+        self.shared.store.breaker().configure(failures, cooldown);
+        self
+    }
+
+    /// Wake waiting requests the moment another process stores the value
+    /// they wait for, through one Redis pub/sub subscription opened from
+    /// `client`. Without it, waiters poll with backoff (5 ms to 100 ms);
+    /// with it they still poll as a fallback. Set it once: a second client
+    /// is ignored (with a warning), as the subscription is already open.
+    #[must_use]
+    pub fn wake_ups(self, client: redis::Client) -> Self {
+        if self.shared.wake_client.set(client).is_err() {
+            tracing::warn!("wake_ups was already set for this cache; the new client is ignored");
+        }
+        self.shared.ensure_listener();
+        self
+    }
+}
