@@ -79,6 +79,7 @@ where
 pub struct DefaultKey {
     host: bool,
     headers: Vec<HeaderName>,
+    params: QueryParams,
 }
 
 impl DefaultKey {
@@ -105,6 +106,55 @@ impl DefaultKey {
         self.headers.push(name);
         self
     }
+
+    /// Leaves these query parameters out of the key, for example tracking
+    /// parameters that don't change the response: `/p?utm_source=x&id=1`
+    /// and `/p?id=1` share an entry. A name ending in `*` matches every
+    /// parameter starting with the rest (`utm_*`). Replaces an earlier
+    /// [`only_query_params`](Self::only_query_params).
+    ///
+    /// ```
+    /// use cachefence::{DefaultKey, MakeKey};
+    ///
+    /// let key = DefaultKey::new().ignore_query_params(["utm_*", "fbclid"]);
+    /// let req = http::Request::get("/p?utm_source=mail&id=1&fbclid=x").body(()).unwrap();
+    /// assert_eq!(key.make_key(&req.into_parts().0).as_deref(), Some("/p?id=1"));
+    /// ```
+    ///
+    /// [`FenceHandle::invalidate_path`](crate::FenceHandle::invalidate_path)
+    /// does not apply this filter: invalidate the path without the ignored
+    /// parameters.
+    #[must_use]
+    pub fn ignore_query_params<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.params = QueryParams::Ignore(names.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Keys on these query parameters only (names as in
+    /// [`ignore_query_params`](Self::ignore_query_params)); every other
+    /// parameter is left out of the key. Replaces an earlier
+    /// `ignore_query_params`.
+    ///
+    /// ```
+    /// use cachefence::{DefaultKey, MakeKey};
+    ///
+    /// let key = DefaultKey::new().only_query_params(["page", "sort"]);
+    /// let req = http::Request::get("/list?sort=asc&session=42&page=2").body(()).unwrap();
+    /// assert_eq!(key.make_key(&req.into_parts().0).as_deref(), Some("/list?page=2&sort=asc"));
+    /// ```
+    #[must_use]
+    pub fn only_query_params<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.params = QueryParams::Only(names.into_iter().map(Into::into).collect());
+        self
+    }
 }
 
 impl MakeKey for DefaultKey {
@@ -127,7 +177,7 @@ impl MakeKey for DefaultKey {
         }
         key.push_str(&normalize_path_and_query(
             parts.uri.path(),
-            parts.uri.query(),
+            self.params.keep(parts.uri.query()).as_deref(),
         ));
         for name in &self.headers {
             // A digest, not the value: keyed headers are often credentials,
@@ -138,6 +188,39 @@ impl MakeKey for DefaultKey {
             key.push_str(&digest(&[&header_value(&parts.headers, name)]));
         }
         Some(key)
+    }
+}
+
+/// Which query parameters [`DefaultKey`] keys on.
+#[derive(Debug, Clone, Default)]
+enum QueryParams {
+    #[default]
+    All,
+    Ignore(Vec<String>),
+    Only(Vec<String>),
+}
+
+impl QueryParams {
+    /// The part of `query` to key on.
+    fn keep<'a>(&self, query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
+        let query = query?;
+        let (names, keep_named) = match self {
+            QueryParams::All => return Some(query.into()),
+            QueryParams::Ignore(names) => (names, false),
+            QueryParams::Only(names) => (names, true),
+        };
+        let named = |param: &str| {
+            let name = param_name(param);
+            names.iter().any(|n| match n.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix),
+                None => name == n,
+            })
+        };
+        let kept: Vec<&str> = query
+            .split('&')
+            .filter(|p| !p.is_empty() && named(p) == keep_named)
+            .collect();
+        Some(kept.join("&").into())
     }
 }
 

@@ -97,6 +97,8 @@ mod key;
 mod layer;
 mod lease;
 mod metrics;
+#[cfg(feature = "axum")]
+mod parts;
 mod policy;
 mod queue;
 mod scripts;

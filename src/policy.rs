@@ -19,6 +19,9 @@ use http::{HeaderMap, HeaderName, Method, StatusCode, request, response};
 /// let mut res = http::Response::new("price: 42");
 /// res.extensions_mut().insert(CacheTtl(Duration::from_secs(5)));
 /// ```
+///
+/// With the `axum` feature it is a response part: a handler returns
+/// `(CacheTtl(Duration::from_secs(5)), body)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheTtl(pub Duration);
 
@@ -35,6 +38,9 @@ pub struct CacheTtl(pub Duration);
 /// let mut res = http::Response::new("product 42");
 /// res.extensions_mut().insert(CacheTags(vec!["product:42".into(), "products".into()]));
 /// ```
+///
+/// With the `axum` feature it is a response part: a handler returns
+/// `(CacheTags(vec!["product:42".into()]), body)`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CacheTags(pub Vec<String>);
 
