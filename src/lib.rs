@@ -100,6 +100,7 @@ mod metrics;
 #[cfg(feature = "axum")]
 mod parts;
 mod policy;
+mod purge;
 mod queue;
 mod scripts;
 mod service;
@@ -118,6 +119,7 @@ pub use handle::{FenceHandle, Invalidation};
 pub use key::{DefaultKey, MakeKey};
 pub use layer::{FenceLayer, OnWaitTimeout};
 pub use policy::{CacheTags, CacheTtl};
+pub use purge::PurgeService;
 pub use queue::{DeadLetter, InvalidationQueue, InvalidationWorker, WorkerHandle, WorkerStats};
 pub use service::{Fence, ResponseFuture};
 pub use stats::{BreakerState, Stats};
