@@ -1,7 +1,7 @@
 //! A fill: the task that takes a key's lease, calls the inner service once,
 //! stores the response fenced by the lease, and hands the result to every
 //! request that waited. It runs as its own task, so the request that started
-//! it may go away without stopping it (DESIGN.md promise 2).
+//! it may go away without stopping it (ARCHITECTURE.md, promise 2).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use crate::bounds::Conn;
 use crate::flight::Flight;
 use crate::key::{EntryKey, lease_of};
-use crate::layer::Shared;
+use crate::shared::Shared;
 use crate::stats::Counters;
 use crate::store::ReleaseArgs;
 

@@ -21,6 +21,14 @@
 //! # Ok(()) }
 //! ```
 //!
+//! With several routes, make one [`FenceCache`] (it owns the connection and
+//! the cache-wide settings) and a layer per route from it:
+//! `cache.layer().name("products").ttl(..)`. [`FenceHandle::purge_service`]
+//! answers purge calls over HTTP. Feature `metrics` exports counters,
+//! histograms and gauges through the `metrics` facade; feature `axum` makes
+//! [`CacheTtl`] and [`CacheTags`] response parts. ARCHITECTURE.md in the
+//! repository describes the internals.
+//!
 //! # The request path
 //!
 //! 1. Requests that may not be cached (not GET or HEAD, carrying

@@ -1,4 +1,4 @@
-//! [`Fence`]: the service, and the request path of DESIGN.md.
+//! [`Fence`]: the service, and the request path of ARCHITECTURE.md.
 
 use std::fmt;
 use std::future::Future;

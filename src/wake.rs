@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
 
-use crate::layer::Shared;
+use crate::shared::Shared;
 use crate::stats::Counters;
 use crate::store::{INVALIDATE_CHANNEL, WAKE_CHANNEL};
 

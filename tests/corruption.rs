@@ -1,4 +1,4 @@
-//! Garbage in Redis (DESIGN.md promise 5: "never serves a corrupt one") and
+//! Garbage in Redis (ARCHITECTURE.md, promise 5: "never serves a corrupt one") and
 //! lease edge cases: broken entries written at the exact key the layer uses
 //! must read as a miss, be answered by the origin and be overwritten by the
 //! fill; a lost, expired or stolen lease must never let an older response

@@ -1,4 +1,4 @@
-//! Fail-open under Redis faults (DESIGN.md promise 5): a real axum server
+//! Fail-open under Redis faults (ARCHITECTURE.md, promise 5): a real axum server
 //! with the fence in front of a counting origin, under concurrent load, while
 //! the test redis-server is killed, paused, resumed, restarted and flushed.
 //!

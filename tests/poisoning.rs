@@ -1,4 +1,4 @@
-//! Cache poisoning and hostile input (DESIGN.md promise 6): unkeyed headers,
+//! Cache poisoning and hostile input (ARCHITECTURE.md, promise 6): unkeyed headers,
 //! credentials, cookies, hop-by-hop headers, tenants sharing one Redis, and
 //! raw request bytes over TCP that hyper's client would refuse to send.
 
