@@ -22,7 +22,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Installs the Prometheus recorder for the whole process (once), with
 /// histogram buckets for the cache's `*_duration_seconds` metrics.
-pub fn install_prometheus() -> Result<PrometheusHandle, Box<dyn std::error::Error>> {
+pub(crate) fn install_prometheus() -> Result<PrometheusHandle, Box<dyn std::error::Error>> {
     let buckets = [
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     ];
@@ -32,7 +32,7 @@ pub fn install_prometheus() -> Result<PrometheusHandle, Box<dyn std::error::Erro
 }
 
 /// The app: a slow cached route named `products`, and `/metrics`.
-pub fn app(
+pub(crate) fn app(
     fence: FenceLayer,
     prometheus: PrometheusHandle,
     origin_calls: Arc<AtomicU64>,
@@ -101,7 +101,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// `GET path` over a fresh connection; the body.
-pub async fn http_get(addr: std::net::SocketAddr, path: String) -> std::io::Result<String> {
+async fn http_get(addr: std::net::SocketAddr, path: String) -> std::io::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     let req = format!("GET {path} HTTP/1.1\r\nhost: demo\r\nconnection: close\r\n\r\n");

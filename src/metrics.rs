@@ -17,16 +17,28 @@
 
 use std::time::Duration;
 
-/// A counter handle: a registered `::metrics::Counter`, or nothing.
+/// A counter handle: a registered `metrics::Counter`, or nothing.
 #[cfg(feature = "metrics")]
 pub(crate) type Counter = Option<::metrics::Counter>;
-/// A counter handle: a registered `::metrics::Counter`, or nothing.
+/// A counter handle: a registered `metrics::Counter`, or nothing.
 #[cfg(not(feature = "metrics"))]
 pub(crate) type Counter = ();
 
-/// The counter `cachefence_<field>_total` of one route.
+/// The counters of events that happen outside a route's requests (a lease
+/// release leaving a pass marker, the wake-up listener, invalidations): their
+/// metrics carry no labels. Every other counter is a metric per route.
+#[cfg(feature = "metrics")]
+const CACHE_LEVEL: [&str; 3] = ["pass_markers", "detached", "listener_connects"];
+
+/// The counter `cachefence_<field>_total` of one route (`labels`), or of
+/// the whole cache. A field is a metric of one or the other (see
+/// [`CACHE_LEVEL`]), never both, so no event is exported twice: the other
+/// gets `None`.
 #[cfg(feature = "metrics")]
 pub(crate) fn counter(field: &'static str, labels: Option<&Labels>) -> Counter {
+    if CACHE_LEVEL.contains(&field) != labels.is_none() {
+        return None;
+    }
     let name = format!("cachefence_{field}_total");
     Some(match labels {
         Some(l) => {
@@ -36,7 +48,7 @@ pub(crate) fn counter(field: &'static str, labels: Option<&Labels>) -> Counter {
     })
 }
 
-/// The counter `cachefence_<field>_total` of one route.
+/// The counter `cachefence_<field>_total`: nothing without the feature.
 #[cfg(not(feature = "metrics"))]
 #[inline(always)]
 pub(crate) fn counter(_field: &'static str, _labels: Option<&Labels>) -> Counter {}
@@ -76,10 +88,10 @@ pub(crate) fn redis_call(op: &'static str, elapsed: Duration, ok: bool) {
     let _ = (op, elapsed, ok);
 }
 
-/// A histogram handle: a registered `::metrics::Histogram`, or nothing.
+/// A histogram handle: a registered `metrics::Histogram`, or nothing.
 #[cfg(feature = "metrics")]
 pub(crate) type Histogram = Option<::metrics::Histogram>;
-/// A histogram handle: a registered `::metrics::Histogram`, or nothing.
+/// A histogram handle: a registered `metrics::Histogram`, or nothing.
 #[cfg(not(feature = "metrics"))]
 pub(crate) type Histogram = ();
 

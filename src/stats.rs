@@ -20,25 +20,14 @@ impl Count {
     }
 
     /// The same total, with the metric of a route (`labels`) or of the
-    /// whole cache. A counter is a metric of one or the other (see
-    /// [`CACHE_LEVEL`]), never both, so no event is exported twice.
+    /// whole cache (see [`metrics::counter`]).
     fn labelled(&self, field: &'static str, labels: Option<&Labels>) -> Self {
-        let metric = if CACHE_LEVEL.contains(&field) == labels.is_none() {
-            metrics::counter(field, labels)
-        } else {
-            Default::default()
-        };
         Self {
             total: self.total.clone(),
-            metric,
+            metric: metrics::counter(field, labels),
         }
     }
 }
-
-/// The counters of events that happen outside a route's requests (a lease
-/// release leaving a pass marker, the wake-up listener, invalidations): their
-/// metrics carry no labels. Every other counter is a metric per route.
-const CACHE_LEVEL: [&str; 3] = ["pass_markers", "detached", "listener_connects"];
 
 /// Whether the circuit breaker in front of Redis lets commands through.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
