@@ -733,7 +733,7 @@ fn send_response<B: Body, E>(
 ) {
     let mut res = Response::from_parts(parts, body);
     crate::service::outgoing(config, res.headers_mut(), status);
-    res.extensions_mut().insert(status);
+    crate::service::keep_status(config, &mut res, status);
     send(leader, Ok(res));
 }
 

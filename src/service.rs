@@ -188,15 +188,16 @@ where
             cache = tracing::field::Empty,
         );
         let req = Request::from_parts(parts, body);
+        let config = self.config.clone();
         let future = serve(ctx, inner, req, key, head, refresh, offline).instrument(span.clone());
         ResponseFuture {
             state: State::Cached {
                 future: Box::pin(async move {
                     let res = future.await;
                     if let Ok(res) = &res
-                        && let Some(status) = res.extensions().get::<CacheStatus>()
+                        && !span.is_disabled()
                     {
-                        span.record("cache", status.as_str());
+                        span.record("cache", status_of(&config, res));
                     }
                     res
                 }),
@@ -497,7 +498,7 @@ where
     let res = svc.call(req).await?;
     let mut res = res.map(FenceBody::inner);
     outgoing(config, res.headers_mut(), status);
-    res.extensions_mut().insert(status);
+    keep_status(config, &mut res, status);
     Ok(res)
 }
 
@@ -539,7 +540,7 @@ pub(crate) fn from_entry<B: Body>(
         headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
     }
     mark(config.status_header.as_ref(), headers, status);
-    res.extensions_mut().insert(status);
+    keep_status(config, &mut res, status);
     res
 }
 
@@ -555,8 +556,35 @@ pub(crate) fn plain_response<B: Body>(
         res.headers_mut(),
         CacheStatus::Miss,
     );
-    res.extensions_mut().insert(CacheStatus::Miss);
+    keep_status(config, &mut res, CacheStatus::Miss);
     res
+}
+
+/// Keeps a response's cache status where the request span reads it: in
+/// the status header, or, when there is none, in an extension (which costs
+/// an allocation, so only then).
+pub(crate) fn keep_status<B>(config: &Config, res: &mut Response<B>, status: CacheStatus) {
+    if config.status_header.is_none() {
+        res.extensions_mut().insert(status);
+    }
+}
+
+/// The cache status [`keep_status`] kept.
+fn status_of<B>(config: &Config, res: &Response<B>) -> &'static str {
+    let from_header = config
+        .status_header
+        .as_ref()
+        .and_then(|name| res.headers().get(name))
+        .and_then(|value| match value.as_bytes() {
+            b"HIT" => Some(CacheStatus::Hit),
+            b"MISS" => Some(CacheStatus::Miss),
+            b"STALE" => Some(CacheStatus::Stale),
+            b"BYPASS" => Some(CacheStatus::Bypass),
+            _ => None,
+        });
+    from_header
+        .or_else(|| res.extensions().get::<CacheStatus>().copied())
+        .map_or("", CacheStatus::as_str)
 }
 
 pub(crate) fn mark(name: Option<&HeaderName>, headers: &mut HeaderMap, status: CacheStatus) {
