@@ -31,8 +31,10 @@ pub use control::{WorkerHandle, WorkerStats};
 /// - Delivery is at least once: an invalidation is acknowledged only after
 ///   [`FenceHandle::apply`] succeeded, and applying one twice is harmless.
 /// - A message whose worker died is claimed by another worker once it has
-///   been idle for [`claim_idle`](Self::claim_idle); set it above the
-///   longest invalidation you expect, or slow ones are applied twice.
+///   been idle for [`claim_idle`](Self::claim_idle) (3 s by default). A
+///   live worker resets the idle time of the messages it holds every third
+///   of that time (a heartbeat), so a long invalidation (a prefix walk over
+///   many keys) keeps its claim and nobody starts it a second time.
 /// - A failed attempt is retried after an exponential backoff with jitter
 ///   ([`backoff`](Self::backoff)), by whichever worker claims it first,
 ///   while other messages go on. After [`max_attempts`](Self::max_attempts)
@@ -100,13 +102,14 @@ where
 {
     pub(super) fn new(queue: InvalidationQueue<C>, client: Client) -> Self {
         let (shutdown, _) = watch::channel(false);
+        let group = queue.group.to_string();
         Self {
             queue,
             client,
             consumer: default_consumer(),
-            group: "cachefence".to_owned(),
+            group,
             block: Duration::from_secs(5),
-            claim_idle: Duration::from_secs(30),
+            claim_idle: DEFAULT_CLAIM_IDLE,
             max_attempts: 5,
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(30),
@@ -135,8 +138,9 @@ where
         self
     }
 
-    /// The consumer group (default `cachefence`). Workers of one group share
-    /// the work; each group applies every invalidation.
+    /// The consumer group (default: the queue's
+    /// [`group`](super::InvalidationQueue::group), `cachefence`). Workers of
+    /// one group share the work.
     ///
     /// ```no_run
     /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
@@ -164,8 +168,14 @@ where
     }
 
     /// How long a message must have been idle in another worker's hands
-    /// before this one takes it over (default 30 s). It also bounds the
-    /// retry backoff.
+    /// before this one takes it over (default 3 s). It bounds how long the
+    /// messages of a worker that died wait: they are taken over within
+    /// about 4/3 of it (a worker looks for them every third of it). A live
+    /// worker refreshes its messages every third of it, so it never loses
+    /// one to a slow invalidation; only a worker stalled for longer than
+    /// this (a paused process, a Redis unreachable for that long) may have
+    /// a message applied a second time, which is harmless. Give every
+    /// worker of a group the same value. It also bounds the retry backoff.
     ///
     /// ```no_run
     /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
@@ -273,6 +283,10 @@ where
         self.control.counters.snapshot()
     }
 }
+
+/// The default [`InvalidationWorker::claim_idle`]: a crashed worker's
+/// messages are taken over within about 4 s.
+const DEFAULT_CLAIM_IDLE: Duration = Duration::from_secs(3);
 
 fn default_consumer() -> String {
     let from_file = |path: &str| {

@@ -42,25 +42,53 @@ where
         }
     }
 
-    pub(super) async fn autoclaim(&self, cursor: &str) -> Result<(String, Vec<Entry>), FenceError> {
-        let mut cmd = redis::cmd("XAUTOCLAIM");
-        cmd.arg(&self.queue.keys.stream)
+    /// Claims due entries (`XAUTOCLAIM`, counting the reclaimed ones in
+    /// the queue's stats). Returns the next cursor, the entries and how
+    /// many were reclaimed from a worker that died or stopped.
+    pub(super) async fn autoclaim(
+        &self,
+        cursor: &str,
+    ) -> Result<(String, Vec<Entry>, u64), FenceError> {
+        let keys = &self.queue.keys;
+        let mut inv = self.queue.scripts.claim.key(&keys.stream);
+        inv.key(&keys.attempts)
+            .key(&keys.stats)
             .arg(&self.group)
             .arg(&self.consumer)
             .arg(duration_ms(self.claim_idle))
             .arg(cursor)
-            .arg("COUNT")
             .arg(self.batch);
-        let value: Value = call(&self.queue.conn, self.queue.timeout, &cmd).await?;
+        let mut conn = self.queue.conn.clone();
+        let value: Value = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
         let Value::Array(mut parts) = value else {
             return Err(FenceError::invalid_input("unexpected XAUTOCLAIM reply"));
         };
-        if parts.len() < 2 {
+        if parts.len() < 3 {
             return Err(FenceError::invalid_input("unexpected XAUTOCLAIM reply"));
         }
+        let reclaimed = match parts.pop() {
+            Some(Value::Int(n)) => u64::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
         let entries = parts.swap_remove(1);
         let next = text(&parts[0]).unwrap_or_else(|| "0-0".to_owned());
-        Ok((next, parse_entries(entries)))
+        Ok((next, parse_entries(entries), reclaimed))
+    }
+
+    /// The heartbeat: resets the idle time of the held entries that are
+    /// still this worker's. Returns those.
+    pub(super) async fn refresh(&self, ids: &[String]) -> Result<Vec<String>, FenceError> {
+        let mut inv = self.queue.scripts.refresh.key(&self.queue.keys.stream);
+        inv.arg(&self.group).arg(&self.consumer);
+        for id in ids {
+            inv.arg(id);
+        }
+        let mut conn = self.queue.conn.clone();
+        let value: Value = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
+        Ok(match value {
+            Value::Array(ids) => ids.iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        })
     }
 
     /// One blocking read on the worker's own connection. Shutdown ends it
@@ -145,7 +173,10 @@ where
     pub(super) async fn ack(&self, id: &str) -> Result<bool, FenceError> {
         let keys = &self.queue.keys;
         let mut inv = self.queue.scripts.ack.key(&keys.stream);
-        inv.key(&keys.attempts).arg(&self.group).arg(id);
+        inv.key(&keys.attempts)
+            .key(&keys.stats)
+            .arg(&self.group)
+            .arg(id);
         let mut conn = self.queue.conn.clone();
         let n: i64 = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
         Ok(n > 0)
@@ -161,6 +192,7 @@ where
         let idle = self.claim_idle.saturating_sub(delay);
         let mut inv = self.queue.scripts.fail.key(&keys.stream);
         inv.key(&keys.attempts)
+            .key(&keys.stats)
             .arg(&self.group)
             .arg(&self.consumer)
             .arg(id)
