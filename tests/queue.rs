@@ -524,6 +524,7 @@ async fn shutdown_finishes_the_message_in_hand_and_releases_the_rest() {
         .worker(redis.client())
         .consumer("stopping")
         .batch(3)
+        .concurrency(1)
         .claim_idle(Duration::from_secs(60))
         .block(Duration::from_millis(100));
     let control = worker.handle();
@@ -615,4 +616,257 @@ async fn the_worker_reconnects_after_redis_restarts() {
         .await
         .expect("the worker stops")
         .unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// The drain SLA with default settings: worker processes, one SIGKILLed
+// mid-drain; a live worker keeps its claim; stats; dead letters; enqueue
+// through a Redis restart.
+// ---------------------------------------------------------------------------
+
+/// A worker process with every setting at its default. Does nothing unless
+/// `CACHEFENCE_ROLE=default-worker`; then applies invalidations until
+/// killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a worker process for a_sigkilled_worker_process_does_not_break_the_drain_sla"]
+async fn default_worker_process() {
+    if std::env::var("CACHEFENCE_ROLE").as_deref() != Ok("default-worker") {
+        return;
+    }
+    let url = std::env::var("CACHEFENCE_REDIS_URL").expect("CACHEFENCE_REDIS_URL");
+    let consumer = std::env::var("CACHEFENCE_CONSUMER").expect("CACHEFENCE_CONSUMER");
+    let client = redis::Client::open(url).expect("redis url");
+    let conn = client.get_connection_manager().await.expect("connect");
+    let handle = FenceLayer::new(conn).namespace(NS).handle();
+    handle.queue().worker(client).consumer(consumer).run().await;
+}
+
+/// Child processes, SIGKILLed and reaped on drop.
+struct Children(Vec<(String, std::process::Child)>);
+
+impl Children {
+    fn spawn_worker(&mut self, redis: &RedisServer, name: &str) {
+        let exe = std::env::current_exe().unwrap();
+        let child = Command::new(exe)
+            .args([
+                "--exact",
+                "default_worker_process",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("CACHEFENCE_ROLE", "default-worker")
+            .env("CACHEFENCE_REDIS_URL", redis.url())
+            .env("CACHEFENCE_CONSUMER", name)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.0.push((name.to_owned(), child));
+    }
+
+    fn pid(&self, name: &str) -> u32 {
+        self.0.iter().find(|(n, _)| n == name).unwrap().1.id()
+    }
+
+    fn signal(&self, name: &str, sig: &str) {
+        let pid = self.pid(name).to_string();
+        let status = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(status.success(), "kill {sig} {pid}");
+    }
+
+    fn kill(&mut self, name: &str) {
+        let child = &mut self.0.iter_mut().find(|(n, _)| n == name).unwrap().1;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+}
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// GETs every path, `parallel` at a time, and returns the `x-cache`
+/// statuses in order.
+async fn statuses(app: &App, paths: &[String], parallel: usize) -> Vec<String> {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(paths)
+        .map(|p| app.status(p))
+        .buffered(parallel)
+        .collect()
+        .await
+}
+
+fn pending_of(stats: &cachefence::QueueStats, consumer: &str) -> u64 {
+    stats
+        .consumers
+        .iter()
+        .find(|c| c.name == consumer)
+        .map_or(0, |c| c.pending)
+}
+
+/// The scenario of issue 12: two worker processes with default settings,
+/// 5,000 invalidations queued at once, one worker SIGKILLed mid-drain with
+/// messages in hand. Every invalidation lands within 10 s of the enqueue.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sigkilled_worker_process_does_not_break_the_drain_sla() {
+    const N: usize = 5_000;
+    const SLA: Duration = Duration::from_secs(10);
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    let paths: Vec<String> = (0..N).map(|i| format!("/item/sla{i}")).collect();
+    statuses(&app, &paths, 32).await;
+    let cached = statuses(&app, &paths, 32).await;
+    assert!(
+        cached.iter().all(|s| s == "HIT"),
+        "not all {N} pages were cached"
+    );
+
+    let mut children = Children(Vec::new());
+    children.spawn_worker(&redis, "w-a");
+    children.spawn_worker(&redis, "w-b");
+    let queue = &app.queue;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = queue.stats().await.unwrap();
+        if stats.consumers.len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the workers did not start: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let invs: Vec<Invalidation> = paths.iter().map(Invalidation::path).collect();
+    let enqueued = Instant::now();
+    queue.enqueue_all(&invs).await.unwrap();
+    let enqueue_time = enqueued.elapsed();
+    tokio::time::sleep(Duration::from_millis(100).saturating_sub(enqueue_time)).await;
+    // Freeze the victim to see what it holds, then kill it with that in
+    // hand (if it was between two batches, let it take the next one).
+    let in_hand = loop {
+        children.signal("w-b", "-STOP");
+        let held = pending_of(&queue.stats().await.unwrap(), "w-b");
+        if held > 0 {
+            break held;
+        }
+        children.signal("w-b", "-CONT");
+        assert!(enqueued.elapsed() < SLA, "w-b never held a message");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    children.kill("w-b");
+    let killed_at = enqueued.elapsed();
+
+    let mut drained = None;
+    let mut max_age = Duration::ZERO;
+    while drained.is_none() {
+        let stats = queue.stats().await.unwrap();
+        max_age = max_age.max(stats.oldest_age.unwrap_or_default());
+        if stats.depth == 0 && stats.pending == 0 {
+            drained = Some(enqueued.elapsed());
+        }
+        assert!(
+            enqueued.elapsed() < Duration::from_secs(60),
+            "the queue did not drain: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = drained.unwrap();
+    let stats = queue.stats().await.unwrap();
+    eprintln!(
+        "drain SLA: {N} invalidations enqueued in {enqueue_time:?}, w-b killed at {killed_at:?} \
+         with {in_hand} in hand, all applied {drained:?} after the enqueue \
+         (oldest age seen {max_age:?}); {stats:?}"
+    );
+    assert!(
+        drained <= SLA,
+        "drained in {drained:?}, above the {SLA:?} SLA"
+    );
+    assert_eq!(stats.applied, N as u64, "{stats:?}");
+    assert!(stats.reclaimed >= in_hand, "{stats:?}");
+    assert_eq!((stats.dead_letters, stats.dead_lettered), (0, 0));
+    // Nothing lost: every page is gone from the cache.
+    let after = statuses(&app, &paths, 32).await;
+    let kept: Vec<&String> = paths
+        .iter()
+        .zip(&after)
+        .filter(|(_, s)| *s != "MISS")
+        .map(|(p, _)| p)
+        .collect();
+    assert!(
+        kept.is_empty(),
+        "{} pages were not invalidated: {:?}",
+        kept.len(),
+        &kept[..kept.len().min(5)]
+    );
+}
+
+/// A worker busy with one long invalidation keeps its claim (its heartbeat
+/// refreshes it) far beyond the claim idle time: the other worker, with
+/// default settings too, never starts it a second time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_live_worker_busy_on_a_long_invalidation_keeps_its_claim() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    app.cache("/item/long").await;
+    let (slow_queue, gate) = app.gated_queue();
+    let slow = slow_queue.worker(redis.client()).consumer("slow");
+    let slow_control = slow.handle();
+    let slow_task = tokio::spawn(slow.run());
+    app.queue
+        .enqueue(&Invalidation::prefix("/item/"))
+        .await
+        .unwrap();
+    wait_for(
+        "the slow worker to take it",
+        Duration::from_secs(10),
+        || pending(&redis, app.queue.stream_key(), Some("slow")) == 1,
+    )
+    .await;
+    let other = app.queue.worker(redis.client()).consumer("other");
+    let other_control = other.handle();
+    let other_task = tokio::spawn(other.run());
+
+    // Hold it for well over twice the 3 s claim idle time.
+    let held_since = Instant::now();
+    while held_since.elapsed() < Duration::from_secs(7) {
+        let stats = app.queue.stats().await.unwrap();
+        let slow_c = stats.consumers.iter().find(|c| c.name == "slow").unwrap();
+        assert_eq!(slow_c.pending, 1, "{stats:?}");
+        assert!(slow_c.idle < Duration::from_secs(3), "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let other_stats = other_control.stats();
+    assert_eq!(
+        (other_stats.claimed, other_stats.applied),
+        (0, 0),
+        "{other_stats:?}"
+    );
+    let slow_stats = slow_control.stats();
+    assert!(slow_stats.refreshes >= 5, "{slow_stats:?}");
+    assert_eq!(slow_stats.lost_claims, 0);
+    assert_eq!(app.status("/item/long").await, "HIT");
+
+    gate.send_replace(true);
+    wait_for("the long invalidation", Duration::from_secs(10), || {
+        slow_control.stats().applied == 1
+    })
+    .await;
+    assert_eq!(app.status("/item/long").await, "MISS");
+    let stats = app.queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.applied, stats.reclaimed, stats.depth, stats.pending),
+        (1, 0, 0, 0)
+    );
+    assert_eq!(slow_control.stats().duplicates, 0);
+    slow_control.shutdown();
+    other_control.shutdown();
+    slow_task.await.unwrap();
+    other_task.await.unwrap();
 }

@@ -45,7 +45,10 @@ pub(super) fn is_transient(err: &FenceError) -> bool {
 /// passed: a transient failure is tried again after an exponential backoff
 /// with jitter, as long as the pause ends within the budget. Returns the
 /// result and the number of tries.
-pub(super) async fn retry<T, F, Fut>(budget: Duration, mut attempt: F) -> (Result<T, FenceError>, u32)
+pub(super) async fn retry<T, F, Fut>(
+    budget: Duration,
+    mut attempt: F,
+) -> (Result<T, FenceError>, u32)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, FenceError>>,
@@ -95,12 +98,17 @@ mod tests {
     async fn transient_failures_are_retried_within_the_budget_and_others_are_not() {
         let budget = Duration::from_millis(300);
         let start = Instant::now();
-        let (result, tries) = retry::<(), _, _>(budget, || async { Err(FenceError::timeout()) }).await;
+        let (result, tries) =
+            retry::<(), _, _>(budget, || async { Err(FenceError::timeout()) }).await;
         assert!(result.unwrap_err().is_timeout());
         assert!(tries >= 3, "{tries}");
         // Bounded: no pause ends past the budget (the calls themselves are
         // instant here).
-        assert!(start.elapsed() < budget + Duration::from_millis(100), "{:?}", start.elapsed());
+        assert!(
+            start.elapsed() < budget + Duration::from_millis(100),
+            "{:?}",
+            start.elapsed()
+        );
 
         let (result, tries) =
             retry::<(), _, _>(budget, || async { Err(FenceError::invalid_input("no")) }).await;
@@ -112,7 +120,11 @@ mod tests {
             n += 1;
             let fail = n < 3;
             async move {
-                if fail { Err(FenceError::timeout()) } else { Ok(7) }
+                if fail {
+                    Err(FenceError::timeout())
+                } else {
+                    Ok(7)
+                }
             }
         })
         .await;

@@ -227,8 +227,10 @@ where
             .arg("*")
             .arg(FIELD)
             .arg(invalidation.encode());
-        let (result, tries) =
-            retry(self.retry_budget, || call::<String, _>(&self.conn, self.timeout, &cmd)).await;
+        let (result, tries) = retry(self.retry_budget, || {
+            call::<String, _>(&self.conn, self.timeout, &cmd)
+        })
+        .await;
         match result {
             Ok(id) => {
                 tracing::debug!(stream = %self.keys.stream, id, tries, invalidation = %invalidation.encode(), "invalidation queued");

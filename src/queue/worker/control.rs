@@ -103,7 +103,7 @@ pub(super) struct Control {
 /// let task = tokio::spawn(worker.run());
 /// println!("{:?}", control.stats());
 /// control.shutdown();
-/// task.await?; // the message in hand was finished or released
+/// task.await?; // the messages in hand were finished or released
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -112,7 +112,7 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Asks the worker to stop: it finishes the message it is applying,
+    /// Asks the worker to stop: it finishes the messages it is applying,
     /// hands the rest of its batch back (claimable at once by other
     /// workers), ends a blocking read early and returns from
     /// [`run`](InvalidationWorker::run).

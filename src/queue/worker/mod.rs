@@ -76,6 +76,7 @@ pub struct InvalidationWorker<C> {
     backoff_base: Duration,
     backoff_cap: Duration,
     batch: usize,
+    concurrency: usize,
     dead_letter_limit: usize,
     control: Arc<Control>,
 }
@@ -92,6 +93,7 @@ impl<C> fmt::Debug for InvalidationWorker<C> {
             .field("backoff_base", &self.backoff_base)
             .field("backoff_cap", &self.backoff_cap)
             .field("batch", &self.batch)
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +116,7 @@ where
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(30),
             batch: 16,
+            concurrency: DEFAULT_CONCURRENCY,
             dead_letter_limit: 10_000,
             control: Arc::new(Control {
                 counters: Counters::default(),
@@ -232,6 +235,23 @@ where
         self
     }
 
+    /// How many messages of a batch are applied at the same time (default
+    /// 8, at least 1). Invalidations are independent and idempotent, so
+    /// their order does not matter; this bounds the load one worker puts on
+    /// Redis (each may be a prefix or tag walk) and the messages in hand at
+    /// shutdown.
+    ///
+    /// ```no_run
+    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// let worker = worker.concurrency(1); // one at a time
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+
     /// The dead-letter stream is trimmed to about this many entries, oldest
     /// first (default 10 000).
     ///
@@ -287,6 +307,8 @@ where
 /// The default [`InvalidationWorker::claim_idle`]: a crashed worker's
 /// messages are taken over within about 4 s.
 const DEFAULT_CLAIM_IDLE: Duration = Duration::from_secs(3);
+/// The default [`InvalidationWorker::concurrency`].
+const DEFAULT_CONCURRENCY: usize = 8;
 
 fn default_consumer() -> String {
     let from_file = |path: &str| {

@@ -36,10 +36,19 @@ where
             .arg("0")
             .arg("MKSTREAM");
         match call::<Value, _>(&self.queue.conn, self.queue.timeout, &cmd).await {
-            Ok(_) => Ok(()),
-            Err(err) if err.redis_code() == Some("BUSYGROUP") => Ok(()),
-            Err(err) => Err(err),
+            Ok(_) => {}
+            Err(err) if err.redis_code() == Some("BUSYGROUP") => {}
+            Err(err) => return Err(err),
         }
+        // Redis creates a consumer only when it is first handed a message:
+        // create it now, so that `stats()` shows an idle worker too.
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATECONSUMER")
+            .arg(&self.queue.keys.stream)
+            .arg(&self.group)
+            .arg(&self.consumer);
+        call::<Value, _>(&self.queue.conn, self.queue.timeout, &cmd).await?;
+        Ok(())
     }
 
     /// Claims due entries (`XAUTOCLAIM`, counting the reclaimed ones in

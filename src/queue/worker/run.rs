@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use redis::Value;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 
@@ -101,7 +103,10 @@ where
                         Counters::add(&counters.claimed, entries.len() as u64);
                         Counters::add(&counters.reclaimed, reclaimed);
                         if reclaimed > 0 {
-                            tracing::info!(count = reclaimed, "reclaimed invalidations of a worker that died or stopped");
+                            tracing::info!(
+                                count = reclaimed,
+                                "reclaimed invalidations of a worker that died or stopped"
+                            );
                         }
                         tracing::debug!(count = entries.len(), "claimed pending invalidations");
                         self.process(run, entries).await;
@@ -158,28 +163,49 @@ where
         (self.claim_idle / 3).max(Duration::from_millis(1))
     }
 
-    /// Applies a batch one message at a time, while the heartbeat keeps
-    /// the claim on the messages still held; at shutdown, releases the
-    /// messages not started.
+    /// Applies a batch, up to [`concurrency`](Self::concurrency) messages
+    /// at a time, while the heartbeat keeps the claim on the messages still
+    /// held; at shutdown, finishes the messages started and releases the
+    /// others.
     async fn process(&self, run: &mut Run, entries: Vec<Entry>) {
         let held = Mutex::new(entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
         let work = async {
-            let mut rest = entries.into_iter();
-            while let Some(entry) = rest.next() {
-                if self.stopping() {
-                    let ids: Vec<String> =
-                        std::iter::once(entry).chain(rest).map(|e| e.id).collect();
-                    self.release(&ids).await;
-                    return;
+            let mut waiting = entries.into_iter();
+            let mut running = FuturesUnordered::new();
+            let mut retry_at: Option<Instant> = None;
+            loop {
+                while running.len() < self.concurrency {
+                    if self.stopping() {
+                        let ids: Vec<String> = waiting.by_ref().map(|e| e.id).collect();
+                        self.release(&ids).await;
+                        break;
+                    }
+                    let Some(entry) = waiting.next() else { break };
+                    let held = &held;
+                    running.push(async move {
+                        let id = entry.id.clone();
+                        let retry = self.one(entry).await;
+                        lock(held).retain(|h| *h != id);
+                        retry
+                    });
                 }
-                let id = entry.id.clone();
-                self.one(run, entry).await;
-                lock(&held).retain(|h| *h != id);
+                match running.next().await {
+                    Some(Some(delay)) => {
+                        let at = Instant::now() + delay;
+                        retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+                    }
+                    Some(None) => {}
+                    None => break,
+                }
             }
+            retry_at
         };
-        tokio::select! {
-            () = work => {}
-            () = self.heartbeat(&held) => {}
+        let retry_at = tokio::select! {
+            retry_at = work => retry_at,
+            () = self.heartbeat(&held) => None,
+        };
+        if let Some(at) = retry_at {
+            run.next_claim = run.next_claim.min(at);
         }
     }
 
@@ -218,8 +244,9 @@ where
         }
     }
 
-    /// One attempt at one message.
-    async fn one(&self, run: &mut Run, entry: Entry) {
+    /// One attempt at one message. Returns the retry delay when it failed
+    /// and will be tried again.
+    async fn one(&self, entry: Entry) -> Option<Duration> {
         let counters = &self.control.counters;
         let (attempt, last_error) = match self.begin(&entry.id).await {
             Ok(begun) => begun,
@@ -227,7 +254,7 @@ where
                 // It stays pending and is claimed again after the idle time.
                 Counters::add(&counters.redis_errors, 1);
                 tracing::warn!(error = %err, id = %entry.id, "invalidation worker: recording an attempt failed");
-                return;
+                return None;
             }
         };
         if attempt > u64::from(self.max_attempts) {
@@ -239,7 +266,8 @@ where
             } else {
                 last_error
             };
-            return self.dead_letter(&entry, &error, attempt - 1).await;
+            self.dead_letter(&entry, &error, attempt - 1).await;
+            return None;
         }
         let result = match entry.invalidation() {
             Ok(inv) => self
@@ -269,15 +297,16 @@ where
                 let mut error = error;
                 truncate(&mut error, ERROR_MAX);
                 if attempt >= u64::from(self.max_attempts) {
-                    return self.dead_letter(&entry, &error, attempt).await;
+                    self.dead_letter(&entry, &error, attempt).await;
+                    return None;
                 }
                 let delay = jittered(self.backoff_base, self.backoff_cap, attempt_u32(attempt))
                     .min(self.claim_idle);
                 match self.fail(&entry.id, &error, delay).await {
                     Ok(()) => {
                         Counters::add(&counters.retries, 1);
-                        run.next_claim = run.next_claim.min(Instant::now() + delay);
                         tracing::warn!(id = %entry.id, invalidation = entry.payload().unwrap_or(""), error = %error, attempt, max_attempts = self.max_attempts, retry_in_ms = delay.as_millis() as u64, "invalidation failed; will retry");
+                        return Some(delay);
                     }
                     Err(err) => {
                         Counters::add(&counters.redis_errors, 1);
@@ -286,6 +315,7 @@ where
                 }
             }
         }
+        None
     }
 
     async fn dead_letter(&self, entry: &Entry, error: &str, attempts: u64) {
