@@ -870,3 +870,303 @@ async fn a_live_worker_busy_on_a_long_invalidation_keeps_its_claim() {
     slow_task.await.unwrap();
     other_task.await.unwrap();
 }
+
+/// A connection whose commands fail (connection refused) while it is
+/// broken, and go to Redis otherwise.
+#[derive(Clone)]
+struct Breakable {
+    inner: ConnectionManager,
+    broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Breakable {
+    fn check(&self) -> redis::RedisResult<()> {
+        if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());
+        }
+        Ok(())
+    }
+}
+
+impl ConnectionLike for Breakable {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner.req_packed_command(cmd).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            self.check()?;
+            self.inner
+                .req_packed_commands(pipeline, offset, count)
+                .await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn stats_count_and_dead_letters_can_be_listed_replayed_and_purged() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    for p in ["/item/r1", "/item/r2"] {
+        app.cache(p).await;
+    }
+    // A handle whose Redis calls fail until it is repaired.
+    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let handle = FenceLayer::new(Breakable {
+        inner: app.conn.clone(),
+        broken: broken.clone(),
+    })
+    .namespace(NS)
+    .handle();
+    let queue = handle.queue_with(Breakable {
+        inner: app.conn.clone(),
+        broken: std::sync::Arc::default(),
+    });
+    let stream = queue.stream_key().to_owned();
+    let r1 = queue
+        .enqueue(&Invalidation::path("/item/r1"))
+        .await
+        .unwrap();
+    let r2 = queue
+        .enqueue(&Invalidation::path("/item/r2"))
+        .await
+        .unwrap();
+    let junk = redis.cli(&["XADD", &stream, "*", "junk", "1"]);
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (stats.depth, stats.pending, stats.group_exists),
+        (3, 0, false)
+    );
+    assert!(stats.oldest_age.is_some(), "{stats:?}");
+    assert!(stats.consumers.is_empty());
+
+    let worker = queue
+        .worker(redis.client())
+        .consumer("w")
+        .max_attempts(2)
+        .backoff(Duration::from_millis(50), Duration::from_millis(100));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    wait_for("three dead letters", Duration::from_secs(20), || {
+        control.stats().dead_lettered == 3
+    })
+    .await;
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.depth,
+            stats.pending,
+            stats.dead_letters,
+            stats.retried,
+            stats.dead_lettered,
+            stats.applied
+        ),
+        (0, 0, 3, 3, 3, 0),
+        "{stats:?}"
+    );
+    assert!(stats.oldest_age.is_none());
+    assert_eq!(stats.consumers.len(), 1);
+    assert_eq!(stats.consumers[0].name, "w");
+    let dead = queue.dead_letters(10).await.unwrap();
+    assert_eq!(dead.len(), 3);
+    let id_of = |source: &str| {
+        dead.iter()
+            .find(|d| d.source_id == source)
+            .unwrap()
+            .id
+            .clone()
+    };
+    assert!(
+        dead.iter()
+            .find(|d| d.source_id == r1)
+            .unwrap()
+            .error
+            .contains("refused"),
+        "{dead:?}"
+    );
+
+    // Repair the handle (and wait for its circuit breaker to close).
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.invalidate_path("/nothing").await.is_err() {
+        assert!(Instant::now() < deadline, "the handle did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Replay one by id: applied; a second replay of it finds nothing.
+    let again = queue.replay_dead_letter(&id_of(&r1)).await.unwrap();
+    assert!(again.is_some());
+    assert_eq!(queue.replay_dead_letter(&id_of(&r1)).await.unwrap(), None);
+    wait_for("the replayed invalidation", Duration::from_secs(10), || {
+        control.stats().applied == 1
+    })
+    .await;
+    assert_eq!(app.status("/item/r1").await, "MISS");
+    assert_eq!(app.status("/item/r2").await, "HIT");
+    // Purge the junk by id, replay the rest.
+    assert_eq!(queue.purge_dead_letters(&[id_of(&junk)]).await.unwrap(), 1);
+    assert_eq!(queue.purge_dead_letters(&[id_of(&junk)]).await.unwrap(), 0);
+    assert_eq!(queue.replay_dead_letters(100).await.unwrap().len(), 1);
+    wait_for(
+        "the second replayed invalidation",
+        Duration::from_secs(10),
+        || control.stats().applied == 2,
+    )
+    .await;
+    assert_eq!(app.status("/item/r2").await, "MISS");
+    let stats = queue.stats().await.unwrap();
+    assert_eq!(
+        (
+            stats.depth,
+            stats.dead_letters,
+            stats.applied,
+            stats.replayed,
+            stats.reclaimed
+        ),
+        (0, 0, 2, 2, 0),
+        "{stats:?}"
+    );
+
+    // Purge everything: a new poison message, dead-lettered, then gone.
+    redis.cli(&["XADD", &stream, "*", "inv", "bogus"]);
+    wait_for("a fourth dead letter", Duration::from_secs(20), || {
+        control.stats().dead_lettered == 4
+    })
+    .await;
+    assert_eq!(queue.purge_all_dead_letters().await.unwrap(), 1);
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 0);
+    control.shutdown();
+    task.await.unwrap();
+    // A clean stop leaves no consumer behind.
+    assert!(queue.stats().await.unwrap().consumers.is_empty());
+}
+
+/// 50 producers enqueue through a 1 s Redis restart (with AOF, as the
+/// queue must run): fewer than 0.5 % of the calls fail, every call that
+/// succeeded is in the stream afterwards, and workers with default
+/// settings apply every one.
+#[tokio::test(flavor = "multi_thread")]
+async fn enqueue_rides_out_a_redis_restart_under_load() {
+    const PRODUCERS: usize = 50;
+    let mut redis = RedisServer::with_args(&["--appendonly", "yes", "--appendfsync", "always"]);
+    // The connection a user makes, with its default settings.
+    let conn = redis.client().get_connection_manager().await.unwrap();
+    let handle = FenceLayer::new(conn).namespace(NS).handle();
+    let queue = handle.queue();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producers: Vec<_> = (0..PRODUCERS)
+        .map(|p| {
+            let queue = queue.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut errors, mut slowest) = (Vec::new(), 0usize, Duration::ZERO);
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let started = Instant::now();
+                    match queue
+                        .enqueue(&Invalidation::path(format!("/load/{p}/{i}")))
+                        .await
+                    {
+                        Ok(id) => ok.push(id),
+                        Err(_) => errors += 1,
+                    }
+                    slowest = slowest.max(started.elapsed());
+                    i += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                (ok, errors, slowest)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::task::block_in_place(|| {
+        redis.stop();
+        std::thread::sleep(Duration::from_secs(1));
+        redis.start();
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (mut ok, mut errors, mut slowest) = (Vec::new(), 0, Duration::ZERO);
+    for p in producers {
+        let (o, e, s) = p.await.unwrap();
+        ok.extend(o);
+        errors += e;
+        slowest = slowest.max(s);
+    }
+    let calls = ok.len() + errors;
+    let rate = errors as f64 / calls as f64;
+    // Every call told "queued" is in the stream (a retried append may be
+    // there twice, which is harmless).
+    let stream = queue.stream_key().to_owned();
+    let stored: std::collections::HashSet<String> =
+        match redis.cli_value(&["XRANGE", &stream, "-", "+"]) {
+            Value::Array(entries) => entries
+                .into_iter()
+                .filter_map(|e| match e {
+                    Value::Array(mut parts) if !parts.is_empty() => match parts.swap_remove(0) {
+                        Value::BulkString(id) => Some(String::from_utf8(id).unwrap()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+            other => panic!("{other:?}"),
+        };
+    let lost = ok.iter().filter(|id| !stored.contains(*id)).count();
+    eprintln!(
+        "enqueue under load: {calls} calls by {PRODUCERS} producers, {errors} errors ({:.3} %), \
+         slowest call {slowest:?}, {lost} lost, {} entries in the stream",
+        rate * 100.0,
+        stored.len()
+    );
+    assert_eq!(
+        lost, 0,
+        "acknowledged invalidations missing from the stream"
+    );
+    assert!(rate < 0.005, "{errors} of {calls} enqueue calls failed");
+
+    // Two workers with default settings apply them all.
+    let workers: Vec<_> = ["a", "b"]
+        .into_iter()
+        .map(|name| {
+            let worker = queue.worker(redis.client()).consumer(name);
+            let control = worker.handle();
+            (control, tokio::spawn(worker.run()))
+        })
+        .collect();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        let stats = queue.stats().await.unwrap();
+        if stats.depth == 0 && stats.pending == 0 {
+            eprintln!(
+                "drained {} entries in {:?}: {stats:?}",
+                stored.len(),
+                started.elapsed()
+            );
+            assert_eq!(stats.applied, stored.len() as u64, "{stats:?}");
+            assert_eq!(stats.dead_letters, 0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queue did not drain: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (control, task) in workers {
+        control.shutdown();
+        task.await.unwrap();
+    }
+}
