@@ -10,6 +10,9 @@ use super::InvalidationQueue;
 use super::reply::text;
 use crate::error::{FenceError, timed};
 
+/// Dead letters moved per call by [`InvalidationQueue::replay_dead_letters`].
+const REPLAY_CHUNK: usize = 500;
+
 /// A snapshot of an [`InvalidationQueue`] and its consumer group, from
 /// [`InvalidationQueue::stats`]. Gathered in one Redis call, from Redis,
 /// so it covers the workers of every process.
@@ -85,8 +88,12 @@ pub struct ConsumerStats {
     pub name: String,
     /// Entries delivered to it and not yet acknowledged.
     pub pending: u64,
-    /// Time since it last read, claimed or refreshed its claims. A live
-    /// worker stays below its claim idle time.
+    /// Time since it was last handed a message or refreshed its claim on
+    /// the messages in hand (Redis's consumer idle time). It grows while a
+    /// worker has nothing to do; but a live worker holding messages keeps
+    /// it below its claim idle time, so `pending > 0` with an `idle` well
+    /// above it means a worker that died (its messages are being taken
+    /// over) or is stalled.
     pub idle: Duration,
 }
 
@@ -113,7 +120,8 @@ where
     }
 
     /// Puts dead letters back on the queue, oldest first, at most `limit`
-    /// of them, and returns the new entry ids. Each goes back as a new
+    /// of them (`usize::MAX` for all), and returns the new entry ids. It
+    /// moves them 500 per Redis call. Each goes back as a new
     /// entry with its original fields and a fresh attempt count, and leaves
     /// the dead-letter stream in the same step (a letter is never replayed
     /// twice, even by two admins at once).
@@ -126,8 +134,17 @@ where
     /// # Ok(()) }
     /// ```
     pub async fn replay_dead_letters(&self, limit: usize) -> Result<Vec<String>, FenceError> {
-        let pairs = self.replay("", limit.max(1)).await?;
-        Ok(pairs.into_iter().map(|(_, new)| new).collect())
+        let mut ids = Vec::new();
+        while ids.len() < limit {
+            let chunk = (limit - ids.len()).min(REPLAY_CHUNK);
+            let pairs = self.replay("", chunk).await?;
+            let done = pairs.len() < chunk;
+            ids.extend(pairs.into_iter().map(|(_, new)| new));
+            if done {
+                break;
+            }
+        }
+        Ok(ids)
     }
 
     /// Puts one dead letter (by its [`DeadLetter::id`](super::DeadLetter::id))
