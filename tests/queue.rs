@@ -981,6 +981,8 @@ async fn stats_count_and_dead_letters_can_be_listed_replayed_and_purged() {
     assert_eq!(stats.consumers[0].name, "w");
     let dead = queue.dead_letters(10).await.unwrap();
     assert_eq!(dead.len(), 3);
+    assert!(dead.iter().all(|d| d.attempts == 2), "{dead:?}");
+    assert!(dead.iter().any(|d| d.source_id == r2), "{dead:?}");
     let id_of = |source: &str| {
         dead.iter()
             .find(|d| d.source_id == source)
@@ -1083,7 +1085,7 @@ async fn enqueue_rides_out_a_redis_restart_under_load() {
                     }
                     slowest = slowest.max(started.elapsed());
                     i += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    tokio::time::sleep(Duration::from_millis(40)).await;
                 }
                 (ok, errors, slowest)
             })
