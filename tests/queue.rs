@@ -1172,3 +1172,42 @@ async fn enqueue_rides_out_a_redis_restart_under_load() {
         task.await.unwrap();
     }
 }
+
+/// A retry backoff longer than the claim idle time is kept: the message is
+/// not tried again before it is due, though workers look for due messages
+/// far more often.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retry_waits_out_a_backoff_longer_than_the_claim_idle_time() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    // Refused by apply: an empty prefix.
+    app.queue.enqueue(&Invalidation::prefix("")).await.unwrap();
+    let worker = app
+        .queue
+        .worker(redis.client())
+        .max_attempts(2)
+        .claim_idle(Duration::from_millis(200))
+        .backoff(Duration::from_millis(1500), Duration::from_millis(1500));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    wait_for("the first failure", Duration::from_secs(10), || {
+        control.stats().retries == 1
+    })
+    .await;
+    let failed = Instant::now();
+    wait_for("the dead letter", Duration::from_secs(20), || {
+        control.stats().dead_lettered == 1
+    })
+    .await;
+    // The jittered backoff is at least 750 ms; the claim idle time 200 ms.
+    assert!(
+        failed.elapsed() >= Duration::from_millis(700),
+        "retried after {:?}",
+        failed.elapsed()
+    );
+    let stats = control.stats();
+    assert!(stats.claimed >= 1, "{stats:?}");
+    assert_eq!(stats.reclaimed, 0, "{stats:?}");
+    control.shutdown();
+    task.await.unwrap();
+}

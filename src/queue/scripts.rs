@@ -18,20 +18,24 @@ return {n, err or ''}
 const ACK: &str = r"
 local n = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HDEL', KEYS[2], ARGV[2], ARGV[2] .. ':err')
+redis.call('HDEL', KEYS[2], ARGV[2], ARGV[2] .. ':err', ARGV[2] .. ':due')
 if n > 0 then redis.call('HINCRBY', KEYS[3], 'applied', 1) end
 return n
 ";
 
-/// A failed attempt: keep the error, and set the entry's idle time so that
-/// it becomes claimable once its backoff has passed.
-/// KEYS: stream, attempts, stats. ARGV: group, consumer, id, error, idle
-/// ms, ttl ms.
+/// A failed attempt: keep the error and when the retry is due, and set
+/// the entry's idle time so that it becomes claimable once its backoff has
+/// passed (or, for a backoff above the claim idle time, claimable and then
+/// set aside again by [`CLAIM`] until it is due). KEYS: stream, attempts,
+/// stats. ARGV: group, consumer, id, error, delay ms, claim idle ms, ttl ms.
 const FAIL: &str = r"
-redis.call('HSET', KEYS[2], ARGV[3] .. ':err', ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local delay, idle = tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('HSET', KEYS[2], ARGV[3] .. ':err', ARGV[4], ARGV[3] .. ':due', now + delay)
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
 redis.call('HINCRBY', KEYS[3], 'retried', 1)
-return #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[5], 'JUSTID')
+return #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', math.max(0, idle - delay), 'JUSTID')
 ";
 
 /// Moves an entry to the dead-letter stream, atomically: XADD to dead,
@@ -41,7 +45,7 @@ return #redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV
 const DEAD: &str = r"
 local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('HDEL', KEYS[3], ARGV[2], ARGV[2] .. ':err')
+redis.call('HDEL', KEYS[3], ARGV[2], ARGV[2] .. ':err', ARGV[2] .. ':due')
 if acked == 0 then return 0 end
 local args = {'MAXLEN', '~', ARGV[5], '*'}
 if e[1] and type(e[1][2]) == 'table' then
@@ -56,41 +60,55 @@ redis.call('HINCRBY', KEYS[4], 'dead_lettered', 1)
 return 1
 ";
 
-/// Takes over entries idle for at least the claim idle time (XAUTOCLAIM)
-/// and counts those that were not failed attempts coming due: the entries
-/// of a worker that died or stopped. KEYS: stream, attempts, stats. ARGV:
-/// group, consumer, min idle ms, cursor, count. Returns XAUTOCLAIM's
-/// `{cursor, entries}` and the number reclaimed.
+/// Takes over entries idle for at least the claim idle time (XAUTOCLAIM).
+/// A failed entry whose retry is not due yet is set aside again (its idle
+/// time set so that it is claimable when due) and not returned. Counts the
+/// entries that were not failed attempts: those of a worker that died or
+/// stopped. KEYS: stream, attempts, stats. ARGV: group, consumer, claim
+/// idle ms, cursor, count. Returns `{cursor, entries, reclaimed}`.
 const CLAIM: &str = r"
 local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
-local reclaimed = 0
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local idle = tonumber(ARGV[3])
+local due, reclaimed = {}, 0
 for _, e in ipairs(r[2]) do
-  if redis.call('HEXISTS', KEYS[2], e[1] .. ':err') == 0 then reclaimed = reclaimed + 1 end
+  local at = tonumber(redis.call('HGET', KEYS[2], e[1] .. ':due') or '0') or 0
+  if at > now then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, e[1], 'IDLE', math.max(0, idle - (at - now)), 'JUSTID')
+  else
+    table.insert(due, e)
+    if redis.call('HEXISTS', KEYS[2], e[1] .. ':err') == 0 then reclaimed = reclaimed + 1 end
+  end
 end
 if reclaimed > 0 then redis.call('HINCRBY', KEYS[3], 'reclaimed', reclaimed) end
-return {r[1], r[2], reclaimed}
+return {r[1], due, reclaimed}
 ";
 
 /// The heartbeat of a worker: resets the idle time of the entries it holds
 /// that are still its own, so that nobody reclaims them while it works.
-/// An entry another worker took over meanwhile is left to that worker.
-/// KEYS: stream. ARGV: group, consumer, ids... Returns the ids still
-/// held.
+/// An entry another worker took over meanwhile is left to that worker; an
+/// entry no longer pending (done) is ignored. KEYS: stream. ARGV: group,
+/// consumer, ids... Returns `{ids still held, ids another worker holds}`.
 const REFRESH: &str = r"
-local mine = {}
+local mine, lost = {}, {}
 local args = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
 for i = 3, #ARGV do
   local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1)
-  if p[1] and p[1][2] == ARGV[2] then
-    table.insert(mine, ARGV[i])
-    table.insert(args, ARGV[i])
+  if p[1] then
+    if p[1][2] == ARGV[2] then
+      table.insert(mine, ARGV[i])
+      table.insert(args, ARGV[i])
+    else
+      table.insert(lost, ARGV[i])
+    end
   end
 end
 if #mine > 0 then
   table.insert(args, 'JUSTID')
   redis.call(unpack(args))
 end
-return mine
+return {mine, lost}
 ";
 
 /// Removes a stopping worker's consumer from the group, only when nothing

@@ -54,7 +54,8 @@ pub use control::{WorkerHandle, WorkerStats};
 ///     .worker(redis::Client::open("redis://127.0.0.1/")?)
 ///     .group("invalidators")
 ///     .block(Duration::from_secs(5))
-///     .claim_idle(Duration::from_secs(60))
+///     .claim_idle(Duration::from_secs(5))
+///     .concurrency(4)
 ///     .max_attempts(5)
 ///     .backoff(Duration::from_millis(500), Duration::from_secs(30))
 ///     .batch(16);
@@ -178,7 +179,7 @@ where
     /// one to a slow invalidation; only a worker stalled for longer than
     /// this (a paused process, a Redis unreachable for that long) may have
     /// a message applied a second time, which is harmless. Give every
-    /// worker of a group the same value. It also bounds the retry backoff.
+    /// worker of a group the same value.
     ///
     /// ```no_run
     /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
@@ -206,8 +207,9 @@ where
     }
 
     /// The retry backoff: after the `n`th failed attempt the message waits
-    /// about `base * 2^(n-1)`, at most `cap` and at most the claim idle time,
-    /// with jitter (default 500 ms and 30 s).
+    /// about `base * 2^(n-1)`, at most `cap`, with jitter (default 500 ms
+    /// and 30 s: with the default 5 attempts, a message is given up on
+    /// about 4 to 8 s after its first failure).
     ///
     /// ```no_run
     /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {

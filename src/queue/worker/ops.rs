@@ -85,7 +85,7 @@ where
     }
 
     /// The heartbeat: resets the idle time of the held entries that are
-    /// still this worker's. Returns those.
+    /// still this worker's. Returns those another worker took over.
     pub(super) async fn refresh(&self, ids: &[String]) -> Result<Vec<String>, FenceError> {
         let mut inv = self.queue.scripts.refresh.key(&self.queue.keys.stream);
         inv.arg(&self.group).arg(&self.consumer);
@@ -94,8 +94,12 @@ where
         }
         let mut conn = self.queue.conn.clone();
         let value: Value = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
-        Ok(match value {
-            Value::Array(ids) => ids.iter().filter_map(text).collect(),
+        let lost = match value {
+            Value::Array(mut lists) if lists.len() == 2 => lists.pop(),
+            _ => None,
+        };
+        Ok(match lost {
+            Some(Value::Array(ids)) => ids.iter().filter_map(text).collect(),
             _ => Vec::new(),
         })
     }
@@ -198,7 +202,6 @@ where
         delay: Duration,
     ) -> Result<(), FenceError> {
         let keys = &self.queue.keys;
-        let idle = self.claim_idle.saturating_sub(delay);
         let mut inv = self.queue.scripts.fail.key(&keys.stream);
         inv.key(&keys.attempts)
             .key(&keys.stats)
@@ -206,7 +209,8 @@ where
             .arg(&self.consumer)
             .arg(id)
             .arg(error)
-            .arg(duration_ms(idle))
+            .arg(duration_ms(delay))
+            .arg(duration_ms(self.claim_idle))
             .arg(duration_ms(ATTEMPTS_TTL));
         let mut conn = self.queue.conn.clone();
         timed::<Value>(self.queue.timeout, inv.invoke_async(&mut conn)).await?;

@@ -223,13 +223,9 @@ where
                 continue;
             }
             match self.refresh(&ids).await {
-                Ok(kept) => {
+                Ok(lost) => {
                     Counters::add(&counters.refreshes, 1);
                     let mut held = lock(held);
-                    let lost: Vec<String> = ids
-                        .into_iter()
-                        .filter(|id| !kept.contains(id) && held.contains(id))
-                        .collect();
                     if !lost.is_empty() {
                         held.retain(|h| !lost.contains(h));
                         Counters::add(&counters.lost_claims, lost.len() as u64);
@@ -300,8 +296,7 @@ where
                     self.dead_letter(&entry, &error, attempt).await;
                     return None;
                 }
-                let delay = jittered(self.backoff_base, self.backoff_cap, attempt_u32(attempt))
-                    .min(self.claim_idle);
+                let delay = jittered(self.backoff_base, self.backoff_cap, attempt_u32(attempt));
                 match self.fail(&entry.id, &error, delay).await {
                     Ok(()) => {
                         Counters::add(&counters.retries, 1);
