@@ -177,6 +177,9 @@ where
                 while running.len() < self.concurrency {
                     if self.stopping() {
                         let ids: Vec<String> = waiting.by_ref().map(|e| e.id).collect();
+                        // No more heartbeats for them: released messages
+                        // are claimable at once.
+                        lock(&held).retain(|h| !ids.contains(h));
                         self.release(&ids).await;
                         break;
                     }
