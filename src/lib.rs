@@ -111,7 +111,10 @@ pub use handle::{FenceHandle, Invalidation};
 pub use key::{DefaultKey, MakeKey};
 pub use layer::{FenceLayer, OnWaitTimeout};
 pub use policy::{CacheTags, CacheTtl};
-pub use queue::{DeadLetter, InvalidationQueue, InvalidationWorker, WorkerHandle, WorkerStats};
+pub use queue::{
+    ConsumerStats, DeadLetter, InvalidationQueue, InvalidationWorker, QueueStats, WorkerHandle,
+    WorkerStats,
+};
 pub use service::{Fence, ResponseFuture};
 pub use stats::Stats;
 
