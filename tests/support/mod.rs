@@ -486,9 +486,11 @@ impl Http {
         }
     }
 
-    /// `GET http://{addr}{path_and_query}`; `path_and_query` must start with `/`.
+    /// `GET http://{addr}{path_and_query}` with `Host: app.test` (see
+    /// [`TEST_HOST`]); `path_and_query` must start with `/`.
     pub async fn get(&self, addr: SocketAddr, path_and_query: &str) -> Reply {
         let req = http::Request::get(format!("http://{addr}{path_and_query}"))
+            .header(http::header::HOST, TEST_HOST)
             .body(Full::new(Bytes::new()))
             .expect("valid request");
         self.request(req).await
@@ -521,6 +523,11 @@ impl Default for Http {
         Self::new()
     }
 }
+
+/// The `Host` the test clients send unless told otherwise. The host is in
+/// the default cache key; app instances listening on different ports stand
+/// for instances behind one load balancer, which all see the site's name.
+pub const TEST_HOST: &str = "app.test";
 
 /// This process's peak resident set size (`VmHWM`), in KiB; 0 where
 /// `/proc` doesn't tell. Nextest runs each test in its own process, so it is
