@@ -490,14 +490,17 @@ impl Http {
     /// [`TEST_HOST`]); `path_and_query` must start with `/`.
     pub async fn get(&self, addr: SocketAddr, path_and_query: &str) -> Reply {
         let req = http::Request::get(format!("http://{addr}{path_and_query}"))
-            .header(http::header::HOST, TEST_HOST)
             .body(Full::new(Bytes::new()))
             .expect("valid request");
         self.request(req).await
     }
 
-    /// Send `req` (absolute URI required) and buffer the whole response.
-    pub async fn request(&self, req: http::Request<Full<Bytes>>) -> Reply {
+    /// Send `req` (absolute URI required; `Host: app.test` unless it names
+    /// one) and buffer the whole response.
+    pub async fn request(&self, mut req: http::Request<Full<Bytes>>) -> Reply {
+        req.headers_mut()
+            .entry(http::header::HOST)
+            .or_insert(http::HeaderValue::from_static(TEST_HOST));
         let desc = format!("{} {}", req.method(), req.uri());
         let resp = self
             .client
