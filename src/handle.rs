@@ -13,10 +13,11 @@ use futures_util::future::join_all;
 
 use crate::error::FenceError;
 use crate::key::{
-    EntryKey, READABLE_MAX, escape, namespace_prefix, normalize_user_path, tag_keys,
-    tag_marker_prefix, truncate_escaped, variants_set_of,
+    EntryKey, READABLE_MAX, escape, namespace_prefix, tag_keys, tag_marker_prefix,
+    truncate_escaped, url_of, variants_set_of,
 };
 use crate::layer::{Config, Shared};
+use crate::policy::RequestRule;
 use crate::stats::{Counters, Stats};
 use crate::store::{INVALIDATE_CHANNEL, Node, ReleaseArgs, Store};
 
@@ -233,13 +234,101 @@ where
     }
 
     /// Removes every stored variant of a URL (path with an optional query,
-    /// normalised as [`DefaultKey`](crate::DefaultKey) does): all `Vary`
-    /// variants, for GET and HEAD. Returns how many entries were removed.
+    /// normalised as [`DefaultKey`](crate::DefaultKey) does), for every
+    /// host and every other key dimension (keyed headers, forwarding
+    /// headers): all `Vary` variants, for GET and HEAD. Returns how many
+    /// entries were removed.
     ///
-    /// This assumes the default key function; with a custom one use
-    /// [`invalidate_key`](Self::invalidate_key).
+    /// The URL's key comes from the layer's key function
+    /// ([`MakeKey::path_key`](crate::MakeKey::path_key)). A key function
+    /// that can't derive it (any closure) makes this fail with an
+    /// invalid-input error rather than remove nothing: use
+    /// [`invalidate_request`](Self::invalidate_request),
+    /// [`invalidate_uri`](Self::invalidate_uri) or
+    /// [`invalidate_key`](Self::invalidate_key) there.
     pub async fn invalidate_path(&self, path: &str) -> Result<u64, FenceError> {
-        self.invalidate_key(&normalize_user_path(path)).await
+        self.invalidate_key(&self.path_key(path)?).await
+    }
+
+    /// Removes the entries of one request's key, as the layer's key function
+    /// makes it (host, keyed headers and forwarding headers included): with
+    /// the default key, one URL on one host, with all its `Vary` variants.
+    /// Returns how many entries were removed.
+    ///
+    /// Fails with an invalid-input error when the layer would not cache
+    /// the request at all (a method other than GET or HEAD, a credential,
+    /// a method override, a host outside
+    /// [`allowed_hosts`](crate::FenceLayer::allowed_hosts), or a key
+    /// function that returns `None`).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// let req = http::Request::get("/products/42")
+    ///     .header("host", "shop-a.example")
+    ///     .body(())
+    ///     .unwrap();
+    /// handle.invalidate_request(&req).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn invalidate_request(&self, req: &http::Request<()>) -> Result<u64, FenceError> {
+        let key = self.request_key(req)?;
+        self.invalidate_key(&key).await
+    }
+
+    /// [`invalidate_request`](Self::invalidate_request) of a `GET` for this
+    /// URI. An absolute URI names the host (`https://shop-a.example/products/42`);
+    /// a path alone names no host, which with the default key is the entry
+    /// of requests that came without one (use
+    /// [`invalidate_path`](Self::invalidate_path) for every host).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// let uri: http::Uri = "https://shop-a.example/products/42".parse().unwrap();
+    /// handle.invalidate_uri(&uri).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn invalidate_uri(&self, uri: &http::Uri) -> Result<u64, FenceError> {
+        let mut req = http::Request::new(());
+        *req.uri_mut() = uri.clone();
+        self.invalidate_request(&req).await
+    }
+
+    /// The URL key of a path, from the layer's key function.
+    fn path_key(&self, path: &str) -> Result<String, FenceError> {
+        self.config.key.path_key(path).ok_or_else(|| {
+            FenceError::invalid_input(
+                "the layer's key function can't derive a path's key; \
+                 use invalidate_request, invalidate_uri or invalidate_key",
+            )
+        })
+    }
+
+    /// The cache key the layer gives this request.
+    fn request_key(&self, req: &http::Request<()>) -> Result<String, FenceError> {
+        let mut parts = http::Request::new(());
+        *parts.method_mut() = req.method().clone();
+        *parts.uri_mut() = req.uri().clone();
+        *parts.version_mut() = req.version();
+        *parts.headers_mut() = req.headers().clone();
+        let (mut parts, ()) = parts.into_parts();
+        self.config.policy.unkeyed.strip(&mut parts.headers);
+        if let RequestRule::Bypass(reason) = self.config.policy.request(&parts) {
+            tracing::debug!(
+                reason,
+                "invalidate_request: the layer bypasses this request"
+            );
+            return Err(FenceError::invalid_input(
+                "the layer does not cache this request (method, credentials, method override, \
+                 url rewrite header or host)",
+            ));
+        }
+        self.config.cache_key(&parts).ok_or_else(|| {
+            FenceError::invalid_input("the layer's key function does not cache this request")
+        })
     }
 
     /// Removes the entry stored under a cache key (as returned by the key
@@ -257,7 +346,7 @@ where
     /// flight are fenced out as with [`invalidate_path`](Self::invalidate_path).
     /// Returns how many entries were marked.
     pub async fn soft_invalidate_path(&self, path: &str) -> Result<u64, FenceError> {
-        self.soft_invalidate_key(&normalize_user_path(path)).await
+        self.soft_invalidate_key(&self.path_key(path)?).await
     }
 
     /// [`soft_invalidate_path`](Self::soft_invalidate_path) by cache key.
@@ -459,28 +548,34 @@ where
         let mut total = 0;
         let mut walk = Walk::new(&self.shared.store, pattern).await?;
         while let Some(keys) = walk.next(&self.shared.store).await? {
+            // The URL keys the batch's keys belong to (invalidating a URL
+            // removes every host, dimension and variant of it).
             let mut primaries: HashSet<&str> = HashSet::new();
             for key in &keys {
                 // Tag keys start with `<namespace>#`, never an entry key.
-                if key.as_bytes().get(namespace.len()) == Some(&b'#') {
+                if key.as_bytes().get(namespace.len()) == Some(&b'#') || !key.contains('}') {
                     continue;
                 }
-                if let Some(end) = key.find('}') {
-                    primaries.insert(&key[..=end]);
+                let url = url_of(key);
+                if primaries.contains(url) {
+                    continue;
                 }
-            }
-            let mut chosen: Vec<&str> = Vec::with_capacity(primaries.len());
-            for primary in primaries {
                 if verify {
-                    let key = self.shared.store.hget(primary, "key").await?;
-                    let matches = key.is_some_and(|k| k.starts_with(prefix.as_bytes()));
-                    if !matches {
+                    // The entry (at the URL or a dimension of it) holds the
+                    // whole key, which starts with the URL.
+                    if key.ends_with(":lease") || key.ends_with(":vars") {
+                        continue;
+                    }
+                    let full = self.shared.store.hget(key, "key").await?;
+                    if !full.is_some_and(|k| k.starts_with(prefix.as_bytes())) {
                         continue;
                     }
                 }
-                chosen.push(primary);
+                primaries.insert(url);
             }
-            total += self.invalidate_primaries(chosen.into_iter(), soft).await?;
+            total += self
+                .invalidate_primaries(primaries.into_iter(), soft)
+                .await?;
         }
         let detached = self.shared.flights.detach_prefix(&key_prefix);
         Counters::add(&self.shared.counters.detached, detached);

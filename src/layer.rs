@@ -10,7 +10,7 @@ use tower_layer::Layer;
 
 use crate::flight::Flights;
 use crate::handle::FenceHandle;
-use crate::key::{DefaultKey, MakeKey};
+use crate::key::{DefaultKey, MakeKey, normalize_host};
 use crate::policy::Policy;
 use crate::service::Fence;
 use crate::stats::Counters;
@@ -77,6 +77,13 @@ impl fmt::Debug for Config {
 }
 
 impl Config {
+    /// The cache key of a request the policy looks up: the key function's,
+    /// with the unkeyed inputs it carries added as dimensions.
+    pub(crate) fn cache_key(&self, parts: &http::request::Parts) -> Option<String> {
+        let key = self.key.make_key(parts)?;
+        Some(self.policy.unkeyed.extend_key(key, &parts.headers))
+    }
+
     /// The headers the cache adds or strips itself: the cache-status header,
     /// and the tag headers unless they are exposed. They are never stored.
     pub(crate) fn is_own_header(&self, name: &HeaderName) -> bool {
@@ -330,12 +337,90 @@ where
         self
     }
 
-    /// Replaces the key function (default [`DefaultKey`]). Note that
-    /// [`FenceHandle::invalidate_path`] assumes the default key; with a
-    /// custom one, invalidate by key.
+    /// Replaces the key function (default [`DefaultKey`]: path, sorted
+    /// query and host). [`FenceHandle::invalidate_path`] needs the key
+    /// function's [`MakeKey::path_key`]: with a closure it fails with an
+    /// error; [`FenceHandle::invalidate_request`] and
+    /// [`FenceHandle::invalidate_uri`] work with any key function.
+    ///
+    /// Whatever the key function, the forwarding headers listed at
+    /// [`trust_header`](Self::trust_header) are added to the key.
     #[must_use]
     pub fn key(mut self, key: impl MakeKey) -> Self {
         self.config.key = Arc::new(key);
+        self
+    }
+
+    /// Caches only requests for these hosts (compared after normalising as
+    /// [`DefaultKey`] does: lowercase, no trailing dot, no default port);
+    /// requests for any other host, or naming none, pass through uncached.
+    /// Default: any host. With it, a client sending arbitrary `Host`
+    /// values can't fill Redis with entries.
+    ///
+    /// ```
+    /// # fn doc(conn: redis::aio::MultiplexedConnection) {
+    /// let fence = cachefence::FenceLayer::new(conn)
+    ///     .allowed_hosts(["shop.example", "www.shop.example"]);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn allowed_hosts<I, H>(mut self, hosts: I) -> Self
+    where
+        I: IntoIterator<Item = H>,
+        H: AsRef<str>,
+    {
+        let hosts = hosts
+            .into_iter()
+            .map(|h| normalize_host(h.as_ref().as_bytes(), None))
+            .collect();
+        self.config.policy.unkeyed.allowed_hosts = Some(Arc::new(hosts));
+        self
+    }
+
+    /// Declares a request header trusted: set by your own proxy on every
+    /// request (overwriting what clients send), and constant per host, so
+    /// it neither enters the key nor makes a request pass through.
+    ///
+    /// By default the layer guards against request headers that change
+    /// responses without the response naming them in `Vary` (the inputs of
+    /// web cache poisoning):
+    ///
+    /// - keyed on a SHA-256 digest of their value: `Forwarded` (without its
+    ///   per-client `for` and `by` parameters), `X-Forwarded-Host`,
+    ///   `X-Forwarded-Proto`, `X-Forwarded-Scheme`, `X-Forwarded-Prefix`,
+    ///   `X-Forwarded-Port`, `X-Forwarded-Server`, `X-Forwarded-Ssl`,
+    ///   `Front-End-Https`, `X-Url-Scheme`, `X-Host`;
+    /// - passed through uncached: `X-Original-URL`, `X-Rewrite-URL`,
+    ///   `X-Original-URI` (they make some frameworks serve another URL), and
+    ///   the method overrides `X-HTTP-Method-Override`, `X-HTTP-Method`,
+    ///   `X-Method-Override` (and a `_method` query parameter, which can't
+    ///   be trusted).
+    ///
+    /// Behind a proxy that always sets `X-Forwarded-Proto`, keying costs
+    /// nothing (one value per host); trusting it saves the digest.
+    ///
+    /// ```
+    /// # fn doc(conn: redis::aio::MultiplexedConnection) {
+    /// use http::HeaderName;
+    /// let fence = cachefence::FenceLayer::new(conn)
+    ///     .trust_header(HeaderName::from_static("x-forwarded-proto"))
+    ///     .strip_header(HeaderName::from_static("x-original-url"));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn trust_header(mut self, name: HeaderName) -> Self {
+        self.config.policy.unkeyed.trusted.push(name);
+        self
+    }
+
+    /// Removes a request header from every request (cached or not) before
+    /// the inner service sees it: for headers your app must never act on
+    /// when they come from clients, such as `X-Original-URL` or a method
+    /// override. A stripped header is neither keyed nor a reason to pass
+    /// through.
+    #[must_use]
+    pub fn strip_header(mut self, name: HeaderName) -> Self {
+        self.config.policy.unkeyed.stripped.push(name);
         self
     }
 

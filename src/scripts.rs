@@ -92,6 +92,10 @@ if ARGV[5] ~= '' then
     redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
   end
   if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+end
+-- Every entry but the URL's own (a Vary variant, a host or other key
+-- dimension) is listed in the URL's variant set.
+if KEYS[1] .. ':vars' ~= KEYS[4] then
   local ok2 = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
   if not ok2 then
     redis.call('DEL', KEYS[4])
@@ -209,34 +213,51 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 ";
 
 /// Removes an entry, its variants and every lease, so that no fill that
-/// started before can write back. KEYS: primary, variants set.
+/// started before can write back. KEYS: primary, the variant set of its URL.
 /// ARGV: invalidate channel, sender id. Returns the number of entries removed.
+///
+/// When the primary is the URL's own key, every listed variant and
+/// dimension goes; when it is a dimension of the URL (one host), only it and
+/// its own `Vary` variants do.
 pub(crate) const INVALIDATE: &str = r"
 local n = 0
+local whole = KEYS[1] .. ':vars' == KEYS[2]
+local below = KEYS[1] .. ':v:'
 local ok, vars = pcall(redis.call, 'SMEMBERS', KEYS[2])
 if ok then
   for _, v in ipairs(vars) do
-    n = n + redis.call('UNLINK', v)
-    redis.call('UNLINK', v .. ':lease')
+    if whole or v == KEYS[1] or string.sub(v, 1, #below) == below then
+      n = n + redis.call('UNLINK', v)
+      redis.call('UNLINK', v .. ':lease')
+      if not whole then redis.call('SREM', KEYS[2], v) end
+    end
   end
 end
 local had = redis.call('EXISTS', KEYS[1])
 local kind = redis.call('TYPE', KEYS[1])['ok']
 local index = false
 if kind == 'hash' then index = redis.call('HEXISTS', KEYS[1], 'vary') == 1 end
-redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease', KEYS[2])
+redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease')
+if whole then redis.call('UNLINK', KEYS[2]) end
 if had == 1 and not index then n = n + 1 end
 redis.call('PUBLISH', ARGV[1], 'key:' .. ARGV[2] .. ':' .. KEYS[1])
 return n
 ";
 
-/// Marks an entry and its variants stale. KEYS: primary, variants set.
-/// ARGV: now ms. Returns the number of entries marked.
+/// Marks an entry and its variants stale. KEYS: primary, the variant set of
+/// its URL (filtered as in [`INVALIDATE`]). ARGV: now ms. Returns the number
+/// of entries marked.
 pub(crate) const SOFT_INVALIDATE: &str = r"
 local n = 0
 local keys = {KEYS[1]}
+local whole = KEYS[1] .. ':vars' == KEYS[2]
+local below = KEYS[1] .. ':v:'
 local ok, vars = pcall(redis.call, 'SMEMBERS', KEYS[2])
-if ok then for _, v in ipairs(vars) do table.insert(keys, v) end end
+if ok then
+  for _, v in ipairs(vars) do
+    if whole or string.sub(v, 1, #below) == below then table.insert(keys, v) end
+  end
+end
 for _, k in ipairs(keys) do
   local ok2, fresh = pcall(redis.call, 'HGET', k, 'fresh')
   if ok2 and fresh then

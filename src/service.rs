@@ -150,14 +150,15 @@ where
         // Take the service that was driven to readiness and leave a clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        self.config.policy.unkeyed.strip(&mut parts.headers);
         let rule = self.config.policy.request(&parts);
         let closing = self
             .shared
             .closing
             .load(std::sync::atomic::Ordering::Relaxed);
         let key = match rule {
-            RequestRule::Lookup { .. } if !closing => self.config.key.make_key(&parts),
+            RequestRule::Lookup { .. } if !closing => self.config.cache_key(&parts),
             _ => None,
         };
         // With the breaker open, Redis is skipped; requests for one key still
