@@ -96,6 +96,9 @@ where
         key: job.entry_key.clone(),
         flight: job.flight.clone(),
     };
+    // The origin answers the full response, which every request served
+    // from this fill cuts its own condition or range from.
+    crate::conditional::strip(job.req.headers_mut());
     let shared = job.ctx.shared.clone();
     let config = job.ctx.config.clone();
     let counters = &shared.counters;

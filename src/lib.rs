@@ -83,6 +83,7 @@
 mod body;
 mod bounds;
 mod breaker;
+mod conditional;
 mod entry;
 mod error;
 mod fill;

@@ -156,6 +156,13 @@ impl Policy {
     pub(crate) fn response(&self, parts: &response::Parts) -> ResponseRule {
         let shareable = shareable(&parts.headers);
         let dont = |reason| ResponseRule::DontStore { reason, shareable };
+        if crate::conditional::is_own_answer(parts.status) {
+            // One request's range or condition, never another's answer.
+            return ResponseRule::DontStore {
+                reason: "206 or 304",
+                shareable: false,
+            };
+        }
         if !self.statuses.contains(&parts.status) {
             return dont("status");
         }

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::bounds::{CacheBody, Conn, Inner};
 
 use crate::body::FenceBody;
+use crate::conditional::{self, Conditions};
 use crate::entry::{Entry, Record, now_ms};
 use crate::error::FenceError;
 use crate::fill::{self, Job, Mode};
@@ -157,7 +158,10 @@ where
             .closing
             .load(std::sync::atomic::Ordering::Relaxed);
         let key = match rule {
-            RequestRule::Lookup { .. } if !closing => self.config.key.make_key(&parts),
+            // `If-Match` / `If-Unmodified-Since` are the origin's to evaluate.
+            RequestRule::Lookup { .. } if !closing && !conditional::origin_only(&parts.headers) => {
+                self.config.key.make_key(&parts)
+            }
             _ => None,
         };
         // With the breaker open, Redis is skipped; requests for one key still
@@ -179,11 +183,23 @@ where
             config: self.config.clone(),
             shared: self.shared.clone(),
         };
+        // Each request answers its own condition or range from the full
+        // response (fills ask the origin without them).
+        let conditions = Conditions::of(&parts);
         let req = Request::from_parts(parts, body);
+        let future = serve(ctx, inner, req, key, head, refresh, offline);
+        let future: BoxFuture<_> = match conditions {
+            None => Box::pin(future),
+            Some(conditions) => {
+                let status_header = self.config.status_header.clone();
+                Box::pin(async move {
+                    let res = future.await?;
+                    Ok(conditions.answer(res, status_header.as_ref()))
+                })
+            }
+        };
         ResponseFuture {
-            state: State::Cached {
-                future: Box::pin(serve(ctx, inner, req, key, head, refresh, offline)),
-            },
+            state: State::Cached { future },
         }
     }
 }

@@ -1,0 +1,539 @@
+//! HTTP semantics against a real `redis-server` and real HTTP: every client
+//! gets its own answer (ranges and conditions never leak to other requests),
+//! 304s and ranges from the cache, invalidation by unsafe methods.
+//!
+//! The origin here validates like a static-file server: it answers
+//! `If-None-Match` with 304 and `Range` with 206 itself, so a cache that
+//! forwarded those headers on a shared fill would hand them to everyone.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use bytes::Bytes;
+use cachefence::{FenceHandle, FenceLayer};
+use http_body_util::Full;
+use redis::aio::ConnectionManager;
+use support::{Http, RedisServer, Reply, serve};
+use tokio::sync::Semaphore;
+
+const BODY: &str = "0123456789";
+const ETAG: &str = "\"v1\"";
+const LAST_MODIFIED: &str = "Tue, 01 Dec 2026 10:00:00 GMT";
+
+/// A validating origin. `GET /doc` answers [`BODY`] with an `ETag` and a
+/// `Last-Modified`, and honours `If-None-Match` (304) and `Range: bytes=a-b`
+/// (206) itself. `GET /held` does the same after the test releases it.
+/// `/res/{*path}` takes every method: GET answers the resource's version,
+/// other methods bump it and answer `?status=N` (200 by default) with the
+/// `?location=` and `?content_location=` headers.
+#[derive(Clone)]
+struct Origin {
+    calls: Arc<AtomicUsize>,
+    /// Requests that reached the origin with `Range` or an `If-*` header.
+    conditional_calls: Arc<AtomicUsize>,
+    gate: Arc<Semaphore>,
+    version: Arc<AtomicUsize>,
+}
+
+impl Origin {
+    fn new() -> Self {
+        Self {
+            calls: Default::default(),
+            conditional_calls: Default::default(),
+            gate: Arc::new(Semaphore::new(0)),
+            version: Default::default(),
+        }
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    fn conditional_calls(&self) -> usize {
+        self.conditional_calls.load(Ordering::SeqCst)
+    }
+
+    fn routes(&self) -> Router {
+        Router::new()
+            .route("/doc", get(doc))
+            .route("/held", get(held))
+            .route("/always206", get(always_206))
+            .route("/res/{*path}", any(resource))
+            .with_state(self.clone())
+    }
+}
+
+async fn doc(State(o): State<Origin>, headers: HeaderMap) -> Response {
+    validating(&o, &headers)
+}
+
+async fn held(State(o): State<Origin>, headers: HeaderMap) -> Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    // Held until the test has every request waiting on this fill.
+    let _permit = o.gate.acquire().await.expect("gate open");
+    o.calls.fetch_sub(1, Ordering::SeqCst);
+    validating(&o, &headers)
+}
+
+fn validating(o: &Origin, headers: &HeaderMap) -> Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let conditional = [
+        header::RANGE,
+        header::IF_RANGE,
+        header::IF_NONE_MATCH,
+        header::IF_MODIFIED_SINCE,
+        header::IF_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+    ];
+    if conditional.iter().any(|h| headers.contains_key(h)) {
+        o.conditional_calls.fetch_add(1, Ordering::SeqCst);
+    }
+    let validators = [
+        (header::ETAG, ETAG),
+        (header::LAST_MODIFIED, LAST_MODIFIED),
+        (header::CACHE_CONTROL, "public, max-age=60"),
+    ];
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .is_some_and(|v| v.as_bytes().windows(4).any(|w| w == b"\"v1\""))
+    {
+        return (StatusCode::NOT_MODIFIED, validators).into_response();
+    }
+    if let Some((a, b)) = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+    {
+        return (
+            StatusCode::PARTIAL_CONTENT,
+            validators,
+            [(
+                header::CONTENT_RANGE,
+                format!("bytes {a}-{b}/{}", BODY.len()),
+            )],
+            BODY[a..=b].to_owned(),
+        )
+            .into_response();
+    }
+    (validators, BODY).into_response()
+}
+
+async fn always_206(State(o): State<Origin>) -> Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    (
+        StatusCode::PARTIAL_CONTENT,
+        [(header::CONTENT_RANGE, "bytes 0-3/10")],
+        "0123",
+    )
+        .into_response()
+}
+
+async fn resource(State(o): State<Origin>, req: Request) -> Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let query = |name: &str| {
+        req.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
+                .map(str::to_owned)
+        })
+    };
+    if req.method() == http::Method::GET {
+        return format!("{} v{}", req.uri().path(), o.version.load(Ordering::SeqCst))
+            .into_response();
+    }
+    o.version.fetch_add(1, Ordering::SeqCst);
+    let status = query("status")
+        .and_then(|s| s.parse().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::OK);
+    let mut res = status.into_response();
+    for (param, name) in [
+        ("location", header::LOCATION),
+        ("content_location", header::CONTENT_LOCATION),
+    ] {
+        if let Some(v) = query(param) {
+            res.headers_mut()
+                .insert(name, v.parse().expect("header value"));
+        }
+    }
+    res
+}
+
+struct App {
+    addr: SocketAddr,
+    origin: Origin,
+    handle: FenceHandle<ConnectionManager>,
+    http: Http,
+}
+
+async fn app(
+    redis: &RedisServer,
+    configure: impl FnOnce(FenceLayer<ConnectionManager>) -> FenceLayer<ConnectionManager>,
+) -> App {
+    let layer = configure(FenceLayer::new(redis.connection_manager().await).namespace("http:"));
+    let origin = Origin::new();
+    let handle = layer.handle();
+    let addr = serve(origin.routes().layer(layer)).await;
+    App {
+        addr,
+        origin,
+        handle,
+        http: Http::new(),
+    }
+}
+
+impl App {
+    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        self.http
+            .request(req.body(Full::new(Bytes::new())).expect("request"))
+            .await
+    }
+
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send("GET", path, headers).await
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    // A hang guard, not a speed limit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn assert_full(reply: &Reply) {
+    assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
+    assert_eq!(reply.text(), BODY);
+}
+
+fn assert_not_modified(reply: &Reply) {
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED, "{reply:?}");
+    assert!(reply.body.is_empty());
+    // RFC 9110 §15.4.5: the fields a 200 would have carried.
+    assert_eq!(reply.header("etag"), Some(ETAG));
+    assert_eq!(reply.header("cache-control"), Some("public, max-age=60"));
+    assert_eq!(reply.header("last-modified"), Some(LAST_MODIFIED));
+    assert!(reply.header("content-type").is_none());
+}
+
+/// Starts `leader` on the held route, waits until it is at the origin, then
+/// sends `followers` and waits until all of them joined its fill.
+async fn race(
+    app: &App,
+    leader: &'static [(&'static str, &'static str)],
+    followers: Vec<&'static [(&'static str, &'static str)]>,
+) -> (Reply, Vec<Reply>) {
+    let spawn = |headers: &'static [(&'static str, &'static str)]| {
+        let (http, addr) = (app.http.clone(), app.addr);
+        tokio::spawn(async move {
+            let mut req = http::Request::get(format!("http://{addr}/held"));
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            http.request(req.body(Full::new(Bytes::new())).expect("request"))
+                .await
+        })
+    };
+    let leader = spawn(leader);
+    eventually("the leader's fill to reach the origin", || {
+        app.origin.calls() == 1
+    })
+    .await;
+    let n = followers.len() as u64;
+    let followers: Vec<_> = followers.into_iter().map(spawn).collect();
+    eventually("the followers to join the fill", || {
+        app.handle.stats().coalesced >= n
+    })
+    .await;
+    app.origin.gate.add_permits(1);
+    let leader = leader.await.expect("leader");
+    let mut replies = Vec::new();
+    for f in followers {
+        replies.push(f.await.expect("follower"));
+    }
+    (leader, replies)
+}
+
+// ---------------------------------------------------------------------------
+// 1. Own answers only
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn range_request_leading_a_fill_gets_206_and_plain_waiters_get_the_full_200() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    let mut followers: Vec<&'static [(&str, &str)]> = vec![&[]; 30];
+    followers.push(&[("if-none-match", ETAG)]);
+    let (leader, replies) = race(&app, &[("range", "bytes=0-3")], followers).await;
+
+    assert_eq!(leader.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(leader.text(), "0123");
+    assert_eq!(leader.header("content-range"), Some("bytes 0-3/10"));
+    for reply in &replies[..30] {
+        assert_full(reply);
+    }
+    assert_not_modified(&replies[30]);
+    assert_eq!(app.origin.calls(), 1);
+    assert_eq!(
+        app.origin.conditional_calls(),
+        0,
+        "the fill asks without the client's range"
+    );
+    // Stored as usual; no pass marker.
+    let after = app.get("/held", &[]).await;
+    assert_full(&after);
+    assert_eq!(after.cache_status(), Some("HIT"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conditional_request_leading_a_fill_gets_304_and_plain_waiters_get_the_full_200() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    let mut followers: Vec<&'static [(&str, &str)]> = vec![&[]; 10];
+    followers.push(&[("range", "bytes=-2")]);
+    let (leader, replies) = race(&app, &[("if-none-match", ETAG)], followers).await;
+
+    assert_not_modified(&leader);
+    for reply in &replies[..10] {
+        assert_full(reply);
+    }
+    assert_eq!(replies[10].status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(replies[10].text(), "89");
+    assert_eq!((app.origin.calls(), app.origin.conditional_calls()), (1, 0));
+    assert_eq!(app.get("/held", &[]).await.cache_status(), Some("HIT"));
+}
+
+#[tokio::test]
+async fn if_match_and_if_unmodified_since_bypass_the_cache_without_a_pass_marker() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    for header in [("if-match", ETAG), ("if-unmodified-since", LAST_MODIFIED)] {
+        let reply = app.get("/doc", &[header]).await;
+        assert_full(&reply);
+        assert_eq!(reply.cache_status(), Some("BYPASS"));
+    }
+    // The origin evaluated them; the URL is still cacheable for everyone.
+    assert_eq!(app.origin.conditional_calls(), 2);
+    assert_eq!(app.get("/doc", &[]).await.cache_status(), Some("MISS"));
+    assert_eq!(app.get("/doc", &[]).await.cache_status(), Some("HIT"));
+    assert_eq!(app.origin.calls(), 3);
+}
+
+#[tokio::test]
+async fn responses_206_and_304_from_the_origin_are_never_stored() {
+    let redis = RedisServer::new();
+    // Even when the statuses are configured as cacheable.
+    let app = app(&redis, |l| {
+        l.statuses([
+            StatusCode::OK,
+            StatusCode::PARTIAL_CONTENT,
+            StatusCode::NOT_MODIFIED,
+        ])
+    })
+    .await;
+    for _ in 0..2 {
+        let reply = app.get("/always206", &[]).await;
+        assert_eq!(reply.status, StatusCode::PARTIAL_CONTENT);
+        assert_ne!(reply.cache_status(), Some("HIT"));
+    }
+    assert_eq!(app.origin.calls(), 2);
+    assert_eq!(app.handle.stats().stores, 0);
+}
+
+// ---------------------------------------------------------------------------
+// 2. Conditional hits
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn if_none_match_on_a_hit_is_answered_304_without_an_origin_call() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    assert_full(&app.get("/doc", &[]).await);
+    for inm in [ETAG, "W/\"v1\"", "\"x\", W/\"v1\"", "*"] {
+        let reply = app.get("/doc", &[("if-none-match", inm)]).await;
+        assert_not_modified(&reply);
+        assert_eq!(reply.cache_status(), Some("HIT"));
+        assert!(reply.header("age").is_some());
+    }
+    // Not matching: the full response.
+    assert_full(&app.get("/doc", &[("if-none-match", "\"v2\"")]).await);
+    // HEAD too.
+    let head = app.send("HEAD", "/doc", &[("if-none-match", ETAG)]).await;
+    assert_eq!(head.status, StatusCode::NOT_MODIFIED);
+    assert_eq!((app.origin.calls(), app.origin.conditional_calls()), (1, 0));
+}
+
+#[tokio::test]
+async fn a_stale_entry_being_served_answers_conditions_too() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.beta(0.0)).await;
+    assert_full(&app.get("/doc", &[]).await);
+    app.handle
+        .soft_invalidate_path("/doc")
+        .await
+        .expect("soft invalidation");
+    let reply = app.get("/doc", &[("if-none-match", ETAG)]).await;
+    assert_not_modified(&reply);
+    assert_eq!(reply.cache_status(), Some("STALE"));
+    // The background refresh asked without the condition.
+    eventually("the refresh", || app.origin.calls() == 2).await;
+    assert_eq!(app.origin.conditional_calls(), 0);
+}
+
+#[tokio::test]
+async fn if_modified_since_on_a_hit_is_answered_304_only_without_if_none_match() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    assert_full(&app.get("/doc", &[]).await);
+    let ims = |date| [("if-modified-since", date)];
+    assert_not_modified(&app.get("/doc", &ims(LAST_MODIFIED)).await);
+    assert_not_modified(&app.get("/doc", &ims("Wed, 02 Dec 2026 10:00:00 GMT")).await);
+    assert_full(&app.get("/doc", &ims("Mon, 30 Nov 2026 10:00:00 GMT")).await);
+    assert_full(&app.get("/doc", &ims("not a date")).await);
+    // If-None-Match decides alone when present.
+    let both = [
+        ("if-none-match", "\"v2\""),
+        ("if-modified-since", LAST_MODIFIED),
+    ];
+    assert_full(&app.get("/doc", &both).await);
+    assert_eq!((app.origin.calls(), app.origin.conditional_calls()), (1, 0));
+}
+
+// ---------------------------------------------------------------------------
+// 3. Ranges from the cache
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn single_byte_ranges_are_answered_206_from_the_cache() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    assert_full(&app.get("/doc", &[]).await);
+    for (range, body, content_range) in [
+        ("bytes=0-3", "0123", "bytes 0-3/10"),
+        ("bytes=5-", "56789", "bytes 5-9/10"),
+        ("bytes=-3", "789", "bytes 7-9/10"),
+        ("bytes=8-100", "89", "bytes 8-9/10"),
+    ] {
+        let reply = app.get("/doc", &[("range", range)]).await;
+        assert_eq!(reply.status, StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(reply.text(), body);
+        assert_eq!(reply.header("content-range"), Some(content_range));
+        assert_eq!(
+            reply.header("content-length"),
+            Some(&*body.len().to_string())
+        );
+        assert_eq!(reply.header("etag"), Some(ETAG));
+        assert_eq!(reply.cache_status(), Some("HIT"));
+    }
+    assert_eq!((app.origin.calls(), app.origin.conditional_calls()), (1, 0));
+}
+
+#[tokio::test]
+async fn unsatisfiable_ranges_get_416_and_multiple_ranges_the_full_200() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    assert_full(&app.get("/doc", &[]).await);
+    for range in ["bytes=10-", "bytes=-0"] {
+        let reply = app.get("/doc", &[("range", range)]).await;
+        assert_eq!(reply.status, StatusCode::RANGE_NOT_SATISFIABLE, "{range}");
+        assert_eq!(reply.header("content-range"), Some("bytes */10"));
+        assert!(reply.body.is_empty());
+    }
+    for range in ["bytes=0-1,4-5", "lines=1-2", "bytes=oops"] {
+        assert_full(&app.get("/doc", &[("range", range)]).await);
+    }
+    // A range on HEAD is ignored (RFC 9110 §14.2).
+    let head = app.send("HEAD", "/doc", &[("range", "bytes=0-3")]).await;
+    assert_eq!(head.status, StatusCode::OK);
+    assert_eq!(app.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn if_range_decides_between_the_range_and_the_full_response() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    assert_full(&app.get("/doc", &[]).await);
+    let with = |if_range| [("range", "bytes=0-3"), ("if-range", if_range)];
+    for matching in [ETAG, LAST_MODIFIED] {
+        let reply = app.get("/doc", &with(matching)).await;
+        assert_eq!(reply.status, StatusCode::PARTIAL_CONTENT, "{matching}");
+        assert_eq!(reply.text(), "0123");
+    }
+    for stale in [
+        "\"v0\"",
+        "W/\"v1\"",
+        "Mon, 30 Nov 2026 10:00:00 GMT",
+        "junk",
+    ] {
+        assert_full(&app.get("/doc", &with(stale)).await);
+    }
+    // A 304 comes before the range.
+    let reply = app
+        .get("/doc", &[("range", "bytes=0-3"), ("if-none-match", ETAG)])
+        .await;
+    assert_not_modified(&reply);
+    assert_eq!(app.origin.calls(), 1);
+}
+
+#[tokio::test]
+async fn serve_dir_validators_and_ranges_are_answered_by_the_cache() {
+    let redis = RedisServer::new();
+    let dir = std::env::temp_dir().join(format!("cachefence-servedir-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("file.txt"), BODY).expect("file");
+    let layer = FenceLayer::new(redis.connection_manager().await).namespace("dir:");
+    let handle = layer.handle();
+    let app = Router::new()
+        .nest_service("/static", tower_http::services::ServeDir::new(&dir))
+        .layer(layer);
+    let addr = serve(app).await;
+    let http = Http::new();
+    let get = |headers: &'static [(&'static str, &'static str)]| {
+        let http = http.clone();
+        async move {
+            let mut req = http::Request::get(format!("http://{addr}/static/file.txt"));
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            http.request(req.body(Full::new(Bytes::new())).expect("request"))
+                .await
+        }
+    };
+    // Cold, with a range: the fill asks for the whole file.
+    let first = get(&[("range", "bytes=2-4")]).await;
+    assert_eq!(first.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(first.text(), "234");
+    let last_modified = first.header("last-modified").expect("ServeDir sets it");
+    let full = get(&[]).await;
+    assert_eq!((full.status, full.text().as_str()), (StatusCode::OK, BODY));
+    assert_eq!(full.cache_status(), Some("HIT"));
+    // If-Modified-Since with ServeDir's own date.
+    let mut req = http::Request::get(format!("http://{addr}/static/file.txt"));
+    req = req.header("if-modified-since", last_modified);
+    let reply = http
+        .request(req.body(Full::new(Bytes::new())).expect("request"))
+        .await;
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED);
+    assert_eq!(reply.cache_status(), Some("HIT"));
+    assert_eq!(handle.stats().fills, 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
