@@ -43,6 +43,7 @@ pub(crate) struct Config {
     pub(crate) pass_ttl: Duration,
     pub(crate) tag_headers: Vec<HeaderName>,
     pub(crate) expose_tags: bool,
+    pub(crate) invalidate_unsafe: bool,
 }
 
 impl fmt::Debug for Config {
@@ -60,6 +61,7 @@ impl fmt::Debug for Config {
             .field("pass_ttl", &self.pass_ttl)
             .field("tag_headers", &self.tag_headers)
             .field("expose_tags", &self.expose_tags)
+            .field("invalidate_unsafe", &self.invalidate_unsafe)
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +94,7 @@ impl Default for Config {
                 HeaderName::from_static("surrogate-key"),
             ],
             expose_tags: false,
+            invalidate_unsafe: true,
         }
     }
 }
@@ -399,6 +402,34 @@ where
     #[must_use]
     pub fn expose_tags(mut self, on: bool) -> Self {
         self.config.expose_tags = on;
+        self
+    }
+
+    /// After a non-error (2xx or 3xx) response to a `POST`, `PUT`, `PATCH`,
+    /// `DELETE` or any method not known to be safe, invalidate the cached
+    /// responses of its target URI and of a same-origin `Location` or
+    /// `Content-Location` (RFC 9111 §4.4; default on). The keys are the ones
+    /// the key function gives a GET of that URI with the request's headers;
+    /// the invalidation is fenced like
+    /// [`FenceHandle::invalidate_key`] and done before the response goes
+    /// back, so the client that changed a resource reads the change. A Redis
+    /// failure is logged and the response is sent regardless.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // Writes go through another path that invalidates by tag itself.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .invalidate_on_unsafe_methods(false);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn invalidate_on_unsafe_methods(mut self, on: bool) -> Self {
+        self.config.invalidate_unsafe = on;
         self
     }
 

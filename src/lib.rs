@@ -98,6 +98,7 @@ mod scripts;
 mod service;
 mod stats;
 mod store;
+mod unsafe_methods;
 mod wait;
 mod wake;
 mod xfetch;

@@ -28,6 +28,7 @@ use crate::layer::{Config, OnWaitTimeout, Shared};
 use crate::policy::RequestRule;
 use crate::stats::Counters;
 use crate::store::Store;
+use crate::unsafe_methods;
 use crate::xfetch;
 
 /// The service made by [`FenceLayer`](crate::FenceLayer): caches the inner
@@ -152,6 +153,20 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (parts, body) = req.into_parts();
+        if self.config.invalidate_unsafe && unsafe_methods::invalidates(&parts.method) {
+            Counters::inc(&self.shared.counters.bypasses);
+            let future = invalidating(
+                self.config.clone(),
+                self.shared.clone(),
+                inner,
+                Request::from_parts(parts, body),
+            );
+            return ResponseFuture {
+                state: State::Cached {
+                    future: Box::pin(future),
+                },
+            };
+        }
         let rule = self.config.policy.request(&parts);
         let closing = self
             .shared
@@ -202,6 +217,31 @@ where
             state: State::Cached { future },
         }
     }
+}
+
+/// An unsafe request: passed through, then its target URI and same-origin
+/// `Location` / `Content-Location` are invalidated unless it failed (RFC
+/// 9111 §4.4), before the response goes back to the client.
+async fn invalidating<S, C, ReqB, ResB>(
+    config: Arc<Config>,
+    shared: Arc<Shared<C>>,
+    mut svc: S,
+    req: Request<ReqB>,
+) -> Result<Response<FenceBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let targets = unsafe_methods::Targets::of(req.uri(), req.headers());
+    let res = svc.call(req).await?;
+    let handle = crate::FenceHandle::new(shared, (*config).clone());
+    targets
+        .invalidate(res.status(), res.headers(), &handle, &config)
+        .await;
+    let mut res = res.map(FenceBody::inner);
+    outgoing(&config, res.headers_mut(), CacheStatus::Bypass);
+    Ok(res)
 }
 
 /// What every step of the request path needs.

@@ -33,7 +33,8 @@ const LAST_MODIFIED: &str = "Tue, 01 Dec 2026 10:00:00 GMT";
 /// `Last-Modified`, and honours `If-None-Match` (304) and `Range: bytes=a-b`
 /// (206) itself. `GET /held` does the same after the test releases it.
 /// `/res/{*path}` takes every method: GET answers the resource's version,
-/// other methods bump it and answer `?status=N` (200 by default) with the
+/// other methods bump it and answer the status in `x-status` (200 by
+/// default) with the
 /// `?location=` and `?content_location=` headers.
 #[derive(Clone)]
 struct Origin {
@@ -153,8 +154,10 @@ async fn resource(State(o): State<Origin>, req: Request) -> Response {
             .into_response();
     }
     o.version.fetch_add(1, Ordering::SeqCst);
-    let status = query("status")
-        .and_then(|s| s.parse().ok())
+    let status = req
+        .headers()
+        .get("x-status")
+        .and_then(|s| s.to_str().ok()?.parse().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
     let mut res = status.into_response();
@@ -536,4 +539,130 @@ async fn serve_dir_validators_and_ranges_are_answered_by_the_cache() {
     assert_eq!(reply.cache_status(), Some("HIT"));
     assert_eq!(handle.stats().fills, 1);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------
+// 5. Invalidation by unsafe methods (RFC 9111 §4.4)
+// ---------------------------------------------------------------------------
+
+/// Caches `/res/a`, sends `method` to `target`, and returns what a GET of
+/// `/res/a` says afterwards.
+async fn after_write(app: &App, method: &str, target: &str, status: &str) -> Reply {
+    let first = app.get("/res/a", &[]).await;
+    assert!(first.text().starts_with("/res/a v"));
+    assert_eq!(app.get("/res/a", &[]).await.cache_status(), Some("HIT"));
+    let write = app.send(method, target, &[("x-status", status)]).await;
+    assert_eq!(write.status.as_str(), status);
+    assert_eq!(write.cache_status(), Some("BYPASS"));
+    app.get("/res/a", &[]).await
+}
+
+async fn assert_invalidated_by(method: &str) {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    let reply = after_write(&app, method, "/res/a", "200").await;
+    assert_eq!(reply.text(), "/res/a v1", "{method}");
+    assert_eq!(reply.cache_status(), Some("MISS"));
+}
+
+#[tokio::test]
+async fn post_invalidates_the_target_uri() {
+    assert_invalidated_by("POST").await;
+}
+
+#[tokio::test]
+async fn put_invalidates_the_target_uri() {
+    assert_invalidated_by("PUT").await;
+}
+
+#[tokio::test]
+async fn patch_invalidates_the_target_uri() {
+    assert_invalidated_by("PATCH").await;
+}
+
+#[tokio::test]
+async fn delete_invalidates_the_target_uri() {
+    assert_invalidated_by("DELETE").await;
+}
+
+#[tokio::test]
+async fn an_unknown_method_invalidates_the_target_uri() {
+    assert_invalidated_by("FROB").await;
+}
+
+#[tokio::test]
+async fn the_target_uri_is_invalidated_with_its_query_normalised_and_all_variants() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    assert_eq!(app.get("/res/q?b=2&a=1", &[]).await.text(), "/res/q v0");
+    assert_eq!(
+        app.get("/res/q?a=1&b=2", &[]).await.cache_status(),
+        Some("HIT")
+    );
+    app.send("POST", "/res/q?a=1&b=2", &[]).await;
+    assert_eq!(app.get("/res/q?b=2&a=1", &[]).await.text(), "/res/q v1");
+}
+
+#[tokio::test]
+async fn same_origin_location_and_content_location_are_invalidated() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    let host = app.addr.to_string();
+    for path in ["/res/a", "/res/b", "/res/c", "/res/other"] {
+        app.get(path, &[]).await;
+    }
+    // Relative, absolute-path and absolute same-origin references.
+    let target = format!("/res/new?location=b&content_location=http://{host}/res/c");
+    let created = app.send("POST", &target, &[]).await;
+    assert_eq!(created.status, StatusCode::OK);
+    assert_eq!(app.get("/res/b", &[]).await.text(), "/res/b v1");
+    assert_eq!(app.get("/res/c", &[]).await.text(), "/res/c v1");
+    assert_eq!(app.get("/res/a", &[]).await.cache_status(), Some("HIT"));
+    app.send("PUT", "/res/x?location=/res/a", &[]).await;
+    assert_eq!(app.get("/res/a", &[]).await.text(), "/res/a v2");
+    // Another origin's URI is left alone.
+    app.send(
+        "POST",
+        "/res/x?location=http://elsewhere.example/res/other",
+        &[],
+    )
+    .await;
+    assert_eq!(app.get("/res/other", &[]).await.cache_status(), Some("HIT"));
+}
+
+#[tokio::test]
+async fn error_responses_and_safe_methods_do_not_invalidate() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    for status in ["400", "404", "500"] {
+        let reply = after_write(&app, "POST", "/res/a", status).await;
+        assert_eq!(reply.cache_status(), Some("HIT"), "POST answered {status}");
+    }
+    // A redirect is not an error.
+    let reply = after_write(&app, "POST", "/res/a", "303").await;
+    assert_eq!(reply.cache_status(), Some("MISS"));
+    for method in ["OPTIONS", "TRACE"] {
+        let reply = after_write(&app, method, "/res/a", "200").await;
+        assert_eq!(reply.cache_status(), Some("HIT"), "{method}");
+    }
+}
+
+#[tokio::test]
+async fn invalidation_by_unsafe_methods_can_be_turned_off() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.invalidate_on_unsafe_methods(false)).await;
+    let reply = after_write(&app, "DELETE", "/res/a", "204").await;
+    assert_eq!(reply.cache_status(), Some("HIT"));
+    assert_eq!(reply.text(), "/res/a v0");
+}
+
+#[tokio::test]
+async fn a_write_still_answers_when_redis_is_down() {
+    let mut redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    app.get("/res/a", &[]).await;
+    redis.stop();
+    let reply = app.send("POST", "/res/a", &[]).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.cache_status(), Some("BYPASS"));
 }
