@@ -44,6 +44,8 @@ pub(crate) struct Config {
     pub(crate) tag_headers: Vec<HeaderName>,
     pub(crate) expose_tags: bool,
     pub(crate) invalidate_unsafe: bool,
+    /// This cache's identifier in `Cache-Status`, when that header is on.
+    pub(crate) cache_status: Option<Arc<str>>,
 }
 
 impl fmt::Debug for Config {
@@ -62,6 +64,7 @@ impl fmt::Debug for Config {
             .field("tag_headers", &self.tag_headers)
             .field("expose_tags", &self.expose_tags)
             .field("invalidate_unsafe", &self.invalidate_unsafe)
+            .field("cache_status", &self.cache_status)
             .finish_non_exhaustive()
     }
 }
@@ -95,6 +98,7 @@ impl Default for Config {
             ],
             expose_tags: false,
             invalidate_unsafe: true,
+            cache_status: None,
         }
     }
 }
@@ -293,6 +297,46 @@ where
     #[must_use]
     pub fn status_header(mut self, name: Option<HeaderName>) -> Self {
         self.config.status_header = name;
+        self
+    }
+
+    /// Add a `Cache-Status` header (RFC 9211) naming this cache
+    /// `identifier` (default off), beside the
+    /// [`status_header`](Self::status_header) or, with that set to `None`,
+    /// instead of it. This cache's member comes after those of caches nearer
+    /// the origin:
+    ///
+    /// - `hit; ttl=N`: served from the cache with N seconds of freshness
+    ///   left (negative: a stale entry served while it is refreshed, or
+    ///   because the origin failed);
+    /// - `fwd=uri-miss; fwd-status=S`: filled from the origin, plus
+    ///   `stored` when the fill stored the response (a Redis failure or a
+    ///   racing invalidation can still refuse that write) and `collapsed`
+    ///   when the request waited on another request's fill;
+    /// - `fwd=bypass; fwd-status=S`: passed to the origin without the cache
+    ///   (method, credentials, pass marker, Redis unavailable).
+    ///
+    /// An identifier that is not a structured-field token is sent as a
+    /// quoted string; an empty one turns the header off.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // `Cache-Status: edge; hit; ttl=42` and no `x-cache`.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .cache_status(Some("edge"))
+    ///     .status_header(None);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn cache_status(mut self, identifier: Option<&str>) -> Self {
+        self.config.cache_status = identifier
+            .and_then(crate::cache_status::identifier)
+            .map(Arc::from);
         self
     }
 

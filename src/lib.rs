@@ -83,6 +83,7 @@
 mod body;
 mod bounds;
 mod breaker;
+mod cache_status;
 mod conditional;
 mod entry;
 mod error;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::{AGE, CONTENT_LENGTH};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use redis::aio::ConnectionLike;
@@ -18,6 +18,7 @@ use tracing::Instrument;
 use crate::bounds::{CacheBody, Conn, Inner};
 
 use crate::body::FenceBody;
+use crate::cache_status;
 use crate::conditional::{self, Conditions};
 use crate::entry::{Entry, Record, now_ms};
 use crate::error::FenceError;
@@ -122,6 +123,7 @@ where
                 let res = ready!(future.poll(cx))?;
                 let mut res = res.map(FenceBody::inner);
                 outgoing(config, res.headers_mut(), CacheStatus::Bypass);
+                finish_cache_status(config, &mut res);
                 Poll::Ready(Ok(res))
             }
             StateProj::Cached { future } => future.as_mut().poll(cx),
@@ -203,15 +205,18 @@ where
         let conditions = Conditions::of(&parts);
         let req = Request::from_parts(parts, body);
         let future = serve(ctx, inner, req, key, head, refresh, offline);
-        let future: BoxFuture<_> = match conditions {
-            None => Box::pin(future),
-            Some(conditions) => {
-                let status_header = self.config.status_header.clone();
-                Box::pin(async move {
-                    let res = future.await?;
-                    Ok(conditions.answer(res, status_header.as_ref()))
+        let future: BoxFuture<_> = if conditions.is_none() && self.config.cache_status.is_none() {
+            Box::pin(future)
+        } else {
+            let config = self.config.clone();
+            Box::pin(async move {
+                let mut res = future.await?;
+                finish_cache_status(&config, &mut res);
+                Ok(match conditions {
+                    Some(conditions) => conditions.answer(res, config.status_header.as_ref()),
+                    None => res,
                 })
-            }
+            })
         };
         ResponseFuture {
             state: State::Cached { future },
@@ -241,7 +246,17 @@ where
         .await;
     let mut res = res.map(FenceBody::inner);
     outgoing(&config, res.headers_mut(), CacheStatus::Bypass);
+    finish_cache_status(&config, &mut res);
     Ok(res)
+}
+
+/// Completes the `Cache-Status` member of a forwarded response with the
+/// status the origin answered.
+fn finish_cache_status<B>(config: &Config, res: &mut Response<B>) {
+    if let Some(id) = &config.cache_status {
+        let status = res.status();
+        cache_status::finish(id, res.headers_mut(), status);
+    }
 }
 
 /// What every step of the request path needs.
@@ -396,7 +411,9 @@ where
                             .iter()
                             .all(|(name, value)| header_value(req.headers(), name) == *value);
                         if matches {
-                            return Ok(from_entry(config, &entry, status, false, now_ms()));
+                            let mut res = from_entry(config, &entry, status, false, now_ms());
+                            cache_status::collapsed(config, res.headers_mut());
+                            return Ok(res);
                         }
                     }
                     Some(Outcome::Origin) => {
@@ -529,7 +546,7 @@ pub(crate) fn outgoing(config: &Config, headers: &mut HeaderMap, status: CacheSt
             headers.remove(name);
         }
     }
-    mark(config.status_header.as_ref(), headers, status);
+    mark(config, headers, status, None);
 }
 
 /// A cached response, as sent to a client.
@@ -558,7 +575,8 @@ pub(crate) fn from_entry<B: Body>(
     if status != CacheStatus::Miss {
         headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
     }
-    mark(config.status_header.as_ref(), headers, status);
+    let from = cache_status::FromEntry::new(entry, now);
+    mark(config, headers, status, Some(from));
     res
 }
 
@@ -569,17 +587,21 @@ pub(crate) fn plain_response<B: Body>(
 ) -> Response<FenceBody<B>> {
     let mut res = Response::new(FenceBody::empty());
     *res.status_mut() = status;
-    mark(
-        config.status_header.as_ref(),
-        res.headers_mut(),
-        CacheStatus::Miss,
-    );
+    mark(config, res.headers_mut(), CacheStatus::Miss, None);
     res
 }
 
-pub(crate) fn mark(name: Option<&HeaderName>, headers: &mut HeaderMap, status: CacheStatus) {
-    if let Some(name) = name {
+pub(crate) fn mark(
+    config: &Config,
+    headers: &mut HeaderMap,
+    status: CacheStatus,
+    entry: Option<cache_status::FromEntry>,
+) {
+    if let Some(name) = &config.status_header {
         headers.insert(name.clone(), HeaderValue::from_static(status.as_str()));
+    }
+    if let Some(id) = &config.cache_status {
+        cache_status::mark(id, headers, status, entry);
     }
 }
 

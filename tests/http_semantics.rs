@@ -68,6 +68,10 @@ impl Origin {
             .route("/doc", get(doc))
             .route("/held", get(held))
             .route("/always206", get(always_206))
+            .route(
+                "/upstream",
+                get(|| async { ([("cache-status", "upstream; hit; ttl=5")], "x") }),
+            )
             .route("/res/{*path}", any(resource))
             .with_state(self.clone())
     }
@@ -665,4 +669,99 @@ async fn a_write_still_answers_when_redis_is_down() {
     let reply = app.send("POST", "/res/a", &[]).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.cache_status(), Some("BYPASS"));
+}
+
+// ---------------------------------------------------------------------------
+// 7. Cache-Status (RFC 9211)
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_status_tells_hits_misses_collapsed_requests_and_bypasses() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| {
+        l.cache_status(Some("cachefence"))
+            .status_header(None)
+            .ttl(Duration::from_secs(60))
+            .beta(0.0)
+    })
+    .await;
+    let (leader, followers) = race(&app, &[], vec![&[]]).await;
+    assert_eq!(
+        leader.header("cache-status"),
+        Some("cachefence; fwd=uri-miss; fwd-status=200; stored")
+    );
+    assert_eq!(
+        followers[0].header("cache-status"),
+        Some("cachefence; fwd=uri-miss; fwd-status=200; stored; collapsed")
+    );
+    assert!(leader.header("x-cache").is_none());
+    let hit = app.get("/held", &[]).await;
+    let status = hit.header("cache-status").expect("cache-status");
+    let ttl: i64 = status
+        .strip_prefix("cachefence; hit; ttl=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!((0..=60).contains(&ttl), "{status}");
+    // A 304 keeps it.
+    let not_modified = app.get("/held", &[("if-none-match", ETAG)]).await;
+    assert!(
+        not_modified
+            .header("cache-status")
+            .unwrap()
+            .contains("; hit")
+    );
+    // Stale: a negative ttl.
+    app.handle
+        .soft_invalidate_path("/held")
+        .await
+        .expect("soft");
+    let stale = app.get("/held", &[]).await;
+    assert!(
+        stale
+            .header("cache-status")
+            .unwrap()
+            .starts_with("cachefence; hit; ttl=-"),
+        "{stale:?}"
+    );
+    let post = app.send("POST", "/res/a", &[("x-status", "201")]).await;
+    assert_eq!(
+        post.header("cache-status"),
+        Some("cachefence; fwd=bypass; fwd-status=201")
+    );
+    let uncacheable = app.get("/always206", &[]).await;
+    assert_eq!(
+        uncacheable.header("cache-status"),
+        Some("cachefence; fwd=uri-miss; fwd-status=206")
+    );
+}
+
+#[tokio::test]
+async fn cache_status_is_off_by_default_and_keeps_upstream_members() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    let reply = app.get("/doc", &[]).await;
+    assert!(reply.header("cache-status").is_none());
+    assert_eq!(reply.cache_status(), Some("MISS"));
+
+    let app = self::app(&redis, |l| l.namespace("cs:").cache_status(Some("edge"))).await;
+    let members = |r: &Reply| -> Vec<String> {
+        r.headers
+            .get_all("cache-status")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    };
+    let miss = app.get("/upstream", &[]).await;
+    assert_eq!(
+        members(&miss),
+        [
+            "upstream; hit; ttl=5",
+            "edge; fwd=uri-miss; fwd-status=200; stored"
+        ]
+    );
+    assert_eq!(miss.cache_status(), Some("MISS"));
+    let hit = app.get("/upstream", &[]).await;
+    assert_eq!(members(&hit)[0], "upstream; hit; ttl=5");
+    assert!(members(&hit)[1].starts_with("edge; hit; ttl="));
+    assert_eq!(members(&hit).len(), 2);
 }
