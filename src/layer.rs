@@ -11,6 +11,7 @@ use tower_layer::Layer;
 use crate::flight::Flights;
 use crate::handle::FenceHandle;
 use crate::key::{DefaultKey, MakeKey};
+use crate::normalize::Normalizers;
 use crate::policy::Policy;
 use crate::service::Fence;
 use crate::stats::Counters;
@@ -46,6 +47,7 @@ pub(crate) struct Config {
     pub(crate) invalidate_unsafe: bool,
     /// This cache's identifier in `Cache-Status`, when that header is on.
     pub(crate) cache_status: Option<Arc<str>>,
+    pub(crate) normalizers: Normalizers,
 }
 
 impl fmt::Debug for Config {
@@ -65,6 +67,7 @@ impl fmt::Debug for Config {
             .field("expose_tags", &self.expose_tags)
             .field("invalidate_unsafe", &self.invalidate_unsafe)
             .field("cache_status", &self.cache_status)
+            .field("normalizers", &self.normalizers)
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +102,7 @@ impl Default for Config {
             expose_tags: false,
             invalidate_unsafe: true,
             cache_status: None,
+            normalizers: Normalizers::default(),
         }
     }
 }
@@ -337,6 +341,57 @@ where
         self.config.cache_status = identifier
             .and_then(crate::cache_status::identifier)
             .map(Arc::from);
+        self
+    }
+
+    /// Reduce a cacheable request's `Accept-Encoding` to the one coding the
+    /// client prefers among `zstd`, `br` and `gzip` by its q-values (ties in
+    /// that order), or `identity` when it accepts none of them, before the
+    /// request is keyed and sent to the origin (default on). A response
+    /// that `Vary`s on `Accept-Encoding` then has at most four variants
+    /// instead of one per header spelling, and each is exactly what the
+    /// origin answered to its normalised value. A request without the
+    /// header is left without it.
+    #[must_use]
+    pub fn normalize_accept_encoding(mut self, on: bool) -> Self {
+        self.config.normalizers.accept_encoding = on;
+        self
+    }
+
+    /// Normalise another request header before a cacheable request is keyed
+    /// and sent to the origin, so that a response varying on it has few
+    /// variants: `normalize` gets the header's value (several lines joined
+    /// by `, `) and returns the value to use, or `None` to remove the
+    /// header. It is called only when the header is present. The origin
+    /// sees the normalised value, so the stored variant is what it answered
+    /// to that value.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use http::{HeaderValue, header::ACCEPT_LANGUAGE};
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // The site speaks German and English: two variants, not hundreds.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .normalize_header(ACCEPT_LANGUAGE, |value: &HeaderValue| {
+    ///         let german = value.to_str().ok()?.trim_start().starts_with("de");
+    ///         Some(HeaderValue::from_static(if german { "de" } else { "en" }))
+    ///     });
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn normalize_header<F>(mut self, name: HeaderName, normalize: F) -> Self
+    where
+        F: Fn(&http::HeaderValue) -> Option<http::HeaderValue> + Send + Sync + 'static,
+    {
+        self.config.normalizers.custom.retain(|(n, _)| *n != name);
+        self.config
+            .normalizers
+            .custom
+            .push((name, Arc::new(normalize)));
         self
     }
 

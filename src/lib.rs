@@ -93,6 +93,7 @@ mod handle;
 mod key;
 mod layer;
 mod lease;
+mod normalize;
 mod policy;
 mod queue;
 mod scripts;

@@ -154,7 +154,7 @@ where
         // Take the service that was driven to readiness and leave a clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         if self.config.invalidate_unsafe && unsafe_methods::invalidates(&parts.method) {
             Counters::inc(&self.shared.counters.bypasses);
             let future = invalidating(
@@ -170,6 +170,10 @@ where
             };
         }
         let rule = self.config.policy.request(&parts);
+        if matches!(rule, RequestRule::Lookup { .. }) {
+            // Before keying: the origin is asked with the normalised values.
+            self.config.normalizers.apply(&mut parts.headers);
+        }
         let closing = self
             .shared
             .closing

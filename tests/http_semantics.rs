@@ -68,6 +68,7 @@ impl Origin {
             .route("/doc", get(doc))
             .route("/held", get(held))
             .route("/always206", get(always_206))
+            .route("/enc", get(encoding))
             .route(
                 "/upstream",
                 get(|| async { ([("cache-status", "upstream; hit; ttl=5")], "x") }),
@@ -132,6 +133,27 @@ fn validating(o: &Origin, headers: &HeaderMap) -> Response {
             .into_response();
     }
     (validators, BODY).into_response()
+}
+
+/// Echoes the `Accept-Encoding` and `Accept-Language` it was asked with,
+/// varying on both.
+async fn encoding(State(o): State<Origin>, headers: HeaderMap) -> Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let get = |name| {
+        headers
+            .get(name)
+            .map_or("-", |v| v.to_str().unwrap_or("?"))
+            .to_owned()
+    };
+    (
+        [(header::VARY, "Accept-Encoding, Accept-Language")],
+        format!(
+            "{} {}",
+            get(header::ACCEPT_ENCODING),
+            get(header::ACCEPT_LANGUAGE)
+        ),
+    )
+        .into_response()
 }
 
 async fn always_206(State(o): State<Origin>) -> Response {
@@ -710,19 +732,18 @@ async fn cache_status_tells_hits_misses_collapsed_requests_and_bypasses() {
             .unwrap()
             .contains("; hit")
     );
-    // Stale: a negative ttl.
+    // Stale: no freshness left (0 in the millisecond it turned stale).
     app.handle
         .soft_invalidate_path("/held")
         .await
         .expect("soft");
     let stale = app.get("/held", &[]).await;
-    assert!(
-        stale
-            .header("cache-status")
-            .unwrap()
-            .starts_with("cachefence; hit; ttl=-"),
-        "{stale:?}"
-    );
+    let status = stale.header("cache-status").expect("cache-status");
+    let ttl: i64 = status
+        .strip_prefix("cachefence; hit; ttl=")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(ttl <= 0, "{status}");
     let post = app.send("POST", "/res/a", &[("x-status", "201")]).await;
     assert_eq!(
         post.header("cache-status"),
@@ -764,4 +785,68 @@ async fn cache_status_is_off_by_default_and_keeps_upstream_members() {
     assert_eq!(members(&hit)[0], "upstream; hit; ttl=5");
     assert!(members(&hit)[1].starts_with("edge; hit; ttl="));
     assert_eq!(members(&hit).len(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// 8. Accept-Encoding normalisation and other Vary headers
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn accept_encoding_variants_are_normalised_to_one_coding() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    let cases = [
+        ("gzip, deflate, br", "br -"),
+        ("br;q=1.0, gzip;q=0.8, *;q=0.1", "br -"),
+        ("deflate, gzip, br", "br -"),
+        ("br, gzip", "br -"),
+        ("gzip", "gzip -"),
+        ("gzip, deflate", "gzip -"),
+        ("x-gzip;q=0.5, identity", "gzip -"),
+        ("deflate", "identity -"),
+        ("identity", "identity -"),
+        ("zstd, br", "zstd -"),
+    ];
+    for (accept, seen) in cases {
+        let reply = app.get("/enc", &[("accept-encoding", accept)]).await;
+        assert_eq!(reply.text(), seen, "{accept}");
+    }
+    // One origin call per normalised value: br, zstd, gzip, identity.
+    assert_eq!(app.origin.calls(), 4);
+    // No header: left alone, its own variant.
+    assert_eq!(app.get("/enc", &[]).await.text(), "- -");
+    assert_eq!(app.origin.calls(), 5);
+}
+
+#[tokio::test]
+async fn other_vary_headers_are_normalised_by_a_hook_and_accept_encoding_can_be_left_alone() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| {
+        l.normalize_accept_encoding(false).normalize_header(
+            header::ACCEPT_LANGUAGE,
+            |v: &http::HeaderValue| {
+                let de = v.to_str().ok()?.trim_start().starts_with("de");
+                Some(http::HeaderValue::from_static(if de { "de" } else { "en" }))
+            },
+        )
+    })
+    .await;
+    for lang in ["de-CH, en;q=0.5", "de", "de-DE"] {
+        let reply = app
+            .get(
+                "/enc",
+                &[("accept-language", lang), ("accept-encoding", "gzip, br")],
+            )
+            .await;
+        assert_eq!(reply.text(), "gzip, br de");
+    }
+    assert_eq!(app.origin.calls(), 1);
+    let reply = app
+        .get(
+            "/enc",
+            &[("accept-language", "fr"), ("accept-encoding", "gzip, br")],
+        )
+        .await;
+    assert_eq!(reply.text(), "gzip, br en");
+    assert_eq!(app.origin.calls(), 2);
 }
