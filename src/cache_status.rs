@@ -130,7 +130,7 @@ pub(crate) fn finish(identifier: &str, headers: &mut HeaderMap, status: StatusCo
 /// Replaces the last `Cache-Status` field line if it is this cache's member
 /// and `edit` returns a new one.
 fn edit_own(identifier: &str, headers: &mut HeaderMap, edit: impl FnOnce(&str) -> Option<String>) {
-    let Some(last) = headers.get_all(CACHE_STATUS).iter().last() else {
+    let Some(last) = headers.get_all(CACHE_STATUS).iter().next_back() else {
         return;
     };
     let Ok(own) = last.to_str() else { return };
