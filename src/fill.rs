@@ -385,7 +385,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     }
 
     let tags = response_tags(&parts, &config.tag_headers);
-    let entry_of = |data: bytes::Bytes, ttl: Duration| {
+    // `age`: how old the response already was on arrival (RFC 9111 mode),
+    // so that `Age` on hits counts it.
+    let entry_of = |data: bytes::Bytes, ttl: Duration, grace: Duration, age: Duration| {
         let now = now_ms();
         let fresh_ms = now.saturating_add(duration_ms(ttl));
         Arc::new(Entry {
@@ -393,21 +395,26 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             headers: storable_headers(&parts.headers, |n| config.is_own_header(n)),
             body: data,
             delta,
-            stored_ms: now,
+            stored_ms: now.saturating_sub(duration_ms(age)),
             fresh_ms,
-            stale_ms: fresh_ms.saturating_add(duration_ms(config.policy.grace)),
+            stale_ms: fresh_ms.saturating_add(duration_ms(grace)),
         })
     };
 
     match (rule, body) {
         (
-            ResponseRule::Store { ttl, vary },
+            ResponseRule::Store {
+                ttl,
+                vary,
+                grace,
+                age,
+            },
             Either::Buffered(Buffered::Complete {
                 data,
                 trailers: None,
             }),
         ) => {
-            let entry = entry_of(data, ttl);
+            let entry = entry_of(data, ttl, grace, age);
             if let Some(lease) = &lease {
                 let store_key = if vary.is_empty() {
                     lease.key.clone()
@@ -425,7 +432,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     primary: &ek.primary,
                     variants_set: &ek.variants_set(),
                     token: &lease.token,
-                    ttl: ttl.saturating_add(config.policy.grace),
+                    ttl: ttl.saturating_add(grace),
                     vary: &vary_field,
                     started: lease.started,
                     namespace: &config.namespace,
@@ -491,7 +498,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     trailers: None,
                 } if shareable => {
                     let vary = vary_names(&parts.headers).unwrap_or_default();
-                    let entry = entry_of(data.clone(), Duration::ZERO);
+                    let entry = entry_of(data.clone(), Duration::ZERO, Duration::ZERO, Duration::ZERO);
                     flight.finish(Outcome::Serve {
                         entry,
                         status: mode.origin_status(),

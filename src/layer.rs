@@ -411,6 +411,63 @@ where
         self
     }
 
+    /// Follow RFC 9111 as a shared cache (default off: the layer's TTL
+    /// rules). Meant for a cache in front of an HTTP origin that says how
+    /// its responses may be cached, such as a reverse proxy:
+    ///
+    /// - the fresh lifetime is `CDN-Cache-Control` (RFC 9213, replacing
+    ///   `Cache-Control` when it holds any directive), else `s-maxage`,
+    ///   `max-age`, then `Expires` minus `Date`; without any, the response
+    ///   is not stored unless [`heuristic_freshness`](Self::heuristic_freshness)
+    ///   is set ([`CacheTtl`](crate::CacheTtl) still wins);
+    /// - the age on arrival is the larger of the upstream `Age` and the time
+    ///   since `Date` (§4.2.3): a response already stale on arrival, or with
+    ///   a malformed, repeated or huge `Age`, is not stored; hits send an
+    ///   `Age` that includes it;
+    /// - stale serving comes from the response's `stale-while-revalidate`
+    ///   (RFC 5861), replacing [`grace`](Self::grace); `must-revalidate`,
+    ///   `proxy-revalidate` and `s-maxage` forbid it;
+    /// - `no-store`, `no-cache`, `private` (also in `CDN-Cache-Control`) and
+    ///   `Vary: *` are never stored; `Date` is kept as received.
+    ///
+    /// Not covered yet: revalidating with validators (a stale entry is
+    /// refetched in full), so `no-cache` responses are not stored;
+    /// `stale-if-error` beyond the `stale-while-revalidate` window; the
+    /// response delay in the age.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .rfc9111(true)
+    ///     .heuristic_freshness(0.1);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn rfc9111(mut self, on: bool) -> Self {
+        self.config.policy.rfc9111 = on;
+        self
+    }
+
+    /// In [`rfc9111`](Self::rfc9111) mode, give a response without
+    /// explicit freshness this fraction of the time since its
+    /// `Last-Modified` as its lifetime, at most [`ttl`](Self::ttl) (RFC 9111
+    /// §4.2.2; default 0: none; 0.1 is customary). Values are clamped to
+    /// 0..=1.
+    #[must_use]
+    pub fn heuristic_freshness(mut self, fraction: f64) -> Self {
+        self.config.policy.heuristic = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self
+    }
+
     /// Cache requests that carry `Authorization` (default off). Turn it on
     /// only with a key function that puts the credential's identity, or
     /// whatever selects the response, in the key.

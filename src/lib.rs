@@ -89,6 +89,7 @@ mod entry;
 mod error;
 mod fill;
 mod flight;
+mod freshness;
 mod handle;
 mod key;
 mod layer;

@@ -90,6 +90,10 @@ pub(crate) struct Policy {
     pub(crate) cache_authorized: bool,
     pub(crate) cache_cookies: bool,
     pub(crate) honor_request_no_cache: bool,
+    /// RFC 9111 shared-cache freshness (`FenceLayer::rfc9111`).
+    pub(crate) rfc9111: bool,
+    /// The heuristic fraction of the time since `Last-Modified` (0: none).
+    pub(crate) heuristic: f64,
 }
 
 impl Default for Policy {
@@ -106,6 +110,8 @@ impl Default for Policy {
             cache_authorized: false,
             cache_cookies: false,
             honor_request_no_cache: false,
+            rfc9111: false,
+            heuristic: 0.0,
         }
     }
 }
@@ -126,6 +132,10 @@ pub(crate) enum ResponseRule {
     Store {
         ttl: Duration,
         vary: Vec<HeaderName>,
+        /// How long past fresh it may be served stale.
+        grace: Duration,
+        /// Its age on arrival (from upstream caches), counted in `Age`.
+        age: Duration,
     },
     /// Not cacheable. `shareable` says whether requests that waited on this
     /// fill may be served the same response (it is not private to the
@@ -176,8 +186,23 @@ impl Policy {
         let Some(vary) = vary_names(&parts.headers) else {
             return dont("vary: *");
         };
+        let (mut grace, mut age) = (self.grace, Duration::ZERO);
         let ttl = if let Some(CacheTtl(ttl)) = parts.extensions.get::<CacheTtl>() {
             *ttl
+        } else if self.rfc9111 {
+            let fresh = crate::freshness::freshness(
+                parts,
+                std::time::SystemTime::now(),
+                self.heuristic,
+                self.ttl,
+            );
+            match fresh {
+                Ok(fresh) => {
+                    (grace, age) = (fresh.grace, fresh.age);
+                    fresh.ttl
+                }
+                Err(reason) => return dont(reason),
+            }
         } else if let Some(age) = cc
             .s_maxage
             .or(cc.max_age)
@@ -195,6 +220,8 @@ impl Policy {
         ResponseRule::Store {
             ttl: ttl.min(MAX_TTL),
             vary,
+            grace: grace.min(MAX_TTL),
+            age,
         }
     }
 }
@@ -280,7 +307,7 @@ impl CacheControl {
 }
 
 /// Splits on commas outside quoted strings.
-fn split_directives(value: &[u8]) -> Vec<&[u8]> {
+pub(crate) fn split_directives(value: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let (mut start, mut quoted) = (0, false);
     for (i, &b) in value.iter().enumerate() {
@@ -300,7 +327,7 @@ fn split_directives(value: &[u8]) -> Vec<&[u8]> {
 
 /// Delta-seconds (RFC 9111 1.2.2): digits, possibly quoted; values too large
 /// saturate, anything else is invalid.
-fn parse_seconds(arg: &[u8]) -> Option<u64> {
+pub(crate) fn parse_seconds(arg: &[u8]) -> Option<u64> {
     let arg = arg.trim_ascii();
     let arg = arg
         .strip_prefix(b"\"")
