@@ -387,7 +387,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let tags = response_tags(&parts, &config.tag_headers);
     // `age`: how old the response already was on arrival (RFC 9111 mode),
     // so that `Age` on hits counts it.
-    let entry_of = |data: bytes::Bytes, ttl: Duration, grace: Duration, age: Duration| {
+    let entry_of = |data: bytes::Bytes, ttl: Duration, grace_ms: u64, age_ms: u64| {
         let now = now_ms();
         let fresh_ms = now.saturating_add(duration_ms(ttl));
         Arc::new(Entry {
@@ -395,9 +395,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             headers: storable_headers(&parts.headers, |n| config.is_own_header(n)),
             body: data,
             delta,
-            stored_ms: now.saturating_sub(duration_ms(age)),
+            stored_ms: now.saturating_sub(age_ms),
             fresh_ms,
-            stale_ms: fresh_ms.saturating_add(duration_ms(grace)),
+            stale_ms: fresh_ms.saturating_add(grace_ms),
         })
     };
 
@@ -406,15 +406,15 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             ResponseRule::Store {
                 ttl,
                 vary,
-                grace,
-                age,
+                grace_ms,
+                age_ms,
             },
             Either::Buffered(Buffered::Complete {
                 data,
                 trailers: None,
             }),
         ) => {
-            let entry = entry_of(data, ttl, grace, age);
+            let entry = entry_of(data, ttl, grace_ms, age_ms);
             if let Some(lease) = &lease {
                 let store_key = if vary.is_empty() {
                     lease.key.clone()
@@ -432,7 +432,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     primary: &ek.primary,
                     variants_set: &ek.variants_set(),
                     token: &lease.token,
-                    ttl: ttl.saturating_add(grace),
+                    ttl: ttl.saturating_add(Duration::from_millis(grace_ms)),
                     vary: &vary_field,
                     started: lease.started,
                     namespace: &config.namespace,
@@ -498,7 +498,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     trailers: None,
                 } if shareable => {
                     let vary = vary_names(&parts.headers).unwrap_or_default();
-                    let entry = entry_of(data.clone(), Duration::ZERO, Duration::ZERO, Duration::ZERO);
+                    let entry = entry_of(data.clone(), Duration::ZERO, 0, 0);
                     flight.finish(Outcome::Serve {
                         entry,
                         status: mode.origin_status(),

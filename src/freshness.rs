@@ -69,7 +69,10 @@ pub(crate) fn freshness(
     } else if heuristic > 0.0
         && let Some(modified) = date_of(headers, &LAST_MODIFIED)
     {
-        let since = date.unwrap_or(now).duration_since(modified).unwrap_or_default();
+        let since = date
+            .unwrap_or(now)
+            .duration_since(modified)
+            .unwrap_or_default();
         since.mul_f64(heuristic.min(1.0)).min(heuristic_max)
     } else {
         return Err("no explicit freshness");
@@ -216,15 +219,18 @@ mod tests {
             Err("cache-control")
         );
         assert_eq!(
-            f(&[
-                ("date", NOW),
-                ("expires", "Tue, 01 Dec 2026 12:02:00 GMT")
-            ]),
+            f(&[("date", NOW), ("expires", "Tue, 01 Dec 2026 12:02:00 GMT")]),
             Ok(secs(120))
         );
-        assert_eq!(f(&[("date", NOW), ("expires", "0")]), Err("stale on arrival"));
+        assert_eq!(
+            f(&[("date", NOW), ("expires", "0")]),
+            Err("stale on arrival")
+        );
         assert_eq!(f(&[]), Err("no explicit freshness"));
-        assert_eq!(f(&[("cache-control", "no-cache, max-age=60")]), Err("cache-control"));
+        assert_eq!(
+            f(&[("cache-control", "no-cache, max-age=60")]),
+            Err("cache-control")
+        );
     }
 
     #[test]
@@ -275,7 +281,10 @@ mod tests {
 
     #[test]
     fn heuristic_freshness_only_when_configured() {
-        let pairs = [("date", NOW), ("last-modified", "Tue, 01 Dec 2026 02:00:00 GMT")];
+        let pairs = [
+            ("date", NOW),
+            ("last-modified", "Tue, 01 Dec 2026 02:00:00 GMT"),
+        ];
         assert!(fresh(&pairs).is_err());
         let got = freshness(&parts(&pairs), now(), 0.1, secs(3600)).unwrap();
         assert_eq!(got.ttl, secs(3600));

@@ -132,10 +132,11 @@ pub(crate) enum ResponseRule {
     Store {
         ttl: Duration,
         vary: Vec<HeaderName>,
-        /// How long past fresh it may be served stale.
-        grace: Duration,
-        /// Its age on arrival (from upstream caches), counted in `Age`.
-        age: Duration,
+        /// How long past fresh it may be served stale, in milliseconds.
+        grace_ms: u64,
+        /// Its age on arrival (from upstream caches) in milliseconds,
+        /// counted in `Age`. (Milliseconds keep this enum small.)
+        age_ms: u64,
     },
     /// Not cacheable. `shareable` says whether requests that waited on this
     /// fill may be served the same response (it is not private to the
@@ -220,8 +221,8 @@ impl Policy {
         ResponseRule::Store {
             ttl: ttl.min(MAX_TTL),
             vary,
-            grace: grace.min(MAX_TTL),
-            age,
+            grace_ms: crate::entry::duration_ms(grace.min(MAX_TTL)),
+            age_ms: crate::entry::duration_ms(age),
         }
     }
 }

@@ -69,6 +69,7 @@ impl Origin {
             .route("/held", get(held))
             .route("/always206", get(always_206))
             .route("/enc", get(encoding))
+            .route("/rfc/{case}", get(rfc_case))
             .route(
                 "/upstream",
                 get(|| async { ([("cache-status", "upstream; hit; ttl=5")], "x") }),
@@ -154,6 +155,64 @@ async fn encoding(State(o): State<Origin>, headers: HeaderMap) -> Response {
         ),
     )
         .into_response()
+}
+
+/// Responses with the freshness headers of each RFC 9111 case.
+async fn rfc_case(
+    State(o): State<Origin>,
+    axum::extract::Path(case): axum::extract::Path<String>,
+) -> Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let now = std::time::SystemTime::now();
+    let date = |offset: i64| {
+        let t = if offset >= 0 {
+            now + Duration::from_secs(offset as u64)
+        } else {
+            now - Duration::from_secs(offset.unsigned_abs())
+        };
+        httpdate::fmt_http_date(t)
+    };
+    let headers: Vec<(&str, String)> = match case.as_str() {
+        "max-age" => vec![("cache-control", "max-age=60".into())],
+        "age" => vec![("cache-control", "max-age=60".into()), ("age", "20".into())],
+        "age-exceeds" => vec![
+            ("cache-control", "max-age=60".into()),
+            ("age", "100".into()),
+        ],
+        "age-garbage" => vec![
+            ("cache-control", "max-age=60".into()),
+            ("age", "soon".into()),
+        ],
+        "old-date" => vec![("cache-control", "max-age=60".into()), ("date", date(-120))],
+        "none" => vec![],
+        "expires" => vec![("date", date(0)), ("expires", date(60))],
+        "expired" => vec![("date", date(0)), ("expires", "0".into())],
+        "cdn" => vec![
+            ("cache-control", "max-age=0".into()),
+            ("cdn-cache-control", "max-age=60".into()),
+        ],
+        "swr-short" => vec![
+            (
+                "cache-control",
+                "max-age=61, stale-while-revalidate=30".into(),
+            ),
+            ("age", "60".into()),
+        ],
+        "must-revalidate-short" => vec![
+            (
+                "cache-control",
+                "max-age=61, stale-while-revalidate=30, must-revalidate".into(),
+            ),
+            ("age", "60".into()),
+        ],
+        _ => return StatusCode::NOT_FOUND.into_response(),
+    };
+    let mut res = format!("{case} #{}", o.calls.load(Ordering::SeqCst)).into_response();
+    for (name, value) in headers {
+        res.headers_mut()
+            .insert(name, value.parse().expect("header value"));
+    }
+    res
 }
 
 async fn always_206(State(o): State<Origin>) -> Response {
@@ -849,4 +908,84 @@ async fn other_vary_headers_are_normalised_by_a_hook_and_accept_encoding_can_be_
         .await;
     assert_eq!(reply.text(), "gzip, br en");
     assert_eq!(app.origin.calls(), 2);
+}
+
+// ---------------------------------------------------------------------------
+// 6. RFC 9111 shared-cache mode
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rfc9111_mode_stores_only_what_the_response_says_is_fresh() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    for (case, cached) in [
+        ("max-age", true),
+        ("age", true),
+        ("expires", true),
+        ("cdn", true),
+        ("age-exceeds", false),
+        ("old-date", false),
+        ("age-garbage", false),
+        ("none", false),
+        ("expired", false),
+    ] {
+        let path = format!("/rfc/{case}");
+        let before = app.origin.calls();
+        app.get(&path, &[]).await;
+        let second = app.get(&path, &[]).await;
+        assert_eq!(
+            second.cache_status() == Some("HIT"),
+            cached,
+            "{case}: {second:?}"
+        );
+        assert_eq!(
+            app.origin.calls() - before,
+            if cached { 1 } else { 2 },
+            "{case}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn rfc9111_mode_counts_the_upstream_age_on_hits() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    app.get("/rfc/age", &[]).await;
+    let hit = app.get("/rfc/age", &[]).await;
+    assert_eq!(hit.cache_status(), Some("HIT"));
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!((20..60).contains(&age), "{age}");
+}
+
+#[tokio::test]
+async fn rfc9111_mode_serves_stale_only_when_the_response_allows_it() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    // Both arrive with one second of freshness left (Age 60, max-age 61).
+    for case in ["swr-short", "must-revalidate-short"] {
+        let path = format!("/rfc/{case}");
+        assert_eq!(app.get(&path, &[]).await.cache_status(), Some("MISS"));
+        assert_eq!(app.get(&path, &[]).await.cache_status(), Some("HIT"));
+    }
+    // Expiry is a matter of time: let that second pass.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let swr = app.get("/rfc/swr-short", &[]).await;
+    assert_eq!(swr.cache_status(), Some("STALE"));
+    let strict = app.get("/rfc/must-revalidate-short", &[]).await;
+    assert_eq!(strict.cache_status(), Some("MISS"));
+}
+
+#[tokio::test]
+async fn without_rfc9111_mode_the_layer_ttl_rules_apply() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    for case in ["none", "age-exceeds", "expired"] {
+        let path = format!("/rfc/{case}");
+        app.get(&path, &[]).await;
+        assert_eq!(
+            app.get(&path, &[]).await.cache_status(),
+            Some("HIT"),
+            "{case}"
+        );
+    }
 }
