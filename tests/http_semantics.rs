@@ -71,6 +71,14 @@ impl Origin {
             .route("/enc", get(encoding))
             .route("/rfc/{case}", get(rfc_case))
             .route(
+                "/echo-headers",
+                get(|headers: HeaderMap| async move {
+                    let mut names: Vec<&str> = headers.keys().map(|k| k.as_str()).collect();
+                    names.sort();
+                    names.join(" ")
+                }),
+            )
+            .route(
                 "/upstream",
                 get(|| async { ([("cache-status", "upstream; hit; ttl=5")], "x") }),
             )
@@ -227,15 +235,20 @@ async fn always_206(State(o): State<Origin>) -> Response {
 
 async fn resource(State(o): State<Origin>, req: Request) -> Response {
     o.calls.fetch_add(1, Ordering::SeqCst);
+    let uri = req.uri().clone();
     let query = |name: &str| {
-        req.uri().query().and_then(|q| {
+        uri.query().and_then(|q| {
             q.split('&')
                 .find_map(|p| p.strip_prefix(name)?.strip_prefix('='))
                 .map(str::to_owned)
         })
     };
     if req.method() == http::Method::GET {
-        return format!("{} v{}", req.uri().path(), o.version.load(Ordering::SeqCst))
+        // (Only the RFC 9111 mode reads it: the reverse proxy.)
+        return (
+            [(header::CACHE_CONTROL, "max-age=60")],
+            format!("{} v{}", req.uri().path(), o.version.load(Ordering::SeqCst)),
+        )
             .into_response();
     }
     o.version.fetch_add(1, Ordering::SeqCst);
@@ -245,15 +258,20 @@ async fn resource(State(o): State<Origin>, req: Request) -> Response {
         .and_then(|s| s.to_str().ok()?.parse().ok())
         .and_then(|s| StatusCode::from_u16(s).ok())
         .unwrap_or(StatusCode::OK);
-    let mut res = status.into_response();
-    for (param, name) in [
+    let locations: Vec<_> = [
         ("location", header::LOCATION),
         ("content_location", header::CONTENT_LOCATION),
-    ] {
-        if let Some(v) = query(param) {
-            res.headers_mut()
-                .insert(name, v.parse().expect("header value"));
-        }
+    ]
+    .into_iter()
+    .filter_map(|(param, name)| Some((name, query(param)?)))
+    .collect();
+    let len = axum::body::to_bytes(req.into_body(), 1 << 20)
+        .await
+        .map_or(0, |b| b.len());
+    let mut res = (status, [("x-body-len", len.to_string())]).into_response();
+    for (name, value) in locations {
+        res.headers_mut()
+            .insert(name, value.parse().expect("header value"));
     }
     res
 }
@@ -988,4 +1006,147 @@ async fn without_rfc9111_mode_the_layer_ttl_rules_apply() {
             "{case}"
         );
     }
+}
+
+// ---------------------------------------------------------------------------
+// 9. examples/reverse_proxy.rs over real sockets
+// ---------------------------------------------------------------------------
+
+/// The reverse proxy example as a child process, killed on drop.
+struct ReverseProxy {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl ReverseProxy {
+    fn start(origin: SocketAddr, redis: &RedisServer) -> Self {
+        use std::io::BufRead;
+        // Built by the test so that it runs against this checkout.
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--example", "reverse_proxy"])
+            .status()
+            .expect("cargo build --example reverse_proxy");
+        assert!(status.success(), "building the example failed");
+        let exe = std::env::current_exe().expect("test exe");
+        // target/<profile>/deps/<test> -> target/<profile>/examples/reverse_proxy
+        let bin = exe
+            .parent()
+            .and_then(|deps| deps.parent())
+            .expect("target dir")
+            .join("examples")
+            .join("reverse_proxy");
+        let mut child = std::process::Command::new(&bin)
+            .args(["--listen", "127.0.0.1:0", "--origin"])
+            .arg(format!("http://{origin}"))
+            .args(["--redis", &redis.url(), "--namespace", "rp:"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("the proxy's first line");
+        let addr = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("LISTENING="))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        Self { child, addr }
+    }
+}
+
+impl Drop for ReverseProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reverse_proxy_caches_forwards_faithfully_and_survives_redis_going_down() {
+    let mut redis = RedisServer::new();
+    let origin = Origin::new();
+    let origin_addr = serve(origin.routes()).await;
+    let proxy = ReverseProxy::start(origin_addr, &redis);
+    let http = Http::new();
+    let send = |method: &str, path: &str, headers: &[(&str, &str)], body: &'static str| {
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", proxy.addr));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .expect("request");
+        let http = http.clone();
+        async move { http.request(req).await }
+    };
+
+    // Cached as the origin's Cache-Control says; a range from the cache.
+    let miss = send("GET", "/doc", &[], "").await;
+    assert_full(&miss);
+    assert!(miss.header("via").unwrap().contains("cachefence"));
+    assert_eq!(
+        miss.header("cache-status"),
+        Some("cachefence; fwd=uri-miss; fwd-status=200; stored")
+    );
+    let hit = send("GET", "/doc", &[], "").await;
+    assert!(
+        hit.header("cache-status")
+            .unwrap()
+            .starts_with("cachefence; hit")
+    );
+    let range = send("GET", "/doc", &[("range", "bytes=-4")], "").await;
+    assert_eq!(
+        (range.status, range.text().as_str()),
+        (StatusCode::PARTIAL_CONTENT, "6789")
+    );
+    let not_modified = send("GET", "/doc", &[("if-none-match", ETAG)], "").await;
+    assert_eq!(not_modified.status, StatusCode::NOT_MODIFIED);
+    assert_eq!((origin.calls(), origin.conditional_calls()), (1, 0));
+
+    // Hop-by-hop headers stay behind; Via is added.
+    let echoed = send(
+        "GET",
+        "/echo-headers",
+        &[
+            ("connection", "x-secret"),
+            ("x-secret", "1"),
+            ("x-kept", "1"),
+        ],
+        "",
+    )
+    .await;
+    let names = echoed.text();
+    assert!(names.contains("x-kept") && names.contains("via"), "{names}");
+    assert!(!names.contains("x-secret"), "{names}");
+
+    // A write goes through with its body and invalidates what it touched.
+    assert_eq!(send("GET", "/res/a", &[], "").await.text(), "/res/a v0");
+    let post = send("POST", "/res/a", &[], "hello").await;
+    assert_eq!(post.header("x-body-len"), Some("5"));
+    assert_eq!(send("GET", "/res/a", &[], "").await.text(), "/res/a v1");
+
+    // Redis down: every request is still answered by the origin.
+    redis.stop();
+    for path in ["/doc", "/res/b", "/rfc/none"] {
+        let reply = send("GET", path, &[], "").await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}");
+    }
+    let after = origin.calls();
+    assert!(after >= 5, "{after}");
+}
+
+#[tokio::test]
+async fn the_reverse_proxy_answers_502_when_the_origin_is_unreachable() {
+    let redis = RedisServer::new();
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = closed.local_addr().expect("addr");
+    drop(closed);
+    let proxy = ReverseProxy::start(dead, &redis);
+    let reply = Http::new().get(proxy.addr, "/anything").await;
+    assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
 }
