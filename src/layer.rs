@@ -569,7 +569,9 @@ where
     /// the invalidation is fenced like
     /// [`FenceHandle::invalidate_key`] and done before the response goes
     /// back, so the client that changed a resource reads the change. A Redis
-    /// failure is logged and the response is sent regardless.
+    /// failure is logged and the response is sent regardless. Only writes
+    /// that pass through this layer invalidate, in its namespace: put the
+    /// layer on the write routes too (a clone of it, for one namespace).
     ///
     /// # Example
     ///

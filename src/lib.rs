@@ -54,6 +54,22 @@
 //! large), the waiters are released at once and a short "pass" marker sends
 //! the following requests for the key straight to the origin.
 //!
+//! # HTTP semantics
+//!
+//! Every client gets its own answer: a fill asks the inner service without
+//! the client's `Range`, `If-Range`, `If-None-Match` and `If-Modified-Since`,
+//! stores and shares the full response, and each request answers its own
+//! condition (`304 Not Modified`) or single byte range (`206`, `416`) from
+//! it. Requests with `If-Match` or `If-Unmodified-Since` bypass the cache;
+//! `206` and `304` responses are never stored. A non-error response to an
+//! unsafe method invalidates the target URI and a same-origin `Location` /
+//! `Content-Location` ([`FenceLayer::invalidate_on_unsafe_methods`]).
+//! `Accept-Encoding` is normalised before keying
+//! ([`FenceLayer::normalize_accept_encoding`]); [`FenceLayer::rfc9111`]
+//! takes freshness from the response as an RFC 9111 shared cache, and
+//! [`FenceLayer::cache_status`] adds an RFC 9211 `Cache-Status` header. The
+//! README's "HTTP caching semantics" table lists what is supported.
+//!
 //! # Failure behaviour
 //!
 //! The cache fails open: when Redis errors, times out
