@@ -298,6 +298,12 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let body_limit = config.body_limit;
     let policy = config.policy.clone();
     let joined = flight.clone();
+    // Under a lease, an entry being replaced is revalidated: a 304 keeps its
+    // body (revalidate.rs).
+    let mut req = req;
+    let revalidating = stale
+        .clone()
+        .filter(|s| lease.is_some() && crate::revalidate::ask(req.headers_mut(), s));
     let call = async move {
         // A background refresh owns a clone that was never polled ready.
         let res = if mode == Mode::Refresh {
@@ -311,6 +317,19 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             Err(err) => return Called::Failed(err),
         };
         let (parts, body) = res.into_parts();
+        if let Some(stale) = revalidating.filter(|_| parts.status == StatusCode::NOT_MODIFIED) {
+            let parts = crate::revalidate::freshened(&stale, parts);
+            let rule = policy.response(&parts);
+            let body = Buffered::Complete {
+                data: stale.body.clone(),
+                trailers: None,
+            };
+            return Called::Responded {
+                parts: Box::new(parts),
+                rule,
+                body: Either::Buffered(body),
+            };
+        }
         let rule = policy.response(&parts);
         let buffer_it = match &rule {
             ResponseRule::Store { .. } => true,

@@ -113,6 +113,7 @@ mod lease;
 mod normalize;
 mod policy;
 mod queue;
+mod revalidate;
 mod scripts;
 mod service;
 mod stats;

@@ -121,7 +121,12 @@ fn validating(o: &Origin, headers: &HeaderMap) -> Response {
         .get(header::IF_NONE_MATCH)
         .is_some_and(|v| v.as_bytes().windows(4).any(|w| w == b"\"v1\""))
     {
-        return (StatusCode::NOT_MODIFIED, validators).into_response();
+        return (
+            StatusCode::NOT_MODIFIED,
+            validators,
+            [("x-validated", "yes")],
+        )
+            .into_response();
     }
     if let Some((a, b)) = headers
         .get(header::RANGE)
@@ -500,9 +505,31 @@ async fn a_stale_entry_being_served_answers_conditions_too() {
     let reply = app.get("/doc", &[("if-none-match", ETAG)]).await;
     assert_not_modified(&reply);
     assert_eq!(reply.cache_status(), Some("STALE"));
-    // The background refresh asked without the condition.
-    eventually("the refresh", || app.origin.calls() == 2).await;
-    assert_eq!(app.origin.conditional_calls(), 0);
+    // The background refresh revalidated the entry with its own ETag.
+    eventually("the refresh", || app.handle.stats().stores == 2).await;
+    assert_eq!(app.origin.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_revalidated_with_its_validator_and_a_304_freshens_it() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.beta(0.0)).await;
+    assert_full(&app.get("/doc", &[]).await);
+    app.handle
+        .soft_invalidate_path("/doc")
+        .await
+        .expect("soft invalidation");
+    assert_eq!(app.get("/doc", &[]).await.cache_status(), Some("STALE"));
+    eventually("the revalidation", || app.handle.stats().stores == 2).await;
+    // The origin was asked with the stored ETag and answered 304.
+    assert_eq!((app.origin.calls(), app.origin.conditional_calls()), (2, 1));
+    let hit = app.get("/doc", &[]).await;
+    assert_full(&hit);
+    assert_eq!(hit.cache_status(), Some("HIT"));
+    // Headers updated from the 304, the body kept.
+    assert_eq!(hit.header("x-validated"), Some("yes"));
+    assert_eq!(hit.header("content-length"), Some("10"));
+    assert_eq!(app.origin.calls(), 2);
 }
 
 #[tokio::test]
