@@ -430,10 +430,10 @@ where
     /// - `no-store`, `no-cache`, `private` (also in `CDN-Cache-Control`) and
     ///   `Vary: *` are never stored; `Date` is kept as received.
     ///
-    /// Not covered yet: revalidating with validators (a stale entry is
-    /// refetched in full), so `no-cache` responses are not stored;
-    /// `stale-if-error` beyond the `stale-while-revalidate` window; the
-    /// response delay in the age.
+    /// Not covered yet: storing `no-cache` responses to revalidate them on
+    /// every use (they are not stored); `stale-if-error` beyond the
+    /// `stale-while-revalidate` window; the response delay in the age.
+    /// (Refreshes revalidate with the entry's validators in every mode.)
     ///
     /// # Example
     ///

@@ -64,7 +64,8 @@
 //! `206` and `304` responses are never stored. A non-error response to an
 //! unsafe method invalidates the target URI and a same-origin `Location` /
 //! `Content-Location` ([`FenceLayer::invalidate_on_unsafe_methods`]).
-//! `Accept-Encoding` is normalised before keying
+//! A refresh revalidates the entry with its `ETag` / `Last-Modified`; a
+//! `304` from the origin freshens it. `Accept-Encoding` is normalised before keying
 //! ([`FenceLayer::normalize_accept_encoding`]); [`FenceLayer::rfc9111`]
 //! takes freshness from the response as an RFC 9111 shared cache, and
 //! [`FenceLayer::cache_status`] adds an RFC 9211 `Cache-Status` header. The
