@@ -11,6 +11,7 @@ use tower_layer::Layer;
 use crate::flight::Flights;
 use crate::handle::FenceHandle;
 use crate::key::{DefaultKey, MakeKey, normalize_host};
+use crate::normalize::Normalizers;
 use crate::policy::Policy;
 use crate::service::Fence;
 use crate::stats::Counters;
@@ -53,6 +54,10 @@ pub(crate) struct Config {
     pub(crate) pass_ttl: Duration,
     pub(crate) tag_headers: Vec<HeaderName>,
     pub(crate) expose_tags: bool,
+    pub(crate) invalidate_unsafe: bool,
+    /// This cache's identifier in `Cache-Status`, when that header is on.
+    pub(crate) cache_status: Option<Arc<str>>,
+    pub(crate) normalizers: Normalizers,
 }
 
 impl fmt::Debug for Config {
@@ -72,6 +77,9 @@ impl fmt::Debug for Config {
             .field("pass_ttl", &self.pass_ttl)
             .field("tag_headers", &self.tag_headers)
             .field("expose_tags", &self.expose_tags)
+            .field("invalidate_unsafe", &self.invalidate_unsafe)
+            .field("cache_status", &self.cache_status)
+            .field("normalizers", &self.normalizers)
             .finish_non_exhaustive()
     }
 }
@@ -147,6 +155,9 @@ impl Default for Config {
                 HeaderName::from_static("surrogate-key"),
             ],
             expose_tags: false,
+            invalidate_unsafe: true,
+            cache_status: None,
+            normalizers: Normalizers::default(),
         }
     }
 }
@@ -440,6 +451,97 @@ where
         self
     }
 
+    /// Add a `Cache-Status` header (RFC 9211) naming this cache
+    /// `identifier` (default off), beside the
+    /// [`status_header`](Self::status_header) or, with that set to `None`,
+    /// instead of it. This cache's member comes after those of caches nearer
+    /// the origin:
+    ///
+    /// - `hit; ttl=N`: served from the cache with N seconds of freshness
+    ///   left (negative: a stale entry served while it is refreshed, or
+    ///   because the origin failed);
+    /// - `fwd=uri-miss; fwd-status=S`: filled from the origin, plus
+    ///   `stored` when the fill stored the response (a Redis failure or a
+    ///   racing invalidation can still refuse that write) and `collapsed`
+    ///   when the request waited on another request's fill;
+    /// - `fwd=bypass; fwd-status=S`: passed to the origin without the cache
+    ///   (method, credentials, pass marker, Redis unavailable).
+    ///
+    /// An identifier that is not a structured-field token is sent as a
+    /// quoted string; an empty one turns the header off.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // `Cache-Status: edge; hit; ttl=42` and no `x-cache`.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .cache_status(Some("edge"))
+    ///     .status_header(None);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn cache_status(mut self, identifier: Option<&str>) -> Self {
+        self.config.cache_status = identifier
+            .and_then(crate::cache_status::identifier)
+            .map(Arc::from);
+        self
+    }
+
+    /// Reduce a cacheable request's `Accept-Encoding` to the one coding the
+    /// client prefers among `zstd`, `br` and `gzip` by its q-values (ties in
+    /// that order), or `identity` when it accepts none of them, before the
+    /// request is keyed and sent to the origin (default on). A response
+    /// that `Vary`s on `Accept-Encoding` then has at most four variants
+    /// instead of one per header spelling, and each is exactly what the
+    /// origin answered to its normalised value. A request without the
+    /// header is left without it.
+    #[must_use]
+    pub fn normalize_accept_encoding(mut self, on: bool) -> Self {
+        self.config.normalizers.accept_encoding = on;
+        self
+    }
+
+    /// Normalise another request header before a cacheable request is keyed
+    /// and sent to the origin, so that a response varying on it has few
+    /// variants: `normalize` gets the header's value (several lines joined
+    /// by `, `) and returns the value to use, or `None` to remove the
+    /// header. It is called only when the header is present. The origin
+    /// sees the normalised value, so the stored variant is what it answered
+    /// to that value.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use http::{HeaderValue, header::ACCEPT_LANGUAGE};
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // The site speaks German and English: two variants, not hundreds.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .normalize_header(ACCEPT_LANGUAGE, |value: &HeaderValue| {
+    ///         let german = value.to_str().ok()?.trim_start().starts_with("de");
+    ///         Some(HeaderValue::from_static(if german { "de" } else { "en" }))
+    ///     });
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn normalize_header<F>(mut self, name: HeaderName, normalize: F) -> Self
+    where
+        F: Fn(&http::HeaderValue) -> Option<http::HeaderValue> + Send + Sync + 'static,
+    {
+        self.config.normalizers.custom.retain(|(n, _)| *n != name);
+        self.config
+            .normalizers
+            .custom
+            .push((name, Arc::new(normalize)));
+        self
+    }
+
     /// The statuses that may be cached (default 200, 203, 204, 300, 301,
     /// 308, 404, 405, 410, 414, 501).
     #[must_use]
@@ -453,6 +555,63 @@ where
     #[must_use]
     pub fn respect_cache_control(mut self, on: bool) -> Self {
         self.config.policy.respect_cache_control = on;
+        self
+    }
+
+    /// Follow RFC 9111 as a shared cache (default off: the layer's TTL
+    /// rules). Meant for a cache in front of an HTTP origin that says how
+    /// its responses may be cached, such as a reverse proxy:
+    ///
+    /// - the fresh lifetime is `CDN-Cache-Control` (RFC 9213, replacing
+    ///   `Cache-Control` when it holds any directive), else `s-maxage`,
+    ///   `max-age`, then `Expires` minus `Date`; without any, the response
+    ///   is not stored unless [`heuristic_freshness`](Self::heuristic_freshness)
+    ///   is set ([`CacheTtl`](crate::CacheTtl) still wins);
+    /// - the age on arrival is the larger of the upstream `Age` and the time
+    ///   since `Date` (§4.2.3): a response already stale on arrival, or with
+    ///   a malformed, repeated or huge `Age`, is not stored; hits send an
+    ///   `Age` that includes it;
+    /// - stale serving comes from the response's `stale-while-revalidate`
+    ///   (RFC 5861), replacing [`grace`](Self::grace); `must-revalidate`,
+    ///   `proxy-revalidate` and `s-maxage` forbid it;
+    /// - `no-store`, `no-cache`, `private` (also in `CDN-Cache-Control`) and
+    ///   `Vary: *` are never stored; `Date` is kept as received.
+    ///
+    /// Not covered yet: storing `no-cache` responses to revalidate them on
+    /// every use (they are not stored); `stale-if-error` beyond the
+    /// `stale-while-revalidate` window; the response delay in the age.
+    /// (Refreshes revalidate with the entry's validators in every mode.)
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .rfc9111(true)
+    ///     .heuristic_freshness(0.1);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn rfc9111(mut self, on: bool) -> Self {
+        self.config.policy.rfc9111 = on;
+        self
+    }
+
+    /// In [`rfc9111`](Self::rfc9111) mode, give a response without
+    /// explicit freshness this fraction of the time since its
+    /// `Last-Modified` as its lifetime, at most [`ttl`](Self::ttl) (RFC 9111
+    /// §4.2.2; default 0: none; 0.1 is customary). Values are clamped to
+    /// 0..=1.
+    #[must_use]
+    pub fn heuristic_freshness(mut self, fraction: f64) -> Self {
+        self.config.policy.heuristic = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self
     }
 
@@ -579,6 +738,36 @@ where
     #[must_use]
     pub fn expose_tags(mut self, on: bool) -> Self {
         self.config.expose_tags = on;
+        self
+    }
+
+    /// After a non-error (2xx or 3xx) response to a `POST`, `PUT`, `PATCH`,
+    /// `DELETE` or any method not known to be safe, invalidate the cached
+    /// responses of its target URI and of a same-origin `Location` or
+    /// `Content-Location` (RFC 9111 §4.4; default on). The keys are the ones
+    /// the key function gives a GET of that URI with the request's headers;
+    /// the invalidation is fenced like
+    /// [`FenceHandle::invalidate_key`] and done before the response goes
+    /// back, so the client that changed a resource reads the change. A Redis
+    /// failure is logged and the response is sent regardless. Only writes
+    /// that pass through this layer invalidate, in its namespace: put the
+    /// layer on the write routes too (a clone of it, for one namespace).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // Writes go through another path that invalidates by tag itself.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .invalidate_on_unsafe_methods(false);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn invalidate_on_unsafe_methods(mut self, on: bool) -> Self {
+        self.config.invalidate_unsafe = on;
         self
     }
 

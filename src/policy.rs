@@ -95,6 +95,10 @@ pub(crate) struct Policy {
     pub(crate) cache_cookies: bool,
     pub(crate) honor_request_no_cache: bool,
     pub(crate) unkeyed: Unkeyed,
+    /// RFC 9111 shared-cache freshness (`FenceLayer::rfc9111`).
+    pub(crate) rfc9111: bool,
+    /// The heuristic fraction of the time since `Last-Modified` (0: none).
+    pub(crate) heuristic: f64,
 }
 
 impl Default for Policy {
@@ -112,6 +116,8 @@ impl Default for Policy {
             cache_cookies: false,
             honor_request_no_cache: false,
             unkeyed: Unkeyed::default(),
+            rfc9111: false,
+            heuristic: 0.0,
         }
     }
 }
@@ -132,6 +138,11 @@ pub(crate) enum ResponseRule {
     Store {
         ttl: Duration,
         vary: Vec<HeaderName>,
+        /// How long past fresh it may be served stale, in milliseconds.
+        grace_ms: u64,
+        /// Its age on arrival (from upstream caches) in milliseconds,
+        /// counted in `Age`. (Milliseconds keep this enum small.)
+        age_ms: u64,
     },
     /// Not cacheable. `shareable` says whether requests that waited on this
     /// fill may be served the same response (it is not private to the
@@ -165,6 +176,13 @@ impl Policy {
     pub(crate) fn response(&self, parts: &response::Parts) -> ResponseRule {
         let shareable = shareable(&parts.headers);
         let dont = |reason| ResponseRule::DontStore { reason, shareable };
+        if crate::conditional::is_own_answer(parts.status) {
+            // One request's range or condition, never another's answer.
+            return ResponseRule::DontStore {
+                reason: "206 or 304",
+                shareable: false,
+            };
+        }
         if !self.statuses.contains(&parts.status) {
             return dont("status");
         }
@@ -185,8 +203,23 @@ impl Policy {
         let Some(vary) = vary_names(&parts.headers) else {
             return dont("vary: *");
         };
+        let (mut grace, mut age) = (self.grace, Duration::ZERO);
         let ttl = if let Some(CacheTtl(ttl)) = parts.extensions.get::<CacheTtl>() {
             *ttl
+        } else if self.rfc9111 {
+            let fresh = crate::freshness::freshness(
+                parts,
+                std::time::SystemTime::now(),
+                self.heuristic,
+                self.ttl,
+            );
+            match fresh {
+                Ok(fresh) => {
+                    (grace, age) = (fresh.grace, fresh.age);
+                    fresh.ttl
+                }
+                Err(reason) => return dont(reason),
+            }
         } else if let Some(age) = cc
             .s_maxage
             .or(cc.max_age)
@@ -204,6 +237,8 @@ impl Policy {
         ResponseRule::Store {
             ttl: ttl.min(MAX_TTL),
             vary,
+            grace_ms: crate::entry::duration_ms(grace.min(MAX_TTL)),
+            age_ms: crate::entry::duration_ms(age),
         }
     }
 }
@@ -501,7 +536,7 @@ impl CacheControl {
 }
 
 /// Splits on commas outside quoted strings.
-fn split_directives(value: &[u8]) -> Vec<&[u8]> {
+pub(crate) fn split_directives(value: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let (mut start, mut quoted) = (0, false);
     for (i, &b) in value.iter().enumerate() {
@@ -521,7 +556,7 @@ fn split_directives(value: &[u8]) -> Vec<&[u8]> {
 
 /// Delta-seconds (RFC 9111 1.2.2): digits, possibly quoted; values too large
 /// saturate, anything else is invalid.
-fn parse_seconds(arg: &[u8]) -> Option<u64> {
+pub(crate) fn parse_seconds(arg: &[u8]) -> Option<u64> {
     let arg = arg.trim_ascii();
     let arg = arg
         .strip_prefix(b"\"")

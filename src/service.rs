@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::{AGE, CONTENT_LENGTH};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use redis::aio::ConnectionLike;
@@ -18,6 +18,8 @@ use tracing::Instrument;
 use crate::bounds::{CacheBody, Conn, Inner};
 
 use crate::body::FenceBody;
+use crate::cache_status;
+use crate::conditional::{self, Conditions};
 use crate::entry::{Entry, Record, now_ms};
 use crate::error::FenceError;
 use crate::fill::{self, Deadlines, Job, Mode};
@@ -27,6 +29,7 @@ use crate::layer::{Config, OnWaitTimeout, Shared};
 use crate::policy::RequestRule;
 use crate::stats::Counters;
 use crate::store::Store;
+use crate::unsafe_methods;
 use crate::xfetch;
 
 /// The service made by [`FenceLayer`](crate::FenceLayer): caches the inner
@@ -120,6 +123,7 @@ where
                 let res = ready!(future.poll(cx))?;
                 let mut res = res.map(FenceBody::inner);
                 outgoing(config, res.headers_mut(), CacheStatus::Bypass);
+                finish_cache_status(config, &mut res);
                 Poll::Ready(Ok(res))
             }
             StateProj::Cached { future } => future.as_mut().poll(cx),
@@ -152,13 +156,34 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let (mut parts, body) = req.into_parts();
         self.config.policy.unkeyed.strip(&mut parts.headers);
+        if self.config.invalidate_unsafe && unsafe_methods::invalidates(&parts.method) {
+            Counters::inc(&self.shared.counters.bypasses);
+            let future = invalidating(
+                self.config.clone(),
+                self.shared.clone(),
+                inner,
+                Request::from_parts(parts, body),
+            );
+            return ResponseFuture {
+                state: State::Cached {
+                    future: Box::pin(future),
+                },
+            };
+        }
         let rule = self.config.policy.request(&parts);
+        if matches!(rule, RequestRule::Lookup { .. }) {
+            // Before keying: the origin is asked with the normalised values.
+            self.config.normalizers.apply(&mut parts.headers);
+        }
         let closing = self
             .shared
             .closing
             .load(std::sync::atomic::Ordering::Relaxed);
         let key = match rule {
-            RequestRule::Lookup { .. } if !closing => self.config.cache_key(&parts),
+            // `If-Match` / `If-Unmodified-Since` are the origin's to evaluate.
+            RequestRule::Lookup { .. } if !closing && !conditional::origin_only(&parts.headers) => {
+                self.config.cache_key(&parts)
+            }
             _ => None,
         };
         // With the breaker open, Redis is skipped; requests for one key still
@@ -180,12 +205,62 @@ where
             config: self.config.clone(),
             shared: self.shared.clone(),
         };
+        // Each request answers its own condition or range from the full
+        // response (fills ask the origin without them).
+        let conditions = Conditions::of(&parts);
         let req = Request::from_parts(parts, body);
+        let future = serve(ctx, inner, req, key, head, refresh, offline);
+        let future: BoxFuture<_> = if conditions.is_none() && self.config.cache_status.is_none() {
+            Box::pin(future)
+        } else {
+            let config = self.config.clone();
+            Box::pin(async move {
+                let mut res = future.await?;
+                finish_cache_status(&config, &mut res);
+                Ok(match conditions {
+                    Some(conditions) => conditions.answer(res, config.status_header.as_ref()),
+                    None => res,
+                })
+            })
+        };
         ResponseFuture {
-            state: State::Cached {
-                future: Box::pin(serve(ctx, inner, req, key, head, refresh, offline)),
-            },
+            state: State::Cached { future },
         }
+    }
+}
+
+/// An unsafe request: passed through, then its target URI and same-origin
+/// `Location` / `Content-Location` are invalidated unless it failed (RFC
+/// 9111 §4.4), before the response goes back to the client.
+async fn invalidating<S, C, ReqB, ResB>(
+    config: Arc<Config>,
+    shared: Arc<Shared<C>>,
+    mut svc: S,
+    req: Request<ReqB>,
+) -> Result<Response<FenceBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let targets = unsafe_methods::Targets::of(req.uri(), req.headers());
+    let res = svc.call(req).await?;
+    let handle = crate::FenceHandle::new(shared, (*config).clone());
+    targets
+        .invalidate(res.status(), res.headers(), &handle, &config)
+        .await;
+    let mut res = res.map(FenceBody::inner);
+    outgoing(&config, res.headers_mut(), CacheStatus::Bypass);
+    finish_cache_status(&config, &mut res);
+    Ok(res)
+}
+
+/// Completes the `Cache-Status` member of a forwarded response with the
+/// status the origin answered.
+fn finish_cache_status<B>(config: &Config, res: &mut Response<B>) {
+    if let Some(id) = &config.cache_status {
+        let status = res.status();
+        cache_status::finish(id, res.headers_mut(), status);
     }
 }
 
@@ -359,7 +434,9 @@ where
                             .iter()
                             .all(|(name, value)| header_value(req.headers(), name) == *value);
                         if matches {
-                            return Ok(from_entry(config, &entry, status, false, now_ms()));
+                            let mut res = from_entry(config, &entry, status, false, now_ms());
+                            cache_status::collapsed(config, res.headers_mut());
+                            return Ok(res);
                         }
                     }
                     Some(Outcome::Origin) => {
@@ -482,7 +559,7 @@ pub(crate) fn outgoing(config: &Config, headers: &mut HeaderMap, status: CacheSt
             headers.remove(name);
         }
     }
-    mark(config.status_header.as_ref(), headers, status);
+    mark(config, headers, status, None);
 }
 
 /// A cached response, as sent to a client.
@@ -511,7 +588,8 @@ pub(crate) fn from_entry<B: Body>(
     if status != CacheStatus::Miss {
         headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
     }
-    mark(config.status_header.as_ref(), headers, status);
+    let from = cache_status::FromEntry::new(entry, now);
+    mark(config, headers, status, Some(from));
     res
 }
 
@@ -522,17 +600,21 @@ pub(crate) fn plain_response<B: Body>(
 ) -> Response<FenceBody<B>> {
     let mut res = Response::new(FenceBody::empty());
     *res.status_mut() = status;
-    mark(
-        config.status_header.as_ref(),
-        res.headers_mut(),
-        CacheStatus::Miss,
-    );
+    mark(config, res.headers_mut(), CacheStatus::Miss, None);
     res
 }
 
-pub(crate) fn mark(name: Option<&HeaderName>, headers: &mut HeaderMap, status: CacheStatus) {
-    if let Some(name) = name {
+pub(crate) fn mark(
+    config: &Config,
+    headers: &mut HeaderMap,
+    status: CacheStatus,
+    entry: Option<cache_status::FromEntry>,
+) {
+    if let Some(name) = &config.status_header {
         headers.insert(name.clone(), HeaderValue::from_static(status.as_str()));
+    }
+    if let Some(id) = &config.cache_status {
+        cache_status::mark(id, headers, status, entry);
     }
 }
 
