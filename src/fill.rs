@@ -22,7 +22,7 @@ use crate::lease::{Lease, LeaseRegistration, new_token, release, with_lease};
 use crate::policy::{ResponseRule, response_tags, vary_names};
 use crate::service::{Ctx, from_entry, plain_response};
 use crate::stats::Counters;
-use crate::store::{Acquired, StoreArgs};
+use crate::store::{Acquired, StoreArgs, Stored};
 use crate::wait::Backoff;
 
 /// Why a fill runs.
@@ -427,14 +427,19 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     started: lease.started,
                     namespace: &config.namespace,
                     tags: &tags,
+                    max_variants: config.max_variants,
                     fields: entry.to_fields(&key, &lease.token),
                 };
                 match shared.store.store(args).await {
-                    Ok(true) => {
+                    Ok(Stored::Stored) => {
                         Counters::inc(&counters.stores);
                         tracing::debug!(key = %store_key, ?delta, "fill stored");
                     }
-                    Ok(false) => {
+                    Ok(Stored::TooManyVariants) => {
+                        Counters::inc(&counters.variants_over_limit);
+                        tracing::debug!(key = %store_key, "not stored: the URL has the most variants it may have");
+                    }
+                    Ok(Stored::Fenced) => {
                         Counters::inc(&counters.fenced);
                         // Computed before an invalidation: the joiners look
                         // again rather than take it.

@@ -43,6 +43,7 @@ pub(crate) struct Config {
     pub(crate) pass_ttl: Duration,
     pub(crate) tag_headers: Vec<HeaderName>,
     pub(crate) expose_tags: bool,
+    pub(crate) max_variants: usize,
 }
 
 impl fmt::Debug for Config {
@@ -60,6 +61,7 @@ impl fmt::Debug for Config {
             .field("pass_ttl", &self.pass_ttl)
             .field("tag_headers", &self.tag_headers)
             .field("expose_tags", &self.expose_tags)
+            .field("max_variants", &self.max_variants)
             .finish_non_exhaustive()
     }
 }
@@ -92,6 +94,7 @@ impl Default for Config {
                 HeaderName::from_static("surrogate-key"),
             ],
             expose_tags: false,
+            max_variants: 64,
         }
     }
 }
@@ -399,6 +402,24 @@ where
     #[must_use]
     pub fn expose_tags(mut self, on: bool) -> Self {
         self.config.expose_tags = on;
+        self
+    }
+
+    /// The most `Vary` variants one URL may have in the cache (default 64).
+    /// A response for a new variant beyond it is served but not stored (it
+    /// passes through uncached, counted in
+    /// [`Stats::variants_over_limit`](crate::Stats::variants_over_limit)),
+    /// so a header with unbounded values can't grow one URL without limit;
+    /// variants that expired make room again. Zero is taken as one.
+    ///
+    /// ```no_run
+    /// # async fn doc(conn: redis::aio::ConnectionManager) {
+    /// let fence = cachefence::FenceLayer::new(conn).max_variants(16);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn max_variants(mut self, max: usize) -> Self {
+        self.config.max_variants = max.max(1);
         self
     }
 

@@ -226,7 +226,7 @@ where
     let counters = &shared.counters;
     let ek = EntryKey::new(&config.namespace, &key);
     for attempt in 0..MAX_ATTEMPTS {
-        let now = now_ms();
+        let now = shared.store.now_ms();
         let found = if offline {
             None
         } else {

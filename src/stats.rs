@@ -77,6 +77,9 @@ counters! {
     pass_markers,
     /// Fills detached from the in-flight table by an invalidation.
     detached,
+    /// Responses not stored because their URL already had the most `Vary`
+    /// variants it may have ([`FenceLayer::max_variants`](crate::FenceLayer::max_variants)).
+    variants_over_limit,
 }
 
 impl Counters {
