@@ -17,7 +17,7 @@ use crate::stats::Counters;
 pub(crate) struct Lease {
     pub(crate) key: String,
     pub(crate) token: String,
-    /// The Redis time it was taken (ms).
+    /// The Redis time it was taken (µs).
     pub(crate) started: u64,
 }
 

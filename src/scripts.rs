@@ -15,7 +15,7 @@ use redis::Script;
 /// format version.
 /// Returns `{'pass'}`, `{'vary', names}`, `{'hit', fields}`,
 /// `{'won', fields, start}` (fields of a stale entry in `fill` mode, and
-/// the Redis time the lease was taken, in ms) or
+/// the Redis time the lease was taken, in µs) or
 /// `{'held', pttl}`.
 pub(crate) const ACQUIRE: &str = r"
 local ok, e = pcall(redis.call, 'HGETALL', KEYS[1])
@@ -32,7 +32,7 @@ if f['v'] == ARGV[5] and ARGV[4] == 'fill' then
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local t = redis.call('TIME')
-  local start = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  local start = t[1] .. string.format('%06d', tonumber(t[2]))
   if ARGV[4] == 'fill' and f['v'] == ARGV[5] then return {'won', e, start} end
   return {'won', {}, start}
 end
@@ -55,7 +55,7 @@ return {'held', ttl}
 /// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
 /// tag indexes and their `n` tag fences. ARGV: token, entry ttl ms, wake
 /// channel, wake message, vary names ('' when the entry is the primary),
-/// format version, fill start (Redis ms), `n`, the most variants a URL may
+/// format version, fill start (Redis µs), `n`, the most variants a URL may
 /// have, whether to read the prefix fences (`1`/`0`), then field/value pairs.
 ///
 /// In Redis Cluster mode `n` is negative and the `-n` keys after the
@@ -157,13 +157,13 @@ return 1
 /// never fewer).
 ///
 /// KEYS: the namespace's prefix fences. ARGV: key prefix, lifetime ms,
-/// max fences, namespace prefix. Returns the fence's time (Redis ms).
+/// max fences, namespace prefix. Returns the fence's time (Redis µs).
 pub(crate) const PREFIX_FENCE: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
 local ttl = tonumber(ARGV[2])
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then redis.call('DEL', KEYS[1]) end
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now) - ttl * 1000)
 redis.call('ZADD', KEYS[1], now, ARGV[1])
 if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
@@ -180,7 +180,7 @@ return now
 /// KEYS: tag index, tag fence. ARGV: batch size, fence ttl ms.
 pub(crate) const TAG_BATCH: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
 redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then
   redis.call('DEL', KEYS[1])
@@ -203,7 +203,7 @@ return members
 pub(crate) const TAG_PAGE: &str = r"
 if ARGV[3] == '-inf' then
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
 end
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then return {} end
@@ -256,7 +256,7 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 pub(crate) const INVALIDATE: &str = r"
 if ARGV[3] == '1' then
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('SET', KEYS[3], now, 'PX', ARGV[4])
 end
 local n = 0
@@ -294,7 +294,7 @@ return {n, left}
 pub(crate) const SOFT_INVALIDATE: &str = r"
 if ARGV[1] == '1' then
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('SET', KEYS[3], now, 'PX', ARGV[2])
 end
 local n = 0

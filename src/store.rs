@@ -81,7 +81,7 @@ pub(crate) struct StoreArgs<'a> {
     pub(crate) token: &'a str,
     pub(crate) ttl: Duration,
     pub(crate) vary: &'a str,
-    /// The Redis time the lease was taken (ms), for the tag fences.
+    /// The Redis time the lease was taken (µs), for the fences.
     pub(crate) started: u64,
     /// The namespace, and the tags of the response.
     pub(crate) namespace: &'a str,
