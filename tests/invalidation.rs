@@ -951,3 +951,32 @@ async fn soft_invalidation_of_the_whole_namespace_marks_everything_stale() {
     let (status, body) = get(&svc, "/s/4").await;
     assert_eq!((status.as_str(), body.as_str()), ("STALE", "0"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detached_fill_ending_late_keeps_the_new_fills_lease_registered() {
+    // Fill A is detached by an invalidation while its origin call runs; fill
+    // B of the same key takes the lease; A ends. Shutdown must still release
+    // B's lease (A's end must not drop B's registration).
+    let redis = RedisServer::new();
+    let world = World::default();
+    let l = layer(&redis, "reg:").await;
+    let svc = fence(&l, &world);
+    let handle = l.handle();
+    let spawn_get = || {
+        let svc = svc.clone();
+        tokio::spawn(async move { get_with(&svc, "/k", &[("x-hold", "1")]).await })
+    };
+    let a = spawn_get();
+    until_held(&world, 1).await;
+    handle.invalidate_path("/k").await.unwrap();
+    let b = spawn_get();
+    until_held(&world, 2).await;
+    // The gate is fair: the first permit goes to A.
+    world.gate.add_permits(1);
+    a.await.unwrap();
+    assert_eq!(handle.stats().fenced, 1, "A's write-back was refused");
+    assert_eq!(handle.shutdown(Duration::ZERO).await, 1, "B's lease released");
+    assert_eq!(redis.cli(&["KEYS", "reg:*:lease"]), "");
+    world.gate.add_permits(1);
+    b.await.unwrap();
+}
