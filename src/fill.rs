@@ -22,7 +22,7 @@ use crate::lease::{Lease, LeaseRegistration, new_token, release, with_lease};
 use crate::policy::{ResponseRule, response_tags, vary_names};
 use crate::service::{Ctx, from_entry, plain_response};
 use crate::stats::Counters;
-use crate::store::{Acquired, StoreArgs, Stored};
+use crate::store::{Acquired, StoreArgs, WriteBack};
 use crate::wait::Backoff;
 
 /// Why a fill runs.
@@ -431,15 +431,15 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     fields: entry.to_fields(&key, &lease.token),
                 };
                 match shared.store.store(args).await {
-                    Ok(Stored::Stored) => {
+                    Ok(WriteBack::Stored) => {
                         Counters::inc(&counters.stores);
                         tracing::debug!(key = %store_key, ?delta, "fill stored");
                     }
-                    Ok(Stored::TooManyVariants) => {
+                    Ok(WriteBack::TooManyVariants) => {
                         Counters::inc(&counters.variants_over_limit);
                         tracing::debug!(key = %store_key, "not stored: the URL has the most variants it may have");
                     }
-                    Ok(Stored::Fenced) => {
+                    Ok(WriteBack::Fenced) => {
                         Counters::inc(&counters.fenced);
                         // Computed before an invalidation: the joiners look
                         // again rather than take it.

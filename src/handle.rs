@@ -579,13 +579,7 @@ where
         {
             tracing::debug!(error = %err, "announcing a prefix invalidation failed; fencing still holds");
         }
-        tracing::debug!(
-            prefix,
-            removed = total,
-            soft,
-            fenced,
-            "prefix invalidated"
-        );
+        tracing::debug!(prefix, removed = total, soft, fenced, "prefix invalidated");
         Ok(total)
     }
 

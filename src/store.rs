@@ -51,7 +51,7 @@ pub(crate) fn prefix_fences_of(namespace: &str) -> String {
 
 /// What became of a write-back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Stored {
+pub(crate) enum WriteBack {
     /// The entry was written.
     Stored,
     /// Refused: the lease was lost, or an invalidation fenced the fill out.
@@ -237,7 +237,7 @@ where
         parse_acquired(value).ok_or_else(|| FenceError::invalid_input("unexpected acquire reply"))
     }
 
-    pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<Stored, FenceError> {
+    pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<WriteBack, FenceError> {
         let url_fence = url_fence_of(args.primary);
         // On a cluster the prefix fences live in another slot: a stand-in
         // key of the entry's slot takes their place, and is not read.
@@ -293,9 +293,9 @@ where
             })
             .await?;
         Ok(match stored {
-            1 => Stored::Stored,
-            2 => Stored::TooManyVariants,
-            _ => Stored::Fenced,
+            1 => WriteBack::Stored,
+            2 => WriteBack::TooManyVariants,
+            _ => WriteBack::Fenced,
         })
     }
 

@@ -527,7 +527,10 @@ async fn fill_range(svc: &Svc, prefix: &str, n: usize, headers: &'static [(&str,
 async fn until_held(world: &World, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while world.held.load(Ordering::SeqCst) < n {
-        assert!(Instant::now() < deadline, "held fills never reached the origin");
+        assert!(
+            Instant::now() < deadline,
+            "held fills never reached the origin"
+        );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
@@ -619,7 +622,12 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let rounds = [("prefix", true), ("all", true), ("prefix", false), ("all", false)];
+    let rounds = [
+        ("prefix", true),
+        ("all", true),
+        ("prefix", false),
+        ("all", false),
+    ];
     let per_round = (race_trials() as usize).div_ceil(rounds.len()).max(200);
     let redis = RedisServer::new();
     let world = World::default();
@@ -724,7 +732,9 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
                 let read = get(svc, &path).await;
                 if is_stale_read(&read, current, soft) {
                     stale_reads += 1;
-                    eprintln!("round {round}: {path} read {read:?} after invalidating at {current}");
+                    eprintln!(
+                        "round {round}: {path} read {read:?} after invalidating at {current}"
+                    );
                 }
             }
         }
@@ -822,7 +832,12 @@ async fn soft_tag_invalidation_skips_no_entry_while_the_tag_index_changes() {
     for j in 0..held {
         let svc = svc.clone();
         fills.push(tokio::spawn(async move {
-            get_with(&svc, &format!("/d/cold-{j}"), &[("x-tags", "grp"), ("x-hold", "1")]).await
+            get_with(
+                &svc,
+                &format!("/d/cold-{j}"),
+                &[("x-tags", "grp"), ("x-hold", "1")],
+            )
+            .await
         }));
     }
     until_held(&world, held).await;
@@ -887,7 +902,10 @@ async fn soft_tag_invalidation_skips_no_entry_while_the_tag_index_changes() {
         "soft tag: {n} entries, {marked} marked, {moved} stored again and {moved} added while \
          it paged, {released} held fills let go during it, {fenced} fenced, {stale_reads} stale reads"
     );
-    assert!(fenced >= held as u64, "every held fill is refused: {fenced}");
+    assert!(
+        fenced >= held as u64,
+        "every held fill is refused: {fenced}"
+    );
     assert!(moved > 0, "the index did not change while the walk paged");
     assert_eq!(stale_reads, 0);
 }
@@ -907,11 +925,15 @@ async fn a_url_keeps_at_most_max_variants_and_the_rest_pass_through() {
     // The default bound is 64: the first 64 are cached, the rest are not.
     assert_eq!(handle.stats().variants_over_limit, 6);
     assert_eq!(
-        get_with(&svc, "/v/many", &[("accept-language", &lang(3))]).await.0,
+        get_with(&svc, "/v/many", &[("accept-language", &lang(3))])
+            .await
+            .0,
         "HIT"
     );
     assert_eq!(
-        get_with(&svc, "/v/many", &[("accept-language", &lang(66))]).await.0,
+        get_with(&svc, "/v/many", &[("accept-language", &lang(66))])
+            .await
+            .0,
         "MISS"
     );
     assert_eq!(handle.stats().variants_over_limit, 7);
@@ -923,7 +945,9 @@ async fn a_url_keeps_at_most_max_variants_and_the_rest_pass_through() {
     assert_eq!(handle.invalidate_path("/v/many").await.unwrap(), 64);
     get_with(&svc, "/v/many", &[("accept-language", &lang(66))]).await;
     assert_eq!(
-        get_with(&svc, "/v/many", &[("accept-language", &lang(66))]).await.0,
+        get_with(&svc, "/v/many", &[("accept-language", &lang(66))])
+            .await
+            .0,
         "HIT"
     );
     // A smaller bound.
@@ -946,7 +970,10 @@ async fn soft_invalidation_of_the_whole_namespace_marks_everything_stale() {
     }
     world.version.store(1, Ordering::SeqCst);
     let inv = cachefence::Invalidation::all().soft();
-    assert_eq!(cachefence::Invalidation::decode(&inv.encode()), Some(inv.clone()));
+    assert_eq!(
+        cachefence::Invalidation::decode(&inv.encode()),
+        Some(inv.clone())
+    );
     assert_eq!(l.handle().apply(&inv).await.unwrap(), 10);
     let (status, body) = get(&svc, "/s/4").await;
     assert_eq!((status.as_str(), body.as_str()), ("STALE", "0"));
@@ -975,7 +1002,11 @@ async fn a_detached_fill_ending_late_keeps_the_new_fills_lease_registered() {
     world.gate.add_permits(1);
     a.await.unwrap();
     assert_eq!(handle.stats().fenced, 1, "A's write-back was refused");
-    assert_eq!(handle.shutdown(Duration::ZERO).await, 1, "B's lease released");
+    assert_eq!(
+        handle.shutdown(Duration::ZERO).await,
+        1,
+        "B's lease released"
+    );
     assert_eq!(redis.cli(&["KEYS", "reg:*:lease"]), "");
     world.gate.add_permits(1);
     b.await.unwrap();
