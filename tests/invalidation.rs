@@ -482,6 +482,8 @@ async fn prefix_invalidation_over_many_entries_is_bounded_and_does_not_block_hit
             (worst, count)
         }
     });
+    // (A fill whose store timed out on a loaded machine stored nothing.)
+    let present = count_entries(&redis, "purge:|/p/*");
     let rss_before = support::peak_rss_kib();
     let t = Instant::now();
     let removed = l.handle().invalidate_prefix("/p/").await.unwrap();
@@ -491,9 +493,10 @@ async fn prefix_invalidation_over_many_entries_is_bounded_and_does_not_block_hit
     let grown = support::peak_rss_kib().saturating_sub(rss_before);
     eprintln!(
         "purge: {n} entries filled in {filled_in:?}; invalidate_prefix removed {removed} in {took:?}; \
-         peak RSS grew {grown} KiB; {hits} concurrent hits, worst {worst_hit:?}"
+         peak RSS grew {grown} KiB; {hits} concurrent hits, worst {worst_hit:?}; {} redis errors",
+        l.handle().stats().redis_errors
     );
-    assert_eq!(removed, n as u64);
+    assert_eq!(removed, present);
     assert_eq!(redis.cli(&["KEYS", "purge:|/p/*"]), "");
     assert!(hits > 0);
 }
@@ -521,6 +524,13 @@ async fn fill_range(svc: &Svc, prefix: &str, n: usize, headers: &'static [(&str,
     for p in pending {
         p.await.unwrap();
     }
+}
+
+/// How many entries (primary keys: the names ending in the digest's `}`)
+/// match a pattern.
+fn count_entries(redis: &RedisServer, pattern: &str) -> u64 {
+    let script = "return #redis.call('KEYS', ARGV[1] .. '}')";
+    redis.cli(&["EVAL", script, "0", pattern]).parse().unwrap()
 }
 
 /// Waits (a hang guard, not a timing) until `n` held origin calls arrived.
@@ -631,7 +641,12 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
     let per_round = (race_trials() as usize).div_ceil(rounds.len()).max(200);
     let redis = RedisServer::new();
     let world = World::default();
-    let (la, lb) = (layer(&redis, "walk").await, layer(&redis, "walk").await);
+    // Entries outlive the test, however slow the machine.
+    let long = |l: FenceLayer<ConnectionManager>| l.ttl(Duration::from_secs(600));
+    let (la, lb) = (
+        long(layer(&redis, "walk").await),
+        long(layer(&redis, "walk").await),
+    );
     let (a, b) = (fence(&la, &world), fence(&lb, &world));
     let handles = [la.handle(), lb.handle()];
     let mut conn = redis.connection_manager().await;
@@ -675,6 +690,12 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
                 (worst, count)
             })
         });
+        // (A fill whose store timed out on a loaded machine stored nothing.)
+        let present = if kind == "prefix" {
+            count_entries(&redis, "walk|/item/pw-*")
+        } else {
+            count_entries(&redis, "walk|/*")
+        };
         let handle = handles[round % 2].clone();
         let started = Instant::now();
         let walk = tokio::spawn(async move {
@@ -721,7 +742,7 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
             if soft { " (soft)" } else { "" },
             removed as f64 / took.as_secs_f64()
         );
-        assert!(removed >= entries as u64, "{removed}");
+        assert!(removed >= present, "{removed} of {present}");
         assert_eq!(fenced_now, per_round as u64, "every held fill is refused");
         // Every raced key, and a sample of the walked entries, on both.
         let checks = (0..per_round)
