@@ -217,6 +217,9 @@ impl Invalidation {
 /// the leader receives that response (its request raced the invalidation),
 /// but it is not stored: the write-back is fenced out. If no one waits for
 /// it any more, the origin call is dropped (aborted) and the lease released.
+/// A fill the call does not find in this process's table (for example a
+/// cold fill of a tag's entry, not yet in the tag's index) runs on; its
+/// write-back is refused, and the requests that joined it look again.
 ///
 /// # Clocks
 ///
