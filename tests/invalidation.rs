@@ -632,13 +632,18 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000);
-    let rounds = [
+    // 500 fills a round (more at once only measures an overloaded Redis);
+    // rounds cycle through the four kinds, at least one each.
+    let kinds = [
         ("prefix", true),
         ("all", true),
         ("prefix", false),
         ("all", false),
     ];
-    let per_round = (race_trials() as usize).div_ceil(rounds.len()).max(200);
+    let per_round = 500;
+    let rounds = (race_trials() as usize)
+        .div_ceil(per_round)
+        .max(kinds.len());
     let redis = RedisServer::new();
     let world = World::default();
     // Entries outlive the test, however slow the machine.
@@ -653,9 +658,10 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
     fill_range(&a, "/item/pw-", entries, &[]).await;
     let mut stale_reads = 0;
     let mut during_total = 0;
-    for (round, (kind, soft)) in rounds.into_iter().enumerate() {
-        if kind == "all" && !soft {
-            // The hard prefix round removed them.
+    for round in 0..rounds {
+        let (kind, soft) = kinds[round % kinds.len()];
+        if round > 0 && !kinds[(round - 1) % kinds.len()].1 {
+            // The hard round before removed them.
             fill_range(&a, "/item/pw-", entries, &[]).await;
         }
         get(&a, "/other").await;
@@ -671,6 +677,10 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
         }
         until_held(&world, per_round).await;
         let fenced_before = fenced(&handles);
+        let stat = |f: fn(&cachefence::Stats) -> u64| -> u64 {
+            handles.iter().map(|h| f(&h.stats())).sum()
+        };
+        let (stores_before, errors_before) = (stat(|s| s.stores), stat(|s| s.redis_errors));
         let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
         let fence_before = newest_fence(&mut conn, "walk").await;
         // Hits outside the prefix keep flowing during a prefix walk.
@@ -706,8 +716,7 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
                 (_, true) => handle.soft_invalidate_all().await,
             }
         });
-        while newest_fence(&mut conn, "walk").await <= fence_before {
-            assert!(!walk.is_finished() || started.elapsed() < Duration::from_secs(60));
+        while newest_fence(&mut conn, "walk").await <= fence_before && !walk.is_finished() {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         let mut released = 0;
@@ -729,6 +738,8 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
         }
         during_total += during;
         let fenced_now = fenced(&handles) - fenced_before;
+        let stores = stat(|s| s.stores) - stores_before;
+        let errors = stat(|s| s.redis_errors) - errors_before;
         let probe = match prober {
             Some(p) => {
                 let (worst, hits) = p.await.unwrap();
@@ -738,12 +749,16 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
         };
         eprintln!(
             "walk {kind}{}: {removed} entries in {took:?} ({:.0} entries/s); {per_round} fills \
-             held before it, {during} stored during the walk, {fenced_now} fenced{probe}",
+             held before it, {during} stored during the walk, {fenced_now} fenced \
+             ({stores} stores, {errors} redis errors){probe}",
             if soft { " (soft)" } else { "" },
             removed as f64 / took.as_secs_f64()
         );
         assert!(removed >= present, "{removed} of {present}");
-        assert_eq!(fenced_now, per_round as u64, "every held fill is refused");
+        // Every held fill is refused (one whose store script timed out on
+        // a loaded machine counts as a Redis error and stored nothing).
+        assert_eq!(stores, 0, "a fill that started before the walk stored");
+        assert!(fenced_now > 0 && fenced_now + errors >= per_round as u64);
         // Every raced key, and a sample of the walked entries, on both.
         let checks = (0..per_round)
             .map(|j| format!("/item/pw-cold-{round}-{j}"))
