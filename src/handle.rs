@@ -30,6 +30,31 @@ const PARALLEL: usize = 64;
 /// invalidation.
 const TAG_FENCE_TTL: Duration = Duration::from_secs(3600);
 
+/// Attempts of one step of a walk (a SCAN, one entry's script) that timed
+/// out or lost its connection: a long walk on a busy Redis should not fail
+/// on one slow reply. Each step is idempotent.
+const STEP_ATTEMPTS: u32 = 3;
+
+/// Runs one step of a walk, again after a transport failure (not when the
+/// circuit breaker is open, nor on an error Redis answered with).
+async fn step<T, F, Fut>(mut f: F) -> Result<T, FenceError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, FenceError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(err) if err.is_transport() && attempt < STEP_ATTEMPTS => {
+                tracing::debug!(error = %err, attempt, "walk step failed, trying again");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Escapes the glob characters of a Redis `MATCH` pattern. (Keys built by
 /// this crate never hold them, as the key escaping encodes them; this is a
 /// second line of defence.)
@@ -75,9 +100,8 @@ impl Walk {
         let Some(node) = self.nodes.last() else {
             return Ok(None);
         };
-        let (next, keys) = store
-            .scan(node, self.cursor, &self.pattern, SCAN_BATCH)
-            .await?;
+        let (next, keys) =
+            step(|| store.scan(node, self.cursor, &self.pattern, SCAN_BATCH)).await?;
         if next == 0 {
             self.nodes.pop();
         }
@@ -598,7 +622,7 @@ where
             // Walks fence by prefix or tag: no URL fence per entry.
             let calls = chunk
                 .iter()
-                .map(|primary| self.invalidate_entry(primary, soft, false));
+                .map(|primary| step(|| self.invalidate_entry(primary, soft, false)));
             for result in join_all(calls).await {
                 total += result?;
             }

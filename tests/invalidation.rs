@@ -1047,3 +1047,25 @@ async fn a_detached_fill_ending_late_keeps_the_new_fills_lease_registered() {
     world.gate.add_permits(1);
     b.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_fences_stay_bounded_by_folding_into_a_namespace_fence() {
+    let redis = RedisServer::new();
+    let world = World::default();
+    let l = layer(&redis, "fold:").await;
+    let svc = fence(&l, &world);
+    let h = l.handle();
+    for i in 0..1_100 {
+        h.invalidate_prefix(&format!("/f/{i}/")).await.unwrap();
+    }
+    let count: u64 = redis.cli(&["ZCARD", "fold:|#fences"]).parse().unwrap();
+    assert!(count <= 1_024, "{count}");
+    // Folded into one fence on the whole namespace (which fences more
+    // fills, never fewer), and it expires by itself.
+    assert_ne!(redis.cli(&["ZSCORE", "fold:|#fences", "fold:|"]), "");
+    let ttl: i64 = redis.cli(&["PTTL", "fold:|#fences"]).parse().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+    // Fills that start after it store as usual.
+    assert_eq!(get(&svc, "/f/1/x").await.0, "MISS");
+    assert_eq!(get(&svc, "/f/1/x").await.0, "HIT");
+}
