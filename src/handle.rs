@@ -30,9 +30,11 @@ const PARALLEL: usize = 64;
 /// invalidation.
 const TAG_FENCE_TTL: Duration = Duration::from_secs(3600);
 
-/// Attempts of one step of a walk (a SCAN, one entry's script) that timed
-/// out or lost its connection: a long walk on a busy Redis should not fail
-/// on one slow reply. Each step is idempotent.
+/// Attempts of one idempotent step of an invalidation (a SCAN, one entry's
+/// script, setting a fence, reading a tag page) that timed out or lost its
+/// connection: an invalidation on a busy Redis should not fail on one slow
+/// reply. (Popping a tag's index is not tried again: a pop that ran but
+/// whose reply was lost would lose entries.)
 const STEP_ATTEMPTS: u32 = 3;
 
 /// Runs one step of a walk, again after a transport failure (not when the
@@ -463,9 +465,10 @@ where
         let mut cursor: Option<String> = None;
         loop {
             let members = if soft {
-                let page = store
-                    .tag_page(&index, &fence, TAG_BATCH, TAG_FENCE_TTL, cursor.as_deref())
-                    .await?;
+                let page = step(|| {
+                    store.tag_page(&index, &fence, TAG_BATCH, TAG_FENCE_TTL, cursor.as_deref())
+                })
+                .await?;
                 let Some((members, next)) = page else { break };
                 cursor = Some(next);
                 members
@@ -561,10 +564,8 @@ where
             self.unlink_matching(format!("{}*:lease", glob_escape(&key_prefix)))
                 .await?
         } else {
-            self.shared
-                .store
-                .prefix_fence(&self.config.namespace, &key_prefix)
-                .await?;
+            let store = &self.shared.store;
+            step(|| store.prefix_fence(&self.config.namespace, &key_prefix)).await?;
             0
         };
         let mut total = 0;
@@ -622,7 +623,7 @@ where
             // Walks fence by prefix or tag: no URL fence per entry.
             let calls = chunk
                 .iter()
-                .map(|primary| step(|| self.invalidate_entry(primary, soft, false)));
+                .map(|primary| self.invalidate_entry(primary, soft, false));
             for result in join_all(calls).await {
                 total += result?;
             }
@@ -645,9 +646,9 @@ where
     ) -> Result<u64, FenceError> {
         let store = &self.shared.store;
         let result = if soft {
-            store.soft_invalidate(primary, fence).await
+            step(|| store.soft_invalidate(primary, fence)).await
         } else {
-            store.invalidate(primary, self.shared.id, fence).await
+            step(|| store.invalidate(primary, self.shared.id, fence)).await
         };
         let detached = self.shared.flights.detach_entry(primary);
         Counters::add(&self.shared.counters.detached, detached);
