@@ -22,7 +22,7 @@ use crate::lease::{Ended, Lease, LeaseRegistration, Leave, new_token, release, w
 use crate::policy::{ResponseRule, response_tags, uncacheable_by_nature, vary_names};
 use crate::service::{Ctx, from_entry, plain_response};
 use crate::stats::Counters;
-use crate::store::{Acquired, StoreArgs};
+use crate::store::{Acquired, StoreArgs, WriteBack};
 use crate::wait::Backoff;
 
 /// Why a fill runs.
@@ -561,14 +561,19 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     started: lease.started,
                     namespace: &config.namespace,
                     tags: &tags,
+                    max_variants: config.max_variants,
                     fields: entry.to_fields(&key, &lease.token),
                 };
                 match shared.store.store(args).await {
-                    Ok(true) => {
+                    Ok(WriteBack::Stored) => {
                         Counters::inc(&counters.stores);
                         tracing::debug!(key = %store_key, ?delta, "fill stored");
                     }
-                    Ok(false) => {
+                    Ok(WriteBack::TooManyVariants) => {
+                        Counters::inc(&counters.variants_over_limit);
+                        tracing::debug!(key = %store_key, "not stored: the URL has the most variants it may have");
+                    }
+                    Ok(WriteBack::Fenced) => {
                         Counters::inc(&counters.fenced);
                         // Computed before an invalidation: the joiners look
                         // again rather than take it.

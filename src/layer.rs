@@ -58,6 +58,7 @@ pub(crate) struct Config {
     /// This cache's identifier in `Cache-Status`, when that header is on.
     pub(crate) cache_status: Option<Arc<str>>,
     pub(crate) normalizers: Normalizers,
+    pub(crate) max_variants: usize,
 }
 
 impl fmt::Debug for Config {
@@ -80,6 +81,7 @@ impl fmt::Debug for Config {
             .field("invalidate_unsafe", &self.invalidate_unsafe)
             .field("cache_status", &self.cache_status)
             .field("normalizers", &self.normalizers)
+            .field("max_variants", &self.max_variants)
             .finish_non_exhaustive()
     }
 }
@@ -158,6 +160,7 @@ impl Default for Config {
             invalidate_unsafe: true,
             cache_status: None,
             normalizers: Normalizers::default(),
+            max_variants: 64,
         }
     }
 }
@@ -768,6 +771,26 @@ where
     #[must_use]
     pub fn invalidate_on_unsafe_methods(mut self, on: bool) -> Self {
         self.config.invalidate_unsafe = on;
+        self
+    }
+
+    /// The most variants one URL may have in the cache (default 64): its
+    /// `Vary` variants and its other key dimensions (one per host, keyed
+    /// header value). A response for a new variant beyond it is served but
+    /// not stored (it
+    /// passes through uncached, counted in
+    /// [`Stats::variants_over_limit`](crate::Stats::variants_over_limit)),
+    /// so a header with unbounded values can't grow one URL without limit;
+    /// variants that expired make room again. Zero is taken as one.
+    ///
+    /// ```no_run
+    /// # async fn doc(conn: redis::aio::ConnectionManager) {
+    /// let fence = cachefence::FenceLayer::new(conn).max_variants(16);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn max_variants(mut self, max: usize) -> Self {
+        self.config.max_variants = max.max(1);
         self
     }
 

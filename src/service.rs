@@ -303,7 +303,7 @@ where
     let ek = EntryKey::new(&config.namespace, &key);
     let deadlines = Deadlines::new(config);
     for attempt in 0..MAX_ATTEMPTS {
-        let now = now_ms();
+        let now = shared.store.now_ms();
         let found = if offline {
             None
         } else {
