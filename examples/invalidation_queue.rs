@@ -71,7 +71,6 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let worker = queue
         .worker(client)
         .block(Duration::from_secs(1))
-        .claim_idle(Duration::from_secs(10))
         .max_attempts(3)
         .backoff(Duration::from_millis(100), Duration::from_millis(400));
     println!("worker {} started", worker.consumer_name());
@@ -95,6 +94,15 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         stats.retries,
         stats.dead_lettered,
         queue.backlog().await?
+    );
+    let queue_stats = queue.stats().await?;
+    println!(
+        "queue: depth {}, dead letters {}, applied {}, retried {}, dead-lettered {}",
+        queue_stats.depth,
+        queue_stats.dead_letters,
+        queue_stats.applied,
+        queue_stats.retried,
+        queue_stats.dead_lettered
     );
     for dead in queue.dead_letters(100).await? {
         if ids.contains(&dead.source_id) {
@@ -120,10 +128,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Leave nothing behind in the demo namespace.
     handle.invalidate_all().await?;
     let attempts = format!("{}:attempts", queue.stream_key());
+    let counters = format!("{}:stats", queue.stream_key());
     redis::cmd("UNLINK")
         .arg(queue.stream_key())
         .arg(queue.dead_letter_key())
         .arg(attempts)
+        .arg(counters)
         .exec_async(&mut conn.clone())
         .await?;
     Ok(())

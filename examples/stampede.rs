@@ -113,11 +113,13 @@ struct Run {
 }
 
 async fn fetch(client: &HttpClient, addr: SocketAddr, path: &str) -> Result<Bytes, String> {
-    let uri = format!("http://{addr}{path}");
-    let res = client
-        .get(uri.parse().map_err(|e| format!("{e}"))?)
-        .await
+    // Every instance sees the site's name, as behind a load balancer (the
+    // host is part of the cache key).
+    let req = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::HOST, "shop.example")
+        .body(Empty::new())
         .map_err(|e| format!("{e}"))?;
+    let res = client.request(req).await.map_err(|e| format!("{e}"))?;
     if !res.status().is_success() {
         return Err(format!("status {}", res.status()));
     }

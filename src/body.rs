@@ -70,6 +70,19 @@ impl<B: Body> FenceBody<B> {
         }
     }
 
+    /// The whole body, when it is held complete in memory (no trailers, no
+    /// error): what a range can be cut from.
+    pub(crate) fn as_full(&self) -> Option<Bytes> {
+        match &self.state {
+            State::Buffered {
+                data,
+                trailers: None,
+                error: None,
+            } => Some(data.clone().unwrap_or_default()),
+            _ => None,
+        }
+    }
+
     /// The inner body, streamed through untouched.
     pub(crate) fn inner(inner: B) -> Self {
         Self {

@@ -22,7 +22,7 @@ use crate::lease::{Ended, Lease, LeaseRegistration, Leave, new_token, release, w
 use crate::policy::{ResponseRule, response_tags, uncacheable_by_nature, vary_names};
 use crate::service::{Ctx, from_entry, plain_response};
 use crate::stats::Counters;
-use crate::store::{Acquired, StoreArgs};
+use crate::store::{Acquired, StoreArgs, WriteBack};
 use crate::wait::Backoff;
 
 /// Why a fill runs.
@@ -120,6 +120,9 @@ where
         key: job.entry_key.clone(),
         flight: job.flight.clone(),
     };
+    // The origin answers the full response, which every request served
+    // from this fill cuts its own condition or range from.
+    crate::conditional::strip(job.req.headers_mut());
     let shared = job.ctx.shared.clone();
     let config = job.ctx.config.clone();
     let counters = &config.counters;
@@ -389,6 +392,12 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let body_limit = config.body_limit;
     let policy = config.policy.clone();
     let joined = flight.clone();
+    // Under a lease, an entry being replaced is revalidated: a 304 keeps its
+    // body (revalidate.rs).
+    let mut req = req;
+    let revalidating = stale
+        .clone()
+        .filter(|s| lease.is_some() && crate::revalidate::ask(req.headers_mut(), s));
     let call = async move {
         // A background refresh owns a clone that was never polled ready.
         let res = if mode == Mode::Refresh {
@@ -403,6 +412,19 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             Err(_) => return Called::TimedOut,
         };
         let (parts, body) = res.into_parts();
+        if let Some(stale) = revalidating.filter(|_| parts.status == StatusCode::NOT_MODIFIED) {
+            let parts = crate::revalidate::freshened(&stale, parts);
+            let rule = policy.response(&parts);
+            let body = Buffered::Complete {
+                data: stale.body.clone(),
+                trailers: None,
+            };
+            return Called::Responded {
+                parts: Box::new(parts),
+                rule,
+                body: Either::Buffered(body),
+            };
+        }
         let rule = policy.response(&parts);
         let buffer_it = match &rule {
             ResponseRule::Store { .. } => true,
@@ -499,7 +521,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     }
 
     let tags = response_tags(&parts, &config.tag_headers);
-    let entry_of = |data: bytes::Bytes, ttl: Duration| {
+    // `age`: how old the response already was on arrival (RFC 9111 mode),
+    // so that `Age` on hits counts it.
+    let entry_of = |data: bytes::Bytes, ttl: Duration, grace_ms: u64, age_ms: u64| {
         let now = now_ms();
         let fresh_ms = now.saturating_add(duration_ms(ttl));
         Arc::new(Entry {
@@ -507,22 +531,27 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             headers: storable_headers(&parts.headers, |n| config.is_own_header(n)),
             body: data,
             delta,
-            stored_ms: now,
+            stored_ms: now.saturating_sub(age_ms),
             fresh_ms,
-            stale_ms: fresh_ms.saturating_add(duration_ms(config.policy.grace)),
+            stale_ms: fresh_ms.saturating_add(grace_ms),
             retry_ms: 0,
         })
     };
 
     match (rule, body) {
         (
-            ResponseRule::Store { ttl, vary },
+            ResponseRule::Store {
+                ttl,
+                vary,
+                grace_ms,
+                age_ms,
+            },
             Either::Buffered(Buffered::Complete {
                 data,
                 trailers: None,
             }),
         ) => {
-            let entry = entry_of(data, ttl);
+            let entry = entry_of(data, ttl, grace_ms, age_ms);
             if let Some(lease) = &lease {
                 let store_key = if vary.is_empty() {
                     lease.key.clone()
@@ -540,19 +569,24 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     primary: &ek.primary,
                     variants_set: &ek.variants_set(),
                     token: &lease.token,
-                    ttl: ttl.saturating_add(config.policy.grace),
+                    ttl: ttl.saturating_add(Duration::from_millis(grace_ms)),
                     vary: &vary_field,
                     started: lease.started,
                     namespace: &config.namespace,
                     tags: &tags,
+                    max_variants: config.max_variants,
                     fields: entry.to_fields(&key, &lease.token),
                 };
                 match shared.store.store(args).await {
-                    Ok(true) => {
+                    Ok(WriteBack::Stored) => {
                         Counters::inc(&counters.stores);
                         tracing::debug!(key = %crate::trace::redact(&store_key), ?delta, "fill stored");
                     }
-                    Ok(false) => {
+                    Ok(WriteBack::TooManyVariants) => {
+                        Counters::inc(&counters.variants_over_limit);
+                        tracing::debug!(key = %crate::trace::redact(&store_key), "not stored: the URL has the most variants it may have");
+                    }
+                    Ok(WriteBack::Fenced) => {
                         Counters::inc(&counters.fenced);
                         // Computed before an invalidation: the joiners look
                         // again rather than take it.
@@ -632,7 +666,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     data,
                     trailers: None,
                 }) if shareable => {
-                    let entry = entry_of(data.clone(), Duration::ZERO);
+                    let entry = entry_of(data.clone(), Duration::ZERO, 0, 0);
                     flight.finish(Outcome::Serve {
                         entry,
                         status: mode.origin_status(),

@@ -174,8 +174,8 @@ impl Flights {
         if let Some(flight) = map.get(key) {
             flight.wake.notify_one();
         }
-        if let Some((primary, _)) = key.split_once("}:v:")
-            && let Some(flight) = map.get(&format!("{primary}}}"))
+        if let Some((primary, _)) = key.rsplit_once(":v:")
+            && let Some(flight) = map.get(primary)
         {
             flight.wake.notify_one();
         }

@@ -13,10 +13,11 @@ use futures_util::future::join_all;
 
 use crate::error::FenceError;
 use crate::key::{
-    EntryKey, READABLE_MAX, escape, namespace_prefix, normalize_user_path, tag_keys,
-    tag_marker_prefix, truncate_escaped, variants_set_of,
+    EntryKey, READABLE_MAX, escape, namespace_prefix, tag_keys, tag_marker_prefix,
+    truncate_escaped, url_of,
 };
 use crate::layer::{Config, Shared};
+use crate::policy::RequestRule;
 use crate::stats::{Counters, Stats};
 use crate::store::{INVALIDATE_CHANNEL, Node, ReleaseArgs, Store};
 
@@ -29,6 +30,33 @@ const PARALLEL: usize = 64;
 /// How long a tag's fence refuses fills that started before its last
 /// invalidation.
 const TAG_FENCE_TTL: Duration = Duration::from_secs(3600);
+
+/// Attempts of one idempotent step of an invalidation (a SCAN, one entry's
+/// script, setting a fence, reading a tag page) that timed out or lost its
+/// connection: an invalidation on a busy Redis should not fail on one slow
+/// reply. (Popping a tag's index is not tried again: a pop that ran but
+/// whose reply was lost would lose entries.)
+const STEP_ATTEMPTS: u32 = 3;
+
+/// Runs one step of a walk, again after a transport failure (not when the
+/// circuit breaker is open, nor on an error Redis answered with).
+async fn step<T, F, Fut>(mut f: F) -> Result<T, FenceError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, FenceError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match f().await {
+            Err(err) if err.is_transport() && attempt < STEP_ATTEMPTS => {
+                tracing::debug!(error = %err, attempt, "walk step failed, trying again");
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
 
 /// Escapes the glob characters of a Redis `MATCH` pattern. (Keys built by
 /// this crate never hold them, as the key escaping encodes them; this is a
@@ -75,9 +103,8 @@ impl Walk {
         let Some(node) = self.nodes.last() else {
             return Ok(None);
         };
-        let (next, keys) = store
-            .scan(node, self.cursor, &self.pattern, SCAN_BATCH)
-            .await?;
+        let (next, keys) =
+            step(|| store.scan(node, self.cursor, &self.pattern, SCAN_BATCH)).await?;
         if next == 0 {
             self.nodes.pop();
         }
@@ -138,7 +165,8 @@ impl Invalidation {
         Self::new(Target::All)
     }
 
-    /// Marks entries stale instead of removing them (not for `all`).
+    /// Marks entries stale instead of removing them
+    /// ([`FenceHandle::soft_invalidate_all`] for `all`).
     #[must_use]
     pub fn soft(mut self) -> Self {
         self.soft = true;
@@ -189,10 +217,51 @@ impl Invalidation {
 /// Made by [`FenceLayer::handle`](crate::FenceLayer::handle); cheap to clone,
 /// `Send + Sync`, and bound to the namespace of the layer it came from.
 ///
-/// After an invalidation returns, no request is served a response computed
-/// by a fill that started before it: the entry and its fill leases are
-/// removed in one script, so a fill elsewhere can't write its result back,
-/// and this process's in-flight fill for the key is detached.
+/// # What an invalidation guarantees
+///
+/// After any invalidation call returns (path, key, prefix, tag, whole
+/// namespace; hard or soft; directly or through the queue), no request, on
+/// any process, is served as fresh a response computed by a fill that
+/// started before the call. (A soft invalidation may still serve the
+/// entries it marked, as stale, while one refresh runs.) Fills are fenced
+/// where they write back: the store script refuses a fill whose lease was
+/// removed, or that started (Redis time) at or before the last
+/// invalidation of its URL (of any `Vary` variant, even one never stored
+/// before), of a prefix of its key, of the whole namespace, or of one of
+/// its response's tags. Prefix and namespace fences are set before the
+/// SCAN walk starts, so a fill that stores into a part of the keyspace the
+/// walk has already passed is refused too. On a Redis Cluster, prefix and
+/// namespace walks first remove every fill lease under the prefix (a SCAN
+/// of its own), then the entries.
+///
+/// # This process's in-flight fill
+///
+/// When the key of a fill running in this process is invalidated, the fill
+/// is *detached*: requests arriving afterwards don't join it, and the
+/// requests that joined it before look again (they start or join a new
+/// fill) instead of taking its response. If the request that started the
+/// fill (its leader) is still waiting, the origin call runs to its end and
+/// the leader receives that response (its request raced the invalidation),
+/// but it is not stored: the write-back is fenced out. If no one waits for
+/// it any more, the origin call is dropped (aborted) and the lease released.
+/// A fill the call does not find in this process's table (for example a
+/// cold fill of a tag's entry, not yet in the tag's index) runs on; its
+/// write-back is refused, and the requests that joined it look again.
+///
+/// # Clocks
+///
+/// * Fences compare Redis times only (the `TIME` of the server holding the
+///   entry, taken when the lease is won and when the fence is set): no
+///   host's clock matters, and they hold for fills up to a minute long.
+/// * Leases and pass markers' lifetimes are Redis expiries (`PX`).
+/// * Freshness, grace and XFetch use the clock of the host that stored the
+///   entry (`fresh until` = its time + TTL) and of the host that reads it.
+///   A reader whose clock runs `d` behind the writer's serves entries `d`
+///   longer as fresh (ahead: `d` shorter). Keep hosts within a small part of
+///   your TTLs (NTP keeps them within milliseconds).
+/// * A soft invalidation does not use a clock at all: it sets an entry's
+///   fresh-until time to zero, so every reader sees it stale however far its
+///   clock is behind.
 ///
 /// # Example
 ///
@@ -233,13 +302,103 @@ where
     }
 
     /// Removes every stored variant of a URL (path with an optional query,
-    /// normalised as [`DefaultKey`](crate::DefaultKey) does): all `Vary`
-    /// variants, for GET and HEAD. Returns how many entries were removed.
+    /// normalised as [`DefaultKey`](crate::DefaultKey) does), for every
+    /// host and every other key dimension (keyed headers, forwarding
+    /// headers): all `Vary` variants, for GET and HEAD, in batches. Returns
+    /// how many entries were removed. Sets the URL's fence: fills of it that
+    /// started before, including fills of variants and hosts never stored,
+    /// can't store.
     ///
-    /// This assumes the default key function; with a custom one use
-    /// [`invalidate_key`](Self::invalidate_key).
+    /// The URL's key comes from the layer's key function
+    /// ([`MakeKey::path_key`](crate::MakeKey::path_key)). A key function
+    /// that can't derive it (any closure) makes this fail with an
+    /// invalid-input error rather than remove nothing: use
+    /// [`invalidate_request`](Self::invalidate_request),
+    /// [`invalidate_uri`](Self::invalidate_uri) or
+    /// [`invalidate_key`](Self::invalidate_key) there.
     pub async fn invalidate_path(&self, path: &str) -> Result<u64, FenceError> {
-        self.invalidate_key(&normalize_user_path(path)).await
+        self.invalidate_key(&self.path_key(path)?).await
+    }
+
+    /// Removes the entries of one request's key, as the layer's key function
+    /// makes it (host, keyed headers and forwarding headers included): with
+    /// the default key, one URL on one host, with all its `Vary` variants.
+    /// Returns how many entries were removed.
+    ///
+    /// Fails with an invalid-input error when the layer would not cache
+    /// the request at all (a method other than GET or HEAD, a credential,
+    /// a method override, a host outside
+    /// [`allowed_hosts`](crate::FenceLayer::allowed_hosts), or a key
+    /// function that returns `None`).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// let req = http::Request::get("/products/42")
+    ///     .header("host", "shop-a.example")
+    ///     .body(())
+    ///     .unwrap();
+    /// handle.invalidate_request(&req).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn invalidate_request(&self, req: &http::Request<()>) -> Result<u64, FenceError> {
+        let key = self.request_key(req)?;
+        self.invalidate_key(&key).await
+    }
+
+    /// [`invalidate_request`](Self::invalidate_request) of a `GET` for this
+    /// URI. An absolute URI names the host (`https://shop-a.example/products/42`);
+    /// a path alone names no host, which with the default key is the entry
+    /// of requests that came without one (use
+    /// [`invalidate_path`](Self::invalidate_path) for every host).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// let uri: http::Uri = "https://shop-a.example/products/42".parse().unwrap();
+    /// handle.invalidate_uri(&uri).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn invalidate_uri(&self, uri: &http::Uri) -> Result<u64, FenceError> {
+        let mut req = http::Request::new(());
+        *req.uri_mut() = uri.clone();
+        self.invalidate_request(&req).await
+    }
+
+    /// The URL key of a path, from the layer's key function.
+    fn path_key(&self, path: &str) -> Result<String, FenceError> {
+        self.config.key.path_key(path).ok_or_else(|| {
+            FenceError::invalid_input(
+                "the layer's key function can't derive a path's key; \
+                 use invalidate_request, invalidate_uri or invalidate_key",
+            )
+        })
+    }
+
+    /// The cache key the layer gives this request.
+    fn request_key(&self, req: &http::Request<()>) -> Result<String, FenceError> {
+        let mut parts = http::Request::new(());
+        *parts.method_mut() = req.method().clone();
+        *parts.uri_mut() = req.uri().clone();
+        *parts.version_mut() = req.version();
+        *parts.headers_mut() = req.headers().clone();
+        let (mut parts, ()) = parts.into_parts();
+        self.config.policy.unkeyed.strip(&mut parts.headers);
+        if let RequestRule::Bypass(reason) = self.config.policy.request(&parts) {
+            tracing::debug!(
+                reason,
+                "invalidate_request: the layer bypasses this request"
+            );
+            return Err(FenceError::invalid_input(
+                "the layer does not cache this request (method, credentials, method override, \
+                 url rewrite header or host)",
+            ));
+        }
+        self.config.cache_key(&parts).ok_or_else(|| {
+            FenceError::invalid_input("the layer's key function does not cache this request")
+        })
     }
 
     /// Removes the entry stored under a cache key (as returned by the key
@@ -247,7 +406,7 @@ where
     /// removed.
     pub async fn invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        let removed = self.invalidate_entry(&ek.primary, false).await?;
+        let removed = self.invalidate_entry(&ek.primary, false, true).await?;
         tracing::debug!(key = %crate::trace::redact(&ek.primary), removed, "invalidated");
         Ok(removed)
     }
@@ -257,25 +416,26 @@ where
     /// flight are fenced out as with [`invalidate_path`](Self::invalidate_path).
     /// Returns how many entries were marked.
     pub async fn soft_invalidate_path(&self, path: &str) -> Result<u64, FenceError> {
-        self.soft_invalidate_key(&normalize_user_path(path)).await
+        self.soft_invalidate_key(&self.path_key(path)?).await
     }
 
     /// [`soft_invalidate_path`](Self::soft_invalidate_path) by cache key.
     pub async fn soft_invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        self.invalidate_entry(&ek.primary, true).await
+        self.invalidate_entry(&ek.primary, true, true).await
     }
 
     /// Removes every entry whose key starts with `prefix` (for the default
     /// key, a path prefix such as `/products/`). Returns how many entries
     /// were removed.
     ///
-    /// Walks the namespace with `SCAN` and a `MATCH` pattern in which no
-    /// character of `prefix` can act as a glob, in batches of 500 keys, so
-    /// memory stays bounded and Redis is never blocked; on a Redis Cluster,
-    /// every primary is walked. Keys of entries stored while the walk runs
-    /// may be missed; their fills' leases are removed if the walk sees them. An empty prefix is refused: use
-    /// [`invalidate_all`](Self::invalidate_all).
+    /// First sets the prefix's fence (kept in Redis for a minute, longer than
+    /// any fill runs), so no fill under the prefix that started before can
+    /// store, even while the walk runs. Then walks the namespace with `SCAN`
+    /// and a `MATCH` pattern in which no character of `prefix` can act as a
+    /// glob, in batches of 500 keys, so memory stays bounded and Redis is
+    /// never blocked; on a Redis Cluster, every primary is walked. An empty
+    /// prefix is refused: use [`invalidate_all`](Self::invalidate_all).
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, FenceError> {
         if prefix.is_empty() {
             return Err(FenceError::invalid_input(
@@ -297,7 +457,9 @@ where
     }
 
     /// Removes every entry of this handle's namespace, and its tag indexes.
-    /// Returns how many entries were removed.
+    /// Returns how many entries were removed. Fences every fill of the
+    /// namespace that started before, as
+    /// [`invalidate_prefix`](Self::invalidate_prefix) does.
     pub async fn invalidate_all(&self) -> Result<u64, FenceError> {
         let removed = self.prefix_walk("", false).await?;
         // The tag indexes of the namespace.
@@ -306,6 +468,19 @@ where
         pattern.push_str("#tag*");
         self.unlink_matching(pattern).await?;
         Ok(removed)
+    }
+
+    /// Marks every entry of this handle's namespace stale, fencing fills as
+    /// [`invalidate_all`](Self::invalidate_all) does. Returns how many
+    /// entries were marked.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// let marked = handle.soft_invalidate_all().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn soft_invalidate_all(&self) -> Result<u64, FenceError> {
+        self.prefix_walk("", true).await
     }
 
     /// UNLINKs every key matching a SCAN pattern, on every node. Returns how
@@ -331,7 +506,9 @@ where
     ///
     /// Fills that started before this call and whose response carries the
     /// tag are refused when they try to store: the tag's fence holds the
-    /// time of the invalidation for an hour.
+    /// time of the invalidation for an hour. The index is popped a batch at
+    /// a time; entries added while it runs are new data and may be removed
+    /// too.
     ///
     /// On a Redis Cluster the tag's entries are found by SCANning every
     /// primary for their tag markers, and fills are fenced by removing every
@@ -342,7 +519,9 @@ where
     }
 
     /// [`invalidate_tag`](Self::invalidate_tag), marking entries stale
-    /// instead of removing them.
+    /// instead of removing them. The index is read in pages by expiry time
+    /// from a cursor, so entries that are added, stored again or expire
+    /// while it pages never make it skip one.
     pub async fn soft_invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
         self.tag_walk(tag, true).await
     }
@@ -360,7 +539,8 @@ where
             (Target::Prefix(p), true) => self.soft_invalidate_prefix(p).await,
             (Target::Tag(t), false) => self.invalidate_tag(t).await,
             (Target::Tag(t), true) => self.soft_invalidate_tag(t).await,
-            (Target::All, _) => self.invalidate_all().await,
+            (Target::All, false) => self.invalidate_all().await,
+            (Target::All, true) => self.soft_invalidate_all().await,
         }
     }
 
@@ -369,19 +549,26 @@ where
             return self.cluster_tag_walk(tag, soft).await;
         }
         let (index, fence) = tag_keys(&self.config.namespace, tag);
+        let store = &self.shared.store;
         let mut total = 0;
-        let mut offset = 0;
+        let mut cursor: Option<String> = None;
         loop {
-            let peek = soft.then_some(offset);
-            let members = self
-                .shared
-                .store
-                .tag_batch(&index, &fence, TAG_BATCH, TAG_FENCE_TTL, peek)
+            let members = if soft {
+                let page = step(|| {
+                    store.tag_page(&index, &fence, TAG_BATCH, TAG_FENCE_TTL, cursor.as_deref())
+                })
                 .await?;
+                let Some((members, next)) = page else { break };
+                cursor = Some(next);
+                members
+            } else {
+                store
+                    .tag_batch(&index, &fence, TAG_BATCH, TAG_FENCE_TTL)
+                    .await?
+            };
             if members.is_empty() {
                 break;
             }
-            offset += members.len();
             total += self
                 .invalidate_primaries(members.iter().map(String::as_str), soft)
                 .await?;
@@ -456,31 +643,51 @@ where
         truncate_escaped(&mut readable, READABLE_MAX);
         let key_prefix = format!("{namespace}{readable}");
         let pattern = format!("{}*", glob_escape(&key_prefix));
+        // Fence first: a fill under the prefix that started before can't
+        // store from now on, whichever part of the keyspace the walk is in.
+        let fenced = if self.shared.store.is_cluster() {
+            // The store script can't read a fence in another slot: remove
+            // the leases instead. A fill that started before holds its
+            // lease until it stores, so this SCAN sees it unless it stored
+            // first, and then the walk below sees its entry.
+            self.unlink_matching(format!("{}*:lease", glob_escape(&key_prefix)))
+                .await?
+        } else {
+            let store = &self.shared.store;
+            step(|| store.prefix_fence(&self.config.namespace, &key_prefix)).await?;
+            0
+        };
         let mut total = 0;
         let mut walk = Walk::new(&self.shared.store, pattern).await?;
         while let Some(keys) = walk.next(&self.shared.store).await? {
+            // The URL keys the batch's keys belong to (invalidating a URL
+            // removes every host, dimension and variant of it).
             let mut primaries: HashSet<&str> = HashSet::new();
             for key in &keys {
                 // Tag keys start with `<namespace>#`, never an entry key.
-                if key.as_bytes().get(namespace.len()) == Some(&b'#') {
+                if key.as_bytes().get(namespace.len()) == Some(&b'#') || !key.contains('}') {
                     continue;
                 }
-                if let Some(end) = key.find('}') {
-                    primaries.insert(&key[..=end]);
+                let url = url_of(key);
+                if primaries.contains(url) {
+                    continue;
                 }
-            }
-            let mut chosen: Vec<&str> = Vec::with_capacity(primaries.len());
-            for primary in primaries {
                 if verify {
-                    let key = self.shared.store.hget(primary, "key").await?;
-                    let matches = key.is_some_and(|k| k.starts_with(prefix.as_bytes()));
-                    if !matches {
+                    // The entry (at the URL or a dimension of it) holds the
+                    // whole key, which starts with the URL.
+                    if key.ends_with(":lease") || key.ends_with(":vars") {
+                        continue;
+                    }
+                    let full = self.shared.store.hget(key, "key").await?;
+                    if !full.is_some_and(|k| k.starts_with(prefix.as_bytes())) {
                         continue;
                     }
                 }
-                chosen.push(primary);
+                primaries.insert(url);
             }
-            total += self.invalidate_primaries(chosen.into_iter(), soft).await?;
+            total += self
+                .invalidate_primaries(primaries.into_iter(), soft)
+                .await?;
         }
         let detached = self.shared.flights.detach_prefix(&key_prefix);
         Counters::add(&self.config.counters.detached, detached);
@@ -495,7 +702,7 @@ where
         {
             tracing::debug!(error = %err, "announcing a prefix invalidation failed; fencing still holds");
         }
-        tracing::debug!(prefix, removed = total, soft, "prefix invalidated");
+        tracing::debug!(prefix, removed = total, soft, fenced, "prefix invalidated");
         Ok(total)
     }
 
@@ -508,9 +715,10 @@ where
         let primaries: Vec<&str> = primaries.collect();
         let mut total = 0;
         for chunk in primaries.chunks(PARALLEL) {
+            // Walks fence by prefix or tag: no URL fence per entry.
             let calls = chunk
                 .iter()
-                .map(|primary| self.invalidate_entry(primary, soft));
+                .map(|primary| self.invalidate_entry(primary, soft, false));
             for result in join_all(calls).await {
                 total += result?;
             }
@@ -524,14 +732,18 @@ where
     /// fill that lands between the script and the detach is fenced out, and
     /// a fenced fill restarts its joiners too. (Detaching first would let a
     /// joiner restart, take a new lease before the script and be fenced out
-    /// by it.)
-    async fn invalidate_entry(&self, primary: &str, soft: bool) -> Result<u64, FenceError> {
+    /// by it.) With `fence`, the URL's fence is set first.
+    async fn invalidate_entry(
+        &self,
+        primary: &str,
+        soft: bool,
+        fence: bool,
+    ) -> Result<u64, FenceError> {
         let store = &self.shared.store;
-        let variants = variants_set_of(primary);
         let result = if soft {
-            store.soft_invalidate(primary, &variants).await
+            step(|| store.soft_invalidate(primary, fence)).await
         } else {
-            store.invalidate(primary, &variants, self.shared.id).await
+            step(|| store.invalidate(primary, self.shared.id, fence)).await
         };
         let detached = self.shared.flights.detach_entry(primary);
         Counters::add(&self.config.counters.detached, detached);
@@ -606,6 +818,13 @@ where
     /// [`queue`](Self::queue) over another connection.
     pub fn queue_with(&self, conn: C) -> crate::queue::InvalidationQueue<C> {
         crate::queue::InvalidationQueue::new(self.clone(), conn)
+    }
+
+    /// Shifts this layer's clock (freshness, XFetch, pass markers) by `ms`,
+    /// to play a host whose clock is off. For tests only.
+    #[doc(hidden)]
+    pub fn skew_clock_for_tests(&self, ms: i64) {
+        self.shared.store.set_clock_skew(ms);
     }
 
     /// The namespace this handle invalidates in.

@@ -1,19 +1,27 @@
 //! Cache keys: how a request is named in Redis.
 //!
 //! A request's *key* is a string chosen by a [`MakeKey`] (by default the path
-//! and the query with its parameters sorted). In Redis an entry lives at
+//! and the query with its parameters sorted, then the host). Everything up to
+//! the key's first newline names the URL; what follows (the host, keyed
+//! headers, keyed forwarding headers) is a *dimension* of that URL. In Redis
+//! the URL lives at
 //!
 //! ```text
-//! <namespace>|<readable key>:{<digest>}
+//! <namespace>|<readable url>:{<digest>}
 //! ```
 //!
 //! where the namespace is escaped like the key (so the first raw `|` ends
-//! it), the readable key is the key with every byte outside a safe set
+//! it), the readable URL is the URL with every byte outside a safe set
 //! percent-encoded (so no glob character, brace or control byte ever reaches
 //! Redis) and cut to [`READABLE_MAX`] bytes, and the digest is the first 128
-//! bits of SHA-256 over the namespace and the whole key. The braces make the
-//! digest the Redis Cluster hash tag, so an entry, its variants, its lease and
-//! its variant set share one slot and one Lua script may touch them all.
+//! bits of SHA-256 over the namespace and the URL. A key without dimensions
+//! is stored right there; a key with dimensions is stored at
+//! `<url key>:v:<digest of the whole key>`, beside the URL's `Vary` variants,
+//! and listed in the URL's variant set, so invalidating the URL removes
+//! every host and every dimension of it. The braces make the digest the
+//! Redis Cluster hash tag, so an entry, its dimensions, its variants, its
+//! leases and its variant set share one slot and one Lua script may touch
+//! them all.
 
 use std::fmt::Write as _;
 
@@ -46,7 +54,24 @@ pub(crate) const READABLE_MAX: usize = 160;
 pub trait MakeKey: Send + Sync + 'static {
     /// The key of this request, or `None` to pass it to the inner service
     /// without caching.
+    ///
+    /// A newline splits a key: the part before the first `\n` names the URL,
+    /// the rest is a per-request dimension (as [`DefaultKey`] adds the host).
+    /// [`FenceHandle::invalidate_key`](crate::FenceHandle::invalidate_key)
+    /// of the URL part removes every dimension of it.
     fn make_key(&self, parts: &Parts) -> Option<String>;
+
+    /// The URL part of the keys of every request for `path_and_query`
+    /// (whatever their host or headers), or `None` when this key function
+    /// can't tell. [`FenceHandle::invalidate_path`](crate::FenceHandle::invalidate_path)
+    /// uses it, and fails with an error on `None` rather than remove nothing.
+    ///
+    /// The default is `None`, as for closures; [`DefaultKey`] returns the
+    /// path and the sorted query.
+    fn path_key(&self, path_and_query: &str) -> Option<String> {
+        let _ = path_and_query;
+        None
+    }
 }
 
 impl<F> MakeKey for F
@@ -59,36 +84,69 @@ where
 }
 
 /// The default cache key: the path, then the query with its parameters
-/// sorted by name, so `?a=1&b=2` and `?b=2&a=1` share an entry.
+/// sorted by name, so `?a=1&b=2` and `?b=2&a=1` share an entry, then the
+/// request's host.
 ///
 /// Parameters with the same name keep their order (`?t=2&t=1` differs from
-/// `?t=1&t=2`); empty parameters (`?&a=1`) are dropped. The host is not part
-/// of the key unless [`DefaultKey::with_host`] says so: behind a proxy that
-/// serves several hosts, turn it on.
+/// `?t=1&t=2`); empty parameters (`?&a=1`) are dropped.
+///
+/// The host (the `Host` header, or the authority of an absolute-form
+/// target) is normalised: lowercased, a trailing dot and a default port
+/// (`:80`, `:443`) dropped. One app serving several hostnames therefore
+/// never serves one host's page to another. A request whose `Host` header
+/// and absolute-form target name different hosts is not cached (the origin
+/// answers for one, the key would say the other). Requests without any
+/// host share one entry per URL. [`with_host(false)`](Self::with_host)
+/// leaves the host out, for an app that answers the same for every host.
+///
+/// The key is `<path and sorted query>`, then `\nhost:<host>`, then
+/// `\n<header>:<digest>` for every [`with_header`](Self::with_header):
+/// the part before the first newline names the URL, so
+/// [`FenceHandle::invalidate_path`](crate::FenceHandle::invalidate_path)
+/// removes the URL for every host and header value.
 ///
 /// # Example
 ///
 /// ```
 /// use cachefence::{DefaultKey, MakeKey};
 ///
-/// let req = http::Request::get("/p?b=2&a=1").body(()).unwrap();
+/// let req = http::Request::get("/p?b=2&a=1")
+///     .header("host", "Shop.Example:443")
+///     .body(())
+///     .unwrap();
 /// let (parts, _) = req.into_parts();
-/// assert_eq!(DefaultKey::new().make_key(&parts).as_deref(), Some("/p?a=1&b=2"));
+/// assert_eq!(
+///     DefaultKey::new().make_key(&parts).as_deref(),
+///     Some("/p?a=1&b=2\nhost:shop.example")
+/// );
+/// let no_host = DefaultKey::new().with_host(false);
+/// assert_eq!(no_host.make_key(&parts).as_deref(), Some("/p?a=1&b=2"));
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DefaultKey {
     host: bool,
     headers: Vec<HeaderName>,
     params: QueryParams,
 }
 
+impl Default for DefaultKey {
+    fn default() -> Self {
+        Self {
+            host: true,
+            headers: Vec::new(),
+            params: QueryParams::default(),
+        }
+    }
+}
+
 impl DefaultKey {
-    /// The default key: path and sorted query.
+    /// The default key: path, sorted query and host.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Puts the request's `Host` (or the URI authority) in the key.
+    /// Whether the request's host is in the key (default on). Turn it off
+    /// only when every host the app answers for gets the same responses.
     #[must_use]
     pub fn with_host(mut self, host: bool) -> Self {
         self.host = host;
@@ -159,26 +217,20 @@ impl DefaultKey {
 
 impl MakeKey for DefaultKey {
     fn make_key(&self, parts: &Parts) -> Option<String> {
-        let mut key = String::new();
+        let mut key = normalize_path_and_query(
+            parts.uri.path(),
+            self.params.keep(parts.uri.query()).as_deref(),
+        );
         if self.host {
             // The origin answers for the `Host` header; an absolute-form
             // target naming another host could file that answer under the
             // wrong host, so such requests are not cached.
-            let header = parts.headers.get(http::header::HOST).map(|h| h.as_bytes());
-            let target = parts.uri.authority().map(|a| a.as_str().as_bytes());
-            let host = match (header, target) {
-                (Some(h), Some(t)) if !h.eq_ignore_ascii_case(t) => return None,
-                (Some(h), _) => h,
-                (None, Some(t)) => t,
-                (None, None) => &[],
-            };
-            key.push_str("//");
-            escape_into(&mut key, &host.to_ascii_lowercase());
+            let host = request_host(parts).ok()?;
+            if !host.is_empty() {
+                key.push_str("\nhost:");
+                key.push_str(&host);
+            }
         }
-        key.push_str(&normalize_path_and_query(
-            parts.uri.path(),
-            self.params.keep(parts.uri.query()).as_deref(),
-        ));
         for name in &self.headers {
             // A digest, not the value: keyed headers are often credentials,
             // and the key is readable in Redis key names.
@@ -189,6 +241,71 @@ impl MakeKey for DefaultKey {
         }
         Some(key)
     }
+
+    fn path_key(&self, path_and_query: &str) -> Option<String> {
+        Some(normalize_user_path(path_and_query))
+    }
+}
+
+/// The host a request is for, normalised by [`normalize_host`]: from the
+/// `Host` header, else from the authority of an absolute-form target; empty
+/// when there is neither. `Err` when both are present and name different
+/// hosts.
+pub(crate) fn request_host(parts: &Parts) -> Result<String, ()> {
+    let scheme = parts.uri.scheme_str();
+    let header = parts
+        .headers
+        .get(http::header::HOST)
+        .map(|h| normalize_host(h.as_bytes(), scheme));
+    let target = parts
+        .uri
+        .authority()
+        .map(|a| normalize_host(a.as_str().as_bytes(), scheme));
+    match (header, target) {
+        (Some(h), Some(t)) if h != t => Err(()),
+        (Some(h), _) => Ok(h),
+        (None, Some(t)) => Ok(t),
+        (None, None) => Ok(String::new()),
+    }
+}
+
+/// A host as it enters keys and is compared with the allowed hosts:
+/// lowercase, without a trailing dot, without an empty or default port (the
+/// scheme's, or either of 80 and 443 when the scheme is unknown, as it is
+/// for origin-form requests), any byte outside a safe set percent-encoded.
+pub(crate) fn normalize_host(raw: &[u8], scheme: Option<&str>) -> String {
+    let raw = raw.trim_ascii().to_ascii_lowercase();
+    // `[v6]:port` or `name:port`; a colon inside brackets is not a port.
+    let split = match raw.iter().rposition(|&b| b == b':') {
+        Some(i) if !raw[i..].contains(&b']') => i,
+        _ => raw.len(),
+    };
+    let (name, port) = raw.split_at(split);
+    let port = port.strip_prefix(b":").unwrap_or(port);
+    let name = match name.strip_suffix(b".") {
+        Some(n) if !n.is_empty() => n,
+        _ => name,
+    };
+    let port_num = std::str::from_utf8(port)
+        .ok()
+        .and_then(|p| p.parse::<u16>().ok());
+    let default = match (scheme, port_num) {
+        (_, None) => port.is_empty(),
+        (Some(s), Some(p)) if s.eq_ignore_ascii_case("http") => p == 80,
+        (Some(s), Some(p)) if s.eq_ignore_ascii_case("https") => p == 443,
+        (_, Some(p)) => p == 80 || p == 443,
+    };
+    let mut out = escape(name);
+    if !default {
+        out.push(':');
+        match port_num {
+            Some(p) => {
+                let _ = write!(out, "{p}");
+            }
+            None => escape_into(&mut out, port),
+        }
+    }
+    out
 }
 
 /// Which query parameters [`DefaultKey`] keys on.
@@ -333,20 +450,21 @@ pub(crate) fn digest(parts: &[&[u8]]) -> String {
 /// The Redis names of one cache entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct EntryKey {
-    /// The hash holding the entry, a Vary index, or a pass marker.
+    /// The hash holding the entry, a Vary index, or a pass marker: the URL
+    /// key for a key without dimensions, else `<url key>:v:<digest>`.
     pub(crate) primary: String,
 }
 
 impl EntryKey {
     pub(crate) fn new(namespace: &str, key: &str) -> Self {
-        let mut primary = String::with_capacity(namespace.len() + READABLE_MAX + 36);
-        primary.push_str(&namespace_prefix(namespace));
-        let mut readable = escape(key.as_bytes());
-        truncate_escaped(&mut readable, READABLE_MAX);
-        primary.push_str(&readable);
-        primary.push_str(":{");
-        primary.push_str(&digest(&[namespace.as_bytes(), key.as_bytes()]));
-        primary.push('}');
+        let url = key.split_once('\n').map_or(key, |(url, _)| url);
+        let mut primary = url_key(namespace, url);
+        if url.len() < key.len() {
+            // A dimension of the URL (host, keyed header): a variant of it,
+            // listed in the URL's variant set by the store script.
+            primary.push_str(":v:");
+            primary.push_str(&digest(&[namespace.as_bytes(), b"\n", key.as_bytes()]));
+        }
         Self { primary }
     }
 
@@ -361,15 +479,37 @@ impl EntryKey {
         format!("{}:v:{}", self.primary, digest(&parts))
     }
 
-    /// The set listing this entry's variants.
+    /// The set listing the variants of this entry's URL.
     pub(crate) fn variants_set(&self) -> String {
         variants_set_of(&self.primary)
     }
 }
 
-/// The set listing the variants of the entry at `primary`.
+/// The Redis key of a URL (the part of a cache key before its first
+/// newline): `<namespace>|<readable url>:{<digest>}`.
+fn url_key(namespace: &str, url: &str) -> String {
+    let mut out = String::with_capacity(namespace.len() + READABLE_MAX + 36);
+    out.push_str(&namespace_prefix(namespace));
+    let mut readable = escape(url.as_bytes());
+    truncate_escaped(&mut readable, READABLE_MAX);
+    out.push_str(&readable);
+    out.push_str(":{");
+    out.push_str(&digest(&[namespace.as_bytes(), url.as_bytes()]));
+    out.push('}');
+    out
+}
+
+/// The URL key an entry key (primary, dimension, variant, lease) belongs
+/// to: everything up to its hash tag's `}` (no other brace can come before
+/// it: escaping encodes braces).
+pub(crate) fn url_of(key: &str) -> &str {
+    key.find('}').map_or(key, |end| &key[..=end])
+}
+
+/// The set listing every variant and dimension of the URL of the entry at
+/// `primary` (itself, for a key without dimensions, is not listed).
 pub(crate) fn variants_set_of(primary: &str) -> String {
-    format!("{primary}:vars")
+    format!("{}:vars", url_of(primary))
 }
 
 /// The Redis keys of a tag: its index (a sorted set of primary keys scored
@@ -405,9 +545,10 @@ pub(crate) fn tag_marker_prefix(namespace: &str, tag: &str) -> String {
 /// the entry's primary key, in the entry's hash slot (its hash tag is the
 /// entry's digest), so the store script may write it next to the entry.
 pub(crate) fn tag_marker(namespace: &str, tag: &str, primary: &str) -> String {
-    let digest = primary
+    let url = url_of(primary);
+    let digest = url
         .rfind(":{")
-        .map_or(primary, |i| primary[i + 2..].trim_end_matches('}'));
+        .map_or(url, |i| url[i + 2..].trim_end_matches('}'));
     let mut out = tag_marker_prefix(namespace, tag);
     out.push_str(digest);
     out.push('}');
@@ -461,10 +602,19 @@ mod tests {
 
     #[test]
     fn redis_keys_never_hold_glob_or_brace_characters() {
-        let key = EntryKey::new("ns{x}:", "/a*b?c[d]\\e{f}%20 \r\n\u{e9}");
-        let readable = &key.primary[..key.primary.rfind(":{").unwrap()];
-        assert!(!readable.contains(['*', '?', '[', ']', '\\', '{', '}', ' ', '\r', '\n']));
-        assert!(key.primary.ends_with('}'));
+        for raw in ["/a*b?c[d]\\e{f}%20 \r\u{e9}", "/a*b{c}\nhost:{x}*\n{y}"] {
+            let key = EntryKey::new("ns{x}:", raw);
+            let readable = &key.primary[..key.primary.find(":{").unwrap()];
+            assert!(!readable.contains(['*', '?', '[', ']', '\\', '{', '}', ' ', '\r', '\n']));
+            // One hash tag, and nothing after it a glob could match.
+            assert_eq!(key.primary.matches('{').count(), 1, "{}", key.primary);
+            assert_eq!(key.primary.matches('}').count(), 1, "{}", key.primary);
+            let tail = &key.primary[key.primary.find('}').unwrap()..];
+            assert!(
+                tail.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"}:".contains(&b))
+            );
+        }
     }
 
     #[test]
@@ -501,6 +651,59 @@ mod tests {
         assert_eq!(slot_tag(&marker), slot_tag(&ek.primary));
         assert!(marker.starts_with(&tag_marker_prefix("n:", "x*y")));
         assert!(!tag_marker_prefix("n:", "x*y").contains('*'));
+    }
+
+    #[test]
+    fn hosts_are_normalised_into_the_key() {
+        let k = DefaultKey::new();
+        let with = |host: &str| {
+            let req = http::Request::get("/p").header("host", host).body(());
+            k.make_key(&req.unwrap().into_parts().0).unwrap()
+        };
+        for same in [
+            "A.Example",
+            "a.example.",
+            "a.example:80",
+            "a.example:443",
+            " a.example:",
+        ] {
+            assert_eq!(with(same), "/p\nhost:a.example", "{same:?}");
+        }
+        assert_eq!(with("a.example:8080"), "/p\nhost:a.example:8080");
+        assert_eq!(with("[::1]:80"), "/p\nhost:%5B::1%5D");
+        assert_eq!(with("[::1]"), "/p\nhost:%5B::1%5D");
+        assert_ne!(with("a.example"), with("b.example"));
+        // Absolute form: the scheme's own default port only.
+        let abs = |uri: &str, host: &str| {
+            let req = http::Request::get(uri).header("host", host).body(());
+            k.make_key(&req.unwrap().into_parts().0)
+        };
+        assert_eq!(
+            abs("http://a.example:80/p", "A.EXAMPLE").as_deref(),
+            Some("/p\nhost:a.example")
+        );
+        assert_eq!(abs("http://a.example/p", "b.example"), None);
+        assert_eq!(abs("http://a.example/p", "a.example:443"), None);
+        // No host at all: the URL alone.
+        assert_eq!(k.make_key(&parts("/p")).unwrap(), "/p");
+    }
+
+    #[test]
+    fn key_dimensions_hang_off_their_url() {
+        let url = EntryKey::new("n:", "/p?a=1");
+        let a = EntryKey::new("n:", "/p?a=1\nhost:a.example");
+        let b = EntryKey::new("n:", "/p?a=1\nhost:b.example");
+        assert_ne!(a, b);
+        assert_ne!(a, url);
+        for k in [&a, &b] {
+            assert!(k.primary.starts_with(&format!("{}:v:", url.primary)));
+            assert_eq!(url_of(&k.primary), url.primary);
+            assert_eq!(k.variants_set(), url.variants_set());
+            let marker = tag_marker("n:", "t", &k.primary);
+            assert_eq!(marker, tag_marker("n:", "t", &url.primary));
+        }
+        let v = a.variant(&[HeaderName::from_static("accept")], &HeaderMap::new());
+        assert_eq!(variants_set_of(&v), url.variants_set());
     }
 
     #[test]

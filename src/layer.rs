@@ -10,7 +10,8 @@ use tower_layer::Layer;
 
 use crate::cache::FenceCache;
 use crate::handle::FenceHandle;
-use crate::key::{DefaultKey, MakeKey};
+use crate::key::{DefaultKey, MakeKey, normalize_host};
+use crate::normalize::Normalizers;
 use crate::policy::Policy;
 use crate::service::Fence;
 pub(crate) use crate::shared::Shared;
@@ -52,6 +53,11 @@ pub(crate) struct Config {
     pub(crate) pass_ttl: Duration,
     pub(crate) tag_headers: Vec<HeaderName>,
     pub(crate) expose_tags: bool,
+    pub(crate) invalidate_unsafe: bool,
+    /// This cache's identifier in `Cache-Status`, when that header is on.
+    pub(crate) cache_status: Option<Arc<str>>,
+    pub(crate) normalizers: Normalizers,
+    pub(crate) max_variants: usize,
     /// The route's name, a label of its metrics and spans.
     pub(crate) name: Arc<str>,
     /// The route's counters: the cache's totals, labelled metrics. Set by
@@ -76,12 +82,23 @@ impl fmt::Debug for Config {
             .field("pass_ttl", &self.pass_ttl)
             .field("tag_headers", &self.tag_headers)
             .field("expose_tags", &self.expose_tags)
+            .field("invalidate_unsafe", &self.invalidate_unsafe)
+            .field("cache_status", &self.cache_status)
+            .field("normalizers", &self.normalizers)
+            .field("max_variants", &self.max_variants)
             .field("name", &self.name)
             .finish_non_exhaustive()
     }
 }
 
 impl Config {
+    /// The cache key of a request the policy looks up: the key function's,
+    /// with the unkeyed inputs it carries added as dimensions.
+    pub(crate) fn cache_key(&self, parts: &http::request::Parts) -> Option<String> {
+        let key = self.key.make_key(parts)?;
+        Some(self.policy.unkeyed.extend_key(key, &parts.headers))
+    }
+
     /// The headers the cache adds or strips itself: the cache-status header,
     /// and the tag headers unless they are exposed. They are never stored.
     pub(crate) fn is_own_header(&self, name: &HeaderName) -> bool {
@@ -153,6 +170,10 @@ impl Default for Config {
                 HeaderName::from_static("surrogate-key"),
             ],
             expose_tags: false,
+            invalidate_unsafe: true,
+            cache_status: None,
+            normalizers: Normalizers::default(),
+            max_variants: 64,
             name: Arc::from("default"),
             counters: Arc::default(),
         }
@@ -296,12 +317,90 @@ where
         self
     }
 
-    /// Replaces the key function (default [`DefaultKey`]). Note that
-    /// [`FenceHandle::invalidate_path`] assumes the default key; with a
-    /// custom one, invalidate by key.
+    /// Replaces the key function (default [`DefaultKey`]: path, sorted
+    /// query and host). [`FenceHandle::invalidate_path`] needs the key
+    /// function's [`MakeKey::path_key`]: with a closure it fails with an
+    /// error; [`FenceHandle::invalidate_request`] and
+    /// [`FenceHandle::invalidate_uri`] work with any key function.
+    ///
+    /// Whatever the key function, the forwarding headers listed at
+    /// [`trust_header`](Self::trust_header) are added to the key.
     #[must_use]
     pub fn key(mut self, key: impl MakeKey) -> Self {
         self.config.key = Arc::new(key);
+        self
+    }
+
+    /// Caches only requests for these hosts (compared after normalising as
+    /// [`DefaultKey`] does: lowercase, no trailing dot, no default port);
+    /// requests for any other host, or naming none, pass through uncached.
+    /// Default: any host. With it, a client sending arbitrary `Host`
+    /// values can't fill Redis with entries.
+    ///
+    /// ```
+    /// # fn doc(conn: redis::aio::MultiplexedConnection) {
+    /// let fence = cachefence::FenceLayer::new(conn)
+    ///     .allowed_hosts(["shop.example", "www.shop.example"]);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn allowed_hosts<I, H>(mut self, hosts: I) -> Self
+    where
+        I: IntoIterator<Item = H>,
+        H: AsRef<str>,
+    {
+        let hosts = hosts
+            .into_iter()
+            .map(|h| normalize_host(h.as_ref().as_bytes(), None))
+            .collect();
+        self.config.policy.unkeyed.allowed_hosts = Some(Arc::new(hosts));
+        self
+    }
+
+    /// Declares a request header trusted: set by your own proxy on every
+    /// request (overwriting what clients send), and constant per host, so
+    /// it neither enters the key nor makes a request pass through.
+    ///
+    /// By default the layer guards against request headers that change
+    /// responses without the response naming them in `Vary` (the inputs of
+    /// web cache poisoning):
+    ///
+    /// - keyed on a SHA-256 digest of their value: `Forwarded` (without its
+    ///   per-client `for` and `by` parameters), `X-Forwarded-Host`,
+    ///   `X-Forwarded-Proto`, `X-Forwarded-Scheme`, `X-Forwarded-Prefix`,
+    ///   `X-Forwarded-Port`, `X-Forwarded-Server`, `X-Forwarded-Ssl`,
+    ///   `Front-End-Https`, `X-Url-Scheme`, `X-Host`;
+    /// - passed through uncached: `X-Original-URL`, `X-Rewrite-URL`,
+    ///   `X-Original-URI` (they make some frameworks serve another URL), and
+    ///   the method overrides `X-HTTP-Method-Override`, `X-HTTP-Method`,
+    ///   `X-Method-Override` (and a `_method` query parameter, which can't
+    ///   be trusted).
+    ///
+    /// Behind a proxy that always sets `X-Forwarded-Proto`, keying costs
+    /// nothing (one value per host); trusting it saves the digest.
+    ///
+    /// ```
+    /// # fn doc(conn: redis::aio::MultiplexedConnection) {
+    /// use http::HeaderName;
+    /// let fence = cachefence::FenceLayer::new(conn)
+    ///     .trust_header(HeaderName::from_static("x-forwarded-proto"))
+    ///     .strip_header(HeaderName::from_static("x-original-url"));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn trust_header(mut self, name: HeaderName) -> Self {
+        self.config.policy.unkeyed.trusted.push(name);
+        self
+    }
+
+    /// Removes a request header from every request (cached or not) before
+    /// the inner service sees it: for headers your app must never act on
+    /// when they come from clients, such as `X-Original-URL` or a method
+    /// override. A stripped header is neither keyed nor a reason to pass
+    /// through.
+    #[must_use]
+    pub fn strip_header(mut self, name: HeaderName) -> Self {
+        self.config.policy.unkeyed.stripped.push(name);
         self
     }
 
@@ -321,6 +420,97 @@ where
         self
     }
 
+    /// Add a `Cache-Status` header (RFC 9211) naming this cache
+    /// `identifier` (default off), beside the
+    /// [`status_header`](Self::status_header) or, with that set to `None`,
+    /// instead of it. This cache's member comes after those of caches nearer
+    /// the origin:
+    ///
+    /// - `hit; ttl=N`: served from the cache with N seconds of freshness
+    ///   left (negative: a stale entry served while it is refreshed, or
+    ///   because the origin failed);
+    /// - `fwd=uri-miss; fwd-status=S`: filled from the origin, plus
+    ///   `stored` when the fill stored the response (a Redis failure or a
+    ///   racing invalidation can still refuse that write) and `collapsed`
+    ///   when the request waited on another request's fill;
+    /// - `fwd=bypass; fwd-status=S`: passed to the origin without the cache
+    ///   (method, credentials, pass marker, Redis unavailable).
+    ///
+    /// An identifier that is not a structured-field token is sent as a
+    /// quoted string; an empty one turns the header off.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // `Cache-Status: edge; hit; ttl=42` and no `x-cache`.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .cache_status(Some("edge"))
+    ///     .status_header(None);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn cache_status(mut self, identifier: Option<&str>) -> Self {
+        self.config.cache_status = identifier
+            .and_then(crate::cache_status::identifier)
+            .map(Arc::from);
+        self
+    }
+
+    /// Reduce a cacheable request's `Accept-Encoding` to the one coding the
+    /// client prefers among `zstd`, `br` and `gzip` by its q-values (ties in
+    /// that order), or `identity` when it accepts none of them, before the
+    /// request is keyed and sent to the origin (default on). A response
+    /// that `Vary`s on `Accept-Encoding` then has at most four variants
+    /// instead of one per header spelling, and each is exactly what the
+    /// origin answered to its normalised value. A request without the
+    /// header is left without it.
+    #[must_use]
+    pub fn normalize_accept_encoding(mut self, on: bool) -> Self {
+        self.config.normalizers.accept_encoding = on;
+        self
+    }
+
+    /// Normalise another request header before a cacheable request is keyed
+    /// and sent to the origin, so that a response varying on it has few
+    /// variants: `normalize` gets the header's value (several lines joined
+    /// by `, `) and returns the value to use, or `None` to remove the
+    /// header. It is called only when the header is present. The origin
+    /// sees the normalised value, so the stored variant is what it answered
+    /// to that value.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use http::{HeaderValue, header::ACCEPT_LANGUAGE};
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // The site speaks German and English: two variants, not hundreds.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .normalize_header(ACCEPT_LANGUAGE, |value: &HeaderValue| {
+    ///         let german = value.to_str().ok()?.trim_start().starts_with("de");
+    ///         Some(HeaderValue::from_static(if german { "de" } else { "en" }))
+    ///     });
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn normalize_header<F>(mut self, name: HeaderName, normalize: F) -> Self
+    where
+        F: Fn(&http::HeaderValue) -> Option<http::HeaderValue> + Send + Sync + 'static,
+    {
+        self.config.normalizers.custom.retain(|(n, _)| *n != name);
+        self.config
+            .normalizers
+            .custom
+            .push((name, Arc::new(normalize)));
+        self
+    }
+
     /// The statuses that may be cached (default 200, 203, 204, 300, 301,
     /// 308, 404, 405, 410, 414, 501).
     #[must_use]
@@ -334,6 +524,63 @@ where
     #[must_use]
     pub fn respect_cache_control(mut self, on: bool) -> Self {
         self.config.policy.respect_cache_control = on;
+        self
+    }
+
+    /// Follow RFC 9111 as a shared cache (default off: the layer's TTL
+    /// rules). Meant for a cache in front of an HTTP origin that says how
+    /// its responses may be cached, such as a reverse proxy:
+    ///
+    /// - the fresh lifetime is `CDN-Cache-Control` (RFC 9213, replacing
+    ///   `Cache-Control` when it holds any directive), else `s-maxage`,
+    ///   `max-age`, then `Expires` minus `Date`; without any, the response
+    ///   is not stored unless [`heuristic_freshness`](Self::heuristic_freshness)
+    ///   is set ([`CacheTtl`](crate::CacheTtl) still wins);
+    /// - the age on arrival is the larger of the upstream `Age` and the time
+    ///   since `Date` (§4.2.3): a response already stale on arrival, or with
+    ///   a malformed, repeated or huge `Age`, is not stored; hits send an
+    ///   `Age` that includes it;
+    /// - stale serving comes from the response's `stale-while-revalidate`
+    ///   (RFC 5861), replacing [`grace`](Self::grace); `must-revalidate`,
+    ///   `proxy-revalidate` and `s-maxage` forbid it;
+    /// - `no-store`, `no-cache`, `private` (also in `CDN-Cache-Control`) and
+    ///   `Vary: *` are never stored; `Date` is kept as received.
+    ///
+    /// Not covered yet: storing `no-cache` responses to revalidate them on
+    /// every use (they are not stored); `stale-if-error` beyond the
+    /// `stale-while-revalidate` window; the response delay in the age.
+    /// (Refreshes revalidate with the entry's validators in every mode.)
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .rfc9111(true)
+    ///     .heuristic_freshness(0.1);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn rfc9111(mut self, on: bool) -> Self {
+        self.config.policy.rfc9111 = on;
+        self
+    }
+
+    /// In [`rfc9111`](Self::rfc9111) mode, give a response without
+    /// explicit freshness this fraction of the time since its
+    /// `Last-Modified` as its lifetime, at most [`ttl`](Self::ttl) (RFC 9111
+    /// §4.2.2; default 0: none; 0.1 is customary). Values are clamped to
+    /// 0..=1.
+    #[must_use]
+    pub fn heuristic_freshness(mut self, fraction: f64) -> Self {
+        self.config.policy.heuristic = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         self
     }
 
@@ -460,6 +707,56 @@ where
     #[must_use]
     pub fn expose_tags(mut self, on: bool) -> Self {
         self.config.expose_tags = on;
+        self
+    }
+
+    /// After a non-error (2xx or 3xx) response to a `POST`, `PUT`, `PATCH`,
+    /// `DELETE` or any method not known to be safe, invalidate the cached
+    /// responses of its target URI and of a same-origin `Location` or
+    /// `Content-Location` (RFC 9111 §4.4; default on). The keys are the ones
+    /// the key function gives a GET of that URI with the request's headers;
+    /// the invalidation is fenced like
+    /// [`FenceHandle::invalidate_key`] and done before the response goes
+    /// back, so the client that changed a resource reads the change. A Redis
+    /// failure is logged and the response is sent regardless. Only writes
+    /// that pass through this layer invalidate, in its namespace: put the
+    /// layer on the write routes too (a clone of it, for one namespace).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// // Writes go through another path that invalidates by tag itself.
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .invalidate_on_unsafe_methods(false);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn invalidate_on_unsafe_methods(mut self, on: bool) -> Self {
+        self.config.invalidate_unsafe = on;
+        self
+    }
+
+    /// The most variants one URL may have in the cache (default 64): its
+    /// `Vary` variants and its other key dimensions (one per host, keyed
+    /// header value). A response for a new variant beyond it is served but
+    /// not stored (it
+    /// passes through uncached, counted in
+    /// [`Stats::variants_over_limit`](crate::Stats::variants_over_limit)),
+    /// so a header with unbounded values can't grow one URL without limit;
+    /// variants that expired make room again. Zero is taken as one.
+    ///
+    /// ```no_run
+    /// # async fn doc(conn: redis::aio::ConnectionManager) {
+    /// let fence = cachefence::FenceLayer::new(conn).max_variants(16);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn max_variants(mut self, max: usize) -> Self {
+        self.config.max_variants = max.max(1);
         self
     }
 

@@ -20,7 +20,7 @@ use crate::store::ReleaseArgs;
 pub(crate) struct Lease {
     pub(crate) key: String,
     pub(crate) token: String,
-    /// The Redis time it was taken (ms).
+    /// The Redis time it was taken (µs).
     pub(crate) started: u64,
 }
 
@@ -32,10 +32,14 @@ impl Lease {
 
 /// Lists a lease in the shared table while its fill runs, so that
 /// [`FenceHandle::shutdown`](crate::FenceHandle::shutdown) can release the
-/// leases of fills that don't finish in time.
+/// leases of fills that don't finish in time. Dropping it removes the entry
+/// only while it still holds this fill's token: a detached old fill that
+/// ends after a new fill of the same key registered never drops the new
+/// fill's registration.
 pub(crate) struct LeaseRegistration<'a, C> {
     shared: &'a Shared<C>,
     key: String,
+    token: String,
 }
 
 impl<'a, C> LeaseRegistration<'a, C> {
@@ -46,17 +50,20 @@ impl<'a, C> LeaseRegistration<'a, C> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.clone(), lease.token.clone());
-        Self { shared, key }
+        Self {
+            shared,
+            key,
+            token: lease.token.clone(),
+        }
     }
 }
 
 impl<C> Drop for LeaseRegistration<'_, C> {
     fn drop(&mut self) {
-        self.shared
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.key);
+        let mut leases = self.shared.leases.lock().unwrap_or_else(|e| e.into_inner());
+        if leases.get(&self.key) == Some(&self.token) {
+            leases.remove(&self.key);
+        }
     }
 }
 

@@ -66,6 +66,23 @@
 //! marker that sends the following requests for its variant straight to the
 //! origin.
 //!
+//! # HTTP semantics
+//!
+//! Every client gets its own answer: a fill asks the inner service without
+//! the client's `Range`, `If-Range`, `If-None-Match` and `If-Modified-Since`,
+//! stores and shares the full response, and each request answers its own
+//! condition (`304 Not Modified`) or single byte range (`206`, `416`) from
+//! it. Requests with `If-Match` or `If-Unmodified-Since` bypass the cache;
+//! `206` and `304` responses are never stored. A non-error response to an
+//! unsafe method invalidates the target URI and a same-origin `Location` /
+//! `Content-Location` ([`FenceLayer::invalidate_on_unsafe_methods`]).
+//! A refresh revalidates the entry with its `ETag` / `Last-Modified`; a
+//! `304` from the origin freshens it. `Accept-Encoding` is normalised before keying
+//! ([`FenceLayer::normalize_accept_encoding`]); [`FenceLayer::rfc9111`]
+//! takes freshness from the response as an RFC 9111 shared cache, and
+//! [`FenceLayer::cache_status`] adds an RFC 9211 `Cache-Status` header. The
+//! README's "HTTP caching semantics" table lists what is supported.
+//!
 //! # Failure behaviour
 //!
 //! The cache fails open: when Redis errors, times out
@@ -96,26 +113,32 @@ mod body;
 mod bounds;
 mod breaker;
 mod cache;
+mod cache_status;
+mod conditional;
 mod entry;
 mod error;
 mod fill;
 mod flight;
+mod freshness;
 mod handle;
 mod key;
 mod layer;
 mod lease;
 mod metrics;
+mod normalize;
 #[cfg(feature = "axum")]
 mod parts;
 mod policy;
 mod purge;
 mod queue;
+mod revalidate;
 mod scripts;
 mod service;
 mod shared;
 mod stats;
 mod store;
 mod trace;
+mod unsafe_methods;
 mod wait;
 mod wake;
 mod xfetch;
@@ -128,7 +151,10 @@ pub use key::{DefaultKey, MakeKey};
 pub use layer::{FenceLayer, OnWaitTimeout};
 pub use policy::{CacheTags, CacheTtl};
 pub use purge::PurgeService;
-pub use queue::{DeadLetter, InvalidationQueue, InvalidationWorker, WorkerHandle, WorkerStats};
+pub use queue::{
+    ConsumerStats, DeadLetter, InvalidationQueue, InvalidationWorker, QueueStats, WorkerHandle,
+    WorkerStats,
+};
 pub use service::{Fence, ResponseFuture};
 pub use stats::{BreakerState, Stats};
 

@@ -1,9 +1,13 @@
 //! What may be cached, and for how long: the HTTP rules of a shared cache.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, PRAGMA, SET_COOKIE, VARY};
 use http::{HeaderMap, HeaderName, Method, StatusCode, request, response};
+
+use crate::key::{digest, header_value, request_host};
 
 /// Sets the fresh lifetime of one response, overriding the layer's TTL.
 ///
@@ -96,6 +100,11 @@ pub(crate) struct Policy {
     pub(crate) cache_authorized: bool,
     pub(crate) cache_cookies: bool,
     pub(crate) honor_request_no_cache: bool,
+    pub(crate) unkeyed: Unkeyed,
+    /// RFC 9111 shared-cache freshness (`FenceLayer::rfc9111`).
+    pub(crate) rfc9111: bool,
+    /// The heuristic fraction of the time since `Last-Modified` (0: none).
+    pub(crate) heuristic: f64,
 }
 
 impl Default for Policy {
@@ -112,6 +121,9 @@ impl Default for Policy {
             cache_authorized: false,
             cache_cookies: false,
             honor_request_no_cache: false,
+            unkeyed: Unkeyed::default(),
+            rfc9111: false,
+            heuristic: 0.0,
         }
     }
 }
@@ -132,6 +144,11 @@ pub(crate) enum ResponseRule {
     Store {
         ttl: Duration,
         vary: Vec<HeaderName>,
+        /// How long past fresh it may be served stale, in milliseconds.
+        grace_ms: u64,
+        /// Its age on arrival (from upstream caches) in milliseconds,
+        /// counted in `Age`. (Milliseconds keep this enum small.)
+        age_ms: u64,
     },
     /// Not cacheable. `shareable` says whether requests that waited on this
     /// fill may be served the same response (it is not private to the
@@ -155,6 +172,9 @@ impl Policy {
         if !self.cache_cookies && parts.headers.contains_key(COOKIE) {
             return RequestRule::Bypass("cookie");
         }
+        if let Some(reason) = self.unkeyed.bypass(parts) {
+            return RequestRule::Bypass(reason);
+        }
         let refresh = self.honor_request_no_cache && asks_for_fresh_copy(&parts.headers);
         RequestRule::Lookup { head, refresh }
     }
@@ -162,6 +182,13 @@ impl Policy {
     pub(crate) fn response(&self, parts: &response::Parts) -> ResponseRule {
         let shareable = shareable(&parts.headers);
         let dont = |reason| ResponseRule::DontStore { reason, shareable };
+        if crate::conditional::is_own_answer(parts.status) {
+            // One request's range or condition, never another's answer.
+            return ResponseRule::DontStore {
+                reason: "206 or 304",
+                shareable: false,
+            };
+        }
         if !self.statuses.contains(&parts.status) {
             return dont("status");
         }
@@ -182,8 +209,23 @@ impl Policy {
         let Some(vary) = vary_names(&parts.headers) else {
             return dont("vary: *");
         };
+        let (mut grace, mut age) = (self.grace, Duration::ZERO);
         let ttl = if let Some(CacheTtl(ttl)) = parts.extensions.get::<CacheTtl>() {
             *ttl
+        } else if self.rfc9111 {
+            let fresh = crate::freshness::freshness(
+                parts,
+                std::time::SystemTime::now(),
+                self.heuristic,
+                self.ttl,
+            );
+            match fresh {
+                Ok(fresh) => {
+                    (grace, age) = (fresh.grace, fresh.age);
+                    fresh.ttl
+                }
+                Err(reason) => return dont(reason),
+            }
         } else if let Some(age) = cc
             .s_maxage
             .or(cc.max_age)
@@ -201,6 +243,8 @@ impl Policy {
         ResponseRule::Store {
             ttl: ttl.min(MAX_TTL),
             vary,
+            grace_ms: crate::entry::duration_ms(grace.min(MAX_TTL)),
+            age_ms: crate::entry::duration_ms(age),
         }
     }
 }
@@ -221,6 +265,200 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 pub(crate) fn uncacheable_by_nature(reason: &str, status: http::StatusCode) -> bool {
     let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429);
     !(reason == "status" && transient)
+}
+
+/// Request headers that commonly change a response without the response
+/// naming them in `Vary`: frameworks build absolute links and redirects
+/// from them. A request carrying one is keyed on a SHA-256 digest of its
+/// value (of `Forwarded`, without its per-client `for` and `by`
+/// parameters), unless the header is trusted or stripped.
+pub(crate) const KEYED_HEADERS: [&str; 11] = [
+    "forwarded",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-scheme",
+    "x-forwarded-prefix",
+    "x-forwarded-port",
+    "x-forwarded-server",
+    "x-forwarded-ssl",
+    "front-end-https",
+    "x-url-scheme",
+    "x-host",
+];
+
+/// Request headers that make some frameworks serve another URL than the
+/// request line names: a request carrying one passes through uncached,
+/// unless the header is trusted or stripped.
+pub(crate) const REWRITE_HEADERS: [&str; 3] = ["x-original-url", "x-rewrite-url", "x-original-uri"];
+
+/// Method overrides: a request carrying one of these headers passes through
+/// uncached, unless the header is trusted or stripped.
+pub(crate) const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+/// Method-override query parameters: a request carrying one passes through
+/// uncached.
+pub(crate) const METHOD_OVERRIDE_PARAMS: [&str; 1] = ["_method"];
+
+/// How the layer treats request inputs the key does not name: the headers
+/// above, and the host.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Unkeyed {
+    /// Headers the user says are set by their own proxy (constant per host):
+    /// neither keyed nor a reason to pass through.
+    pub(crate) trusted: Vec<HeaderName>,
+    /// Headers removed from every request before the inner service sees it.
+    pub(crate) stripped: Vec<HeaderName>,
+    /// Normalised hosts whose requests may be cached; `None`: any host.
+    pub(crate) allowed_hosts: Option<Arc<HashSet<String>>>,
+}
+
+impl Unkeyed {
+    fn trusts(&self, name: &str) -> bool {
+        self.trusted.iter().any(|t| t.as_str() == name)
+    }
+
+    /// Removes the stripped headers.
+    pub(crate) fn strip(&self, headers: &mut HeaderMap) {
+        for name in &self.stripped {
+            headers.remove(name);
+        }
+    }
+
+    /// Why this request must pass through uncached, if it must.
+    pub(crate) fn bypass(&self, parts: &request::Parts) -> Option<&'static str> {
+        if let Some(hosts) = &self.allowed_hosts {
+            match request_host(parts) {
+                Ok(host) if hosts.contains(&host) => {}
+                _ => return Some("host not allowed"),
+            }
+        }
+        let carries = |names: &[&str]| {
+            names
+                .iter()
+                .any(|n| !self.trusts(n) && parts.headers.contains_key(*n))
+        };
+        let override_param = parts.uri.query().is_some_and(|q| {
+            q.split('&').any(|p| {
+                let name = percent_decode(p.split_once('=').map_or(p, |(n, _)| n));
+                METHOD_OVERRIDE_PARAMS
+                    .iter()
+                    .any(|m| name.eq_ignore_ascii_case(m.as_bytes()))
+            })
+        });
+        if override_param || carries(&METHOD_OVERRIDE_HEADERS) {
+            return Some("method override");
+        }
+        if carries(&REWRITE_HEADERS) {
+            return Some("url rewrite header");
+        }
+        None
+    }
+
+    /// Appends the keyed headers this request carries to its key, as
+    /// dimensions (`\n<name>:<digest>`) of the key's URL.
+    pub(crate) fn extend_key(&self, mut key: String, headers: &HeaderMap) -> String {
+        for name in KEYED_HEADERS {
+            if self.trusts(name) || !headers.contains_key(name) {
+                continue;
+            }
+            let name = HeaderName::from_static(name);
+            let mut value = header_value(headers, &name);
+            if name == http::header::FORWARDED {
+                value = forwarded_without_client(&value);
+            }
+            if value.is_empty() {
+                continue;
+            }
+            key.push('\n');
+            key.push_str(name.as_str());
+            key.push(':');
+            key.push_str(&digest(&[&value]));
+        }
+        key
+    }
+}
+
+/// A `Forwarded` value (RFC 7239) without its `for` and `by` parameters:
+/// they name the client and the proxy, differ per client, and keying on
+/// them would give every client its own entry. The rest (`host`, `proto`)
+/// is kept in order, parameter names lowercased.
+fn forwarded_without_client(value: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for element in split_unquoted(value, b',') {
+        let mut kept = Vec::new();
+        for pair in split_unquoted(element, b';') {
+            let (name, rest) = match pair.iter().position(|&b| b == b'=') {
+                Some(i) => (&pair[..i], &pair[i..]),
+                None => (pair, &[][..]),
+            };
+            let name = name.trim_ascii().to_ascii_lowercase();
+            if name == b"for" || name == b"by" {
+                continue;
+            }
+            let mut p = name;
+            p.extend_from_slice(rest);
+            kept.push(p);
+        }
+        if kept.is_empty() {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(b',');
+        }
+        out.extend_from_slice(&kept.join(&b';'));
+    }
+    out
+}
+
+/// Decodes `%XX` escapes, as frameworks do before they read a parameter's
+/// name; other bytes are kept.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+/// Splits on `sep` outside quoted strings, trimming, dropping empty parts.
+fn split_unquoted(value: &[u8], sep: u8) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted, mut escaped) = (0, false, false);
+    for (i, &b) in value.iter().enumerate() {
+        if escaped {
+            escaped = false;
+        } else if quoted && b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            quoted = !quoted;
+        } else if b == sep && !quoted {
+            out.push(value[start..i].trim_ascii());
+            start = i + 1;
+        }
+    }
+    out.push(value[start..].trim_ascii());
+    out.retain(|p| !p.is_empty());
+    out
 }
 
 /// Whether a response can be handed to other requests for the same key: not
@@ -304,7 +542,7 @@ impl CacheControl {
 }
 
 /// Splits on commas outside quoted strings.
-fn split_directives(value: &[u8]) -> Vec<&[u8]> {
+pub(crate) fn split_directives(value: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let (mut start, mut quoted) = (0, false);
     for (i, &b) in value.iter().enumerate() {
@@ -324,7 +562,7 @@ fn split_directives(value: &[u8]) -> Vec<&[u8]> {
 
 /// Delta-seconds (RFC 9111 1.2.2): digits, possibly quoted; values too large
 /// saturate, anything else is invalid.
-fn parse_seconds(arg: &[u8]) -> Option<u64> {
+pub(crate) fn parse_seconds(arg: &[u8]) -> Option<u64> {
     let arg = arg.trim_ascii();
     let arg = arg
         .strip_prefix(b"\"")
@@ -470,6 +708,79 @@ mod tests {
         let mut r = response(200, &[("cache-control", "max-age=5")]);
         r.extensions.insert(CacheTtl(Duration::from_secs(3)));
         assert_eq!(ttl(&p, r), Duration::from_secs(3));
+    }
+
+    fn parts(uri: &str, pairs: &[(&'static str, &'static str)]) -> request::Parts {
+        let mut r = http::Request::get(uri).body(()).unwrap();
+        *r.headers_mut() = headers(pairs);
+        r.into_parts().0
+    }
+
+    #[test]
+    fn method_overrides_and_rewrites_pass_through_unless_trusted() {
+        let mut p = Policy::default();
+        for (uri, h) in [
+            ("/x", &[("x-http-method-override", "DELETE")][..]),
+            ("/x", &[("x-http-method", "PUT")][..]),
+            ("/x", &[("x-method-override", "PATCH")][..]),
+            ("/x?_method=DELETE", &[][..]),
+            ("/x?a=1&%5Fmethod=DELETE", &[][..]),
+            ("/x", &[("x-original-url", "/admin")][..]),
+            ("/x", &[("x-rewrite-url", "/admin")][..]),
+        ] {
+            let rule = p.request(&parts(uri, h));
+            assert!(matches!(rule, RequestRule::Bypass(_)), "{uri} {h:?}");
+        }
+        p.unkeyed
+            .trusted
+            .push(HeaderName::from_static("x-original-url"));
+        assert!(matches!(
+            p.request(&parts("/x", &[("x-original-url", "/admin")])),
+            RequestRule::Lookup { .. }
+        ));
+    }
+
+    #[test]
+    fn forwarding_headers_become_key_dimensions() {
+        let mut u = Unkeyed::default();
+        let key = |u: &Unkeyed, h| u.extend_key("/p".to_owned(), &headers(h));
+        assert_eq!(key(&u, &[]), "/p");
+        let evil = key(&u, &[("x-forwarded-host", "evil.example")]);
+        assert!(evil.starts_with("/p\nx-forwarded-host:"));
+        assert!(!evil.contains("evil"));
+        assert_ne!(evil, key(&u, &[("x-forwarded-host", "good.example")]));
+        // Forwarded: the per-client parameters don't split the cache.
+        assert_eq!(
+            key(&u, &[("forwarded", "for=1.2.3.4")]),
+            "/p",
+            "for= alone is not keyed"
+        );
+        assert_eq!(
+            key(&u, &[("forwarded", "for=1.2.3.4;proto=https;host=a")]),
+            key(&u, &[("forwarded", "For=\"[::1]:9\"; proto=https;host=a")])
+        );
+        assert_ne!(
+            key(&u, &[("forwarded", "proto=https;host=a")]),
+            key(&u, &[("forwarded", "proto=https;host=evil")])
+        );
+        u.trusted.push(HeaderName::from_static("x-forwarded-host"));
+        assert_eq!(key(&u, &[("x-forwarded-host", "evil.example")]), "/p");
+    }
+
+    #[test]
+    fn only_allowed_hosts_are_looked_up() {
+        let mut p = Policy::default();
+        p.unkeyed.allowed_hosts = Some(Arc::new(["a.example".to_owned()].into()));
+        let rule = |h: &[(&'static str, &'static str)]| p.request(&parts("/", h));
+        assert!(matches!(
+            rule(&[("host", "A.example:443")]),
+            RequestRule::Lookup { .. }
+        ));
+        assert!(matches!(
+            rule(&[("host", "b.example")]),
+            RequestRule::Bypass(_)
+        ));
+        assert!(matches!(rule(&[]), RequestRule::Bypass(_)));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use redis::Script;
 /// has replaced since is not run, and the new entry is returned as a hit).
 /// Returns `{'pass'}`, `{'vary', names}`, `{'hit', fields}`,
 /// `{'won', fields, start}` (fields of a stale entry in `fill` mode, and
-/// the Redis time the lease was taken, in ms) or
+/// the Redis time the lease was taken, in µs) or
 /// `{'held', pttl}`.
 pub(crate) const ACQUIRE: &str = r"
 local ok, e = pcall(redis.call, 'HGETALL', KEYS[1])
@@ -37,7 +37,7 @@ if f['v'] == ARGV[5] and ARGV[4] == 'fill' then
 end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   local t = redis.call('TIME')
-  local start = tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+  local start = t[1] .. string.format('%06d', tonumber(t[2]))
   if ARGV[4] == 'fill' and f['v'] == ARGV[5] then return {'won', e, start} end
   return {'won', {}, start}
 end
@@ -51,47 +51,83 @@ end
 return {'held', ttl}
 ";
 
-/// The fenced write-back: stores only while the lease holds our token.
+/// The fenced write-back: stores only while the lease holds our token and
+/// no invalidation fenced the fill out.
 ///
-/// KEYS: entry, lease, primary, variants set, then `n` tag indexes and
-/// their `n` tag fences. ARGV: token, entry ttl ms, wake channel, wake
-/// message, vary names ('' when the entry is the primary), format version,
-/// fill start (Redis ms), `n`, then field/value pairs.
+/// KEYS: entry, lease, primary, variants set, the URL fence (the Redis time
+/// of the last path or key invalidation of the primary), the namespace's
+/// prefix fences (a sorted set of key prefixes scored by the Redis time of
+/// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
+/// tag indexes and their `n` tag fences. ARGV: token, entry ttl ms, wake
+/// channel, wake message, vary names ('' when the entry is the primary),
+/// format version, fill start (Redis µs), `n`, the most variants a URL may
+/// have, whether to read the prefix fences (`1`/`0`), then field/value pairs.
 ///
 /// In Redis Cluster mode `n` is negative and the `-n` keys after the
-/// variants set are the entry's tag markers (in the entry's slot): each is
+/// fences are the entry's tag markers (in the entry's slot): each is
 /// set to the primary key, living at least as long as the entry, and no tag
-/// fence is read (cluster tag invalidations fence by removing leases).
-/// Returns 1 when stored, 0 when fenced out (the lease is gone, or one of
-/// the response's tags was invalidated after the fill started).
+/// fence is read (cluster tag and prefix invalidations fence by removing
+/// leases).
+/// Returns 1 when stored, 0 when fenced out (the lease is gone, or the URL,
+/// a prefix of its key or one of the response's tags was invalidated at or
+/// after the fill started), 2 when not stored because the URL has the most
+/// variants it may have.
 pub(crate) const STORE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local started = tonumber(ARGV[7])
+local function refuse(code)
+  redis.call('DEL', KEYS[2])
+  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  return code
+end
+local okf, uf = pcall(redis.call, 'GET', KEYS[5])
+if okf and uf and tonumber(uf) and tonumber(uf) >= started then return refuse(0) end
+if ARGV[10] == '1' then
+  local okp, fences = pcall(redis.call, 'ZRANGEBYSCORE', KEYS[6], ARGV[7], '+inf')
+  if okp then
+    for _, p in ipairs(fences) do
+      if string.sub(KEYS[3], 1, #p) == p then return refuse(0) end
+    end
+  end
+end
 local n = tonumber(ARGV[8])
 local markers = n < 0
 if markers then n = -n end
 for i = 1, (markers and 0 or n) do
-  local ok, ts = pcall(redis.call, 'GET', KEYS[4 + n + i])
-  if ok and ts and tonumber(ts) and tonumber(ts) >= tonumber(ARGV[7]) then
-    redis.call('DEL', KEYS[2])
-    redis.call('PUBLISH', ARGV[3], ARGV[4])
-    return 0
-  end
+  local ok, ts = pcall(redis.call, 'GET', KEYS[6 + n + i])
+  if ok and ts and tonumber(ts) and tonumber(ts) >= started then return refuse(0) end
 end
 local ttl = tonumber(ARGV[2])
+if KEYS[1] .. ':vars' ~= KEYS[4] then
+  local max = tonumber(ARGV[9])
+  local okm, member = pcall(redis.call, 'SISMEMBER', KEYS[4], KEYS[1])
+  if okm and member == 0 and redis.call('SCARD', KEYS[4]) >= max then
+    -- Forget variants that expired, a bounded look at a time.
+    local scan = redis.call('SSCAN', KEYS[4], 0, 'COUNT', max * 2)
+    for _, v in ipairs(scan[2]) do
+      if redis.call('EXISTS', v) == 0 then redis.call('SREM', KEYS[4], v) end
+    end
+    if redis.call('SCARD', KEYS[4]) >= max then return refuse(2) end
+  end
+end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 9))
+redis.call('HSET', KEYS[1], unpack(ARGV, 11))
 redis.call('PEXPIRE', KEYS[1], ttl)
 if ARGV[5] ~= '' then
   local ok, cur = pcall(redis.call, 'HGET', KEYS[3], 'vary')
   if not ok or cur ~= ARGV[5] then
     local key = ''
-    for i = 9, #ARGV - 1, 2 do
+    for i = 11, #ARGV - 1, 2 do
       if ARGV[i] == 'key' then key = ARGV[i + 1] end
     end
     redis.call('DEL', KEYS[3])
     redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
   end
   if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+end
+-- Every entry but the URL's own (a Vary variant, a host or other key
+-- dimension) is listed in the URL's variant set.
+if KEYS[1] .. ':vars' ~= KEYS[4] then
   local ok2 = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
   if not ok2 then
     redis.call('DEL', KEYS[4])
@@ -101,7 +137,7 @@ if ARGV[5] ~= '' then
 end
 if markers then
   for i = 1, n do
-    local m = KEYS[4 + i]
+    local m = KEYS[6 + i]
     local keep = redis.call('PTTL', m)
     if keep < ttl then keep = ttl end
     redis.call('SET', m, KEYS[3], 'PX', keep)
@@ -110,7 +146,7 @@ elseif n > 0 then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   for i = 1, n do
-    local z = KEYS[4 + i]
+    local z = KEYS[6 + i]
     if redis.call('TYPE', z)['ok'] ~= 'zset' then redis.call('DEL', z) end
     redis.call('ZADD', z, now + ttl, KEYS[3])
     redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
@@ -122,29 +158,77 @@ redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 ";
 
+/// Sets a prefix fence: fills of keys starting with the prefix that
+/// started at or before now (Redis time) can no longer store. The fences
+/// live in one sorted set per namespace, scored by time; fences older than
+/// their lifetime are dropped, and when more than `max` remain they are
+/// folded into one fence on the whole namespace (which refuses more fills,
+/// never fewer).
+///
+/// KEYS: the namespace's prefix fences. ARGV: key prefix, lifetime ms,
+/// max fences, namespace prefix. Returns the fence's time (Redis µs).
+pub(crate) const PREFIX_FENCE: &str = r"
+local t = redis.call('TIME')
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
+local ttl = tonumber(ARGV[2])
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then redis.call('DEL', KEYS[1]) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', tonumber(now) - ttl * 1000)
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[3]) then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+end
+redis.call('PEXPIRE', KEYS[1], ttl)
+return now
+";
+
 /// Starts (or continues) a tag invalidation: sets the tag's fence to now,
 /// so fills that started before can't store an entry carrying the tag, and
 /// pops a batch of the entries the tag index lists.
 ///
-/// KEYS: tag index, tag fence. ARGV: batch size, fence ttl ms, offset
-/// (`-1` pops the batch; otherwise it is read from that offset and kept,
-/// for soft invalidation).
+/// KEYS: tag index, tag fence. ARGV: batch size, fence ttl ms.
 pub(crate) const TAG_BATCH: &str = r"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = t[1] .. string.format('%06d', tonumber(t[2]))
 redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then
   redis.call('DEL', KEYS[1])
   return {}
 end
-local batch = tonumber(ARGV[1])
-local offset = tonumber(ARGV[3])
-if offset >= 0 then
-  return redis.call('ZRANGE', KEYS[1], offset, offset + batch - 1)
-end
-local members = redis.call('ZRANGE', KEYS[1], 0, batch - 1)
+local members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #members > 0 then redis.call('ZREM', KEYS[1], unpack(members)) end
 return members
+";
+
+/// One page of a soft tag invalidation: the tag index is read (not
+/// popped) in score order from a cursor, so entries added or moved while
+/// the walk pages are never skipped: a page always ends with every member
+/// of its last score. Sets the tag's fence on the first page.
+///
+/// KEYS: tag index, tag fence. ARGV: page size, fence ttl ms, cursor
+/// (`-inf` for the first page, then the `(score` returned last).
+/// Returns the page's members followed by the cursor of the next page, or
+/// nothing when the walk is done.
+pub(crate) const TAG_PAGE: &str = r"
+if ARGV[3] == '-inf' then
+  local t = redis.call('TIME')
+  local now = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
+end
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then return {} end
+local page = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
+if #page == 0 then return {} end
+local last = page[#page]
+local out, seen = {}, {}
+for i = 1, #page, 2 do
+  table.insert(out, page[i])
+  seen[page[i]] = true
+end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], last, last)) do
+  if not seen[m] then table.insert(out, m) end
+end
+table.insert(out, '(' .. last)
+return out
 ";
 
 /// Gives a lease up without storing; optionally leaves a pass marker on
@@ -208,46 +292,102 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 ";
 
-/// Removes an entry, its variants and every lease, so that no fill that
-/// started before can write back. KEYS: primary, variants set.
-/// ARGV: invalidate channel, sender id. Returns the number of entries removed.
+/// Removes an entry, a batch of its variants and their leases, and (when
+/// asked) sets the URL's fence to now, so that no fill of the URL that
+/// started before, of any variant, even one never stored, can write back.
+///
+/// KEYS: primary, variants set, URL fence. ARGV: invalidate channel, sender
+/// id, `1` to set the fence, fence ttl ms, batch size.
+/// Returns the number of entries removed and the number of variants left
+/// in the set (call again while it is not zero).
+///
+/// When the primary is the URL's own key, variants are popped from the
+/// URL's set in batches; when it is a dimension of the URL (one host), only
+/// it and its own `Vary` variants go (the set is bounded by `max_variants`).
 pub(crate) const INVALIDATE: &str = r"
+if ARGV[3] == '1' then
+  local t = redis.call('TIME')
+  local now = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', KEYS[3], now, 'PX', ARGV[4])
+end
 local n = 0
-local ok, vars = pcall(redis.call, 'SMEMBERS', KEYS[2])
-if ok then
+local left = 0
+local whole = KEYS[1] .. ':vars' == KEYS[2]
+local kind = redis.call('TYPE', KEYS[2])['ok']
+if kind == 'set' then
+  local vars
+  if whole then
+    vars = redis.call('SPOP', KEYS[2], tonumber(ARGV[5]))
+  else
+    local below = KEYS[1] .. ':v:'
+    vars = {}
+    for _, v in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+      if string.sub(v, 1, #below) == below then table.insert(vars, v) end
+    end
+    if #vars > 0 then redis.call('SREM', KEYS[2], unpack(vars)) end
+  end
   for _, v in ipairs(vars) do
     n = n + redis.call('UNLINK', v)
     redis.call('UNLINK', v .. ':lease')
   end
+  if whole then
+    left = redis.call('SCARD', KEYS[2])
+  else
+    redis.call('SREM', KEYS[2], KEYS[1])
+  end
+elseif kind ~= 'none' and whole then
+  redis.call('UNLINK', KEYS[2])
 end
 local had = redis.call('EXISTS', KEYS[1])
-local kind = redis.call('TYPE', KEYS[1])['ok']
 local index = false
-if kind == 'hash' then index = redis.call('HEXISTS', KEYS[1], 'vary') == 1 end
-redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease', KEYS[2])
+if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
+  index = redis.call('HEXISTS', KEYS[1], 'vary') == 1
+end
+redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease')
 if had == 1 and not index then n = n + 1 end
 redis.call('PUBLISH', ARGV[1], 'key:' .. ARGV[2] .. ':' .. KEYS[1])
-return n
+return {n, left}
 ";
 
-/// Marks an entry and its variants stale. KEYS: primary, variants set.
-/// ARGV: now ms. Returns the number of entries marked.
+/// Marks an entry and a batch of its variants stale: their `fresh` time
+/// becomes 0, so no reader, whatever its clock says, takes them for fresh.
+/// Removes their leases and (when asked) sets the URL's fence as
+/// [`INVALIDATE`] does.
+///
+/// KEYS: primary, variants set, URL fence. ARGV: `1` to set the fence,
+/// fence ttl ms, batch size, SSCAN cursor of the variants set (`0` first).
+/// Returns the number of entries marked and the next cursor (`0` when done).
+///
+/// When the primary is a dimension of the URL (one host), only it and its
+/// own `Vary` variants are marked.
 pub(crate) const SOFT_INVALIDATE: &str = r"
+if ARGV[1] == '1' then
+  local t = redis.call('TIME')
+  local now = t[1] .. string.format('%06d', tonumber(t[2]))
+  redis.call('SET', KEYS[3], now, 'PX', ARGV[2])
+end
 local n = 0
-local keys = {KEYS[1]}
-local ok, vars = pcall(redis.call, 'SMEMBERS', KEYS[2])
-if ok then for _, v in ipairs(vars) do table.insert(keys, v) end end
+local keys = {}
+local cursor = '0'
+local whole = KEYS[1] .. ':vars' == KEYS[2]
+local below = KEYS[1] .. ':v:'
+if ARGV[4] == '0' then table.insert(keys, KEYS[1]) end
+if redis.call('TYPE', KEYS[2])['ok'] == 'set' then
+  local scan = redis.call('SSCAN', KEYS[2], ARGV[4], 'COUNT', tonumber(ARGV[3]))
+  cursor = scan[1]
+  for _, v in ipairs(scan[2]) do
+    if whole or string.sub(v, 1, #below) == below then table.insert(keys, v) end
+  end
+end
 for _, k in ipairs(keys) do
-  local ok2, fresh = pcall(redis.call, 'HGET', k, 'fresh')
-  if ok2 and fresh then
-    if tonumber(fresh) and tonumber(fresh) > tonumber(ARGV[1]) then
-      redis.call('HSET', k, 'fresh', ARGV[1])
-    end
+  local ok, fresh = pcall(redis.call, 'HGET', k, 'fresh')
+  if ok and fresh then
+    if fresh ~= '0' then redis.call('HSET', k, 'fresh', '0') end
     n = n + 1
   end
   redis.call('UNLINK', k .. ':lease')
 end
-return n
+return {n, cursor}
 ";
 
 #[derive(Debug)]
@@ -259,6 +399,8 @@ pub(crate) struct Scripts {
     pub(crate) invalidate: Script,
     pub(crate) soft_invalidate: Script,
     pub(crate) tag_batch: Script,
+    pub(crate) tag_page: Script,
+    pub(crate) prefix_fence: Script,
 }
 
 impl Scripts {
@@ -271,6 +413,8 @@ impl Scripts {
             invalidate: Script::new(INVALIDATE),
             soft_invalidate: Script::new(SOFT_INVALIDATE),
             tag_batch: Script::new(TAG_BATCH),
+            tag_page: Script::new(TAG_PAGE),
+            prefix_fence: Script::new(PREFIX_FENCE),
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::{AGE, CONTENT_LENGTH};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use redis::aio::ConnectionLike;
@@ -18,6 +18,8 @@ use tracing::Instrument;
 use crate::bounds::{CacheBody, Conn, Inner};
 
 use crate::body::FenceBody;
+use crate::cache_status;
+use crate::conditional::{self, Conditions};
 use crate::entry::{Entry, Record, now_ms};
 use crate::error::FenceError;
 use crate::fill::{self, Deadlines, Job, Mode};
@@ -27,6 +29,7 @@ use crate::layer::{Config, OnWaitTimeout, Shared};
 use crate::policy::RequestRule;
 use crate::stats::Counters;
 use crate::store::Store;
+use crate::unsafe_methods;
 use crate::xfetch;
 
 /// The service made by [`FenceLayer`](crate::FenceLayer): caches the inner
@@ -120,6 +123,7 @@ where
                 let res = ready!(future.poll(cx))?;
                 let mut res = res.map(FenceBody::inner);
                 outgoing(config, res.headers_mut(), CacheStatus::Bypass);
+                finish_cache_status(config, &mut res);
                 Poll::Ready(Ok(res))
             }
             StateProj::Cached { future } => future.as_mut().poll(cx),
@@ -150,14 +154,36 @@ where
         // Take the service that was driven to readiness and leave a clone.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        self.config.policy.unkeyed.strip(&mut parts.headers);
+        if self.config.invalidate_unsafe && unsafe_methods::invalidates(&parts.method) {
+            Counters::inc(&self.config.counters.bypasses);
+            let future = invalidating(
+                self.config.clone(),
+                self.shared.clone(),
+                inner,
+                Request::from_parts(parts, body),
+            );
+            return ResponseFuture {
+                state: State::Cached {
+                    future: Box::pin(future),
+                },
+            };
+        }
         let rule = self.config.policy.request(&parts);
+        if matches!(rule, RequestRule::Lookup { .. }) {
+            // Before keying: the origin is asked with the normalised values.
+            self.config.normalizers.apply(&mut parts.headers);
+        }
         let closing = self
             .shared
             .closing
             .load(std::sync::atomic::Ordering::Relaxed);
         let key = match rule {
-            RequestRule::Lookup { .. } if !closing => self.config.key.make_key(&parts),
+            // `If-Match` / `If-Unmodified-Since` are the origin's to evaluate.
+            RequestRule::Lookup { .. } if !closing && !conditional::origin_only(&parts.headers) => {
+                self.config.cache_key(&parts)
+            }
             _ => None,
         };
         // With the breaker open, Redis is skipped; requests for one key still
@@ -187,22 +213,61 @@ where
             path = parts.uri.path(),
             cache = tracing::field::Empty,
         );
+        // Each request answers its own condition or range from the full
+        // response (fills ask the origin without them).
+        let conditions = Conditions::of(&parts);
         let req = Request::from_parts(parts, body);
         let config = self.config.clone();
         let future = serve(ctx, inner, req, key, head, refresh, offline).instrument(span.clone());
+        let future: BoxFuture<_> = Box::pin(async move {
+            let mut res = future.await?;
+            if !span.is_disabled() {
+                span.record("cache", status_of(&config, &res));
+            }
+            finish_cache_status(&config, &mut res);
+            Ok(match conditions {
+                Some(conditions) => conditions.answer(res, config.status_header.as_ref()),
+                None => res,
+            })
+        });
         ResponseFuture {
-            state: State::Cached {
-                future: Box::pin(async move {
-                    let res = future.await;
-                    if let Ok(res) = &res
-                        && !span.is_disabled()
-                    {
-                        span.record("cache", status_of(&config, res));
-                    }
-                    res
-                }),
-            },
+            state: State::Cached { future },
         }
+    }
+}
+
+/// An unsafe request: passed through, then its target URI and same-origin
+/// `Location` / `Content-Location` are invalidated unless it failed (RFC
+/// 9111 §4.4), before the response goes back to the client.
+async fn invalidating<S, C, ReqB, ResB>(
+    config: Arc<Config>,
+    shared: Arc<Shared<C>>,
+    mut svc: S,
+    req: Request<ReqB>,
+) -> Result<Response<FenceBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body,
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let targets = unsafe_methods::Targets::of(req.uri(), req.headers());
+    let res = svc.call(req).await?;
+    let handle = crate::FenceHandle::new(shared, (*config).clone());
+    targets
+        .invalidate(res.status(), res.headers(), &handle, &config)
+        .await;
+    let mut res = res.map(FenceBody::inner);
+    outgoing(&config, res.headers_mut(), CacheStatus::Bypass);
+    finish_cache_status(&config, &mut res);
+    Ok(res)
+}
+
+/// Completes the `Cache-Status` member of a forwarded response with the
+/// status the origin answered.
+fn finish_cache_status<B>(config: &Config, res: &mut Response<B>) {
+    if let Some(id) = &config.cache_status {
+        let status = res.status();
+        cache_status::finish(id, res.headers_mut(), status);
     }
 }
 
@@ -245,7 +310,7 @@ where
     let ek = EntryKey::new(&config.namespace, &key);
     let deadlines = Deadlines::new(config);
     for attempt in 0..MAX_ATTEMPTS {
-        let now = now_ms();
+        let now = shared.store.now_ms();
         let found = if offline {
             None
         } else {
@@ -385,7 +450,9 @@ where
                             .iter()
                             .all(|(name, value)| header_value(req.headers(), name) == *value);
                         if matches {
-                            return Ok(from_entry(config, &entry, status, false, now_ms()));
+                            let mut res = from_entry(config, &entry, status, false, now_ms());
+                            cache_status::collapsed(config, res.headers_mut());
+                            return Ok(res);
                         }
                     }
                     Some(Outcome::Origin) => {
@@ -510,7 +577,7 @@ pub(crate) fn outgoing(config: &Config, headers: &mut HeaderMap, status: CacheSt
             headers.remove(name);
         }
     }
-    mark(config.status_header.as_ref(), headers, status);
+    mark(config, headers, status, None);
 }
 
 /// A cached response, as sent to a client.
@@ -539,7 +606,8 @@ pub(crate) fn from_entry<B: Body>(
     if status != CacheStatus::Miss {
         headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
     }
-    mark(config.status_header.as_ref(), headers, status);
+    let from = cache_status::FromEntry::new(entry, now);
+    mark(config, headers, status, Some(from));
     keep_status(config, &mut res, status);
     res
 }
@@ -551,15 +619,10 @@ pub(crate) fn plain_response<B: Body>(
 ) -> Response<FenceBody<B>> {
     let mut res = Response::new(FenceBody::empty());
     *res.status_mut() = status;
-    mark(
-        config.status_header.as_ref(),
-        res.headers_mut(),
-        CacheStatus::Miss,
-    );
+    mark(config, res.headers_mut(), CacheStatus::Miss, None);
     keep_status(config, &mut res, CacheStatus::Miss);
     res
 }
-
 /// Keeps a response's cache status where the request span reads it: in
 /// the status header, or, when there is none, in an extension (which costs
 /// an allocation, so only then).
@@ -587,9 +650,17 @@ fn status_of<B>(config: &Config, res: &Response<B>) -> &'static str {
         .map_or("", CacheStatus::as_str)
 }
 
-pub(crate) fn mark(name: Option<&HeaderName>, headers: &mut HeaderMap, status: CacheStatus) {
-    if let Some(name) = name {
+pub(crate) fn mark(
+    config: &Config,
+    headers: &mut HeaderMap,
+    status: CacheStatus,
+    entry: Option<cache_status::FromEntry>,
+) {
+    if let Some(name) = &config.status_header {
         headers.insert(name.clone(), HeaderValue::from_static(status.as_str()));
+    }
+    if let Some(id) = &config.cache_status {
+        cache_status::mark(id, headers, status, entry);
     }
 }
 

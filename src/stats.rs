@@ -156,6 +156,9 @@ counters! {
     fill_timeouts,
     /// Times the wake-up listener (re)connected its subscription.
     listener_connects,
+    /// Responses not stored because their URL already had the most `Vary`
+    /// variants it may have ([`FenceLayer::max_variants`](crate::FenceLayer::max_variants)).
+    variants_over_limit,
 }
 
 impl Counters {

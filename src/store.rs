@@ -7,7 +7,7 @@
 //! memory, read-only) do not trip the breaker: the server is alive.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
@@ -16,13 +16,53 @@ use redis::aio::ConnectionLike;
 pub(crate) use crate::breaker::Breaker;
 use crate::entry::{FORMAT_VERSION, duration_ms, now_ms};
 use crate::error::{FenceError, timed};
-use crate::key::{tag_keys, tag_marker};
+use crate::key::{namespace_prefix, tag_keys, tag_marker};
 use crate::scripts::Scripts;
 
 /// The pub/sub channel the store script announces finished fills on.
 pub(crate) const WAKE_CHANNEL: &str = "cachefence:wake";
 /// The pub/sub channel invalidations are announced on.
 pub(crate) const INVALIDATE_CHANNEL: &str = "cachefence:invalidate";
+
+/// How long fences (of a URL, a prefix or the namespace) refuse the
+/// write-backs of fills that started before their invalidation: longer than
+/// any fill runs.
+// TODO(lead): fill_timeout: at least `Config::fill_timeout` plus a margin.
+pub(crate) const FENCE_TTL: Duration = Duration::from_secs(60);
+/// Prefix fences kept per namespace before they are folded into one fence
+/// on the whole namespace.
+const MAX_PREFIX_FENCES: usize = 1024;
+/// Variants removed (or marked stale) per script call.
+const VARIANT_BATCH: usize = 256;
+
+/// The fence of one URL (a primary key): the Redis time of its last path
+/// or key invalidation. In the entry's slot.
+pub(crate) fn url_fence_of(primary: &str) -> String {
+    // Of the URL, not of one host's dimension of it: a path invalidation
+    // (every host) and a host's own invalidation both fence every fill of
+    // the URL (fencing a host's neighbours too is safe: their fills look
+    // again).
+    format!("{}:fence", crate::key::url_of(primary))
+}
+
+/// The sorted set of a namespace's prefix fences (`<namespace>|#fences`;
+/// `#` is escaped in entry keys, so no entry key looks like it).
+pub(crate) fn prefix_fences_of(namespace: &str) -> String {
+    let mut key = namespace_prefix(namespace);
+    key.push_str("#fences");
+    key
+}
+
+/// What became of a write-back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WriteBack {
+    /// The entry was written.
+    Stored,
+    /// Refused: the lease was lost, or an invalidation fenced the fill out.
+    Fenced,
+    /// Not written: the URL already has the most variants it may have.
+    TooManyVariants,
+}
 
 /// What the acquire script found.
 #[derive(Debug)]
@@ -45,11 +85,13 @@ pub(crate) struct StoreArgs<'a> {
     pub(crate) token: &'a str,
     pub(crate) ttl: Duration,
     pub(crate) vary: &'a str,
-    /// The Redis time the lease was taken (ms), for the tag fences.
+    /// The Redis time the lease was taken (µs), for the fences.
     pub(crate) started: u64,
     /// The namespace, and the tags of the response.
     pub(crate) namespace: &'a str,
     pub(crate) tags: &'a [String],
+    /// The most variants one URL may have.
+    pub(crate) max_variants: usize,
     pub(crate) fields: Vec<(&'static str, Vec<u8>)>,
 }
 
@@ -109,6 +151,8 @@ pub(crate) struct Store<C> {
     scripts: Scripts,
     pub(crate) errors: AtomicU64,
     pub(crate) commands: AtomicU64,
+    /// Added to this process's clock (tests play a host whose clock is off).
+    skew_ms: AtomicI64,
 }
 
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
@@ -131,6 +175,7 @@ where
             scripts: Scripts::new(),
             errors: AtomicU64::new(0),
             commands: AtomicU64::new(0),
+            skew_ms: AtomicI64::new(0),
         }
     }
 
@@ -146,6 +191,16 @@ where
 
     pub(crate) fn connection(&self) -> C {
         self.conn.clone()
+    }
+
+    /// This process's clock (ms since the epoch), as freshness and pass
+    /// markers are judged by it.
+    pub(crate) fn now_ms(&self) -> u64 {
+        now_ms().saturating_add_signed(self.skew_ms.load(Ordering::Relaxed))
+    }
+
+    pub(crate) fn set_clock_skew(&self, ms: i64) {
+        self.skew_ms.store(ms, Ordering::Relaxed);
     }
 
     pub(crate) fn set_timeout(&self, timeout: Duration) {
@@ -227,7 +282,7 @@ where
                 inv.key(lease)
                     .arg(token)
                     .arg(duration_ms(lease_for).max(1))
-                    .arg(now_ms())
+                    .arg(self.now_ms())
                     .arg(if refresh { "refresh" } else { "fill" })
                     .arg(FORMAT_VERSION)
                     .arg(decided_on.map_or_else(String::new, |s| s.to_string()));
@@ -237,13 +292,23 @@ where
         parse_acquired(value).ok_or_else(|| FenceError::invalid_input("unexpected acquire reply"))
     }
 
-    pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<bool, FenceError> {
+    pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<WriteBack, FenceError> {
+        let url_fence = url_fence_of(args.primary);
+        // On a cluster the prefix fences live in another slot: a stand-in
+        // key of the entry's slot takes their place, and is not read.
+        let prefix_fences = if self.cluster {
+            url_fence.clone()
+        } else {
+            prefix_fences_of(args.namespace)
+        };
         let stored: i64 = self
             .run("store", |mut c| {
                 let mut inv = self.scripts.store.key(args.entry_key);
                 inv.key(args.lease_key)
                     .key(args.primary)
-                    .key(args.variants_set);
+                    .key(args.variants_set)
+                    .key(url_fence.as_str())
+                    .key(prefix_fences.as_str());
                 if self.cluster {
                     // Markers in the entry's own slot.
                     for tag in args.tags {
@@ -273,21 +338,27 @@ where
                     .arg(args.vary)
                     .arg(FORMAT_VERSION)
                     .arg(args.started)
-                    .arg(if self.cluster { -n } else { n });
+                    .arg(if self.cluster { -n } else { n })
+                    .arg(args.max_variants.max(1))
+                    .arg(if self.cluster { "0" } else { "1" });
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
                 }
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
-        Ok(stored == 1)
+        Ok(match stored {
+            1 => WriteBack::Stored,
+            2 => WriteBack::TooManyVariants,
+            _ => WriteBack::Fenced,
+        })
     }
 
     /// Gives a lease up (see the RELEASE script). Returns `None` when the
     /// lease was no longer ours, else whether a pass marker was left.
     pub(crate) async fn release(&self, args: ReleaseArgs<'_>) -> Result<Option<bool>, FenceError> {
         let pass_ms = duration_ms(args.pass);
-        let now = now_ms();
+        let now = self.now_ms();
         let released: i64 = self
             .run("release", |mut c| {
                 let mut inv = self.scripts.release.key(args.lease_key);
@@ -335,31 +406,123 @@ where
         Ok(extended == 1)
     }
 
+    /// Removes the entry at `primary` and its variants, a batch of variants
+    /// per script, and with `fence` sets the URL's fence first. Returns how
+    /// many entries were removed.
     pub(crate) async fn invalidate(
         &self,
         primary: &str,
-        variants: &str,
         sender: u64,
+        fence: bool,
     ) -> Result<u64, FenceError> {
-        self.run("invalidate", |mut c| {
-            let mut inv = self.scripts.invalidate.key(primary);
-            inv.key(variants).arg(INVALIDATE_CHANNEL).arg(sender);
+        let variants = crate::key::variants_set_of(primary);
+        let url_fence = url_fence_of(primary);
+        let mut total = 0;
+        let mut fence = fence;
+        // New variants may be added while the batches run (after the fence,
+        // so they are new data); a bound keeps a busy URL from holding the
+        // call forever.
+        for _ in 0..64 {
+            let (removed, left): (u64, u64) = self
+                .run("invalidate", |mut c| {
+                    let mut inv = self.scripts.invalidate.key(primary);
+                    inv.key(variants.as_str())
+                        .key(url_fence.as_str())
+                        .arg(INVALIDATE_CHANNEL)
+                        .arg(sender)
+                        .arg(if fence { "1" } else { "0" })
+                        .arg(duration_ms(FENCE_TTL))
+                        .arg(VARIANT_BATCH);
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await?;
+            fence = false;
+            total += removed;
+            if left == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Marks the entry at `primary` and its variants stale, a batch of
+    /// variants per script, and with `fence` sets the URL's fence first.
+    /// Returns how many entries were marked.
+    pub(crate) async fn soft_invalidate(
+        &self,
+        primary: &str,
+        fence: bool,
+    ) -> Result<u64, FenceError> {
+        let variants = crate::key::variants_set_of(primary);
+        let url_fence = url_fence_of(primary);
+        let mut total = 0;
+        let mut cursor = "0".to_owned();
+        let mut fence = fence;
+        loop {
+            let (marked, next): (u64, String) = self
+                .run("soft_invalidate", |mut c| {
+                    let mut inv = self.scripts.soft_invalidate.key(primary);
+                    inv.key(variants.as_str())
+                        .key(url_fence.as_str())
+                        .arg(if fence { "1" } else { "0" })
+                        .arg(duration_ms(FENCE_TTL))
+                        .arg(VARIANT_BATCH)
+                        .arg(cursor.as_str());
+                    async move { inv.invoke_async(&mut c).await }
+                })
+                .await?;
+            fence = false;
+            total += marked;
+            if next == "0" {
+                return Ok(total);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Sets the fence of a key prefix (the namespace prefix for the whole
+    /// namespace): fills of keys under it that started before can't store.
+    /// Not on a Redis Cluster (the store script can't read it there).
+    pub(crate) async fn prefix_fence(
+        &self,
+        namespace: &str,
+        key_prefix: &str,
+    ) -> Result<u64, FenceError> {
+        let fences = prefix_fences_of(namespace);
+        let whole = namespace_prefix(namespace);
+        self.run("prefix_fence", |mut c| {
+            let mut inv = self.scripts.prefix_fence.key(fences.as_str());
+            inv.arg(key_prefix)
+                .arg(duration_ms(FENCE_TTL))
+                .arg(MAX_PREFIX_FENCES)
+                .arg(whole.as_str());
             async move { inv.invoke_async(&mut c).await }
         })
         .await
     }
 
-    pub(crate) async fn soft_invalidate(
+    /// One page of a soft tag walk from `cursor` (`None` first; it sets
+    /// the tag's fence): the members and the next cursor, or `None` when
+    /// the walk is done.
+    pub(crate) async fn tag_page(
         &self,
-        primary: &str,
-        variants: &str,
-    ) -> Result<u64, FenceError> {
-        self.run("soft_invalidate", |mut c| {
-            let mut inv = self.scripts.soft_invalidate.key(primary);
-            inv.key(variants).arg(now_ms());
-            async move { inv.invoke_async(&mut c).await }
-        })
-        .await
+        index: &str,
+        fence: &str,
+        batch: usize,
+        fence_for: Duration,
+        cursor: Option<&str>,
+    ) -> Result<Option<(Vec<String>, String)>, FenceError> {
+        let mut page: Vec<String> = self
+            .run("tag_page", |mut c| {
+                let mut inv = self.scripts.tag_page.key(index);
+                inv.key(fence)
+                    .arg(batch.max(1))
+                    .arg(duration_ms(fence_for).max(1))
+                    .arg(cursor.unwrap_or("-inf"));
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(page.pop().map(|next| (page, next)))
     }
 
     /// Sets a tag's fence and pops up to `batch` entries from its index.
@@ -369,15 +532,12 @@ where
         fence: &str,
         batch: usize,
         fence_for: Duration,
-        offset: Option<usize>,
     ) -> Result<Vec<String>, FenceError> {
-        let offset = offset.map_or(-1, |o| i64::try_from(o).unwrap_or(i64::MAX));
         self.run("tag_batch", |mut c| {
             let mut inv = self.scripts.tag_batch.key(index);
             inv.key(fence)
                 .arg(batch.max(1))
-                .arg(duration_ms(fence_for).max(1))
-                .arg(offset);
+                .arg(duration_ms(fence_for).max(1));
             async move { inv.invoke_async(&mut c).await }
         })
         .await

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::entry::now_ms;
 
-/// A Redis key as logged: the namespace and path, the query replaced by
-/// `?…`, then the key's digest (`:{…}` and what follows it). Keys are
-/// escaped, so a raw `?` appears as `%3F`.
+/// A key as logged: the namespace and path, the query replaced by `?…`,
+/// then the key's digest (`:{…}` and what follows it) if it has one. Redis
+/// keys are escaped (a `?` appears as `%3F`); cache keys are not.
 pub(crate) struct Redacted<'a>(&'a str);
 
 /// `key` as it may be logged.
@@ -21,7 +21,12 @@ pub(crate) fn redact(key: &str) -> Redacted<'_> {
 impl fmt::Display for Redacted<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let key = self.0;
-        match key.find("%3F") {
+        // A raw `?` (a cache key) or an escaped one (a Redis key).
+        let query = match (key.find('?'), key.find("%3F")) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match query {
             Some(query) => {
                 let tail = key
                     .rfind(":{")
@@ -71,6 +76,7 @@ mod tests {
         assert_eq!(redact(key).to_string(), "ns|/p?…:{0123abcd}:v:ff");
         assert_eq!(redact("ns|/p:{0123}").to_string(), "ns|/p:{0123}");
         assert_eq!(redact("ns|/p%3Fq").to_string(), "ns|/p?…");
+        assert_eq!(redact("/p?email=a@b.c").to_string(), "/p?…");
     }
 
     #[test]

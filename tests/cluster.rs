@@ -93,11 +93,16 @@ impl Setup {
             .collect()
     }
 
-    /// The entry keys (not tag markers) of the namespace on each node.
+    /// The entry keys (not tag markers, nor the variant sets listing a
+    /// URL's hosts) of the namespace on each node.
     fn entries_per_node(&self) -> Vec<usize> {
         self.keys_per_node()
             .iter()
-            .map(|keys| keys.iter().filter(|k| !k.contains("|#")).count())
+            .map(|keys| {
+                keys.iter()
+                    .filter(|k| !k.contains("|#") && !k.ends_with(":vars"))
+                    .count()
+            })
             .collect()
     }
 }

@@ -50,7 +50,10 @@ fn raw_client() -> RawClient {
 }
 
 async fn try_get(client: &RawClient, addr: SocketAddr, path: &str) -> Result<Reply, String> {
+    // One Host for every process, as behind a load balancer: the host is in
+    // the cache key.
     let req = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::HOST, support::TEST_HOST)
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
@@ -724,6 +727,7 @@ async fn an_endless_body_streams_to_its_own_client_while_its_waiters_get_504_at_
 async fn reqwest_like_get(addr: SocketAddr, path: &str) -> http::Response<hyper::body::Incoming> {
     let client = raw_client();
     let req = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::HOST, support::TEST_HOST)
         .body(Full::new(Bytes::new()))
         .unwrap();
     client.request(req).await.expect("request")
@@ -985,6 +989,7 @@ async fn varying(State(o): State<Origin>, headers: http::HeaderMap) -> Response 
 
 async fn get_variant(client: &RawClient, addr: SocketAddr, variant: &str) -> Reply {
     let req = http::Request::get(format!("http://{addr}/v"))
+        .header(http::header::HOST, support::TEST_HOST)
         .header("x-variant", variant)
         .body(Full::new(Bytes::new()))
         .unwrap();

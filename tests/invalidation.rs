@@ -22,12 +22,29 @@ type Svc = Fence<Origin, ConnectionManager>;
 
 /// What the origin sees: a version number it reports, a call counter, an
 /// optional delay, and a flag set when an origin future is dropped early.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 struct World {
     version: Arc<AtomicU64>,
     calls: Arc<AtomicUsize>,
     delay_ms: Arc<AtomicU64>,
     dropped: Arc<AtomicBool>,
+    /// Requests with `x-hold` read the version, count themselves in `held`
+    /// and wait for a permit of `gate` before answering.
+    gate: Arc<tokio::sync::Semaphore>,
+    held: Arc<AtomicUsize>,
+}
+
+impl Default for World {
+    fn default() -> Self {
+        Self {
+            version: Arc::default(),
+            calls: Arc::default(),
+            delay_ms: Arc::default(),
+            dropped: Arc::default(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            held: Arc::default(),
+        }
+    }
 }
 
 struct DropFlag(Arc<AtomicBool>, bool);
@@ -45,6 +62,10 @@ fn origin(world: World) -> Origin {
         async move {
             world.calls.fetch_add(1, Ordering::SeqCst);
             let version = world.version.load(Ordering::SeqCst);
+            if req.headers().contains_key("x-hold") {
+                world.held.fetch_add(1, Ordering::SeqCst);
+                world.gate.acquire().await.unwrap().forget();
+            }
             let mut flag = DropFlag(world.dropped.clone(), false);
             let delay = world.delay_ms.load(Ordering::SeqCst);
             if delay > 0 {
@@ -59,6 +80,11 @@ fn origin(world: World) -> Origin {
                 tags.push_str(extra);
             }
             res.headers_mut().insert("cache-tag", tags.parse().unwrap());
+            // Paths under /v/ vary on the language.
+            if req.uri().path().starts_with("/v/") {
+                res.headers_mut()
+                    .insert("vary", http::HeaderValue::from_static("accept-language"));
+            }
             Ok::<_, Infallible>(res)
         }
     }))
@@ -77,6 +103,23 @@ fn fence(layer: &FenceLayer<ConnectionManager>, world: &World) -> Svc {
 
 async fn get(svc: &Svc, path: &str) -> (String, String) {
     get_with(svc, path, &[]).await
+}
+
+/// How many trials (or fills) the race tests run: 2,000 by default,
+/// `CACHEFENCE_RACE_TRIALS=20000` for the long run.
+fn race_trials() -> u64 {
+    std::env::var("CACHEFENCE_RACE_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2_000)
+}
+
+/// A read after an invalidation returned that must not be older than
+/// `current`. A soft invalidation may still serve the old version marked
+/// `STALE`, never as fresh.
+fn is_stale_read((status, body): &(String, String), current: u64, soft: bool) -> bool {
+    let seen: u64 = body.parse().unwrap();
+    seen < current && !(soft && status == "STALE")
 }
 
 async fn get_with(svc: &Svc, path: &str, headers: &[(&str, &str)]) -> (String, String) {
@@ -114,10 +157,7 @@ async fn no_read_after_an_invalidation_returns_an_older_version() {
     let (la, lb) = (layer(&redis, "race:").await, layer(&redis, "race:").await);
     let (a, b) = (fence(&la, &world), fence(&lb, &world));
     let handles = [la.handle(), lb.handle()];
-    let trials: u64 = std::env::var("CACHEFENCE_RACE_TRIALS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2_000);
+    let trials = race_trials();
     let mut stale_reads = 0;
     for trial in 0..trials {
         let path = format!("/r/{}", trial % 7);
@@ -391,7 +431,8 @@ async fn invalidate_all_empties_the_namespace_and_only_it() {
     }
     assert_eq!(la.handle().invalidate_all().await.unwrap(), 30);
     // "all" is a prefix of "all-b": the other namespace keeps everything.
-    assert_eq!(redis.cli(&["KEYS", "all|*"]), "");
+    // Only the namespace's fence is left (it expires by itself).
+    assert_eq!(redis.cli(&["KEYS", "all|*"]), "all|#fences");
     assert_eq!(get(&b, "/x/3").await.0, "HIT");
 }
 
@@ -441,6 +482,8 @@ async fn prefix_invalidation_over_many_entries_is_bounded_and_does_not_block_hit
             (worst, count)
         }
     });
+    // (A fill whose store timed out on a loaded machine stored nothing.)
+    let present = count_entries(&redis, "purge:|/p/*");
     let rss_before = support::peak_rss_kib();
     let t = Instant::now();
     let removed = l.handle().invalidate_prefix("/p/").await.unwrap();
@@ -450,9 +493,10 @@ async fn prefix_invalidation_over_many_entries_is_bounded_and_does_not_block_hit
     let grown = support::peak_rss_kib().saturating_sub(rss_before);
     eprintln!(
         "purge: {n} entries filled in {filled_in:?}; invalidate_prefix removed {removed} in {took:?}; \
-         peak RSS grew {grown} KiB; {hits} concurrent hits, worst {worst_hit:?}"
+         peak RSS grew {grown} KiB; {hits} concurrent hits, worst {worst_hit:?}; {} redis errors",
+        l.handle().stats().redis_errors
     );
-    assert_eq!(removed, n as u64);
+    assert_eq!(removed, present);
     assert_eq!(redis.cli(&["KEYS", "purge:|/p/*"]), "");
     assert!(hits > 0);
 }
@@ -460,4 +504,568 @@ async fn prefix_invalidation_over_many_entries_is_bounded_and_does_not_block_hit
 #[allow(dead_code)]
 fn handle_is_send_sync(h: FenceHandle<ConnectionManager>) -> impl Send + Sync {
     h
+}
+
+/// Fills `<prefix>0` .. `<prefix>{n-1}` through `svc`, 64 at a time.
+async fn fill_range(svc: &Svc, prefix: &str, n: usize, headers: &'static [(&str, &str)]) {
+    let mut pending = Vec::new();
+    for i in 0..n {
+        let svc = svc.clone();
+        let path = format!("{prefix}{i}");
+        pending.push(tokio::spawn(
+            async move { get_with(&svc, &path, headers).await },
+        ));
+        if pending.len() == 64 {
+            for p in pending.drain(..) {
+                p.await.unwrap();
+            }
+        }
+    }
+    for p in pending {
+        p.await.unwrap();
+    }
+}
+
+/// How many entries (primary keys: the names ending in the digest's `}`)
+/// match a pattern.
+fn count_entries(redis: &RedisServer, pattern: &str) -> u64 {
+    let script = "return #redis.call('KEYS', ARGV[1] .. '}')";
+    redis.cli(&["EVAL", script, "0", pattern]).parse().unwrap()
+}
+
+/// Waits (a hang guard, not a timing) until `n` held origin calls arrived.
+async fn until_held(world: &World, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while world.held.load(Ordering::SeqCst) < n {
+        assert!(
+            Instant::now() < deadline,
+            "held fills never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn fenced(handles: &[FenceHandle<ConnectionManager>]) -> u64 {
+    handles.iter().map(|h| h.stats().fenced).sum()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cold_variants_racing_a_path_invalidation_never_store_old_data() {
+    // A URL whose responses vary on Accept-Language, with `en` cached. Each
+    // trial asks for a language never stored before (so its fill's lease is
+    // listed nowhere yet), bumps the version and invalidates the URL by path
+    // while that fill runs, then reads both variants on both "processes".
+    let redis = RedisServer::new();
+    let world = World::default();
+    let (la, lb) = (layer(&redis, "vrace:").await, layer(&redis, "vrace:").await);
+    let (a, b) = (fence(&la, &world), fence(&lb, &world));
+    let handles = [la.handle(), lb.handle()];
+    let trials = race_trials();
+    let mut stale_reads = 0;
+    for trial in 0..trials {
+        let path = format!("/v/{}", trial % 5);
+        let lang = format!("l{trial}");
+        world
+            .delay_ms
+            .store(rand::random_range(0..4), Ordering::SeqCst);
+        get_with(&a, &path, &[("accept-language", "en")]).await;
+        let mut readers = Vec::new();
+        for i in 0..rand::random_range(1..5) {
+            let svc = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let (path, lang) = (path.clone(), lang.clone());
+            readers.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(rand::random_range(0..1_500))).await;
+                get_with(&svc, &path, &[("accept-language", &lang)]).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_micros(rand::random_range(0..1_500))).await;
+        let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
+        handles[rand::random_range(0..2)]
+            .invalidate_path(&path)
+            .await
+            .unwrap();
+        for svc in [&a, &b] {
+            for l in [lang.as_str(), "en"] {
+                let read = get_with(svc, &path, &[("accept-language", l)]).await;
+                if is_stale_read(&read, current, false) {
+                    stale_reads += 1;
+                    eprintln!("trial {trial}: {l} read {read:?} after invalidating at {current}");
+                }
+            }
+        }
+        for r in readers {
+            r.await.unwrap();
+        }
+    }
+    let fenced = fenced(&handles);
+    eprintln!(
+        "variants: {trials} trials, {stale_reads} stale reads, {} origin calls, {fenced} fenced",
+        world.calls.load(Ordering::SeqCst)
+    );
+    assert!(fenced > 0, "no variant fill raced an invalidation");
+    assert_eq!(stale_reads, 0);
+}
+
+/// The newest prefix fence of a namespace (Redis ms), 0 if none.
+async fn newest_fence(conn: &mut ConnectionManager, namespace: &str) -> u64 {
+    let newest: Vec<String> = redis::cmd("ZREVRANGE")
+        .arg(format!("{namespace}|#fences"))
+        .arg(0)
+        .arg(0)
+        .arg("WITHSCORES")
+        .query_async(conn)
+        .await
+        .unwrap();
+    newest.get(1).map_or(0, |s| s.parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
+    // 10,000 entries under /item/pw-. Each round: cold fills under the same
+    // prefix reach the origin (their leases are taken) and are held there;
+    // the version changes; a prefix or whole-namespace invalidation (soft,
+    // then hard) starts, and once its fence is set the held fills are let go
+    // a few at a time while its walk runs, so they store into parts of the
+    // keyspace the walk has already passed. Every one of them must be
+    // refused, and no read after the call may see old data as fresh.
+    let entries: usize = std::env::var("CACHEFENCE_WALK_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    // 500 fills a round (more at once only measures an overloaded Redis);
+    // rounds cycle through the four kinds, at least one each.
+    let kinds = [
+        ("prefix", true),
+        ("all", true),
+        ("prefix", false),
+        ("all", false),
+    ];
+    let per_round = 500;
+    let rounds = (race_trials() as usize)
+        .div_ceil(per_round)
+        .max(kinds.len());
+    let redis = RedisServer::new();
+    let world = World::default();
+    // Entries outlive the test, however slow the machine.
+    let long = |l: FenceLayer<ConnectionManager>| l.ttl(Duration::from_secs(600));
+    let (la, lb) = (
+        long(layer(&redis, "walk").await),
+        long(layer(&redis, "walk").await),
+    );
+    let (a, b) = (fence(&la, &world), fence(&lb, &world));
+    let handles = [la.handle(), lb.handle()];
+    let mut conn = redis.connection_manager().await;
+    fill_range(&a, "/item/pw-", entries, &[]).await;
+    let mut stale_reads = 0;
+    let mut during_total = 0;
+    for round in 0..rounds {
+        let (kind, soft) = kinds[round % kinds.len()];
+        if round > 0 && !kinds[(round - 1) % kinds.len()].1 {
+            // The hard round before removed them.
+            fill_range(&a, "/item/pw-", entries, &[]).await;
+        }
+        get(&a, "/other").await;
+        world.held.store(0, Ordering::SeqCst);
+        let mut fills = Vec::new();
+        for j in 0..per_round {
+            let svc = if j % 2 == 0 { a.clone() } else { b.clone() };
+            let path = format!("/item/pw-cold-{round}-{j}");
+            fills.push(tokio::spawn(async move {
+                get_with(&svc, &path, &[("x-hold", "1")]).await;
+                Instant::now()
+            }));
+        }
+        until_held(&world, per_round).await;
+        let fenced_before = fenced(&handles);
+        let stat = |f: fn(&cachefence::Stats) -> u64| -> u64 {
+            handles.iter().map(|h| f(&h.stats())).sum()
+        };
+        let (stores_before, errors_before) = (stat(|s| s.stores), stat(|s| s.redis_errors));
+        let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
+        let fence_before = newest_fence(&mut conn, "walk").await;
+        // Hits outside the prefix keep flowing during a prefix walk.
+        let stop = Arc::new(AtomicBool::new(false));
+        let prober = (kind == "prefix").then(|| {
+            let (svc, stop) = (b.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut worst = Duration::ZERO;
+                let mut count = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let t = Instant::now();
+                    let (status, _) = get(&svc, "/other").await;
+                    assert_eq!(status, "HIT");
+                    worst = worst.max(t.elapsed());
+                    count += 1;
+                }
+                (worst, count)
+            })
+        });
+        // (A fill whose store timed out on a loaded machine stored nothing.)
+        let present = if kind == "prefix" {
+            count_entries(&redis, "walk|/item/pw-*")
+        } else {
+            count_entries(&redis, "walk|/*")
+        };
+        let handle = handles[round % 2].clone();
+        let started = Instant::now();
+        let walk = tokio::spawn(async move {
+            match (kind, soft) {
+                ("prefix", false) => handle.invalidate_prefix("/item/pw-").await,
+                ("prefix", true) => handle.soft_invalidate_prefix("/item/pw-").await,
+                (_, false) => handle.invalidate_all().await,
+                (_, true) => handle.soft_invalidate_all().await,
+            }
+        });
+        while newest_fence(&mut conn, "walk").await <= fence_before && !walk.is_finished() {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let mut released = 0;
+        while released < per_round && !walk.is_finished() {
+            let n = 4.min(per_round - released);
+            world.gate.add_permits(n);
+            released += n;
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let removed = walk.await.unwrap().unwrap();
+        let (took, walk_end) = (started.elapsed(), Instant::now());
+        world.gate.add_permits(per_round - released);
+        stop.store(true, Ordering::SeqCst);
+        let mut during = 0;
+        for f in fills {
+            if f.await.unwrap() < walk_end {
+                during += 1;
+            }
+        }
+        during_total += during;
+        let fenced_now = fenced(&handles) - fenced_before;
+        let stores = stat(|s| s.stores) - stores_before;
+        let errors = stat(|s| s.redis_errors) - errors_before;
+        let probe = match prober {
+            Some(p) => {
+                let (worst, hits) = p.await.unwrap();
+                format!("; {hits} hits outside the prefix during it, worst {worst:?}")
+            }
+            None => String::new(),
+        };
+        eprintln!(
+            "walk {kind}{}: {removed} entries in {took:?} ({:.0} entries/s); {per_round} fills \
+             held before it, {during} stored during the walk, {fenced_now} fenced \
+             ({stores} stores, {errors} redis errors){probe}",
+            if soft { " (soft)" } else { "" },
+            removed as f64 / took.as_secs_f64()
+        );
+        assert!(removed >= present, "{removed} of {present}");
+        // Every held fill is refused (one whose store script timed out on
+        // a loaded machine counts as a Redis error and stored nothing).
+        assert_eq!(stores, 0, "a fill that started before the walk stored");
+        assert!(fenced_now > 0 && fenced_now + errors >= per_round as u64);
+        // Every raced key, and a sample of the walked entries, on both.
+        let checks = (0..per_round)
+            .map(|j| format!("/item/pw-cold-{round}-{j}"))
+            .chain((0..entries).step_by(50).map(|i| format!("/item/pw-{i}")));
+        for path in checks {
+            for svc in [&a, &b] {
+                let read = get(svc, &path).await;
+                if is_stale_read(&read, current, soft) {
+                    stale_reads += 1;
+                    eprintln!(
+                        "round {round}: {path} read {read:?} after invalidating at {current}"
+                    );
+                }
+            }
+        }
+    }
+    eprintln!("walks: {during_total} fills stored during the walks, {stale_reads} stale reads");
+    assert!(during_total > 0, "no fill stored while a walk ran");
+    assert_eq!(stale_reads, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_soft_purge_is_stale_for_a_reader_whose_clock_runs_behind() {
+    // Process B's clock runs 20 s behind A's (and Redis's). Each trial:
+    // fills race on a URL (cold or cached), the version changes, a random
+    // handle soft-invalidates it by path, prefix, tag or namespace, and
+    // both read: the old version may come back as STALE, never as fresh.
+    let redis = RedisServer::new();
+    let world = World::default();
+    let (la, lb) = (layer(&redis, "skew:").await, layer(&redis, "skew:").await);
+    lb.handle().skew_clock_for_tests(-20_000);
+    let (a, b) = (fence(&la, &world), fence(&lb, &world));
+    let handles = [la.handle(), lb.handle()];
+    let trials = race_trials();
+    let mut stale_reads = 0;
+    let mut kinds = [0u64; 4];
+    for trial in 0..trials {
+        let path = format!("/c/{}", trial % 7);
+        world
+            .delay_ms
+            .store(rand::random_range(0..4), Ordering::SeqCst);
+        if trial % 2 == 0 {
+            handles[0].invalidate_path(&path).await.unwrap();
+        }
+        let mut readers = Vec::new();
+        for i in 0..rand::random_range(1..5) {
+            let svc = if i % 2 == 0 { a.clone() } else { b.clone() };
+            let path = path.clone();
+            readers.push(tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_micros(rand::random_range(0..2_000))).await;
+                get(&svc, &path).await
+            }));
+        }
+        tokio::time::sleep(Duration::from_micros(rand::random_range(0..1_500))).await;
+        let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
+        let handle = &handles[rand::random_range(0..2)];
+        let kind = rand::random_range(0..4);
+        kinds[kind] += 1;
+        match kind {
+            0 => handle.soft_invalidate_path(&path).await.unwrap(),
+            1 => handle.soft_invalidate_prefix(&path).await.unwrap(),
+            2 => handle
+                .soft_invalidate_tag(&format!("t:{path}"))
+                .await
+                .unwrap(),
+            _ => handle
+                .apply(&cachefence::Invalidation::all().soft())
+                .await
+                .unwrap(),
+        };
+        for svc in [&b, &a] {
+            let read = get(svc, &path).await;
+            if is_stale_read(&read, current, true) {
+                stale_reads += 1;
+                eprintln!("trial {trial}: read {read:?} after soft-invalidating at {current}");
+            }
+        }
+        for r in readers {
+            r.await.unwrap();
+        }
+    }
+    let fenced = fenced(&handles);
+    eprintln!(
+        "skewed soft purges: {trials} trials (path/prefix/tag/all {kinds:?}), {stale_reads} \
+         stale reads, {fenced} fenced, {} stale served",
+        la.handle().stats().stale + lb.handle().stats().stale
+    );
+    assert!(fenced > 0, "no fill raced a soft invalidation");
+    assert_eq!(stale_reads, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn soft_tag_invalidation_skips_no_entry_while_the_tag_index_changes() {
+    // Entries carrying one tag; while a soft invalidation of the tag pages
+    // through its index, entries at the start of the index are stored again
+    // (moving to its end), new ones are added, and fills held since before
+    // the call store. No entry of the tag may be served old as fresh.
+    let n = race_trials() as usize;
+    let held = 50;
+    let redis = RedisServer::new();
+    let world = World::default();
+    let l = layer(&redis, "tagpage:").await;
+    let svc = fence(&l, &world);
+    let handle = l.handle();
+    fill_range(&svc, "/d/", n, &[("x-tags", "grp")]).await;
+    let mut fills = Vec::new();
+    for j in 0..held {
+        let svc = svc.clone();
+        fills.push(tokio::spawn(async move {
+            get_with(
+                &svc,
+                &format!("/d/cold-{j}"),
+                &[("x-tags", "grp"), ("x-hold", "1")],
+            )
+            .await
+        }));
+    }
+    until_held(&world, held).await;
+    let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
+    let stop = Arc::new(AtomicBool::new(false));
+    const CHURNERS: usize = 4;
+    let churn: Vec<_> = (0..CHURNERS)
+        .map(|c| {
+            let (svc, handle, stop) = (svc.clone(), handle.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut moved = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    // The oldest entries: first in the index, stored again last.
+                    let i = moved * CHURNERS + c;
+                    let path = format!("/d/{}", i % n);
+                    handle.invalidate_path(&path).await.unwrap();
+                    get_with(&svc, &path, &[("x-tags", "grp")]).await;
+                    get_with(&svc, &format!("/d/new-{i}"), &[("x-tags", "grp")]).await;
+                    moved += 1;
+                }
+                moved
+            })
+        })
+        .collect();
+    let walk = tokio::spawn({
+        let handle = handle.clone();
+        async move { handle.soft_invalidate_tag("grp").await }
+    });
+    // The held fills go once the tag's fence is set, while the walk pages.
+    while redis.cli(&["KEYS", "tagpage:|#tag:grp:*:fence"]).is_empty() {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let mut released = 0;
+    while released < held && !walk.is_finished() {
+        world.gate.add_permits(1);
+        released += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let marked = walk.await.unwrap().unwrap();
+    world.gate.add_permits(held - released);
+    stop.store(true, Ordering::SeqCst);
+    let mut moved = 0;
+    for c in churn {
+        moved += c.await.unwrap();
+    }
+    for f in fills {
+        f.await.unwrap();
+    }
+    let fenced = handle.stats().fenced;
+    let mut stale_reads = 0;
+    let paths = (0..n)
+        .map(|i| format!("/d/{i}"))
+        .chain((0..held).map(|j| format!("/d/cold-{j}")));
+    for path in paths {
+        let read = get_with(&svc, &path, &[("x-tags", "grp")]).await;
+        if is_stale_read(&read, current, true) {
+            stale_reads += 1;
+            eprintln!("{path} read {read:?} after soft-invalidating the tag at {current}");
+        }
+    }
+    eprintln!(
+        "soft tag: {n} entries, {marked} marked, {moved} stored again and {moved} added while \
+         it paged, {released} held fills let go during it, {fenced} fenced, {stale_reads} stale reads"
+    );
+    assert!(
+        fenced >= held as u64,
+        "every held fill is refused: {fenced}"
+    );
+    assert!(moved > 0, "the index did not change while the walk paged");
+    assert_eq!(stale_reads, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_url_keeps_at_most_max_variants_and_the_rest_pass_through() {
+    let redis = RedisServer::new();
+    let world = World::default();
+    let l = layer(&redis, "manyvar:").await;
+    let svc = fence(&l, &world);
+    let handle = l.handle();
+    let lang = |i: usize| format!("x{i}");
+    for i in 0..70 {
+        let (status, _) = get_with(&svc, "/v/many", &[("accept-language", &lang(i))]).await;
+        assert_eq!(status, "MISS", "{i}");
+    }
+    // The default bound is 64: the first 64 are cached, the rest are not.
+    assert_eq!(handle.stats().variants_over_limit, 6);
+    assert_eq!(
+        get_with(&svc, "/v/many", &[("accept-language", &lang(3))])
+            .await
+            .0,
+        "HIT"
+    );
+    assert_eq!(
+        get_with(&svc, "/v/many", &[("accept-language", &lang(66))])
+            .await
+            .0,
+        "MISS"
+    );
+    assert_eq!(handle.stats().variants_over_limit, 7);
+    assert_eq!(
+        redis.cli(&["SCARD", &redis.cli(&["KEYS", "manyvar:*:vars"])]),
+        "64"
+    );
+    // Removed in batches; then new variants are stored again.
+    assert_eq!(handle.invalidate_path("/v/many").await.unwrap(), 64);
+    get_with(&svc, "/v/many", &[("accept-language", &lang(66))]).await;
+    assert_eq!(
+        get_with(&svc, "/v/many", &[("accept-language", &lang(66))])
+            .await
+            .0,
+        "HIT"
+    );
+    // A smaller bound.
+    let small = layer(&redis, "fewvar:").await.max_variants(2);
+    let svc = fence(&small, &world);
+    for i in 0..3 {
+        get_with(&svc, "/v/few", &[("accept-language", &lang(i))]).await;
+    }
+    assert_eq!(small.handle().stats().variants_over_limit, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn soft_invalidation_of_the_whole_namespace_marks_everything_stale() {
+    let redis = RedisServer::new();
+    let world = World::default();
+    let l = layer(&redis, "softall:").await;
+    let svc = fence(&l, &world);
+    for i in 0..10 {
+        get(&svc, &format!("/s/{i}")).await;
+    }
+    world.version.store(1, Ordering::SeqCst);
+    let inv = cachefence::Invalidation::all().soft();
+    assert_eq!(
+        cachefence::Invalidation::decode(&inv.encode()),
+        Some(inv.clone())
+    );
+    assert_eq!(l.handle().apply(&inv).await.unwrap(), 10);
+    let (status, body) = get(&svc, "/s/4").await;
+    assert_eq!((status.as_str(), body.as_str()), ("STALE", "0"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_detached_fill_ending_late_keeps_the_new_fills_lease_registered() {
+    // Fill A is detached by an invalidation while its origin call runs; fill
+    // B of the same key takes the lease; A ends. Shutdown must still release
+    // B's lease (A's end must not drop B's registration).
+    let redis = RedisServer::new();
+    let world = World::default();
+    let l = layer(&redis, "reg:").await;
+    let svc = fence(&l, &world);
+    let handle = l.handle();
+    let spawn_get = || {
+        let svc = svc.clone();
+        tokio::spawn(async move { get_with(&svc, "/k", &[("x-hold", "1")]).await })
+    };
+    let a = spawn_get();
+    until_held(&world, 1).await;
+    handle.invalidate_path("/k").await.unwrap();
+    let b = spawn_get();
+    until_held(&world, 2).await;
+    // The gate is fair: the first permit goes to A.
+    world.gate.add_permits(1);
+    a.await.unwrap();
+    assert_eq!(handle.stats().fenced, 1, "A's write-back was refused");
+    assert_eq!(
+        handle.shutdown(Duration::ZERO).await,
+        1,
+        "B's lease released"
+    );
+    assert_eq!(redis.cli(&["KEYS", "reg:*:lease"]), "");
+    world.gate.add_permits(1);
+    b.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_fences_stay_bounded_by_folding_into_a_namespace_fence() {
+    let redis = RedisServer::new();
+    let world = World::default();
+    let l = layer(&redis, "fold:").await;
+    let svc = fence(&l, &world);
+    let h = l.handle();
+    for i in 0..1_100 {
+        h.invalidate_prefix(&format!("/f/{i}/")).await.unwrap();
+    }
+    let count: u64 = redis.cli(&["ZCARD", "fold:|#fences"]).parse().unwrap();
+    assert!(count <= 1_024, "{count}");
+    // Folded into one fence on the whole namespace (which fences more
+    // fills, never fewer), and it expires by itself.
+    assert_ne!(redis.cli(&["ZSCORE", "fold:|#fences", "fold:|"]), "");
+    let ttl: i64 = redis.cli(&["PTTL", "fold:|#fences"]).parse().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+    // Fills that start after it store as usual.
+    assert_eq!(get(&svc, "/f/1/x").await.0, "MISS");
+    assert_eq!(get(&svc, "/f/1/x").await.0, "HIT");
 }

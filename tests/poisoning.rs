@@ -113,7 +113,27 @@ fn echo(origin: Origin) -> Router {
         }
         res
     }
+    // Honours method overrides, as Express's method-override or Rails'
+    // `_method` do for the requests they accept.
+    async fn method(State(o): State<Origin>, req: Request) -> String {
+        let n = o.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        let param = req.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|p| p.strip_prefix("_method=").map(str::to_owned))
+        });
+        let header = req
+            .headers()
+            .get("x-http-method-override")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let method = header.or(param).unwrap_or_else(|| req.method().to_string());
+        format!("did {method} #{n}")
+    }
+    async fn blob(Path(id): Path<String>) -> String {
+        format!("{id}:{}", "x".repeat(16 * 1024))
+    }
     Router::new()
+        .route("/method", get(method))
+        .route("/big-item/{id}", get(blob))
         .route("/echo/{name}", get(echo_header))
         .route("/host", get(host))
         .route("/whoami", get(whoami))
@@ -172,34 +192,12 @@ impl App {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn without_vary_an_unkeyed_header_is_shared_by_design() {
-    // The default key ignores X-Forwarded-Host: an origin that reflects it
-    // without saying `Vary` has its first response shared. (This is the
-    // documented contract: such origins must declare Vary.)
-    let redis = RedisServer::new();
-    let app = app(&redis, |l| l).await;
-    let evil = app
-        .get(
-            "/echo/x-forwarded-host",
-            &[("x-forwarded-host", "evil.example")],
-        )
-        .await;
-    assert_eq!(evil.text(), "x-forwarded-host=evil.example");
-    let other = app
-        .get(
-            "/echo/x-forwarded-host",
-            &[("x-forwarded-host", "good.example")],
-        )
-        .await;
-    assert_eq!(other.cache_status(), Some("HIT"));
-    assert_eq!(app.calls.load(Ordering::SeqCst), 1);
-}
-
-#[tokio::test(flavor = "multi_thread")]
 async fn a_response_that_varies_on_a_forwarded_header_is_never_served_to_another_value() {
     let redis = RedisServer::new();
     let app = app(&redis, |l| l).await;
-    for name in ["x-forwarded-host", "x-forwarded-proto", "accept-encoding"] {
+    // (Accept-Encoding is normalised before keying and the origin call, so
+    // "evil" and "good" are both `identity` there: http_semantics.rs.)
+    for name in ["x-forwarded-host", "x-forwarded-proto", "accept-language"] {
         let path = format!("/echo/{name}?vary=1");
         let evil = app.get(&path, &[(name, "evil")]).await;
         assert_eq!(
@@ -227,13 +225,18 @@ async fn a_response_that_varies_on_a_forwarded_header_is_never_served_to_another
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn with_host_keys_each_host_apart() {
+async fn two_tenants_by_host_never_see_each_others_pages() {
+    // Default settings: one app answering for two hostnames.
     let redis = RedisServer::new();
-    let app = app(&redis, |l| l.key(DefaultKey::new().with_host(true))).await;
+    let app = app(&redis, |l| l).await;
     let a = app.get("/host", &[("host", "a.example")]).await;
     let b = app.get("/host", &[("host", "b.example")]).await;
     assert_eq!(a.text(), "host=a.example");
-    assert_eq!(b.text(), "host=b.example");
+    assert_eq!(
+        (b.cache_status(), b.text().as_str()),
+        (Some("MISS"), "host=b.example"),
+        "one tenant's page was served to another"
+    );
     for h in ["a.example", "b.example"] {
         let r = app.get("/host", &[("host", h)]).await;
         assert_eq!(
@@ -241,16 +244,37 @@ async fn with_host_keys_each_host_apart() {
             (Some("HIT"), format!("host={h}"))
         );
     }
-    assert_eq!(app.calls.load(Ordering::SeqCst), 2);
+    // Spellings of one host share its entry.
+    for h in ["A.Example", "a.example.", "a.example:80", "a.example:443"] {
+        let r = app.get("/host", &[("host", h)]).await;
+        assert_eq!(
+            (r.cache_status(), r.text().as_str()),
+            (Some("HIT"), "host=a.example"),
+            "{h}"
+        );
+    }
+    // Another port is another site.
+    let other = app.get("/host", &[("host", "a.example:8080")]).await;
+    assert_eq!(other.text(), "host=a.example:8080");
+    assert_eq!(app.calls.load(Ordering::SeqCst), 3);
+    // Turning the host off is explicit.
+    let shared = app_named(&redis, "shared", |l| {
+        l.namespace("poison-nohost:")
+            .key(DefaultKey::new().with_host(false))
+    })
+    .await;
+    shared.get("/host", &[("host", "a.example")]).await;
+    let r = shared.get("/host", &[("host", "b.example")]).await;
+    assert_eq!(r.cache_status(), Some("HIT"));
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_absolute_form_target_cannot_poison_another_host() {
     // `GET http://victim.example/host` with `Host: evil.example`: hyper
     // accepts it; the key says victim.example, an origin that reads Host
-    // (most do) answers for evil.example.
+    // (most do) answers for evil.example. Default settings.
     let redis = RedisServer::new();
-    let app = app(&redis, |l| l.key(DefaultKey::new().with_host(true))).await;
+    let app = app(&redis, |l| l).await;
     let attack = raw(
         app.addr,
         b"GET http://victim.example/host HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n",
@@ -639,5 +663,384 @@ async fn a_zero_ttl_caches_nothing_and_never_fails() {
         entry_keys(&redis, "poison:")
             .iter()
             .all(|k| hget(&redis, k, "body").is_none())
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Unkeyed inputs (issue 13): each vector, attacker first, then a plain client
+// ---------------------------------------------------------------------------
+
+/// Headers the layer keys on by default, each with an attacker's value.
+const KEYED: [(&str, &str); 11] = [
+    ("forwarded", "for=192.0.2.1;host=evil.example;proto=http"),
+    ("x-forwarded-host", "evil.example"),
+    ("x-forwarded-proto", "http"),
+    ("x-forwarded-scheme", "http"),
+    ("x-forwarded-prefix", "/evil"),
+    ("x-forwarded-port", "6666"),
+    ("x-forwarded-server", "evil.example"),
+    ("x-forwarded-ssl", "off"),
+    ("front-end-https", "off"),
+    ("x-url-scheme", "http"),
+    ("x-host", "evil.example"),
+];
+
+/// Headers that make a request pass through uncached by default.
+const PASSED: [(&str, &str); 6] = [
+    ("x-original-url", "/admin"),
+    ("x-rewrite-url", "/admin"),
+    ("x-original-uri", "/admin"),
+    ("x-http-method-override", "DELETE"),
+    ("x-http-method", "DELETE"),
+    ("x-method-override", "DELETE"),
+];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_unkeyed_header_poisons_the_page_of_plain_clients() {
+    // The origin reflects each header without declaring `Vary`, as apps
+    // building absolute links from X-Forwarded-Host do. Default settings.
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    for (name, evil) in KEYED.iter().chain(&PASSED) {
+        let path = format!("/echo/{name}");
+        let attack = app.get(&path, &[(name, evil)]).await;
+        assert_eq!(attack.text(), format!("{name}={evil}"));
+        let plain = app.get(&path, &[]).await;
+        assert_eq!(
+            plain.text(),
+            format!("{name}="),
+            "poisoned via {name} ({:?})",
+            plain.cache_status()
+        );
+        // Another attacker's value is not served the first one's page.
+        let other = app.get(&path, &[(name, "other")]).await;
+        assert_eq!(other.text(), format!("{name}=other"), "via {name}");
+        let plain = app.get(&path, &[]).await;
+        assert_eq!(
+            (plain.cache_status(), plain.text()),
+            (Some("HIT"), format!("{name}=")),
+            "{name}"
+        );
+    }
+    // Keyed headers still cache: a proxy's constant value gets its entry.
+    for (name, evil) in KEYED {
+        let r = app.get(&format!("/echo/{name}"), &[(name, evil)]).await;
+        assert_eq!(
+            (r.cache_status(), r.text()),
+            (Some("HIT"), format!("{name}={evil}"))
+        );
+    }
+    // The others never do.
+    for (name, evil) in PASSED {
+        let r = app.get(&format!("/echo/{name}"), &[(name, evil)]).await;
+        assert_eq!(r.cache_status(), Some("BYPASS"), "{name}");
+    }
+    // The values never appear in Redis key names.
+    for k in scan(&redis, "*") {
+        let k = String::from_utf8_lossy(&k).into_owned();
+        assert!(!k.contains("evil") && !k.contains("admin"), "{k}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_keys_on_host_and_proto_but_not_on_the_client_address() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    let path = "/echo/forwarded";
+    app.get(
+        path,
+        &[("forwarded", "for=192.0.2.1;proto=https;host=a.example")],
+    )
+    .await;
+    // Another client behind the same proxy shares the entry...
+    let r = app
+        .get(
+            path,
+            &[("forwarded", "for=192.0.2.2;proto=https;host=a.example")],
+        )
+        .await;
+    assert_eq!(r.cache_status(), Some("HIT"));
+    // ...another host or scheme does not.
+    for value in [
+        "for=192.0.2.1;proto=https;host=evil.example",
+        "for=192.0.2.1;proto=http;host=a.example",
+    ] {
+        let r = app.get(path, &[("forwarded", value)]).await;
+        assert_eq!(
+            (r.cache_status(), r.text()),
+            (Some("MISS"), format!("forwarded={value}"))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn method_overrides_are_never_cached() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    for round in 1..=2 {
+        let r = app
+            .get("/method", &[("x-http-method-override", "DELETE")])
+            .await;
+        assert_eq!(
+            (r.cache_status(), r.text()),
+            (Some("BYPASS"), format!("did DELETE #{round}"))
+        );
+    }
+    let plain = app.get("/method", &[]).await;
+    assert_eq!(plain.text(), "did GET #3", "{:?}", plain.cache_status());
+    for n in [4, 5] {
+        let r = app.get("/method?_method=DELETE", &[]).await;
+        assert_eq!(
+            (r.cache_status(), r.text()),
+            (Some("BYPASS"), format!("did DELETE #{n}"))
+        );
+    }
+    let r = app.get("/method?%5Fmethod=PUT", &[]).await;
+    assert_eq!(r.cache_status(), Some("BYPASS"));
+    let plain = app.get("/method", &[]).await;
+    assert_eq!(
+        (plain.cache_status(), plain.text().as_str()),
+        (Some("HIT"), "did GET #3")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn trusted_headers_are_ignored_and_stripped_ones_never_reach_the_app() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| {
+        l.trust_header(header::HeaderName::from_static("x-forwarded-proto"))
+            .strip_header(header::HeaderName::from_static("x-original-url"))
+            .strip_header(header::HeaderName::from_static("x-forwarded-host"))
+    })
+    .await;
+    // Trusted: the user says their proxy sets it, one value per host.
+    app.get("/echo/x-forwarded-proto", &[("x-forwarded-proto", "https")])
+        .await;
+    let r = app.get("/echo/x-forwarded-proto", &[]).await;
+    assert_eq!(r.cache_status(), Some("HIT"));
+    // Stripped: the app never sees it, so the page is cached as a plain one.
+    for name in ["x-original-url", "x-forwarded-host"] {
+        let path = format!("/echo/{name}");
+        let first = app.get(&path, &[(name, "/admin")]).await;
+        assert_eq!(first.text(), format!("{name}="));
+        assert_eq!(first.cache_status(), Some("MISS"));
+        let again = app.get(&path, &[(name, "/admin")]).await;
+        assert_eq!(again.cache_status(), Some("HIT"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_allow_list_flood_of_hosts_writes_nothing_to_redis() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.allowed_hosts(["a.example", "B.Example."])).await;
+    for i in 0..300 {
+        let host = format!("flood-{i}.example");
+        let r = app.get("/host", &[("host", &host)]).await;
+        assert_eq!(
+            (r.cache_status(), r.text()),
+            (Some("BYPASS"), format!("host={host}"))
+        );
+    }
+    assert_eq!(entry_keys(&redis, "poison:"), Vec::<String>::new());
+    // The allowed hosts are cached, however they are spelled.
+    for (h, status) in [
+        ("a.example", "MISS"),
+        ("A.EXAMPLE:443", "HIT"),
+        ("b.example", "MISS"),
+    ] {
+        let r = app.get("/host", &[("host", h)]).await;
+        assert_eq!(r.cache_status(), Some(status), "{h}");
+    }
+    assert_eq!(app.calls.load(Ordering::SeqCst), 302);
+}
+
+// ---------------------------------------------------------------------------
+// Key-aware invalidation (issue 8, point 4)
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalidate_path_removes_the_url_for_every_host_and_variant() {
+    let redis = RedisServer::new();
+    let layer = FenceLayer::new(redis.connection_manager().await)
+        .namespace("poison:")
+        .beta(0.0);
+    let handle = layer.handle();
+    let app = app(&redis, |_| layer).await;
+    let path = "/echo/accept-language?vary=1";
+    let hosts = ["a.example", "b.example", "c.example"];
+    for host in hosts {
+        for lang in ["en", "fr"] {
+            let h = [("host", host), ("accept-language", lang)];
+            assert_eq!(app.get(path, &h).await.cache_status(), Some("MISS"));
+            assert_eq!(app.get(path, &h).await.cache_status(), Some("HIT"));
+        }
+    }
+    // Keyed forwarding headers are dimensions of the URL too.
+    app.get(
+        "/echo/x",
+        &[("host", "a.example"), ("x-forwarded-host", "p")],
+    )
+    .await;
+    app.get("/echo/x", &[("host", "b.example")]).await;
+    assert_eq!(handle.invalidate_path(path).await.unwrap(), 6);
+    for host in hosts {
+        for lang in ["en", "fr"] {
+            let h = [("host", host), ("accept-language", lang)];
+            let r = app.get(path, &h).await;
+            assert_eq!(r.cache_status(), Some("MISS"), "{host} {lang}");
+        }
+    }
+    assert_eq!(handle.invalidate_path("/echo/x").await.unwrap(), 2);
+    assert_eq!(handle.soft_invalidate_path(path).await.unwrap(), 6);
+    // The README's quick start, with the host now in the key.
+    app.get("/item/42", &[("host", "shop.example")]).await;
+    app.get("/item/42", &[]).await;
+    assert_eq!(handle.invalidate_path("/item/42").await.unwrap(), 2);
+    assert_eq!(
+        app.get("/item/42", &[("host", "shop.example")])
+            .await
+            .cache_status(),
+        Some("MISS")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalidate_uri_and_request_run_the_layers_key_for_one_host() {
+    let redis = RedisServer::new();
+    let layer = FenceLayer::new(redis.connection_manager().await)
+        .namespace("poison:")
+        .beta(0.0);
+    let handle = layer.handle();
+    let app = app(&redis, |_| layer).await;
+    let path = "/echo/accept-language?vary=1";
+    for host in ["a.example", "b.example"] {
+        for lang in ["en", "fr"] {
+            app.get(path, &[("host", host), ("accept-language", lang)])
+                .await;
+        }
+    }
+    let uri: http::Uri = format!("http://A.example{path}").parse().unwrap();
+    assert_eq!(handle.invalidate_uri(&uri).await.unwrap(), 2);
+    let status = |host: &'static str, lang: &'static str| {
+        let app = &app;
+        async move {
+            app.get(path, &[("host", host), ("accept-language", lang)])
+                .await
+                .cache_status()
+                .map(str::to_owned)
+        }
+    };
+    assert_eq!(status("a.example", "en").await.as_deref(), Some("MISS"));
+    assert_eq!(status("b.example", "en").await.as_deref(), Some("HIT"));
+    assert_eq!(status("b.example", "fr").await.as_deref(), Some("HIT"));
+    let req = http::Request::get(path)
+        .header("host", "b.example")
+        .body(())
+        .unwrap();
+    assert_eq!(handle.invalidate_request(&req).await.unwrap(), 2);
+    assert_eq!(status("b.example", "fr").await.as_deref(), Some("MISS"));
+    assert_eq!(status("a.example", "en").await.as_deref(), Some("HIT"));
+    // A request the layer never caches is an error, not a silent 0.
+    let post = http::Request::post(path).body(()).unwrap();
+    assert!(
+        handle
+            .invalidate_request(&post)
+            .await
+            .unwrap_err()
+            .is_invalid_input()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalidate_path_fails_clearly_when_the_key_function_cannot_derive_it() {
+    let redis = RedisServer::new();
+    let layer = FenceLayer::new(redis.connection_manager().await)
+        .namespace("poison:")
+        .key(|p: &http::request::Parts| Some(format!("custom:{}", p.uri.path())));
+    let handle = layer.handle();
+    let app = app(&redis, |_| layer).await;
+    app.get("/item/1", &[]).await;
+    let err = handle.invalidate_path("/item/1").await.unwrap_err();
+    assert!(err.is_invalid_input(), "{err}");
+    let uri: http::Uri = "/item/1".parse().unwrap();
+    assert_eq!(handle.invalidate_uri(&uri).await.unwrap(), 1);
+    assert_eq!(app.get("/item/1", &[]).await.cache_status(), Some("MISS"));
+}
+
+// ---------------------------------------------------------------------------
+// Bounded damage from floods
+// ---------------------------------------------------------------------------
+
+fn info_field(redis: &RedisServer, section: &str, field: &str) -> u64 {
+    let info = redis.cli(&["INFO", section]);
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} not in INFO {section}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_volatile_lru_a_url_flood_evicts_cache_entries_and_no_queued_invalidation() {
+    // The setting the README recommends: every cache key has a TTL, the
+    // invalidation streams have none, so `volatile-lru` evicts only cache.
+    let redis =
+        RedisServer::with_args(&["--maxmemory", "8mb", "--maxmemory-policy", "volatile-lru"]);
+    let layer = FenceLayer::new(redis.connection_manager().await)
+        .namespace("poison:")
+        .beta(0.0);
+    let handle = layer.handle();
+    let app = app(&redis, |_| layer).await;
+    let queue = handle.queue();
+    let work: Vec<cachefence::Invalidation> = (0..500)
+        .map(|i| cachefence::Invalidation::path(format!("/item/queued-{i}")))
+        .collect();
+    queue.enqueue_all(&work).await.unwrap();
+    assert_eq!(queue.backlog().await.unwrap(), 500);
+    // A flood of distinct URLs with 16 KiB bodies: about 3 times maxmemory.
+    let mut i = 0;
+    while info_field(&redis, "stats", "evicted_keys") == 0 || i < 1500 {
+        assert!(i < 20_000, "no eviction after {i} URLs");
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let (http, addr) = (app.http.clone(), app.addr);
+            let path = format!("/big-item/{i}");
+            i += 1;
+            set.spawn(async move { http.get(addr, &path).await.unwrap() });
+        }
+        while let Some(r) = set.join_next().await {
+            assert_eq!(r.unwrap().status, 200);
+        }
+    }
+    let evicted = info_field(&redis, "stats", "evicted_keys");
+    let used = info_field(&redis, "memory", "used_memory");
+    eprintln!("flood: {i} URLs, {evicted} keys evicted, used_memory {used}");
+    assert!(used <= 9 * 1024 * 1024, "used_memory {used}");
+    // Nothing queued was lost, and it is still applied.
+    assert_eq!(queue.backlog().await.unwrap(), 500);
+    let stream = queue.stream_key().to_owned();
+    assert_eq!(redis.cli(&["XLEN", &stream]), "500");
+    let worker = queue
+        .worker(redis.client())
+        .block(Duration::from_millis(200));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while control.stats().applied < 500 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}",
+            control.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(queue.backlog().await.unwrap(), 0);
+    control.shutdown();
+    task.await.unwrap();
+    // The cache still works at the memory limit.
+    let r = app.get("/item/after-flood", &[]).await;
+    assert_eq!(r.cache_status(), Some("MISS"));
+    assert_eq!(
+        app.get("/item/after-flood", &[]).await.cache_status(),
+        Some("HIT")
     );
 }

@@ -198,6 +198,7 @@ fn raw_client() -> RawClient {
 
 async fn try_get(client: &RawClient, addr: SocketAddr, path: &str) -> Result<Reply, String> {
     let req = http::Request::get(format!("http://{addr}{path}"))
+        .header(http::header::HOST, support::TEST_HOST)
         .body(Full::new(Bytes::new()))
         .map_err(|e| e.to_string())?;
     let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
@@ -637,6 +638,7 @@ async fn dropping_the_leaders_future_does_not_cancel_the_fill() {
     let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
     let leader = tokio::spawn(async move {
         let req = http::Request::get(path)
+            .header(http::header::HOST, support::TEST_HOST)
             .body(axum::body::Body::empty())
             .unwrap();
         tokio::select! {
@@ -678,7 +680,13 @@ async fn a_client_that_hangs_up_on_the_leading_request_does_not_cancel_the_fill(
     // A raw HTTP/1.1 request whose connection is closed mid-fill.
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n",
+                support::TEST_HOST
+            )
+            .as_bytes(),
+        )
         .await
         .unwrap();
     let http = Http::new();
@@ -722,6 +730,7 @@ async fn a_waiter_dropped_mid_wait_does_not_disturb_the_others() {
             let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
             let task = tokio::spawn(async move {
                 let req = http::Request::get(path)
+                    .header(http::header::HOST, support::TEST_HOST)
                     .body(axum::body::Body::empty())
                     .unwrap();
                 tokio::select! {
@@ -785,6 +794,7 @@ async fn a_request_that_started_a_remote_wait_may_go_away_while_others_join_it()
     let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
     let b_leader = tokio::spawn(async move {
         let req = http::Request::get(path)
+            .header(http::header::HOST, support::TEST_HOST)
             .body(axum::body::Body::empty())
             .unwrap();
         tokio::select! {

@@ -12,15 +12,21 @@
 //!   entry plus `error`, `attempts`, `source_id` and `consumer`.
 //! - `ns|#queue:{q}:attempts`: a hash counting attempts per entry id (and the
 //!   last error), with a TTL.
+//! - `ns|#queue:{q}:stats`: a hash of counters kept by the scripts
+//!   (`applied`, `retried`, `dead_lettered`, `reclaimed`, `replayed`), read
+//!   by [`InvalidationQueue::stats`].
 //!
 //! An entry is deleted from the stream (`XDEL`) in the same script that
 //! acknowledges it, so the stream holds exactly the work not yet done and
 //! never grows beyond it. A failed attempt leaves the entry pending and sets
 //! its idle time so that it becomes claimable (`XAUTOCLAIM`) when its
 //! backoff has passed; a crashed worker's entries become claimable after
-//! the claim idle time. Retries and crash recovery are the same mechanism,
-//! and every worker takes part in both.
+//! the claim idle time (3 s by default), because a live worker resets the
+//! idle time of the entries it holds every third of it (its heartbeat).
+//! Retries and crash recovery are the same mechanism, and every worker
+//! takes part in both.
 
+mod admin;
 mod call;
 mod reply;
 mod scripts;
@@ -33,12 +39,12 @@ use std::time::Duration;
 use redis::aio::ConnectionLike;
 use redis::{Client, Value};
 
-use crate::error::FenceError;
+use crate::error::{FenceError, timed};
 use crate::handle::{FenceHandle, Invalidation};
 use crate::key::namespace_prefix;
 
-use crate::error::timed;
-use call::call;
+pub use admin::{ConsumerStats, QueueStats};
+use call::{call, retry};
 pub use reply::DeadLetter;
 use reply::parse_entries;
 use scripts::Scripts;
@@ -48,12 +54,16 @@ pub use worker::{InvalidationWorker, WorkerHandle, WorkerStats};
 const FIELD: &str = "inv";
 /// Entries appended per pipeline by [`InvalidationQueue::enqueue_all`].
 const ENQUEUE_CHUNK: usize = 500;
+/// The consumer group of workers and of [`InvalidationQueue::stats`]
+/// unless set otherwise.
+const DEFAULT_GROUP: &str = "cachefence";
 
 #[derive(Debug)]
 struct Keys {
     stream: String,
     dead: String,
     attempts: String,
+    stats: String,
 }
 
 /// A durable queue of [`Invalidation`]s in a Redis Stream, applied by
@@ -93,6 +103,8 @@ pub struct InvalidationQueue<C> {
     keys: Arc<Keys>,
     scripts: Arc<Scripts>,
     timeout: Duration,
+    retry_budget: Duration,
+    group: Arc<str>,
 }
 
 impl<C: Clone> Clone for InvalidationQueue<C> {
@@ -103,6 +115,8 @@ impl<C: Clone> Clone for InvalidationQueue<C> {
             keys: self.keys.clone(),
             scripts: self.scripts.clone(),
             timeout: self.timeout,
+            retry_budget: self.retry_budget,
+            group: self.group.clone(),
         }
     }
 }
@@ -111,7 +125,9 @@ impl<C> fmt::Debug for InvalidationQueue<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("InvalidationQueue")
             .field("stream", &self.keys.stream)
+            .field("group", &self.group)
             .field("timeout", &self.timeout)
+            .field("retry_budget", &self.retry_budget)
             .finish_non_exhaustive()
     }
 }
@@ -125,6 +141,7 @@ where
         let keys = Keys {
             dead: format!("{base}:dead"),
             attempts: format!("{base}:attempts"),
+            stats: format!("{base}:stats"),
             stream: base,
         };
         Self {
@@ -133,6 +150,8 @@ where
             keys: Arc::new(keys),
             scripts: Arc::new(Scripts::new()),
             timeout: Duration::from_secs(1),
+            retry_budget: Duration::from_secs(5),
+            group: Arc::from(DEFAULT_GROUP),
         }
     }
 
@@ -151,8 +170,49 @@ where
         self
     }
 
+    /// How long [`enqueue`](Self::enqueue) and
+    /// [`enqueue_all`](Self::enqueue_all) keep retrying a transient Redis
+    /// failure (a dropped or refused connection, a timeout, `LOADING`,
+    /// `READONLY` / `MASTERDOWN` / `TRYAGAIN` / `CLUSTERDOWN` during a
+    /// failover) before they return it: 5 s by default, enough to ride out
+    /// a Redis restart. Tries are spaced by an exponential backoff with
+    /// jitter from 25 ms up to 500 ms; no pause ends after the budget, so a
+    /// call returns within the budget plus one
+    /// [`redis_timeout`](Self::redis_timeout). Zero disables retries.
+    ///
+    /// A retried append may have reached Redis the first time (its reply
+    /// was lost): the invalidation is then queued twice, which is harmless.
+    ///
+    /// ```no_run
+    /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) {
+    /// let queue = queue.retry_budget(std::time::Duration::from_secs(15));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn retry_budget(mut self, budget: Duration) -> Self {
+        self.retry_budget = budget;
+        self
+    }
+
+    /// The consumer group that [`stats`](Self::stats) reports on and that
+    /// the workers made by [`worker`](Self::worker) join (default
+    /// `cachefence`).
+    ///
+    /// ```no_run
+    /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) {
+    /// let queue = queue.group("invalidators");
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.group = Arc::from(name.into());
+        self
+    }
+
     /// Appends an invalidation to the stream and returns its entry id once
-    /// Redis has it.
+    /// Redis has it. Transient Redis failures are retried within the
+    /// [`retry_budget`](Self::retry_budget); an error means the
+    /// invalidation may not have been queued.
     ///
     /// ```no_run
     /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
@@ -167,13 +227,26 @@ where
             .arg("*")
             .arg(FIELD)
             .arg(invalidation.encode());
-        let id: String = call(&self.conn, self.timeout, &cmd).await?;
-        tracing::debug!(stream = %self.keys.stream, id, invalidation = %invalidation.encode(), "invalidation queued");
-        Ok(id)
+        let (result, tries) = retry(self.retry_budget, || {
+            call::<String, _>(&self.conn, self.timeout, &cmd)
+        })
+        .await;
+        match result {
+            Ok(id) => {
+                tracing::debug!(stream = %self.keys.stream, id, tries, invalidation = %invalidation.encode(), "invalidation queued");
+                Ok(id)
+            }
+            Err(err) => {
+                tracing::warn!(stream = %self.keys.stream, error = %err, tries, invalidation = %invalidation.encode(), "queuing an invalidation failed");
+                Err(err)
+            }
+        }
     }
 
     /// Appends several invalidations, pipelined, and returns their entry
-    /// ids in order. On an error some of them may have been appended.
+    /// ids in order. Transient failures are retried as by
+    /// [`enqueue`](Self::enqueue), per pipeline of 500. On an error some of
+    /// them may have been appended.
     ///
     /// ```no_run
     /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
@@ -198,9 +271,13 @@ where
                     .arg(FIELD)
                     .arg(inv.encode());
             }
-            let mut conn = self.conn.clone();
-            let chunk_ids: Vec<String> = timed(self.timeout, pipe.query_async(&mut conn)).await?;
-            ids.extend(chunk_ids);
+            let (result, _) = retry(self.retry_budget, || {
+                let mut conn = self.conn.clone();
+                let pipe = &pipe;
+                async move { timed(self.timeout, pipe.query_async::<Vec<String>>(&mut conn)).await }
+            })
+            .await;
+            ids.extend(result?);
         }
         Ok(ids)
     }

@@ -42,6 +42,9 @@ impl TryHttp {
         headers: &[(&str, &str)],
     ) -> Result<Reply, String> {
         let mut req = http::Request::get(format!("http://{addr}{path}"));
+        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+            req = req.header(http::header::HOST, crate::support::TEST_HOST);
+        }
         for (k, v) in headers {
             req = req.header(*k, *v);
         }

@@ -487,7 +487,8 @@ impl Http {
         }
     }
 
-    /// `GET http://{addr}{path_and_query}`; `path_and_query` must start with `/`.
+    /// `GET http://{addr}{path_and_query}` with `Host: app.test` (see
+    /// [`TEST_HOST`]); `path_and_query` must start with `/`.
     pub async fn get(&self, addr: SocketAddr, path_and_query: &str) -> Reply {
         let req = http::Request::get(format!("http://{addr}{path_and_query}"))
             .body(Full::new(Bytes::new()))
@@ -495,8 +496,12 @@ impl Http {
         self.request(req).await
     }
 
-    /// Send `req` (absolute URI required) and buffer the whole response.
-    pub async fn request(&self, req: http::Request<Full<Bytes>>) -> Reply {
+    /// Send `req` (absolute URI required; `Host: app.test` unless it names
+    /// one) and buffer the whole response.
+    pub async fn request(&self, mut req: http::Request<Full<Bytes>>) -> Reply {
+        req.headers_mut()
+            .entry(http::header::HOST)
+            .or_insert(http::HeaderValue::from_static(TEST_HOST));
         let desc = format!("{} {}", req.method(), req.uri());
         let resp = self
             .client
@@ -522,6 +527,11 @@ impl Default for Http {
         Self::new()
     }
 }
+
+/// The `Host` the test clients send unless told otherwise. The host is in
+/// the default cache key; app instances listening on different ports stand
+/// for instances behind one load balancer, which all see the site's name.
+pub const TEST_HOST: &str = "app.test";
 
 /// This process's peak resident set size (`VmHWM`), in KiB; 0 where
 /// `/proc` doesn't tell. Nextest runs each test in its own process, so it is

@@ -29,6 +29,14 @@ pub struct WorkerStats {
     /// Messages taken over from the pending list: retries that came due,
     /// and messages of workers that stopped without finishing them.
     pub claimed: u64,
+    /// Of the claimed messages, those of workers that died or stopped
+    /// without finishing them.
+    pub reclaimed: u64,
+    /// Heartbeats: refreshes of the claim on the messages in hand.
+    pub refreshes: u64,
+    /// Messages in hand that another worker took over (this worker was
+    /// stalled for longer than the claim idle time); both may apply them.
+    pub lost_claims: u64,
     /// Messages handed back unstarted at shutdown.
     pub released: u64,
     /// Messages this worker applied that another worker had acknowledged
@@ -47,6 +55,9 @@ pub(super) struct Counters {
     pub(super) retries: AtomicU64,
     pub(super) dead_lettered: AtomicU64,
     pub(super) claimed: AtomicU64,
+    pub(super) reclaimed: AtomicU64,
+    pub(super) refreshes: AtomicU64,
+    pub(super) lost_claims: AtomicU64,
     pub(super) released: AtomicU64,
     pub(super) duplicates: AtomicU64,
     pub(super) redis_errors: AtomicU64,
@@ -65,6 +76,9 @@ impl Counters {
             retries: get(&self.retries),
             dead_lettered: get(&self.dead_lettered),
             claimed: get(&self.claimed),
+            reclaimed: get(&self.reclaimed),
+            refreshes: get(&self.refreshes),
+            lost_claims: get(&self.lost_claims),
             released: get(&self.released),
             duplicates: get(&self.duplicates),
             redis_errors: get(&self.redis_errors),
@@ -89,7 +103,7 @@ pub(super) struct Control {
 /// let task = tokio::spawn(worker.run());
 /// println!("{:?}", control.stats());
 /// control.shutdown();
-/// task.await?; // the message in hand was finished or released
+/// task.await?; // the messages in hand were finished or released
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
@@ -98,7 +112,7 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// Asks the worker to stop: it finishes the message it is applying,
+    /// Asks the worker to stop: it finishes the messages it is applying,
     /// hands the rest of its batch back (claimable at once by other
     /// workers), ends a blocking read early and returns from
     /// [`run`](InvalidationWorker::run).

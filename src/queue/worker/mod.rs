@@ -31,8 +31,10 @@ pub use control::{WorkerHandle, WorkerStats};
 /// - Delivery is at least once: an invalidation is acknowledged only after
 ///   [`FenceHandle::apply`] succeeded, and applying one twice is harmless.
 /// - A message whose worker died is claimed by another worker once it has
-///   been idle for [`claim_idle`](Self::claim_idle); set it above the
-///   longest invalidation you expect, or slow ones are applied twice.
+///   been idle for [`claim_idle`](Self::claim_idle) (3 s by default). A
+///   live worker resets the idle time of the messages it holds every third
+///   of that time (a heartbeat), so a long invalidation (a prefix walk over
+///   many keys) keeps its claim and nobody starts it a second time.
 /// - A failed attempt is retried after an exponential backoff with jitter
 ///   ([`backoff`](Self::backoff)), by whichever worker claims it first,
 ///   while other messages go on. After [`max_attempts`](Self::max_attempts)
@@ -52,7 +54,8 @@ pub use control::{WorkerHandle, WorkerStats};
 ///     .worker(redis::Client::open("redis://127.0.0.1/")?)
 ///     .group("invalidators")
 ///     .block(Duration::from_secs(5))
-///     .claim_idle(Duration::from_secs(60))
+///     .claim_idle(Duration::from_secs(5))
+///     .concurrency(4)
 ///     .max_attempts(5)
 ///     .backoff(Duration::from_millis(500), Duration::from_secs(30))
 ///     .batch(16);
@@ -74,6 +77,7 @@ pub struct InvalidationWorker<C> {
     backoff_base: Duration,
     backoff_cap: Duration,
     batch: usize,
+    concurrency: usize,
     dead_letter_limit: usize,
     control: Arc<Control>,
 }
@@ -90,6 +94,7 @@ impl<C> fmt::Debug for InvalidationWorker<C> {
             .field("backoff_base", &self.backoff_base)
             .field("backoff_cap", &self.backoff_cap)
             .field("batch", &self.batch)
+            .field("concurrency", &self.concurrency)
             .finish_non_exhaustive()
     }
 }
@@ -100,17 +105,19 @@ where
 {
     pub(super) fn new(queue: InvalidationQueue<C>, client: Client) -> Self {
         let (shutdown, _) = watch::channel(false);
+        let group = queue.group.to_string();
         Self {
             queue,
             client,
             consumer: default_consumer(),
-            group: "cachefence".to_owned(),
+            group,
             block: Duration::from_secs(5),
-            claim_idle: Duration::from_secs(30),
+            claim_idle: DEFAULT_CLAIM_IDLE,
             max_attempts: 5,
             backoff_base: Duration::from_millis(500),
             backoff_cap: Duration::from_secs(30),
             batch: 16,
+            concurrency: DEFAULT_CONCURRENCY,
             dead_letter_limit: 10_000,
             control: Arc::new(Control {
                 counters: Counters::default(),
@@ -135,8 +142,9 @@ where
         self
     }
 
-    /// The consumer group (default `cachefence`). Workers of one group share
-    /// the work; each group applies every invalidation.
+    /// The consumer group (default: the queue's
+    /// [`group`](super::InvalidationQueue::group), `cachefence`). Workers of
+    /// one group share the work.
     ///
     /// ```no_run
     /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
@@ -164,8 +172,14 @@ where
     }
 
     /// How long a message must have been idle in another worker's hands
-    /// before this one takes it over (default 30 s). It also bounds the
-    /// retry backoff.
+    /// before this one takes it over (default 3 s). It bounds how long the
+    /// messages of a worker that died wait: they are taken over within
+    /// about 4/3 of it (a worker looks for them every third of it). A live
+    /// worker refreshes its messages every third of it, so it never loses
+    /// one to a slow invalidation; only a worker stalled for longer than
+    /// this (a paused process, a Redis unreachable for that long) may have
+    /// a message applied a second time, which is harmless. Give every
+    /// worker of a group the same value.
     ///
     /// ```no_run
     /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
@@ -193,8 +207,9 @@ where
     }
 
     /// The retry backoff: after the `n`th failed attempt the message waits
-    /// about `base * 2^(n-1)`, at most `cap` and at most the claim idle time,
-    /// with jitter (default 500 ms and 30 s).
+    /// about `base * 2^(n-1)`, at most `cap`, with jitter (default 500 ms
+    /// and 30 s: with the default 5 attempts, a message is given up on
+    /// about 4 to 8 s after its first failure).
     ///
     /// ```no_run
     /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
@@ -219,6 +234,23 @@ where
     #[must_use]
     pub fn batch(mut self, batch: usize) -> Self {
         self.batch = batch.max(1);
+        self
+    }
+
+    /// How many messages of a batch are applied at the same time (default
+    /// 8, at least 1). Invalidations are independent and idempotent, so
+    /// their order does not matter; this bounds the load one worker puts on
+    /// Redis (each may be a prefix or tag walk) and the messages in hand at
+    /// shutdown.
+    ///
+    /// ```no_run
+    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// let worker = worker.concurrency(1); // one at a time
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
         self
     }
 
@@ -273,6 +305,12 @@ where
         self.control.counters.snapshot()
     }
 }
+
+/// The default [`InvalidationWorker::claim_idle`]: a crashed worker's
+/// messages are taken over within about 4 s.
+const DEFAULT_CLAIM_IDLE: Duration = Duration::from_secs(3);
+/// The default [`InvalidationWorker::concurrency`].
+const DEFAULT_CONCURRENCY: usize = 8;
 
 fn default_consumer() -> String {
     let from_file = |path: &str| {

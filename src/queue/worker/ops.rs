@@ -36,31 +36,72 @@ where
             .arg("0")
             .arg("MKSTREAM");
         match call::<Value, _>(&self.queue.conn, self.queue.timeout, &cmd).await {
-            Ok(_) => Ok(()),
-            Err(err) if err.redis_code() == Some("BUSYGROUP") => Ok(()),
-            Err(err) => Err(err),
+            Ok(_) => {}
+            Err(err) if err.redis_code() == Some("BUSYGROUP") => {}
+            Err(err) => return Err(err),
         }
+        // Redis creates a consumer only when it is first handed a message:
+        // create it now, so that `stats()` shows an idle worker too.
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATECONSUMER")
+            .arg(&self.queue.keys.stream)
+            .arg(&self.group)
+            .arg(&self.consumer);
+        call::<Value, _>(&self.queue.conn, self.queue.timeout, &cmd).await?;
+        Ok(())
     }
 
-    pub(super) async fn autoclaim(&self, cursor: &str) -> Result<(String, Vec<Entry>), FenceError> {
-        let mut cmd = redis::cmd("XAUTOCLAIM");
-        cmd.arg(&self.queue.keys.stream)
+    /// Claims due entries (`XAUTOCLAIM`, counting the reclaimed ones in
+    /// the queue's stats). Returns the next cursor, the entries and how
+    /// many were reclaimed from a worker that died or stopped.
+    pub(super) async fn autoclaim(
+        &self,
+        cursor: &str,
+    ) -> Result<(String, Vec<Entry>, u64), FenceError> {
+        let keys = &self.queue.keys;
+        let mut inv = self.queue.scripts.claim.key(&keys.stream);
+        inv.key(&keys.attempts)
+            .key(&keys.stats)
             .arg(&self.group)
             .arg(&self.consumer)
             .arg(duration_ms(self.claim_idle))
             .arg(cursor)
-            .arg("COUNT")
             .arg(self.batch);
-        let value: Value = call(&self.queue.conn, self.queue.timeout, &cmd).await?;
+        let mut conn = self.queue.conn.clone();
+        let value: Value = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
         let Value::Array(mut parts) = value else {
             return Err(FenceError::invalid_input("unexpected XAUTOCLAIM reply"));
         };
-        if parts.len() < 2 {
+        if parts.len() < 3 {
             return Err(FenceError::invalid_input("unexpected XAUTOCLAIM reply"));
         }
+        let reclaimed = match parts.pop() {
+            Some(Value::Int(n)) => u64::try_from(n).unwrap_or(0),
+            _ => 0,
+        };
         let entries = parts.swap_remove(1);
         let next = text(&parts[0]).unwrap_or_else(|| "0-0".to_owned());
-        Ok((next, parse_entries(entries)))
+        Ok((next, parse_entries(entries), reclaimed))
+    }
+
+    /// The heartbeat: resets the idle time of the held entries that are
+    /// still this worker's. Returns those another worker took over.
+    pub(super) async fn refresh(&self, ids: &[String]) -> Result<Vec<String>, FenceError> {
+        let mut inv = self.queue.scripts.refresh.key(&self.queue.keys.stream);
+        inv.arg(&self.group).arg(&self.consumer);
+        for id in ids {
+            inv.arg(id);
+        }
+        let mut conn = self.queue.conn.clone();
+        let value: Value = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
+        let lost = match value {
+            Value::Array(mut lists) if lists.len() == 2 => lists.pop(),
+            _ => None,
+        };
+        Ok(match lost {
+            Some(Value::Array(ids)) => ids.iter().filter_map(text).collect(),
+            _ => Vec::new(),
+        })
     }
 
     /// One blocking read on the worker's own connection. Shutdown ends it
@@ -145,7 +186,10 @@ where
     pub(super) async fn ack(&self, id: &str) -> Result<bool, FenceError> {
         let keys = &self.queue.keys;
         let mut inv = self.queue.scripts.ack.key(&keys.stream);
-        inv.key(&keys.attempts).arg(&self.group).arg(id);
+        inv.key(&keys.attempts)
+            .key(&keys.stats)
+            .arg(&self.group)
+            .arg(id);
         let mut conn = self.queue.conn.clone();
         let n: i64 = timed(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
         Ok(n > 0)
@@ -158,14 +202,15 @@ where
         delay: Duration,
     ) -> Result<(), FenceError> {
         let keys = &self.queue.keys;
-        let idle = self.claim_idle.saturating_sub(delay);
         let mut inv = self.queue.scripts.fail.key(&keys.stream);
         inv.key(&keys.attempts)
+            .key(&keys.stats)
             .arg(&self.group)
             .arg(&self.consumer)
             .arg(id)
             .arg(error)
-            .arg(duration_ms(idle))
+            .arg(duration_ms(delay))
+            .arg(duration_ms(self.claim_idle))
             .arg(duration_ms(ATTEMPTS_TTL));
         let mut conn = self.queue.conn.clone();
         timed::<Value>(self.queue.timeout, inv.invoke_async(&mut conn)).await?;

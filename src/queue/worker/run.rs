@@ -3,8 +3,11 @@
 //! keeps failing to the dead-letter stream, and stopping cleanly.
 
 use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use redis::Value;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 
@@ -16,7 +19,7 @@ use super::ops::Read;
 use crate::entry::duration_ms;
 use crate::error::FenceError;
 use crate::error::timed;
-use crate::queue::call::call;
+use crate::queue::call::{call, jittered};
 use crate::queue::reply::Entry;
 
 /// Backoff between failed Redis calls of the worker itself (reading,
@@ -88,15 +91,23 @@ where
         }
         if Instant::now() >= run.next_claim {
             match self.autoclaim(&run.cursor).await {
-                Ok((next, entries)) => {
+                Ok((next, entries, reclaimed)) => {
                     run.redis_failures = 0;
                     let done = next == "0-0";
                     run.cursor = next;
                     if done {
-                        run.next_claim = Instant::now() + self.block.min(self.claim_idle);
+                        run.next_claim = Instant::now() + self.beat();
                     }
                     if !entries.is_empty() {
-                        Counters::add(&self.control.counters.claimed, entries.len() as u64);
+                        let counters = &self.control.counters;
+                        Counters::add(&counters.claimed, entries.len() as u64);
+                        Counters::add(&counters.reclaimed, reclaimed);
+                        if reclaimed > 0 {
+                            tracing::info!(
+                                count = reclaimed,
+                                "reclaimed invalidations of a worker that died or stopped"
+                            );
+                        }
                         tracing::debug!(count = entries.len(), "claimed pending invalidations");
                         self.process(run, entries).await;
                     }
@@ -141,27 +152,100 @@ where
     async fn redis_failed(&self, run: &mut Run, what: &str, err: &FenceError) {
         Counters::add(&self.control.counters.redis_errors, 1);
         run.redis_failures = run.redis_failures.saturating_add(1);
-        let delay = backoff(REDIS_BACKOFF_BASE, REDIS_BACKOFF_CAP, run.redis_failures);
+        let delay = jittered(REDIS_BACKOFF_BASE, REDIS_BACKOFF_CAP, run.redis_failures);
         tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "invalidation worker: {what} failed");
         self.sleep(delay).await;
     }
 
-    /// Applies a batch one message at a time; at shutdown, releases the
-    /// messages not started.
+    /// How often a worker refreshes the messages it holds and looks for
+    /// messages to take over: a third of the claim idle time.
+    fn beat(&self) -> Duration {
+        (self.claim_idle / 3).max(Duration::from_millis(1))
+    }
+
+    /// Applies a batch, up to [`concurrency`](Self::concurrency) messages
+    /// at a time, while the heartbeat keeps the claim on the messages still
+    /// held; at shutdown, finishes the messages started and releases the
+    /// others.
     async fn process(&self, run: &mut Run, entries: Vec<Entry>) {
-        let mut rest = entries.into_iter();
-        while let Some(entry) = rest.next() {
-            if self.stopping() {
-                let ids: Vec<String> = std::iter::once(entry).chain(rest).map(|e| e.id).collect();
-                self.release(&ids).await;
-                return;
+        let held = Mutex::new(entries.iter().map(|e| e.id.clone()).collect::<Vec<_>>());
+        let work = async {
+            let mut waiting = entries.into_iter();
+            let mut running = FuturesUnordered::new();
+            let mut retry_at: Option<Instant> = None;
+            loop {
+                while running.len() < self.concurrency {
+                    if self.stopping() {
+                        let ids: Vec<String> = waiting.by_ref().map(|e| e.id).collect();
+                        // No more heartbeats for them: released messages
+                        // are claimable at once.
+                        lock(&held).retain(|h| !ids.contains(h));
+                        self.release(&ids).await;
+                        break;
+                    }
+                    let Some(entry) = waiting.next() else { break };
+                    let held = &held;
+                    running.push(async move {
+                        let id = entry.id.clone();
+                        let retry = self.one(entry).await;
+                        lock(held).retain(|h| *h != id);
+                        retry
+                    });
+                }
+                match running.next().await {
+                    Some(Some(delay)) => {
+                        let at = Instant::now() + delay;
+                        retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+                    }
+                    Some(None) => {}
+                    None => break,
+                }
             }
-            self.one(run, entry).await;
+            retry_at
+        };
+        let retry_at = tokio::select! {
+            retry_at = work => retry_at,
+            () = self.heartbeat(&held) => None,
+        };
+        if let Some(at) = retry_at {
+            run.next_claim = run.next_claim.min(at);
         }
     }
 
-    /// One attempt at one message.
-    async fn one(&self, run: &mut Run, entry: Entry) {
+    /// Every [`beat`](Self::beat), resets the idle time of the held
+    /// messages, so that no other worker takes them over while this one is
+    /// alive. (A refresh that crosses a failed attempt's rescheduling may
+    /// delay that retry to the claim idle time, which is harmless.) Never
+    /// returns.
+    async fn heartbeat(&self, held: &Mutex<Vec<String>>) {
+        let counters = &self.control.counters;
+        loop {
+            tokio::time::sleep(self.beat()).await;
+            let ids = lock(held).clone();
+            if ids.is_empty() {
+                continue;
+            }
+            match self.refresh(&ids).await {
+                Ok(lost) => {
+                    Counters::add(&counters.refreshes, 1);
+                    let mut held = lock(held);
+                    if !lost.is_empty() {
+                        held.retain(|h| !lost.contains(h));
+                        Counters::add(&counters.lost_claims, lost.len() as u64);
+                        tracing::warn!(count = lost.len(), ids = ?lost, "invalidation worker: another worker took over messages in hand (this one was stalled longer than claim_idle); they may be applied twice");
+                    }
+                }
+                Err(err) => {
+                    Counters::add(&counters.redis_errors, 1);
+                    tracing::warn!(error = %err, "invalidation worker: refreshing the claim on the messages in hand failed");
+                }
+            }
+        }
+    }
+
+    /// One attempt at one message. Returns the retry delay when it failed
+    /// and will be tried again.
+    async fn one(&self, entry: Entry) -> Option<Duration> {
         let counters = &self.control.counters;
         let (attempt, last_error) = match self.begin(&entry.id).await {
             Ok(begun) => begun,
@@ -169,7 +253,7 @@ where
                 // It stays pending and is claimed again after the idle time.
                 Counters::add(&counters.redis_errors, 1);
                 tracing::warn!(error = %err, id = %entry.id, "invalidation worker: recording an attempt failed");
-                return;
+                return None;
             }
         };
         if attempt > u64::from(self.max_attempts) {
@@ -181,7 +265,8 @@ where
             } else {
                 last_error
             };
-            return self.dead_letter(&entry, &error, attempt - 1).await;
+            self.dead_letter(&entry, &error, attempt - 1).await;
+            return None;
         }
         let result = match entry.invalidation() {
             Ok(inv) => self
@@ -211,15 +296,15 @@ where
                 let mut error = error;
                 truncate(&mut error, ERROR_MAX);
                 if attempt >= u64::from(self.max_attempts) {
-                    return self.dead_letter(&entry, &error, attempt).await;
+                    self.dead_letter(&entry, &error, attempt).await;
+                    return None;
                 }
-                let delay = backoff(self.backoff_base, self.backoff_cap, attempt_u32(attempt))
-                    .min(self.claim_idle);
+                let delay = jittered(self.backoff_base, self.backoff_cap, attempt_u32(attempt));
                 match self.fail(&entry.id, &error, delay).await {
                     Ok(()) => {
                         Counters::add(&counters.retries, 1);
-                        run.next_claim = run.next_claim.min(Instant::now() + delay);
                         tracing::warn!(id = %entry.id, invalidation = entry.payload().unwrap_or(""), error = %error, attempt, max_attempts = self.max_attempts, retry_in_ms = delay.as_millis() as u64, "invalidation failed; will retry");
+                        return Some(delay);
                     }
                     Err(err) => {
                         Counters::add(&counters.redis_errors, 1);
@@ -228,6 +313,7 @@ where
                 }
             }
         }
+        None
     }
 
     async fn dead_letter(&self, entry: &Entry, error: &str, attempts: u64) {
@@ -235,6 +321,7 @@ where
         let mut inv = self.queue.scripts.dead.key(&keys.stream);
         inv.key(&keys.dead)
             .key(&keys.attempts)
+            .key(&keys.stats)
             .arg(&self.group)
             .arg(&entry.id)
             .arg(error)
@@ -303,13 +390,8 @@ where
     }
 }
 
-/// Exponential backoff with jitter: `base * 2^(n-1)` capped, then a random
-/// point in its upper half.
-fn backoff(base: Duration, cap: Duration, n: u32) -> Duration {
-    let exp = base
-        .saturating_mul(1u32 << n.saturating_sub(1).min(20))
-        .min(cap);
-    exp.mul_f64(0.5 + rand::random_range(0.0..0.5))
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn attempt_u32(n: u64) -> u32 {
@@ -329,17 +411,6 @@ fn truncate(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_stays_capped() {
-        let base = Duration::from_millis(100);
-        let cap = Duration::from_secs(1);
-        for n in 1..40 {
-            let d = backoff(base, cap, n);
-            let exp = base.saturating_mul(1 << (n - 1).min(20)).min(cap);
-            assert!(d >= exp / 2 && d <= exp, "{n}: {d:?}");
-        }
-    }
 
     #[test]
     fn long_errors_are_cut_on_a_char_boundary() {

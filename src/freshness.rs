@@ -1,0 +1,294 @@
+//! RFC 9111 shared-cache freshness, for
+//! [`FenceLayer::rfc9111`](crate::FenceLayer::rfc9111): how long a response may be served fresh,
+//! how long stale, and how old it already is when it arrives.
+//!
+//! - The directives come from `CDN-Cache-Control` (RFC 9213) when it holds
+//!   any, else from `Cache-Control`.
+//! - The freshness lifetime is `s-maxage`, else `max-age`, else `Expires`
+//!   minus `Date` (an invalid `Expires` means already expired), else a
+//!   heuristic fraction of the time since `Last-Modified` when one is
+//!   configured; without any, the response is not stored.
+//! - The age on arrival (§4.2.3) is the larger of the upstream `Age` and
+//!   the time since `Date`; a malformed, repeated or huge `Age` counts as
+//!   stale. A response already stale on arrival is not stored.
+//! - Stale serving (the entry's grace) comes from `stale-while-revalidate`;
+//!   `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid it.
+
+use std::time::{Duration, SystemTime};
+
+use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, HeaderName, LAST_MODIFIED};
+use http::{HeaderMap, response};
+
+use crate::policy::{parse_seconds, split_directives};
+
+/// `CDN-Cache-Control` (RFC 9213).
+const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
+
+/// What RFC 9111 says about a storable response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Freshness {
+    /// Freshness left on arrival: the lifetime minus the age.
+    pub(crate) ttl: Duration,
+    /// How long past fresh it may be served stale.
+    pub(crate) grace: Duration,
+    /// Its age on arrival.
+    pub(crate) age: Duration,
+}
+
+/// The freshness of a response received at `now`, or why it is not stored.
+/// `heuristic` is the fraction of the time since `Last-Modified` used as the
+/// lifetime of a response without explicit freshness (0: none), capped at
+/// `heuristic_max`.
+pub(crate) fn freshness(
+    parts: &response::Parts,
+    now: SystemTime,
+    heuristic: f64,
+    heuristic_max: Duration,
+) -> Result<Freshness, &'static str> {
+    let headers = &parts.headers;
+    let cdn = Directives::parse(headers, &CDN_CACHE_CONTROL);
+    let cc = if cdn.any {
+        cdn
+    } else {
+        Directives::parse(headers, &CACHE_CONTROL)
+    };
+    if cc.no_store || cc.private || cc.no_cache {
+        return Err("cache-control");
+    }
+    let date = date_of(headers, &DATE);
+    let lifetime = if let Some(secs) = cc.s_maxage.or(cc.max_age) {
+        Duration::from_secs(secs)
+    } else if headers.contains_key(EXPIRES) {
+        match date_of(headers, &EXPIRES) {
+            Some(expires) => expires
+                .duration_since(date.unwrap_or(now))
+                .unwrap_or_default(),
+            // An invalid Expires (`0`, garbage) means already expired.
+            None => Duration::ZERO,
+        }
+    } else if heuristic > 0.0
+        && let Some(modified) = date_of(headers, &LAST_MODIFIED)
+    {
+        let since = date
+            .unwrap_or(now)
+            .duration_since(modified)
+            .unwrap_or_default();
+        since.mul_f64(heuristic.min(1.0)).min(heuristic_max)
+    } else {
+        return Err("no explicit freshness");
+    };
+    let Some(upstream_age) = age(headers) else {
+        return Err("malformed age");
+    };
+    let apparent_age = date
+        .and_then(|d| now.duration_since(d).ok())
+        .unwrap_or_default();
+    let age = upstream_age.max(apparent_age);
+    let ttl = lifetime.saturating_sub(age);
+    if ttl.is_zero() {
+        return Err("stale on arrival");
+    }
+    let grace = if cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some() {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(cc.stale_while_revalidate.unwrap_or(0))
+    };
+    Ok(Freshness { ttl, grace, age })
+}
+
+/// The largest `Age` taken as a number; larger ones count as stale.
+const MAX_AGE_SECS: u64 = 1 << 31;
+
+/// The upstream `Age`: zero when absent, `None` when repeated, malformed or
+/// huge (RFC 9111 §1.2.2, §5.1).
+fn age(headers: &HeaderMap) -> Option<Duration> {
+    let mut values = headers.get_all(AGE).iter();
+    let Some(value) = values.next() else {
+        return Some(Duration::ZERO);
+    };
+    if values.next().is_some() {
+        return None;
+    }
+    let value = value.as_bytes().trim_ascii();
+    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let secs = parse_seconds(value)?;
+    (secs < MAX_AGE_SECS).then(|| Duration::from_secs(secs))
+}
+
+fn date_of(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
+    let value = headers.get(name)?.to_str().ok()?;
+    httpdate::parse_http_date(value.trim()).ok()
+}
+
+/// The response directives RFC 9111 §5.2.2 and RFC 5861 define.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Directives {
+    /// Whether the field held any directive at all.
+    any: bool,
+    no_store: bool,
+    no_cache: bool,
+    private: bool,
+    must_revalidate: bool,
+    proxy_revalidate: bool,
+    max_age: Option<u64>,
+    s_maxage: Option<u64>,
+    stale_while_revalidate: Option<u64>,
+}
+
+impl Directives {
+    fn parse(headers: &HeaderMap, name: &HeaderName) -> Self {
+        let mut d = Self::default();
+        for value in headers.get_all(name) {
+            for directive in split_directives(value.as_bytes()) {
+                let (name, arg) = match directive.iter().position(|&b| b == b'=') {
+                    Some(i) => (&directive[..i], Some(&directive[i + 1..])),
+                    None => (directive, None),
+                };
+                let name = name.trim_ascii().to_ascii_lowercase();
+                let seconds = || arg.and_then(parse_seconds);
+                d.any = true;
+                match name.as_slice() {
+                    b"no-store" => d.no_store = true,
+                    // Qualified forms (`no-cache="x"`) count in full.
+                    b"no-cache" => d.no_cache = true,
+                    b"private" => d.private = true,
+                    b"must-revalidate" => d.must_revalidate = true,
+                    b"proxy-revalidate" => d.proxy_revalidate = true,
+                    b"max-age" => d.max_age = d.max_age.or_else(seconds),
+                    b"s-maxage" => d.s_maxage = d.s_maxage.or_else(seconds),
+                    b"stale-while-revalidate" => {
+                        d.stale_while_revalidate = d.stale_while_revalidate.or_else(seconds)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: &str = "Tue, 01 Dec 2026 12:00:00 GMT";
+
+    fn now() -> SystemTime {
+        httpdate::parse_http_date(NOW).unwrap()
+    }
+
+    fn parts(pairs: &[(&'static str, &'static str)]) -> response::Parts {
+        let mut res = http::Response::new(());
+        for (k, v) in pairs {
+            res.headers_mut().append(*k, v.parse().unwrap());
+        }
+        res.into_parts().0
+    }
+
+    fn fresh(pairs: &[(&'static str, &'static str)]) -> Result<Freshness, &'static str> {
+        freshness(&parts(pairs), now(), 0.0, Duration::from_secs(3600))
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn the_lifetime_comes_from_cdn_cache_control_then_s_maxage_max_age_expires() {
+        let f = |pairs| fresh(pairs).map(|f| f.ttl);
+        assert_eq!(f(&[("cache-control", "max-age=60")]), Ok(secs(60)));
+        assert_eq!(
+            f(&[("cache-control", "max-age=60, s-maxage=30")]),
+            Ok(secs(30))
+        );
+        assert_eq!(
+            f(&[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "max-age=600")
+            ]),
+            Ok(secs(600))
+        );
+        // CDN-Cache-Control replaces Cache-Control, no-store included.
+        assert_eq!(
+            f(&[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "no-store")
+            ]),
+            Err("cache-control")
+        );
+        assert_eq!(
+            f(&[("date", NOW), ("expires", "Tue, 01 Dec 2026 12:02:00 GMT")]),
+            Ok(secs(120))
+        );
+        assert_eq!(
+            f(&[("date", NOW), ("expires", "0")]),
+            Err("stale on arrival")
+        );
+        assert_eq!(f(&[]), Err("no explicit freshness"));
+        assert_eq!(
+            f(&[("cache-control", "no-cache, max-age=60")]),
+            Err("cache-control")
+        );
+    }
+
+    #[test]
+    fn the_age_on_arrival_counts_and_bad_ages_are_stale() {
+        let got = fresh(&[("cache-control", "max-age=60"), ("age", "20")]).unwrap();
+        assert_eq!((got.ttl, got.age), (secs(40), secs(20)));
+        assert_eq!(
+            fresh(&[("cache-control", "max-age=60"), ("age", "60")]),
+            Err("stale on arrival")
+        );
+        for bad in ["-1", "1.5", "abc", "99999999999999999999"] {
+            let pairs = [("cache-control", "max-age=60"), ("age", bad)];
+            assert!(fresh(&pairs).is_err(), "{bad}");
+        }
+        assert!(fresh(&[("cache-control", "max-age=60"), ("age", "1"), ("age", "2")]).is_err());
+        // Date in the past counts too (apparent age); a Date in the future doesn't.
+        let old = fresh(&[
+            ("cache-control", "max-age=60"),
+            ("date", "Tue, 01 Dec 2026 11:59:30 GMT"),
+        ])
+        .unwrap();
+        assert_eq!(old.ttl, secs(30));
+        let ahead = fresh(&[
+            ("cache-control", "max-age=60"),
+            ("date", "Tue, 01 Dec 2026 12:10:00 GMT"),
+        ])
+        .unwrap();
+        assert_eq!(ahead.ttl, secs(60));
+    }
+
+    #[test]
+    fn stale_serving_comes_from_the_response_and_revalidation_forbids_it() {
+        let grace = |cc| fresh(&[("cache-control", cc)]).unwrap().grace;
+        assert_eq!(grace("max-age=60"), Duration::ZERO);
+        assert_eq!(grace("max-age=60, stale-while-revalidate=30"), secs(30));
+        for strict in ["must-revalidate", "proxy-revalidate", "s-maxage=60"] {
+            let cc = format!("max-age=60, stale-while-revalidate=30, {strict}");
+            let got = freshness(
+                &parts(&[("cache-control", Box::leak(cc.into_boxed_str()))]),
+                now(),
+                0.0,
+                secs(1),
+            )
+            .unwrap();
+            assert_eq!(got.grace, Duration::ZERO, "{strict}");
+        }
+    }
+
+    #[test]
+    fn heuristic_freshness_only_when_configured() {
+        let pairs = [
+            ("date", NOW),
+            ("last-modified", "Tue, 01 Dec 2026 02:00:00 GMT"),
+        ];
+        assert!(fresh(&pairs).is_err());
+        let got = freshness(&parts(&pairs), now(), 0.1, secs(3600)).unwrap();
+        assert_eq!(got.ttl, secs(3600));
+        let got = freshness(&parts(&pairs), now(), 0.01, secs(3600)).unwrap();
+        assert_eq!(got.ttl, secs(360));
+    }
+}
