@@ -148,7 +148,10 @@ async fn starting_on_a_port_another_server_answers_fails_instead_of_using_it() {
         std::thread::sleep(Duration::from_millis(10));
     }
     let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.start()));
-    assert!(refused.is_err(), "start() accepted another process's server");
+    assert!(
+        refused.is_err(),
+        "start() accepted another process's server"
+    );
     assert_eq!(b.reported_pid(), Some(squatter.0.id()));
     squatter.kill();
 }

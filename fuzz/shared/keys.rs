@@ -62,13 +62,22 @@ pub(crate) fn check(data: &[u8]) {
     for name in &names {
         with = with.with_header(name.clone());
     }
-    let host = parts.headers.get(http::header::HOST).map(HeaderValue::as_bytes);
+    let host = parts
+        .headers
+        .get(http::header::HOST)
+        .map(HeaderValue::as_bytes);
     let authority = parts.uri.authority().map(|a| a.as_str().as_bytes());
     let conflict = matches!((host, authority), (Some(h), Some(a)) if !h.eq_ignore_ascii_case(a));
     match with.make_key(&parts) {
-        None => assert!(conflict, "with_host refused a request without a host conflict"),
+        None => assert!(
+            conflict,
+            "with_host refused a request without a host conflict"
+        ),
         Some(key) => {
-            assert!(!conflict, "with_host keyed a request whose target names another host");
+            assert!(
+                !conflict,
+                "with_host keyed a request whose target names another host"
+            );
             assert!(key.starts_with("//"), "{key:?}");
             assert_eq!(key.matches('\n').count(), names.len(), "{key:?}");
         }

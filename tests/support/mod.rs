@@ -420,7 +420,8 @@ fn info_pid(client: &redis::Client) -> Option<u32> {
     let mut con = client
         .get_connection_with_timeout(Duration::from_millis(250))
         .ok()?;
-    con.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    con.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
     let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
     parse_info_pid(&info)
 }
