@@ -208,7 +208,7 @@ async fn recovery(fault: Fault) -> Duration {
     until("the fill to end", || handle.stats().in_flight == 0).await;
     assert_eq!(get(&svc, "/r").await.0, "HIT");
 
-    // Load while Redis is away for half a second (enough to open the breaker).
+    // Load while Redis is away.
     let stop = Arc::new(AtomicBool::new(false));
     let load: Vec<_> = (0..4)
         .map(|i| {
@@ -226,8 +226,9 @@ async fn recovery(fault: Fault) -> Duration {
         Fault::Restart => redis.stop(),
         Fault::Pause => redis.pause(),
     }
-    // The fault's duration, not a synchronisation.
+    // Half a second at least, and until the breaker opened (5 failures).
     tokio::time::sleep(Duration::from_millis(500)).await;
+    until("the breaker to open", || handle.stats().redis_errors >= 5).await;
     let errors = handle.stats().redis_errors;
     match fault {
         Fault::Restart => redis.start(),
@@ -277,4 +278,54 @@ async fn hits_resume_after_a_redis_restart_with_the_default_settings() {
 #[tokio::test(flavor = "multi_thread")]
 async fn hits_resume_after_a_paused_redis_resumes_with_the_default_settings() {
     recovery(Fault::Pause).await;
+}
+
+/// Not a check: measures the hit path's latency (one HGETALL through the
+/// layer) for `CACHEFENCE_PROBE_SECS` (default 20) seconds, to choose the
+/// default `redis_timeout` from. Run it beside the test suite:
+/// `cargo nextest run --test numbers --run-ignored only hit_latency --no-capture`
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "a measurement, run by hand beside a loaded machine"]
+async fn hit_latency_under_load() {
+    let secs: u64 = std::env::var("CACHEFENCE_PROBE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let redis = RedisServer::new();
+    let gate = Gate::open();
+    // A generous timeout so slow reads are measured, not cut off.
+    let layer = FenceLayer::new(redis.connection_manager().await)
+        .namespace("probe:")
+        .ttl(Duration::from_secs(3600))
+        .redis_timeout(Duration::from_secs(5));
+    let handle = layer.handle();
+    let svc = layer.layer(origin(&gate));
+    get(&svc, "/h").await;
+    until("the fill to end", || handle.stats().in_flight == 0).await;
+    let mut samples = Vec::new();
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        let t = Instant::now();
+        assert_eq!(get(&svc, "/h").await.0, "HIT");
+        samples.push(t.elapsed());
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    samples.sort();
+    let q = |p: f64| samples[((samples.len() - 1) as f64 * p) as usize];
+    eprintln!(
+        "{} hits: p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}; over 100 ms: {}, over 250 ms: {}",
+        samples.len(),
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        samples[samples.len() - 1],
+        samples
+            .iter()
+            .filter(|d| **d > Duration::from_millis(100))
+            .count(),
+        samples
+            .iter()
+            .filter(|d| **d > Duration::from_millis(250))
+            .count(),
+    );
 }

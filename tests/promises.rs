@@ -621,8 +621,16 @@ async fn shutdown_lets_a_fill_finish_within_the_grace_and_store_it() {
         let handle = handle.clone();
         async move { handle.shutdown(Duration::from_secs(60)).await }
     });
-    // Shutdown waits for the held fill (a few yields are plenty for it to
-    // return if it did not wait).
+    // Shutdown has begun once new requests bypass the cache (asked through
+    // the same layer in front of an origin that is not held)...
+    let open = Gate::open();
+    let probe = l.layer(origin(&open, plain(200, &[])));
+    let deadline = Instant::now() + support::gate::HANG_GUARD;
+    while get(&probe, "/other").await.cache != "BYPASS" {
+        assert!(Instant::now() < deadline, "shutdown never began");
+        tokio::task::yield_now().await;
+    }
+    // ...and it waits for the held fill.
     for _ in 0..100 {
         tokio::task::yield_now().await;
     }
@@ -631,8 +639,6 @@ async fn shutdown_lets_a_fill_finish_within_the_grace_and_store_it() {
         "shutdown returned while a fill runs"
     );
     gate.release();
-    // New requests bypass the cache.
-    assert_eq!(get(&svc, "/other").await.cache, "BYPASS");
     assert_eq!(shutdown.await.unwrap(), 0, "no lease left to release");
     let r = request.await.unwrap();
     assert_eq!((r.cache.as_str(), r.text().as_str()), ("MISS", "/f #1"));
