@@ -111,3 +111,79 @@ async fn http_helper_round_trip() {
     assert_eq!(reply.cache_status(), Some("MISS"));
     assert_eq!(reply.body, "hi");
 }
+
+#[tokio::test]
+async fn the_server_on_the_port_is_the_one_started_by_its_process_id() {
+    let mut server = RedisServer::new();
+    assert_eq!(server.reported_pid(), server.pid());
+    let first = server.pid();
+    server.stop();
+    assert_eq!(server.reported_pid(), None);
+    server.start();
+    assert_eq!(server.reported_pid(), server.pid());
+    assert_ne!(server.pid(), first);
+}
+
+#[tokio::test]
+async fn starting_on_a_port_another_server_answers_fails_instead_of_using_it() {
+    // Another redis-server takes the port while ours is stopped: PING is
+    // answered, but by the wrong process, so start() must refuse it.
+    let mut b = RedisServer::new();
+    b.stop();
+    let squatter = std::process::Command::new("redis-server")
+        .args(["--port", &b.port().to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the squatter");
+    let mut squatter = scopeguard(squatter);
+    let client = b.client();
+    for _ in 0..200 {
+        if client
+            .get_connection_with_timeout(Duration::from_millis(100))
+            .is_ok()
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| b.start()));
+    assert!(
+        refused.is_err(),
+        "start() accepted another process's server"
+    );
+    assert_eq!(b.reported_pid(), Some(squatter.0.id()));
+    squatter.kill();
+}
+
+/// Kills the child on drop.
+struct Guard(std::process::Child);
+impl Guard {
+    fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+fn scopeguard(child: std::process::Child) -> Guard {
+    Guard(child)
+}
+
+#[tokio::test]
+async fn a_gate_reports_calls_and_holds_them_until_released() {
+    use support::gate::Gate;
+    let gate = Gate::new();
+    let held = tokio::spawn({
+        let gate = gate.clone();
+        async move { gate.enter().await }
+    });
+    gate.called(1).await;
+    assert!(!held.is_finished());
+    gate.release();
+    assert_eq!(held.await.unwrap(), 1);
+    assert_eq!(gate.enter().await, 2);
+}

@@ -6,6 +6,7 @@
 
 #[cfg(feature = "cluster-async")]
 pub mod cluster;
+pub mod gate;
 pub mod origin;
 pub mod procs;
 
@@ -138,6 +139,13 @@ impl RedisServer {
     /// PID of the running process, if any.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// `process_id` as the server on this port reports it in `INFO server`
+    /// (None if nothing answers). Equal to [`pid`](Self::pid) for a server
+    /// this helper started.
+    pub fn reported_pid(&self) -> Option<u32> {
+        info_pid(&self.client())
     }
 
     /// Kill the server process and wait for it. No-op if already stopped.
@@ -314,8 +322,21 @@ impl RedisServer {
                     self.log()
                 ));
             }
+            // PING alone could be answered by another test's server that
+            // took the port in the meantime: the server must be this child.
             if ping(&client) {
-                return Ok(child);
+                match info_pid(&client) {
+                    Some(pid) if pid == child.id() => return Ok(child),
+                    other => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(format!(
+                            "port {} is answered by process {other:?}, not by redis-server {}",
+                            self.port,
+                            child.id()
+                        ));
+                    }
+                }
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
@@ -393,6 +414,23 @@ fn ping(client: &redis::Client) -> bool {
         redis::cmd("PING").query::<redis::Value>(&mut con),
         Ok(redis::Value::SimpleString(ref s)) if s == "PONG"
     )
+}
+
+/// `process_id` from `INFO server`.
+fn info_pid(client: &redis::Client) -> Option<u32> {
+    let mut con = client
+        .get_connection_with_timeout(Duration::from_millis(250))
+        .ok()?;
+    con.set_read_timeout(Some(Duration::from_millis(500)))
+        .ok()?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut con).ok()?;
+    parse_info_pid(&info)
+}
+
+fn parse_info_pid(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix("process_id:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn parse_commandstats(info: &str) -> Vec<(String, u64)> {
