@@ -35,9 +35,11 @@ if f['v'] == ARGV[5] and ARGV[4] == 'fill' then
     return {'hit', e}
   end
 end
+-- The time before the lease: a script that fails after its SET would leave
+-- the lease held until it expires (an ACL denying TIME, say).
+local t = redis.call('TIME')
+local start = t[1] .. string.format('%06d', tonumber(t[2]))
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local t = redis.call('TIME')
-  local start = t[1] .. string.format('%06d', tonumber(t[2]))
   if ARGV[4] == 'fill' and f['v'] == ARGV[5] then return {'won', e, start} end
   return {'won', {}, start}
 end
