@@ -11,9 +11,8 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -30,6 +29,7 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use redis::aio::ConnectionManager;
+use support::procs::Procs;
 use support::{Http, RedisServer, Reply, serve};
 use tokio::sync::Barrier;
 use tower::{Layer, ServiceExt};
@@ -323,75 +323,6 @@ async fn server_process() {
     axum::serve(listener, app).await.expect("serve");
 }
 
-/// Server processes, killed (SIGKILL) and reaped on drop.
-#[derive(Default)]
-struct Procs {
-    children: Vec<(String, Child)>,
-    addrs: Vec<(String, SocketAddr)>,
-}
-
-impl Procs {
-    /// Starts a server process named `name` and returns its address.
-    fn spawn(&mut self, name: &str, env: &[(&str, &str)]) -> SocketAddr {
-        let exe = std::env::current_exe().expect("current_exe");
-        let mut child = Command::new(exe)
-            .args(["--exact", "server_process", "--ignored", "--nocapture"])
-            .env("CACHEFENCE_ROLE", "server")
-            .env("PROC_NAME", name)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawning a server process");
-        let stdout = child.stdout.take().expect("piped stdout");
-        self.children.push((name.to_owned(), child));
-        let (tx, rx) = std::sync::mpsc::channel();
-        // Reads the PORT line, then keeps draining so the pipe never fills.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(port) = line.trim().strip_prefix("PORT=") {
-                    let _ = tx.send(port.parse::<u16>().expect("PORT=<n>"));
-                }
-            }
-        });
-        let port = tokio::task::block_in_place(|| rx.recv_timeout(Duration::from_secs(60)))
-            .unwrap_or_else(|_| panic!("server process {name} printed no PORT= line"));
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        self.addrs.push((name.to_owned(), addr));
-        addr
-    }
-
-    fn addr(&self, name: &str) -> SocketAddr {
-        self.addrs
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, a)| *a)
-            .expect("no such process")
-    }
-
-    /// SIGKILLs the process named `name`.
-    fn kill(&mut self, name: &str) {
-        let (_, child) = self
-            .children
-            .iter_mut()
-            .find(|(n, _)| n == name)
-            .expect("no such process");
-        child.kill().expect("kill -9");
-        child.wait().expect("reaping");
-    }
-}
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 fn origin_calls(redis: &RedisServer, who_and_path: &str) -> u64 {
     redis
         .cli(&["GET", &format!("origin_calls:{who_and_path}")])
@@ -417,7 +348,7 @@ async fn a_cold_key_hit_by_500_requests_in_4_processes_reaches_the_origin_once()
     const ROUNDS: usize = 20;
     let redis = RedisServer::new();
     let url = redis.url();
-    let mut procs = Procs::default();
+    let mut procs = Procs::new("server_process");
     let addrs: Vec<SocketAddr> = (0..PROCESSES)
         .map(|i| {
             procs.spawn(
@@ -476,7 +407,7 @@ async fn a_leader_killed_mid_fill_loses_its_lease_and_one_other_process_takes_ov
     let redis = RedisServer::new();
     let url = redis.url();
     let (lock, wait) = (LOCK_MS.to_string(), WAIT_MS.to_string());
-    let mut procs = Procs::default();
+    let mut procs = Procs::new("server_process");
     for (name, delay) in [("A", "60000"), ("B", "50")] {
         procs.spawn(
             name,
