@@ -656,10 +656,6 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     ttl: config.pass_ttl,
                 }
             };
-            if reason == "fill timeout" {
-                Counters::inc(&counters.fill_timeouts);
-                tracing::warn!(key = %crate::trace::redact(&entry_key), fill_timeout = ?config.fill_timeout, "fill timed out while reading the body; the rest streams to its own client");
-            }
             release(&shared, &ek, &key, lease.as_ref(), leave).await;
             match body {
                 Either::Buffered(Buffered::Complete {
@@ -683,6 +679,8 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 Either::Buffered(Buffered::Unfinished { prefix, rest }) => {
                     // The response is its leader's own; the others must not
                     // wait for an endless body.
+                    Counters::inc(&counters.fill_timeouts);
+                    tracing::warn!(key = %crate::trace::redact(&entry_key), fill_timeout = ?config.fill_timeout, "fill timed out while reading the body; the rest streams to its own client");
                     match stale {
                         Some(stale) => {
                             Counters::inc(&counters.stale);
