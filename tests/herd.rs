@@ -1045,3 +1045,39 @@ async fn a_pass_marker_covers_its_vary_variant_not_the_whole_url() {
     }
     assert_eq!(origin.calls(), 4);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_wait_with_the_longest_wait_timeout_is_answered() {
+    // `wait_timeout(Duration::MAX)` on the path that waits on another
+    // process's lease (a deadline computed from it must not overflow).
+    let redis = RedisServer::new();
+    let origin = Origin::default();
+    let a = default_layer(&redis, "wmax:").await;
+    let b = default_layer(&redis, "wmax:")
+        .await
+        .wait_timeout(Duration::MAX)
+        .lock_timeout(Duration::MAX);
+    let hb = b.handle();
+    let addr_a = serve(origin.router().layer(a)).await;
+    let addr_b = serve(origin.router().layer(b)).await;
+    let http = raw_client();
+    let path = "/m?hold";
+    let leader = burst(&http, &[addr_a], path, 1).await;
+    eventually(
+        "A's fill to reach the origin",
+        Duration::from_secs(10),
+        || origin.calls() == 1,
+    )
+    .await;
+    let waiter = burst(&http, &[addr_b], path, 1).await;
+    eventually("B to wait on A's lease", Duration::from_secs(10), || {
+        hb.stats().remote_waits == 1
+    })
+    .await;
+    origin.release.notify_one();
+    for t in leader.into_iter().chain(waiter) {
+        let reply = t.await.unwrap().0.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "origin /m #1");
+    }
+}
