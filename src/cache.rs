@@ -6,15 +6,15 @@ use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
+use crate::config::Config;
 use crate::handle::FenceHandle;
-use crate::layer::{Config, FenceLayer};
 use crate::shared::Shared;
 use crate::stats::Stats;
 
 /// One cache: the Redis connection and everything that belongs to it once
 /// per process (the call timeout, the circuit breaker, the wake-up
 /// subscription, the in-flight table, the counters). Routes get their own
-/// [`FenceLayer`] from it with [`layer`](Self::layer), and set their own TTL,
+/// [`FenceLayer`](crate::FenceLayer) from it with [`layer`](Self::layer), and set their own TTL,
 /// name, key and policy there; the settings on this type can't be set per
 /// route by mistake.
 ///
@@ -43,9 +43,9 @@ use crate::stats::Stats;
 /// # Ok(()) }
 /// ```
 pub struct FenceCache<C = redis::aio::ConnectionManager> {
-    shared: Arc<Shared<C>>,
+    pub(crate) shared: Arc<Shared<C>>,
     /// What [`layer`](Self::layer) starts from (the namespace).
-    defaults: Config,
+    pub(crate) defaults: Config,
 }
 
 impl<C> Clone for FenceCache<C> {
@@ -84,19 +84,13 @@ where
         Self { shared, defaults }
     }
 
-    /// A layer for one route, with the default per-route settings and this
-    /// cache's namespace. Set the route's TTL, name, key and policy on it.
-    pub fn layer(&self) -> FenceLayer<C> {
-        FenceLayer {
-            config: self.defaults.clone(),
-            shared: self.shared.clone(),
-        }
-    }
-
     /// A handle to invalidate entries of this cache's namespace and read
     /// its counters.
     pub fn handle(&self) -> FenceHandle<C> {
-        self.layer().handle()
+        let mut config = self.defaults.clone().sanitized();
+        // A handle counts what it does for the whole cache, not a route.
+        config.counters = Arc::new(self.shared.counters.clone());
+        FenceHandle::new(self.shared.clone(), config)
     }
 
     /// A snapshot of the counters, summed over every route.
@@ -140,7 +134,7 @@ where
         if self.shared.wake_client.set(client).is_err() {
             tracing::warn!("wake_ups was already set for this cache; the new client is ignored");
         }
-        self.shared.ensure_listener();
+        crate::wake::ensure_listener(&self.shared);
         self
     }
 }

@@ -110,7 +110,7 @@ pub(crate) fn add_param(identifier: &str, headers: &mut HeaderMap, param: &str) 
 /// Marks a forwarded response handed to a request that waited on another
 /// request's fill (a fill that found the entry stored elsewhere stays a
 /// plain `hit`).
-pub(crate) fn collapsed(config: &crate::layer::Config, headers: &mut HeaderMap) {
+pub(crate) fn collapsed(config: &crate::config::Config, headers: &mut HeaderMap) {
     if let Some(id) = &config.cache_status {
         add_param(id, headers, "collapsed");
     }

@@ -13,14 +13,16 @@ use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use crate::body::{Buffered, FenceBody, buffer};
+use crate::config::OnWaitTimeout;
 use crate::entry::storable_headers;
 use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
 use crate::flight::{CacheStatus, Flight, Outcome};
 use crate::key::{EntryKey, header_value, lease_of};
-use crate::layer::{OnWaitTimeout, Shared};
 use crate::lease::{Ended, Lease, LeaseRegistration, Leave, new_token, release, with_lease};
 use crate::policy::{ResponseRule, response_tags, uncacheable_by_nature, vary_names};
-use crate::service::{Ctx, from_entry, plain_response};
+use crate::response::{from_entry, plain_response};
+use crate::shared::Ctx;
+use crate::shared::Shared;
 use crate::stats::Counters;
 use crate::store::{Acquired, StoreArgs, WriteBack};
 use crate::wait::Backoff;
@@ -85,7 +87,7 @@ pub(crate) struct Deadlines {
 }
 
 impl Deadlines {
-    pub(crate) fn new(config: &crate::layer::Config) -> Self {
+    pub(crate) fn new(config: &crate::config::Config) -> Self {
         let now = tokio::time::Instant::now();
         Self {
             wait: now + config.wait_timeout,
@@ -218,7 +220,7 @@ where
                 }
                 job.flight.finish(Outcome::Origin);
                 let result =
-                    crate::service::origin(&config, job.svc, job.req, CacheStatus::Bypass).await;
+                    crate::response::origin(&config, job.svc, job.req, CacheStatus::Bypass).await;
                 send(&mut job.leader, result);
                 return;
             }
@@ -250,7 +252,7 @@ where
                     Counters::inc(&counters.remote_waits);
                     tracing::debug!(key = %crate::trace::redact(&key), "fill lease held elsewhere, waiting");
                     // The listener may have died with a runtime: restart it.
-                    shared.ensure_listener();
+                    crate::wake::ensure_listener(&shared);
                 }
                 let now = tokio::time::Instant::now();
                 if now >= job.deadlines.cap {
@@ -315,7 +317,7 @@ where
 
 /// Answers the leader and every joiner `504 Gateway Timeout`.
 fn gateway_timeout<B: Body, E>(
-    config: &crate::layer::Config,
+    config: &crate::config::Config,
     flight: &Flight,
     leader: &mut Option<oneshot::Sender<LeaderResult<B, E>>>,
 ) {
@@ -742,7 +744,7 @@ fn serve_stale<C, B: Body, E>(
 fn serve_all<B: Body, E>(
     flight: &Flight,
     leader: &mut Option<oneshot::Sender<LeaderResult<B, E>>>,
-    config: &crate::layer::Config,
+    config: &crate::config::Config,
     entry: Arc<Entry>,
     status: CacheStatus,
     vary: Arc<[(HeaderName, Vec<u8>)]>,
@@ -758,14 +760,14 @@ fn serve_all<B: Body, E>(
 
 fn send_response<B: Body, E>(
     leader: &mut Option<oneshot::Sender<LeaderResult<B, E>>>,
-    config: &crate::layer::Config,
+    config: &crate::config::Config,
     parts: http::response::Parts,
     body: FenceBody<B>,
     status: CacheStatus,
 ) {
     let mut res = Response::from_parts(parts, body);
-    crate::service::outgoing(config, res.headers_mut(), status);
-    crate::service::keep_status(config, &mut res, status);
+    crate::response::outgoing(config, res.headers_mut(), status);
+    crate::response::keep_status(config, &mut res, status);
     send(leader, Ok(res));
 }
 

@@ -19,8 +19,6 @@ use std::time::{Duration, SystemTime};
 use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, HeaderName, LAST_MODIFIED};
 use http::{HeaderMap, response};
 
-use crate::policy::{parse_seconds, split_directives};
-
 /// `CDN-Cache-Control` (RFC 9213).
 const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control");
 
@@ -167,6 +165,41 @@ impl Directives {
         }
         d
     }
+}
+
+/// Splits on commas outside quoted strings.
+pub(crate) fn split_directives(value: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, &b) in value.iter().enumerate() {
+        match b {
+            b'"' => quoted = !quoted,
+            b',' if !quoted => {
+                out.push(value[start..i].trim_ascii());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(value[start..].trim_ascii());
+    out.retain(|d| !d.is_empty());
+    out
+}
+
+/// Delta-seconds (RFC 9111 1.2.2): digits, possibly quoted; values too large
+/// saturate, anything else is invalid.
+pub(crate) fn parse_seconds(arg: &[u8]) -> Option<u64> {
+    let arg = arg.trim_ascii();
+    let arg = arg
+        .strip_prefix(b"\"")
+        .and_then(|a| a.strip_suffix(b"\""))
+        .unwrap_or(arg);
+    if arg.is_empty() || !arg.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(arg.iter().fold(0u64, |acc, &d| {
+        acc.saturating_mul(10).saturating_add(u64::from(d - b'0'))
+    }))
 }
 
 #[cfg(test)]

@@ -11,13 +11,14 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 
+use crate::config::Config;
 use crate::error::FenceError;
 use crate::key::{
     EntryKey, READABLE_MAX, escape, namespace_prefix, tag_keys, tag_marker_prefix,
     truncate_escaped, url_of,
 };
-use crate::layer::{Config, Shared};
 use crate::policy::RequestRule;
+use crate::shared::Shared;
 use crate::stats::{Counters, Stats};
 use crate::store::{INVALIDATE_CHANNEL, Node, ReleaseArgs, Store};
 
@@ -800,24 +801,9 @@ where
         released
     }
 
-    /// The durable invalidation queue of this handle's namespace: a Redis
-    /// Stream that [`InvalidationWorker`](crate::InvalidationWorker)s apply
-    /// with this handle. Its commands (none of them blocks) go over the
-    /// layer's connection.
-    ///
-    /// ```no_run
-    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
-    /// use cachefence::Invalidation;
-    /// handle.queue().enqueue(&Invalidation::path("/products/42")).await?;
-    /// # Ok(()) }
-    /// ```
-    pub fn queue(&self) -> crate::queue::InvalidationQueue<C> {
-        self.queue_with(self.shared.store.connection())
-    }
-
-    /// [`queue`](Self::queue) over another connection.
-    pub fn queue_with(&self, conn: C) -> crate::queue::InvalidationQueue<C> {
-        crate::queue::InvalidationQueue::new(self.clone(), conn)
+    /// The connection the handle's commands go over (the layer's).
+    pub(crate) fn connection(&self) -> C {
+        self.shared.store.connection()
     }
 
     /// Shifts this layer's clock (freshness, XFetch, pass markers) by `ms`,

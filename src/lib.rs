@@ -115,6 +115,7 @@ mod breaker;
 mod cache;
 mod cache_status;
 mod conditional;
+mod config;
 mod entry;
 mod error;
 mod fill;
@@ -131,6 +132,7 @@ mod parts;
 mod policy;
 mod purge;
 mod queue;
+mod response;
 mod revalidate;
 mod scripts;
 mod service;
@@ -145,10 +147,11 @@ mod xfetch;
 
 pub use body::FenceBody;
 pub use cache::FenceCache;
+pub use config::OnWaitTimeout;
 pub use error::FenceError;
 pub use handle::{FenceHandle, Invalidation};
 pub use key::{DefaultKey, MakeKey};
-pub use layer::{FenceLayer, OnWaitTimeout};
+pub use layer::FenceLayer;
 pub use policy::{CacheTags, CacheTtl};
 pub use purge::PurgeService;
 pub use queue::{

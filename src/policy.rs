@@ -7,6 +7,7 @@ use std::time::Duration;
 use http::header::{AUTHORIZATION, CACHE_CONTROL, COOKIE, PRAGMA, SET_COOKIE, VARY};
 use http::{HeaderMap, HeaderName, Method, StatusCode, request, response};
 
+use crate::freshness::{parse_seconds, split_directives};
 use crate::key::{digest, header_value, request_host};
 
 /// Sets the fresh lifetime of one response, overriding the layer's TTL.
@@ -539,41 +540,6 @@ impl CacheControl {
         }
         cc
     }
-}
-
-/// Splits on commas outside quoted strings.
-pub(crate) fn split_directives(value: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let (mut start, mut quoted) = (0, false);
-    for (i, &b) in value.iter().enumerate() {
-        match b {
-            b'"' => quoted = !quoted,
-            b',' if !quoted => {
-                out.push(value[start..i].trim_ascii());
-                start = i + 1;
-            }
-            _ => {}
-        }
-    }
-    out.push(value[start..].trim_ascii());
-    out.retain(|d| !d.is_empty());
-    out
-}
-
-/// Delta-seconds (RFC 9111 1.2.2): digits, possibly quoted; values too large
-/// saturate, anything else is invalid.
-pub(crate) fn parse_seconds(arg: &[u8]) -> Option<u64> {
-    let arg = arg.trim_ascii();
-    let arg = arg
-        .strip_prefix(b"\"")
-        .and_then(|a| a.strip_suffix(b"\""))
-        .unwrap_or(arg);
-    if arg.is_empty() || !arg.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(arg.iter().fold(0u64, |acc, &d| {
-        acc.saturating_mul(10).saturating_add(u64::from(d - b'0'))
-    }))
 }
 
 #[cfg(test)]

@@ -6,8 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::header::{AGE, CONTENT_LENGTH};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
 use redis::aio::ConnectionLike;
@@ -20,13 +19,17 @@ use crate::bounds::{CacheBody, Conn, Inner};
 use crate::body::FenceBody;
 use crate::cache_status;
 use crate::conditional::{self, Conditions};
+use crate::config::{Config, OnWaitTimeout};
 use crate::entry::{Entry, Record, now_ms};
 use crate::error::FenceError;
 use crate::fill::{self, Deadlines, Job, Mode};
 use crate::flight::{CacheStatus, Joined, Outcome};
 use crate::key::{EntryKey, header_value};
-use crate::layer::{Config, OnWaitTimeout, Shared};
 use crate::policy::RequestRule;
+use crate::response::{
+    finish_cache_status, from_entry, origin, outgoing, plain_response, status_of,
+};
+use crate::shared::{Ctx, Shared};
 use crate::stats::Counters;
 use crate::store::Store;
 use crate::unsafe_methods;
@@ -260,30 +263,6 @@ where
     outgoing(&config, res.headers_mut(), CacheStatus::Bypass);
     finish_cache_status(&config, &mut res);
     Ok(res)
-}
-
-/// Completes the `Cache-Status` member of a forwarded response with the
-/// status the origin answered.
-fn finish_cache_status<B>(config: &Config, res: &mut Response<B>) {
-    if let Some(id) = &config.cache_status {
-        let status = res.status();
-        cache_status::finish(id, res.headers_mut(), status);
-    }
-}
-
-/// What every step of the request path needs.
-pub(crate) struct Ctx<C> {
-    pub(crate) config: Arc<Config>,
-    pub(crate) shared: Arc<Shared<C>>,
-}
-
-impl<C> Clone for Ctx<C> {
-    fn clone(&self) -> Self {
-        Self {
-            config: self.config.clone(),
-            shared: self.shared.clone(),
-        }
-    }
 }
 
 /// Lookups that find a fill restarted (by an invalidation) or a response
@@ -548,119 +527,6 @@ fn after_wait_timeout<B: Body>(
             from_entry(config, &stale, CacheStatus::Stale, false, now_ms())
         }
         None => plain_response(config, StatusCode::GATEWAY_TIMEOUT),
-    }
-}
-
-/// Calls the inner service (which is ready) and passes its response through.
-pub(crate) async fn origin<S, ReqB, ResB>(
-    config: &Config,
-    mut svc: S,
-    req: Request<ReqB>,
-    status: CacheStatus,
-) -> Result<Response<FenceBody<ResB>>, S::Error>
-where
-    S: Service<Request<ReqB>, Response = Response<ResB>>,
-    ResB: Body,
-{
-    let res = svc.call(req).await?;
-    let mut res = res.map(FenceBody::inner);
-    outgoing(config, res.headers_mut(), status);
-    keep_status(config, &mut res, status);
-    Ok(res)
-}
-
-/// The last touch on every response: the cache-status header, and the tag
-/// headers removed unless they are to be exposed.
-pub(crate) fn outgoing(config: &Config, headers: &mut HeaderMap, status: CacheStatus) {
-    if !config.expose_tags {
-        for name in &config.tag_headers {
-            headers.remove(name);
-        }
-    }
-    mark(config, headers, status, None);
-}
-
-/// A cached response, as sent to a client.
-pub(crate) fn from_entry<B: Body>(
-    config: &Config,
-    entry: &Entry,
-    status: CacheStatus,
-    head: bool,
-    now: u64,
-) -> Response<FenceBody<B>> {
-    let body = if head {
-        FenceBody::empty()
-    } else {
-        FenceBody::full(entry.body.clone())
-    };
-    let mut res = Response::new(body);
-    *res.status_mut() = entry.status;
-    *res.headers_mut() = entry.headers.clone();
-    let headers = res.headers_mut();
-    if !(entry.status.is_informational()
-        || entry.status == StatusCode::NO_CONTENT
-        || entry.status == StatusCode::NOT_MODIFIED)
-    {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
-    }
-    if status != CacheStatus::Miss {
-        headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
-    }
-    let from = cache_status::FromEntry::new(entry, now);
-    mark(config, headers, status, Some(from));
-    keep_status(config, &mut res, status);
-    res
-}
-
-/// A response made by the cache itself (504 after a wait, 500 after a panic).
-pub(crate) fn plain_response<B: Body>(
-    config: &Config,
-    status: StatusCode,
-) -> Response<FenceBody<B>> {
-    let mut res = Response::new(FenceBody::empty());
-    *res.status_mut() = status;
-    mark(config, res.headers_mut(), CacheStatus::Miss, None);
-    keep_status(config, &mut res, CacheStatus::Miss);
-    res
-}
-/// Keeps a response's cache status where the request span reads it: in
-/// the status header, or, when there is none, in an extension (which costs
-/// an allocation, so only then).
-pub(crate) fn keep_status<B>(config: &Config, res: &mut Response<B>, status: CacheStatus) {
-    if config.status_header.is_none() {
-        res.extensions_mut().insert(status);
-    }
-}
-
-/// The cache status [`keep_status`] kept.
-fn status_of<B>(config: &Config, res: &Response<B>) -> &'static str {
-    let from_header = config
-        .status_header
-        .as_ref()
-        .and_then(|name| res.headers().get(name))
-        .and_then(|value| match value.as_bytes() {
-            b"HIT" => Some(CacheStatus::Hit),
-            b"MISS" => Some(CacheStatus::Miss),
-            b"STALE" => Some(CacheStatus::Stale),
-            b"BYPASS" => Some(CacheStatus::Bypass),
-            _ => None,
-        });
-    from_header
-        .or_else(|| res.extensions().get::<CacheStatus>().copied())
-        .map_or("", CacheStatus::as_str)
-}
-
-pub(crate) fn mark(
-    config: &Config,
-    headers: &mut HeaderMap,
-    status: CacheStatus,
-    entry: Option<cache_status::FromEntry>,
-) {
-    if let Some(name) = &config.status_header {
-        headers.insert(name.clone(), HeaderValue::from_static(status.as_str()));
-    }
-    if let Some(id) = &config.cache_status {
-        cache_status::mark(id, headers, status, entry);
     }
 }
 

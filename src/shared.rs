@@ -4,15 +4,15 @@
 //! listener.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
 
+use crate::config::Config;
 use crate::flight::Flights;
 use crate::stats::Counters;
 use crate::store::{Breaker, Store};
-use crate::wake;
 
 /// The state of one cache, shared by its layers, their services and its handles.
 pub(crate) struct Shared<C> {
@@ -67,31 +67,19 @@ where
             warn_gate: Default::default(),
         }
     }
+}
 
-    /// Starts the wake-up listener once, if a client for it was given and a
-    /// Tokio runtime is running.
-    ///
-    /// Called again where waiting starts: a listener that ended with the
-    /// runtime it ran on is started again on the current one.
-    pub(crate) fn ensure_listener(self: &Arc<Self>) {
-        use std::sync::atomic::Ordering;
-        if self.listening.load(Ordering::Acquire) {
-            return;
-        }
-        let Some(client) = self.wake_client.get() else {
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if self
-            .listening
-            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            let weak: Weak<Self> = Arc::downgrade(self);
-            let running = wake::Running(self.listening.clone());
-            runtime.spawn(wake::listen(client.clone(), weak, running));
+/// What every step of the request path needs.
+pub(crate) struct Ctx<C> {
+    pub(crate) config: Arc<Config>,
+    pub(crate) shared: Arc<Shared<C>>,
+}
+
+impl<C> Clone for Ctx<C> {
+    fn clone(&self) -> Self {
+        Self {
+            config: self.config.clone(),
+            shared: self.shared.clone(),
         }
     }
 }

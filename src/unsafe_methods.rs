@@ -9,8 +9,8 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use redis::aio::ConnectionLike;
 
+use crate::config::Config;
 use crate::handle::FenceHandle;
-use crate::layer::Config;
 
 /// Whether a response to `method` invalidates: every method except the safe
 /// ones (RFC 9110 §9.2.1 and the WebDAV / `QUERY` methods defined safe) and

@@ -119,3 +119,32 @@ async fn next_or_gone<C>(
         }
     }
 }
+
+/// Starts the wake-up listener once, if a client for it was given and a
+/// Tokio runtime is running.
+///
+/// Called again where waiting starts: a listener that ended with the
+/// runtime it ran on is started again on the current one.
+pub(crate) fn ensure_listener<C>(shared: &Arc<Shared<C>>)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    if shared.listening.load(Ordering::Acquire) {
+        return;
+    }
+    let Some(client) = shared.wake_client.get() else {
+        return;
+    };
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    if shared
+        .listening
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+    {
+        let weak: Weak<Shared<C>> = Arc::downgrade(shared);
+        let running = Running(shared.listening.clone());
+        runtime.spawn(listen(client.clone(), weak, running));
+    }
+}

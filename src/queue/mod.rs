@@ -132,6 +132,33 @@ impl<C> fmt::Debug for InvalidationQueue<C> {
     }
 }
 
+/// The queue of a handle's namespace (here, so that `queue → handle` is
+/// the only edge between the two modules).
+impl<C> FenceHandle<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// The durable invalidation queue of this handle's namespace: a Redis
+    /// Stream that [`InvalidationWorker`](crate::InvalidationWorker)s apply
+    /// with this handle. Its commands (none of them blocks) go over the
+    /// layer's connection.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// use cachefence::Invalidation;
+    /// handle.queue().enqueue(&Invalidation::path("/products/42")).await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn queue(&self) -> InvalidationQueue<C> {
+        self.queue_with(self.connection())
+    }
+
+    /// [`queue`](Self::queue) over another connection.
+    pub fn queue_with(&self, conn: C) -> InvalidationQueue<C> {
+        InvalidationQueue::new(self.clone(), conn)
+    }
+}
+
 impl<C> InvalidationQueue<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,

@@ -1,0 +1,136 @@
+//! Responses as the cache sends them: cached entries, the inner service's
+//! responses passed through, and the cache's own (504, 500), each marked with
+//! its cache status (`x-cache`, `Cache-Status`) and stripped of tag headers.
+
+use http::header::{AGE, CONTENT_LENGTH};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::FenceBody;
+use crate::cache_status;
+use crate::config::Config;
+use crate::entry::Entry;
+use crate::flight::CacheStatus;
+
+/// Completes the `Cache-Status` member of a forwarded response with the
+/// status the origin answered.
+pub(crate) fn finish_cache_status<B>(config: &Config, res: &mut Response<B>) {
+    if let Some(id) = &config.cache_status {
+        let status = res.status();
+        cache_status::finish(id, res.headers_mut(), status);
+    }
+}
+
+/// Calls the inner service (which is ready) and passes its response through.
+pub(crate) async fn origin<S, ReqB, ResB>(
+    config: &Config,
+    mut svc: S,
+    req: Request<ReqB>,
+    status: CacheStatus,
+) -> Result<Response<FenceBody<ResB>>, S::Error>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    ResB: Body,
+{
+    let res = svc.call(req).await?;
+    let mut res = res.map(FenceBody::inner);
+    outgoing(config, res.headers_mut(), status);
+    keep_status(config, &mut res, status);
+    Ok(res)
+}
+
+/// The last touch on every response: the cache-status header, and the tag
+/// headers removed unless they are to be exposed.
+pub(crate) fn outgoing(config: &Config, headers: &mut HeaderMap, status: CacheStatus) {
+    if !config.expose_tags {
+        for name in &config.tag_headers {
+            headers.remove(name);
+        }
+    }
+    mark(config, headers, status, None);
+}
+
+/// A cached response, as sent to a client.
+pub(crate) fn from_entry<B: Body>(
+    config: &Config,
+    entry: &Entry,
+    status: CacheStatus,
+    head: bool,
+    now: u64,
+) -> Response<FenceBody<B>> {
+    let body = if head {
+        FenceBody::empty()
+    } else {
+        FenceBody::full(entry.body.clone())
+    };
+    let mut res = Response::new(body);
+    *res.status_mut() = entry.status;
+    *res.headers_mut() = entry.headers.clone();
+    let headers = res.headers_mut();
+    if !(entry.status.is_informational()
+        || entry.status == StatusCode::NO_CONTENT
+        || entry.status == StatusCode::NOT_MODIFIED)
+    {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+    }
+    if status != CacheStatus::Miss {
+        headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
+    }
+    let from = cache_status::FromEntry::new(entry, now);
+    mark(config, headers, status, Some(from));
+    keep_status(config, &mut res, status);
+    res
+}
+
+/// A response made by the cache itself (504 after a wait, 500 after a panic).
+pub(crate) fn plain_response<B: Body>(
+    config: &Config,
+    status: StatusCode,
+) -> Response<FenceBody<B>> {
+    let mut res = Response::new(FenceBody::empty());
+    *res.status_mut() = status;
+    mark(config, res.headers_mut(), CacheStatus::Miss, None);
+    keep_status(config, &mut res, CacheStatus::Miss);
+    res
+}
+/// Keeps a response's cache status where the request span reads it: in
+/// the status header, or, when there is none, in an extension (which costs
+/// an allocation, so only then).
+pub(crate) fn keep_status<B>(config: &Config, res: &mut Response<B>, status: CacheStatus) {
+    if config.status_header.is_none() {
+        res.extensions_mut().insert(status);
+    }
+}
+
+/// The cache status [`keep_status`] kept.
+pub(crate) fn status_of<B>(config: &Config, res: &Response<B>) -> &'static str {
+    let from_header = config
+        .status_header
+        .as_ref()
+        .and_then(|name| res.headers().get(name))
+        .and_then(|value| match value.as_bytes() {
+            b"HIT" => Some(CacheStatus::Hit),
+            b"MISS" => Some(CacheStatus::Miss),
+            b"STALE" => Some(CacheStatus::Stale),
+            b"BYPASS" => Some(CacheStatus::Bypass),
+            _ => None,
+        });
+    from_header
+        .or_else(|| res.extensions().get::<CacheStatus>().copied())
+        .map_or("", CacheStatus::as_str)
+}
+
+pub(crate) fn mark(
+    config: &Config,
+    headers: &mut HeaderMap,
+    status: CacheStatus,
+    entry: Option<cache_status::FromEntry>,
+) {
+    if let Some(name) = &config.status_header {
+        headers.insert(name.clone(), HeaderValue::from_static(status.as_str()));
+    }
+    if let Some(id) = &config.cache_status {
+        cache_status::mark(id, headers, status, entry);
+    }
+}
