@@ -103,8 +103,16 @@ async fn origin_handler(State(o): State<Origin>, uri: Uri) -> Response {
 const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A layer on `redis` in namespace `ns`, XFetch off unless a test turns it on.
+/// The connection's own response timeout is the layer's, not the support
+/// code's fast-fail 1 s, so that [`REDIS_TIMEOUT`] is the one that counts.
 async fn layer(redis: &RedisServer, ns: &str) -> FenceLayer<ConnectionManager> {
-    FenceLayer::new(redis.connection_manager().await)
+    let config = support::fast_fail_config().set_response_timeout(Some(REDIS_TIMEOUT));
+    let conn = redis
+        .client()
+        .get_connection_manager_with_config(config)
+        .await
+        .expect("connection manager");
+    FenceLayer::new(conn)
         .namespace(ns)
         .beta(0.0)
         .redis_timeout(REDIS_TIMEOUT)
@@ -513,7 +521,7 @@ async fn a_thousand_requests_in_one_process_share_one_fill_and_a_constant_few_re
         .collect();
     for w in warm {
         let reply = w.await.unwrap().expect("request");
-        assert_eq!(reply.cache_status(), Some("HIT"));
+        assert_eq!(reply.cache_status(), Some("HIT"), "{:?}", handle.stats());
     }
     redis.reset_stats();
     let calls_before = handle.stats().redis_calls;
