@@ -54,9 +54,9 @@ struct Pair {
 async fn pair(client: &redis::Client, ns: &str, wake_ups: bool) -> Pair {
     let cm = || async { client.get_connection_manager().await.expect("redis") };
     let la = FenceLayer::new(cm().await).namespace(ns).beta(0.0);
-    let mut lb = FenceLayer::new(cm().await).namespace(ns).beta(0.0);
+    let lb = FenceLayer::new(cm().await).namespace(ns).beta(0.0);
     if wake_ups {
-        lb = lb.wake_ups(client.clone());
+        let _ = lb.cache().wake_ups(client.clone());
     }
     let pair = Pair {
         a: la.layer(origin()),

@@ -17,7 +17,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::routing::get;
-use cachefence::FenceLayer;
+use cachefence::{FenceCache, FenceLayer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Installs the Prometheus recorder for the whole process (once), with
@@ -60,9 +60,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prometheus = install_prometheus()?;
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let fence = FenceLayer::new(client.get_connection_manager().await?)
-        .namespace(format!("metrics-demo-{}:", std::process::id()))
-        .wake_ups(client);
+    let fence = FenceCache::new(client.get_connection_manager().await?)
+        .wake_ups(client)
+        .layer()
+        .namespace(format!("metrics-demo-{}:", std::process::id()));
     let calls = Arc::new(AtomicU64::new(0));
     let handle = fence.handle();
     let app = app(fence, prometheus, calls.clone());

@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use cachefence::FenceLayer;
+use cachefence::FenceCache;
 use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{Authority, Scheme};
 use http::{HeaderMap, Request, Response, StatusCode, Uri};
@@ -211,11 +211,12 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let fence = FenceLayer::new(redis)
+    let fence = FenceCache::new(redis)
+        .wake_ups(client)
+        .layer()
         .namespace(args.namespace)
         .rfc9111(true)
-        .cache_status(Some("cachefence"))
-        .wake_ups(client);
+        .cache_status(Some("cachefence"));
     let Some(authority) = args.origin.authority().cloned() else {
         eprintln!("--origin must name a host");
         std::process::exit(2);

@@ -14,7 +14,7 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use cachefence::{FenceHandle, FenceLayer};
+use cachefence::{FenceCache, FenceHandle};
 use redis::aio::ConnectionManager;
 
 #[derive(Clone)]
@@ -51,11 +51,12 @@ async fn invalidate(State(shop): State<Shop>, Path(id): Path<u32>) -> impl IntoR
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let fence = FenceLayer::new(client.get_connection_manager().await?)
+    let fence = FenceCache::new(client.get_connection_manager().await?)
+        .wake_ups(client)
+        .layer()
         .ttl(Duration::from_secs(60))
         .grace(Duration::from_secs(30))
-        .namespace(format!("shop-demo-{}:", std::process::id()))
-        .wake_ups(client);
+        .namespace(format!("shop-demo-{}:", std::process::id()));
     let shop = Shop {
         origin_calls: Arc::new(AtomicU64::new(0)),
         fence: fence.handle(),

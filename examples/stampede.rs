@@ -26,7 +26,7 @@ use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
 use bytes::Bytes;
-use cachefence::{FenceHandle, FenceLayer};
+use cachefence::{FenceCache, FenceHandle};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -217,11 +217,13 @@ async fn fenced_run(client: &redis::Client, ns: &str, wake_ups: bool) -> Run {
     let mut addrs = Vec::new();
     let mut handles: Vec<FenceHandle<ConnectionManager>> = Vec::new();
     for _ in 0..INSTANCES {
-        let mut layer = FenceLayer::new(client.get_connection_manager().await.expect("redis"))
-            .namespace(format!("{ns}{}:", if wake_ups { "wake" } else { "poll" }));
+        let mut cache = FenceCache::new(client.get_connection_manager().await.expect("redis"));
         if wake_ups {
-            layer = layer.wake_ups(client.clone());
+            cache = cache.wake_ups(client.clone());
         }
+        let layer = cache
+            .layer()
+            .namespace(format!("{ns}{}:", if wake_ups { "wake" } else { "poll" }));
         handles.push(layer.handle());
         let product = Router::new()
             .route("/product/1", get(fenced))

@@ -41,8 +41,7 @@ use crate::shared::Shared;
 /// let fence = FenceLayer::new(client.get_connection_manager().await?)
 ///     .ttl(Duration::from_secs(60))
 ///     .grace(Duration::from_secs(30))
-///     .namespace("shop:")
-///     .wake_ups(client);
+///     .namespace("shop:");
 /// let handle = fence.handle();
 /// let app: Router = Router::new()
 ///     .route("/products/{id}", get(|| async { "a product" }).layer(fence.clone()))
@@ -90,7 +89,7 @@ where
     /// fill timeout 30 s, wait timeout 5 s (then stale if there is one, else
     /// keep waiting for the fill), stale-if-error on, pass markers 10 s,
     /// Redis timeout 250 ms, breaker opening after 5 failures for 1 s.
-    /// Waiters poll until [`wake_ups`](Self::wake_ups) gives a client for
+    /// Waiters poll until [`FenceCache::wake_ups`] gives a client for
     /// notifications.
     pub fn new(redis: C) -> Self {
         FenceCache::new(redis).layer()
@@ -149,7 +148,7 @@ where
         self
     }
 
-    /// Replaces the key function (default [`DefaultKey`]: path, sorted
+    /// Replaces the key function (default [`DefaultKey`](crate::DefaultKey): path, sorted
     /// query and host). [`FenceHandle::invalidate_path`] needs the key
     /// function's [`MakeKey::path_key`]: with a closure it fails with an
     /// error; [`FenceHandle::invalidate_request`] and
@@ -164,7 +163,7 @@ where
     }
 
     /// Caches only requests for these hosts (compared after normalising as
-    /// [`DefaultKey`] does: lowercase, no trailing dot, no default port);
+    /// [`DefaultKey`](crate::DefaultKey) does: lowercase, no trailing dot, no default port);
     /// requests for any other host, or naming none, pass through uncached.
     /// Default: any host. With it, a client sending arbitrary `Host`
     /// values can't fill Redis with entries.
@@ -602,6 +601,9 @@ where
     /// there are several routes. Here it changes the cache of this layer
     /// and of all its clones, for the one-liner `FenceLayer::new(conn)`.
     #[must_use]
+    #[deprecated(
+        note = "cache-wide, not per route: set it on the cache, `FenceCache::new(conn).redis_timeout(..).layer()`"
+    )]
     pub fn redis_timeout(self, timeout: Duration) -> Self {
         let _ = self.cache().redis_timeout(timeout);
         self
@@ -611,6 +613,9 @@ where
     /// when there are several routes. Here it changes the cache of this
     /// layer and of all its clones.
     #[must_use]
+    #[deprecated(
+        note = "cache-wide, not per route: set it on the cache, `FenceCache::new(conn).circuit_breaker(..).layer()`"
+    )]
     pub fn circuit_breaker(self, failures: u32, cooldown: Duration) -> Self {
         let _ = self.cache().circuit_breaker(failures, cooldown);
         self
@@ -620,6 +625,9 @@ where
     /// are several routes. Here it sets the wake-ups of the cache of this
     /// layer and of all its clones; a second client is ignored.
     #[must_use]
+    #[deprecated(
+        note = "cache-wide, not per route: set it on the cache, `FenceCache::new(conn).wake_ups(..).layer()`"
+    )]
     pub fn wake_ups(self, client: redis::Client) -> Self {
         let _ = self.cache().wake_ups(client);
         self

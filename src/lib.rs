@@ -10,8 +10,7 @@
 //! let fence = FenceLayer::new(client.get_connection_manager().await?)
 //!     .ttl(Duration::from_secs(60))
 //!     .grace(Duration::from_secs(30))
-//!     .namespace("shop:")
-//!     .wake_ups(client);
+//!     .namespace("shop:");
 //! let handle = fence.handle();
 //! let app: Router = Router::new()
 //!     .route("/products/{id}", get(|| async { "product" }).layer(fence.clone()))
@@ -47,7 +46,7 @@
 //!    across every process), calls the inner service, stores the response
 //!    fenced by the lease, and hands it to everyone who waited (`MISS`). If
 //!    another process holds the lease, the fill waits for it, woken by pub/sub
-//!    when [`FenceLayer::wake_ups`] is set and polling with backoff anyway.
+//!    when [`FenceCache::wake_ups`] is set and polling with backoff anyway.
 //!
 //! # Concurrent requests for the same key
 //!
@@ -86,11 +85,11 @@
 //! # Failure behaviour
 //!
 //! The cache fails open: when Redis errors, times out
-//! ([`FenceLayer::redis_timeout`], 250 ms by default) or holds garbage, the
+//! ([`FenceCache::redis_timeout`], 250 ms by default) or holds garbage, the
 //! request goes to the inner service and its response is returned unchanged
 //! (`BYPASS`); concurrent requests for one key in one process still share
 //! one origin call. After repeated failures a circuit breaker stops sending
-//! commands for a cool-down ([`FenceLayer::circuit_breaker`]). Damaged
+//! commands for a cool-down ([`FenceCache::circuit_breaker`]). Damaged
 //! entries read as misses and are overwritten. The service's error type is
 //! the inner service's: the cache adds no error of its own. See
 //! [`FenceHandle::shutdown`] for a graceful exit.

@@ -92,9 +92,8 @@ async fn the_breaker_is_the_caches_and_every_route_sees_it() {
 #[tokio::test]
 async fn fence_layer_new_is_still_the_one_liner_and_knows_its_cache() {
     let redis = RedisServer::new();
-    let layer = FenceLayer::new(redis.connection_manager().await)
-        .namespace("one:")
-        .redis_timeout(Duration::from_millis(500));
+    let layer = FenceLayer::new(redis.connection_manager().await).namespace("one:");
+    let _ = layer.cache().redis_timeout(Duration::from_millis(500));
     let cache = layer.cache();
     let addr = serve(Router::new().route("/x", get(|| async { "x" }).layer(layer))).await;
     let http = Http::new();

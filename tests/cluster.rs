@@ -13,7 +13,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use cachefence::{FenceHandle, FenceLayer};
+use cachefence::{FenceCache, FenceHandle};
 use redis::cluster_async::ClusterConnection;
 use support::{Http, RedisCluster};
 
@@ -50,10 +50,11 @@ struct Setup {
 impl Setup {
     async fn new() -> Self {
         let cluster = RedisCluster::new();
-        let fence = FenceLayer::new(cluster.connection().await)
+        let fence = FenceCache::new(cluster.connection().await)
+            .redis_timeout(Duration::from_secs(2))
+            .layer()
             .namespace(NS)
-            .ttl(Duration::from_secs(60))
-            .redis_timeout(Duration::from_secs(2));
+            .ttl(Duration::from_secs(60));
         let handle = fence.handle();
         let world = World::default();
         let app = Router::new()
@@ -125,9 +126,10 @@ async fn a_cold_key_burst_across_two_layers_reaches_the_origin_once() {
     let s = Arc::new(Setup::new().await);
     // A second layer with its own cluster connection stands for a second
     // process: only the lease in Redis keeps it from filling too.
-    let other = FenceLayer::new(s.cluster.connection().await)
-        .namespace(NS)
-        .redis_timeout(Duration::from_secs(2));
+    let other = FenceCache::new(s.cluster.connection().await)
+        .redis_timeout(Duration::from_secs(2))
+        .layer()
+        .namespace(NS);
     let app = Router::new()
         .route("/{*path}", get(origin).layer(other))
         .with_state(s.world.clone());

@@ -383,7 +383,11 @@ async fn a_streamed_body_is_not_held_in_memory() {
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_pass_through_when_redis_is_down() {
     let mut redis = RedisServer::new();
-    let app = app(&redis, |l| l.redis_timeout(Duration::from_millis(100))).await;
+    let app = app(&redis, |l| {
+        let _ = l.cache().redis_timeout(Duration::from_millis(100));
+        l
+    })
+    .await;
     app.get("/item/f").await;
     redis.stop();
     for i in 0..10 {

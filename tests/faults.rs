@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use cachefence::{FenceHandle, FenceLayer};
+use cachefence::{FenceCache, FenceHandle, FenceLayer};
 use fault_support::{TryHttp, entry_keys, eventually, quantile};
 use redis::aio::ConnectionManager;
 use support::origin::{Counter, routes};
@@ -35,11 +35,12 @@ async fn app(
     configure: impl FnOnce(FenceLayer<ConnectionManager>) -> FenceLayer<ConnectionManager>,
 ) -> App {
     let layer = configure(
-        FenceLayer::new(redis.connection_manager().await)
-            .namespace(ns)
-            .beta(0.0)
+        FenceCache::new(redis.connection_manager().await)
             .redis_timeout(REDIS_TIMEOUT)
-            .circuit_breaker(3, Duration::from_millis(500)),
+            .circuit_breaker(3, Duration::from_millis(500))
+            .layer()
+            .namespace(ns)
+            .beta(0.0),
     );
     let counter = Counter::default();
     let handle = layer.handle();

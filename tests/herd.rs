@@ -8,8 +8,8 @@
 //!
 //! The cross-process tests re-execute this test binary as server processes
 //! (`herd_server`, an ignored test run with `CACHEFENCE_ROLE=server`) whose
-//! layer is `FenceLayer::new(conn).ttl(..).grace(..).namespace(..)
-//! .wake_ups(client)`: nothing else is configured.
+//! layer is `FenceCache::new(conn).wake_ups(client).layer().ttl(..)
+//! .grace(..).namespace(..)`: nothing else is configured.
 
 mod support;
 
@@ -27,7 +27,7 @@ use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use cachefence::{FenceLayer, OnWaitTimeout};
+use cachefence::{FenceCache, FenceLayer, OnWaitTimeout};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -128,11 +128,12 @@ async fn herd_server() {
     let url = std::env::var("REDIS_URL").expect("REDIS_URL");
     let ns = std::env::var("NAMESPACE").expect("NAMESPACE");
     let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
-    let layer = FenceLayer::new(client.get_connection_manager().await.expect("redis"))
+    let layer = FenceCache::new(client.get_connection_manager().await.expect("redis"))
+        .wake_ups(client.clone())
+        .layer()
         .ttl(env_ms("TTL_MS", 60_000))
         .grace(env_ms("GRACE_MS", 30_000))
-        .namespace(ns)
-        .wake_ups(client.clone());
+        .namespace(ns);
     let handle = layer.handle();
     let state = ProcState {
         conn: client
@@ -890,7 +891,8 @@ async fn the_wake_up_listener_reconnects_after_a_redis_restart_and_wakes_waiters
     let origin = Origin::default();
     let client = redis.client();
     let a = default_layer(&redis, "wk:").await;
-    let b = default_layer(&redis, "wk:").await.wake_ups(client);
+    let b = default_layer(&redis, "wk:").await;
+    let _ = b.cache().wake_ups(client);
     let hb = b.handle();
     let addr_a = serve(origin.router().layer(a)).await;
     let addr_b = serve(origin.router().layer(b)).await;
@@ -940,9 +942,10 @@ fn the_wake_up_listener_outlives_the_runtime_that_built_the_layer() {
     let first = tokio::runtime::Runtime::new().unwrap();
     let b = first.block_on(async {
         // A lazy connection: it connects on the runtime that first uses it.
-        let b = FenceLayer::new(redis.connection_manager_lazy())
-            .namespace("rt:")
-            .wake_ups(redis.client());
+        let b = FenceCache::new(redis.connection_manager_lazy())
+            .wake_ups(redis.client())
+            .layer()
+            .namespace("rt:");
         let hb = b.handle();
         eventually("the listener to connect", Duration::from_secs(10), || {
             hb.stats().listener_connects == 1

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cachefence::{Fence, FenceHandle, FenceLayer};
+use cachefence::{Fence, FenceCache, FenceHandle, FenceLayer};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use redis::aio::ConnectionManager;
@@ -91,10 +91,11 @@ fn origin(world: World) -> Origin {
 }
 
 async fn layer(redis: &RedisServer, ns: &str) -> FenceLayer<ConnectionManager> {
-    FenceLayer::new(redis.connection_manager().await)
+    FenceCache::new(redis.connection_manager().await)
+        .wake_ups(redis.client())
+        .layer()
         .namespace(ns)
         .beta(0.0)
-        .wake_ups(redis.client())
 }
 
 fn fence(layer: &FenceLayer<ConnectionManager>, world: &World) -> Svc {

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cachefence::{Fence, FenceLayer};
+use cachefence::{Fence, FenceCache, FenceLayer};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use redis::aio::ConnectionManager;
@@ -294,10 +294,11 @@ async fn hit_latency_under_load() {
     let redis = RedisServer::new();
     let gate = Gate::open();
     // A generous timeout so slow reads are measured, not cut off.
-    let layer = FenceLayer::new(redis.connection_manager().await)
+    let layer = FenceCache::new(redis.connection_manager().await)
+        .redis_timeout(Duration::from_secs(5))
+        .layer()
         .namespace("probe:")
-        .ttl(Duration::from_secs(3600))
-        .redis_timeout(Duration::from_secs(5));
+        .ttl(Duration::from_secs(3600));
     let handle = layer.handle();
     let svc = layer.layer(origin(&gate));
     get(&svc, "/h").await;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cachefence::{FenceHandle, FenceLayer, Invalidation, InvalidationQueue};
+use cachefence::{FenceCache, FenceHandle, FenceLayer, Invalidation, InvalidationQueue};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use support::origin::{Counter, routes};
@@ -85,10 +85,11 @@ struct App {
 
 async fn app(redis: &RedisServer) -> App {
     let conn = redis.connection_manager().await;
-    let layer = FenceLayer::new(Gated::open(conn.clone()))
+    let layer = FenceCache::new(Gated::open(conn.clone()))
+        .redis_timeout(Duration::from_secs(5))
+        .layer()
         .namespace(NS)
-        .beta(0.0)
-        .redis_timeout(Duration::from_secs(5));
+        .beta(0.0);
     let handle = layer.handle();
     let queue = handle.queue_with(Gated::open(conn.clone()));
     let addr = serve(routes(Counter::default()).layer(layer)).await;
@@ -116,9 +117,10 @@ impl App {
     /// A queue whose worker's handle waits on a gate before every command.
     fn gated_queue(&self) -> (InvalidationQueue<Gated>, watch::Sender<bool>) {
         let (gated, gate) = Gated::closed(self.conn.clone());
-        let handle = FenceLayer::new(gated)
-            .namespace(NS)
+        let handle = FenceCache::new(gated)
             .redis_timeout(Duration::from_secs(600))
+            .layer()
+            .namespace(NS)
             .handle();
         (handle.queue_with(Gated::open(self.conn.clone())), gate)
     }
@@ -240,9 +242,10 @@ async fn worker_process() {
     let client = redis::Client::open(url).expect("redis url");
     let conn = client.get_connection_manager().await.expect("connect");
     let (gated, _gate) = Gated::closed(conn.clone());
-    let handle = FenceLayer::new(gated)
-        .namespace(NS)
+    let handle = FenceCache::new(gated)
         .redis_timeout(Duration::from_secs(600))
+        .layer()
+        .namespace(NS)
         .handle();
     let worker = handle
         .queue_with(Gated::open(conn))

@@ -23,7 +23,7 @@ use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use cachefence::{FenceHandle, FenceLayer};
+use cachefence::{FenceCache, FenceHandle, FenceLayer};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -112,10 +112,11 @@ async fn layer(redis: &RedisServer, ns: &str) -> FenceLayer<ConnectionManager> {
         .get_connection_manager_with_config(config)
         .await
         .expect("connection manager");
-    FenceLayer::new(conn)
+    FenceCache::new(conn)
+        .redis_timeout(REDIS_TIMEOUT)
+        .layer()
         .namespace(ns)
         .beta(0.0)
-        .redis_timeout(REDIS_TIMEOUT)
 }
 
 /// Serves `origin` behind `layer`; returns the address and the layer's handle.
@@ -284,13 +285,14 @@ async fn server_process() {
     let ns = std::env::var("NAMESPACE").expect("NAMESPACE");
     let name = std::env::var("PROC_NAME").unwrap_or_else(|_| "server".into());
     let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
-    let layer = FenceLayer::new(client.get_connection_manager().await.expect("redis"))
+    let layer = FenceCache::new(client.get_connection_manager().await.expect("redis"))
+        .redis_timeout(REDIS_TIMEOUT)
+        .wake_ups(client.clone())
+        .layer()
         .namespace(ns)
         .beta(0.0)
-        .redis_timeout(REDIS_TIMEOUT)
         .lock_timeout(env_ms("LOCK_TIMEOUT_MS", 5000))
-        .wait_timeout(env_ms("WAIT_TIMEOUT_MS", 5000))
-        .wake_ups(client.clone());
+        .wait_timeout(env_ms("WAIT_TIMEOUT_MS", 5000));
     let handle = layer.handle();
     let state = ProcState {
         conn: client
@@ -712,7 +714,8 @@ async fn a_request_that_started_a_remote_wait_may_go_away_while_others_join_it()
     let redis = RedisServer::new();
     let origin = Origin::default();
     let layer_a = layer(&redis, "remote-drop:").await;
-    let layer_b = layer(&redis, "remote-drop:").await.wake_ups(redis.client());
+    let layer_b = layer(&redis, "remote-drop:").await;
+    let _ = layer_b.cache().wake_ups(redis.client());
     let (addr_a, _) = app(&origin, &layer_a).await;
     let (addr_b, handle_b) = app(&origin, &layer_b).await;
     let fence_b = layer_b.layer(origin.router());
@@ -986,10 +989,11 @@ async fn a_private_answer_releases_the_waiters_to_the_origin_side_by_side() {
 async fn remote_wait(wake_ups: bool) -> (cachefence::Stats, Vec<Reply>, usize) {
     let redis = RedisServer::new();
     let origin = Origin::default();
-    let layer_a = layer(&redis, "wake:").await.wake_ups(redis.client());
-    let mut layer_b = layer(&redis, "wake:").await;
+    let layer_a = layer(&redis, "wake:").await;
+    let _ = layer_a.cache().wake_ups(redis.client());
+    let layer_b = layer(&redis, "wake:").await;
     if wake_ups {
-        layer_b = layer_b.wake_ups(redis.client());
+        let _ = layer_b.cache().wake_ups(redis.client());
     }
     let (addr_a, _) = app(&origin, &layer_a).await;
     let (addr_b, handle_b) = app(&origin, &layer_b).await;
@@ -1050,7 +1054,8 @@ async fn without_wake_ups_a_remote_waiter_still_finds_the_fill_by_polling() {
 async fn a_fill_that_lands_in_this_process_is_not_counted_as_a_wake_up() {
     let redis = RedisServer::new();
     let origin = Origin::default();
-    let layer = layer(&redis, "ownwake:").await.wake_ups(redis.client());
+    let layer = layer(&redis, "ownwake:").await;
+    let _ = layer.cache().wake_ups(redis.client());
     let (addr, handle) = app(&origin, &layer).await;
     wait_for_subscribers(&redis, 1).await;
     let http = Http::new();
@@ -1102,10 +1107,11 @@ async fn early_refreshes_counts_refreshes_started() {
 async fn with_redis_unreachable_concurrent_requests_for_a_key_still_share_one_origin_call() {
     let redis = RedisServer::new();
     let origin = Origin::default();
-    let layer = FenceLayer::new(redis.connection_manager().await)
+    let layer = FenceCache::new(redis.connection_manager().await)
+        .redis_timeout(Duration::from_millis(100))
+        .layer()
         .namespace("down:")
-        .beta(0.0)
-        .redis_timeout(Duration::from_millis(100));
+        .beta(0.0);
     let (addr, handle) = app(&origin, &layer).await;
     let http = Http::new();
     assert_eq!(http.get(addr, "/warm").await.cache_status(), Some("MISS"));

@@ -9,7 +9,7 @@ use std::io::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cachefence::FenceLayer;
+use cachefence::{FenceCache, FenceLayer};
 use http::{Request, Response};
 use support::RedisServer;
 use tower::{Layer, Service, ServiceExt, service_fn};
@@ -113,8 +113,9 @@ async fn failing_redis_warns_once_a_second_and_the_breaker_logs_open_and_close_o
     let mut redis = RedisServer::new();
     let conn = redis.connection_manager().await;
     // A breaker that never opens: every request tries Redis and fails.
-    let never_open =
-        FenceLayer::new(conn.clone()).circuit_breaker(u32::MAX, Duration::from_secs(1));
+    let never_open = FenceCache::new(conn.clone())
+        .circuit_breaker(u32::MAX, Duration::from_secs(1))
+        .layer();
     let svc = never_open.layer(origin());
     redis.stop();
     let started = std::time::Instant::now();
@@ -130,7 +131,9 @@ async fn failing_redis_warns_once_a_second_and_the_breaker_logs_open_and_close_o
     );
 
     // The default-sized breaker, with a short cool-down.
-    let fence = FenceLayer::new(conn).circuit_breaker(3, Duration::from_millis(100));
+    let fence = FenceCache::new(conn)
+        .circuit_breaker(3, Duration::from_millis(100))
+        .layer();
     let svc = fence.layer(origin());
     for i in 0..20 {
         assert_eq!(get(&svc, &format!("/b/{i}")).await, 200);
