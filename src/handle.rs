@@ -20,7 +20,7 @@ use crate::key::{
 use crate::policy::RequestRule;
 use crate::shared::Shared;
 use crate::stats::{Counters, Stats};
-use crate::store::{INVALIDATE_CHANNEL, Node, ReleaseArgs, Store};
+use crate::store::{Node, ReleaseArgs, Store, channels};
 
 /// Keys read per SCAN step.
 const SCAN_BATCH: usize = 500;
@@ -696,7 +696,7 @@ where
             .shared
             .store
             .publish(
-                INVALIDATE_CHANNEL,
+                &channels::invalidate(&self.config.namespace),
                 &format!("prefix:{}:{key_prefix}", self.shared.id),
             )
             .await

@@ -624,6 +624,46 @@ where
         let _ = self.cache().wake_ups(client);
         self
     }
+
+    /// Cache-wide: see [`FenceCache::cluster_wake_ups`]. Here it sets the
+    /// wake-ups of the cache of this layer and of all its clones.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use cachefence::FenceLayer;
+    /// use redis::cluster::{ClusterClient, ClusterClientBuilder};
+    ///
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let nodes = vec!["redis://127.0.0.1:7000/"];
+    /// let conn = ClusterClient::new(nodes.clone())?.get_async_connection().await?;
+    /// let fence = FenceLayer::new(conn).cluster_wake_ups(ClusterClientBuilder::new(nodes));
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "cluster-async")]
+    #[must_use]
+    pub fn cluster_wake_ups(self, builder: redis::cluster::ClusterClientBuilder) -> Self {
+        let _ = self.cache().cluster_wake_ups(builder);
+        self
+    }
+
+    /// Cache-wide: see [`FenceCache::cluster`] (Redis Cluster mode for a
+    /// connection the cache can't recognise, such as your own wrapper).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use cachefence::FenceLayer;
+    ///
+    /// # async fn doc(conn: redis::aio::ConnectionManager) {
+    /// let fence = FenceLayer::new(conn).cluster(true);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn cluster(self, on: bool) -> Self {
+        let _ = self.cache().cluster(on);
+        self
+    }
 }
 
 /// Layers come from a cache (here, so that `layer → cache` is the only edge
@@ -649,7 +689,7 @@ where
     type Service = Fence<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        crate::wake::ensure_listener(&self.shared);
+        crate::wake::listen_to(&self.shared, &self.config.namespace);
         Fence::new(
             inner,
             Arc::new(self.config.for_route(&self.shared.counters)),

@@ -19,7 +19,10 @@ pub(crate) struct Shared<C> {
     pub(crate) store: Store<C>,
     pub(crate) flights: Flights,
     pub(crate) counters: Counters,
-    pub(crate) wake_client: OnceLock<redis::Client>,
+    /// Where the wake-up listener subscribes, once set.
+    pub(crate) wake_client: OnceLock<crate::wake::Source>,
+    /// The channels the listener should be subscribed to.
+    pub(crate) interests: Arc<crate::wake::Interests>,
     /// Whether the wake-up listener task is running; it clears this when
     /// it ends, for example with the runtime it was spawned on.
     pub(crate) listening: Arc<std::sync::atomic::AtomicBool>,
@@ -60,6 +63,7 @@ where
             flights: Flights::default(),
             counters: Counters::new(),
             wake_client: OnceLock::new(),
+            interests: Default::default(),
             listening: Default::default(),
             id: rand::random(),
             leases: Default::default(),
