@@ -103,6 +103,7 @@ impl Interests {
         lock(&self.namespaces).iter().cloned().collect()
     }
 
+    #[cfg(feature = "cluster-async")]
     fn shards(&self) -> HashSet<String> {
         lock(&self.shards).keys().cloned().collect()
     }
