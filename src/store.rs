@@ -696,6 +696,12 @@ where
         #[cfg(feature = "cluster-async")]
         if self.is_cluster() {
             use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            if as_cluster(&self.conn).is_none() && self.walk_client.get().is_none() {
+                // Not a transport failure: nothing to retry, no breaker.
+                return Err(FenceError::invalid_input(
+                    "a walk over a Redis Cluster needs a ClusterConnection or cluster_wake_ups to reach every primary",
+                ));
+            }
             let value: Value = self
                 .run("nodes", |c| {
                     async move {
