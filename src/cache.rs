@@ -206,7 +206,7 @@ where
     fn set_wake_source(self, source: crate::wake::Source) -> Self {
         #[cfg(feature = "cluster-async")]
         if let crate::wake::Source::Cluster(client, _) = &source {
-            self.shared.store.set_walk_client(client.clone());
+            self.shared.store.set_walk_client((**client).clone());
         }
         if self.shared.wake_client.set(source).is_err() {
             tracing::warn!("wake-ups were already set for this cache; the new client is ignored");

@@ -789,12 +789,10 @@ where
                     host: host.clone(),
                     port: *port,
                 });
-                self.run("scan", |c| {
-                    async move {
-                        let mut conn = self.cluster_connection(&c).await?;
-                        let value = conn.route_command(cmd, routing).await?;
-                        Ok(redis::from_redis_value(value)?)
-                    }
+                self.run("scan", |c| async move {
+                    let mut conn = self.cluster_connection(&c).await?;
+                    let value = conn.route_command(cmd, routing).await?;
+                    Ok(redis::from_redis_value(value)?)
                 })
                 .await
             }

@@ -31,13 +31,12 @@ pub(crate) enum Source {
     /// A Redis Cluster, through a RESP3 cluster connection whose pushes
     /// the client forwards to the listener running now.
     #[cfg(feature = "cluster-async")]
-    Cluster(redis::cluster::ClusterClient, Forward),
+    Cluster(Box<redis::cluster::ClusterClient>, Forward),
 }
 
 /// Hands a cluster connection's pushes to the listener that opened it.
 #[cfg(feature = "cluster-async")]
-pub(crate) type Forward =
-    Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>>>;
+pub(crate) type Forward = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>>>;
 
 impl Source {
     /// A cluster source from the user's builder: RESP3, with a push sender
@@ -59,7 +58,7 @@ impl Source {
                 Ok::<(), std::convert::Infallible>(())
             })
             .build()?;
-        Ok(Self::Cluster(client, forward))
+        Ok(Self::Cluster(Box::new(client), forward))
     }
 }
 
@@ -185,7 +184,7 @@ where
     match source {
         Source::Single(client) => listen_single(client, shared).await,
         #[cfg(feature = "cluster-async")]
-        Source::Cluster(client, forward) => listen_cluster(client, forward, shared).await,
+        Source::Cluster(client, forward) => listen_cluster(*client, forward, shared).await,
     }
 }
 

@@ -267,7 +267,10 @@ fn paths_on(node: &support::RedisServer) -> Vec<String> {
         .filter(|k| !k.contains("|#") && !k.ends_with(":vars") && !k.ends_with(":lease"))
         .filter_map(|k| {
             let at = k.find("/k/")?;
-            let n: String = k[at + 3..].chars().take_while(char::is_ascii_digit).collect();
+            let n: String = k[at + 3..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
             (!n.is_empty()).then(|| format!("/k/{n}"))
         })
         .collect();
@@ -304,9 +307,11 @@ async fn woken_remote_wait(
         let (http, path) = (http.clone(), path.to_owned());
         tokio::spawn(async move { http.get(a, &path).await.text() })
     };
-    eventually("A's fill to call the origin", Duration::from_secs(10), || {
-        world.calls.load(Ordering::SeqCst) == calls + 1
-    })
+    eventually(
+        "A's fill to call the origin",
+        Duration::from_secs(10),
+        || world.calls.load(Ordering::SeqCst) == calls + 1,
+    )
     .await;
     let waiter = {
         let (http, path) = (http.clone(), path.to_owned());
@@ -343,7 +348,9 @@ async fn a_remote_wait_is_woken_by_a_sharded_wake_up() {
     for node in cluster.nodes() {
         let classic = node.cli(&["PUBSUB", "CHANNELS"]);
         assert!(
-            classic.lines().all(|c| c.is_empty() || c == "clu:|#invalidate"),
+            classic
+                .lines()
+                .all(|c| c.is_empty() || c == "clu:|#invalidate"),
             "{classic}"
         );
     }
@@ -378,7 +385,11 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
     }
     assert_eq!(world.calls.load(Ordering::SeqCst), KEYS);
     let victim = (0..cluster.nodes().len())
-        .filter(|&i| cluster.nodes()[i].cli(&["INFO", "replication"]).contains("role:master"))
+        .filter(|&i| {
+            cluster.nodes()[i]
+                .cli(&["INFO", "replication"])
+                .contains("role:master")
+        })
         .max_by_key(|&i| paths_on(&cluster.nodes()[i]).len())
         .unwrap();
     let victim_paths = Arc::new(paths_on(&cluster.nodes()[victim]));
@@ -390,8 +401,12 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
     let slowest_ms = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
-            let (http, stop, answered, slowest_ms) =
-                (http.clone(), stop.clone(), answered.clone(), slowest_ms.clone());
+            let (http, stop, answered, slowest_ms) = (
+                http.clone(),
+                stop.clone(),
+                answered.clone(),
+                slowest_ms.clone(),
+            );
             tokio::spawn(async move {
                 let mut i = w * 7919;
                 while !stop.load(Ordering::SeqCst) {
@@ -437,9 +452,11 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
         .expect("the cluster recovers");
     let failed_over = killed.elapsed();
     let before = answered.load(Ordering::SeqCst);
-    eventually("more traffic after the failover", Duration::from_secs(30), || {
-        answered.load(Ordering::SeqCst) >= before + 500
-    })
+    eventually(
+        "more traffic after the failover",
+        Duration::from_secs(30),
+        || answered.load(Ordering::SeqCst) >= before + 500,
+    )
     .await;
     stop.store(true, Ordering::SeqCst);
     for w in workers {
@@ -499,7 +516,11 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
             woken += 1;
         }
     }
-    assert!(woken >= 1, "no wake-up after the failover: {:?}", hb.stats());
+    assert!(
+        woken >= 1,
+        "no wake-up after the failover: {:?}",
+        hb.stats()
+    );
 }
 
 /// A user's own connection type around a cluster connection: the cache
@@ -508,7 +529,10 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
 struct Wrapped(ClusterConnection);
 
 impl redis::aio::ConnectionLike for Wrapped {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
         self.0.req_packed_command(cmd)
     }
 
@@ -544,13 +568,21 @@ async fn a_wrapped_cluster_connection_works_when_configured_as_a_cluster() {
     let addr = serve(fence).await;
     let http = Http::new();
     for i in 0..60 {
-        assert_eq!(http.get(addr, &format!("/red/{i}")).await.cache_status(), Some("MISS"));
+        assert_eq!(
+            http.get(addr, &format!("/red/{i}")).await.cache_status(),
+            Some("MISS")
+        );
     }
     // Tags are kept as markers in each entry's slot, as on a cluster.
     let markers: usize = cluster
         .nodes()
         .iter()
-        .map(|n| n.cli(&["KEYS", &format!("{NS}|#tagged:red:*")]).lines().filter(|l| !l.is_empty()).count())
+        .map(|n| {
+            n.cli(&["KEYS", &format!("{NS}|#tagged:red:*")])
+                .lines()
+                .filter(|l| !l.is_empty())
+                .count()
+        })
         .sum();
     assert_eq!(markers, 60);
     assert_eq!(handle.invalidate_tag("red").await.unwrap(), 60);
