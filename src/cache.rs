@@ -100,7 +100,7 @@ where
 
     /// The prefix of every Redis key this cache's layers write and its
     /// handle invalidates (default `cachefence:`). A layer may still put a
-    /// route in another namespace with [`FenceLayer::namespace`].
+    /// route in another namespace with [`FenceLayer::namespace`](crate::FenceLayer::namespace).
     #[must_use]
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.defaults.namespace = Arc::from(namespace.into());
