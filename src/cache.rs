@@ -137,7 +137,7 @@ where
     /// sharded, and a plain client hears only the invalidations.
     #[must_use]
     pub fn wake_ups(self, client: redis::Client) -> Self {
-        self.set_wake_source(crate::wake::Source::Single(client))
+        self.set_wake_source(crate::shared::Source::Single(client))
     }
 
     /// Wake-ups on a Redis Cluster (feature `cluster-async`): the listener
@@ -168,7 +168,7 @@ where
     #[cfg(feature = "cluster-async")]
     #[must_use]
     pub fn cluster_wake_ups(self, builder: redis::cluster::ClusterClientBuilder) -> Self {
-        match crate::wake::Source::cluster(builder) {
+        match crate::shared::Source::cluster(builder) {
             Ok(source) => self.set_wake_source(source),
             Err(err) => {
                 tracing::warn!(error = %err, "cluster_wake_ups: the cluster client could not be built; waiters poll");
@@ -203,9 +203,9 @@ where
         self
     }
 
-    fn set_wake_source(self, source: crate::wake::Source) -> Self {
+    fn set_wake_source(self, source: crate::shared::Source) -> Self {
         #[cfg(feature = "cluster-async")]
-        if let crate::wake::Source::Cluster(client, _) = &source {
+        if let crate::shared::Source::Cluster(client, _) = &source {
             self.shared.store.set_walk_client((**client).clone());
         }
         if self.shared.wake_client.set(source).is_err() {

@@ -10,135 +10,21 @@
 //! entry's slot, subscribed while a fill of this process waits on it, so a
 //! store's message travels only inside the shard that owns the key.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
-use tokio::sync::Notify;
 
-use crate::shared::Shared;
+#[cfg(not(feature = "cluster-async"))]
+use crate::shared::Interests;
+#[cfg(feature = "cluster-async")]
+use crate::shared::{Forward, Interests};
+use crate::shared::{Interest, Shared, Source};
 use crate::stats::Counters;
 use crate::store::channels;
-
-/// Where the listener subscribes.
-#[derive(Clone)]
-pub(crate) enum Source {
-    /// A single server (or one node, for the namespace channels only).
-    Single(redis::Client),
-    /// A Redis Cluster, through a RESP3 cluster connection whose pushes
-    /// the client forwards to the listener running now.
-    #[cfg(feature = "cluster-async")]
-    Cluster(Box<redis::cluster::ClusterClient>, Forward),
-}
-
-/// Hands a cluster connection's pushes to the listener that opened it.
-#[cfg(feature = "cluster-async")]
-pub(crate) type Forward = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>>>;
-
-impl Source {
-    /// A cluster source from the user's builder: RESP3, with a push sender
-    /// that forwards to whichever listener is running.
-    #[cfg(feature = "cluster-async")]
-    pub(crate) fn cluster(
-        builder: redis::cluster::ClusterClientBuilder,
-    ) -> redis::RedisResult<Self> {
-        let forward: Forward = Arc::default();
-        let to = forward.clone();
-        let client = builder
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(move |push: redis::PushInfo| {
-                if let Ok(slot) = to.lock()
-                    && let Some(tx) = slot.as_ref()
-                {
-                    let _ = tx.send(push);
-                }
-                Ok::<(), std::convert::Infallible>(())
-            })
-            .build()?;
-        Ok(Self::Cluster(Box::new(client), forward))
-    }
-}
-
-/// The channels the listener should hold: every namespace's, and on a
-/// cluster the sharded wake-up channels of the entries fills wait on.
-#[derive(Default)]
-pub(crate) struct Interests {
-    namespaces: Mutex<BTreeSet<String>>,
-    /// Sharded channel → fills waiting on it.
-    shards: Mutex<HashMap<String, usize>>,
-    /// Told when either set changes.
-    changed: Notify,
-}
-
-impl Interests {
-    pub(crate) fn add_namespace(&self, namespace: &str) {
-        let added = lock(&self.namespaces).insert(namespace.to_owned());
-        if added {
-            self.changed.notify_one();
-        }
-    }
-
-    /// Wants `channel` until the returned guard is dropped.
-    pub(crate) fn interest(self: &Arc<Self>, channel: String) -> Interest {
-        let first = {
-            let mut shards = lock(&self.shards);
-            let n = shards.entry(channel.clone()).or_default();
-            *n += 1;
-            *n == 1
-        };
-        if first {
-            self.changed.notify_one();
-        }
-        Interest {
-            interests: self.clone(),
-            channel,
-        }
-    }
-
-    fn namespaces(&self) -> Vec<String> {
-        lock(&self.namespaces).iter().cloned().collect()
-    }
-
-    #[cfg(feature = "cluster-async")]
-    fn shards(&self) -> HashSet<String> {
-        lock(&self.shards).keys().cloned().collect()
-    }
-}
-
-/// A fill's interest in one sharded wake-up channel.
-pub(crate) struct Interest {
-    interests: Arc<Interests>,
-    channel: String,
-}
-
-impl Drop for Interest {
-    fn drop(&mut self) {
-        let last = {
-            let mut shards = lock(&self.interests.shards);
-            match shards.get_mut(&self.channel) {
-                Some(n) if *n > 1 => {
-                    *n -= 1;
-                    false
-                }
-                Some(_) => {
-                    shards.remove(&self.channel);
-                    true
-                }
-                None => false,
-            }
-        };
-        if last {
-            self.interests.changed.notify_one();
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// Clears the layer's "listening" flag when the listener ends, however it
 /// ends (the layer dropped, or the runtime it ran on shut down).
