@@ -129,10 +129,87 @@ where
     /// `client`. Without it, waiters poll with backoff (5 ms to 100 ms);
     /// with it they still poll as a fallback. Set it once: a second client
     /// is ignored (with a warning), as the subscription is already open.
+    ///
+    /// The listener subscribes to the channels of every namespace a layer
+    /// of this cache serves (`<namespace>|#wake` and
+    /// `<namespace>|#invalidate`). On a Redis Cluster use
+    /// [`cluster_wake_ups`](Self::cluster_wake_ups): wake-ups there are
+    /// sharded, and a plain client hears only the invalidations.
     #[must_use]
     pub fn wake_ups(self, client: redis::Client) -> Self {
-        if self.shared.wake_client.set(client).is_err() {
-            tracing::warn!("wake_ups was already set for this cache; the new client is ignored");
+        self.set_wake_source(crate::shared::Source::Single(client))
+    }
+
+    /// Wake-ups on a Redis Cluster (feature `cluster-async`): the listener
+    /// opens its own cluster connection from `builder` (made RESP3, with
+    /// its own push sender) and subscribes with `SSUBSCRIBE` to the
+    /// sharded channel of each entry a fill of this process waits on, at
+    /// the primary that owns the entry's slot; subscriptions follow slot
+    /// moves and failovers. Set it once.
+    ///
+    /// The connection also serves invalidation walks when the cache's
+    /// connection is not a `ClusterConnection` itself (a wrapper, with
+    /// [`cluster`](Self::cluster)): they need to reach every primary.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use cachefence::FenceCache;
+    /// use redis::cluster::{ClusterClient, ClusterClientBuilder};
+    ///
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let nodes = vec!["redis://127.0.0.1:7000/", "redis://127.0.0.1:7001/"];
+    /// let conn = ClusterClient::new(nodes.clone())?.get_async_connection().await?;
+    /// let cache = FenceCache::new(conn)
+    ///     .namespace("shop:")
+    ///     .cluster_wake_ups(ClusterClientBuilder::new(nodes));
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "cluster-async")]
+    #[must_use]
+    pub fn cluster_wake_ups(self, builder: redis::cluster::ClusterClientBuilder) -> Self {
+        match crate::shared::Source::cluster(builder) {
+            Ok(source) => self.set_wake_source(source),
+            Err(err) => {
+                tracing::warn!(error = %err, "cluster_wake_ups: the cluster client could not be built; waiters poll");
+                self
+            }
+        }
+    }
+
+    /// Redis Cluster mode, whatever the connection's type (default: on
+    /// when the connection is a `redis::cluster_async::ClusterConnection`,
+    /// with the `cluster-async` feature). Turn it on for your own
+    /// `ConnectionLike` wrapping a cluster connection: tags are then kept
+    /// in each entry's slot, wake-ups are sharded, and invalidation walks
+    /// reach every primary (through the wrapped connection if it is a
+    /// `ClusterConnection`, else through
+    /// [`cluster_wake_ups`](Self::cluster_wake_ups)'s connection; without
+    /// either a walk returns an error rather than cover one node).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use cachefence::FenceCache;
+    ///
+    /// # async fn doc(conn: redis::aio::ConnectionManager) {
+    /// // A connection the cache can't recognise as a cluster's.
+    /// let cache = FenceCache::new(conn).cluster(true);
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn cluster(self, on: bool) -> Self {
+        self.shared.store.set_cluster(on);
+        self
+    }
+
+    fn set_wake_source(self, source: crate::shared::Source) -> Self {
+        #[cfg(feature = "cluster-async")]
+        if let crate::shared::Source::Cluster(client, _) = &source {
+            self.shared.store.set_walk_client((**client).clone());
+        }
+        if self.shared.wake_client.set(source).is_err() {
+            tracing::warn!("wake-ups were already set for this cache; the new client is ignored");
         }
         crate::wake::ensure_listener(&self.shared);
         self

@@ -19,6 +19,8 @@ enum Kind {
     Timeout,
     CircuitOpen,
     InvalidInput(&'static str),
+    /// A walk over a Redis Cluster could not cover a node (named within).
+    WalkIncomplete(String),
 }
 
 impl FenceError {
@@ -31,6 +33,12 @@ impl FenceError {
     pub(crate) fn timeout() -> Self {
         Self {
             kind: Kind::Timeout,
+        }
+    }
+
+    pub(crate) fn walk_incomplete(what: String) -> Self {
+        Self {
+            kind: Kind::WalkIncomplete(what),
         }
     }
 
@@ -82,7 +90,7 @@ impl FenceError {
         match &self.kind {
             Kind::Timeout => true,
             Kind::Redis(e) => !matches!(e.kind(), redis::ErrorKind::Server(_)),
-            Kind::CircuitOpen | Kind::InvalidInput(_) => false,
+            Kind::CircuitOpen | Kind::InvalidInput(_) | Kind::WalkIncomplete(_) => false,
         }
     }
 }
@@ -112,6 +120,7 @@ impl fmt::Display for FenceError {
             Kind::Timeout => f.write_str("redis did not answer in time"),
             Kind::CircuitOpen => f.write_str("redis circuit breaker is open"),
             Kind::InvalidInput(what) => write!(f, "invalid input: {what}"),
+            Kind::WalkIncomplete(what) => f.write_str(what),
         }
     }
 }

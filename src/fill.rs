@@ -134,6 +134,8 @@ where
     let mut repairing = false;
     let mut refresh = job.mode != Mode::Fill;
     let mut waiting = false;
+    // Keeps the wake-up subscription of the awaited entry (Redis Cluster).
+    let mut _interest = None;
     let mut wait_spent = false;
     let mut backoff = Backoff::new();
     // When this fill began waiting on another process's lease.
@@ -253,6 +255,8 @@ where
                     tracing::debug!(key = %crate::trace::redact(&key), "fill lease held elsewhere, waiting");
                     // The listener may have died with a runtime: restart it.
                     crate::wake::ensure_listener(&shared);
+                    // On a Redis Cluster: this entry's sharded channel.
+                    _interest = crate::wake::wake_interest(&shared, &key);
                 }
                 let now = tokio::time::Instant::now();
                 if now >= job.deadlines.cap {

@@ -20,7 +20,7 @@ use crate::key::{
 use crate::policy::RequestRule;
 use crate::shared::Shared;
 use crate::stats::{Counters, Stats};
-use crate::store::{INVALIDATE_CHANNEL, Node, ReleaseArgs, Store};
+use crate::store::{Node, ReleaseArgs, Store, channels};
 
 /// Keys read per SCAN step.
 const SCAN_BATCH: usize = 500;
@@ -75,21 +75,34 @@ fn glob_escape(s: &str) -> String {
 
 /// A SCAN walk over every node: the server, or each primary of a Redis
 /// Cluster in turn. One batch of keys at a time, so memory stays bounded.
+///
+/// On a cluster the walk never ends partial without saying so: when every
+/// node is done it lists the primaries again and walks any it has not (a
+/// replica promoted, a node added mid-walk); a node that fails is skipped
+/// only when it is no longer a primary (its slots moved to one that is then
+/// walked), else the walk returns an error naming it.
 struct Walk {
     /// The nodes left, the one being scanned last.
     nodes: Vec<Node>,
+    /// The nodes walked (or being walked).
+    seen: Vec<Node>,
     cursor: u64,
     pattern: String,
 }
+
+/// Rounds of "list the primaries again" before a walk gives up on a
+/// cluster whose topology keeps changing.
+const WALK_ROUNDS: usize = 4;
 
 impl Walk {
     async fn new<C>(store: &Store<C>, pattern: String) -> Result<Self, FenceError>
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
-        let mut nodes = store.nodes().await?;
+        let mut nodes = step(|| store.nodes()).await?;
         nodes.reverse();
         Ok(Self {
+            seen: nodes.clone(),
             nodes,
             cursor: 0,
             pattern,
@@ -101,17 +114,62 @@ impl Walk {
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
-        let Some(node) = self.nodes.last() else {
-            return Ok(None);
-        };
-        let (next, keys) =
-            step(|| store.scan(node, self.cursor, &self.pattern, SCAN_BATCH)).await?;
-        if next == 0 {
-            self.nodes.pop();
+        let mut rounds = 0;
+        loop {
+            let Some(node) = self.nodes.last().cloned() else {
+                if !store.is_cluster() || rounds >= WALK_ROUNDS {
+                    return Ok(None);
+                }
+                // Primaries that appeared while the walk ran.
+                rounds += 1;
+                let now = step(|| store.nodes()).await?;
+                self.nodes = now.into_iter().filter(|n| !self.seen.contains(n)).collect();
+                if self.nodes.is_empty() {
+                    return Ok(None);
+                }
+                tracing::debug!(nodes = ?self.nodes, "walking primaries that appeared during the walk");
+                self.seen.extend(self.nodes.iter().cloned());
+                self.cursor = 0;
+                continue;
+            };
+            match step(|| store.scan(&node, self.cursor, &self.pattern, SCAN_BATCH)).await {
+                Ok((next, keys)) => {
+                    if next == 0 {
+                        self.nodes.pop();
+                    }
+                    self.cursor = next;
+                    return Ok(Some(keys));
+                }
+                Err(err) if store.is_cluster() && err.is_transport() => {
+                    // Failed over? Then its slots are another primary's.
+                    let now = step(|| store.nodes()).await.map_err(|e| {
+                        walk_incomplete(&node, &format!("{err}; listing primaries: {e}"))
+                    })?;
+                    if now.contains(&node) {
+                        return Err(walk_incomplete(&node, &err.to_string()));
+                    }
+                    tracing::debug!(node = ?node, error = %err, "a node left mid-walk; walking its successor");
+                    self.nodes.pop();
+                    self.cursor = 0;
+                    let new: Vec<Node> =
+                        now.into_iter().filter(|n| !self.seen.contains(n)).collect();
+                    self.seen.extend(new.iter().cloned());
+                    self.nodes.extend(new);
+                }
+                Err(err) => return Err(err),
+            }
         }
-        self.cursor = next;
-        Ok(Some(keys))
     }
+}
+
+/// The error of a walk that could not cover `node`.
+fn walk_incomplete(node: &Node, why: &str) -> FenceError {
+    let name = node
+        .as_ref()
+        .map_or_else(|| "the server".to_owned(), |(h, p)| format!("{h}:{p}"));
+    FenceError::walk_incomplete(format!(
+        "invalidation walk incomplete: the keys on {name} were not covered ({why})"
+    ))
 }
 
 /// One invalidation, as applied by [`FenceHandle::apply`] and carried by the
@@ -696,7 +754,7 @@ where
             .shared
             .store
             .publish(
-                INVALIDATE_CHANNEL,
+                &channels::invalidate(&self.config.namespace),
                 &format!("prefix:{}:{key_prefix}", self.shared.id),
             )
             .await

@@ -657,7 +657,7 @@ where
     type Service = Fence<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        crate::wake::ensure_listener(&self.shared);
+        crate::wake::listen_to(&self.shared, &self.config.namespace);
         Fence::new(
             inner,
             Arc::new(self.config.for_route(&self.shared.counters)),

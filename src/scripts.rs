@@ -61,7 +61,8 @@ return {'held', ttl}
 /// prefix fences (a sorted set of key prefixes scored by the Redis time of
 /// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
 /// tag indexes and their `n` tag fences. ARGV: token, entry ttl ms, wake
-/// channel, wake message, vary names ('' when the entry is the primary),
+/// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
+/// entry's, on a Redis Cluster; see `store::channels`), wake message, vary names ('' when the entry is the primary),
 /// format version, fill start (Redis µs), `n`, the most variants a URL may
 /// have, whether to read the prefix fences (`1`/`0`), then field/value pairs.
 ///
@@ -77,9 +78,16 @@ return {'held', ttl}
 pub(crate) const STORE: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local started = tonumber(ARGV[7])
+local function wake()
+  if string.find(ARGV[3], '{', 1, true) then
+    redis.call('SPUBLISH', ARGV[3], ARGV[4])
+  else
+    redis.call('PUBLISH', ARGV[3], ARGV[4])
+  end
+end
 local function refuse(code)
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  wake()
   return code
 end
 local okf, uf = pcall(redis.call, 'GET', KEYS[5])
@@ -156,7 +164,7 @@ elseif n > 0 then
   end
 end
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+wake()
 return 1
 ";
 
@@ -237,8 +245,8 @@ return out
 /// the key that was filled, or backs the next refresh of the entry there off.
 ///
 /// KEYS: lease, filled key (the primary or a variant), primary, variants
-/// set. ARGV: token, pass-until ms (0 for none), pass ms, wake channel, wake
-/// message, vary names ('' when the response does not vary), format
+/// set. ARGV: token, pass-until ms (0 for none), pass ms, wake channel
+/// (sharded when it holds a `{hash tag}`, as in [`STORE`]), wake message, vary names ('' when the response does not vary), format
 /// version, the URL's key, backoff base ms (0 for none), backoff cap ms,
 /// now ms.
 ///
@@ -283,7 +291,11 @@ if base > 0 and redis.call('TYPE', KEYS[2])['ok'] == 'hash'
   if delay > tonumber(ARGV[10]) then delay = tonumber(ARGV[10]) end
   redis.call('HSET', KEYS[2], 'retry', string.format('%d', tonumber(ARGV[11]) + delay))
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5])
+if string.find(ARGV[4], '{', 1, true) then
+  redis.call('SPUBLISH', ARGV[4], ARGV[5])
+else
+  redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
 if pass_ms > 0 then return 2 end
 return 1
 ";

@@ -4,7 +4,7 @@
 //! listener.
 
 use std::fmt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use redis::aio::ConnectionLike;
@@ -19,7 +19,10 @@ pub(crate) struct Shared<C> {
     pub(crate) store: Store<C>,
     pub(crate) flights: Flights,
     pub(crate) counters: Counters,
-    pub(crate) wake_client: OnceLock<redis::Client>,
+    /// Where the wake-up listener subscribes, once set.
+    pub(crate) wake_client: OnceLock<Source>,
+    /// The channels the listener should be subscribed to.
+    pub(crate) interests: Arc<Interests>,
     /// Whether the wake-up listener task is running; it clears this when
     /// it ends, for example with the runtime it was spawned on.
     pub(crate) listening: Arc<std::sync::atomic::AtomicBool>,
@@ -60,6 +63,7 @@ where
             flights: Flights::default(),
             counters: Counters::new(),
             wake_client: OnceLock::new(),
+            interests: Default::default(),
             listening: Default::default(),
             id: rand::random(),
             leases: Default::default(),
@@ -82,4 +86,121 @@ impl<C> Clone for Ctx<C> {
             shared: self.shared.clone(),
         }
     }
+}
+
+/// Where the listener subscribes.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// A single server (or one node, for the namespace channels only).
+    Single(redis::Client),
+    /// A Redis Cluster, through a RESP3 cluster connection whose pushes
+    /// the client forwards to the listener running now.
+    #[cfg(feature = "cluster-async")]
+    Cluster(Box<redis::cluster::ClusterClient>, Forward),
+}
+
+/// Hands a cluster connection's pushes to the listener that opened it.
+#[cfg(feature = "cluster-async")]
+pub(crate) type Forward = Arc<Mutex<Option<tokio::sync::mpsc::UnboundedSender<redis::PushInfo>>>>;
+
+impl Source {
+    /// A cluster source from the user's builder: RESP3, with a push sender
+    /// that forwards to whichever listener is running.
+    #[cfg(feature = "cluster-async")]
+    pub(crate) fn cluster(
+        builder: redis::cluster::ClusterClientBuilder,
+    ) -> redis::RedisResult<Self> {
+        let forward: Forward = Arc::default();
+        let to = forward.clone();
+        let client = builder
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(move |push: redis::PushInfo| {
+                if let Ok(slot) = to.lock()
+                    && let Some(tx) = slot.as_ref()
+                {
+                    let _ = tx.send(push);
+                }
+                Ok::<(), std::convert::Infallible>(())
+            })
+            .build()?;
+        Ok(Self::Cluster(Box::new(client), forward))
+    }
+}
+
+/// The channels the listener should hold: every namespace's, and on a
+/// cluster the sharded wake-up channels of the entries fills wait on.
+#[derive(Default)]
+pub(crate) struct Interests {
+    namespaces: Mutex<std::collections::BTreeSet<String>>,
+    /// Sharded channel → fills waiting on it.
+    shards: Mutex<std::collections::HashMap<String, usize>>,
+    /// Told when either set changes.
+    pub(crate) changed: tokio::sync::Notify,
+}
+
+impl Interests {
+    pub(crate) fn add_namespace(&self, namespace: &str) {
+        let added = lock(&self.namespaces).insert(namespace.to_owned());
+        if added {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Wants `channel` until the returned guard is dropped.
+    pub(crate) fn interest(self: &Arc<Self>, channel: String) -> Interest {
+        let first = {
+            let mut shards = lock(&self.shards);
+            let n = shards.entry(channel.clone()).or_default();
+            *n += 1;
+            *n == 1
+        };
+        if first {
+            self.changed.notify_one();
+        }
+        Interest {
+            interests: self.clone(),
+            channel,
+        }
+    }
+
+    pub(crate) fn namespaces(&self) -> Vec<String> {
+        lock(&self.namespaces).iter().cloned().collect()
+    }
+
+    #[cfg(feature = "cluster-async")]
+    pub(crate) fn shards(&self) -> std::collections::HashSet<String> {
+        lock(&self.shards).keys().cloned().collect()
+    }
+}
+
+/// A fill's interest in one sharded wake-up channel.
+pub(crate) struct Interest {
+    interests: Arc<Interests>,
+    channel: String,
+}
+
+impl Drop for Interest {
+    fn drop(&mut self) {
+        let last = {
+            let mut shards = lock(&self.interests.shards);
+            match shards.get_mut(&self.channel) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                Some(_) => {
+                    shards.remove(&self.channel);
+                    true
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.interests.changed.notify_one();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

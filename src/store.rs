@@ -7,7 +7,7 @@
 //! memory, read-only) do not trip the breaker: the server is alive.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use redis::Value;
@@ -19,10 +19,87 @@ use crate::error::{FenceError, timed};
 use crate::key::{namespace_prefix, tag_keys, tag_marker};
 use crate::scripts::Scripts;
 
-/// The pub/sub channel the store script announces finished fills on.
-pub(crate) const WAKE_CHANNEL: &str = "cachefence:wake";
-/// The pub/sub channel invalidations are announced on.
-pub(crate) const INVALIDATE_CHANNEL: &str = "cachefence:invalidate";
+/// The names of the pub/sub channels, in one place (ARCHITECTURE.md,
+/// "Pub/sub"). Every channel of a namespace starts with the escaped
+/// namespace and `|#`, as its keys start with the escaped namespace and `|`
+/// (the escaping encodes `#`, so no entry key looks like a channel), so one
+/// ACL channel pattern `&<namespace>|#*` covers a namespace's channels.
+///
+/// - `<ns>|#wake`: a fill of the namespace stored or released a key (the
+///   message is its lease key), with `PUBLISH` on a single server;
+/// - `<ns>|#wake:{<digest>}`: the same on a Redis Cluster, per entry and in
+///   the entry's slot (its hash tag), with `SPUBLISH`: only the shard that
+///   owns the key carries it, to the processes waiting on that entry;
+/// - `<ns>|#invalidate`: an invalidation (`<kind>:<sender id>:<key or
+///   prefix>`), with `PUBLISH` everywhere (every process of the namespace
+///   listens: its in-flight fills of the key restart).
+pub(crate) mod channels {
+    use crate::key::namespace_prefix;
+
+    /// The wake-up channel of a namespace (single server).
+    pub(crate) fn wake(namespace: &str) -> String {
+        let mut out = namespace_prefix(namespace);
+        out.push_str("#wake");
+        out
+    }
+
+    /// The invalidation channel of a namespace.
+    pub(crate) fn invalidate(namespace: &str) -> String {
+        let mut out = namespace_prefix(namespace);
+        out.push_str("#invalidate");
+        out
+    }
+
+    /// The escaped namespace and `|` a key of this crate starts with.
+    fn prefix_of(key: &str) -> &str {
+        key.find('|').map_or("", |i| &key[..=i])
+    }
+
+    /// The invalidation channel of the namespace `key` is in.
+    pub(crate) fn invalidate_of_key(key: &str) -> String {
+        format!("{}#invalidate", prefix_of(key))
+    }
+
+    /// The channel a store or release of `key` (an entry, variant or lease
+    /// key) announces itself on: the namespace's, or with `sharded` the
+    /// entry's own channel in its slot (`None` when the key has no hash
+    /// tag, which no key of this crate lacks).
+    pub(crate) fn wake_of_key(key: &str, sharded: bool) -> Option<String> {
+        if !sharded {
+            return Some(format!("{}#wake", prefix_of(key)));
+        }
+        // Redis hashes the first `{...}` of a name; the key escaping
+        // encodes braces, so the first one is the digest's.
+        let open = key.find('{')?;
+        let close = open + key[open..].find('}')?;
+        Some(format!("{}#wake:{}", prefix_of(key), &key[open..=close]))
+    }
+
+    /// Whether `channel` is a wake-up channel (else an invalidation one).
+    pub(crate) fn is_wake(channel: &str) -> bool {
+        channel.ends_with("#wake") || channel.contains("#wake:{")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn channels_are_per_namespace_and_sharded_ones_share_the_entry_slot() {
+            assert_eq!(wake("shop:"), "shop:|#wake");
+            assert_eq!(invalidate("a|b"), "a%7Cb|#invalidate");
+            let lease = "shop:|/p/1:{0123abcd}:v:99:lease";
+            assert_eq!(wake_of_key(lease, false).as_deref(), Some("shop:|#wake"));
+            assert_eq!(
+                wake_of_key(lease, true).as_deref(),
+                Some("shop:|#wake:{0123abcd}")
+            );
+            assert_eq!(invalidate_of_key(lease), "shop:|#invalidate");
+            assert!(is_wake("shop:|#wake") && is_wake("shop:|#wake:{0123abcd}"));
+            assert!(!is_wake("shop:|#invalidate"));
+        }
+    }
+}
 
 /// How long fences (of a URL, a prefix or the namespace) refuse the
 /// write-backs of fills that started before their invalidation: longer than
@@ -144,8 +221,10 @@ fn as_cluster<C: 'static>(conn: &C) -> Option<&redis::cluster_async::ClusterConn
 #[derive(Debug)]
 pub(crate) struct Store<C> {
     conn: C,
-    /// The connection is a `redis::cluster_async::ClusterConnection`.
-    cluster: bool,
+    /// Redis Cluster mode: the connection is a
+    /// `redis::cluster_async::ClusterConnection`, or the user said so
+    /// (`FenceCache::cluster`).
+    cluster: AtomicBool,
     timeout_ms: AtomicU64,
     breaker: Breaker,
     scripts: Scripts,
@@ -153,6 +232,26 @@ pub(crate) struct Store<C> {
     pub(crate) commands: AtomicU64,
     /// Added to this process's clock (tests play a host whose clock is off).
     skew_ms: AtomicI64,
+    /// Reaches every primary for walks when the connection is not a
+    /// `ClusterConnection` itself (`FenceCache::cluster_wake_ups`).
+    #[cfg(feature = "cluster-async")]
+    walk_client: std::sync::OnceLock<redis::cluster::ClusterClient>,
+    #[cfg(feature = "cluster-async")]
+    walk_conn: WalkConn,
+}
+
+/// The connection walks open from the walk client, once.
+#[cfg(feature = "cluster-async")]
+#[derive(Default)]
+struct WalkConn(tokio::sync::OnceCell<redis::cluster_async::ClusterConnection>);
+
+#[cfg(feature = "cluster-async")]
+impl std::fmt::Debug for WalkConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("WalkConn")
+            .field(&self.0.initialized())
+            .finish()
+    }
 }
 
 type Fields = Vec<(Vec<u8>, Vec<u8>)>;
@@ -169,20 +268,65 @@ where
         crate::metrics::breaker_open(false);
         Self {
             conn,
-            cluster,
+            cluster: AtomicBool::new(cluster),
             timeout_ms: AtomicU64::new(duration_ms(timeout)),
             breaker,
             scripts: Scripts::new(),
             errors: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             skew_ms: AtomicI64::new(0),
+            #[cfg(feature = "cluster-async")]
+            walk_client: std::sync::OnceLock::new(),
+            #[cfg(feature = "cluster-async")]
+            walk_conn: WalkConn::default(),
         }
     }
 
     /// Whether the connection is a Redis Cluster connection: tags are then
     /// kept as per-entry markers and SCANs go to every primary.
     pub(crate) fn is_cluster(&self) -> bool {
-        self.cluster
+        self.cluster.load(Ordering::Relaxed)
+    }
+
+    /// The cluster client walks use when the connection is not a
+    /// `ClusterConnection` (a wrapper).
+    #[cfg(feature = "cluster-async")]
+    pub(crate) fn set_walk_client(&self, client: redis::cluster::ClusterClient) {
+        let _ = self.walk_client.set(client);
+    }
+
+    /// A cluster connection that can route a command to one node: the
+    /// cache's own, or one from the walk client.
+    #[cfg(feature = "cluster-async")]
+    async fn cluster_connection(
+        &self,
+        conn: &C,
+    ) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
+        if let Some(conn) = as_cluster(conn) {
+            return Ok(conn.clone());
+        }
+        let Some(client) = self.walk_client.get() else {
+            return Err(not_cluster());
+        };
+        self.walk_conn
+            .0
+            .get_or_try_init(|| client.get_async_connection())
+            .await
+            .cloned()
+    }
+
+    /// Sets Redis Cluster mode whatever the connection's type.
+    pub(crate) fn set_cluster(&self, cluster: bool) {
+        self.cluster.store(cluster, Ordering::Relaxed);
+    }
+
+    /// The channel a store or release of `lease` announces itself on
+    /// (sharded on a Redis Cluster; see [`channels`]). A key without a
+    /// hash tag (none of this crate's) falls back to the namespace's.
+    fn wake_channel(&self, lease: &str) -> String {
+        channels::wake_of_key(lease, self.is_cluster())
+            .or_else(|| channels::wake_of_key(lease, false))
+            .unwrap_or_default()
     }
 
     pub(crate) fn breaker(&self) -> &Breaker {
@@ -294,9 +438,10 @@ where
 
     pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<WriteBack, FenceError> {
         let url_fence = url_fence_of(args.primary);
+        let wake_channel = self.wake_channel(args.lease_key);
         // On a cluster the prefix fences live in another slot: a stand-in
         // key of the entry's slot takes their place, and is not read.
-        let prefix_fences = if self.cluster {
+        let prefix_fences = if self.is_cluster() {
             url_fence.clone()
         } else {
             prefix_fences_of(args.namespace)
@@ -309,7 +454,7 @@ where
                     .key(args.variants_set)
                     .key(url_fence.as_str())
                     .key(prefix_fences.as_str());
-                if self.cluster {
+                if self.is_cluster() {
                     // Markers in the entry's own slot.
                     for tag in args.tags {
                         inv.key(tag_marker(args.namespace, tag, args.primary));
@@ -333,14 +478,14 @@ where
                 let n = i64::try_from(args.tags.len()).unwrap_or(i64::MAX);
                 inv.arg(args.token)
                     .arg(duration_ms(args.ttl).max(1))
-                    .arg(WAKE_CHANNEL)
+                    .arg(wake_channel.as_str())
                     .arg(args.lease_key)
                     .arg(args.vary)
                     .arg(FORMAT_VERSION)
                     .arg(args.started)
-                    .arg(if self.cluster { -n } else { n })
+                    .arg(if self.is_cluster() { -n } else { n })
                     .arg(args.max_variants.max(1))
-                    .arg(if self.cluster { "0" } else { "1" });
+                    .arg(if self.is_cluster() { "0" } else { "1" });
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
                 }
@@ -359,6 +504,7 @@ where
     pub(crate) async fn release(&self, args: ReleaseArgs<'_>) -> Result<Option<bool>, FenceError> {
         let pass_ms = duration_ms(args.pass);
         let now = self.now_ms();
+        let wake_channel = self.wake_channel(args.lease_key);
         let released: i64 = self
             .run("release", |mut c| {
                 let mut inv = self.scripts.release.key(args.lease_key);
@@ -372,7 +518,7 @@ where
                         0
                     })
                     .arg(pass_ms)
-                    .arg(WAKE_CHANNEL)
+                    .arg(wake_channel.as_str())
                     .arg(args.lease_key)
                     .arg(args.vary)
                     .arg(FORMAT_VERSION)
@@ -417,6 +563,7 @@ where
     ) -> Result<u64, FenceError> {
         let variants = crate::key::variants_set_of(primary);
         let url_fence = url_fence_of(primary);
+        let channel = channels::invalidate_of_key(primary);
         let mut total = 0;
         let mut fence = fence;
         // New variants may be added while the batches run (after the fence,
@@ -428,7 +575,7 @@ where
                     let mut inv = self.scripts.invalidate.key(primary);
                     inv.key(variants.as_str())
                         .key(url_fence.as_str())
-                        .arg(INVALIDATE_CHANNEL)
+                        .arg(channel.as_str())
                         .arg(sender)
                         .arg(if fence { "1" } else { "0" })
                         .arg(duration_ms(FENCE_TTL))
@@ -547,15 +694,18 @@ where
     /// on a Redis Cluster every primary the connection knows of.
     pub(crate) async fn nodes(&self) -> Result<Vec<Node>, FenceError> {
         #[cfg(feature = "cluster-async")]
-        if self.cluster {
+        if self.is_cluster() {
             use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            if as_cluster(&self.conn).is_none() && self.walk_client.get().is_none() {
+                // Not a transport failure: nothing to retry, no breaker.
+                return Err(FenceError::invalid_input(
+                    "a walk over a Redis Cluster needs a ClusterConnection or cluster_wake_ups to reach every primary",
+                ));
+            }
             let value: Value = self
                 .run("nodes", |c| {
-                    let conn = as_cluster(&c).cloned();
                     async move {
-                        let Some(mut conn) = conn else {
-                            return Err(not_cluster());
-                        };
+                        let mut conn = self.cluster_connection(&c).await?;
                         // Without a response policy the replies come back
                         // as a map keyed by node address.
                         let routing =
@@ -584,6 +734,13 @@ where
                 }
             }
             return Ok(nodes);
+        }
+        #[cfg(not(feature = "cluster-async"))]
+        if self.is_cluster() {
+            // One node of a cluster is not the whole keyspace.
+            return Err(FenceError::invalid_input(
+                "a walk over a Redis Cluster needs the cluster-async feature",
+            ));
         }
         Ok(vec![None])
     }
@@ -632,15 +789,10 @@ where
                     host: host.clone(),
                     port: *port,
                 });
-                self.run("scan", |c| {
-                    let conn = as_cluster(&c).cloned();
-                    async move {
-                        let Some(mut conn) = conn else {
-                            return Err(not_cluster());
-                        };
-                        let value = conn.route_command(cmd, routing).await?;
-                        Ok(redis::from_redis_value(value)?)
-                    }
+                self.run("scan", |c| async move {
+                    let mut conn = self.cluster_connection(&c).await?;
+                    let value = conn.route_command(cmd, routing).await?;
+                    Ok(redis::from_redis_value(value)?)
                 })
                 .await
             }
@@ -700,7 +852,10 @@ where
 
 #[cfg(feature = "cluster-async")]
 fn not_cluster() -> redis::RedisError {
-    redis::RedisError::from((redis::ErrorKind::Client, "not a Redis Cluster connection"))
+    redis::RedisError::from((
+        redis::ErrorKind::Client,
+        "a walk over a Redis Cluster needs a ClusterConnection or cluster_wake_ups to reach every primary",
+    ))
 }
 
 fn is_wrong_type(err: &FenceError) -> bool {

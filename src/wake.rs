@@ -1,8 +1,16 @@
-//! Wake-ups: one pub/sub subscription per layer that turns "a fill landed"
+//! Wake-ups: one pub/sub subscription per cache that turns "a fill landed"
 //! and "an entry was invalidated" announcements from any process into local
 //! notifications. Pub/sub is at-most-once, so waiters always keep polling
 //! as well; this only makes them faster.
+//!
+//! The channels are per namespace (`store::channels`): the listener
+//! subscribes to those of every namespace a layer of the cache serves. On a
+//! single server a namespace's wake-ups share one channel; on a Redis
+//! Cluster they are sharded (`SSUBSCRIBE`), one channel per entry in the
+//! entry's slot, subscribed while a fill of this process waits on it, so a
+//! store's message travels only inside the shard that owns the key.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -10,9 +18,13 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
 
-use crate::shared::Shared;
+#[cfg(not(feature = "cluster-async"))]
+use crate::shared::Interests;
+#[cfg(feature = "cluster-async")]
+use crate::shared::{Forward, Interests};
+use crate::shared::{Interest, Shared, Source};
 use crate::stats::Counters;
-use crate::store::{INVALIDATE_CHANNEL, WAKE_CHANNEL};
+use crate::store::channels;
 
 /// Clears the layer's "listening" flag when the listener ends, however it
 /// ends (the layer dropped, or the runtime it ran on shut down).
@@ -24,57 +36,88 @@ impl Drop for Running {
     }
 }
 
-/// Runs until the layer is dropped, reconnecting with backoff.
-pub(crate) async fn listen<C>(client: redis::Client, shared: Weak<Shared<C>>, _running: Running)
+/// Starts the listener (see [`ensure_listener`]) and has it listen to the
+/// channels of `namespace`.
+pub(crate) fn listen_to<C>(shared: &Arc<Shared<C>>, namespace: &str)
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
+    shared.interests.add_namespace(namespace);
+    ensure_listener(shared);
+}
+
+/// Has the listener subscribe to the wake-ups of the entry `key` while the
+/// guard lives: on a Redis Cluster wake-ups are sharded, one channel per
+/// entry (nothing on a single server, where the namespace's channel
+/// carries every wake-up).
+pub(crate) fn wake_interest<C>(shared: &Arc<Shared<C>>, key: &str) -> Option<Interest>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    if !shared.store.is_cluster() {
+        return None;
+    }
+    let channel = channels::wake_of_key(key, true)?;
+    ensure_listener(shared);
+    Some(shared.interests.interest(channel))
+}
+
+/// Runs until the cache is dropped, reconnecting with backoff.
+pub(crate) async fn listen<C>(source: Source, shared: Weak<Shared<C>>, _running: Running)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    match source {
+        Source::Single(client) => listen_single(client, shared).await,
+        #[cfg(feature = "cluster-async")]
+        Source::Cluster(client, forward) => listen_cluster(*client, forward, shared).await,
+    }
+}
+
+async fn listen_single<C>(client: redis::Client, shared: Weak<Shared<C>>)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let Some(interests) = shared.upgrade().map(|s| s.interests.clone()) else {
+        return;
+    };
+    if shared.upgrade().is_some_and(|s| s.store.is_cluster()) {
+        tracing::warn!(
+            "wake_ups(redis::Client) on a Redis Cluster hears invalidations but not the sharded wake-ups: use cluster_wake_ups"
+        );
+    }
     let mut backoff = Duration::from_millis(50);
     loop {
         if shared.strong_count() == 0 {
             return;
         }
-        match subscribe(&client).await {
+        match timed(client.get_async_pubsub()).await {
             Ok(pubsub) => {
                 backoff = Duration::from_millis(50);
-                tracing::debug!("wake-up subscription established");
-                if let Some(shared) = shared.upgrade() {
-                    Counters::inc(&shared.counters.listener_connects);
+                let (mut sink, mut messages) = pubsub.split();
+                let mut subscribed: HashSet<String> = HashSet::new();
+                let mut synced = sync_single(&mut sink, &interests, &mut subscribed).await;
+                if synced.is_ok() {
+                    tracing::debug!("wake-up subscription established");
+                    if let Some(shared) = shared.upgrade() {
+                        Counters::inc(&shared.counters.listener_connects);
+                    }
                 }
-                let mut messages = pubsub.into_on_message();
-                while let Some(msg) = next_or_gone(&mut messages, &shared).await {
-                    let Some(shared) = shared.upgrade() else {
-                        return;
-                    };
-                    let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
-                        continue;
-                    };
-                    match msg.get_channel_name() {
-                        WAKE_CHANNEL => {
-                            if let Some(key) = payload.strip_suffix(":lease") {
-                                shared.flights.wake(key);
+                while synced.is_ok() {
+                    tokio::select! {
+                        msg = messages.next() => {
+                            let Some(msg) = msg else { break };
+                            let Some(shared) = shared.upgrade() else { return };
+                            dispatch(&shared, &msg);
+                        }
+                        () = interests.changed.notified() => {
+                            synced = sync_single(&mut sink, &interests, &mut subscribed).await;
+                        }
+                        () = tokio::time::sleep(Duration::from_secs(5)) => {
+                            if shared.strong_count() == 0 {
+                                return;
                             }
                         }
-                        INVALIDATE_CHANNEL => {
-                            // `<kind>:<sender id>:<key or prefix>`; this
-                            // layer already detached its own.
-                            let Some((kind, rest)) = payload.split_once(':') else {
-                                continue;
-                            };
-                            let Some((sender, target)) = rest.split_once(':') else {
-                                continue;
-                            };
-                            if sender.parse::<u64>().ok() == Some(shared.id) {
-                                continue;
-                            }
-                            let n = match kind {
-                                "prefix" => shared.flights.detach_prefix(target),
-                                "key" => shared.flights.detach_entry(target),
-                                _ => 0,
-                            };
-                            Counters::add(&shared.counters.detached, n);
-                        }
-                        _ => {}
                     }
                 }
                 tracing::debug!("wake-up subscription lost, reconnecting");
@@ -88,34 +131,103 @@ where
     }
 }
 
-async fn subscribe(client: &redis::Client) -> redis::RedisResult<redis::aio::PubSub> {
-    let connect = async {
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub
-            .subscribe(&[WAKE_CHANNEL, INVALIDATE_CHANNEL])
-            .await?;
-        Ok(pubsub)
-    };
-    match tokio::time::timeout(Duration::from_secs(2), connect).await {
-        Ok(result) => result,
-        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "pub/sub connect timed out",
-        ))),
+/// Subscribes to the channels of the namespaces not subscribed yet.
+async fn sync_single(
+    sink: &mut redis::aio::PubSubSink,
+    interests: &Interests,
+    subscribed: &mut HashSet<String>,
+) -> redis::RedisResult<()> {
+    let mut new = Vec::new();
+    for namespace in interests.namespaces() {
+        for channel in [channels::wake(&namespace), channels::invalidate(&namespace)] {
+            if !subscribed.contains(&channel) {
+                new.push(channel);
+            }
+        }
     }
+    if !new.is_empty() {
+        timed(sink.subscribe(&new)).await?;
+        subscribed.extend(new);
+    }
+    Ok(())
 }
 
-/// The next message, or `None` when the stream ends or the layer is gone
-/// (checked every few seconds so an idle listener doesn't outlive it).
-async fn next_or_gone<C>(
-    messages: &mut redis::aio::PubSubStream,
-    shared: &Weak<Shared<C>>,
-) -> Option<redis::Msg> {
+#[cfg(feature = "cluster-async")]
+async fn listen_cluster<C>(
+    client: redis::cluster::ClusterClient,
+    forward: Forward,
+    shared: Weak<Shared<C>>,
+) where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    use redis::PushKind;
+
+    let Some(interests) = shared.upgrade().map(|s| s.interests.clone()) else {
+        return;
+    };
+    let mut backoff = Duration::from_millis(50);
+    let mut conn = loop {
+        if shared.strong_count() == 0 {
+            return;
+        }
+        match timed(client.get_async_connection()).await {
+            Ok(conn) => break conn,
+            Err(err) => {
+                tracing::debug!(error = %err, "wake-up cluster connection failed, retrying");
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    };
+    let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
+    if let Ok(mut slot) = forward.lock() {
+        *slot = Some(tx);
+    }
+    if let Some(shared) = shared.upgrade() {
+        Counters::inc(&shared.counters.listener_connects);
+    }
+    tracing::debug!("wake-up cluster connection established");
+    // The connection resubscribes by itself after a reconnection or a
+    // topology change; what the server drops (a slot moved away sends
+    // `sunsubscribe`) is subscribed again here, at the slot's new owner.
+    let mut held = Held::default();
+    let mut dirty = true;
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
-            Ok(msg) => return msg,
-            Err(_) if shared.strong_count() == 0 => return None,
-            Err(_) => {}
+        if dirty {
+            dirty = !sync_cluster(&mut conn, &interests, &mut held).await;
+        }
+        let retry = if dirty {
+            Duration::from_millis(200)
+        } else {
+            Duration::from_secs(5)
+        };
+        tokio::select! {
+            push = pushes.recv() => {
+                let Some(push) = push else { return };
+                let Some(shared) = shared.upgrade() else { return };
+                match push.kind {
+                    PushKind::SUnsubscribe | PushKind::Unsubscribe => {
+                        if let Some(channel) = push.data.first().and_then(string_of) {
+                            // Ours (sync_cluster forgot it first) or the
+                            // server's: either way look again.
+                            if held.shards.remove(&channel) || held.namespace.remove(&channel) {
+                                dirty = true;
+                            }
+                        }
+                    }
+                    _ => {
+                        if let Some(msg) = redis::Msg::from_push_info(push) {
+                            dispatch(&shared, &msg);
+                        }
+                    }
+                }
+            }
+            () = interests.changed.notified() => dirty = true,
+            () = tokio::time::sleep(retry) => {
+                if shared.strong_count() == 0 {
+                    return;
+                }
+            }
         }
     }
 }
@@ -146,5 +258,118 @@ where
         let weak: Weak<Shared<C>> = Arc::downgrade(shared);
         let running = Running(shared.listening.clone());
         runtime.spawn(listen(client.clone(), weak, running));
+    }
+}
+
+/// The channels a cluster listener holds.
+#[cfg(feature = "cluster-async")]
+#[derive(Default)]
+struct Held {
+    namespace: HashSet<String>,
+    shards: HashSet<String>,
+}
+
+/// Brings the cluster subscriptions in line with the interests. Returns
+/// whether every command succeeded (else it is tried again soon).
+#[cfg(feature = "cluster-async")]
+async fn sync_cluster(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    interests: &Interests,
+    held: &mut Held,
+) -> bool {
+    let mut ok = true;
+    let mut new = Vec::new();
+    for namespace in interests.namespaces() {
+        let channel = channels::invalidate(&namespace);
+        if !held.namespace.contains(&channel) {
+            new.push(channel);
+        }
+    }
+    if !new.is_empty() {
+        match timed(conn.subscribe(&new)).await {
+            Ok(()) => held.namespace.extend(new),
+            Err(err) => {
+                tracing::debug!(error = %err, "subscribing to invalidations failed");
+                ok = false;
+            }
+        }
+    }
+    let wanted = interests.shards();
+    // One channel per call: each lives in its own slot.
+    let gone: Vec<String> = held.shards.difference(&wanted).cloned().collect();
+    for channel in gone {
+        held.shards.remove(&channel);
+        if let Err(err) = timed(conn.sunsubscribe(&channel)).await {
+            tracing::debug!(error = %err, "sharded unsubscribe failed");
+        }
+    }
+    let new: Vec<String> = wanted.difference(&held.shards).cloned().collect();
+    for channel in new {
+        match timed(conn.ssubscribe(&channel)).await {
+            Ok(()) => {
+                held.shards.insert(channel);
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "sharded subscribe failed");
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+#[cfg(feature = "cluster-async")]
+fn string_of(value: &redis::Value) -> Option<String> {
+    match value {
+        redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        redis::Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// Acts on one message: wakes the fills waiting on a key, or restarts this
+/// process's fills of an entry another process invalidated.
+fn dispatch<C>(shared: &Shared<C>, msg: &redis::Msg) {
+    let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
+        return;
+    };
+    let Ok(channel) = std::str::from_utf8(msg.get_channel_name().as_bytes()) else {
+        return;
+    };
+    if channels::is_wake(channel) {
+        if let Some(key) = payload.strip_suffix(":lease") {
+            shared.flights.wake(key);
+        }
+        return;
+    }
+    // `<kind>:<sender id>:<key or prefix>`; this cache already detached
+    // its own.
+    let Some((kind, rest)) = payload.split_once(':') else {
+        return;
+    };
+    let Some((sender, target)) = rest.split_once(':') else {
+        return;
+    };
+    if sender.parse::<u64>().ok() == Some(shared.id) {
+        return;
+    }
+    let n = match kind {
+        "prefix" => shared.flights.detach_prefix(target),
+        "key" => shared.flights.detach_entry(target),
+        _ => 0,
+    };
+    Counters::add(&shared.counters.detached, n);
+}
+
+/// A pub/sub call bounded at 2 s.
+async fn timed<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    match tokio::time::timeout(Duration::from_secs(2), call).await {
+        Ok(result) => result,
+        Err(_) => Err(redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "pub/sub call timed out",
+        ))),
     }
 }

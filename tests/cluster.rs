@@ -13,7 +13,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use cachefence::{FenceCache, FenceHandle};
+use cachefence::{FenceCache, FenceHandle, FenceLayer};
 use redis::cluster_async::ClusterConnection;
 use support::{Http, RedisCluster};
 
@@ -238,4 +238,370 @@ async fn invalidate_all_empties_the_namespace_on_every_node() {
     let after = s.keys_per_node();
     assert!(after.iter().all(Vec::is_empty), "left: {after:?}");
     assert_eq!(s.get("/x/1").await.0.as_deref(), Some("MISS"));
+}
+
+// ---------------------------------------------------------------------------
+// Replicas, failover, sharded wake-ups
+// ---------------------------------------------------------------------------
+
+/// One app server over the cluster, with default settings but the
+/// namespace and sharded wake-ups: its own cluster connection and cache,
+/// as a second process would have.
+async fn app_server(
+    cluster: &RedisCluster,
+    world: &World,
+) -> (SocketAddr, FenceHandle<ClusterConnection>) {
+    let fence = FenceCache::new(cluster.connection().await)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .layer()
+        .namespace(NS);
+    let handle = fence.handle();
+    let app = Router::new()
+        .route("/{*path}", get(origin).layer(fence))
+        .with_state(world.clone());
+    (support::serve(app).await, handle)
+}
+
+/// The `/k/<n>` paths whose entries are on `node`.
+fn paths_on(node: &support::RedisServer) -> Vec<String> {
+    let keys = node.cli(&["KEYS", &format!("{NS}|*")]);
+    let mut paths: Vec<String> = keys
+        .lines()
+        .filter(|k| !k.contains("|#") && !k.ends_with(":vars") && !k.ends_with(":lease"))
+        .filter_map(|k| {
+            let at = k.find("/k/")?;
+            let n: String = k[at + 3..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            (!n.is_empty()).then(|| format!("/k/{n}"))
+        })
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths
+}
+
+/// Until `cond` holds (polled every 10 ms), at most `within`.
+async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let started = std::time::Instant::now();
+    while !cond() {
+        assert!(started.elapsed() < within, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// B waits on A's slow fill of `path`; returns whether B's wait was ended
+/// by a (sharded) wake-up rather than a poll.
+async fn woken_remote_wait(
+    world: &World,
+    http: &Http,
+    (a, b): (SocketAddr, SocketAddr),
+    hb: &FenceHandle<ClusterConnection>,
+    path: &str,
+) -> bool {
+    let (calls, waits, wakeups) = (
+        world.calls.load(Ordering::SeqCst),
+        hb.stats().remote_waits,
+        hb.stats().wakeups,
+    );
+    world.delay_ms.store(400, Ordering::SeqCst);
+    let leader = {
+        let (http, path) = (http.clone(), path.to_owned());
+        tokio::spawn(async move { http.get(a, &path).await.text() })
+    };
+    eventually(
+        "A's fill to call the origin",
+        Duration::from_secs(10),
+        || world.calls.load(Ordering::SeqCst) == calls + 1,
+    )
+    .await;
+    let waiter = {
+        let (http, path) = (http.clone(), path.to_owned());
+        tokio::spawn(async move { http.get(b, &path).await.text() })
+    };
+    eventually("B to wait on A's lease", Duration::from_secs(10), || {
+        hb.stats().remote_waits == waits + 1
+    })
+    .await;
+    let expected = format!("0 {path}");
+    assert_eq!(leader.await.unwrap(), expected);
+    assert_eq!(waiter.await.unwrap(), expected);
+    world.delay_ms.store(0, Ordering::SeqCst);
+    assert_eq!(world.calls.load(Ordering::SeqCst), calls + 1, "one fill");
+    hb.stats().wakeups > wakeups
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_remote_wait_is_woken_by_a_sharded_wake_up() {
+    let cluster = RedisCluster::new();
+    let world = World::default();
+    let (a, _) = app_server(&cluster, &world).await;
+    let (b, hb) = app_server(&cluster, &world).await;
+    let http = Http::new();
+    let mut woken = 0;
+    for i in 0..5 {
+        if woken_remote_wait(&world, &http, (a, b), &hb, &format!("/wake/{i}")).await {
+            woken += 1;
+        }
+    }
+    assert!(woken >= 1, "no remote wait was woken: {:?}", hb.stats());
+    // The channels are sharded: nothing went through classic pub/sub but
+    // the namespace's invalidation channel.
+    for node in cluster.nodes() {
+        let classic = node.cli(&["PUBSUB", "CHANNELS"]);
+        assert!(
+            classic
+                .lines()
+                .all(|c| c.is_empty() || c == "clu:|#invalidate"),
+            "{classic}"
+        );
+    }
+}
+
+/// 3 primaries with a replica each; two app servers (each its own cache and
+/// cluster connection) under traffic over 1,000 keys; one primary SIGKILLed
+/// and its replica promoted. Every request is answered with the right body;
+/// caching, single-fill and wake-ups resume on the new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() {
+    const KEYS: usize = 1000;
+    const WORKERS: usize = 8;
+    let mut cluster = RedisCluster::with(3, 1, 2000);
+    let world = World::default();
+    let (a, ha) = app_server(&cluster, &world).await;
+    let (b, hb) = app_server(&cluster, &world).await;
+    let addrs = [a, b];
+    let http = Http::new();
+
+    // Warm every key, then pick the primary holding the most entries.
+    // (16 at a time: a thousand at once would time Redis calls out and
+    // open the breaker, which serves them all but caches none.)
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(16) {
+        let warm = chunk.iter().map(|&i| {
+            let http = http.clone();
+            tokio::spawn(async move { http.get(addrs[i % 2], &format!("/k/{i}")).await.text() })
+        });
+        for (&i, body) in chunk.iter().zip(futures_util::future::join_all(warm).await) {
+            assert_eq!(body.unwrap(), format!("0 /k/{i}"));
+        }
+    }
+    assert_eq!(world.calls.load(Ordering::SeqCst), KEYS);
+    let victim = (0..cluster.nodes().len())
+        .filter(|&i| {
+            cluster.nodes()[i]
+                .cli(&["INFO", "replication"])
+                .contains("role:master")
+        })
+        .max_by_key(|&i| paths_on(&cluster.nodes()[i]).len())
+        .unwrap();
+    let victim_paths = Arc::new(paths_on(&cluster.nodes()[victim]));
+    assert!(victim_paths.len() > 100, "{}", victim_paths.len());
+
+    // Traffic: every answer is checked and timed.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let slowest_ms = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (http, stop, answered, slowest_ms) = (
+                http.clone(),
+                stop.clone(),
+                answered.clone(),
+                slowest_ms.clone(),
+            );
+            tokio::spawn(async move {
+                let mut i = w * 7919;
+                while !stop.load(Ordering::SeqCst) {
+                    i = (i + 131) % KEYS;
+                    let started = std::time::Instant::now();
+                    let reply = http.get(addrs[i % 2], &format!("/k/{i}")).await;
+                    let took = started.elapsed().as_millis() as u64;
+                    slowest_ms.fetch_max(took, Ordering::SeqCst);
+                    assert_eq!(reply.status, 200, "/k/{i}: {:?}", reply.cache_status());
+                    assert_eq!(reply.text(), format!("0 /k/{i}"), "a wrong body");
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    eventually("traffic", Duration::from_secs(30), || {
+        answered.load(Ordering::SeqCst) >= 500
+    })
+    .await;
+
+    let killed = std::time::Instant::now();
+    cluster.kill(victim);
+    // Caching resumed: a victim key read from the promoted replica.
+    let mut probe = 0;
+    let resumed = loop {
+        let path = &victim_paths[probe % victim_paths.len()];
+        probe += 1;
+        let (ra, rb) = (http.get(a, path).await, http.get(b, path).await);
+        assert_eq!(ra.text(), format!("0 {path}"));
+        assert_eq!(rb.text(), format!("0 {path}"));
+        // Both servers read the promoted replica.
+        if ra.cache_status() == Some("HIT") && rb.cache_status() == Some("HIT") {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "caching did not resume on the new primary"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let settled = cluster
+        .wait_ok(Duration::from_secs(60))
+        .expect("the cluster recovers");
+    let failed_over = killed.elapsed();
+    let before = answered.load(Ordering::SeqCst);
+    eventually(
+        "more traffic after the failover",
+        Duration::from_secs(30),
+        || answered.load(Ordering::SeqCst) >= before + 500,
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("every request answered with its body");
+    }
+    let promoted = cluster
+        .primaries()
+        .into_iter()
+        .find(|n| paths_on(n).contains(&victim_paths[0]))
+        .map(|n| n.port());
+    eprintln!(
+        "failover: first HIT on the killed primary's keys {:.2} s after SIGKILL; \
+         cluster_state:ok on every node {:.2} s after it ({settled:?} of waiting); \
+         {} requests, slowest {} ms; promoted replica port {promoted:?}; stats A {:?}",
+        resumed.as_secs_f64(),
+        failed_over.as_secs_f64(),
+        answered.load(Ordering::SeqCst),
+        slowest_ms.load(Ordering::SeqCst),
+        ha.stats(),
+    );
+    // No request waited past the lease lifetime (a lost release) plus the
+    // wait budget and a margin for a loaded machine.
+    assert!(
+        slowest_ms.load(Ordering::SeqCst) < 3_000 + 5_000 + 2_000,
+        "slowest request {} ms",
+        slowest_ms.load(Ordering::SeqCst)
+    );
+
+    // Single-fill on the new primary: bursts on fresh keys across both
+    // servers reach the origin once per key.
+    assert_eq!(ha.stats().breaker, cachefence::BreakerState::Closed);
+    assert_eq!(hb.stats().breaker, cachefence::BreakerState::Closed);
+    world.delay_ms.store(200, Ordering::SeqCst);
+    let calls = world.calls.load(Ordering::SeqCst);
+    for j in 0..12 {
+        let burst = (0..20).map(|i| {
+            let http = http.clone();
+            tokio::spawn(async move { http.get(addrs[i % 2], &format!("/fresh/{j}")).await.text() })
+        });
+        for body in futures_util::future::join_all(burst).await {
+            assert_eq!(body.unwrap(), format!("0 /fresh/{j}"));
+        }
+    }
+    assert_eq!(
+        world.calls.load(Ordering::SeqCst),
+        calls + 12,
+        "one fill per key: {:?} {:?}",
+        ha.stats(),
+        hb.stats()
+    );
+    world.delay_ms.store(0, Ordering::SeqCst);
+    // Sharded wake-ups follow the slots to the promoted replica.
+    let mut woken = 0;
+    for path in victim_paths.iter().take(5) {
+        hb.invalidate_path(path).await.unwrap();
+        if woken_remote_wait(&world, &http, (a, b), &hb, path).await {
+            woken += 1;
+        }
+    }
+    assert!(
+        woken >= 1,
+        "no wake-up after the failover: {:?}",
+        hb.stats()
+    );
+}
+
+/// A user's own connection type around a cluster connection: the cache
+/// can't recognise it by its type.
+#[derive(Clone)]
+struct Wrapped(ClusterConnection);
+
+impl redis::aio::ConnectionLike for Wrapped {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        self.0.req_packed_command(cmd)
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.0.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.0.get_db()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_wrapped_cluster_connection_works_when_configured_as_a_cluster() {
+    let cluster = RedisCluster::new();
+    let world = World::default();
+    let serve = |fence: FenceLayer<Wrapped>| {
+        let app = Router::new()
+            .route("/{*path}", get(origin).layer(fence))
+            .with_state(world.clone());
+        support::serve(app)
+    };
+    let fence = FenceCache::new(Wrapped(cluster.connection().await))
+        .cluster(true)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .layer()
+        .namespace(NS);
+    let handle = fence.handle();
+    let addr = serve(fence).await;
+    let http = Http::new();
+    for i in 0..60 {
+        assert_eq!(
+            http.get(addr, &format!("/red/{i}")).await.cache_status(),
+            Some("MISS")
+        );
+    }
+    // Tags are kept as markers in each entry's slot, as on a cluster.
+    let markers: usize = cluster
+        .nodes()
+        .iter()
+        .map(|n| {
+            n.cli(&["KEYS", &format!("{NS}|#tagged:red:*")])
+                .lines()
+                .filter(|l| !l.is_empty())
+                .count()
+        })
+        .sum();
+    assert_eq!(markers, 60);
+    assert_eq!(handle.invalidate_tag("red").await.unwrap(), 60);
+    for i in 0..30 {
+        http.get(addr, &format!("/p/{i}")).await;
+    }
+    assert_eq!(handle.invalidate_prefix("/p/").await.unwrap(), 30);
+    assert_eq!(http.get(addr, "/red/1").await.cache_status(), Some("MISS"));
+
+    // Without a way to reach each primary a walk fails; it never covers
+    // one node and reports success.
+    let blind = FenceCache::new(Wrapped(cluster.connection().await))
+        .cluster(true)
+        .layer()
+        .namespace(NS);
+    let err = blind.handle().invalidate_prefix("/p/").await.unwrap_err();
+    assert!(err.to_string().contains("every primary"), "{err}");
 }

@@ -34,7 +34,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use redis::aio::ConnectionManager;
 use support::procs::Procs;
-use support::{RedisServer, Reply, serve};
+use support::{RedisServer, Reply, serve, wake_subscribers};
 use tokio::sync::Notify;
 
 // ---------------------------------------------------------------------------
@@ -193,11 +193,7 @@ fn origin_calls(redis: &RedisServer, path: &str) -> u64 {
 /// test relies on is lost.
 async fn wait_for_subscribers(redis: &RedisServer, n: u64) {
     eventually("the wake-up subscriptions", Duration::from_secs(20), || {
-        let out = redis.cli(&["PUBSUB", "NUMSUB", "cachefence:wake"]);
-        out.lines()
-            .last()
-            .and_then(|l| l.parse::<u64>().ok())
-            .is_some_and(|c| c >= n)
+        wake_subscribers(redis) >= n
     })
     .await;
 }

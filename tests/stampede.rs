@@ -30,7 +30,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use redis::aio::ConnectionManager;
 use support::procs::Procs;
-use support::{Http, RedisServer, Reply, serve};
+use support::{Http, RedisServer, Reply, serve, wake_subscribers};
 use tokio::sync::Barrier;
 use tower::{Layer, ServiceExt};
 
@@ -171,8 +171,7 @@ async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool
 async fn wait_for_subscribers(redis: &RedisServer, n: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let out = redis.cli(&["PUBSUB", "NUMSUB", "cachefence:wake"]);
-        let count: u64 = out.lines().last().and_then(|l| l.parse().ok()).unwrap_or(0);
+        let count = wake_subscribers(redis);
         if count >= n {
             return;
         }

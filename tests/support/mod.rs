@@ -584,3 +584,20 @@ pub fn peak_rss_kib() -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// The subscribers of the namespaces' wake-up channels (`<ns>|#wake`),
+/// summed: one per listener for a test using one namespace.
+pub fn wake_subscribers(redis: &RedisServer) -> u64 {
+    let channels = redis.cli(&["PUBSUB", "CHANNELS", "*|#wake"]);
+    channels
+        .lines()
+        .filter(|c| !c.is_empty() && *c != "(nil)")
+        .map(|c| {
+            let out = redis.cli(&["PUBSUB", "NUMSUB", c]);
+            out.lines()
+                .last()
+                .and_then(|l| l.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
