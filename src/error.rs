@@ -83,6 +83,16 @@ impl FenceError {
         }
     }
 
+    /// The `host:port` of a Redis Cluster `MOVED` redirection.
+    pub(crate) fn moved_to(&self) -> Option<String> {
+        match &self.kind {
+            Kind::Redis(e) if e.code() == Some("MOVED") => {
+                e.redirect_node().map(|(addr, _)| addr.to_owned())
+            }
+            _ => None,
+        }
+    }
+
     /// Whether this failure says the Redis server is unreachable or
     /// unhealthy, as opposed to a command being refused (a wrong type, a
     /// full memory).

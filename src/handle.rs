@@ -871,6 +871,11 @@ where
         self.shared.store.set_clock_skew(ms);
     }
 
+    /// Whether the cache runs on a Redis Cluster.
+    pub(crate) fn is_cluster(&self) -> bool {
+        self.shared.store.is_cluster()
+    }
+
     /// The namespace this handle invalidates in.
     pub fn namespace(&self) -> &str {
         &self.config.namespace

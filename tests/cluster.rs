@@ -605,3 +605,301 @@ async fn a_wrapped_cluster_connection_works_when_configured_as_a_cluster() {
     let err = blind.handle().invalidate_prefix("/p/").await.unwrap_err();
     assert!(err.to_string().contains("every primary"), "{err}");
 }
+
+// ---------------------------------------------------------------------------
+// The invalidation queue on a cluster.
+
+/// A connection whose commands wait while its gate is held, counting the
+/// commands held: a worker over it takes its messages and then applies
+/// nothing until released (or dropped).
+#[derive(Clone)]
+struct Gated {
+    inner: ClusterConnection,
+    held: Arc<tokio::sync::watch::Sender<bool>>,
+    entered: Arc<AtomicUsize>,
+}
+
+impl Gated {
+    fn new(inner: ClusterConnection) -> Self {
+        Self {
+            inner,
+            held: Arc::new(tokio::sync::watch::channel(false).0),
+            entered: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    async fn pass(&self) {
+        let mut held = self.held.subscribe();
+        if *held.borrow() {
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            let _ = held.wait_for(|h| !*h).await;
+        }
+    }
+}
+
+impl redis::aio::ConnectionLike for Gated {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            self.pass().await;
+            self.inner.req_packed_command(cmd).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        Box::pin(async move {
+            self.pass().await;
+            self.inner.req_packed_commands(cmd, offset, count).await
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// Caches `paths` through `addr`, 16 at a time.
+async fn warm(http: &Http, addr: SocketAddr, paths: &[String]) {
+    for chunk in paths.chunks(16) {
+        let warm = chunk.iter().map(|p| {
+            let (http, p) = (http.clone(), p.clone());
+            tokio::spawn(async move { http.get(addr, &p).await.text() })
+        });
+        for (p, body) in chunk.iter().zip(futures_util::future::join_all(warm).await) {
+            assert_eq!(body.unwrap(), format!("0 {p}"));
+        }
+    }
+}
+
+/// How many of `paths` are cached (HIT), asked through `addr`.
+async fn hits(http: &Http, addr: SocketAddr, paths: &[String]) -> usize {
+    let mut hits = 0;
+    for chunk in paths.chunks(16) {
+        let asks = chunk.iter().map(|p| {
+            let (http, p) = (http.clone(), p.clone());
+            tokio::spawn(async move { http.get(addr, &p).await.cache_status().map(str::to_owned) })
+        });
+        for status in futures_util::future::join_all(asks).await {
+            if status.unwrap().as_deref() == Some("HIT") {
+                hits += 1;
+            }
+        }
+    }
+    hits
+}
+
+/// The index of the running primary holding `key`.
+fn primary_of(cluster: &RedisCluster, key: &str) -> usize {
+    (0..cluster.nodes().len())
+        .find(|&i| {
+            let n = &cluster.nodes()[i];
+            n.is_running()
+                && n.cli(&["INFO", "replication"]).contains("role:master")
+                && matches!(n.try_cli(&["EXISTS", key]), Ok(redis::Value::Int(1)))
+        })
+        .unwrap_or_else(|| panic!("no primary holds {key}"))
+}
+
+fn info_field(info: &str, field: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits until the replica of primary `i` has everything `i` wrote.
+async fn replica_in_sync(cluster: &RedisCluster, i: usize) {
+    let port = cluster.nodes()[i].port();
+    eventually("the replica to catch up", Duration::from_secs(30), || {
+        let primary = info_field(
+            &cluster.nodes()[i].cli(&["INFO", "replication"]),
+            "master_repl_offset",
+        );
+        cluster.nodes().iter().any(|n| {
+            let info = n.cli(&["INFO", "replication"]);
+            info.contains("role:slave")
+                && info_field(&info, "master_port") == Some(u64::from(port))
+                && info_field(&info, "slave_repl_offset") == primary
+        })
+    })
+    .await;
+}
+
+/// The cached paths whose invalidations were not applied, after the
+/// queue drained.
+async fn not_invalidated(http: &Http, addr: SocketAddr, paths: &[String]) -> Vec<String> {
+    let mut left = Vec::new();
+    for p in paths {
+        if http.get(addr, p).await.cache_status() == Some("HIT") {
+            left.push(p.clone());
+        }
+    }
+    left
+}
+
+/// The queue on a 3-primary / 3-replica cluster, workers at their
+/// defaults: 4,800 invalidations queued (300 of cached URLs, spread
+/// through the stream), two workers draining, and the primary that owns
+/// the queue's slot SIGKILLed mid-drain. The workers follow the slot to the
+/// promoted replica; every invalidation queued before the failure is
+/// applied (at least once), none is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_queue_drains_through_a_failover_of_the_primary_owning_it() {
+    const CACHED: usize = 300;
+    const FILLER: usize = 15;
+    let mut cluster = RedisCluster::with(3, 1, 2000);
+    let world = World::default();
+    let (addr, handle) = app_server(&cluster, &world).await;
+    let http = Http::new();
+    let paths: Vec<String> = (0..CACHED).map(|i| format!("/q/{i}")).collect();
+    warm(&http, addr, &paths).await;
+    assert_eq!(hits(&http, addr, &paths[..20]).await, 20);
+
+    let queue = handle.queue();
+    let mut invs = Vec::new();
+    for (i, p) in paths.iter().enumerate() {
+        invs.push(cachefence::Invalidation::path(p));
+        for j in 0..FILLER {
+            invs.push(cachefence::Invalidation::path(format!("/never/{i}/{j}")));
+        }
+    }
+    queue.enqueue_all(&invs).await.unwrap();
+    let total = invs.len() as u64;
+    let owner = primary_of(&cluster, queue.stream_key());
+    replica_in_sync(&cluster, owner).await;
+
+    // Any node will do: the worker reads from the slot's owner.
+    let other = (owner + 1) % cluster.nodes().len();
+    let seed = redis::Client::open(cluster.urls()[other].as_str()).unwrap();
+    let workers: Vec<_> = ["w1", "w2"]
+        .iter()
+        .map(|name| {
+            let worker = queue.worker(seed.clone()).consumer(*name);
+            let control = worker.handle();
+            (control, tokio::spawn(worker.run()))
+        })
+        .collect();
+    let applied = || workers.iter().map(|(c, _)| c.stats().applied).sum::<u64>();
+    eventually("the drain to start", Duration::from_secs(30), || {
+        applied() >= 200
+    })
+    .await;
+    let killed = std::time::Instant::now();
+    cluster.kill(owner);
+    let at_kill = applied();
+    assert!(at_kill < total, "the queue drained before the kill");
+
+    // Drained: every message acknowledged and deleted from the stream.
+    loop {
+        if queue.backlog().await.is_ok_and(|n| n == 0) {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(90),
+            "the queue did not drain: {:?}",
+            queue.stats().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = killed.elapsed();
+    cluster
+        .wait_ok(Duration::from_secs(60))
+        .expect("the cluster recovers");
+    let left = not_invalidated(&http, addr, &paths).await;
+    let stats: Vec<_> = workers.iter().map(|(c, _)| c.stats()).collect();
+    eprintln!(
+        "queue failover: {at_kill}/{total} applied at SIGKILL, all applied {:.2} s after it; stats {stats:?}",
+        drained.as_secs_f64()
+    );
+    assert!(left.is_empty(), "invalidations lost: {left:?}");
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 0, "{stats:?}");
+    assert!(
+        stats.iter().map(|s| s.connects).sum::<u64>() >= 3,
+        "{stats:?}"
+    );
+    for (control, task) in workers {
+        control.shutdown();
+        task.await.unwrap();
+    }
+}
+
+/// A worker dropped with a batch in hand (its applies held at a gate): a
+/// second worker, at the default claim idle time, takes the messages over
+/// and applies them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_dropped_mid_batch_has_its_messages_reclaimed_on_a_cluster() {
+    const N: usize = 40;
+    let cluster = RedisCluster::new();
+    let world = World::default();
+    let (addr, handle) = app_server(&cluster, &world).await;
+    let http = Http::new();
+    let paths: Vec<String> = (0..N).map(|i| format!("/r/{i}")).collect();
+    warm(&http, addr, &paths).await;
+    let queue = handle.queue();
+    let invs: Vec<_> = paths.iter().map(cachefence::Invalidation::path).collect();
+    queue.enqueue_all(&invs).await.unwrap();
+    let seed = redis::Client::open(cluster.urls()[0].as_str()).unwrap();
+
+    // The doomed worker: its handle's commands wait at a held gate.
+    let gated = Gated::new(cluster.connection().await);
+    gated.held.send_replace(true);
+    let doomed_handle = FenceCache::new(gated.clone())
+        .cluster(true)
+        .layer()
+        .namespace(NS)
+        .handle();
+    let doomed = doomed_handle
+        .queue_with(Gated::new(cluster.connection().await))
+        .worker(seed.clone())
+        .consumer("doomed");
+    let doomed_control = doomed.handle();
+    let doomed_task = tokio::spawn(doomed.run());
+    eventually(
+        "the doomed worker to start applying",
+        Duration::from_secs(30),
+        || gated.entered.load(Ordering::SeqCst) >= 1,
+    )
+    .await;
+    let claimed = doomed_control.stats().claimed;
+    doomed_task.abort();
+    let _ = doomed_task.await;
+    let dropped = std::time::Instant::now();
+    let in_hand = queue
+        .stats()
+        .await
+        .unwrap()
+        .consumers
+        .iter()
+        .find(|c| c.name == "doomed")
+        .map_or(0, |c| c.pending);
+    assert!(
+        in_hand >= 1,
+        "the doomed worker held nothing ({claimed} claimed)"
+    );
+    assert_eq!(hits(&http, addr, &paths).await, N, "nothing applied yet");
+
+    let rescuer = queue.worker(seed).consumer("rescuer");
+    let control = rescuer.handle();
+    let task = tokio::spawn(rescuer.run());
+    eventually("the rescue", Duration::from_secs(30), || {
+        control.stats().applied >= N as u64
+    })
+    .await;
+    let rescued = dropped.elapsed();
+    let stats = control.stats();
+    eprintln!(
+        "reclaim: {in_hand} messages of a dropped worker applied {:.2} s after the drop; {stats:?}",
+        rescued.as_secs_f64()
+    );
+    assert_eq!(stats.reclaimed, in_hand, "{stats:?}");
+    assert!(not_invalidated(&http, addr, &paths).await.is_empty());
+    assert_eq!(queue.backlog().await.unwrap(), 0);
+    control.shutdown();
+    task.await.unwrap();
+}

@@ -2,6 +2,7 @@
 //! run loop is in `run`, the Redis commands it sends in `ops`.
 
 mod control;
+mod node;
 mod ops;
 mod run;
 

@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionLike;
-use redis::{AsyncConnectionConfig, Value};
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, Client, Value};
 
 use super::InvalidationWorker;
 use super::control::Counters;
+use super::node;
 use super::run::Run;
 use crate::entry::duration_ms;
 use crate::error::FenceError;
@@ -17,6 +18,16 @@ use crate::queue::reply::{Entry, parse_entries, parse_read, text};
 
 /// How long the attempts hash lives after its last write.
 const ATTEMPTS_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The worker's own connection for its blocking reads.
+pub(super) struct ReadConn {
+    conn: MultiplexedConnection,
+    /// Its `CLIENT ID`, for `CLIENT UNBLOCK` at shutdown.
+    id: Option<i64>,
+    /// On a Redis Cluster, the node it is connected to (`CLIENT UNBLOCK`
+    /// must reach that node).
+    node: Option<(String, u16, Client)>,
+}
 
 /// How a blocking read ended.
 pub(super) enum Read {
@@ -107,16 +118,59 @@ where
     /// One blocking read on the worker's own connection. Shutdown ends it
     /// early with `CLIENT UNBLOCK`, so no message is delivered to a read
     /// nobody waits for.
+    /// The client for the worker's reads: its own on a single server; on a
+    /// Redis Cluster, one for the primary owning the queue's slot (where a
+    /// `MOVED` pointed, else looked up).
+    async fn read_client(
+        &self,
+        redirect: Option<(String, u16)>,
+    ) -> Result<(Client, Option<(String, u16)>), FenceError> {
+        if !self.queue.handle.is_cluster() {
+            return Ok((self.client.clone(), None));
+        }
+        let (host, port) = match redirect {
+            Some(node) => node,
+            None => self.slot_owner().await?,
+        };
+        let client = node::client_for(&self.client, host.clone(), port)?;
+        Ok((client, Some((host, port))))
+    }
+
+    /// The primary serving the queue's slot, from `CLUSTER SLOTS` over the
+    /// queue's (cluster) connection.
+    async fn slot_owner(&self) -> Result<(String, u16), FenceError> {
+        let mut cmd = redis::cmd("CLUSTER");
+        cmd.arg("SLOTS");
+        let reply: Value = call(&self.queue.conn, self.queue.timeout, &cmd).await?;
+        let slot = node::slot(self.queue.keys.stream.as_bytes());
+        let (host, port) = node::owner(&reply, slot).ok_or_else(|| {
+            FenceError::invalid_input("CLUSTER SLOTS names no primary for the queue's slot")
+        })?;
+        if host.is_empty() {
+            // The node does not know its address: the seed's host.
+            let seed = match self.client.get_connection_info().addr() {
+                redis::ConnectionAddr::Tcp(h, _) => h.clone(),
+                redis::ConnectionAddr::TcpTls { host, .. } => host.clone(),
+                _ => "127.0.0.1".to_owned(),
+            };
+            return Ok((seed, port));
+        }
+        Ok((host, port))
+    }
+
+    /// One blocking read on the worker's own connection. Shutdown ends it
+    /// early with `CLIENT UNBLOCK`, so no message is delivered to a read
+    /// nobody waits for.
     pub(super) async fn read(&self, run: &mut Run, wait: Duration) -> Result<Read, FenceError> {
         let margin = self.queue.timeout.max(Duration::from_secs(1));
         if run.conn.is_none() {
+            let (client, node) = self.read_client(run.redirect.take()).await?;
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(margin))
                 .set_response_timeout(Some(self.block + margin));
             let mut conn = timed(
                 margin + margin,
-                self.client
-                    .get_multiplexed_async_connection_with_config(&config),
+                client.get_multiplexed_async_connection_with_config(&config),
             )
             .await?;
             Counters::add(&self.control.counters.connects, 1);
@@ -126,12 +180,25 @@ where
             )
             .await
             .ok();
-            run.conn = Some((conn, id));
+            if let Some((host, port)) = &node {
+                tracing::info!(node = %format!("{host}:{port}"), "invalidation worker: reading from the primary that owns the queue's slot");
+            }
+            run.conn = Some(ReadConn {
+                conn,
+                id,
+                node: node.map(|(h, p)| (h, p, client)),
+            });
         }
-        let Some((conn, client_id)) = run.conn.as_mut() else {
+        let Some(ReadConn {
+            conn,
+            id: client_id,
+            node,
+        }) = run.conn.as_mut()
+        else {
             return Ok(Read::Stopped);
         };
         let client_id = *client_id;
+        let node_client = node.as_ref().map(|(_, _, c)| c.clone());
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&self.group)
@@ -155,11 +222,7 @@ where
             value = &mut read => value?,
             () = stopped => {
                 if let Some(id) = client_id {
-                    let mut unblock = redis::cmd("CLIENT");
-                    unblock.arg("UNBLOCK").arg(id);
-                    if let Err(err) = call::<Value, _>(&self.queue.conn, self.queue.timeout, &unblock).await {
-                        tracing::debug!(error = %err, "CLIENT UNBLOCK failed; waiting for the read to end");
-                    }
+                    self.unblock(id, node_client, margin).await;
                 }
                 match read.await {
                     Ok(value) => {
@@ -172,6 +235,28 @@ where
             }
         };
         Ok(Read::Entries(parse_read(value)))
+    }
+
+    /// Ends the blocking read of client `id`: over the queue's connection
+    /// on a single server, over a connection of its own to the read's node
+    /// on a cluster.
+    async fn unblock(&self, id: i64, node: Option<Client>, margin: Duration) {
+        let mut unblock = redis::cmd("CLIENT");
+        unblock.arg("UNBLOCK").arg(id);
+        let result = match node {
+            None => call::<Value, _>(&self.queue.conn, self.queue.timeout, &unblock).await,
+            Some(client) => {
+                async {
+                    let conn: MultiplexedConnection =
+                        timed(margin, client.get_multiplexed_async_connection()).await?;
+                    call::<Value, _>(&conn, self.queue.timeout, &unblock).await
+                }
+                .await
+            }
+        };
+        if let Err(err) = result {
+            tracing::debug!(error = %err, "CLIENT UNBLOCK failed; waiting for the read to end");
+        }
     }
 
     pub(super) async fn begin(&self, id: &str) -> Result<(u64, String), FenceError> {

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use redis::Value;
-use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::aio::ConnectionLike;
 
 use super::InvalidationWorker;
 #[cfg(doc)]
 use super::WorkerHandle;
 use super::control::Counters;
-use super::ops::Read;
+use super::node;
+use super::ops::{Read, ReadConn};
 use crate::entry::duration_ms;
 use crate::error::FenceError;
 use crate::error::timed;
@@ -31,7 +32,9 @@ const ERROR_MAX: usize = 1000;
 
 /// The mutable state of a running worker.
 pub(super) struct Run {
-    pub(super) conn: Option<(MultiplexedConnection, Option<i64>)>,
+    pub(super) conn: Option<ReadConn>,
+    /// Where a `MOVED` sent the next read (Redis Cluster).
+    pub(super) redirect: Option<(String, u16)>,
     group_ready: bool,
     cursor: String,
     next_claim: Instant,
@@ -57,6 +60,7 @@ where
         tracing::info!(stream = %self.queue.keys.stream, group = %self.group, consumer = %self.consumer, "invalidation worker started");
         let mut run = Run {
             conn: None,
+            redirect: None,
             group_ready: false,
             cursor: "0-0".to_owned(),
             next_claim: Instant::now(),
@@ -141,8 +145,17 @@ where
                     run.group_ready = false;
                 } else {
                     // Reopen the connection: it may be broken, or hold a
-                    // reply nobody will read.
+                    // reply nobody will read. On a cluster, at the node a
+                    // MOVED names, else at the slot's owner looked up again
+                    // (a failover).
                     run.conn = None;
+                    run.redirect = err.moved_to().and_then(|a| node::parse_address(&a));
+                    if run.redirect.is_some() && run.redis_failures == 0 {
+                        // Follow at once, once; a redirection loop backs off.
+                        run.redis_failures = 1;
+                        tracing::info!(error = %err, "invalidation worker: the queue's slot moved; following it");
+                        return;
+                    }
                 }
                 self.redis_failed(run, "reading the stream", &err).await;
             }
