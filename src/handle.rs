@@ -88,6 +88,8 @@ struct Walk {
     seen: Vec<Node>,
     cursor: u64,
     pattern: String,
+    /// The node the last batch came from.
+    batch_node: Option<Node>,
 }
 
 /// Rounds of "list the primaries again" before a walk gives up on a
@@ -106,6 +108,7 @@ impl Walk {
             nodes,
             cursor: 0,
             pattern,
+            batch_node: None,
         })
     }
 
@@ -137,6 +140,7 @@ impl Walk {
                     if next == 0 {
                         self.nodes.pop();
                     }
+                    self.batch_node = Some(node);
                     self.cursor = next;
                     return Ok(Some(keys));
                 }
@@ -158,6 +162,18 @@ impl Walk {
                 }
                 Err(err) => return Err(err),
             }
+        }
+    }
+}
+
+impl Walk {
+    /// Acting on the last batch failed: on a cluster, the walk could not
+    /// cover the node that batch came from (a primary failing mid-walk);
+    /// the error names it.
+    fn batch_failed(&self, cluster: bool, err: FenceError) -> FenceError {
+        match &self.batch_node {
+            Some(node) if cluster => walk_incomplete(node, &err.to_string()),
+            _ => err,
         }
     }
 }
@@ -552,7 +568,7 @@ where
             seen += keys.len() as u64;
             for chunk in keys.chunks(PARALLEL) {
                 for result in join_all(chunk.iter().map(|k| store.unlink(k))).await {
-                    result?;
+                    result.map_err(|e| walk.batch_failed(store.is_cluster(), e))?;
                 }
             }
         }
@@ -664,7 +680,9 @@ where
             let mut primaries = Vec::with_capacity(markers.len());
             for chunk in markers.chunks(PARALLEL) {
                 for primary in join_all(chunk.iter().map(|m| store.get(m))).await {
-                    let primary = primary?.and_then(|p| String::from_utf8(p).ok());
+                    let primary = primary
+                        .map_err(|e| walk.batch_failed(store.is_cluster(), e))?
+                        .and_then(|p| String::from_utf8(p).ok());
                     // Only a primary key of this namespace is followed.
                     if let Some(p) = primary.filter(|p| p.starts_with(&namespace)) {
                         primaries.push(p);
@@ -673,11 +691,12 @@ where
             }
             total += self
                 .invalidate_primaries(primaries.iter().map(String::as_str), soft)
-                .await?;
+                .await
+                .map_err(|e| walk.batch_failed(store.is_cluster(), e))?;
             if !soft {
                 for chunk in markers.chunks(PARALLEL) {
                     for result in join_all(chunk.iter().map(|m| store.unlink(m))).await {
-                        result?;
+                        result.map_err(|e| walk.batch_failed(store.is_cluster(), e))?;
                     }
                 }
             }
@@ -737,7 +756,12 @@ where
                     if key.ends_with(":lease") || key.ends_with(":vars") {
                         continue;
                     }
-                    let full = self.shared.store.hget(key, "key").await?;
+                    let full = self
+                        .shared
+                        .store
+                        .hget(key, "key")
+                        .await
+                        .map_err(|e| walk.batch_failed(self.shared.store.is_cluster(), e))?;
                     if !full.is_some_and(|k| k.starts_with(prefix.as_bytes())) {
                         continue;
                     }
@@ -746,7 +770,8 @@ where
             }
             total += self
                 .invalidate_primaries(primaries.into_iter(), soft)
-                .await?;
+                .await
+                .map_err(|e| walk.batch_failed(self.shared.store.is_cluster(), e))?;
         }
         let detached = self.shared.flights.detach_prefix(&key_prefix);
         Counters::add(&self.config.counters.detached, detached);

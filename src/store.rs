@@ -695,45 +695,39 @@ where
     pub(crate) async fn nodes(&self) -> Result<Vec<Node>, FenceError> {
         #[cfg(feature = "cluster-async")]
         if self.is_cluster() {
-            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
             if as_cluster(&self.conn).is_none() && self.walk_client.get().is_none() {
                 // Not a transport failure: nothing to retry, no breaker.
                 return Err(FenceError::invalid_input(
                     "a walk over a Redis Cluster needs a ClusterConnection or cluster_wake_ups to reach every primary",
                 ));
             }
+            // The slot map as a node sees it: a primary that failed still
+            // owns its slots there until its replica takes over (the
+            // client's own list drops a node it lost the connection to).
             let value: Value = self
-                .run("nodes", |c| {
-                    async move {
-                        let mut conn = self.cluster_connection(&c).await?;
-                        // Without a response policy the replies come back
-                        // as a map keyed by node address.
-                        let routing =
-                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                        conn.route_command(redis::cmd("PING"), routing).await
-                    }
+                .run("nodes", |c| async move {
+                    let mut conn = self.cluster_connection(&c).await?;
+                    let mut cmd = redis::cmd("CLUSTER");
+                    cmd.arg("SLOTS");
+                    // Asked of every node, the first answer taken: one node
+                    // down (or a stale entry of the client's) fails nothing.
+                    let routing = RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllNodes,
+                        Some(ResponsePolicy::OneSucceeded),
+                    ));
+                    conn.route_command(cmd, routing).await
                 })
                 .await?;
-            let Value::Map(replies) = value else {
-                return Err(FenceError::invalid_input(
-                    "unexpected reply listing cluster primaries",
-                ));
-            };
-            let mut nodes = Vec::with_capacity(replies.len());
-            for (address, _) in replies {
-                let address = bytes_of(address).and_then(|a| String::from_utf8(a).ok());
-                let node = address.as_deref().and_then(|a| {
-                    let (host, port) = a.rsplit_once(':')?;
-                    Some((host.to_owned(), port.parse().ok()?))
-                });
-                match node {
-                    Some(node) => nodes.push(Some(node)),
-                    None => {
-                        return Err(FenceError::invalid_input("unexpected cluster node address"));
-                    }
-                }
+            let nodes = slot_primaries(&value).ok_or_else(|| {
+                FenceError::invalid_input(
+                    "unexpected CLUSTER SLOTS reply listing cluster primaries",
+                )
+            })?;
+            if nodes.is_empty() {
+                return Err(FenceError::invalid_input("CLUSTER SLOTS lists no primary"));
             }
-            return Ok(nodes);
+            return Ok(nodes.into_iter().map(Some).collect());
         }
         #[cfg(not(feature = "cluster-async"))]
         if self.is_cluster() {
@@ -910,4 +904,39 @@ fn pairs(value: Value) -> Option<Fields> {
         out.push((bytes_of(k)?, bytes_of(v)?));
     }
     Some(out)
+}
+
+/// The primaries (`host`, `port`) serving slots in a `CLUSTER SLOTS`
+/// reply, each once, in the reply's order; `None` when the reply (or an
+/// address in it) is not understood.
+#[cfg(feature = "cluster-async")]
+fn slot_primaries(reply: &Value) -> Option<Vec<(String, u16)>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let mut nodes: Vec<(String, u16)> = Vec::new();
+    for range in ranges {
+        let Value::Array(parts) = range else {
+            return None;
+        };
+        let Some(Value::Array(primary)) = parts.get(2) else {
+            return None;
+        };
+        let host = match primary.first()? {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+            Value::SimpleString(s) => s.clone(),
+            _ => return None,
+        };
+        let port = match primary.get(1)? {
+            Value::Int(p) => u16::try_from(*p).ok()?,
+            _ => return None,
+        };
+        if host.is_empty() {
+            return None;
+        }
+        if !nodes.iter().any(|(h, p)| *h == host && *p == port) {
+            nodes.push((host, port));
+        }
+    }
+    Some(nodes)
 }

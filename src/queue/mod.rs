@@ -385,7 +385,9 @@ where
 
     /// A worker applying this queue's invalidations with this queue's
     /// handle. `client` opens the worker's own connection for its blocking
-    /// reads (never the shared one, which a blocking read would stall).
+    /// reads (never the shared one, which a blocking read would stall). On
+    /// a Redis Cluster that connection goes to the primary owning the
+    /// queue's slot, whichever node `client` names.
     ///
     /// ```no_run
     /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>, client: redis::Client) {

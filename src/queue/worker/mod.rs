@@ -43,7 +43,10 @@ pub use control::{WorkerHandle, WorkerStats};
 ///   to the dead-letter stream with the last error.
 /// - Reads block on a connection of the worker's own, opened from the
 ///   `redis::Client`, with a response timeout above the block time; it is
-///   reopened with backoff when it fails.
+///   reopened with backoff when it fails. On a Redis Cluster it goes to the
+///   primary that owns the queue's slot (the client lends only its
+///   settings: user, password, TLS), follows `MOVED`, and looks the owner
+///   up again after a failure, so it follows a failover.
 ///
 /// # Example
 ///
