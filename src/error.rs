@@ -93,6 +93,30 @@ impl FenceError {
         }
     }
 
+    /// Whether this failure says the data's Redis can't be reached right
+    /// now, so trying again later may succeed: a transport failure, a
+    /// timeout, the breaker open, a cluster redirection or failover reply
+    /// (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`,
+    /// `READONLY`), or a walk that could not reach a node.
+    pub(crate) fn is_unavailable(&self) -> bool {
+        self.is_transport()
+            || self.is_circuit_open()
+            || self.is_timeout()
+            || matches!(self.kind, Kind::WalkIncomplete(_))
+            || matches!(
+                self.redis_code(),
+                Some(
+                    "MOVED"
+                        | "ASK"
+                        | "TRYAGAIN"
+                        | "CLUSTERDOWN"
+                        | "MASTERDOWN"
+                        | "LOADING"
+                        | "READONLY"
+                )
+            )
+    }
+
     /// Whether this failure says the Redis server is unreachable or
     /// unhealthy, as opposed to a command being refused (a wrong type, a
     /// full memory).

@@ -874,17 +874,25 @@ async fn a_live_worker_busy_on_a_long_invalidation_keeps_its_claim() {
     other_task.await.unwrap();
 }
 
-/// A connection whose commands fail (connection refused) while it is
-/// broken, and go to Redis otherwise.
+/// A connection whose commands fail while it is broken, and go to Redis
+/// otherwise. It fails as an unreachable server (connection refused), or,
+/// with `refuses`, as a server that answers every command with an error.
 #[derive(Clone)]
 struct Breakable {
     inner: ConnectionManager,
     broken: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    refuses: bool,
 }
 
 impl Breakable {
     fn check(&self) -> redis::RedisResult<()> {
         if self.broken.load(std::sync::atomic::Ordering::SeqCst) {
+            if self.refuses {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
+                    "refused by the test",
+                )));
+            }
             return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into());
         }
         Ok(())
@@ -927,15 +935,18 @@ async fn stats_count_and_dead_letters_can_be_listed_replayed_and_purged() {
     }
     // A handle whose Redis calls fail until it is repaired.
     let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // A command refused (not Redis unreachable): it uses up attempts.
     let handle = FenceLayer::new(Breakable {
         inner: app.conn.clone(),
         broken: broken.clone(),
+        refuses: true,
     })
     .namespace(NS)
     .handle();
     let queue = handle.queue_with(Breakable {
         inner: app.conn.clone(),
         broken: std::sync::Arc::default(),
+        refuses: false,
     });
     let stream = queue.stream_key().to_owned();
     let r1 = queue
@@ -1217,6 +1228,75 @@ async fn a_retry_waits_out_a_backoff_longer_than_the_claim_idle_time() {
     let stats = control.stats();
     assert!(stats.claimed >= 1, "{stats:?}");
     assert_eq!(stats.reclaimed, 0, "{stats:?}");
+    control.shutdown();
+    task.await.unwrap();
+}
+
+/// An outage of the data's Redis longer than every retry (connection
+/// refused for the worker's handle, while the queue's own Redis answers)
+/// uses up no attempt: nothing goes to the dead letters, and every
+/// invalidation is applied once Redis is back.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outage_longer_than_the_retries_dead_letters_nothing() {
+    let redis = RedisServer::new();
+    let app = app(&redis).await;
+    let paths = ["/item/o1", "/item/o2", "/item/o3"];
+    for p in paths {
+        app.cache(p).await;
+    }
+    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let handle = FenceLayer::new(Breakable {
+        inner: app.conn.clone(),
+        broken: broken.clone(),
+        refuses: false,
+    })
+    .namespace(NS)
+    .handle();
+    let queue = handle.queue_with(Breakable {
+        inner: app.conn.clone(),
+        broken: std::sync::Arc::default(),
+        refuses: false,
+    });
+    for p in paths {
+        queue.enqueue(&Invalidation::path(p)).await.unwrap();
+    }
+    let worker = queue
+        .worker(redis.client())
+        .max_attempts(2)
+        .backoff(Duration::from_millis(10), Duration::from_millis(50));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    // Many more failed tries than max_attempts allows for a failing message.
+    wait_for("retries during the outage", Duration::from_secs(30), || {
+        control.stats().retries >= 20
+    })
+    .await;
+    assert_eq!(control.stats().dead_lettered, 0);
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 0);
+    for p in paths {
+        assert_eq!(
+            app.status(p).await,
+            "HIT",
+            "{p} invalidated during the outage"
+        );
+    }
+
+    broken.store(false, std::sync::atomic::Ordering::SeqCst);
+    wait_for(
+        "the invalidations after the outage",
+        Duration::from_secs(30),
+        || control.stats().applied == 3,
+    )
+    .await;
+    assert_eq!(control.stats().dead_lettered, 0);
+    assert_eq!(queue.dead_letter_count().await.unwrap(), 0);
+    for p in paths {
+        assert_eq!(
+            app.status(p).await,
+            "MISS",
+            "{p} still cached after the outage"
+        );
+    }
     control.shutdown();
     task.await.unwrap();
 }

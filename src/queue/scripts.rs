@@ -27,8 +27,11 @@ return n
 /// the entry's idle time so that it becomes claimable once its backoff has
 /// passed (or, for a backoff above the claim idle time, claimable and then
 /// set aside again by [`CLAIM`] until it is due). KEYS: stream, attempts,
-/// stats. ARGV: group, consumer, id, error, delay ms, claim idle ms, ttl ms.
+/// stats. ARGV: group, consumer, id, error, delay ms, claim idle ms, ttl ms,
+/// and `1` when the attempt is not to count (Redis was unavailable, not the
+/// message at fault: BEGIN's increment is taken back).
 const FAIL: &str = r"
+if ARGV[8] == '1' then redis.call('HINCRBY', KEYS[2], ARGV[3], -1) end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local delay, idle = tonumber(ARGV[5]), tonumber(ARGV[6])

@@ -40,7 +40,9 @@ pub use control::{WorkerHandle, WorkerStats};
 ///   ([`backoff`](Self::backoff)), by whichever worker claims it first,
 ///   while other messages go on. After [`max_attempts`](Self::max_attempts)
 ///   attempts (a message that can't be decoded counts as failing) it moves
-///   to the dead-letter stream with the last error.
+///   to the dead-letter stream with the last error. A failure because the
+///   data's Redis is unavailable (unreachable, timing out, breaker open,
+///   failing over) uses up no attempt: it is retried until Redis is back.
 /// - Reads block on a connection of the worker's own, opened from the
 ///   `redis::Client`, with a response timeout above the block time; it is
 ///   reopened with backoff when it fails. On a Redis Cluster it goes to the

@@ -285,6 +285,7 @@ where
         id: &str,
         error: &str,
         delay: Duration,
+        counted: bool,
     ) -> Result<(), FenceError> {
         let keys = &self.queue.keys;
         let mut inv = self.queue.scripts.fail.key(&keys.stream);
@@ -296,7 +297,8 @@ where
             .arg(error)
             .arg(duration_ms(delay))
             .arg(duration_ms(self.claim_idle))
-            .arg(duration_ms(ATTEMPTS_TTL));
+            .arg(duration_ms(ATTEMPTS_TTL))
+            .arg(if counted { "0" } else { "1" });
         let mut conn = self.queue.conn.clone();
         timed::<Value>(self.queue.timeout, inv.invoke_async(&mut conn)).await?;
         Ok(())

@@ -281,14 +281,18 @@ where
             self.dead_letter(&entry, &error, attempt - 1).await;
             return None;
         }
+        // A failure because the data's Redis is unavailable (down, failing
+        // over, the breaker open) is not the message's fault: it doesn't
+        // use up an attempt, so an outage longer than the retries never
+        // sends invalidations to the dead letters.
         let result = match entry.invalidation() {
             Ok(inv) => self
                 .queue
                 .handle
                 .apply(&inv)
                 .await
-                .map_err(|e| e.to_string()),
-            Err(err) => Err(err),
+                .map_err(|e| (!e.is_unavailable(), e.to_string())),
+            Err(err) => Err((true, err)),
         };
         match result {
             Ok(removed) => match self.ack(&entry.id).await {
@@ -305,15 +309,15 @@ where
                     tracing::warn!(error = %err, id = %entry.id, "invalidation worker: acknowledging failed");
                 }
             },
-            Err(error) => {
+            Err((counted, error)) => {
                 let mut error = error;
                 truncate(&mut error, ERROR_MAX);
-                if attempt >= u64::from(self.max_attempts) {
+                if counted && attempt >= u64::from(self.max_attempts) {
                     self.dead_letter(&entry, &error, attempt).await;
                     return None;
                 }
                 let delay = jittered(self.backoff_base, self.backoff_cap, attempt_u32(attempt));
-                match self.fail(&entry.id, &error, delay).await {
+                match self.fail(&entry.id, &error, delay, counted).await {
                     Ok(()) => {
                         Counters::add(&counters.retries, 1);
                         tracing::warn!(id = %entry.id, invalidation = entry.payload().unwrap_or(""), error = %error, attempt, max_attempts = self.max_attempts, retry_in_ms = delay.as_millis() as u64, "invalidation failed; will retry");
