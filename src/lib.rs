@@ -121,6 +121,8 @@ mod fill;
 mod flight;
 mod freshness;
 mod handle;
+#[doc(hidden)]
+pub mod internals;
 mod key;
 mod layer;
 mod lease;

@@ -1,0 +1,87 @@
+//! Entry points into the hit path for the crate's micro-benchmarks
+//! (`benches/hit_path.rs`). Not part of the API: hidden, and may change in
+//! any release.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::config::Config;
+use crate::entry::{Entry, Record};
+use crate::flight::CacheStatus;
+use crate::key::EntryKey;
+
+/// The hash fields of an entry as `HGETALL` returns them.
+pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The Redis key a request's cache key is stored under (the digests and
+/// escaping every lookup does).
+///
+/// ```
+/// let key = cachefence::internals::entry_key("ns:", "/p?a=1\nhost:example.com");
+/// assert!(key.starts_with("ns%3A|/p?a=1:{"));
+/// ```
+pub fn entry_key(namespace: &str, key: &str) -> String {
+    EntryKey::new(namespace, key).primary
+}
+
+/// The fields of a stored `200` with a `content-type`, an `etag` and a
+/// body of `body_len` bytes, fresh for a minute from `now_ms`.
+///
+/// ```
+/// let fields = cachefence::internals::sample_fields(4096, 0);
+/// assert!(fields.iter().any(|(k, _)| k == b"body"));
+/// ```
+pub fn sample_fields(body_len: usize, now_ms: u64) -> Fields {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.insert("etag", HeaderValue::from_static("\"v1\""));
+    let entry = Entry {
+        status: StatusCode::OK,
+        headers,
+        body: Bytes::from(vec![b'x'; body_len]),
+        delta: Duration::from_millis(20),
+        stored_ms: now_ms,
+        fresh_ms: now_ms + 60_000,
+        stale_ms: now_ms + 90_000,
+        retry_ms: 0,
+    };
+    entry
+        .to_fields("/p?a=1\nhost:example.com", "0123456789abcdef")
+        .into_iter()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v))
+        .collect()
+}
+
+/// Decodes fields as a lookup does: whether they hold an entry.
+///
+/// ```
+/// let fields = cachefence::internals::sample_fields(16, 0);
+/// assert!(cachefence::internals::decode(fields, 1));
+/// ```
+pub fn decode(fields: Fields, now_ms: u64) -> bool {
+    matches!(Record::decode(fields, now_ms), Record::Entry(_))
+}
+
+/// Decodes fields and builds the response a hit sends (default settings):
+/// its header count, or `None` when the fields hold no entry.
+///
+/// ```
+/// let fields = cachefence::internals::sample_fields(16, 0);
+/// assert!(cachefence::internals::hit_response(fields, 1).is_some());
+/// ```
+pub fn hit_response(fields: Fields, now_ms: u64) -> Option<usize> {
+    let Record::Entry(entry) = Record::decode(fields, now_ms) else {
+        return None;
+    };
+    let config = Config::default();
+    let res = crate::response::from_entry::<http_body_util::Empty<Bytes>>(
+        &config,
+        &entry,
+        CacheStatus::Hit,
+        false,
+        now_ms,
+    );
+    Some(res.headers().len())
+}
