@@ -38,7 +38,7 @@ use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -532,18 +532,19 @@ struct Recorded {
 }
 
 /// Runs `conns` keep-alive connections asking for `pattern` until
-/// `end`; records what completes after `from`.
+/// `end`; records what completes while `measuring` is set.
 async fn load(
     addr: SocketAddr,
     conns: usize,
     pattern: Pattern,
-    from: Instant,
+    measuring: Arc<AtomicBool>,
     end: Instant,
     seed: u64,
 ) -> Recorded {
     let tasks: Vec<_> = (0..conns)
         .map(|i| {
             let pattern = pattern.clone();
+            let measuring = measuring.clone();
             tokio::spawn(async move {
                 let mut rec = Recorded::default();
                 let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 + 1) * 7919);
@@ -562,14 +563,14 @@ async fn load(
                     };
                     let path = pattern.path(&mut rng);
                     let result = get_once(s, &path).await;
-                    let done = Instant::now();
+                    let counted = measuring.load(Ordering::Relaxed);
                     match result {
-                        Some(lat) if done >= from => rec
+                        Some(lat) if counted => rec
                             .latencies_us
                             .push(lat.as_micros().min(u32::MAX as u128) as u32),
                         Some(_) => {}
                         None => {
-                            if done >= from {
+                            if counted {
                                 rec.errors += 1;
                             }
                             sender = None;
@@ -631,20 +632,26 @@ struct Meter {
 
 impl Meter {
     async fn snapshot(&mut self, app: &App) -> Snapshot {
+        // The app's own counters first (no await between them), then
+        // Redis's.
+        let at = Instant::now();
+        let app_cpu_ns = self.threads.cpu_ns();
+        let redis_calls = app.redis_calls();
+        let origin_calls = app.origin.calls.load(Ordering::Relaxed);
         Snapshot {
-            at: Instant::now(),
-            app_cpu_ns: self.threads.cpu_ns(),
+            at,
+            app_cpu_ns,
             redis: redis_counters(&mut self.conn).await.unwrap_or_default(),
-            redis_calls: app.redis_calls(),
-            origin_calls: app.origin.calls.load(Ordering::Relaxed),
+            redis_calls,
+            origin_calls,
         }
     }
 }
 
-fn sample_of(a: &Snapshot, b: &Snapshot, mut rec: Recorded) -> Sample {
+fn sample_of(a: &Snapshot, b: &Snapshot, mut rec: Recorded, window: Duration) -> Sample {
     rec.latencies_us.sort_unstable();
     let n = rec.latencies_us.len().max(1) as f64;
-    let secs = b.at.duration_since(a.at).as_secs_f64();
+    let secs = window.as_secs_f64().max(1e-3);
     Sample {
         rps: rec.latencies_us.len() as f64 / secs,
         p50_ms: percentile(&rec.latencies_us, 0.50),
@@ -729,12 +736,17 @@ impl Harness {
         let end = from + self.secs();
         self.run += 1;
         let seed = self.run;
-        let generator = tokio::spawn(load(app.addr, conns, pattern, from, end, seed));
+        let measuring = Arc::new(AtomicBool::new(false));
+        let generator = tokio::spawn(load(app.addr, conns, pattern, measuring.clone(), end, seed));
         tokio::time::sleep_until(from.into()).await;
         let a = self.meter.snapshot(app).await;
+        measuring.store(true, Ordering::Relaxed);
+        tokio::time::sleep_until(end.into()).await;
+        measuring.store(false, Ordering::Relaxed);
+        let window = end.saturating_duration_since(a.at);
         let rec = generator.await.unwrap_or_default();
         let b = self.meter.snapshot(app).await;
-        sample_of(&a, &b, rec)
+        sample_of(&a, &b, rec, window)
     }
 
     /// Requests every key once, so the window measures hits.
@@ -817,7 +829,8 @@ impl Harness {
                     }
                 }
                 let b = self.meter.snapshot(app).await;
-                let mut s = sample_of(&a, &b, rec);
+                let window = b.at.duration_since(a.at);
+                let mut s = sample_of(&a, &b, rec, window);
                 // Per cold key.
                 s.origin_calls /= self.opts.cold_rounds as f64;
                 self.record("cold", app.arm, s);
@@ -845,9 +858,9 @@ impl Harness {
                     continue;
                 }
                 let alone = self.window(app, small, Pattern::Uniform(10)).await;
-                let from = Instant::now() + self.opts.warmup;
-                let end = from + self.secs();
-                let bigs = tokio::spawn(load(app.addr, big, Pattern::Large(2), from, end, 99));
+                let end = Instant::now() + self.opts.warmup + self.secs();
+                let all = Arc::new(AtomicBool::new(true));
+                let bigs = tokio::spawn(load(app.addr, big, Pattern::Large(2), all, end, 99));
                 let beside = self.window(app, small, Pattern::Uniform(10)).await;
                 let _ = bigs.await;
                 match self.large.iter().position(|(a, _)| *a == app.arm) {
