@@ -49,7 +49,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use cachefence::{FenceHandle, FenceLayer};
+use cachefence::{FenceCache, FenceHandle};
 use http::{HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -414,11 +414,12 @@ async fn start_app(
             routes.layer(middleware::from_fn_with_state(state, naive))
         }
         Arm::Fence => {
-            let fence = FenceLayer::new(client.get_connection_manager().await?)
+            let fence = FenceCache::new(client.get_connection_manager().await?)
+                .wake_ups(client.clone())
+                .layer()
                 .namespace(format!("{}-{tag}:", arm.name()))
                 .ttl(settings.ttl)
-                .body_limit(2 * 1024 * 1024)
-                .wake_ups(client.clone());
+                .body_limit(2 * 1024 * 1024);
             handle = Some(fence.handle());
             routes.layer(fence)
         }
@@ -547,7 +548,8 @@ async fn load(
             let measuring = measuring.clone();
             tokio::spawn(async move {
                 let mut rec = Recorded::default();
-                let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 + 1) * 7919);
+                let mut rng =
+                    Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((i as u64 + 1) * 7919));
                 let mut sender = None;
                 while Instant::now() < end {
                     let s = match sender.as_mut() {

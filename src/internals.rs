@@ -20,7 +20,7 @@ pub type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 ///
 /// ```
 /// let key = cachefence::internals::entry_key("ns:", "/p?a=1\nhost:example.com");
-/// assert!(key.starts_with("ns%3A|/p?a=1:{"));
+/// assert!(key.starts_with("ns:|/p") && key.contains(":{"));
 /// ```
 pub fn entry_key(namespace: &str, key: &str) -> String {
     EntryKey::new(namespace, key).primary
