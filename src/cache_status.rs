@@ -84,8 +84,8 @@ pub(crate) fn mark(
     let fwd = match status {
         CacheStatus::Hit | CacheStatus::Stale => None,
         CacheStatus::Miss => Some("uri-miss"),
-        CacheStatus::Refreshed | CacheStatus::Revalidated => Some("stale"),
-        CacheStatus::Refetched => Some("request"),
+        CacheStatus::Refreshed { .. } => Some("stale"),
+        CacheStatus::Refetched { .. } => Some("request"),
         CacheStatus::Bypass | CacheStatus::Unavailable => Some("bypass"),
     };
     match fwd {
@@ -98,7 +98,12 @@ pub(crate) fn mark(
     if let Some(entry) = entry {
         if fwd.is_some() {
             // A fill's response, handed to the requests it answers.
-            let origin = if status == CacheStatus::Revalidated {
+            let revalidated = matches!(
+                status,
+                CacheStatus::Refreshed { revalidated: true }
+                    | CacheStatus::Refetched { revalidated: true }
+            );
+            let origin = if revalidated {
                 StatusCode::NOT_MODIFIED
             } else {
                 entry.status
@@ -240,17 +245,22 @@ mod tests {
             finish("cf", &mut h, StatusCode::OK);
             h[CACHE_STATUS].to_str().unwrap().to_owned()
         };
+        let (fresh, revalidated) = (false, true);
         assert_eq!(
-            member(CacheStatus::Refreshed, Some(entry)),
+            member(CacheStatus::Refreshed { revalidated: fresh }, Some(entry)),
             "cf; fwd=stale; fwd-status=200; stored"
         );
         assert_eq!(
-            member(CacheStatus::Revalidated, Some(entry)),
+            member(CacheStatus::Refreshed { revalidated }, Some(entry)),
             "cf; fwd=stale; fwd-status=304; stored"
         );
         assert_eq!(
-            member(CacheStatus::Refetched, Some(entry)),
+            member(CacheStatus::Refetched { revalidated: fresh }, Some(entry)),
             "cf; fwd=request; fwd-status=200; stored"
+        );
+        assert_eq!(
+            member(CacheStatus::Refetched { revalidated }, Some(entry)),
+            "cf; fwd=request; fwd-status=304; stored"
         );
         // Nothing is stored without Redis, whatever the entry says.
         assert_eq!(

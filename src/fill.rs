@@ -45,12 +45,15 @@ pub(crate) enum Mode {
 
 impl Mode {
     /// The cache status of a response the origin produced for this fill,
-    /// which replaces `stale` (if any).
-    fn origin_status(self, stale: Option<&Entry>) -> CacheStatus {
+    /// which replaces `stale` (if any); `revalidated`: the origin answered
+    /// the fill's conditional request `304`.
+    fn origin_status(self, stale: Option<&Entry>, revalidated: bool) -> CacheStatus {
         match self {
             Mode::Offline => CacheStatus::Unavailable,
-            Mode::Refetch => CacheStatus::Refetched,
-            _ if stale.is_some_and(|s| !s.is_fresh(now_ms())) => CacheStatus::Refreshed,
+            Mode::Refetch => CacheStatus::Refetched { revalidated },
+            _ if revalidated || stale.is_some_and(|s| !s.is_fresh(now_ms())) => {
+                CacheStatus::Refreshed { revalidated }
+            }
             _ => CacheStatus::Miss,
         }
     }
@@ -558,10 +561,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             revalidated,
         } => (*parts, rule, body, revalidated),
     };
-    let origin_status = match (&revalidated, mode) {
-        (Some(_), Mode::Fill | Mode::Refresh) => CacheStatus::Revalidated,
-        _ => mode.origin_status(stale.as_deref()),
-    };
+    let origin_status = mode.origin_status(stale.as_deref(), revalidated.is_some());
 
     if parts.status.is_server_error()
         && config.stale_if_error
@@ -580,9 +580,18 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     // so that `Age` on hits counts it.
     // A response only handed to the requests that waited (`shared`) gets no
     // stale time: it was not made to be stored (`stored` in Cache-Status).
+    // One stored without a lifetime (to be revalidated on every use) is
+    // never fresh, whatever a reader's clock says.
     let entry_of = |data: bytes::Bytes, ttl: Duration, grace_ms: u64, age_ms: u64, shared: bool| {
         let now = now_ms();
-        let fresh_ms = now.saturating_add(duration_ms(ttl));
+        let (fresh_ms, stale_ms) = if shared {
+            (now, 0)
+        } else if ttl.is_zero() {
+            (0, now)
+        } else {
+            let fresh_ms = now.saturating_add(duration_ms(ttl));
+            (fresh_ms, fresh_ms.saturating_add(grace_ms))
+        };
         Arc::new(Entry {
             status: parts.status,
             headers: storable_headers(&parts.headers, |n| config.is_own_header(n)),
@@ -590,11 +599,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             delta,
             stored_ms: now.saturating_sub(age_ms),
             fresh_ms,
-            stale_ms: if shared {
-                0
-            } else {
-                fresh_ms.saturating_add(grace_ms)
-            },
+            stale_ms,
             retry_ms: 0,
         })
     };

@@ -19,14 +19,16 @@ pub(crate) enum CacheStatus {
     Stale,
     Bypass,
     /// From the origin because the stored response was stale
-    /// (`fwd=stale`), `MISS` in `x-cache`.
-    Refreshed,
-    /// A stale stored response revalidated: the origin answered `304`
-    /// (`fwd=stale; fwd-status=304`), `MISS` in `x-cache`.
-    Revalidated,
+    /// (`fwd=stale`), `MISS` in `x-cache`. `revalidated`: the origin
+    /// answered `304` to the fill's conditional request (`fwd-status=304`).
+    Refreshed {
+        revalidated: bool,
+    },
     /// From the origin because the request asked for a fresh copy
-    /// (`fwd=request`), `MISS` in `x-cache`.
-    Refetched,
+    /// (`fwd=request`), `MISS` in `x-cache`; `revalidated` as above.
+    Refetched {
+        revalidated: bool,
+    },
     /// Passed to the origin because Redis could not be used (`fwd=bypass;
     /// detail=redis-unavailable`), `BYPASS` in `x-cache`.
     Unavailable,
@@ -36,10 +38,9 @@ impl CacheStatus {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
-            CacheStatus::Miss
-            | CacheStatus::Refreshed
-            | CacheStatus::Revalidated
-            | CacheStatus::Refetched => "MISS",
+            CacheStatus::Miss | CacheStatus::Refreshed { .. } | CacheStatus::Refetched { .. } => {
+                "MISS"
+            }
             CacheStatus::Stale => "STALE",
             CacheStatus::Bypass | CacheStatus::Unavailable => "BYPASS",
         }
@@ -50,10 +51,7 @@ impl CacheStatus {
     pub(crate) fn is_fill(self) -> bool {
         matches!(
             self,
-            CacheStatus::Miss
-                | CacheStatus::Refreshed
-                | CacheStatus::Revalidated
-                | CacheStatus::Refetched
+            CacheStatus::Miss | CacheStatus::Refreshed { .. } | CacheStatus::Refetched { .. }
         )
     }
 }
