@@ -83,6 +83,21 @@ impl Origin {
                 }),
             )
             .route(
+                "/forwarded",
+                get(|headers: HeaderMap| async move {
+                    ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"]
+                        .map(|n| {
+                            headers
+                                .get(n)
+                                .map_or("-", |v| v.to_str().unwrap_or("?"))
+                                .to_owned()
+                        })
+                        .join(" | ")
+                }),
+            )
+            // Never answers.
+            .route("/hang", any(|| std::future::pending::<&'static str>()))
+            .route(
                 "/upstream",
                 get(|| async { ([("cache-status", "upstream; hit; ttl=5")], "x") }),
             )
@@ -1424,6 +1439,11 @@ struct ReverseProxy {
 
 impl ReverseProxy {
     fn start(origin: SocketAddr, redis: &RedisServer) -> Self {
+        Self::start_with(origin, redis, &[])
+    }
+
+    /// Started with more flags.
+    fn start_with(origin: SocketAddr, redis: &RedisServer, flags: &[&str]) -> Self {
         use std::io::BufRead;
         // Built by the test so that it runs against this checkout.
         let status = std::process::Command::new(env!("CARGO"))
@@ -1443,6 +1463,7 @@ impl ReverseProxy {
             .args(["--listen", "127.0.0.1:0", "--origin"])
             .arg(format!("http://{origin}"))
             .args(["--redis", &redis.url(), "--namespace", "rp:"])
+            .args(flags)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
@@ -1527,6 +1548,22 @@ async fn the_reverse_proxy_caches_forwards_faithfully_and_survives_redis_going_d
     assert!(names.contains("x-kept") && names.contains("via"), "{names}");
     assert!(!names.contains("x-secret"), "{names}");
 
+    // X-Forwarded-For gets the client appended; Proto and Host are the
+    // proxy's view (the client's own values replaced).
+    let forwarded = send(
+        "GET",
+        "/forwarded",
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(forwarded.text(), "203.0.113.9, 127.0.0.1 | http | app.test");
+    let forwarded = send("GET", "/forwarded", &[], "").await;
+    assert_eq!(forwarded.text(), "127.0.0.1 | http | app.test");
+
     // A write goes through with its body and invalidates what it touched.
     assert_eq!(send("GET", "/res/a", &[], "").await.text(), "/res/a v0");
     let post = send("POST", "/res/a", &[], "hello").await;
@@ -1541,6 +1578,31 @@ async fn the_reverse_proxy_caches_forwards_faithfully_and_survives_redis_going_d
     }
     let after = origin.calls();
     assert!(after >= 5, "{after}");
+}
+
+#[tokio::test]
+async fn the_reverse_proxy_answers_504_when_the_origin_sends_no_response_in_time() {
+    let redis = RedisServer::new();
+    let origin = Origin::new();
+    let origin_addr = serve(origin.routes()).await;
+    let proxy = ReverseProxy::start_with(
+        origin_addr,
+        &redis,
+        &["--response-timeout", "300ms", "--connect-timeout", "1s"],
+    );
+    let http = Http::new();
+    // Through a fill, and passed through (a write).
+    for method in ["GET", "POST"] {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/hang", proxy.addr))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let reply = http.request(req).await;
+        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{method}");
+    }
+    // The proxy still answers.
+    assert_full(&http.get(proxy.addr, "/doc").await);
 }
 
 #[tokio::test]
