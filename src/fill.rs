@@ -382,13 +382,18 @@ enum Called<B: Body, E> {
     /// No response head before the fill timeout.
     TimedOut,
     Responded {
-        parts: Box<http::response::Parts>,
-        rule: ResponseRule,
+        head: Box<Head>,
         body: Either<B>,
-        /// The entry a `304 Not Modified` revalidated: `parts` are its
-        /// freshened head, `body` its body.
-        revalidated: Option<Arc<Entry>>,
     },
+}
+
+/// A response head and what the policy and the fill made of it.
+struct Head {
+    parts: http::response::Parts,
+    rule: ResponseRule,
+    /// The entry a `304 Not Modified` revalidated: `parts` are its
+    /// freshened head, the body its body.
+    revalidated: Option<Arc<Entry>>,
 }
 
 enum Either<B: Body> {
@@ -463,10 +468,12 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 trailers: None,
             };
             return Called::Responded {
-                parts: Box::new(parts),
-                rule,
+                head: Box::new(Head {
+                    parts,
+                    rule,
+                    revalidated: Some(stale),
+                }),
                 body: Either::Buffered(body),
-                revalidated: Some(stale),
             };
         }
         let rule = policy.response(&parts, delay);
@@ -481,10 +488,12 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             Either::Streaming(body)
         };
         Called::Responded {
-            parts: Box::new(parts),
-            rule,
+            head: Box::new(Head {
+                parts,
+                rule,
+                revalidated: None,
+            }),
             body,
-            revalidated: None,
         }
     };
     let _registered = lease.as_ref().map(|l| LeaseRegistration::new(&shared, l));
@@ -554,12 +563,14 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             }
             return;
         }
-        Called::Responded {
-            parts,
-            rule,
-            body,
-            revalidated,
-        } => (*parts, rule, body, revalidated),
+        Called::Responded { head, body } => {
+            let Head {
+                parts,
+                rule,
+                revalidated,
+            } = *head;
+            (parts, rule, body, revalidated)
+        }
     };
     let origin_status = mode.origin_status(stale.as_deref(), revalidated.is_some());
 

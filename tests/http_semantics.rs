@@ -96,7 +96,7 @@ impl Origin {
                 }),
             )
             // Never answers.
-            .route("/hang", any(|| std::future::pending::<&'static str>()))
+            .route("/hang", any(std::future::pending::<&'static str>))
             .route(
                 "/upstream",
                 get(|| async { ([("cache-status", "upstream; hit; ttl=5")], "x") }),
