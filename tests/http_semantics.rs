@@ -97,6 +97,7 @@ impl Origin {
             )
             // Never answers.
             .route("/hang", any(std::future::pending::<&'static str>))
+            .route("/big", get(big))
             .route(
                 "/upstream",
                 get(|| async { ([("cache-status", "upstream; hit; ttl=5")], "x") }),
@@ -176,6 +177,22 @@ fn validating(o: &Origin, uri: &http::Uri, headers: &HeaderMap) -> Response {
     }
     (validators, BODY).into_response()
 }
+
+/// [`BIG`] bytes, `no-cache` with an `ETag`: revalidated on every use.
+async fn big(State(o): State<Origin>, headers: HeaderMap) -> Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let cache = [
+        (header::ETAG, "\"big\""),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
+    if headers.contains_key(header::IF_NONE_MATCH) {
+        o.conditional_calls.fetch_add(1, Ordering::SeqCst);
+        return (StatusCode::NOT_MODIFIED, cache).into_response();
+    }
+    (cache, vec![b'x'; BIG]).into_response()
+}
+
+const BIG: usize = 256 * 1024;
 
 /// Echoes the `Accept-Encoding` and `Accept-Language` it was asked with,
 /// varying on both.
@@ -1337,6 +1354,40 @@ fn assert_not_modified_no_cache(reply: &Reply) {
     assert!(reply.body.is_empty());
     assert_eq!(reply.header("etag"), Some(ETAG));
     assert_eq!(reply.header("cache-control"), Some("no-cache"));
+}
+
+/// Bytes Redis has read from its clients.
+fn net_input_bytes(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "stats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_input_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_net_input_bytes")
+}
+
+#[tokio::test]
+async fn a_revalidation_sends_redis_the_head_of_the_entry_not_its_body() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    let before = net_input_bytes(&redis);
+    assert_eq!(app.get("/big", &[]).await.body.len(), BIG);
+    let stored = net_input_bytes(&redis) - before;
+    // The first revalidation loads the FRESHEN script; the second is what
+    // every later one costs.
+    let mut revalidated = 0;
+    for n in 1..=2 {
+        let before = net_input_bytes(&redis);
+        let reply = app.get("/big", &[]).await;
+        revalidated = net_input_bytes(&redis) - before;
+        assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, BIG));
+        assert_eq!(app.handle.stats().revalidated, n);
+    }
+    eprintln!("bytes sent to Redis: store {stored}, revalidation {revalidated}");
+    // The store carried the body; a revalidation (lookup, lease, head
+    // write, and these INFO calls) none of it.
+    assert!(stored > BIG as u64, "{stored}");
+    assert!(revalidated < 8 * 1024, "{revalidated}");
 }
 
 #[tokio::test]
