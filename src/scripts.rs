@@ -175,8 +175,9 @@ return 1
 /// holds our token and no URL, prefix or tag invalidation fenced the fill
 /// out (then the lease is dropped and 0 returned, as STORE does).
 ///
-/// KEYS and ARGV 1 to 10: as [`STORE`] (ARGV 9, the most variants, is not
-/// used: the entry is already one of them). ARGV 11: the `hdrs` field of
+/// KEYS and ARGV 1 to 10: as [`STORE`] (the wake channel published the
+/// same way; ARGV 9, the most variants, is not used: the entry is already
+/// one of them). ARGV 11: the `hdrs` field of
 /// the entry that was revalidated, ARGV 12: its `len`; then the field/value
 /// pairs to write (every field but `body` and `len`).
 ///
@@ -189,9 +190,16 @@ return 1
 pub(crate) const FRESHEN: &str = r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local started = tonumber(ARGV[7])
+local function wake()
+  if string.find(ARGV[3], '{', 1, true) then
+    redis.call('SPUBLISH', ARGV[3], ARGV[4])
+  else
+    redis.call('PUBLISH', ARGV[3], ARGV[4])
+  end
+end
 local function refuse(code)
   redis.call('DEL', KEYS[2])
-  redis.call('PUBLISH', ARGV[3], ARGV[4])
+  wake()
   return code
 end
 local okf, uf = pcall(redis.call, 'GET', KEYS[5])
@@ -258,7 +266,7 @@ elseif n > 0 then
   end
 end
 redis.call('DEL', KEYS[2])
-redis.call('PUBLISH', ARGV[3], ARGV[4])
+wake()
 return 1
 ";
 

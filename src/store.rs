@@ -513,7 +513,8 @@ where
         revalidated_len: usize,
     ) -> Result<Option<WriteBack>, FenceError> {
         let url_fence = url_fence_of(args.primary);
-        let prefix_fences = if self.cluster {
+        let wake_channel = self.wake_channel(args.lease_key);
+        let prefix_fences = if self.is_cluster() {
             url_fence.clone()
         } else {
             prefix_fences_of(args.namespace)
@@ -526,7 +527,7 @@ where
                     .key(args.variants_set)
                     .key(url_fence.as_str())
                     .key(prefix_fences.as_str());
-                if self.cluster {
+                if self.is_cluster() {
                     for tag in args.tags {
                         inv.key(tag_marker(args.namespace, tag, args.primary));
                     }
@@ -546,14 +547,14 @@ where
                 let n = i64::try_from(args.tags.len()).unwrap_or(i64::MAX);
                 inv.arg(args.token)
                     .arg(duration_ms(args.ttl).max(1))
-                    .arg(WAKE_CHANNEL)
+                    .arg(wake_channel.as_str())
                     .arg(args.lease_key)
                     .arg(args.vary)
                     .arg(FORMAT_VERSION)
                     .arg(args.started)
-                    .arg(if self.cluster { -n } else { n })
+                    .arg(if self.is_cluster() { -n } else { n })
                     .arg(args.max_variants.max(1))
-                    .arg(if self.cluster { "0" } else { "1" })
+                    .arg(if self.is_cluster() { "0" } else { "1" })
                     .arg(revalidated_hdrs)
                     .arg(revalidated_len);
                 for (name, value) in &args.fields {
