@@ -8,16 +8,24 @@
 //! ```
 //!
 //! Only `--origin` is required (defaults: listen `127.0.0.1:8084`, Redis
-//! `redis://127.0.0.1:6379/`, namespace `proxy:`). Every method, header
-//! (minus hop-by-hop ones) and body is forwarded, streaming both ways;
-//! responses get a `Via` and a `Cache-Status`. Responses are cached as their
-//! `Cache-Control` / `CDN-Cache-Control` / `Expires` say; writes through the
-//! proxy invalidate what they touch. When Redis is down every request still
-//! goes to the origin; an unreachable origin is a 502.
+//! `redis://127.0.0.1:6379/`, namespace `proxy:`, `--connect-timeout 5s`,
+//! `--response-timeout 30s`). Every method, header (minus hop-by-hop ones)
+//! and body is forwarded, streaming both ways; requests get `Via`,
+//! `X-Forwarded-For` (the client's address appended), `X-Forwarded-Proto`
+//! and `X-Forwarded-Host` (the client's `Host`), responses a `Via` and a
+//! `Cache-Status`. Responses are cached as their `Cache-Control` /
+//! `CDN-Cache-Control` / `Expires` say; writes through the proxy invalidate
+//! what they touch. When Redis is down every request still goes to the
+//! origin; an origin that can't be reached (or not within the connect
+//! timeout) is a 502, one that sends no response head within the response
+//! timeout a 504.
+//!
+//! The origin is spoken to in plain HTTP/1.1: TLS to it would need a TLS
+//! connector (hyper-rustls), a dependency this example does without.
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -34,7 +42,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tower::{Layer, Service};
+use tower::{Layer, Service, ServiceExt};
 
 type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -43,6 +51,24 @@ struct Args {
     origin: Uri,
     redis: String,
     namespace: String,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+/// `500ms`, `5s` or `5` (seconds); more than zero.
+fn duration(flag: &str, value: &str) -> Result<Duration, String> {
+    let parsed = if let Some(ms) = value.strip_suffix("ms") {
+        ms.parse().ok().map(Duration::from_millis)
+    } else {
+        let secs = value.strip_suffix('s').unwrap_or(value);
+        secs.parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0 && *s < 1e9)
+            .map(Duration::from_secs_f64)
+    };
+    parsed
+        .filter(|d| !d.is_zero())
+        .ok_or(format!("{flag}: expected a duration such as 500ms or 5s"))
 }
 
 fn args() -> Result<Args, String> {
@@ -50,6 +76,8 @@ fn args() -> Result<Args, String> {
     let mut origin = None;
     let mut redis = "redis://127.0.0.1:6379/".to_owned();
     let mut namespace = "proxy:".to_owned();
+    let mut connect_timeout = Duration::from_secs(5);
+    let mut response_timeout = Duration::from_secs(30);
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().ok_or(format!("{flag} needs a value"))?;
@@ -58,6 +86,8 @@ fn args() -> Result<Args, String> {
             "--origin" => origin = Some(value),
             "--redis" => redis = value,
             "--namespace" => namespace = value,
+            "--connect-timeout" => connect_timeout = duration(&flag, &value)?,
+            "--response-timeout" => response_timeout = duration(&flag, &value)?,
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -73,15 +103,55 @@ fn args() -> Result<Args, String> {
         origin,
         redis,
         namespace,
+        connect_timeout,
+        response_timeout,
     })
 }
 
 /// Forwards requests to the origin. Never fails: an unreachable origin is a
-/// 502.
+/// 502, one that doesn't answer in time a 504.
 #[derive(Clone)]
 struct Proxy {
     client: Client<HttpConnector, Incoming>,
     authority: Authority,
+    /// The longest wait for the origin's response head.
+    response_timeout: Duration,
+}
+
+/// The address of the client a request came from (a request extension).
+#[derive(Debug, Clone, Copy)]
+struct ClientAddr(IpAddr);
+
+/// `X-Forwarded-For` with the client's address appended to what earlier
+/// proxies wrote; `X-Forwarded-Proto` and `X-Forwarded-Host` as this proxy
+/// received the request (replacing what the client sent: it is the edge).
+fn add_forwarded(parts: &mut http::request::Parts) {
+    const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+    if let Some(ClientAddr(ip)) = parts.extensions.get::<ClientAddr>().copied() {
+        let mut chain: Vec<String> = parts
+            .headers
+            .get_all(&XFF)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+            .collect();
+        chain.push(ip.to_string());
+        if let Ok(value) = HeaderValue::try_from(chain.join(", ")) {
+            parts.headers.insert(XFF, value);
+        }
+    }
+    parts.headers.insert(XFP, HeaderValue::from_static("http"));
+    let host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        let authority = parts.uri.authority()?;
+        HeaderValue::try_from(authority.as_str()).ok()
+    });
+    match host {
+        Some(host) => parts.headers.insert(XFH, host),
+        None => parts.headers.remove(XFH),
+    };
 }
 
 /// Headers that belong to one connection, not to the message (RFC 9110
@@ -135,8 +205,10 @@ impl Service<Request<Incoming>> for Proxy {
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         let client = self.client.clone();
         let authority = self.authority.clone();
+        let response_timeout = self.response_timeout;
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();
+            add_forwarded(&mut parts);
             let path = parts
                 .uri
                 .path_and_query()
@@ -158,16 +230,21 @@ impl Service<Request<Incoming>> for Proxy {
             if let Ok(host) = HeaderValue::try_from(authority.as_str()) {
                 parts.headers.insert(header::HOST, host);
             }
-            match client.request(Request::from_parts(parts, body)).await {
-                Ok(res) => {
+            let request = client.request(Request::from_parts(parts, body));
+            match tokio::time::timeout(response_timeout, request).await {
+                Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     add_via(&mut parts.headers, parts.version);
                     Ok(Response::from_parts(parts, body.boxed_unsync()))
                 }
-                Err(err) => {
+                Ok(Err(err)) => {
                     eprintln!("origin unreachable: {err}");
                     Ok(status(StatusCode::BAD_GATEWAY))
+                }
+                Err(_) => {
+                    eprintln!("origin sent no response within {response_timeout:?}");
+                    Ok(status(StatusCode::GATEWAY_TIMEOUT))
                 }
             }
         })
@@ -187,7 +264,7 @@ async fn main() {
         Ok(args) => args,
         Err(err) => {
             eprintln!(
-                "{err}\nusage: reverse_proxy --origin http://HOST:PORT [--listen ADDR] [--redis URL] [--namespace NS]"
+                "{err}\nusage: reverse_proxy --origin http://HOST:PORT [--listen ADDR] [--redis URL] [--namespace NS] [--connect-timeout 5s] [--response-timeout 30s]"
             );
             std::process::exit(2);
         }
@@ -221,9 +298,12 @@ async fn main() {
         eprintln!("--origin must name a host");
         std::process::exit(2);
     };
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(args.connect_timeout));
     let proxy = Proxy {
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(connector),
         authority,
+        response_timeout: args.response_timeout,
     };
     let service = fence.layer(proxy);
     let listener = match tokio::net::TcpListener::bind(args.listen).await {
@@ -236,14 +316,21 @@ async fn main() {
     let local = listener.local_addr().map_or(args.listen, |a| a);
     println!("LISTENING={local} origin={}", args.origin);
     loop {
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(err) => {
                 eprintln!("accept: {err}");
                 continue;
             }
         };
-        let service = TowerToHyperService::new(service.clone());
+        let client = ClientAddr(peer.ip());
+        let service = service
+            .clone()
+            .map_request(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(client);
+                req
+            });
+        let service = TowerToHyperService::new(service);
         tokio::spawn(async move {
             let conn = auto::Builder::new(TokioExecutor::new());
             if let Err(err) = conn.serve_connection(TokioIo::new(stream), service).await {

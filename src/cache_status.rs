@@ -4,9 +4,14 @@
 //! This cache appends its own member, `<identifier>; <params>`, after the
 //! members of caches nearer the origin (RFC 9211 §2): a hit is
 //! `hit; ttl=<seconds of freshness left>` (negative when a stale entry is
-//! served), a response from the origin `fwd=uri-miss` or `fwd=bypass` with
-//! `fwd-status`, `stored` when the fill stored it under its lease, and
-//! `collapsed` when the request waited on another request's fill.
+//! served); a response from the origin says why it was forwarded
+//! (`fwd=uri-miss`: nothing stored; `fwd=stale`: the stored response was
+//! stale, and `fwd-status=304` when the origin revalidated it;
+//! `fwd=request`: the request asked for a fresh copy; `fwd=bypass`: not
+//! handled by the cache, with `detail=redis-unavailable` when that is
+//! because Redis could not be used), then `fwd-status`, `stored` when the
+//! fill stored it under its lease, and `collapsed` when the request waited
+//! on another request's fill.
 
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
@@ -47,8 +52,8 @@ pub(crate) struct FromEntry {
     pub(crate) ttl: i64,
     /// The status the origin answered when the entry was filled.
     pub(crate) status: StatusCode,
-    /// Whether the entry was made to be stored (it has a fresh lifetime),
-    /// rather than only handed to the requests that waited on its fill.
+    /// Whether the entry was made to be stored, rather than only handed to
+    /// the requests that waited on its fill (or made by the cache itself).
     pub(crate) stored: bool,
 }
 
@@ -59,7 +64,9 @@ impl FromEntry {
         Self {
             ttl: i64::try_from(ttl).unwrap_or(if ttl < 0 { i64::MIN } else { i64::MAX }),
             status: entry.status,
-            stored: entry.fresh_ms > entry.stored_ms,
+            // Fills give the entries they only hand to their waiters (and
+            // the cache's own 504) no stale time (src/fill.rs).
+            stored: entry.stale_ms != 0,
         }
     }
 }
@@ -74,21 +81,43 @@ pub(crate) fn mark(
 ) {
     let mut value = String::with_capacity(identifier.len() + 40);
     value.push_str(identifier);
-    match status {
-        CacheStatus::Hit | CacheStatus::Stale => value.push_str("; hit"),
-        CacheStatus::Miss => value.push_str("; fwd=uri-miss"),
-        CacheStatus::Bypass => value.push_str("; fwd=bypass"),
+    let fwd = match status {
+        CacheStatus::Hit | CacheStatus::Stale => None,
+        CacheStatus::Miss => Some("uri-miss"),
+        CacheStatus::Refreshed { .. } => Some("stale"),
+        CacheStatus::Refetched { .. } => Some("request"),
+        CacheStatus::Bypass | CacheStatus::Unavailable => Some("bypass"),
+    };
+    match fwd {
+        Some(fwd) => {
+            value.push_str("; fwd=");
+            value.push_str(fwd);
+        }
+        None => value.push_str("; hit"),
     }
     if let Some(entry) = entry {
-        if status == CacheStatus::Miss {
+        if fwd.is_some() {
             // A fill's response, handed to the requests it answers.
-            value.push_str(&format!("; fwd-status={}", entry.status.as_u16()));
-            if entry.stored {
+            let revalidated = matches!(
+                status,
+                CacheStatus::Refreshed { revalidated: true }
+                    | CacheStatus::Refetched { revalidated: true }
+            );
+            let origin = if revalidated {
+                StatusCode::NOT_MODIFIED
+            } else {
+                entry.status
+            };
+            value.push_str(&format!("; fwd-status={}", origin.as_u16()));
+            if entry.stored && status.is_fill() {
                 value.push_str("; stored");
             }
         } else {
             value.push_str(&format!("; ttl={}", entry.ttl));
         }
+    }
+    if status == CacheStatus::Unavailable {
+        value.push_str("; detail=redis-unavailable");
     }
     if let Ok(value) = HeaderValue::try_from(value) {
         headers.append(CACHE_STATUS, value);
@@ -116,14 +145,21 @@ pub(crate) fn collapsed(config: &crate::config::Config, headers: &mut HeaderMap)
     }
 }
 
-/// Adds `fwd-status` to this cache's member when the response was forwarded
-/// and the member doesn't say it yet.
+/// Adds `fwd-status` to this cache's member, right after its `fwd`, when
+/// the response was forwarded and the member doesn't say it yet.
 pub(crate) fn finish(identifier: &str, headers: &mut HeaderMap, status: StatusCode) {
     edit_own(identifier, headers, |own| {
-        if !own.contains("; fwd=") || own.contains("; fwd-status=") {
+        if own.contains("; fwd-status=") {
             return None;
         }
-        Some(format!("{own}; fwd-status={}", status.as_u16()))
+        let start = own.find("; fwd=")? + 2;
+        let end = own[start..].find(';').map_or(own.len(), |i| start + i);
+        Some(format!(
+            "{}; fwd-status={}{}",
+            &own[..end],
+            status.as_u16(),
+            &own[end..]
+        ))
     });
 }
 
@@ -193,6 +229,48 @@ mod tests {
         assert_eq!(
             h[CACHE_STATUS],
             "cf; fwd=uri-miss; fwd-status=200; stored; collapsed"
+        );
+    }
+
+    #[test]
+    fn forwards_say_why_and_a_redis_less_answer_says_so() {
+        let entry = FromEntry {
+            ttl: 60,
+            status: StatusCode::OK,
+            stored: true,
+        };
+        let member = |status, entry| {
+            let mut h = HeaderMap::new();
+            mark("cf", &mut h, status, entry);
+            finish("cf", &mut h, StatusCode::OK);
+            h[CACHE_STATUS].to_str().unwrap().to_owned()
+        };
+        let (fresh, revalidated) = (false, true);
+        assert_eq!(
+            member(CacheStatus::Refreshed { revalidated: fresh }, Some(entry)),
+            "cf; fwd=stale; fwd-status=200; stored"
+        );
+        assert_eq!(
+            member(CacheStatus::Refreshed { revalidated }, Some(entry)),
+            "cf; fwd=stale; fwd-status=304; stored"
+        );
+        assert_eq!(
+            member(CacheStatus::Refetched { revalidated: fresh }, Some(entry)),
+            "cf; fwd=request; fwd-status=200; stored"
+        );
+        assert_eq!(
+            member(CacheStatus::Refetched { revalidated }, Some(entry)),
+            "cf; fwd=request; fwd-status=304; stored"
+        );
+        // Nothing is stored without Redis, whatever the entry says.
+        assert_eq!(
+            member(CacheStatus::Unavailable, Some(entry)),
+            "cf; fwd=bypass; fwd-status=200; detail=redis-unavailable"
+        );
+        // fwd-status goes right after fwd when it is added last.
+        assert_eq!(
+            member(CacheStatus::Unavailable, None),
+            "cf; fwd=bypass; fwd-status=200; detail=redis-unavailable"
         );
     }
 }

@@ -181,7 +181,7 @@ fn decode_vary(bytes: &[u8]) -> Option<Vec<HeaderName>> {
 }
 
 /// `u16 name length, name, u32 value length, value`, for every header.
-fn encode_headers(headers: &HeaderMap) -> Vec<u8> {
+pub(crate) fn encode_headers(headers: &HeaderMap) -> Vec<u8> {
     let mut out = Vec::new();
     for (name, value) in headers {
         let (n, v) = (name.as_str().as_bytes(), value.as_bytes());

@@ -13,7 +13,7 @@ use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use crate::body::{Buffered, FenceBody, buffer};
-use crate::config::OnWaitTimeout;
+use crate::config::{Config, OnWaitTimeout};
 use crate::entry::storable_headers;
 use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
 use crate::flight::{CacheStatus, Flight, Outcome};
@@ -44,14 +44,36 @@ pub(crate) enum Mode {
 }
 
 impl Mode {
-    /// The cache status of a response the origin produced for this fill.
-    fn origin_status(self) -> CacheStatus {
-        if self == Mode::Offline {
-            CacheStatus::Bypass
-        } else {
-            CacheStatus::Miss
+    /// The cache status of a response the origin produced for this fill,
+    /// which replaces `stale` (if any); `revalidated`: the origin answered
+    /// the fill's conditional request `304`.
+    fn origin_status(self, stale: Option<&Entry>, revalidated: bool) -> CacheStatus {
+        match self {
+            Mode::Offline => CacheStatus::Unavailable,
+            Mode::Refetch => CacheStatus::Refetched { revalidated },
+            _ if revalidated || stale.is_some_and(|s| !s.is_fresh(now_ms())) => {
+                CacheStatus::Refreshed { revalidated }
+            }
+            _ => CacheStatus::Miss,
         }
     }
+}
+
+/// Whether `entry` may be served in place of a response from the origin
+/// right now: a stale entry in [`rfc9111`](crate::FenceLayer::rfc9111)
+/// mode only as its headers allow (src/freshness.rs); `error`: the origin
+/// failed, timed out or answered 5xx. Other modes keep their own rules
+/// (`grace`, `stale_if_error`).
+pub(crate) fn may_serve(config: &Config, entry: &Entry, now: u64, error: bool) -> bool {
+    !config.policy.rfc9111
+        || entry.is_fresh(now)
+        || crate::freshness::may_serve_stale(
+            &entry.headers,
+            entry.fresh_ms,
+            entry.stale_ms,
+            now,
+            error,
+        )
 }
 
 type LeaderResult<B, E> = Result<Response<FenceBody<B>>, E>;
@@ -169,6 +191,9 @@ where
                 if job.mode == Mode::Refresh {
                     return;
                 }
+                // Redis is unavailable to this fill: it answers as an
+                // offline one does.
+                job.mode = Mode::Offline;
                 return call_and_decide(job, None).await;
             }
             Ok(Acquired::Hit(fields)) => match Record::decode(fields, now_ms()) {
@@ -307,7 +332,11 @@ where
     ResB: CacheBody,
     C: Conn,
 {
-    if let Some(stale) = job.stale.clone() {
+    if let Some(stale) = job
+        .stale
+        .clone()
+        .filter(|s| may_serve(&job.ctx.config, s, now_ms(), false))
+    {
         let headers = job.req.headers().clone();
         serve_stale(&job.ctx, &job.flight, &mut job.leader, stale, &headers);
         return;
@@ -333,7 +362,8 @@ fn gateway_timeout<B: Body, E>(
         delta: Duration::ZERO,
         stored_ms: now,
         fresh_ms: now,
-        stale_ms: now,
+        // Made by the cache, never stored (`stored` in Cache-Status).
+        stale_ms: 0,
         retry_ms: 0,
     });
     serve_all(
@@ -352,10 +382,18 @@ enum Called<B: Body, E> {
     /// No response head before the fill timeout.
     TimedOut,
     Responded {
-        parts: Box<http::response::Parts>,
-        rule: ResponseRule,
+        head: Box<Head>,
         body: Either<B>,
     },
+}
+
+/// A response head and what the policy and the fill made of it.
+struct Head {
+    parts: http::response::Parts,
+    rule: ResponseRule,
+    /// The entry a `304 Not Modified` revalidated: `parts` are its
+    /// freshened head, the body its body.
+    revalidated: Option<Arc<Entry>>,
 }
 
 enum Either<B: Body> {
@@ -405,6 +443,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         .clone()
         .filter(|s| lease.is_some() && crate::revalidate::ask(req.headers_mut(), s));
     let call = async move {
+        // The request time of RFC 9111 §4.2.3: the response delay counts in
+        // the age.
+        let sent = Instant::now();
         // A background refresh owns a clone that was never polled ready.
         let res = if mode == Mode::Refresh {
             tokio::time::timeout_at(deadline, svc.oneshot(req)).await
@@ -417,21 +458,25 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             Ok(Err(err)) => return Called::Failed(err),
             Err(_) => return Called::TimedOut,
         };
+        let delay = sent.elapsed();
         let (parts, body) = res.into_parts();
         if let Some(stale) = revalidating.filter(|_| parts.status == StatusCode::NOT_MODIFIED) {
             let parts = crate::revalidate::freshened(&stale, parts);
-            let rule = policy.response(&parts);
+            let rule = policy.response(&parts, delay);
             let body = Buffered::Complete {
                 data: stale.body.clone(),
                 trailers: None,
             };
             return Called::Responded {
-                parts: Box::new(parts),
-                rule,
+                head: Box::new(Head {
+                    parts,
+                    rule,
+                    revalidated: Some(stale),
+                }),
                 body: Either::Buffered(body),
             };
         }
-        let rule = policy.response(&parts);
+        let rule = policy.response(&parts, delay);
         let buffer_it = match &rule {
             ResponseRule::Store { .. } => true,
             // Buffer an uncacheable response only to hand it to joiners.
@@ -443,8 +488,11 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             Either::Streaming(body)
         };
         Called::Responded {
-            parts: Box::new(parts),
-            rule,
+            head: Box::new(Head {
+                parts,
+                rule,
+                revalidated: None,
+            }),
             body,
         }
     };
@@ -488,10 +536,11 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let delta = started.elapsed();
     counters.fill_took(delta);
 
-    let (parts, rule, body) = match called {
+    let (parts, rule, body, revalidated) = match called {
         Called::Failed(err) => {
             release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
-            match stale.filter(|_| config.stale_if_error) {
+            let now = now_ms();
+            match stale.filter(|s| config.stale_if_error && may_serve(&config, s, now, true)) {
                 Some(stale) => {
                     tracing::debug!(key = %crate::trace::redact(&entry_key), "origin failed, serving stale");
                     serve_stale(&ctx, &flight, &mut leader, stale, &req_headers);
@@ -507,18 +556,29 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             tracing::warn!(key = %crate::trace::redact(&entry_key), fill_timeout = ?config.fill_timeout, "fill timed out before the response began; abandoned");
             Counters::inc(&counters.fill_timeouts);
             release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
-            match stale {
+            let now = now_ms();
+            match stale.filter(|s| may_serve(&config, s, now, true)) {
                 Some(stale) => serve_stale(&ctx, &flight, &mut leader, stale, &req_headers),
                 None => gateway_timeout(&config, &flight, &mut leader),
             }
             return;
         }
-        Called::Responded { parts, rule, body } => (*parts, rule, body),
+        Called::Responded { head, body } => {
+            let Head {
+                parts,
+                rule,
+                revalidated,
+            } = *head;
+            (parts, rule, body, revalidated)
+        }
     };
+    let origin_status = mode.origin_status(stale.as_deref(), revalidated.is_some());
 
     if parts.status.is_server_error()
         && config.stale_if_error
-        && let Some(stale) = stale.clone()
+        && let Some(stale) = stale
+            .clone()
+            .filter(|s| may_serve(&config, s, now_ms(), true))
     {
         tracing::debug!(key = %crate::trace::redact(&entry_key), status = %parts.status, "origin answered 5xx, serving stale");
         release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
@@ -529,9 +589,20 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let tags = response_tags(&parts, &config.tag_headers);
     // `age`: how old the response already was on arrival (RFC 9111 mode),
     // so that `Age` on hits counts it.
-    let entry_of = |data: bytes::Bytes, ttl: Duration, grace_ms: u64, age_ms: u64| {
+    // A response only handed to the requests that waited (`shared`) gets no
+    // stale time: it was not made to be stored (`stored` in Cache-Status).
+    // One stored without a lifetime (to be revalidated on every use) is
+    // never fresh, whatever a reader's clock says.
+    let entry_of = |data: bytes::Bytes, ttl: Duration, grace_ms: u64, age_ms: u64, shared: bool| {
         let now = now_ms();
-        let fresh_ms = now.saturating_add(duration_ms(ttl));
+        let (fresh_ms, stale_ms) = if shared {
+            (now, 0)
+        } else if ttl.is_zero() {
+            (0, now)
+        } else {
+            let fresh_ms = now.saturating_add(duration_ms(ttl));
+            (fresh_ms, fresh_ms.saturating_add(grace_ms))
+        };
         Arc::new(Entry {
             status: parts.status,
             headers: storable_headers(&parts.headers, |n| config.is_own_header(n)),
@@ -539,7 +610,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             delta,
             stored_ms: now.saturating_sub(age_ms),
             fresh_ms,
-            stale_ms: fresh_ms.saturating_add(grace_ms),
+            stale_ms,
             retry_ms: 0,
         })
     };
@@ -551,13 +622,14 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 vary,
                 grace_ms,
                 age_ms,
+                keep_ms,
             },
             Either::Buffered(Buffered::Complete {
                 data,
                 trailers: None,
             }),
         ) => {
-            let entry = entry_of(data, ttl, grace_ms, age_ms);
+            let entry = entry_of(data, ttl, grace_ms, age_ms, false);
             if let Some(lease) = &lease {
                 let store_key = if vary.is_empty() {
                     lease.key.clone()
@@ -569,21 +641,56 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 } else {
                     encode_vary(&vary)
                 };
-                let args = StoreArgs {
+                let (lease_key, variants_set) = (lease.lease_key(), ek.variants_set());
+                let args = |fields| StoreArgs {
                     entry_key: &store_key,
-                    lease_key: &lease.lease_key(),
+                    lease_key: &lease_key,
                     primary: &ek.primary,
-                    variants_set: &ek.variants_set(),
+                    variants_set: &variants_set,
                     token: &lease.token,
-                    ttl: ttl.saturating_add(Duration::from_millis(grace_ms)),
+                    ttl: ttl.saturating_add(Duration::from_millis(keep_ms.max(grace_ms))),
                     vary: &vary_field,
                     started: lease.started,
                     namespace: &config.namespace,
                     tags: &tags,
                     max_variants: config.max_variants,
-                    fields: entry.to_fields(&key, &lease.token),
+                    fields,
                 };
-                match shared.store.store(args).await {
+                let written = match &revalidated {
+                    // A 304: the head and expiry only; the body stays in Redis.
+                    Some(old) => {
+                        let head = Entry {
+                            body: bytes::Bytes::new(),
+                            ..(*entry).clone()
+                        };
+                        let mut fields = head.to_fields(&key, &lease.token);
+                        fields.retain(|(name, _)| !matches!(*name, "body" | "len"));
+                        let hdrs = crate::entry::encode_headers(&old.headers);
+                        match shared
+                            .store
+                            .freshen(args(fields), &hdrs, old.body.len())
+                            .await
+                        {
+                            Ok(Some(written)) => {
+                                if written == WriteBack::Stored {
+                                    Counters::inc(&counters.revalidated);
+                                }
+                                Ok(written)
+                            }
+                            Ok(None) => {
+                                tracing::debug!(key = %crate::trace::redact(&store_key), "the revalidated entry was replaced or removed: storing the response in full");
+                                let fields = entry.to_fields(&key, &lease.token);
+                                shared.store.store(args(fields)).await
+                            }
+                            Err(err) => Err(err),
+                        }
+                    }
+                    None => {
+                        let fields = entry.to_fields(&key, &lease.token);
+                        shared.store.store(args(fields)).await
+                    }
+                };
+                match written {
                     Ok(WriteBack::Stored) => {
                         Counters::inc(&counters.stores);
                         tracing::debug!(key = %crate::trace::redact(&store_key), ?delta, "fill stored");
@@ -610,7 +717,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             // invalidation. The leader's own request raced the invalidation,
             // so it may have it.
             let status = if leader.is_some() {
-                mode.origin_status()
+                origin_status
             } else {
                 CacheStatus::Hit
             };
@@ -668,10 +775,10 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     data,
                     trailers: None,
                 }) if shareable => {
-                    let entry = entry_of(data.clone(), Duration::ZERO, 0, 0);
+                    let entry = entry_of(data.clone(), Duration::ZERO, 0, 0, true);
                     flight.finish(Outcome::Serve {
                         entry,
-                        status: mode.origin_status(),
+                        status: origin_status,
                         vary: vary_values(&vary.unwrap_or_default(), &req_headers),
                     });
                     send_response(
@@ -679,7 +786,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                         &config,
                         parts,
                         FenceBody::full(data),
-                        mode.origin_status(),
+                        origin_status,
                     );
                 }
                 Either::Buffered(Buffered::Unfinished { prefix, rest }) => {
@@ -687,7 +794,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     // wait for an endless body.
                     Counters::inc(&counters.fill_timeouts);
                     tracing::warn!(key = %crate::trace::redact(&entry_key), fill_timeout = ?config.fill_timeout, "fill timed out while reading the body; the rest streams to its own client");
-                    match stale {
+                    match stale.filter(|s| may_serve(&config, s, now_ms(), true)) {
                         Some(stale) => {
                             Counters::inc(&counters.stale);
                             let vary = varies_on(&stale.headers, &req_headers);
@@ -704,7 +811,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                         &config,
                         parts,
                         FenceBody::rest(prefix, rest),
-                        mode.origin_status(),
+                        origin_status,
                     );
                 }
                 other => {
@@ -724,7 +831,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                         }
                         Either::Streaming(body) => FenceBody::inner(body),
                     };
-                    send_response(&mut leader, &config, parts, body, mode.origin_status());
+                    send_response(&mut leader, &config, parts, body, origin_status);
                 }
             }
         }

@@ -9,23 +9,50 @@ use tokio::sync::{Notify, watch};
 
 use crate::entry::Entry;
 
-/// How a response was produced, as told by the cache-status header.
+/// How a response was produced, as told by the cache-status header
+/// (`x-cache` knows four of them; `Cache-Status` tells the others apart).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum CacheStatus {
     Hit,
+    /// From the origin: nothing was stored (`fwd=uri-miss`).
     Miss,
     Stale,
     Bypass,
+    /// From the origin because the stored response was stale
+    /// (`fwd=stale`), `MISS` in `x-cache`. `revalidated`: the origin
+    /// answered `304` to the fill's conditional request (`fwd-status=304`).
+    Refreshed {
+        revalidated: bool,
+    },
+    /// From the origin because the request asked for a fresh copy
+    /// (`fwd=request`), `MISS` in `x-cache`; `revalidated` as above.
+    Refetched {
+        revalidated: bool,
+    },
+    /// Passed to the origin because Redis could not be used (`fwd=bypass;
+    /// detail=redis-unavailable`), `BYPASS` in `x-cache`.
+    Unavailable,
 }
 
 impl CacheStatus {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             CacheStatus::Hit => "HIT",
-            CacheStatus::Miss => "MISS",
+            CacheStatus::Miss | CacheStatus::Refreshed { .. } | CacheStatus::Refetched { .. } => {
+                "MISS"
+            }
             CacheStatus::Stale => "STALE",
-            CacheStatus::Bypass => "BYPASS",
+            CacheStatus::Bypass | CacheStatus::Unavailable => "BYPASS",
         }
+    }
+
+    /// Whether the response was a fill's, from the origin (not served from
+    /// a stored entry, not passed through).
+    pub(crate) fn is_fill(self) -> bool {
+        matches!(
+            self,
+            CacheStatus::Miss | CacheStatus::Refreshed { .. } | CacheStatus::Refetched { .. }
+        )
     }
 }
 

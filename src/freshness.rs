@@ -8,15 +8,21 @@
 //!   minus `Date` (an invalid `Expires` means already expired), else a
 //!   heuristic fraction of the time since `Last-Modified` when one is
 //!   configured; without any, the response is not stored.
-//! - The age on arrival (§4.2.3) is the larger of the upstream `Age` and
-//!   the time since `Date`; a malformed, repeated or huge `Age` counts as
-//!   stale. A response already stale on arrival is not stored.
+//! - The age on arrival (§4.2.3) is the larger of the time since `Date`
+//!   and the upstream `Age` plus the time the response took to arrive (the
+//!   response delay); a malformed, repeated or huge `Age` counts as stale.
+//!   A response already stale on arrival is not stored.
+//! - A `no-cache` response with a validator is stored to be revalidated on
+//!   every use (never fresh, never served stale); without one it is not
+//!   stored.
 //! - Stale serving (the entry's grace) comes from `stale-while-revalidate`;
-//!   `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid it.
+//!   on origin errors `stale-if-error` serves it longer. `no-cache`,
+//!   `must-revalidate`, `proxy-revalidate` and `s-maxage` forbid both
+//!   (§4.2.4), and a soft purge too ([`may_serve_stale`]).
 
 use std::time::{Duration, SystemTime};
 
-use http::header::{AGE, CACHE_CONTROL, DATE, EXPIRES, HeaderName, LAST_MODIFIED};
+use http::header::{AGE, CACHE_CONTROL, DATE, ETAG, EXPIRES, HeaderName, LAST_MODIFIED};
 use http::{HeaderMap, response};
 
 /// `CDN-Cache-Control` (RFC 9213).
@@ -25,45 +31,63 @@ const CDN_CACHE_CONTROL: HeaderName = HeaderName::from_static("cdn-cache-control
 /// What RFC 9111 says about a storable response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Freshness {
-    /// Freshness left on arrival: the lifetime minus the age.
+    /// Freshness left on arrival: the lifetime minus the age (zero for a
+    /// response stored only to be revalidated).
     pub(crate) ttl: Duration,
     /// How long past fresh it may be served stale.
     pub(crate) grace: Duration,
     /// Its age on arrival.
     pub(crate) age: Duration,
+    /// How long past fresh it is kept (at least `grace`): to be served on
+    /// origin errors (`stale-if-error`), or revalidated (`no-cache`).
+    pub(crate) keep: Duration,
 }
 
-/// The freshness of a response received at `now`, or why it is not stored.
-/// `heuristic` is the fraction of the time since `Last-Modified` used as the
-/// lifetime of a response without explicit freshness (0: none), capped at
-/// `heuristic_max`.
-pub(crate) fn freshness(
-    parts: &response::Parts,
-    now: SystemTime,
-    heuristic: f64,
-    heuristic_max: Duration,
-) -> Result<Freshness, &'static str> {
-    let headers = &parts.headers;
+/// The directives in force: `CDN-Cache-Control` when it holds any (RFC
+/// 9213), else `Cache-Control`.
+fn directives(headers: &HeaderMap) -> Directives {
     let cdn = Directives::parse(headers, &CDN_CACHE_CONTROL);
-    let cc = if cdn.any {
+    if cdn.any {
         cdn
     } else {
         Directives::parse(headers, &CACHE_CONTROL)
-    };
-    if cc.no_store || cc.private || cc.no_cache {
+    }
+}
+
+/// The freshness of a response received at `now`, `delay` after its
+/// request was sent, or why it is not stored. `heuristic` is the fraction
+/// of the time since `Last-Modified` used as the lifetime of a response
+/// without explicit freshness (0: none), capped at `default_keep`, which is
+/// also how long a `no-cache` response without a lifetime is kept for
+/// revalidation.
+pub(crate) fn freshness(
+    parts: &response::Parts,
+    now: SystemTime,
+    delay: Duration,
+    heuristic: f64,
+    default_keep: Duration,
+) -> Result<Freshness, &'static str> {
+    let headers = &parts.headers;
+    let cc = directives(headers);
+    if cc.no_store || cc.private {
         return Err("cache-control");
+    }
+    let validated = headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED);
+    if cc.no_cache && !validated {
+        // Every use needs a full fetch: nothing to keep.
+        return Err("no-cache without validators");
     }
     let date = date_of(headers, &DATE);
     let lifetime = if let Some(secs) = cc.s_maxage.or(cc.max_age) {
-        Duration::from_secs(secs)
+        Some(Duration::from_secs(secs))
     } else if headers.contains_key(EXPIRES) {
-        match date_of(headers, &EXPIRES) {
+        Some(match date_of(headers, &EXPIRES) {
             Some(expires) => expires
                 .duration_since(date.unwrap_or(now))
                 .unwrap_or_default(),
             // An invalid Expires (`0`, garbage) means already expired.
             None => Duration::ZERO,
-        }
+        })
     } else if heuristic > 0.0
         && let Some(modified) = date_of(headers, &LAST_MODIFIED)
     {
@@ -71,27 +95,88 @@ pub(crate) fn freshness(
             .unwrap_or(now)
             .duration_since(modified)
             .unwrap_or_default();
-        since.mul_f64(heuristic.min(1.0)).min(heuristic_max)
+        Some(since.mul_f64(heuristic.min(1.0)).min(default_keep))
     } else {
-        return Err("no explicit freshness");
+        None
     };
     let Some(upstream_age) = age(headers) else {
         return Err("malformed age");
     };
+    // §4.2.3: corrected_initial_age = max(apparent_age, age_value +
+    // response_delay).
     let apparent_age = date
         .and_then(|d| now.duration_since(d).ok())
         .unwrap_or_default();
-    let age = upstream_age.max(apparent_age);
+    let age = apparent_age.max(upstream_age.saturating_add(delay));
+    if cc.no_cache {
+        // §5.2.2.4: stored, but never used without a successful
+        // revalidation. Kept for the rest of its lifetime, else for the
+        // layer's TTL.
+        let keep = lifetime
+            .map(|l| l.saturating_sub(age))
+            .filter(|k| !k.is_zero())
+            .unwrap_or(default_keep);
+        return Ok(Freshness {
+            ttl: Duration::ZERO,
+            grace: Duration::ZERO,
+            age,
+            keep,
+        });
+    }
+    let Some(lifetime) = lifetime else {
+        return Err("no explicit freshness");
+    };
     let ttl = lifetime.saturating_sub(age);
     if ttl.is_zero() {
         return Err("stale on arrival");
     }
-    let grace = if cc.must_revalidate || cc.proxy_revalidate || cc.s_maxage.is_some() {
-        Duration::ZERO
+    let (grace, keep) = if cc.forbids_stale() {
+        (Duration::ZERO, Duration::ZERO)
     } else {
-        Duration::from_secs(cc.stale_while_revalidate.unwrap_or(0))
+        let grace = Duration::from_secs(cc.stale_while_revalidate.unwrap_or(0));
+        let on_error = Duration::from_secs(cc.stale_if_error.unwrap_or(0));
+        (grace, grace.max(on_error))
     };
-    Ok(Freshness { ttl, grace, age })
+    Ok(Freshness {
+        ttl,
+        grace,
+        age,
+        keep,
+    })
+}
+
+/// Whether a stored response that is no longer fresh may be served now
+/// (RFC 9111 §4.2.4, RFC 5861), by its headers: never when `no-cache`,
+/// `must-revalidate`, `proxy-revalidate` or `s-maxage` forbid it (a soft
+/// purge included); else until `stale_ms` (its `stale-while-revalidate`
+/// window), and when the origin failed (`error`: an error, a timeout, a
+/// 5xx), for `stale-if-error` seconds past the end of its freshness. A soft
+/// purge zeroes `fresh_ms`: its freshness then ended where the
+/// `stale-while-revalidate` window began.
+pub(crate) fn may_serve_stale(
+    headers: &HeaderMap,
+    fresh_ms: u64,
+    stale_ms: u64,
+    now_ms: u64,
+    error: bool,
+) -> bool {
+    let cc = directives(headers);
+    if cc.forbids_stale() {
+        return false;
+    }
+    if now_ms < stale_ms {
+        return true;
+    }
+    let Some(on_error) = cc.stale_if_error.filter(|_| error) else {
+        return false;
+    };
+    let fresh_until = if fresh_ms > 0 {
+        fresh_ms
+    } else {
+        let window = cc.stale_while_revalidate.unwrap_or(0);
+        stale_ms.saturating_sub(window.saturating_mul(1000))
+    };
+    now_ms < fresh_until.saturating_add(on_error.saturating_mul(1000))
 }
 
 /// The largest `Age` taken as a number; larger ones count as stale.
@@ -133,9 +218,16 @@ struct Directives {
     max_age: Option<u64>,
     s_maxage: Option<u64>,
     stale_while_revalidate: Option<u64>,
+    stale_if_error: Option<u64>,
 }
 
 impl Directives {
+    /// `no-cache`, `must-revalidate`, `proxy-revalidate` and `s-maxage`
+    /// (which implies `proxy-revalidate`) forbid serving it stale.
+    fn forbids_stale(&self) -> bool {
+        self.no_cache || self.must_revalidate || self.proxy_revalidate || self.s_maxage.is_some()
+    }
+
     fn parse(headers: &HeaderMap, name: &HeaderName) -> Self {
         let mut d = Self::default();
         for value in headers.get_all(name) {
@@ -159,6 +251,7 @@ impl Directives {
                     b"stale-while-revalidate" => {
                         d.stale_while_revalidate = d.stale_while_revalidate.or_else(seconds)
                     }
+                    b"stale-if-error" => d.stale_if_error = d.stale_if_error.or_else(seconds),
                     _ => {}
                 }
             }
@@ -221,7 +314,13 @@ mod tests {
     }
 
     fn fresh(pairs: &[(&'static str, &'static str)]) -> Result<Freshness, &'static str> {
-        freshness(&parts(pairs), now(), 0.0, Duration::from_secs(3600))
+        freshness(
+            &parts(pairs),
+            now(),
+            Duration::ZERO,
+            0.0,
+            Duration::from_secs(3600),
+        )
     }
 
     fn secs(s: u64) -> Duration {
@@ -262,7 +361,67 @@ mod tests {
         assert_eq!(f(&[]), Err("no explicit freshness"));
         assert_eq!(
             f(&[("cache-control", "no-cache, max-age=60")]),
-            Err("cache-control")
+            Err("no-cache without validators")
+        );
+    }
+
+    #[test]
+    fn no_cache_with_a_validator_is_kept_to_be_revalidated_on_every_use() {
+        let got = fresh(&[("cache-control", "no-cache"), ("etag", "\"a\"")]).unwrap();
+        assert_eq!(
+            (got.ttl, got.grace, got.keep),
+            (Duration::ZERO, Duration::ZERO, secs(3600))
+        );
+        let got = fresh(&[
+            (
+                "cache-control",
+                "no-cache, max-age=600, stale-if-error=9999",
+            ),
+            ("last-modified", "Tue, 01 Dec 2026 02:00:00 GMT"),
+            ("age", "100"),
+        ])
+        .unwrap();
+        assert_eq!((got.ttl, got.keep), (Duration::ZERO, secs(500)));
+        // In CDN-Cache-Control only, it still counts.
+        assert!(
+            fresh(&[
+                ("cache-control", "max-age=60"),
+                ("cdn-cache-control", "no-cache"),
+            ])
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_response_delay_counts_in_the_age() {
+        let at = |pairs: &[(&'static str, &'static str)], delay| {
+            freshness(&parts(pairs), now(), delay, 0.0, secs(1)).map(|f| (f.ttl, f.age))
+        };
+        // corrected_age_value = age_value + response_delay.
+        assert_eq!(
+            at(&[("cache-control", "max-age=60"), ("age", "20")], secs(5)),
+            Ok((secs(35), secs(25)))
+        );
+        // Without Age the delay alone is the age.
+        assert_eq!(
+            at(&[("cache-control", "max-age=60")], secs(5)),
+            Ok((secs(55), secs(5)))
+        );
+        // The apparent age wins when larger.
+        assert_eq!(
+            at(
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("age", "1"),
+                    ("date", "Tue, 01 Dec 2026 11:59:30 GMT")
+                ],
+                secs(5)
+            ),
+            Ok((secs(30), secs(30)))
+        );
+        assert_eq!(
+            at(&[("cache-control", "max-age=60"), ("age", "58")], secs(2)),
+            Err("stale on arrival")
         );
     }
 
@@ -304,11 +463,48 @@ mod tests {
             let got = freshness(
                 &parts(&[("cache-control", Box::leak(cc.into_boxed_str()))]),
                 now(),
+                Duration::ZERO,
                 0.0,
                 secs(1),
             )
             .unwrap();
-            assert_eq!(got.grace, Duration::ZERO, "{strict}");
+            assert_eq!(
+                (got.grace, got.keep),
+                (Duration::ZERO, Duration::ZERO),
+                "{strict}"
+            );
+        }
+        let got = fresh(&[(
+            "cache-control",
+            "max-age=60, stale-while-revalidate=30, stale-if-error=300",
+        )])
+        .unwrap();
+        assert_eq!((got.grace, got.keep), (secs(30), secs(300)));
+    }
+
+    #[test]
+    fn stale_is_served_as_the_stored_headers_allow() {
+        let h = |cc: &'static str| parts(&[("cache-control", cc)]).headers;
+        let may = |cc, fresh, stale, now, error| may_serve_stale(&h(cc), fresh, stale, now, error);
+        let swr = "max-age=60, stale-while-revalidate=10, stale-if-error=100";
+        // Inside the stale-while-revalidate window, error or not.
+        assert!(may(swr, 60_000, 70_000, 65_000, false));
+        // Beyond it, only on an error, up to stale-if-error past freshness.
+        assert!(!may(swr, 60_000, 70_000, 75_000, false));
+        assert!(may(swr, 60_000, 70_000, 159_999, true));
+        assert!(!may(swr, 60_000, 70_000, 160_000, true));
+        // Soft purged (fresh 0): freshness ended where the window began.
+        assert!(may(swr, 0, 70_000, 159_999, true));
+        assert!(!may(swr, 0, 70_000, 160_000, true));
+        // Forbidden by the revalidation directives, a purge included.
+        for strict in [
+            "max-age=60, stale-if-error=100, must-revalidate",
+            "max-age=60, stale-if-error=100, proxy-revalidate",
+            "max-age=60, s-maxage=60, stale-if-error=100",
+            "no-cache, stale-if-error=100",
+        ] {
+            assert!(!may(strict, 0, 70_000, 65_000, false), "{strict}");
+            assert!(!may(strict, 60_000, 70_000, 65_000, true), "{strict}");
         }
     }
 
@@ -319,9 +515,9 @@ mod tests {
             ("last-modified", "Tue, 01 Dec 2026 02:00:00 GMT"),
         ];
         assert!(fresh(&pairs).is_err());
-        let got = freshness(&parts(&pairs), now(), 0.1, secs(3600)).unwrap();
+        let got = freshness(&parts(&pairs), now(), Duration::ZERO, 0.1, secs(3600)).unwrap();
         assert_eq!(got.ttl, secs(3600));
-        let got = freshness(&parts(&pairs), now(), 0.01, secs(3600)).unwrap();
+        let got = freshness(&parts(&pairs), now(), Duration::ZERO, 0.01, secs(3600)).unwrap();
         assert_eq!(got.ttl, secs(360));
     }
 }

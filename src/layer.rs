@@ -264,8 +264,14 @@ where
     ///   `stored` when the fill stored the response (a Redis failure or a
     ///   racing invalidation can still refuse that write) and `collapsed`
     ///   when the request waited on another request's fill;
+    /// - `fwd=stale`: filled because the stored response was stale (and
+    ///   could not be served), `fwd-status=304` when the origin revalidated
+    ///   it; `fwd=request`: the request asked for a fresh copy
+    ///   ([`honor_request_no_cache`](Self::honor_request_no_cache));
     /// - `fwd=bypass; fwd-status=S`: passed to the origin without the cache
-    ///   (method, credentials, pass marker, Redis unavailable).
+    ///   (method, credentials, pass marker), with
+    ///   `detail=redis-unavailable` when Redis could not be used (errors,
+    ///   timeouts, the circuit breaker open).
     ///
     /// An identifier that is not a structured-field token is sent as a
     /// quoted string; an empty one turns the header off.
@@ -367,19 +373,26 @@ where
     ///   `max-age`, then `Expires` minus `Date`; without any, the response
     ///   is not stored unless [`heuristic_freshness`](Self::heuristic_freshness)
     ///   is set ([`CacheTtl`](crate::CacheTtl) still wins);
-    /// - the age on arrival is the larger of the upstream `Age` and the time
-    ///   since `Date` (§4.2.3): a response already stale on arrival, or with
-    ///   a malformed, repeated or huge `Age`, is not stored; hits send an
-    ///   `Age` that includes it;
+    /// - the age on arrival is the larger of the time since `Date` and the
+    ///   upstream `Age` plus the time the response took to arrive (§4.2.3):
+    ///   a response already stale on arrival, or with a malformed, repeated
+    ///   or huge `Age`, is not stored; hits send an `Age` that includes it;
+    /// - a `no-cache` response with a validator (`ETag` or `Last-Modified`)
+    ///   is stored and revalidated on every use: each use waits for a
+    ///   conditional request through the one-fill-per-key path (concurrent
+    ///   requests share it: it is made after each of them arrived), whose
+    ///   `304` serves the stored body; it is kept for the rest of its
+    ///   lifetime, else for [`ttl`](Self::ttl). Without a validator it is not
+    ///   stored;
     /// - stale serving comes from the response's `stale-while-revalidate`
-    ///   (RFC 5861), replacing [`grace`](Self::grace); `must-revalidate`,
-    ///   `proxy-revalidate` and `s-maxage` forbid it;
-    /// - `no-store`, `no-cache`, `private` (also in `CDN-Cache-Control`) and
-    ///   `Vary: *` are never stored; `Date` is kept as received.
+    ///   (RFC 5861), replacing [`grace`](Self::grace), and on origin errors
+    ///   (an error, a timeout, a 5xx) from its `stale-if-error`, beyond the
+    ///   `stale-while-revalidate` window; `no-cache`, `must-revalidate`,
+    ///   `proxy-revalidate` and `s-maxage` forbid both, and a soft purge
+    ///   then refetches instead of serving stale;
+    /// - `no-store`, `private` (also in `CDN-Cache-Control`) and `Vary: *`
+    ///   are never stored; `Date` is kept as received.
     ///
-    /// Not covered yet: storing `no-cache` responses to revalidate them on
-    /// every use (they are not stored); `stale-if-error` beyond the
-    /// `stale-while-revalidate` window; the response delay in the age.
     /// (Refreshes revalidate with the entry's validators in every mode.)
     ///
     /// # Example
@@ -509,7 +522,9 @@ where
     }
 
     /// Serve the stale entry when a refresh fails with an error or a 5xx
-    /// (default on).
+    /// (default on). In [`rfc9111`](Self::rfc9111) mode only as far as the
+    /// response allows: inside its `stale-while-revalidate` window or its
+    /// `stale-if-error` time, never with `must-revalidate` and friends.
     #[must_use]
     pub fn stale_if_error(mut self, on: bool) -> Self {
         self.config.stale_if_error = on;

@@ -150,6 +150,11 @@ pub(crate) enum ResponseRule {
         /// Its age on arrival (from upstream caches) in milliseconds,
         /// counted in `Age`. (Milliseconds keep this enum small.)
         age_ms: u64,
+        /// How long past fresh it is kept in Redis, in milliseconds: at
+        /// least `grace_ms`; longer to serve it on origin errors
+        /// (`stale-if-error`) or to revalidate it (`no-cache`, whose `ttl`
+        /// is zero).
+        keep_ms: u64,
     },
     /// Not cacheable. `shareable` says whether requests that waited on this
     /// fill may be served the same response (it is not private to the
@@ -180,7 +185,9 @@ impl Policy {
         RequestRule::Lookup { head, refresh }
     }
 
-    pub(crate) fn response(&self, parts: &response::Parts) -> ResponseRule {
+    /// The rule for a response that arrived `delay` after its request was
+    /// sent (counted in its age in RFC 9111 mode).
+    pub(crate) fn response(&self, parts: &response::Parts, delay: Duration) -> ResponseRule {
         let shareable = shareable(&parts.headers);
         let dont = |reason| ResponseRule::DontStore { reason, shareable };
         if crate::conditional::is_own_answer(parts.status) {
@@ -197,7 +204,10 @@ impl Policy {
             return dont("set-cookie");
         }
         let cc = CacheControl::parse(&parts.headers);
-        if cc.no_store || cc.private || cc.no_cache {
+        let ttl_set = parts.extensions.get::<CacheTtl>().copied();
+        // In RFC 9111 mode a `no-cache` response may be stored to be
+        // revalidated on every use: freshness() decides.
+        if cc.no_store || cc.private || (cc.no_cache && (!self.rfc9111 || ttl_set.is_some())) {
             return dont("cache-control");
         }
         if is_event_stream(&parts.headers) {
@@ -210,19 +220,20 @@ impl Policy {
         let Some(vary) = vary_names(&parts.headers) else {
             return dont("vary: *");
         };
-        let (mut grace, mut age) = (self.grace, Duration::ZERO);
-        let ttl = if let Some(CacheTtl(ttl)) = parts.extensions.get::<CacheTtl>() {
-            *ttl
+        let (mut grace, mut age, mut keep) = (self.grace, Duration::ZERO, None);
+        let ttl = if let Some(CacheTtl(ttl)) = ttl_set {
+            ttl
         } else if self.rfc9111 {
             let fresh = crate::freshness::freshness(
                 parts,
                 std::time::SystemTime::now(),
+                delay,
                 self.heuristic,
                 self.ttl,
             );
             match fresh {
                 Ok(fresh) => {
-                    (grace, age) = (fresh.grace, fresh.age);
+                    (grace, age, keep) = (fresh.grace, fresh.age, Some(fresh.keep));
                     fresh.ttl
                 }
                 Err(reason) => return dont(reason),
@@ -238,14 +249,19 @@ impl Policy {
         } else {
             self.ttl
         };
-        if ttl.is_zero() {
+        // RFC 9111 mode gives a zero lifetime only to a response it keeps to
+        // be revalidated on every use (`no-cache`).
+        let revalidate_only = keep.is_some_and(|k| !k.is_zero());
+        if ttl.is_zero() && !revalidate_only {
             return dont("zero ttl");
         }
+        let keep = keep.unwrap_or(grace).max(grace).min(MAX_TTL);
         ResponseRule::Store {
             ttl: ttl.min(MAX_TTL),
             vary,
             grace_ms: crate::entry::duration_ms(grace.min(MAX_TTL)),
             age_ms: crate::entry::duration_ms(age),
+            keep_ms: crate::entry::duration_ms(keep),
         }
     }
 }
@@ -622,7 +638,7 @@ mod tests {
     #[test]
     fn uncacheable_responses_are_refused_with_sharing_decided() {
         let p = Policy::default();
-        let dont = |r| match p.response(&r) {
+        let dont = |r| match p.response(&r, Duration::ZERO) {
             ResponseRule::DontStore { shareable, .. } => Some(shareable),
             ResponseRule::Store { .. } => None,
         };
@@ -643,7 +659,7 @@ mod tests {
     #[test]
     fn ttl_comes_from_the_extension_then_cache_control_then_defaults() {
         let mut p = Policy::default();
-        let ttl = |p: &Policy, r| match p.response(&r) {
+        let ttl = |p: &Policy, r| match p.response(&r, Duration::ZERO) {
             ResponseRule::Store { ttl, .. } => ttl,
             ResponseRule::DontStore { .. } => Duration::ZERO,
         };

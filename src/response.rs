@@ -74,7 +74,7 @@ pub(crate) fn from_entry<B: Body>(
     {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
     }
-    if status != CacheStatus::Miss {
+    if !status.is_fill() {
         headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
     }
     let from = cache_status::FromEntry::new(entry, now);

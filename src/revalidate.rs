@@ -4,8 +4,10 @@
 //! §4.3.4) and its body is kept.
 //!
 //! The fill is the usual one-per-key fill under the lease; the freshened
-//! response is stored and shared like a full 200 (the body is written to
-//! Redis again with it).
+//! response is shared like a full 200, and written back header-only: the
+//! FRESHEN script (src/scripts.rs) rewrites the entry's head fields and
+//! expiry, fenced like STORE, and leaves its body in Redis. When the entry
+//! was removed or replaced meanwhile the fill stores the response in full.
 
 use http::header::{
     CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH,

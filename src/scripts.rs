@@ -168,6 +168,108 @@ wake()
 return 1
 ";
 
+/// The header-only write-back of a revalidation (RFC 9111 §4.3.4): a
+/// `304 Not Modified` freshened the entry the fill holds the lease of, so
+/// only its head fields and expiry are rewritten; its body stays as it is
+/// in Redis. Fenced exactly like [`STORE`]: written only while the lease
+/// holds our token and no URL, prefix or tag invalidation fenced the fill
+/// out (then the lease is dropped and 0 returned, as STORE does).
+///
+/// KEYS and ARGV 1 to 10: as [`STORE`] (the wake channel published the
+/// same way; ARGV 9, the most variants, is not used: the entry is already
+/// one of them). ARGV 11: the `hdrs` field of
+/// the entry that was revalidated, ARGV 12: its `len`; then the field/value
+/// pairs to write (every field but `body` and `len`).
+///
+/// The entry must still be the one that was revalidated: a hash of this
+/// format version, not a `Vary` index, with the same `hdrs` (so the same
+/// validators) and a body of the same length. If it was removed or replaced
+/// meanwhile nothing is written, the lease is kept, and 3 is returned: the
+/// fill then stores the response in full with [`STORE`].
+/// Returns 1 when freshened, 0 when fenced out, 3 when the entry is gone.
+pub(crate) const FRESHEN: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local started = tonumber(ARGV[7])
+local function wake()
+  if string.find(ARGV[3], '{', 1, true) then
+    redis.call('SPUBLISH', ARGV[3], ARGV[4])
+  else
+    redis.call('PUBLISH', ARGV[3], ARGV[4])
+  end
+end
+local function refuse(code)
+  redis.call('DEL', KEYS[2])
+  wake()
+  return code
+end
+local okf, uf = pcall(redis.call, 'GET', KEYS[5])
+if okf and uf and tonumber(uf) and tonumber(uf) >= started then return refuse(0) end
+if ARGV[10] == '1' then
+  local okp, fences = pcall(redis.call, 'ZRANGEBYSCORE', KEYS[6], ARGV[7], '+inf')
+  if okp then
+    for _, p in ipairs(fences) do
+      if string.sub(KEYS[3], 1, #p) == p then return refuse(0) end
+    end
+  end
+end
+local n = tonumber(ARGV[8])
+local markers = n < 0
+if markers then n = -n end
+for i = 1, (markers and 0 or n) do
+  local ok, ts = pcall(redis.call, 'GET', KEYS[6 + n + i])
+  if ok and ts and tonumber(ts) and tonumber(ts) >= started then return refuse(0) end
+end
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 3 end
+local cur = redis.call('HMGET', KEYS[1], 'v', 'hdrs', 'len', 'vary')
+if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[11] or cur[3] ~= ARGV[12] or cur[4] then return 3 end
+if redis.call('HSTRLEN', KEYS[1], 'body') ~= tonumber(ARGV[12]) then return 3 end
+local ttl = tonumber(ARGV[2])
+redis.call('HDEL', KEYS[1], 'pass', 'retry', 'fails')
+redis.call('HSET', KEYS[1], unpack(ARGV, 13))
+redis.call('PEXPIRE', KEYS[1], ttl)
+if ARGV[5] ~= '' then
+  local ok, cur = pcall(redis.call, 'HGET', KEYS[3], 'vary')
+  if not ok or cur ~= ARGV[5] then
+    local key = ''
+    for i = 13, #ARGV - 1, 2 do
+      if ARGV[i] == 'key' then key = ARGV[i + 1] end
+    end
+    redis.call('DEL', KEYS[3])
+    redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
+  end
+  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
+end
+if KEYS[1] .. ':vars' ~= KEYS[4] then
+  local ok2 = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
+  if not ok2 then
+    redis.call('DEL', KEYS[4])
+    redis.call('SADD', KEYS[4], KEYS[1])
+  end
+  if redis.call('PTTL', KEYS[4]) < ttl then redis.call('PEXPIRE', KEYS[4], ttl) end
+end
+if markers then
+  for i = 1, n do
+    local m = KEYS[6 + i]
+    local keep = redis.call('PTTL', m)
+    if keep < ttl then keep = ttl end
+    redis.call('SET', m, KEYS[3], 'PX', keep)
+  end
+elseif n > 0 then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  for i = 1, n do
+    local z = KEYS[6 + i]
+    if redis.call('TYPE', z)['ok'] ~= 'zset' then redis.call('DEL', z) end
+    redis.call('ZADD', z, now + ttl, KEYS[3])
+    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
+    if redis.call('PTTL', z) < ttl then redis.call('PEXPIRE', z, ttl) end
+  end
+end
+redis.call('DEL', KEYS[2])
+wake()
+return 1
+";
+
 /// Sets a prefix fence: fills of keys starting with the prefix that
 /// started at or before now (Redis time) can no longer store. The fences
 /// live in one sorted set per namespace, scored by time; fences older than
@@ -408,6 +510,7 @@ return {n, cursor}
 pub(crate) struct Scripts {
     pub(crate) acquire: Script,
     pub(crate) store: Script,
+    pub(crate) freshen: Script,
     pub(crate) release: Script,
     pub(crate) extend: Script,
     pub(crate) invalidate: Script,
@@ -422,6 +525,7 @@ impl Scripts {
         Self {
             acquire: Script::new(ACQUIRE),
             store: Script::new(STORE),
+            freshen: Script::new(FRESHEN),
             release: Script::new(RELEASE),
             extend: Script::new(EXTEND),
             invalidate: Script::new(INVALIDATE),

@@ -336,7 +336,11 @@ where
                 }
                 return Ok(res);
             }
-            Record::Entry(entry) if !refresh && entry.is_usable_stale(now) => {
+            Record::Entry(entry)
+                if !refresh
+                    && entry.is_usable_stale(now)
+                    && fill::may_serve(config, &entry, now, false) =>
+            {
                 Counters::inc(&counters.stale);
                 tracing::debug!(key = %crate::trace::redact(&entry_key), "serving stale while revalidating");
                 let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
@@ -357,7 +361,7 @@ where
             Counters::inc(&counters.misses);
         }
         if head && offline {
-            return origin(config, svc, req, CacheStatus::Bypass).await;
+            return origin(config, svc, req, CacheStatus::Unavailable).await;
         }
         if head {
             // A HEAD response has no body to cache, and turning it into a GET
@@ -436,7 +440,7 @@ where
                     }
                     Some(Outcome::Origin) => {
                         let status = if offline {
-                            CacheStatus::Bypass
+                            CacheStatus::Unavailable
                         } else {
                             CacheStatus::Miss
                         };
@@ -521,10 +525,11 @@ fn after_wait_timeout<B: Body>(
     counters: &Counters,
     stale: Option<Arc<Entry>>,
 ) -> Response<FenceBody<B>> {
-    match stale {
+    let now = now_ms();
+    match stale.filter(|s| fill::may_serve(config, s, now, false)) {
         Some(stale) => {
             Counters::inc(&counters.stale);
-            from_entry(config, &stale, CacheStatus::Stale, false, now_ms())
+            from_entry(config, &stale, CacheStatus::Stale, false, now)
         }
         None => plain_response(config, StatusCode::GATEWAY_TIMEOUT),
     }

@@ -134,6 +134,10 @@ counters! {
     fills,
     /// Entries written to Redis.
     stores,
+    /// Entries freshened by a `304 Not Modified` from the origin: their
+    /// head and expiry rewritten, their body left as it is in Redis (also
+    /// counted in `stores`).
+    revalidated,
     /// Write-backs refused because the fill's lease was lost (invalidated or expired).
     fenced,
     /// Requests that joined another request's fill in this process.

@@ -499,6 +499,77 @@ where
         })
     }
 
+    /// The header-only write-back of a revalidation (the FRESHEN script):
+    /// rewrites the head fields and expiry of the entry that was
+    /// revalidated, whose `hdrs` field was `revalidated_hdrs` and whose body
+    /// is `revalidated_len` bytes, fenced like [`store`](Self::store).
+    /// `args.fields` must not hold `body` or `len`. Returns `None` (the lease
+    /// still held) when that entry is no longer there: the caller stores in
+    /// full.
+    pub(crate) async fn freshen(
+        &self,
+        args: StoreArgs<'_>,
+        revalidated_hdrs: &[u8],
+        revalidated_len: usize,
+    ) -> Result<Option<WriteBack>, FenceError> {
+        let url_fence = url_fence_of(args.primary);
+        let wake_channel = self.wake_channel(args.lease_key);
+        let prefix_fences = if self.is_cluster() {
+            url_fence.clone()
+        } else {
+            prefix_fences_of(args.namespace)
+        };
+        let freshened: i64 = self
+            .run("freshen", |mut c| {
+                let mut inv = self.scripts.freshen.key(args.entry_key);
+                inv.key(args.lease_key)
+                    .key(args.primary)
+                    .key(args.variants_set)
+                    .key(url_fence.as_str())
+                    .key(prefix_fences.as_str());
+                if self.is_cluster() {
+                    for tag in args.tags {
+                        inv.key(tag_marker(args.namespace, tag, args.primary));
+                    }
+                } else {
+                    let keys: Vec<(String, String)> = args
+                        .tags
+                        .iter()
+                        .map(|t| tag_keys(args.namespace, t))
+                        .collect();
+                    for (index, _) in &keys {
+                        inv.key(index.as_str());
+                    }
+                    for (_, fence) in &keys {
+                        inv.key(fence.as_str());
+                    }
+                }
+                let n = i64::try_from(args.tags.len()).unwrap_or(i64::MAX);
+                inv.arg(args.token)
+                    .arg(duration_ms(args.ttl).max(1))
+                    .arg(wake_channel.as_str())
+                    .arg(args.lease_key)
+                    .arg(args.vary)
+                    .arg(FORMAT_VERSION)
+                    .arg(args.started)
+                    .arg(if self.is_cluster() { -n } else { n })
+                    .arg(args.max_variants.max(1))
+                    .arg(if self.is_cluster() { "0" } else { "1" })
+                    .arg(revalidated_hdrs)
+                    .arg(revalidated_len);
+                for (name, value) in &args.fields {
+                    inv.arg(*name).arg(value.as_slice());
+                }
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(match freshened {
+            1 => Some(WriteBack::Stored),
+            3 => None,
+            _ => Some(WriteBack::Fenced),
+        })
+    }
+
     /// Gives a lease up (see the RELEASE script). Returns `None` when the
     /// lease was no longer ours, else whether a pass marker was left.
     pub(crate) async fn release(&self, args: ReleaseArgs<'_>) -> Result<Option<bool>, FenceError> {

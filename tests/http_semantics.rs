@@ -10,7 +10,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -31,7 +31,8 @@ const LAST_MODIFIED: &str = "Tue, 01 Dec 2026 10:00:00 GMT";
 
 /// A validating origin. `GET /doc` answers [`BODY`] with an `ETag` and a
 /// `Last-Modified`, and honours `If-None-Match` (304) and `Range: bytes=a-b`
-/// (206) itself. `GET /held` does the same after the test releases it.
+/// (206) itself; `?cc=no-cache` makes its `Cache-Control` `no-cache`.
+/// `GET /held` does the same once the test gives it a permit (one per call).
 /// `/res/{*path}` takes every method: GET answers the resource's version,
 /// other methods bump it and answer the status in `x-status` (200 by
 /// default) with the
@@ -43,6 +44,8 @@ struct Origin {
     conditional_calls: Arc<AtomicUsize>,
     gate: Arc<Semaphore>,
     version: Arc<AtomicUsize>,
+    /// `/rfc/{case}` answers 503 while set.
+    failing: Arc<AtomicBool>,
 }
 
 impl Origin {
@@ -52,6 +55,7 @@ impl Origin {
             conditional_calls: Default::default(),
             gate: Arc::new(Semaphore::new(0)),
             version: Default::default(),
+            failing: Default::default(),
         }
     }
 
@@ -79,6 +83,22 @@ impl Origin {
                 }),
             )
             .route(
+                "/forwarded",
+                get(|headers: HeaderMap| async move {
+                    ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"]
+                        .map(|n| {
+                            headers
+                                .get(n)
+                                .map_or("-", |v| v.to_str().unwrap_or("?"))
+                                .to_owned()
+                        })
+                        .join(" | ")
+                }),
+            )
+            // Never answers.
+            .route("/hang", any(std::future::pending::<&'static str>))
+            .route("/big", get(big))
+            .route(
                 "/upstream",
                 get(|| async { ([("cache-status", "upstream; hit; ttl=5")], "x") }),
             )
@@ -87,19 +107,21 @@ impl Origin {
     }
 }
 
-async fn doc(State(o): State<Origin>, headers: HeaderMap) -> Response {
-    validating(&o, &headers)
+async fn doc(State(o): State<Origin>, uri: http::Uri, headers: HeaderMap) -> Response {
+    validating(&o, &uri, &headers)
 }
 
-async fn held(State(o): State<Origin>, headers: HeaderMap) -> Response {
+async fn held(State(o): State<Origin>, uri: http::Uri, headers: HeaderMap) -> Response {
     o.calls.fetch_add(1, Ordering::SeqCst);
     // Held until the test has every request waiting on this fill.
-    let _permit = o.gate.acquire().await.expect("gate open");
+    // One permit per call: a permit let through stays used.
+    o.gate.acquire().await.expect("gate open").forget();
     o.calls.fetch_sub(1, Ordering::SeqCst);
-    validating(&o, &headers)
+    validating(&o, &uri, &headers)
 }
 
-fn validating(o: &Origin, headers: &HeaderMap) -> Response {
+fn validating(o: &Origin, uri: &http::Uri, headers: &HeaderMap) -> Response {
+    let no_cache = uri.query() == Some("cc=no-cache");
     o.calls.fetch_add(1, Ordering::SeqCst);
     let conditional = [
         header::RANGE,
@@ -115,7 +137,14 @@ fn validating(o: &Origin, headers: &HeaderMap) -> Response {
     let validators = [
         (header::ETAG, ETAG),
         (header::LAST_MODIFIED, LAST_MODIFIED),
-        (header::CACHE_CONTROL, "public, max-age=60"),
+        (
+            header::CACHE_CONTROL,
+            if no_cache {
+                "no-cache"
+            } else {
+                "public, max-age=60"
+            },
+        ),
     ];
     if headers
         .get(header::IF_NONE_MATCH)
@@ -149,6 +178,22 @@ fn validating(o: &Origin, headers: &HeaderMap) -> Response {
     (validators, BODY).into_response()
 }
 
+/// [`BIG`] bytes, `no-cache` with an `ETag`: revalidated on every use.
+async fn big(State(o): State<Origin>, headers: HeaderMap) -> Response {
+    o.calls.fetch_add(1, Ordering::SeqCst);
+    let cache = [
+        (header::ETAG, "\"big\""),
+        (header::CACHE_CONTROL, "no-cache"),
+    ];
+    if headers.contains_key(header::IF_NONE_MATCH) {
+        o.conditional_calls.fetch_add(1, Ordering::SeqCst);
+        return (StatusCode::NOT_MODIFIED, cache).into_response();
+    }
+    (cache, vec![b'x'; BIG]).into_response()
+}
+
+const BIG: usize = 256 * 1024;
+
 /// Echoes the `Accept-Encoding` and `Accept-Language` it was asked with,
 /// varying on both.
 async fn encoding(State(o): State<Origin>, headers: HeaderMap) -> Response {
@@ -176,6 +221,13 @@ async fn rfc_case(
     axum::extract::Path(case): axum::extract::Path<String>,
 ) -> Response {
     o.calls.fetch_add(1, Ordering::SeqCst);
+    if o.failing.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+    }
+    if case == "slow" {
+        // The response delay of RFC 9111 §4.2.3.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+    }
     let now = std::time::SystemTime::now();
     let date = |offset: i64| {
         let t = if offset >= 0 {
@@ -217,6 +269,33 @@ async fn rfc_case(
                 "max-age=61, stale-while-revalidate=30, must-revalidate".into(),
             ),
             ("age", "60".into()),
+        ],
+        "short" => vec![("cache-control", "max-age=62".into()), ("age", "60".into())],
+        "sie-short" => vec![
+            ("cache-control", "max-age=62, stale-if-error=60".into()),
+            ("age", "60".into()),
+        ],
+        "sie-swr-short" => vec![
+            (
+                "cache-control",
+                "max-age=62, stale-while-revalidate=1, stale-if-error=60".into(),
+            ),
+            ("age", "60".into()),
+        ],
+        "sie-must-revalidate-short" => vec![
+            (
+                "cache-control",
+                "max-age=62, stale-if-error=60, must-revalidate".into(),
+            ),
+            ("age", "60".into()),
+        ],
+        "must-revalidate" => vec![("cache-control", "max-age=60, must-revalidate".into())],
+        "proxy-revalidate" => vec![("cache-control", "max-age=60, proxy-revalidate".into())],
+        "s-maxage" => vec![("cache-control", "s-maxage=60".into())],
+        "no-cache" => vec![("cache-control", "no-cache".into())],
+        "slow" => vec![
+            ("cache-control", "max-age=600".into()),
+            ("age", "10".into()),
         ],
         _ => return StatusCode::NOT_FOUND.into_response(),
     };
@@ -353,10 +432,23 @@ async fn race(
     leader: &'static [(&'static str, &'static str)],
     followers: Vec<&'static [(&'static str, &'static str)]>,
 ) -> (Reply, Vec<Reply>) {
+    race_on(app, "/held", 0, leader, followers).await
+}
+
+/// [`race`] on `path` (the held route, maybe with a query), whose origin
+/// has been called `before` times.
+async fn race_on(
+    app: &App,
+    path: &'static str,
+    before: usize,
+    leader: &'static [(&'static str, &'static str)],
+    followers: Vec<&'static [(&'static str, &'static str)]>,
+) -> (Reply, Vec<Reply>) {
+    let coalesced = app.handle.stats().coalesced;
     let spawn = |headers: &'static [(&'static str, &'static str)]| {
         let (http, addr) = (app.http.clone(), app.addr);
         tokio::spawn(async move {
-            let mut req = http::Request::get(format!("http://{addr}/held"));
+            let mut req = http::Request::get(format!("http://{addr}{path}"));
             for (k, v) in headers {
                 req = req.header(*k, *v);
             }
@@ -366,13 +458,13 @@ async fn race(
     };
     let leader = spawn(leader);
     eventually("the leader's fill to reach the origin", || {
-        app.origin.calls() == 1
+        app.origin.calls() == before + 1
     })
     .await;
     let n = followers.len() as u64;
     let followers: Vec<_> = followers.into_iter().map(spawn).collect();
     eventually("the followers to join the fill", || {
-        app.handle.stats().coalesced >= n
+        app.handle.stats().coalesced >= coalesced + n
     })
     .await;
     app.origin.gate.add_permits(1);
@@ -530,6 +622,111 @@ async fn a_stale_entry_is_revalidated_with_its_validator_and_a_304_freshens_it()
     assert_eq!(hit.header("x-validated"), Some("yes"));
     assert_eq!(hit.header("content-length"), Some("10"));
     assert_eq!(app.origin.calls(), 2);
+}
+
+/// The Redis key of the one entry of `path` (not its lease, fence or
+/// variant set).
+fn entry_key(redis: &RedisServer, path: &str) -> String {
+    let keys = redis.cli(&["KEYS", &format!("http:*{path}*")]);
+    let found: Vec<&str> = keys
+        .lines()
+        .filter(|k| !k.ends_with(":lease") && !k.ends_with(":fence") && !k.ends_with(":vars"))
+        .collect();
+    assert_eq!(found.len(), 1, "{keys}");
+    found[0].to_owned()
+}
+
+/// Stores `/held`, soft-purges it, and serves it stale: its background
+/// revalidation is then held at the origin (which has been called twice).
+async fn hold_a_revalidation(app: &App) {
+    app.origin.gate.add_permits(1);
+    assert_full(&app.get("/held", &[]).await);
+    app.handle
+        .soft_invalidate_path("/held")
+        .await
+        .expect("soft invalidation");
+    assert_eq!(app.get("/held", &[]).await.cache_status(), Some("STALE"));
+    eventually("the revalidation to reach the origin", || {
+        app.origin.calls() == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_304_revalidation_rewrites_the_head_of_the_entry_and_leaves_its_body_in_redis() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.beta(0.0)).await;
+    hold_a_revalidation(&app).await;
+    // A sentinel of the body's length, written behind the fill's back: a
+    // write of the whole entry (the body the fill read) would replace it.
+    let key = entry_key(&redis, "/held");
+    redis.cli(&["HSET", &key, "body", "SENTINEL!!"]);
+    let fresh_before = redis.cli(&["HGET", &key, "fresh"]);
+    app.origin.gate.add_permits(1);
+    eventually("the write-back", || app.handle.stats().stores == 2).await;
+    assert_eq!(redis.cli(&["HGET", &key, "body"]), "SENTINEL!!");
+    assert_eq!(app.handle.stats().revalidated, 1);
+    assert_ne!(redis.cli(&["HGET", &key, "fresh"]), fresh_before);
+    let stats = app.handle.stats();
+    assert_eq!((stats.stores, stats.fenced), (2, 0));
+    // Freshened: headers from the 304, the body Redis kept.
+    let hit = app.get("/held", &[]).await;
+    assert_eq!(hit.cache_status(), Some("HIT"));
+    assert_eq!(hit.text(), "SENTINEL!!");
+    assert_eq!(hit.header("x-validated"), Some("yes"));
+    assert_eq!((app.origin.calls(), app.origin.conditional_calls()), (2, 1));
+}
+
+#[tokio::test]
+async fn an_invalidation_racing_a_revalidation_wins() {
+    for soft in [false, true] {
+        let redis = RedisServer::new();
+        let app = app(&redis, |l| l.beta(0.0)).await;
+        hold_a_revalidation(&app).await;
+        let key = entry_key(&redis, "/held");
+        // Another process invalidates the URL while the origin answers.
+        let other = FenceLayer::new(redis.connection_manager().await)
+            .namespace("http:")
+            .handle();
+        if soft {
+            other.soft_invalidate_path("/held").await.expect("soft");
+        } else {
+            other.invalidate_path("/held").await.expect("invalidate");
+        }
+        app.origin.gate.add_permits(2);
+        eventually("the fenced write-back", || app.handle.stats().fenced == 1).await;
+        let stats = app.handle.stats();
+        assert_eq!((stats.stores, stats.revalidated), (1, 0), "soft {soft}");
+        if soft {
+            // Still the purged entry: not freshened.
+            assert_eq!(redis.cli(&["HGET", &key, "fresh"]), "0");
+            assert_eq!(app.get("/held", &[]).await.cache_status(), Some("STALE"));
+        } else {
+            assert_eq!(redis.cli(&["EXISTS", &key]), "0");
+            let after = app.get("/held", &[]).await;
+            assert_full(&after);
+            assert_eq!(after.cache_status(), Some("MISS"));
+            assert_eq!(app.origin.calls(), 3);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_304_for_an_entry_removed_meanwhile_stores_the_response_in_full() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.beta(0.0)).await;
+    hold_a_revalidation(&app).await;
+    let key = entry_key(&redis, "/held");
+    // Gone without an invalidation (evicted, say): the lease still holds.
+    redis.cli(&["DEL", &key]);
+    app.origin.gate.add_permits(1);
+    eventually("the store", || app.handle.stats().stores == 2).await;
+    assert_eq!(app.handle.stats().revalidated, 0);
+    assert_eq!(redis.cli(&["HGET", &key, "body"]), BODY);
+    let hit = app.get("/held", &[]).await;
+    assert_full(&hit);
+    assert_eq!(hit.cache_status(), Some("HIT"));
+    assert_eq!(hit.header("x-validated"), Some("yes"));
 }
 
 #[tokio::test]
@@ -892,6 +1089,96 @@ async fn cache_status_is_off_by_default_and_keeps_upstream_members() {
     assert_eq!(members(&hit).len(), 2);
 }
 
+#[tokio::test]
+async fn cache_status_says_fwd_stale_for_a_stale_entry_refreshed_and_fwd_status_304_when_revalidated()
+ {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| {
+        l.rfc9111(true).beta(0.0).cache_status(Some("cachefence"))
+    })
+    .await;
+    // Stored to be revalidated on every use: the next request revalidates.
+    let first = app.get("/doc?cc=no-cache", &[]).await;
+    assert_eq!(
+        first.header("cache-status"),
+        Some("cachefence; fwd=uri-miss; fwd-status=200; stored")
+    );
+    let second = app.get("/doc?cc=no-cache", &[]).await;
+    assert_full(&second);
+    assert_eq!(second.cache_status(), Some("MISS"));
+    assert_eq!(
+        second.header("cache-status"),
+        Some("cachefence; fwd=stale; fwd-status=304; stored")
+    );
+    // A stale entry refetched in full (no validator to ask with).
+    app.get("/rfc/must-revalidate", &[]).await;
+    app.handle
+        .soft_invalidate_path("/rfc/must-revalidate")
+        .await
+        .expect("soft");
+    let refreshed = app.get("/rfc/must-revalidate", &[]).await;
+    assert_eq!(
+        refreshed.header("cache-status"),
+        Some("cachefence; fwd=stale; fwd-status=200; stored")
+    );
+}
+
+#[tokio::test]
+async fn cache_status_says_fwd_request_when_the_request_forced_a_refetch() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| {
+        l.honor_request_no_cache(true)
+            .beta(0.0)
+            .cache_status(Some("cachefence"))
+    })
+    .await;
+    app.get("/doc", &[]).await;
+    app.get("/rfc/max-age", &[]).await;
+    // Revalidated with the entry's ETag: the origin answered 304.
+    let refetched = app.get("/doc", &[("cache-control", "no-cache")]).await;
+    assert_full(&refetched);
+    assert_eq!(
+        refetched.header("cache-status"),
+        Some("cachefence; fwd=request; fwd-status=304; stored")
+    );
+    let refetched = app.get("/rfc/max-age", &[("pragma", "no-cache")]).await;
+    assert_eq!(
+        refetched.header("cache-status"),
+        Some("cachefence; fwd=request; fwd-status=200; stored")
+    );
+    assert_eq!(app.origin.conditional_calls(), 1);
+}
+
+#[tokio::test]
+async fn cache_status_says_redis_unavailable_when_the_cache_answers_without_redis() {
+    let mut redis = RedisServer::new();
+    let app = app(&redis, |l| l.cache_status(Some("cachefence"))).await;
+    let unavailable = "cachefence; fwd=bypass; fwd-status=200; detail=redis-unavailable";
+    // The lease can't be taken (scripts denied): the fill answers without it.
+    redis.cli(&["ACL", "SETUSER", "default", "-@scripting"]);
+    let reply = app.get("/doc", &[]).await;
+    assert_full(&reply);
+    assert_eq!(reply.cache_status(), Some("BYPASS"));
+    assert_eq!(reply.header("cache-status"), Some(unavailable));
+    redis.cli(&["ACL", "SETUSER", "default", "+@all"]);
+    assert!(
+        app.get("/rfc/max-age", &[])
+            .await
+            .header("cache-status")
+            .unwrap()
+            .starts_with("cachefence; fwd=uri-miss")
+    );
+    // Redis gone: lookups fail, then the breaker opens; every answer says so.
+    redis.stop();
+    for _ in 0..8 {
+        let reply = app.get("/doc", &[]).await;
+        assert_full(&reply);
+        assert_eq!(reply.header("cache-status"), Some(unavailable));
+    }
+    let head = app.send("HEAD", "/doc", &[]).await;
+    assert_eq!(head.header("cache-status"), Some(unavailable));
+}
+
 // ---------------------------------------------------------------------------
 // 8. Accept-Encoding normalisation and other Vary headers
 // ---------------------------------------------------------------------------
@@ -1021,6 +1308,161 @@ async fn rfc9111_mode_serves_stale_only_when_the_response_allows_it() {
     assert_eq!(strict.cache_status(), Some("MISS"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rfc9111_mode_revalidates_no_cache_responses_on_every_use() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    app.origin.gate.add_permits(1);
+    assert_full(&app.get("/held?cc=no-cache", &[]).await);
+    // Every use asks the origin with the stored ETag; its 304 serves the
+    // stored body, which stays in Redis.
+    for n in 1..=3 {
+        app.origin.gate.add_permits(1);
+        let reply = app.get("/held?cc=no-cache", &[]).await;
+        assert_full(&reply);
+        assert_eq!(reply.cache_status(), Some("MISS"));
+        assert_eq!(app.handle.stats().revalidated, n);
+    }
+    assert_eq!((app.origin.calls(), app.origin.conditional_calls()), (4, 3));
+    // Concurrent requests share one revalidation: it was made after each
+    // of them arrived, so each is answered by a validated response.
+    let (leader, followers) = race_on(&app, "/held?cc=no-cache", 4, &[], vec![&[]; 5]).await;
+    assert_full(&leader);
+    for f in &followers {
+        assert_full(f);
+    }
+    assert_eq!((app.origin.calls(), app.origin.conditional_calls()), (5, 4));
+    // A conditional request is answered from the revalidated response.
+    app.origin.gate.add_permits(1);
+    assert_not_modified_no_cache(
+        &app.get("/held?cc=no-cache", &[("if-none-match", ETAG)])
+            .await,
+    );
+    // Without a validator there is nothing to revalidate: not stored, and
+    // a pass marker sends the next requests straight to the origin.
+    app.get("/rfc/no-cache", &[]).await;
+    assert_eq!(
+        app.get("/rfc/no-cache", &[]).await.cache_status(),
+        Some("BYPASS")
+    );
+    assert_eq!(app.origin.calls(), 8);
+    assert_eq!(app.handle.stats().stores, 6);
+}
+
+fn assert_not_modified_no_cache(reply: &Reply) {
+    assert_eq!(reply.status, StatusCode::NOT_MODIFIED, "{reply:?}");
+    assert!(reply.body.is_empty());
+    assert_eq!(reply.header("etag"), Some(ETAG));
+    assert_eq!(reply.header("cache-control"), Some("no-cache"));
+}
+
+/// Bytes Redis has read from its clients.
+fn net_input_bytes(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "stats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("total_net_input_bytes:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("total_net_input_bytes")
+}
+
+#[tokio::test]
+async fn a_revalidation_sends_redis_the_head_of_the_entry_not_its_body() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    let before = net_input_bytes(&redis);
+    assert_eq!(app.get("/big", &[]).await.body.len(), BIG);
+    let stored = net_input_bytes(&redis) - before;
+    // The first revalidation loads the FRESHEN script; the second is what
+    // every later one costs.
+    let mut revalidated = 0;
+    for n in 1..=2 {
+        let before = net_input_bytes(&redis);
+        let reply = app.get("/big", &[]).await;
+        revalidated = net_input_bytes(&redis) - before;
+        assert_eq!((reply.status, reply.body.len()), (StatusCode::OK, BIG));
+        assert_eq!(app.handle.stats().revalidated, n);
+    }
+    eprintln!("bytes sent to Redis: store {stored}, revalidation {revalidated}");
+    // The store carried the body; a revalidation (lookup, lease, head
+    // write, and these INFO calls) none of it.
+    assert!(stored > BIG as u64, "{stored}");
+    assert!(revalidated < 8 * 1024, "{revalidated}");
+}
+
+#[tokio::test]
+async fn rfc9111_mode_serves_stale_if_error_beyond_the_stale_while_revalidate_window() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    // Each arrives with two seconds of freshness left (Age 60, max-age 62).
+    let cases = [
+        "short",
+        "sie-short",
+        "sie-swr-short",
+        "sie-must-revalidate-short",
+    ];
+    for case in cases {
+        let path = format!("/rfc/{case}");
+        assert_eq!(app.get(&path, &[]).await.cache_status(), Some("MISS"));
+    }
+    assert_eq!(app.handle.stats().stores, 4);
+    // Expiry is a matter of time: let the two seconds of freshness, and the
+    // one-second stale-while-revalidate window, pass.
+    tokio::time::sleep(Duration::from_millis(3_200)).await;
+    app.origin.failing.store(true, Ordering::SeqCst);
+    for (case, stale) in [
+        ("short", false),
+        ("sie-short", true),
+        ("sie-swr-short", true),
+        ("sie-must-revalidate-short", false),
+    ] {
+        let reply = app.get(&format!("/rfc/{case}"), &[]).await;
+        if stale {
+            assert_eq!(reply.status, StatusCode::OK, "{case}");
+            assert_eq!(reply.cache_status(), Some("STALE"), "{case}");
+            assert!(reply.text().starts_with(case), "{case}");
+        } else {
+            assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{case}");
+        }
+    }
+    // Without an error the stale entry is not served: the origin answers.
+    app.origin.failing.store(false, Ordering::SeqCst);
+    let reply = app.get("/rfc/sie-short", &[]).await;
+    assert_eq!(reply.cache_status(), Some("MISS"));
+}
+
+#[tokio::test]
+async fn rfc9111_mode_counts_the_response_delay_in_the_age() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    // Age 10 on a response that took 1.5 s to arrive: 11.5 s old.
+    app.get("/rfc/slow", &[]).await;
+    let hit = app.get("/rfc/slow", &[]).await;
+    assert_eq!(hit.cache_status(), Some("HIT"));
+    let age: u64 = hit.header("age").unwrap().parse().unwrap();
+    assert!((11..600).contains(&age), "{age}");
+}
+
+#[tokio::test]
+async fn rfc9111_mode_soft_purges_serve_stale_only_when_the_response_allows_it() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l.rfc9111(true).beta(0.0)).await;
+    for (case, stale) in [
+        ("max-age", true),
+        ("must-revalidate", false),
+        ("proxy-revalidate", false),
+        ("s-maxage", false),
+    ] {
+        let path = format!("/rfc/{case}");
+        app.get(&path, &[]).await;
+        assert_eq!(app.get(&path, &[]).await.cache_status(), Some("HIT"));
+        app.handle.soft_invalidate_path(&path).await.expect("soft");
+        let reply = app.get(&path, &[]).await;
+        let expected = if stale { "STALE" } else { "MISS" };
+        assert_eq!(reply.cache_status(), Some(expected), "{case}");
+    }
+}
+
 #[tokio::test]
 async fn without_rfc9111_mode_the_layer_ttl_rules_apply() {
     let redis = RedisServer::new();
@@ -1048,6 +1490,11 @@ struct ReverseProxy {
 
 impl ReverseProxy {
     fn start(origin: SocketAddr, redis: &RedisServer) -> Self {
+        Self::start_with(origin, redis, &[])
+    }
+
+    /// Started with more flags.
+    fn start_with(origin: SocketAddr, redis: &RedisServer, flags: &[&str]) -> Self {
         use std::io::BufRead;
         // Built by the test so that it runs against this checkout.
         let status = std::process::Command::new(env!("CARGO"))
@@ -1067,6 +1514,7 @@ impl ReverseProxy {
             .args(["--listen", "127.0.0.1:0", "--origin"])
             .arg(format!("http://{origin}"))
             .args(["--redis", &redis.url(), "--namespace", "rp:"])
+            .args(flags)
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
@@ -1151,6 +1599,22 @@ async fn the_reverse_proxy_caches_forwards_faithfully_and_survives_redis_going_d
     assert!(names.contains("x-kept") && names.contains("via"), "{names}");
     assert!(!names.contains("x-secret"), "{names}");
 
+    // X-Forwarded-For gets the client appended; Proto and Host are the
+    // proxy's view (the client's own values replaced).
+    let forwarded = send(
+        "GET",
+        "/forwarded",
+        &[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(forwarded.text(), "203.0.113.9, 127.0.0.1 | http | app.test");
+    let forwarded = send("GET", "/forwarded", &[], "").await;
+    assert_eq!(forwarded.text(), "127.0.0.1 | http | app.test");
+
     // A write goes through with its body and invalidates what it touched.
     assert_eq!(send("GET", "/res/a", &[], "").await.text(), "/res/a v0");
     let post = send("POST", "/res/a", &[], "hello").await;
@@ -1165,6 +1629,31 @@ async fn the_reverse_proxy_caches_forwards_faithfully_and_survives_redis_going_d
     }
     let after = origin.calls();
     assert!(after >= 5, "{after}");
+}
+
+#[tokio::test]
+async fn the_reverse_proxy_answers_504_when_the_origin_sends_no_response_in_time() {
+    let redis = RedisServer::new();
+    let origin = Origin::new();
+    let origin_addr = serve(origin.routes()).await;
+    let proxy = ReverseProxy::start_with(
+        origin_addr,
+        &redis,
+        &["--response-timeout", "300ms", "--connect-timeout", "1s"],
+    );
+    let http = Http::new();
+    // Through a fill, and passed through (a write).
+    for method in ["GET", "POST"] {
+        let req = http::Request::builder()
+            .method(method)
+            .uri(format!("http://{}/hang", proxy.addr))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let reply = http.request(req).await;
+        assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT, "{method}");
+    }
+    // The proxy still answers.
+    assert_full(&http.get(proxy.addr, "/doc").await);
 }
 
 #[tokio::test]
