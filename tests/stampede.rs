@@ -439,9 +439,13 @@ async fn a_leader_killed_mid_fill_loses_its_lease_and_one_other_process_takes_ov
         let client = client.clone();
         tokio::spawn(async move { try_get(&client, a, path).await })
     };
+    // The lease is taken before the origin is called: wait for both.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while leases(&redis).is_empty() {
-        assert!(Instant::now() < deadline, "A never took the lease");
+    while leases(&redis).is_empty() || origin_calls(&redis, &format!("A:{path}")) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "A never took the lease and called its origin"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     assert_eq!(origin_calls(&redis, &format!("A:{path}")), 1);
