@@ -53,29 +53,14 @@ end
 return {'held', ttl}
 ";
 
-/// The fenced write-back: stores only while the lease holds our token and
-/// no invalidation fenced the fill out.
-///
-/// KEYS: entry, lease, primary, variants set, the URL fence (the Redis time
-/// of the last path or key invalidation of the primary), the namespace's
-/// prefix fences (a sorted set of key prefixes scored by the Redis time of
-/// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
-/// tag indexes and their `n` tag fences. ARGV: token, entry ttl ms, wake
-/// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
-/// entry's, on a Redis Cluster; see `store::channels`), wake message, vary names ('' when the entry is the primary),
-/// format version, fill start (Redis µs), `n`, the most variants a URL may
-/// have, whether to read the prefix fences (`1`/`0`), then field/value pairs.
-///
-/// In Redis Cluster mode `n` is negative and the `-n` keys after the
-/// fences are the entry's tag markers (in the entry's slot): each is
-/// set to the primary key, living at least as long as the entry, and no tag
-/// fence is read (cluster tag and prefix invalidations fence by removing
-/// leases).
-/// Returns 1 when stored, 0 when fenced out (the lease is gone, or the URL,
-/// a prefix of its key or one of the response's tags was invalidated at or
-/// after the fill started), 2 when not stored because the URL has the most
-/// variants it may have.
-pub(crate) const STORE: &str = r"
+/// The start STORE and FRESHEN share, as a literal for `concat!`: the
+/// lease must hold our token (else 0), and no URL, prefix or tag fence may
+/// be at or after the fill's start (else the lease is dropped, waiters are
+/// woken and 0 returned). Defines `started`, `wake`, `refuse`, `n` and
+/// `markers` for the rest of the script. KEYS and ARGV as [`STORE`].
+macro_rules! fenced_write_prologue {
+    () => {
+        r"
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local started = tonumber(ARGV[7])
 local function wake()
@@ -107,6 +92,35 @@ for i = 1, (markers and 0 or n) do
   local ok, ts = pcall(redis.call, 'GET', KEYS[6 + n + i])
   if ok and ts and tonumber(ts) and tonumber(ts) >= started then return refuse(0) end
 end
+"
+    };
+}
+
+/// The fenced write-back: stores only while the lease holds our token and
+/// no invalidation fenced the fill out.
+///
+/// KEYS: entry, lease, primary, variants set, the URL fence (the Redis time
+/// of the last path or key invalidation of the primary), the namespace's
+/// prefix fences (a sorted set of key prefixes scored by the Redis time of
+/// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
+/// tag indexes and their `n` tag fences. ARGV: token, entry ttl ms, wake
+/// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
+/// entry's, on a Redis Cluster; see `store::channels`), wake message, vary names ('' when the entry is the primary),
+/// format version, fill start (Redis µs), `n`, the most variants a URL may
+/// have, whether to read the prefix fences (`1`/`0`), then field/value pairs.
+///
+/// In Redis Cluster mode `n` is negative and the `-n` keys after the
+/// fences are the entry's tag markers (in the entry's slot): each is
+/// set to the primary key, living at least as long as the entry, and no tag
+/// fence is read (cluster tag and prefix invalidations fence by removing
+/// leases).
+/// Returns 1 when stored, 0 when fenced out (the lease is gone, or the URL,
+/// a prefix of its key or one of the response's tags was invalidated at or
+/// after the fill started), 2 when not stored because the URL has the most
+/// variants it may have.
+pub(crate) const STORE: &str = concat!(
+    fenced_write_prologue!(),
+    r"
 local ttl = tonumber(ARGV[2])
 if KEYS[1] .. ':vars' ~= KEYS[4] then
   local max = tonumber(ARGV[9])
@@ -166,7 +180,8 @@ end
 redis.call('DEL', KEYS[2])
 wake()
 return 1
-";
+"
+);
 
 /// The header-only write-back of a revalidation (RFC 9111 §4.3.4): a
 /// `304 Not Modified` freshened the entry the fill holds the lease of, so
@@ -187,38 +202,9 @@ return 1
 /// meanwhile nothing is written, the lease is kept, and 3 is returned: the
 /// fill then stores the response in full with [`STORE`].
 /// Returns 1 when freshened, 0 when fenced out, 3 when the entry is gone.
-pub(crate) const FRESHEN: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local started = tonumber(ARGV[7])
-local function wake()
-  if string.find(ARGV[3], '{', 1, true) then
-    redis.call('SPUBLISH', ARGV[3], ARGV[4])
-  else
-    redis.call('PUBLISH', ARGV[3], ARGV[4])
-  end
-end
-local function refuse(code)
-  redis.call('DEL', KEYS[2])
-  wake()
-  return code
-end
-local okf, uf = pcall(redis.call, 'GET', KEYS[5])
-if okf and uf and tonumber(uf) and tonumber(uf) >= started then return refuse(0) end
-if ARGV[10] == '1' then
-  local okp, fences = pcall(redis.call, 'ZRANGEBYSCORE', KEYS[6], ARGV[7], '+inf')
-  if okp then
-    for _, p in ipairs(fences) do
-      if string.sub(KEYS[3], 1, #p) == p then return refuse(0) end
-    end
-  end
-end
-local n = tonumber(ARGV[8])
-local markers = n < 0
-if markers then n = -n end
-for i = 1, (markers and 0 or n) do
-  local ok, ts = pcall(redis.call, 'GET', KEYS[6 + n + i])
-  if ok and ts and tonumber(ts) and tonumber(ts) >= started then return refuse(0) end
-end
+pub(crate) const FRESHEN: &str = concat!(
+    fenced_write_prologue!(),
+    r"
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 3 end
 local cur = redis.call('HMGET', KEYS[1], 'v', 'hdrs', 'len', 'vary')
 if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[11] or cur[3] ~= ARGV[12] or cur[4] then return 3 end
@@ -268,7 +254,8 @@ end
 redis.call('DEL', KEYS[2])
 wake()
 return 1
-";
+"
+);
 
 /// Sets a prefix fence: fills of keys starting with the prefix that
 /// started at or before now (Redis time) can no longer store. The fences
