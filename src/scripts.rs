@@ -96,52 +96,20 @@ end
     };
 }
 
-/// The fenced write-back: stores only while the lease holds our token and
-/// no invalidation fenced the fill out.
-///
-/// KEYS: entry, lease, primary, variants set, the URL fence (the Redis time
-/// of the last path or key invalidation of the primary), the namespace's
-/// prefix fences (a sorted set of key prefixes scored by the Redis time of
-/// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
-/// tag indexes and their `n` tag fences. ARGV: token, entry ttl ms, wake
-/// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
-/// entry's, on a Redis Cluster; see `store::channels`), wake message, vary names ('' when the entry is the primary),
-/// format version, fill start (Redis µs), `n`, the most variants a URL may
-/// have, whether to read the prefix fences (`1`/`0`), then field/value pairs.
-///
-/// In Redis Cluster mode `n` is negative and the `-n` keys after the
-/// fences are the entry's tag markers (in the entry's slot): each is
-/// set to the primary key, living at least as long as the entry, and no tag
-/// fence is read (cluster tag and prefix invalidations fence by removing
-/// leases).
-/// Returns 1 when stored, 0 when fenced out (the lease is gone, or the URL,
-/// a prefix of its key or one of the response's tags was invalidated at or
-/// after the fill started), 2 when not stored because the URL has the most
-/// variants it may have.
-pub(crate) const STORE: &str = concat!(
-    fenced_write_prologue!(),
-    r"
-local ttl = tonumber(ARGV[2])
-if KEYS[1] .. ':vars' ~= KEYS[4] then
-  local max = tonumber(ARGV[9])
-  local okm, member = pcall(redis.call, 'SISMEMBER', KEYS[4], KEYS[1])
-  if okm and member == 0 and redis.call('SCARD', KEYS[4]) >= max then
-    -- Forget variants that expired, a bounded look at a time.
-    local scan = redis.call('SSCAN', KEYS[4], 0, 'COUNT', max * 2)
-    for _, v in ipairs(scan[2]) do
-      if redis.call('EXISTS', v) == 0 then redis.call('SREM', KEYS[4], v) end
-    end
-    if redis.call('SCARD', KEYS[4]) >= max then return refuse(2) end
-  end
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 11))
-redis.call('PEXPIRE', KEYS[1], ttl)
+/// The end STORE and FRESHEN share, as a literal for `concat!`: after the
+/// entry was written (with `ttl` and the field/value pairs from
+/// `ARGV[first]` on), its URL's `Vary` index, its place in the URL's variant
+/// set (every entry but the URL's own: a Vary variant, a host or other key
+/// dimension), its tag indexes or markers; then the lease is dropped, the
+/// waiters woken and 1 returned.
+macro_rules! fenced_write_epilogue {
+    () => {
+        r"
 if ARGV[5] ~= '' then
   local ok, cur = pcall(redis.call, 'HGET', KEYS[3], 'vary')
   if not ok or cur ~= ARGV[5] then
     local key = ''
-    for i = 11, #ARGV - 1, 2 do
+    for i = first, #ARGV - 1, 2 do
       if ARGV[i] == 'key' then key = ARGV[i + 1] end
     end
     redis.call('DEL', KEYS[3])
@@ -181,6 +149,53 @@ redis.call('DEL', KEYS[2])
 wake()
 return 1
 "
+    };
+}
+
+/// The fenced write-back: stores only while the lease holds our token and
+/// no invalidation fenced the fill out.
+///
+/// KEYS: entry, lease, primary, variants set, the URL fence (the Redis time
+/// of the last path or key invalidation of the primary), the namespace's
+/// prefix fences (a sorted set of key prefixes scored by the Redis time of
+/// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
+/// tag indexes and their `n` tag fences. ARGV: token, entry ttl ms, wake
+/// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
+/// entry's, on a Redis Cluster; see `store::channels`), wake message, vary names ('' when the entry is the primary),
+/// format version, fill start (Redis µs), `n`, the most variants a URL may
+/// have, whether to read the prefix fences (`1`/`0`), then field/value pairs.
+///
+/// In Redis Cluster mode `n` is negative and the `-n` keys after the
+/// fences are the entry's tag markers (in the entry's slot): each is
+/// set to the primary key, living at least as long as the entry, and no tag
+/// fence is read (cluster tag and prefix invalidations fence by removing
+/// leases).
+/// Returns 1 when stored, 0 when fenced out (the lease is gone, or the URL,
+/// a prefix of its key or one of the response's tags was invalidated at or
+/// after the fill started), 2 when not stored because the URL has the most
+/// variants it may have.
+pub(crate) const STORE: &str = concat!(
+    fenced_write_prologue!(),
+    r"
+local ttl = tonumber(ARGV[2])
+if KEYS[1] .. ':vars' ~= KEYS[4] then
+  local max = tonumber(ARGV[9])
+  local okm, member = pcall(redis.call, 'SISMEMBER', KEYS[4], KEYS[1])
+  if okm and member == 0 and redis.call('SCARD', KEYS[4]) >= max then
+    -- Forget variants that expired, a bounded look at a time.
+    local scan = redis.call('SSCAN', KEYS[4], 0, 'COUNT', max * 2)
+    for _, v in ipairs(scan[2]) do
+      if redis.call('EXISTS', v) == 0 then redis.call('SREM', KEYS[4], v) end
+    end
+    if redis.call('SCARD', KEYS[4]) >= max then return refuse(2) end
+  end
+end
+redis.call('DEL', KEYS[1])
+local first = 11
+redis.call('HSET', KEYS[1], unpack(ARGV, first))
+redis.call('PEXPIRE', KEYS[1], ttl)
+",
+    fenced_write_epilogue!()
 );
 
 /// The header-only write-back of a revalidation (RFC 9111 §4.3.4): a
@@ -211,50 +226,11 @@ if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[11] or cur[3] ~= ARGV[12] or cur[4] then 
 if redis.call('HSTRLEN', KEYS[1], 'body') ~= tonumber(ARGV[12]) then return 3 end
 local ttl = tonumber(ARGV[2])
 redis.call('HDEL', KEYS[1], 'pass', 'retry', 'fails')
-redis.call('HSET', KEYS[1], unpack(ARGV, 13))
+local first = 13
+redis.call('HSET', KEYS[1], unpack(ARGV, first))
 redis.call('PEXPIRE', KEYS[1], ttl)
-if ARGV[5] ~= '' then
-  local ok, cur = pcall(redis.call, 'HGET', KEYS[3], 'vary')
-  if not ok or cur ~= ARGV[5] then
-    local key = ''
-    for i = 13, #ARGV - 1, 2 do
-      if ARGV[i] == 'key' then key = ARGV[i + 1] end
-    end
-    redis.call('DEL', KEYS[3])
-    redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
-  end
-  if redis.call('PTTL', KEYS[3]) < ttl then redis.call('PEXPIRE', KEYS[3], ttl) end
-end
-if KEYS[1] .. ':vars' ~= KEYS[4] then
-  local ok2 = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
-  if not ok2 then
-    redis.call('DEL', KEYS[4])
-    redis.call('SADD', KEYS[4], KEYS[1])
-  end
-  if redis.call('PTTL', KEYS[4]) < ttl then redis.call('PEXPIRE', KEYS[4], ttl) end
-end
-if markers then
-  for i = 1, n do
-    local m = KEYS[6 + i]
-    local keep = redis.call('PTTL', m)
-    if keep < ttl then keep = ttl end
-    redis.call('SET', m, KEYS[3], 'PX', keep)
-  end
-elseif n > 0 then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  for i = 1, n do
-    local z = KEYS[6 + i]
-    if redis.call('TYPE', z)['ok'] ~= 'zset' then redis.call('DEL', z) end
-    redis.call('ZADD', z, now + ttl, KEYS[3])
-    redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-    if redis.call('PTTL', z) < ttl then redis.call('PEXPIRE', z, ttl) end
-  end
-end
-redis.call('DEL', KEYS[2])
-wake()
-return 1
-"
+",
+    fenced_write_epilogue!()
 );
 
 /// Sets a prefix fence: fills of keys starting with the prefix that

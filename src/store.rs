@@ -172,6 +172,35 @@ pub(crate) struct StoreArgs<'a> {
     pub(crate) fields: Vec<(&'static str, Vec<u8>)>,
 }
 
+/// The keys a fenced write-back names besides the entry's own: computed
+/// once per write, outside the retried call.
+struct FencedWriteKeys {
+    url_fence: String,
+    /// On a cluster the prefix fences live in another slot: a stand-in key
+    /// of the entry's slot takes their place, and is not read.
+    prefix_fences: String,
+    wake_channel: String,
+}
+
+impl FencedWriteKeys {
+    fn new<C>(store: &Store<C>, args: &StoreArgs<'_>) -> Self
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let url_fence = url_fence_of(args.primary);
+        let prefix_fences = if store.is_cluster() {
+            url_fence.clone()
+        } else {
+            prefix_fences_of(args.namespace)
+        };
+        Self {
+            url_fence,
+            prefix_fences,
+            wake_channel: store.wake_channel(args.lease_key),
+        }
+    }
+}
+
 /// A release of a lease without a store.
 pub(crate) struct ReleaseArgs<'a> {
     pub(crate) lease_key: &'a str,
@@ -437,55 +466,10 @@ where
     }
 
     pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<WriteBack, FenceError> {
-        let url_fence = url_fence_of(args.primary);
-        let wake_channel = self.wake_channel(args.lease_key);
-        // On a cluster the prefix fences live in another slot: a stand-in
-        // key of the entry's slot takes their place, and is not read.
-        let prefix_fences = if self.is_cluster() {
-            url_fence.clone()
-        } else {
-            prefix_fences_of(args.namespace)
-        };
+        let keys = FencedWriteKeys::new(self, &args);
         let stored: i64 = self
             .run("store", |mut c| {
-                let mut inv = self.scripts.store.key(args.entry_key);
-                inv.key(args.lease_key)
-                    .key(args.primary)
-                    .key(args.variants_set)
-                    .key(url_fence.as_str())
-                    .key(prefix_fences.as_str());
-                if self.is_cluster() {
-                    // Markers in the entry's own slot.
-                    for tag in args.tags {
-                        inv.key(tag_marker(args.namespace, tag, args.primary));
-                    }
-                } else {
-                    // Every index, then every fence.
-                    let keys: Vec<(String, String)> = args
-                        .tags
-                        .iter()
-                        .map(|t| tag_keys(args.namespace, t))
-                        .collect();
-                    for (index, _) in &keys {
-                        inv.key(index.as_str());
-                    }
-                    for (_, fence) in &keys {
-                        inv.key(fence.as_str());
-                    }
-                }
-                // In cluster mode the keys are tag markers, flagged by a
-                // negative count.
-                let n = i64::try_from(args.tags.len()).unwrap_or(i64::MAX);
-                inv.arg(args.token)
-                    .arg(duration_ms(args.ttl).max(1))
-                    .arg(wake_channel.as_str())
-                    .arg(args.lease_key)
-                    .arg(args.vary)
-                    .arg(FORMAT_VERSION)
-                    .arg(args.started)
-                    .arg(if self.is_cluster() { -n } else { n })
-                    .arg(args.max_variants.max(1))
-                    .arg(if self.is_cluster() { "0" } else { "1" });
+                let mut inv = self.fenced_write(&self.scripts.store, &args, &keys);
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
                 }
@@ -512,51 +496,11 @@ where
         revalidated_hdrs: &[u8],
         revalidated_len: usize,
     ) -> Result<Option<WriteBack>, FenceError> {
-        let url_fence = url_fence_of(args.primary);
-        let wake_channel = self.wake_channel(args.lease_key);
-        let prefix_fences = if self.is_cluster() {
-            url_fence.clone()
-        } else {
-            prefix_fences_of(args.namespace)
-        };
+        let keys = FencedWriteKeys::new(self, &args);
         let freshened: i64 = self
             .run("freshen", |mut c| {
-                let mut inv = self.scripts.freshen.key(args.entry_key);
-                inv.key(args.lease_key)
-                    .key(args.primary)
-                    .key(args.variants_set)
-                    .key(url_fence.as_str())
-                    .key(prefix_fences.as_str());
-                if self.is_cluster() {
-                    for tag in args.tags {
-                        inv.key(tag_marker(args.namespace, tag, args.primary));
-                    }
-                } else {
-                    let keys: Vec<(String, String)> = args
-                        .tags
-                        .iter()
-                        .map(|t| tag_keys(args.namespace, t))
-                        .collect();
-                    for (index, _) in &keys {
-                        inv.key(index.as_str());
-                    }
-                    for (_, fence) in &keys {
-                        inv.key(fence.as_str());
-                    }
-                }
-                let n = i64::try_from(args.tags.len()).unwrap_or(i64::MAX);
-                inv.arg(args.token)
-                    .arg(duration_ms(args.ttl).max(1))
-                    .arg(wake_channel.as_str())
-                    .arg(args.lease_key)
-                    .arg(args.vary)
-                    .arg(FORMAT_VERSION)
-                    .arg(args.started)
-                    .arg(if self.is_cluster() { -n } else { n })
-                    .arg(args.max_variants.max(1))
-                    .arg(if self.is_cluster() { "0" } else { "1" })
-                    .arg(revalidated_hdrs)
-                    .arg(revalidated_len);
+                let mut inv = self.fenced_write(&self.scripts.freshen, &args, &keys);
+                inv.arg(revalidated_hdrs).arg(revalidated_len);
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
                 }
@@ -568,6 +512,60 @@ where
             3 => None,
             _ => Some(WriteBack::Fenced),
         })
+    }
+
+    /// The KEYS and the first ten ARGV that STORE and FRESHEN share (their
+    /// fenced-write prologue): entry, lease, primary, variants set, URL
+    /// fence, prefix fences, the tag indexes and fences (or, on a cluster,
+    /// the tag markers); token, TTL, wake channel and message, vary names,
+    /// format version, fill start, tag count, variant bound, whether to
+    /// read the prefix fences.
+    fn fenced_write<'s>(
+        &self,
+        script: &'s redis::Script,
+        args: &StoreArgs<'_>,
+        keys: &FencedWriteKeys,
+    ) -> redis::ScriptInvocation<'s> {
+        let cluster = self.is_cluster();
+        let mut inv = script.key(args.entry_key);
+        inv.key(args.lease_key)
+            .key(args.primary)
+            .key(args.variants_set)
+            .key(keys.url_fence.as_str())
+            .key(keys.prefix_fences.as_str());
+        if cluster {
+            // Markers in the entry's own slot.
+            for tag in args.tags {
+                inv.key(tag_marker(args.namespace, tag, args.primary));
+            }
+        } else {
+            // Every index, then every fence.
+            let tag_keys: Vec<(String, String)> = args
+                .tags
+                .iter()
+                .map(|t| tag_keys(args.namespace, t))
+                .collect();
+            for (index, _) in &tag_keys {
+                inv.key(index.as_str());
+            }
+            for (_, fence) in &tag_keys {
+                inv.key(fence.as_str());
+            }
+        }
+        // In cluster mode the keys are tag markers, flagged by a negative
+        // count.
+        let n = i64::try_from(args.tags.len()).unwrap_or(i64::MAX);
+        inv.arg(args.token)
+            .arg(duration_ms(args.ttl).max(1))
+            .arg(keys.wake_channel.as_str())
+            .arg(args.lease_key)
+            .arg(args.vary)
+            .arg(FORMAT_VERSION)
+            .arg(args.started)
+            .arg(if cluster { -n } else { n })
+            .arg(args.max_variants.max(1))
+            .arg(if cluster { "0" } else { "1" });
+        inv
     }
 
     /// Gives a lease up (see the RELEASE script). Returns `None` when the
