@@ -114,6 +114,33 @@ impl App {
         assert_eq!(self.status(path).await, "HIT", "{path} was not cached");
     }
 
+    /// A handle whose commands fail while the returned flag is set (as an
+    /// unreachable server, or with `refuses` as a server answering with an
+    /// error), and its queue over a connection that works.
+    fn breakable_queue(
+        &self,
+        refuses: bool,
+    ) -> (
+        FenceHandle<Breakable>,
+        InvalidationQueue<Breakable>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let handle = FenceLayer::new(Breakable {
+            inner: self.conn.clone(),
+            broken: broken.clone(),
+            refuses,
+        })
+        .namespace(NS)
+        .handle();
+        let queue = handle.queue_with(Breakable {
+            inner: self.conn.clone(),
+            broken: std::sync::Arc::default(),
+            refuses: false,
+        });
+        (handle, queue, broken)
+    }
+
     /// A queue whose worker's handle waits on a gate before every command.
     fn gated_queue(&self) -> (InvalidationQueue<Gated>, watch::Sender<bool>) {
         let (gated, gate) = Gated::closed(self.conn.clone());
@@ -933,21 +960,9 @@ async fn stats_count_and_dead_letters_can_be_listed_replayed_and_purged() {
     for p in ["/item/r1", "/item/r2"] {
         app.cache(p).await;
     }
-    // A handle whose Redis calls fail until it is repaired.
-    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    // A command refused (not Redis unreachable): it uses up attempts.
-    let handle = FenceLayer::new(Breakable {
-        inner: app.conn.clone(),
-        broken: broken.clone(),
-        refuses: true,
-    })
-    .namespace(NS)
-    .handle();
-    let queue = handle.queue_with(Breakable {
-        inner: app.conn.clone(),
-        broken: std::sync::Arc::default(),
-        refuses: false,
-    });
+    // A handle whose Redis calls fail until it is repaired, with a command
+    // refused (not Redis unreachable): it uses up attempts.
+    let (handle, queue, broken) = app.breakable_queue(true);
     let stream = queue.stream_key().to_owned();
     let r1 = queue
         .enqueue(&Invalidation::path("/item/r1"))
@@ -1244,19 +1259,8 @@ async fn an_outage_longer_than_the_retries_dead_letters_nothing() {
     for p in paths {
         app.cache(p).await;
     }
-    let broken = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let handle = FenceLayer::new(Breakable {
-        inner: app.conn.clone(),
-        broken: broken.clone(),
-        refuses: false,
-    })
-    .namespace(NS)
-    .handle();
-    let queue = handle.queue_with(Breakable {
-        inner: app.conn.clone(),
-        broken: std::sync::Arc::default(),
-        refuses: false,
-    });
+    // Redis unreachable for the worker's handle until it is repaired.
+    let (_handle, queue, broken) = app.breakable_queue(false);
     for p in paths {
         queue.enqueue(&Invalidation::path(p)).await.unwrap();
     }
