@@ -1264,15 +1264,13 @@ async fn an_outage_longer_than_the_retries_dead_letters_nothing() {
     for p in paths {
         queue.enqueue(&Invalidation::path(p)).await.unwrap();
     }
-    let worker = queue
-        .worker(redis.client())
-        .max_attempts(2)
-        .backoff(Duration::from_millis(10), Duration::from_millis(50));
+    // The worker's defaults: 5 attempts for a failing message.
+    let worker = queue.worker(redis.client());
     let control = worker.handle();
     let task = tokio::spawn(worker.run());
-    // Many more failed tries than max_attempts allows for a failing message.
-    wait_for("retries during the outage", Duration::from_secs(30), || {
-        control.stats().retries >= 20
+    // More failed tries than the 5 attempts allow, for each of the 3.
+    wait_for("retries during the outage", Duration::from_secs(60), || {
+        control.stats().retries >= 3 * 6
     })
     .await;
     assert_eq!(control.stats().dead_lettered, 0);
