@@ -176,6 +176,8 @@ where
                 config.lock_timeout,
                 refresh,
                 job.decided_on.filter(|_| !redirected && !repairing),
+                // A waiter that can be woken asks the fill to publish.
+                shared.wake_client.get().is_some(),
             )
             .await;
         if !matches!(acquired, Ok(Acquired::Held(_)))

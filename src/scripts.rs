@@ -14,7 +14,11 @@ use redis::Script;
 /// `refresh`: take the lease whatever is stored, even a `Vary` index),
 /// format version, the `stored` time of the entry a background refresh
 /// was decided on ('' for none: a refresh of an entry that another fill
-/// has replaced since is not run, and the new entry is returned as a hit).
+/// has replaced since is not run, and the new entry is returned as a hit),
+/// `1` when the caller listens for wake-ups (then a `held` reply also
+/// leaves the waiter mark `<lease>:w`, living as long as the lease, so
+/// the fill's write-back publishes its wake-up; with no mark it publishes
+/// nothing: nobody waits remotely, and a store costs no `PUBLISH`).
 /// Returns `{'pass'}`, `{'vary', names}`, `{'hit', fields}`,
 /// `{'won', fields, start}` (fields of a stale entry in `fill` mode, and
 /// the Redis time the lease was taken, in µs) or
@@ -50,6 +54,9 @@ if ttl == -1 then
   redis.call('PEXPIRE', KEYS[2], ARGV[2])
   ttl = tonumber(ARGV[2])
 end
+if ARGV[7] == '1' then
+  redis.call('SET', KEYS[2] .. ':w', '1', 'PX', math.max(ttl, 1))
+end
 return {'held', ttl}
 ";
 
@@ -64,6 +71,9 @@ macro_rules! fenced_write_prologue {
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 local started = tonumber(ARGV[7])
 local function wake()
+  -- Only a waiter in another process that listens for wake-ups marks the
+  -- lease (ACQUIRE): with no mark nobody is woken, and nothing published.
+  if redis.call('DEL', KEYS[2] .. ':w') == 0 then return end
   if string.find(ARGV[3], '{', 1, true) then
     redis.call('SPUBLISH', ARGV[3], ARGV[4])
   else
@@ -356,10 +366,13 @@ if base > 0 and redis.call('TYPE', KEYS[2])['ok'] == 'hash'
   if delay > tonumber(ARGV[10]) then delay = tonumber(ARGV[10]) end
   redis.call('HSET', KEYS[2], 'retry', string.format('%d', tonumber(ARGV[11]) + delay))
 end
-if string.find(ARGV[4], '{', 1, true) then
-  redis.call('SPUBLISH', ARGV[4], ARGV[5])
-else
-  redis.call('PUBLISH', ARGV[4], ARGV[5])
+if redis.call('DEL', KEYS[1] .. ':w') == 1 then
+  -- A waiter in another process listens (see ACQUIRE's waiter mark).
+  if string.find(ARGV[4], '{', 1, true) then
+    redis.call('SPUBLISH', ARGV[4], ARGV[5])
+  else
+    redis.call('PUBLISH', ARGV[4], ARGV[5])
+  end
 end
 if pass_ms > 0 then return 2 end
 return 1

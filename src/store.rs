@@ -447,6 +447,7 @@ where
         lease_for: Duration,
         refresh: bool,
         decided_on: Option<u64>,
+        listening: bool,
     ) -> Result<Acquired, FenceError> {
         let value: Value = self
             .run("acquire", |mut c| {
@@ -458,7 +459,8 @@ where
                     .arg(self.now_ms())
                     .arg(if refresh { "refresh" } else { "fill" })
                     .arg(FORMAT_VERSION)
-                    .arg(decided_on.map_or_else(String::new, |s| s.to_string()));
+                    .arg(decided_on.map_or_else(String::new, |s| s.to_string()))
+                    .arg(if listening { "1" } else { "0" });
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;

@@ -988,8 +988,9 @@ async fn a_private_answer_releases_the_waiters_to_the_origin_side_by_side() {
 // ---------------------------------------------------------------------------
 
 /// Layer A fills slowly; layer B (another "process": its own layer state)
-/// waits on A's lease. Returns B's stats and the replies.
-async fn remote_wait(wake_ups: bool) -> (cachefence::Stats, Vec<Reply>, usize) {
+/// waits on A's lease. Returns B's stats, the replies, the origin calls
+/// and the wake-ups published.
+async fn remote_wait(wake_ups: bool) -> (cachefence::Stats, Vec<Reply>, usize, u64) {
     let redis = RedisServer::new();
     let origin = Origin::default();
     let layer_a = layer(&redis, "wake:").await;
@@ -1023,13 +1024,20 @@ async fn remote_wait(wake_ups: bool) -> (cachefence::Stats, Vec<Reply>, usize) {
     for b in from_b {
         replies.push(b.await.unwrap());
     }
-    (handle_b.stats(), replies, origin.calls())
+    (
+        handle_b.stats(),
+        replies,
+        origin.calls(),
+        redis.command_count("publish"),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remote_waiter_is_woken_by_the_fill_landing_elsewhere() {
-    let (stats, replies, calls) = remote_wait(true).await;
+    let (stats, replies, calls, published) = remote_wait(true).await;
     assert_eq!(calls, 1);
+    // B's wait marked A's lease: A's store published one wake-up.
+    assert_eq!(published, 1);
     for r in &replies {
         assert_eq!(r.text(), "origin /slow #1");
     }
@@ -1040,8 +1048,10 @@ async fn a_remote_waiter_is_woken_by_the_fill_landing_elsewhere() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_wake_ups_a_remote_waiter_still_finds_the_fill_by_polling() {
-    let (stats, replies, calls) = remote_wait(false).await;
+    let (stats, replies, calls, published) = remote_wait(false).await;
     assert_eq!(calls, 1);
+    // B cannot be woken, so it did not mark A's lease: A published nothing.
+    assert_eq!(published, 0);
     for r in &replies {
         assert_eq!(r.text(), "origin /slow #1");
     }
@@ -1073,6 +1083,9 @@ async fn a_fill_that_lands_in_this_process_is_not_counted_as_a_wake_up() {
     let stats = handle.stats();
     assert_eq!(stats.remote_waits, 0, "{stats:?}");
     assert_eq!(stats.wakeups, 0, "nobody waited remotely: {stats:?}");
+    // And so the 20 stores published nothing: a store costs no PUBLISH
+    // unless a waiter in another process listens.
+    assert_eq!(redis.command_count("publish"), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
