@@ -178,6 +178,8 @@ where
                 job.decided_on.filter(|_| !redirected && !repairing),
                 // A waiter that can be woken asks the fill to publish.
                 shared.wake_client.get().is_some(),
+                // A stale copy in hand needs no second one from Redis.
+                job.stale.is_some(),
             )
             .await;
         if !matches!(acquired, Ok(Acquired::Held(_)))

@@ -18,25 +18,33 @@ use redis::Script;
 /// `1` when the caller listens for wake-ups (then a `held` reply also
 /// leaves the waiter mark `<lease>:w`, living as long as the lease, so
 /// the fill's write-back publishes its wake-up; with no mark it publishes
-/// nothing: nobody waits remotely, and a store costs no `PUBLISH`).
+/// nothing: nobody waits remotely, and a store costs no `PUBLISH`), `1`
+/// when the caller already holds the stale entry (then `won` carries no
+/// fields). Only the fields the decision needs are read (`HMGET`); the
+/// whole entry (`HGETALL`) only for a reply that carries it.
 /// Returns `{'pass'}`, `{'vary', names}`, `{'hit', fields}`,
 /// `{'won', fields, start}` (fields of a stale entry in `fill` mode, and
 /// the Redis time the lease was taken, in µs) or
 /// `{'held', pttl}`.
 pub(crate) const ACQUIRE: &str = r"
-local ok, e = pcall(redis.call, 'HGETALL', KEYS[1])
-if not ok then e = {} end
-local f = {}
-for i = 1, #e, 2 do f[e[i]] = e[i + 1] end
-local now = tonumber(ARGV[3])
-if tonumber(f['pass'] or '') and tonumber(f['pass']) > now then return {'pass'} end
-if f['v'] == ARGV[5] and ARGV[4] == 'refresh' and ARGV[6] ~= '' and f['stored'] and f['stored'] ~= ARGV[6] then
-  return {'hit', e}
+local ok, m = pcall(redis.call, 'HMGET', KEYS[1], 'pass', 'v', 'vary', 'fresh', 'stored')
+if not ok then m = {} end
+local pass, v, vary, fresh, stored = m[1], m[2], m[3], m[4], m[5]
+-- The whole entry, read only for a reply that carries it.
+local function entry()
+  local okh, e = pcall(redis.call, 'HGETALL', KEYS[1])
+  if okh then return e end
+  return {}
 end
-if f['v'] == ARGV[5] and ARGV[4] == 'fill' then
-  if f['vary'] then return {'vary', f['vary']} end
-  if tonumber(f['fresh'] or '') and tonumber(f['fresh']) > now then
-    return {'hit', e}
+local now = tonumber(ARGV[3])
+if tonumber(pass or '') and tonumber(pass) > now then return {'pass'} end
+if v == ARGV[5] and ARGV[4] == 'refresh' and ARGV[6] ~= '' and stored and stored ~= ARGV[6] then
+  return {'hit', entry()}
+end
+if v == ARGV[5] and ARGV[4] == 'fill' then
+  if vary then return {'vary', vary} end
+  if tonumber(fresh or '') and tonumber(fresh) > now then
+    return {'hit', entry()}
   end
 end
 -- The time before the lease: a script that fails after its SET would leave
@@ -44,7 +52,7 @@ end
 local t = redis.call('TIME')
 local start = t[1] .. string.format('%06d', tonumber(t[2]))
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[4] == 'fill' and f['v'] == ARGV[5] then return {'won', e, start} end
+  if ARGV[4] == 'fill' and v == ARGV[5] and ARGV[8] ~= '1' then return {'won', entry(), start} end
   return {'won', {}, start}
 end
 local ttl = redis.call('PTTL', KEYS[2])

@@ -448,6 +448,7 @@ where
         refresh: bool,
         decided_on: Option<u64>,
         listening: bool,
+        have_stale: bool,
     ) -> Result<Acquired, FenceError> {
         let value: Value = self
             .run("acquire", |mut c| {
@@ -460,7 +461,8 @@ where
                     .arg(if refresh { "refresh" } else { "fill" })
                     .arg(FORMAT_VERSION)
                     .arg(decided_on.map_or_else(String::new, |s| s.to_string()))
-                    .arg(if listening { "1" } else { "0" });
+                    .arg(if listening { "1" } else { "0" })
+                    .arg(if have_stale { "1" } else { "0" });
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;
