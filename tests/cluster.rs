@@ -359,18 +359,166 @@ async fn a_remote_wait_is_woken_by_a_sharded_wake_up() {
     }
 }
 
-/// 3 primaries with a replica each; two app servers (each its own cache and
-/// cluster connection) under traffic over 1,000 keys; one primary SIGKILLed
-/// and its replica promoted. Every request is answered with the right body;
-/// caching, single-fill and wake-ups resume on the new primary.
+/// An app server process for the failover test, which runs it with
+/// `CACHEFENCE_ROLE=server` and `CLUSTER_URLS` (comma-separated node URLs):
+/// its own cluster connection and cache with default settings but the
+/// namespace and sharded wake-ups, the origin of [`origin`] under it.
+/// Neither cached: `/admin/delay/<ms>` sets the origin's delay,
+/// `/admin/stats` answers `<origin calls> <remote waits> <wake-ups>
+/// <breaker>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "an app server process for the failover test, run by it with CACHEFENCE_ROLE=server"]
+async fn cluster_server() {
+    use std::io::Write;
+    if std::env::var("CACHEFENCE_ROLE").as_deref() != Ok("server") {
+        eprintln!("cluster_server: CACHEFENCE_ROLE is not `server`, nothing to do");
+        return;
+    }
+    let urls: Vec<String> = std::env::var("CLUSTER_URLS")
+        .expect("CLUSTER_URLS")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    let connection = redis::cluster::ClusterClient::new(urls.clone())
+        .expect("cluster client")
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    let fence = FenceCache::new(connection)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(urls))
+        .layer()
+        .namespace(NS);
+    let handle = fence.handle();
+    let app = Router::new()
+        .route(
+            "/admin/delay/{ms}",
+            get(|State(world): State<World>, Path(ms): Path<u64>| async move {
+                world.delay_ms.store(ms, Ordering::SeqCst);
+                "ok"
+            }),
+        )
+        .route(
+            "/admin/stats",
+            get(move |State(world): State<World>| async move {
+                let stats = handle.stats();
+                format!(
+                    "{} {} {} {:?}",
+                    world.calls.load(Ordering::SeqCst),
+                    stats.remote_waits,
+                    stats.wakeups,
+                    stats.breaker
+                )
+            }),
+        )
+        .route("/{*path}", get(origin).layer(fence))
+        .with_state(World::default());
+    let addr = support::serve(app).await;
+    println!("PORT={}", addr.port());
+    std::io::stdout().flush().expect("stdout");
+    std::future::pending::<()>().await;
+}
+
+/// What an app server process reports (`/admin/stats`).
+#[derive(Debug)]
+struct ProcStats {
+    calls: usize,
+    remote_waits: u64,
+    wakeups: u64,
+    breaker: String,
+}
+
+async fn proc_stats(http: &Http, addr: SocketAddr) -> ProcStats {
+    let text = http.get(addr, "/admin/stats").await.text();
+    let mut words = text.split(' ');
+    let mut number = || words.next().and_then(|w| w.parse::<u64>().ok());
+    let (calls, remote_waits, wakeups) = (number(), number(), number());
+    match (calls, remote_waits, wakeups, text.rsplit(' ').next()) {
+        (Some(calls), Some(remote_waits), Some(wakeups), Some(breaker)) => ProcStats {
+            calls: calls as usize,
+            remote_waits,
+            wakeups,
+            breaker: breaker.to_owned(),
+        },
+        _ => panic!("unexpected stats from {addr}: {text:?}"),
+    }
+}
+
+/// Origin calls of every app server process.
+async fn total_calls(http: &Http, addrs: &[SocketAddr]) -> usize {
+    let mut calls = 0;
+    for &addr in addrs {
+        calls += proc_stats(http, addr).await.calls;
+    }
+    calls
+}
+
+async fn set_delay(http: &Http, addrs: &[SocketAddr], ms: u64) {
+    for &addr in addrs {
+        assert_eq!(http.get(addr, &format!("/admin/delay/{ms}")).await.text(), "ok");
+    }
+}
+
+/// Until `cond` (awaited every 10 ms) holds, at most `within`.
+async fn eventually_async<F, Fut>(what: &str, within: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !cond().await {
+        assert!(started.elapsed() < within, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Process B waits on process A's slow fill of `path`; returns whether B's
+/// wait was ended by a (sharded) wake-up rather than a poll.
+async fn woken_remote_wait_across_processes(
+    http: &Http,
+    (a, b): (SocketAddr, SocketAddr),
+    path: &str,
+) -> bool {
+    let (sa, sb) = (proc_stats(http, a).await, proc_stats(http, b).await);
+    set_delay(http, &[a], 400).await;
+    let leader = {
+        let (http, path) = (http.clone(), path.to_owned());
+        tokio::spawn(async move { http.get(a, &path).await.text() })
+    };
+    eventually_async("A's fill to call the origin", Duration::from_secs(10), || async {
+        proc_stats(http, a).await.calls == sa.calls + 1
+    })
+    .await;
+    let waiter = {
+        let (http, path) = (http.clone(), path.to_owned());
+        tokio::spawn(async move { http.get(b, &path).await.text() })
+    };
+    eventually_async("B to wait on A's lease", Duration::from_secs(10), || async {
+        proc_stats(http, b).await.remote_waits == sb.remote_waits + 1
+    })
+    .await;
+    let expected = format!("0 {path}");
+    assert_eq!(leader.await.unwrap(), expected);
+    assert_eq!(waiter.await.unwrap(), expected);
+    set_delay(http, &[a], 0).await;
+    let (ea, eb) = (proc_stats(http, a).await, proc_stats(http, b).await);
+    assert_eq!(ea.calls + eb.calls, sa.calls + sb.calls + 1, "one fill");
+    eb.wakeups > sb.wakeups
+}
+
+/// 3 primaries with a replica each; two app server processes (each its own
+/// cache and cluster connection, default settings) under traffic over 1,000
+/// keys; one primary SIGKILLed and its replica promoted. Every request is
+/// answered with the right body; caching, single-fill and wake-ups resume
+/// on the new primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() {
     const KEYS: usize = 1000;
     const WORKERS: usize = 8;
     let mut cluster = RedisCluster::with(3, 1, 2000);
-    let world = World::default();
-    let (a, ha) = app_server(&cluster, &world).await;
-    let (b, hb) = app_server(&cluster, &world).await;
+    let urls = cluster.urls().join(",");
+    let mut procs = support::procs::Procs::new("cluster_server");
+    let a = procs.spawn("a", &[("CLUSTER_URLS", urls.as_str())]);
+    let b = procs.spawn("b", &[("CLUSTER_URLS", urls.as_str())]);
     let addrs = [a, b];
     let http = Http::new();
 
@@ -386,7 +534,7 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
             assert_eq!(body.unwrap(), format!("0 /k/{i}"));
         }
     }
-    assert_eq!(world.calls.load(Ordering::SeqCst), KEYS);
+    assert_eq!(total_calls(&http, &addrs).await, KEYS);
     let victim = (0..cluster.nodes().len())
         .filter(|&i| {
             cluster.nodes()[i]
@@ -471,14 +619,15 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
         .find(|n| paths_on(n).contains(&victim_paths[0]))
         .map(|n| n.port());
     eprintln!(
-        "failover: first HIT on the killed primary's keys {:.2} s after SIGKILL; \
-         cluster_state:ok on every node {:.2} s after it ({settled:?} of waiting); \
-         {} requests, slowest {} ms; promoted replica port {promoted:?}; stats A {:?}",
+        "failover (2 app processes): first HIT on the killed primary's keys {:.2} s after \
+         SIGKILL; cluster_state:ok on every node {:.2} s after it ({settled:?} of waiting); \
+         {} requests, slowest {} ms; promoted replica port {promoted:?}; stats A {:?}, B {:?}",
         resumed.as_secs_f64(),
         failed_over.as_secs_f64(),
         answered.load(Ordering::SeqCst),
         slowest_ms.load(Ordering::SeqCst),
-        ha.stats(),
+        proc_stats(&http, a).await,
+        proc_stats(&http, b).await,
     );
     // No request waited past the lease lifetime (a lost release) plus the
     // wait budget and a margin for a loaded machine.
@@ -489,11 +638,12 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
     );
 
     // Single-fill on the new primary: bursts on fresh keys across both
-    // servers reach the origin once per key.
-    assert_eq!(ha.stats().breaker, cachefence::BreakerState::Closed);
-    assert_eq!(hb.stats().breaker, cachefence::BreakerState::Closed);
-    world.delay_ms.store(200, Ordering::SeqCst);
-    let calls = world.calls.load(Ordering::SeqCst);
+    // processes reach the origin once per key.
+    for addr in addrs {
+        assert_eq!(proc_stats(&http, addr).await.breaker, "Closed");
+    }
+    set_delay(&http, &addrs, 200).await;
+    let calls = total_calls(&http, &addrs).await;
     for j in 0..12 {
         let burst = (0..20).map(|i| {
             let http = http.clone();
@@ -504,25 +654,29 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
         }
     }
     assert_eq!(
-        world.calls.load(Ordering::SeqCst),
+        total_calls(&http, &addrs).await,
         calls + 12,
         "one fill per key: {:?} {:?}",
-        ha.stats(),
-        hb.stats()
+        proc_stats(&http, a).await,
+        proc_stats(&http, b).await
     );
-    world.delay_ms.store(0, Ordering::SeqCst);
+    set_delay(&http, &addrs, 0).await;
     // Sharded wake-ups follow the slots to the promoted replica.
+    let invalidator = FenceCache::new(cluster.connection().await)
+        .layer()
+        .namespace(NS)
+        .handle();
     let mut woken = 0;
     for path in victim_paths.iter().take(5) {
-        hb.invalidate_path(path).await.unwrap();
-        if woken_remote_wait(&world, &http, (a, b), &hb, path).await {
+        invalidator.invalidate_path(path).await.unwrap();
+        if woken_remote_wait_across_processes(&http, (a, b), path).await {
             woken += 1;
         }
     }
     assert!(
         woken >= 1,
         "no wake-up after the failover: {:?}",
-        hb.stats()
+        proc_stats(&http, b).await
     );
 }
 
