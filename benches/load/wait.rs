@@ -18,24 +18,33 @@ use super::{Error, loadavg, machine, percentile};
 const CALLS: usize = 1000;
 const ROUND: usize = 100;
 
-struct Server(Child, u16);
+struct Server(Child, u16, std::path::PathBuf);
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.2);
     }
 }
 
 fn start(extra: &[&str]) -> Result<Server, Error> {
     let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    // Its own directory: a replica writes the RDB of its first sync there.
+    let dir = std::env::temp_dir().join(format!(
+        "cachefence-wait-cost-{}-{port}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)?;
     let child = Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
         .args(extra)
         .stdout(Stdio::null())
         .spawn()?;
-    let server = Server(child, port);
+    let server = Server(child, port, dir);
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
