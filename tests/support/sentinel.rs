@@ -41,7 +41,7 @@ impl SentinelProc {
                     "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\n\
                      sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                      sentinel down-after-milliseconds {MASTER_NAME} {down_after_ms}\n\
-                     sentinel failover-timeout {MASTER_NAME} 10000\n\
+                     sentinel failover-timeout {MASTER_NAME} 3000\n\
                      sentinel parallel-syncs {MASTER_NAME} 1\n",
                     dir = dir.display()
                 ),
