@@ -9,6 +9,11 @@
 //! cargo bench --bench load -- --smoke      # a few seconds in all (CI)
 //! ```
 //!
+//! Separate measurements (instead of the workloads): `--cluster N` (hits
+//! on one Redis vs an N-primary cluster, and memory per entry; feature
+//! `cluster-async`; `load/scale.rs`), `--wait-cost` (what
+//! `replicated_fences` adds to an invalidation; `load/wait.rs`).
+//!
 //! Options: `--svg PATH` (where the chart goes; `--no-svg` for none),
 //! `--conc N` (connections, default 50), `--reps N`, `--secs S` (seconds
 //! per measured run), `--only WORKLOAD[,WORKLOAD]` (`hits`, `zipf`, `cold`,
@@ -58,6 +63,12 @@ use redis::aio::ConnectionManager;
 use tokio::runtime::Runtime;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[cfg(feature = "cluster-async")]
+#[path = "load/scale.rs"]
+mod scale;
+#[path = "load/wait.rs"]
+mod wait;
 
 // ---------------------------------------------------------------- options
 
@@ -1117,6 +1128,29 @@ fn machine() -> String {
     format!("{cpus} CPUs, {model}")
 }
 
+// ---------------------------------------------------------------- scale
+
+/// `--cluster N`: the scale figures (see `load/scale.rs`) instead of the
+/// workloads.
+fn cluster_flag() -> Result<Option<usize>, Error> {
+    let mut args = std::env::args().skip_while(|a| a != "--cluster");
+    if args.next().is_none() {
+        return Ok(None);
+    }
+    let n = args.next().ok_or("--cluster needs a number of primaries")?;
+    Ok(Some(n.parse()?))
+}
+
+#[cfg(feature = "cluster-async")]
+fn run_scale(primaries: usize, opts: &Opts) -> Result<(), Error> {
+    scale::run(primaries, opts)
+}
+
+#[cfg(not(feature = "cluster-async"))]
+fn run_scale(_: usize, _: &Opts) -> Result<(), Error> {
+    Err("--cluster needs the cluster-async feature: cargo bench --bench load --features cluster-async -- --cluster 3".into())
+}
+
 // ---------------------------------------------------------------- main
 
 fn main() -> Result<(), Error> {
@@ -1126,6 +1160,12 @@ fn main() -> Result<(), Error> {
         return Ok(());
     }
     let opts = Opts::parse()?;
+    if let Some(primaries) = cluster_flag()? {
+        return run_scale(primaries, &opts);
+    }
+    if std::env::args().any(|a| a == "--wait-cost") {
+        return wait::run();
+    }
     let redis = start_redis()?;
     let threads = Arc::new(AppThreads::default());
     let registered = threads.clone();

@@ -124,6 +124,37 @@ where
         self
     }
 
+    /// Makes every invalidation of the handle (`invalidate_*`,
+    /// `soft_invalidate_*`, [`apply`](crate::FenceHandle::apply) and so the
+    /// queue worker) wait, after its writes (the fence and the deletes),
+    /// until `replicas` replicas acknowledged them, at most `timeout`:
+    /// `WAIT <replicas> <timeout>` on the connection that wrote them (on a
+    /// Redis Cluster, on every primary). When fewer acknowledge in time the
+    /// call returns an error ([`FenceError::is_not_replicated`](crate::FenceError::is_not_replicated)):
+    /// the invalidation was applied on the primary, but a failover now
+    /// could lose it (the queue worker retries it without using up an
+    /// attempt). Default: off (`replicas` 0).
+    ///
+    /// `WAIT` holds the connection it runs on: on a multiplexed connection
+    /// (`ConnectionManager`, a cluster connection) the commands sent after
+    /// it wait behind it, usually one replication round trip, up to
+    /// `timeout` when no replica answers. Keep `timeout` short, or give
+    /// invalidations a handle of their own: a `FenceCache` over a second
+    /// connection with the same namespace.
+    ///
+    /// ```no_run
+    /// # async fn doc(conn: redis::aio::ConnectionManager) {
+    /// use std::time::Duration;
+    /// let cache = cachefence::FenceCache::new(conn)
+    ///     .replicated_fences(1, Duration::from_millis(100));
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn replicated_fences(self, replicas: u32, timeout: Duration) -> Self {
+        self.shared.store.set_replicated(replicas, timeout);
+        self
+    }
+
     /// Wake waiting requests the moment another process stores the value
     /// they wait for, through one Redis pub/sub subscription opened from
     /// `client`. Without it, waiters poll with backoff (5 ms to 100 ms);
@@ -138,6 +169,30 @@ where
     #[must_use]
     pub fn wake_ups(self, client: redis::Client) -> Self {
         self.set_wake_source(crate::shared::Source::Single(client))
+    }
+
+    /// Wake-ups from the master a Sentinel names (feature `sentinel`):
+    /// like [`wake_ups`](Self::wake_ups), but the subscription is opened
+    /// at the master `conn` follows, and moved to the new master when a
+    /// failover moves `conn` (or when the subscription breaks). Set it
+    /// once.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use cachefence::{FenceCache, SentinelConnection};
+    /// use redis::sentinel::{SentinelClient, SentinelServerType};
+    ///
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = SentinelClient::build(vec!["redis://127.0.0.1:26379/"], "mymaster".to_owned(), None, SentinelServerType::Master)?;
+    /// let conn = SentinelConnection::connect(client).await?;
+    /// let cache = FenceCache::new(conn.clone()).sentinel_wake_ups(&conn);
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "sentinel")]
+    #[must_use]
+    pub fn sentinel_wake_ups(self, conn: &crate::sentinel::SentinelConnection) -> Self {
+        self.set_wake_source(crate::shared::Source::Sentinel(conn.clone()))
     }
 
     /// Wake-ups on a Redis Cluster (feature `cluster-async`): the listener

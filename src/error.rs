@@ -21,6 +21,12 @@ enum Kind {
     InvalidInput(&'static str),
     /// A walk over a Redis Cluster could not cover a node (named within).
     WalkIncomplete(String),
+    /// `WAIT` after an invalidation: fewer replicas acknowledged its
+    /// writes than asked for.
+    NotReplicated {
+        acked: u64,
+        wanted: u32,
+    },
 }
 
 impl FenceError {
@@ -42,6 +48,12 @@ impl FenceError {
         }
     }
 
+    pub(crate) fn not_replicated(acked: u64, wanted: u32) -> Self {
+        Self {
+            kind: Kind::NotReplicated { acked, wanted },
+        }
+    }
+
     pub(crate) fn circuit_open() -> Self {
         Self {
             kind: Kind::CircuitOpen,
@@ -52,6 +64,24 @@ impl FenceError {
         Self {
             kind: Kind::InvalidInput(what),
         }
+    }
+
+    /// The invalidation was applied on the primary, but fewer replicas
+    /// than [`FenceCache::replicated_fences`](crate::FenceCache::replicated_fences)
+    /// asks for acknowledged its writes in time: a failover now could
+    /// lose it. Invalidating again is safe.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle<redis::aio::ConnectionManager>) {
+    /// if let Err(err) = handle.invalidate_path("/products/42").await {
+    ///     if err.is_not_replicated() {
+    ///         // applied on the primary only: retry later
+    ///     }
+    /// }
+    /// # }
+    /// ```
+    pub fn is_not_replicated(&self) -> bool {
+        matches!(self.kind, Kind::NotReplicated { .. })
     }
 
     /// Redis answered with an error, or the connection failed.
@@ -102,7 +132,10 @@ impl FenceError {
         self.is_transport()
             || self.is_circuit_open()
             || self.is_timeout()
-            || matches!(self.kind, Kind::WalkIncomplete(_))
+            || matches!(
+                self.kind,
+                Kind::WalkIncomplete(_) | Kind::NotReplicated { .. }
+            )
             || matches!(
                 self.redis_code(),
                 Some(
@@ -124,7 +157,10 @@ impl FenceError {
         match &self.kind {
             Kind::Timeout => true,
             Kind::Redis(e) => !matches!(e.kind(), redis::ErrorKind::Server(_)),
-            Kind::CircuitOpen | Kind::InvalidInput(_) | Kind::WalkIncomplete(_) => false,
+            Kind::CircuitOpen
+            | Kind::InvalidInput(_)
+            | Kind::WalkIncomplete(_)
+            | Kind::NotReplicated { .. } => false,
         }
     }
 }
@@ -155,6 +191,10 @@ impl fmt::Display for FenceError {
             Kind::CircuitOpen => f.write_str("redis circuit breaker is open"),
             Kind::InvalidInput(what) => write!(f, "invalid input: {what}"),
             Kind::WalkIncomplete(what) => f.write_str(what),
+            Kind::NotReplicated { acked, wanted } => write!(
+                f,
+                "the invalidation was applied on the primary but acknowledged by {acked} of {wanted} replicas in time"
+            ),
         }
     }
 }

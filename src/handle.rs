@@ -483,7 +483,7 @@ where
         let ek = EntryKey::new(&self.config.namespace, key);
         let removed = self.invalidate_entry(&ek.primary, false, true).await?;
         tracing::debug!(key = %crate::trace::redact(&ek.primary), removed, "invalidated");
-        Ok(removed)
+        self.replicated(removed).await
     }
 
     /// Marks the entry of a URL stale instead of removing it: the next
@@ -497,7 +497,8 @@ where
     /// [`soft_invalidate_path`](Self::soft_invalidate_path) by cache key.
     pub async fn soft_invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        self.invalidate_entry(&ek.primary, true, true).await
+        let marked = self.invalidate_entry(&ek.primary, true, true).await?;
+        self.replicated(marked).await
     }
 
     /// Removes every entry whose key starts with `prefix` (for the default
@@ -517,7 +518,8 @@ where
                 "empty prefix; use invalidate_all",
             ));
         }
-        self.prefix_walk(prefix, false).await
+        let removed = self.prefix_walk(prefix, false).await?;
+        self.replicated(removed).await
     }
 
     /// [`invalidate_prefix`](Self::invalidate_prefix), marking entries stale
@@ -528,7 +530,8 @@ where
                 "empty prefix; use invalidate_all",
             ));
         }
-        self.prefix_walk(prefix, true).await
+        let marked = self.prefix_walk(prefix, true).await?;
+        self.replicated(marked).await
     }
 
     /// Removes every entry of this handle's namespace, and its tag indexes.
@@ -542,7 +545,7 @@ where
         let mut pattern = glob_escape(&namespace_prefix(&self.config.namespace));
         pattern.push_str("#tag*");
         self.unlink_matching(pattern).await?;
-        Ok(removed)
+        self.replicated(removed).await
     }
 
     /// Marks every entry of this handle's namespace stale, fencing fills as
@@ -555,7 +558,15 @@ where
     /// # Ok(()) }
     /// ```
     pub async fn soft_invalidate_all(&self) -> Result<u64, FenceError> {
-        self.prefix_walk("", true).await
+        let marked = self.prefix_walk("", true).await?;
+        self.replicated(marked).await
+    }
+
+    /// With [`FenceCache::replicated_fences`](crate::FenceCache::replicated_fences),
+    /// waits for the replicas to acknowledge an invalidation's writes.
+    async fn replicated(&self, count: u64) -> Result<u64, FenceError> {
+        self.shared.store.wait_replicated().await?;
+        Ok(count)
     }
 
     /// UNLINKs every key matching a SCAN pattern, on every node. Returns how
@@ -590,7 +601,8 @@ where
     /// fill lease of the namespace first (fills of untagged keys then don't
     /// store either; their waiters look again).
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
-        self.tag_walk(tag, false).await
+        let removed = self.tag_walk(tag, false).await?;
+        self.replicated(removed).await
     }
 
     /// [`invalidate_tag`](Self::invalidate_tag), marking entries stale
@@ -598,7 +610,8 @@ where
     /// from a cursor, so entries that are added, stored again or expire
     /// while it pages never make it skip one.
     pub async fn soft_invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
-        self.tag_walk(tag, true).await
+        let marked = self.tag_walk(tag, true).await?;
+        self.replicated(marked).await
     }
 
     /// Applies an [`Invalidation`] (as the invalidation queue's worker does).

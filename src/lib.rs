@@ -136,6 +136,8 @@ mod queue;
 mod response;
 mod revalidate;
 mod scripts;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 mod service;
 mod shared;
 mod stats;
@@ -159,6 +161,8 @@ pub use queue::{
     ConsumerStats, DeadLetter, InvalidationQueue, InvalidationWorker, QueueStats, WorkerHandle,
     WorkerStats,
 };
+#[cfg(feature = "sentinel")]
+pub use sentinel::SentinelConnection;
 pub use service::{Fence, ResponseFuture};
 pub use stats::{BreakerState, Stats};
 

@@ -97,6 +97,9 @@ pub(crate) enum Source {
     /// the client forwards to the listener running now.
     #[cfg(feature = "cluster-async")]
     Cluster(Box<redis::cluster::ClusterClient>, Forward),
+    /// The master a Sentinel names, followed across failovers.
+    #[cfg(feature = "sentinel")]
+    Sentinel(crate::sentinel::SentinelConnection),
 }
 
 /// Hands a cluster connection's pushes to the listener that opened it.

@@ -261,6 +261,11 @@ pub(crate) struct Store<C> {
     pub(crate) commands: AtomicU64,
     /// Added to this process's clock (tests play a host whose clock is off).
     skew_ms: AtomicI64,
+    /// `WAIT` after each invalidation: how many replicas must acknowledge
+    /// (0: no `WAIT`), and for how long it waits
+    /// (`FenceCache::replicated_fences`).
+    wait_replicas: std::sync::atomic::AtomicU32,
+    wait_ms: AtomicU64,
     /// Reaches every primary for walks when the connection is not a
     /// `ClusterConnection` itself (`FenceCache::cluster_wake_ups`).
     #[cfg(feature = "cluster-async")]
@@ -304,6 +309,8 @@ where
             errors: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             skew_ms: AtomicI64::new(0),
+            wait_replicas: std::sync::atomic::AtomicU32::new(0),
+            wait_ms: AtomicU64::new(0),
             #[cfg(feature = "cluster-async")]
             walk_client: std::sync::OnceLock::new(),
             #[cfg(feature = "cluster-async")]
@@ -379,6 +386,46 @@ where
     pub(crate) fn set_timeout(&self, timeout: Duration) {
         self.timeout_ms
             .store(duration_ms(timeout).max(1), Ordering::Relaxed);
+    }
+
+    /// Has every invalidation wait until `replicas` replicas acknowledged
+    /// its writes, at most `timeout` (0 replicas: no waiting).
+    pub(crate) fn set_replicated(&self, replicas: u32, timeout: Duration) {
+        self.wait_ms
+            .store(duration_ms(timeout).max(1), Ordering::Relaxed);
+        self.wait_replicas.store(replicas, Ordering::Relaxed);
+    }
+
+    /// `WAIT <replicas> <ms>` over the connection that wrote an
+    /// invalidation (on a Redis Cluster, redis-rs sends it to every primary
+    /// and keeps the smallest count): `Ok` at once when not asked for, or
+    /// when enough replicas acknowledged every write sent before it on the
+    /// connection; else a not-replicated error.
+    pub(crate) async fn wait_replicated(&self) -> Result<(), FenceError> {
+        let wanted = self.wait_replicas.load(Ordering::Relaxed);
+        if wanted == 0 {
+            return Ok(());
+        }
+        if !self.breaker.allow() {
+            return Err(FenceError::circuit_open());
+        }
+        let wait = Duration::from_millis(self.wait_ms.load(Ordering::Relaxed));
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed)) + wait;
+        self.commands.fetch_add(1, Ordering::Relaxed);
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(wanted).arg(duration_ms(wait).max(1));
+        let mut conn = self.conn.clone();
+        let started = std::time::Instant::now();
+        let result: Result<i64, FenceError> = timed(timeout, cmd.query_async(&mut conn)).await;
+        crate::metrics::redis_call("wait", started.elapsed(), result.is_ok());
+        let acked = result.inspect_err(|_| {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        })?;
+        let acked = u64::try_from(acked).unwrap_or(0);
+        if acked < u64::from(wanted) {
+            return Err(FenceError::not_replicated(acked, wanted));
+        }
+        Ok(())
     }
 
     /// Runs one Redis call under the timeout and the breaker.

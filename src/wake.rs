@@ -68,13 +68,62 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     match source {
-        Source::Single(client) => listen_single(client, shared).await,
+        Source::Single(client) => listen_single(Master::Fixed(client), shared).await,
+        #[cfg(feature = "sentinel")]
+        Source::Sentinel(conn) => listen_single(Master::Sentinel(conn), shared).await,
         #[cfg(feature = "cluster-async")]
         Source::Cluster(client, forward) => listen_cluster(*client, forward, shared).await,
     }
 }
 
-async fn listen_single<C>(client: redis::Client, shared: Weak<Shared<C>>)
+/// Where a single-server listener connects: one address, or the master a
+/// Sentinel names (looked up at each connection, and the subscription
+/// moved when the master changes).
+enum Master {
+    Fixed(redis::Client),
+    #[cfg(feature = "sentinel")]
+    Sentinel(crate::sentinel::SentinelConnection),
+}
+
+impl Master {
+    fn client(&self) -> redis::Client {
+        match self {
+            Self::Fixed(client) => client.clone(),
+            #[cfg(feature = "sentinel")]
+            Self::Sentinel(conn) => conn.master_client(),
+        }
+    }
+
+    /// Told when the master changes (never for a fixed address).
+    fn moves(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match self {
+            Self::Fixed(_) => None,
+            #[cfg(feature = "sentinel")]
+            Self::Sentinel(conn) => Some(conn.subscribe()),
+        }
+    }
+
+    /// The connection failed: have a Sentinel connection look for the
+    /// master now.
+    fn failed(&self) {
+        #[cfg(feature = "sentinel")]
+        if let Self::Sentinel(conn) = self {
+            conn.nudge();
+        }
+    }
+}
+
+/// Resolves when the master moves; never for a fixed address.
+async fn moved(moves: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    if let Some(rx) = moves
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending::<()>().await
+}
+
+async fn listen_single<C>(master: Master, shared: Weak<Shared<C>>)
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
@@ -87,10 +136,15 @@ where
         );
     }
     let mut backoff = Duration::from_millis(50);
+    let mut moves = master.moves();
     loop {
         if shared.strong_count() == 0 {
             return;
         }
+        if let Some(rx) = moves.as_mut() {
+            rx.borrow_and_update();
+        }
+        let client = master.client();
         match timed(client.get_async_pubsub()).await {
             Ok(pubsub) => {
                 backoff = Duration::from_millis(50);
@@ -113,6 +167,11 @@ where
                         () = interests.changed.notified() => {
                             synced = sync_single(&mut sink, &interests, &mut subscribed).await;
                         }
+                        () = moved(&mut moves) => {
+                            tracing::info!("wake-up subscription: the master moved; subscribing there");
+                            backoff = Duration::ZERO;
+                            break;
+                        }
                         () = tokio::time::sleep(Duration::from_secs(5)) => {
                             if shared.strong_count() == 0 {
                                 return;
@@ -121,13 +180,19 @@ where
                     }
                 }
                 tracing::debug!("wake-up subscription lost, reconnecting");
+                master.failed();
             }
             Err(err) => {
                 tracing::debug!(error = %err, "wake-up subscription failed, retrying");
+                master.failed();
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        // A move (the Sentinel named a new master) ends the wait early.
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = moved(&mut moves) => {}
+        }
+        backoff = (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
     }
 }
 

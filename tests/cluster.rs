@@ -1183,3 +1183,55 @@ async fn a_prefix_walk_across_a_primary_failover_completes_or_names_the_node() {
         }
     }
 }
+
+/// `replicated_fences` on a cluster with replicas: redis-rs sends each
+/// invalidation's `WAIT` to every primary (keeping the smallest count), so
+/// the call succeeds while every primary has a replica acknowledging, and
+/// says not-replicated, applied on the primary, once one has none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicated_fences_on_a_cluster_wait_on_every_primary() {
+    let mut cluster = RedisCluster::with(3, 1, 5000);
+    let world = World::default();
+    let fence = FenceCache::new(cluster.connection().await)
+        .replicated_fences(1, Duration::from_millis(300))
+        .layer()
+        .namespace(NS);
+    let handle = fence.handle();
+    let app = Router::new()
+        .route("/{*path}", get(origin).layer(fence))
+        .with_state(world.clone());
+    let addr = support::serve(app).await;
+    let http = Http::new();
+    let paths: Vec<String> = (0..10).map(|i| format!("/w/{i}")).collect();
+    warm(&http, addr, &paths).await;
+    for node in cluster.nodes() {
+        node.reset_stats();
+    }
+    for p in &paths[..5] {
+        assert_eq!(handle.invalidate_path(p).await.unwrap(), 1);
+    }
+    for primary in cluster.primaries() {
+        assert_eq!(
+            primary.command_count("wait"),
+            5,
+            "one WAIT per primary and call"
+        );
+    }
+    let replica = (0..cluster.nodes().len())
+        .find(|&i| {
+            cluster.nodes()[i]
+                .cli(&["INFO", "replication"])
+                .contains("role:slave")
+        })
+        .unwrap();
+    cluster.kill(replica);
+    for p in &paths[5..] {
+        let err = handle.invalidate_path(p).await.unwrap_err();
+        assert!(err.is_not_replicated(), "{err}");
+    }
+    assert_eq!(
+        hits(&http, addr, &paths).await,
+        0,
+        "every invalidation applied on its primary"
+    );
+}

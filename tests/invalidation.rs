@@ -1070,3 +1070,86 @@ async fn prefix_fences_stay_bounded_by_folding_into_a_namespace_fence() {
     assert_eq!(get(&svc, "/f/1/x").await.0, "MISS");
     assert_eq!(get(&svc, "/f/1/x").await.0, "HIT");
 }
+
+/// Waits until `replica` has every write of `master`.
+async fn replicated(master: &RedisServer, replica: &RedisServer) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let offset =
+            support::info_field(&master.cli(&["INFO", "replication"]), "master_repl_offset");
+        let info = replica.cli(&["INFO", "replication"]);
+        if info.contains("master_link_status:up")
+            && support::info_field(&info, "slave_repl_offset") == offset
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the replica did not catch up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The keys of `redis` matching `pattern` that contain `part`.
+fn keys_with(redis: &RedisServer, pattern: &str, part: &str) -> usize {
+    redis
+        .cli(&["KEYS", pattern])
+        .lines()
+        .filter(|k| k.contains(part))
+        .count()
+}
+
+/// `FenceCache::replicated_fences(1, …)`: an invalidation returns once a
+/// replica acknowledged its writes, so the replica already holds the fence
+/// and not the entry when the call returns; with no replica it returns a
+/// not-replicated error, the invalidation applied on the master, and
+/// applying it again once a replica is back succeeds. Off by default: no
+/// `WAIT` is sent.
+#[tokio::test(flavor = "multi_thread")]
+async fn replicated_fences_wait_for_a_replica_and_say_when_none_acknowledged() {
+    let master = RedisServer::new();
+    let mut replica =
+        RedisServer::with_args(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    let world = World::default();
+    let plain = layer(&master, "rep:").await;
+    let svc = fence(&plain, &world);
+    for path in ["/a", "/b", "/c"] {
+        assert_eq!(get(&svc, path).await.0, "MISS");
+    }
+    replicated(&master, &replica).await;
+    let handle = FenceCache::new(master.connection_manager().await)
+        .replicated_fences(1, Duration::from_millis(500))
+        .namespace("rep:")
+        .handle();
+
+    master.reset_stats();
+    assert_eq!(plain.handle().invalidate_path("/a").await.unwrap(), 1);
+    assert_eq!(master.command_count("wait"), 0, "off by default");
+
+    assert_eq!(handle.invalidate_path("/b").await.unwrap(), 1);
+    assert_eq!(master.command_count("wait"), 1);
+    // No waiting here: WAIT returned after the replica acknowledged.
+    assert_eq!(
+        keys_with(&replica, "rep:|*:fence", "/b"),
+        1,
+        "the fence replicated"
+    );
+    assert_eq!(
+        count_entries(&replica, "rep:|/b:*"),
+        0,
+        "the entry deleted on the replica"
+    );
+
+    replica.stop();
+    let err = handle.invalidate_path("/c").await.unwrap_err();
+    assert!(err.is_not_replicated(), "{err}");
+    assert_eq!(
+        count_entries(&master, "rep:|/c:*"),
+        0,
+        "applied on the master"
+    );
+    assert_eq!(keys_with(&master, "rep:|*:fence", "/c"), 1);
+
+    replica.start();
+    replicated(&master, &replica).await;
+    assert_eq!(handle.invalidate_path("/c").await.unwrap(), 0);
+    assert_eq!(keys_with(&replica, "rep:|*:fence", "/c"), 1);
+}

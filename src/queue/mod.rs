@@ -398,4 +398,25 @@ where
     pub fn worker(&self, client: Client) -> InvalidationWorker<C> {
         InvalidationWorker::new(self.clone(), client)
     }
+
+    /// A worker whose blocking reads go to the master `conn` follows
+    /// (feature `sentinel`): after a failover it reads from the new master
+    /// (it looks the master up again whenever its connection fails, and
+    /// the queue's own commands go through the queue's connection, which
+    /// should be `conn` or a clone of it).
+    ///
+    /// ```no_run
+    /// # async fn doc(conn: cachefence::SentinelConnection) {
+    /// let cache = cachefence::FenceCache::new(conn.clone());
+    /// let queue = cache.handle().queue();
+    /// tokio::spawn(queue.sentinel_worker(&conn).run());
+    /// # }
+    /// ```
+    #[cfg(feature = "sentinel")]
+    pub fn sentinel_worker(
+        &self,
+        conn: &crate::sentinel::SentinelConnection,
+    ) -> InvalidationWorker<C> {
+        InvalidationWorker::following(self.clone(), conn)
+    }
 }

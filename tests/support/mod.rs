@@ -9,6 +9,8 @@ pub mod cluster;
 pub mod gate;
 pub mod origin;
 pub mod procs;
+#[cfg(feature = "sentinel")]
+pub mod sentinel;
 
 #[cfg(feature = "cluster-async")]
 #[allow(unused_imports)]
@@ -391,6 +393,13 @@ fn ensure_redis_server_installed() {
     if !found {
         panic!("{REDIS_NOT_FOUND}");
     }
+}
+
+/// The number after `field:` in an `INFO` reply.
+pub fn info_field(info: &str, field: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn nanos_since_epoch() -> u128 {

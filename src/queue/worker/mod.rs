@@ -86,6 +86,9 @@ pub struct InvalidationWorker<C> {
     concurrency: usize,
     dead_letter_limit: usize,
     control: Arc<Control>,
+    /// Reads go to the master this connection follows (Sentinel).
+    #[cfg(feature = "sentinel")]
+    sentinel: Option<crate::sentinel::SentinelConnection>,
 }
 
 impl<C> fmt::Debug for InvalidationWorker<C> {
@@ -130,7 +133,20 @@ where
                 shutdown,
                 running: AtomicBool::new(false),
             }),
+            #[cfg(feature = "sentinel")]
+            sentinel: None,
         }
+    }
+
+    /// A worker whose reads go to the master `conn` follows.
+    #[cfg(feature = "sentinel")]
+    pub(super) fn following(
+        queue: InvalidationQueue<C>,
+        conn: &crate::sentinel::SentinelConnection,
+    ) -> Self {
+        let mut worker = Self::new(queue, conn.master_client());
+        worker.sentinel = Some(conn.clone());
+        worker
     }
 
     /// The consumer name, unique per worker (default

@@ -125,6 +125,10 @@ where
         &self,
         redirect: Option<(String, u16)>,
     ) -> Result<(Client, Option<(String, u16)>), FenceError> {
+        #[cfg(feature = "sentinel")]
+        if let Some(conn) = &self.sentinel {
+            return Ok((conn.master_client(), None));
+        }
         if !self.queue.handle.is_cluster() {
             return Ok((self.client.clone(), None));
         }

@@ -400,9 +400,26 @@ where
     /// Sleeps, cut short by shutdown.
     async fn sleep(&self, duration: Duration) {
         let mut rx = self.control.shutdown.subscribe();
+        // Following a Sentinel: the master moving ends the wait.
+        #[cfg(feature = "sentinel")]
+        let mut moves = self.sentinel.as_ref().map(|conn| {
+            conn.nudge();
+            conn.subscribe()
+        });
+        #[cfg(not(feature = "sentinel"))]
+        let mut moves: Option<tokio::sync::watch::Receiver<u64>> = None;
+        let moved = async {
+            if let Some(rx) = moves.as_mut()
+                && rx.changed().await.is_ok()
+            {
+                return;
+            }
+            std::future::pending::<()>().await
+        };
         tokio::select! {
             () = tokio::time::sleep(duration) => {}
             _ = rx.wait_for(|stop| *stop) => {}
+            () = moved => {}
         }
     }
 }

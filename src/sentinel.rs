@@ -1,0 +1,318 @@
+//! [`SentinelConnection`]: a connection to the master a Redis Sentinel
+//! names, which moves to the new master after a failover (feature
+//! `sentinel`).
+//!
+//! redis-rs has no `ConnectionManager` for Sentinel: a connection made
+//! once from `SentinelClient` keeps talking to the old master. This one
+//! holds a multiplexed connection to the current master and a watcher task
+//! that asks the Sentinels which master to use (every second, and at once
+//! after a command failed because the connection broke or the node is no
+//! longer a master), and reconnects when the answer changes.
+
+use std::fmt;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, MultiplexedConnection};
+use redis::sentinel::SentinelClient;
+use redis::{AsyncConnectionConfig, Client, Cmd, Pipeline, RedisError, RedisFuture, Value};
+use tokio::sync::{Mutex, Notify, watch};
+
+/// How often the watcher asks the Sentinels for the master when nothing
+/// failed.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest time between two checks (a burst of failures asks once).
+const MIN_GAP: Duration = Duration::from_millis(100);
+/// The bound of one Sentinel query or one connection attempt.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An async connection to the master of a Sentinel-managed Redis that
+/// follows failovers: use it as the cache's connection
+/// ([`FenceCache::new`](crate::FenceCache::new)), and give it to
+/// [`FenceCache::sentinel_wake_ups`](crate::FenceCache::sentinel_wake_ups)
+/// and [`InvalidationQueue::sentinel_worker`](crate::InvalidationQueue::sentinel_worker)
+/// so that wake-ups and the queue worker follow the master too
+/// (feature `sentinel`).
+///
+/// A watcher task asks the Sentinels for the master every second, and at
+/// once when a command fails because the connection broke or the node
+/// answers `READONLY` (it was demoted); when the master changed (or the
+/// connection broke), it connects to the one they name and every clone
+/// sends its next commands there. Commands sent while the master is down
+/// fail (the cache then fails open, as with any Redis outage); nothing is
+/// retried here. The watcher ends when the last clone is dropped.
+///
+/// Cloning is cheap: every clone shares the connection and the watcher.
+///
+/// # Example
+///
+/// ```no_run
+/// use cachefence::{FenceCache, SentinelConnection};
+/// use redis::sentinel::{SentinelClient, SentinelServerType};
+///
+/// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+/// let sentinels = vec!["redis://10.0.0.1:26379/", "redis://10.0.0.2:26379/", "redis://10.0.0.3:26379/"];
+/// let client = SentinelClient::build(sentinels, "mymaster".to_owned(), None, SentinelServerType::Master)?;
+/// let conn = SentinelConnection::connect(client).await?;
+/// let cache = FenceCache::new(conn.clone())
+///     .namespace("shop:")
+///     .sentinel_wake_ups(&conn);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SentinelConnection {
+    inner: Arc<Inner>,
+    db: i64,
+}
+
+struct Inner {
+    sentinel: Mutex<SentinelClient>,
+    current: RwLock<Current>,
+    config: AsyncConnectionConfig,
+    /// Asks the watcher to check now.
+    check: Notify,
+    /// How many times the connection moved (to a new master, or to the
+    /// same one after it broke).
+    moved: watch::Sender<u64>,
+}
+
+#[derive(Clone)]
+struct Current {
+    client: Client,
+    conn: MultiplexedConnection,
+    /// A command failed in a way that needs a new connection.
+    broken: bool,
+}
+
+impl fmt::Debug for SentinelConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelConnection")
+            .field("master", &self.master_client().get_connection_info().addr())
+            .field("moves", &self.moves())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SentinelConnection {
+    /// Asks the Sentinels of `sentinel` (a `SentinelClient` built for
+    /// `SentinelServerType::Master`) for the master, connects to it, and
+    /// starts the watcher on the current Tokio runtime.
+    ///
+    /// ```no_run
+    /// # async fn doc() -> redis::RedisResult<()> {
+    /// use redis::sentinel::{SentinelClient, SentinelServerType};
+    /// let client = SentinelClient::build(vec!["redis://127.0.0.1:26379/"], "mymaster".to_owned(), None, SentinelServerType::Master)?;
+    /// let conn = cachefence::SentinelConnection::connect(client).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(sentinel: SentinelClient) -> redis::RedisResult<Self> {
+        Self::connect_with_config(sentinel, AsyncConnectionConfig::new()).await
+    }
+
+    /// [`connect`](Self::connect) with the settings of the master
+    /// connections (connection and response timeouts).
+    ///
+    /// ```no_run
+    /// # async fn doc(client: redis::sentinel::SentinelClient) -> redis::RedisResult<()> {
+    /// use std::time::Duration;
+    /// let config = redis::AsyncConnectionConfig::new()
+    ///     .set_connection_timeout(Some(Duration::from_millis(500)));
+    /// let conn = cachefence::SentinelConnection::connect_with_config(client, config).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_with_config(
+        mut sentinel: SentinelClient,
+        config: AsyncConnectionConfig,
+    ) -> redis::RedisResult<Self> {
+        let client = sentinel.async_get_client().await?;
+        let conn = client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let db = conn.get_db();
+        let inner = Arc::new(Inner {
+            sentinel: Mutex::new(sentinel),
+            current: RwLock::new(Current {
+                client,
+                conn,
+                broken: false,
+            }),
+            config,
+            check: Notify::new(),
+            moved: watch::Sender::new(0),
+        });
+        tokio::spawn(watch_master(Arc::downgrade(&inner)));
+        Ok(Self { inner, db })
+    }
+
+    /// A client for the current master (with the settings the
+    /// `SentinelClient` gives its nodes: user, password, TLS, database).
+    ///
+    /// ```no_run
+    /// # fn doc(conn: cachefence::SentinelConnection) {
+    /// println!("master: {}", conn.master_client().get_connection_info().addr());
+    /// # }
+    /// ```
+    pub fn master_client(&self) -> Client {
+        self.inner.current().client
+    }
+
+    /// How many times the connection moved: to a new master after a
+    /// failover, or to the same address after its connection broke.
+    ///
+    /// ```no_run
+    /// # fn doc(conn: cachefence::SentinelConnection) {
+    /// assert_eq!(conn.moves(), 0);
+    /// # }
+    /// ```
+    pub fn moves(&self) -> u64 {
+        *self.inner.moved.borrow()
+    }
+
+    /// Told each time the connection moves.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.moved.subscribe()
+    }
+
+    /// Asks the watcher to check the master now.
+    pub(crate) fn nudge(&self) {
+        self.inner.check.notify_one();
+    }
+
+    /// The current master's connection.
+    fn conn(&self) -> MultiplexedConnection {
+        self.inner.current().conn
+    }
+
+    /// Has the watcher look for the master at once if `result` says the
+    /// connection or the node can't serve it.
+    fn after<T>(&self, result: &redis::RedisResult<T>) {
+        if let Err(err) = result
+            && needs_new_master(err)
+        {
+            self.inner.failed();
+        }
+    }
+}
+
+/// Whether `err` means the connection or the node can't serve the master
+/// any more: the connection broke or was refused, or the node is a
+/// replica now (`READONLY`, `MASTERDOWN`).
+fn needs_new_master(err: &RedisError) -> bool {
+    err.is_unrecoverable_error()
+        || err.is_connection_dropped()
+        || err.is_connection_refusal()
+        || err.is_io_error()
+        || matches!(err.code(), Some("READONLY" | "MASTERDOWN"))
+        || err.to_string().contains("READONLY")
+}
+
+impl Inner {
+    fn current(&self) -> Current {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn failed(&self) {
+        match self.current.write() {
+            Ok(mut current) => current.broken = true,
+            Err(poisoned) => poisoned.into_inner().broken = true,
+        }
+        self.check.notify_one();
+    }
+
+    /// Asks the Sentinels for the master; reconnects if it changed or the
+    /// connection broke.
+    async fn check(&self) -> redis::RedisResult<()> {
+        let client = {
+            let mut sentinel = self.sentinel.lock().await;
+            bounded(sentinel.async_get_client()).await?
+        };
+        let current = self.current();
+        let same =
+            client.get_connection_info().addr() == current.client.get_connection_info().addr();
+        if same && !current.broken {
+            return Ok(());
+        }
+        let conn =
+            bounded(client.get_multiplexed_async_connection_with_config(&self.config)).await?;
+        let address = client.get_connection_info().addr().to_string();
+        {
+            let mut slot = match self.current.write() {
+                Ok(slot) => slot,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            *slot = Current {
+                client,
+                conn,
+                broken: false,
+            };
+        }
+        self.moved.send_modify(|n| *n += 1);
+        if same {
+            tracing::info!(master = %address, "sentinel connection: reconnected to the master");
+        } else {
+            tracing::warn!(master = %address, "sentinel connection: following the new master");
+        }
+        Ok(())
+    }
+}
+
+/// The watcher: checks every [`CHECK_INTERVAL`], or when nudged, at most
+/// once per [`MIN_GAP`]; ends when the last connection is dropped.
+async fn watch_master(inner: Weak<Inner>) {
+    loop {
+        let Some(strong) = inner.upgrade() else {
+            return;
+        };
+        if let Err(err) = strong.check().await {
+            tracing::debug!(error = %err, "sentinel connection: asking for the master failed");
+            // Keep looking soon while the master is unknown or unreachable.
+            strong.check.notify_one();
+        }
+        tokio::time::sleep(MIN_GAP).await;
+        let _ = tokio::time::timeout(CHECK_INTERVAL, strong.check.notified()).await;
+    }
+}
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> redis::RedisResult<T> {
+    match tokio::time::timeout(CALL_TIMEOUT, call).await {
+        Ok(result) => result,
+        Err(_) => Err(RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "sentinel connection: call timed out",
+        ))),
+    }
+}
+
+impl ConnectionLike for SentinelConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let mut conn = self.conn();
+            let result = conn.req_packed_command(cmd).await;
+            self.after(&result);
+            result
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let mut conn = self.conn();
+            let result = conn.req_packed_commands(pipeline, offset, count).await;
+            self.after(&result);
+            result
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.db
+    }
+}
