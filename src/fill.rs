@@ -24,7 +24,7 @@ use crate::response::{from_entry, plain_response};
 use crate::shared::Ctx;
 use crate::shared::Shared;
 use crate::stats::Counters;
-use crate::store::{Acquired, StoreArgs, WriteBack};
+use crate::store::{AcquireArgs, Acquired, StoreArgs, WriteBack};
 use crate::wait::Backoff;
 
 /// Why a fill runs.
@@ -169,18 +169,18 @@ where
         let lease = lease_of(&key);
         let acquired = shared
             .store
-            .acquire(
-                &key,
-                &lease,
-                &token,
-                config.lock_timeout,
+            .acquire(AcquireArgs {
+                key: &key,
+                lease: &lease,
+                token: &token,
+                lease_for: config.lock_timeout,
                 refresh,
-                job.decided_on.filter(|_| !redirected && !repairing),
+                decided_on: job.decided_on.filter(|_| !redirected && !repairing),
                 // A waiter that can be woken asks the fill to publish.
-                shared.wake_client.get().is_some(),
+                listening: shared.wake_client.get().is_some(),
                 // A stale copy in hand needs no second one from Redis.
-                job.stale.is_some(),
-            )
+                have_stale: job.stale.is_some(),
+            })
             .await;
         if !matches!(acquired, Ok(Acquired::Held(_)))
             && let Some(started) = wait_started.take()

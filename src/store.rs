@@ -153,6 +153,23 @@ pub(crate) enum Acquired {
     Held(Duration),
 }
 
+/// A lookup that takes the fill lease when it finds nothing fresh.
+pub(crate) struct AcquireArgs<'a> {
+    pub(crate) key: &'a str,
+    pub(crate) lease: &'a str,
+    pub(crate) token: &'a str,
+    /// How long the lease lives.
+    pub(crate) lease_for: Duration,
+    /// Take the lease whatever is stored (a refresh, a repair).
+    pub(crate) refresh: bool,
+    /// The `stored` time of the entry a background refresh was decided on.
+    pub(crate) decided_on: Option<u64>,
+    /// The caller listens for wake-ups: a `held` reply marks the lease.
+    pub(crate) listening: bool,
+    /// The caller holds the stale entry already: `won` need not carry it.
+    pub(crate) have_stale: bool,
+}
+
 /// A write of one entry.
 pub(crate) struct StoreArgs<'a> {
     pub(crate) entry_key: &'a str,
@@ -486,30 +503,21 @@ where
         }
     }
 
-    pub(crate) async fn acquire(
-        &self,
-        key: &str,
-        lease: &str,
-        token: &str,
-        lease_for: Duration,
-        refresh: bool,
-        decided_on: Option<u64>,
-        listening: bool,
-        have_stale: bool,
-    ) -> Result<Acquired, FenceError> {
+    /// Runs the ACQUIRE script (see its documentation).
+    pub(crate) async fn acquire(&self, args: AcquireArgs<'_>) -> Result<Acquired, FenceError> {
         let value: Value = self
             .run("acquire", |mut c| {
                 let script = &self.scripts.acquire;
-                let mut inv = script.key(key);
-                inv.key(lease)
-                    .arg(token)
-                    .arg(duration_ms(lease_for).max(1))
+                let mut inv = script.key(args.key);
+                inv.key(args.lease)
+                    .arg(args.token)
+                    .arg(duration_ms(args.lease_for).max(1))
                     .arg(self.now_ms())
-                    .arg(if refresh { "refresh" } else { "fill" })
+                    .arg(if args.refresh { "refresh" } else { "fill" })
                     .arg(FORMAT_VERSION)
-                    .arg(decided_on.map_or_else(String::new, |s| s.to_string()))
-                    .arg(if listening { "1" } else { "0" })
-                    .arg(if have_stale { "1" } else { "0" });
+                    .arg(args.decided_on.map_or_else(String::new, |s| s.to_string()))
+                    .arg(if args.listening { "1" } else { "0" })
+                    .arg(if args.have_stale { "1" } else { "0" });
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;

@@ -392,10 +392,12 @@ async fn cluster_server() {
     let app = Router::new()
         .route(
             "/admin/delay/{ms}",
-            get(|State(world): State<World>, Path(ms): Path<u64>| async move {
-                world.delay_ms.store(ms, Ordering::SeqCst);
-                "ok"
-            }),
+            get(
+                |State(world): State<World>, Path(ms): Path<u64>| async move {
+                    world.delay_ms.store(ms, Ordering::SeqCst);
+                    "ok"
+                },
+            ),
         )
         .route(
             "/admin/stats",
@@ -454,7 +456,10 @@ async fn total_calls(http: &Http, addrs: &[SocketAddr]) -> usize {
 
 async fn set_delay(http: &Http, addrs: &[SocketAddr], ms: u64) {
     for &addr in addrs {
-        assert_eq!(http.get(addr, &format!("/admin/delay/{ms}")).await.text(), "ok");
+        assert_eq!(
+            http.get(addr, &format!("/admin/delay/{ms}")).await.text(),
+            "ok"
+        );
     }
 }
 
@@ -484,17 +489,21 @@ async fn woken_remote_wait_across_processes(
         let (http, path) = (http.clone(), path.to_owned());
         tokio::spawn(async move { http.get(a, &path).await.text() })
     };
-    eventually_async("A's fill to call the origin", Duration::from_secs(10), || async {
-        proc_stats(http, a).await.calls == sa.calls + 1
-    })
+    eventually_async(
+        "A's fill to call the origin",
+        Duration::from_secs(10),
+        || async { proc_stats(http, a).await.calls == sa.calls + 1 },
+    )
     .await;
     let waiter = {
         let (http, path) = (http.clone(), path.to_owned());
         tokio::spawn(async move { http.get(b, &path).await.text() })
     };
-    eventually_async("B to wait on A's lease", Duration::from_secs(10), || async {
-        proc_stats(http, b).await.remote_waits == sb.remote_waits + 1
-    })
+    eventually_async(
+        "B to wait on A's lease",
+        Duration::from_secs(10),
+        || async { proc_stats(http, b).await.remote_waits == sb.remote_waits + 1 },
+    )
     .await;
     let expected = format!("0 {path}");
     assert_eq!(leader.await.unwrap(), expected);
