@@ -407,6 +407,67 @@ mod tests {
         }
     }
 
+    /// The values `HMGET <key> LOOKUP_FIELDS...` returns for these fields.
+    fn values(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<Option<Bytes>> {
+        LOOKUP_FIELDS
+            .iter()
+            .map(|name| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == name.as_bytes())
+                    .map(|(_, v)| Bytes::from(v.clone()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hmget_values_decode_as_the_hash_does_and_are_not_copied() {
+        let e = sample();
+        let values = values(&fields(&e));
+        let body_at = values[BODY].as_ref().unwrap().as_ptr();
+        let hdrs = values[HDRS].clone().unwrap();
+        let Record::Entry(back) = Record::from_raw(Raw::from_values(values), 0) else {
+            panic!("not an entry")
+        };
+        assert_eq!(
+            (back.status, &back.headers, &back.body, back.delta),
+            (e.status, &e.headers, &e.body, e.delta)
+        );
+        // The body and the header values are the reply's bytes.
+        assert_eq!(back.body.as_ptr(), body_at);
+        let within = |p: *const u8| hdrs.as_ptr_range().contains(&p);
+        assert!(back.headers.values().all(|v| within(v.as_bytes().as_ptr())));
+        // Every field a hit reads is one HMGET asks for; nothing else.
+        let all: Vec<&str> = e.to_fields("/k", "t").iter().map(|(k, _)| *k).collect();
+        for name in LOOKUP_FIELDS {
+            assert!(all.contains(&name) || ["pass", "vary", "retry"].contains(&name));
+        }
+        // A key that is not there: HMGET answers nils.
+        assert!(matches!(
+            Record::from_raw(Raw::from_values(vec![None; 12]), 0),
+            Record::Missing
+        ));
+    }
+
+    #[test]
+    fn numbers_are_plain_decimal_digits() {
+        assert_eq!(parse_u64(b"0"), Some(0));
+        assert_eq!(parse_u64(b"1700000000123"), Some(1_700_000_000_123));
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"+1",
+            b"-1",
+            b" 1",
+            b"1 ",
+            b"1e3",
+            b"x",
+        ] {
+            assert_eq!(parse_u64(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
     #[test]
     fn an_active_pass_marker_wins_over_an_entry() {
         let mut f = fields(&sample());

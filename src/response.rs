@@ -183,3 +183,15 @@ pub(crate) fn mark(
         cache_status::mark(id, headers, status, entry);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_numbers_are_static_values() {
+        for n in [0, 7, 9, 10, 42, 99, 100, 12_345, u64::MAX] {
+            assert_eq!(small_number(n), n.to_string().as_str());
+        }
+    }
+}
