@@ -12,7 +12,9 @@
 //! Options: `--svg PATH` (where the chart goes; `--no-svg` for none),
 //! `--conc N` (connections, default 50), `--reps N`, `--secs S` (seconds
 //! per measured run), `--only WORKLOAD[,WORKLOAD]` (`hits`, `zipf`, `cold`,
-//! `large`), `--arms ARM[,ARM]`.
+//! `large`), `--arms ARM[,ARM]`, `--split-large` (the `fence` arm serves the
+//! 1 MiB route through a cache of its own, with its own Redis connection:
+//! tells head-of-line blocking on the one connection from CPU contention).
 //!
 //! Uses `REDIS_URL` if set, else starts its own `redis-server` on a free
 //! port (killed at the end). The app (its Tokio runtime, 2 worker threads)
