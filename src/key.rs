@@ -488,7 +488,26 @@ pub(crate) struct EntryKey {
 }
 
 impl EntryKey {
+    /// The names of `key` in `namespace`: remembered for the hot keys of
+    /// this thread ([`KeyMemo`]), derived (escaping, SHA-256) otherwise.
     pub(crate) fn new(namespace: &str, key: &str) -> Self {
+        if namespace.len() + key.len() > KeyMemo::LONGEST {
+            return Self::derive(namespace, key);
+        }
+        KEY_MEMO.with(|memo| {
+            let mut memo = memo.borrow_mut();
+            if let Some(primary) = memo.get(namespace, key) {
+                return Self {
+                    primary: primary.to_owned(),
+                };
+            }
+            let derived = Self::derive(namespace, key);
+            memo.put(namespace, key, &derived.primary);
+            derived
+        })
+    }
+
+    fn derive(namespace: &str, key: &str) -> Self {
         let url = key.split_once('\n').map_or(key, |(url, _)| url);
         let mut primary = url_key(namespace, url);
         if url.len() < key.len() {
@@ -514,6 +533,64 @@ impl EntryKey {
     /// The set listing the variants of this entry's URL.
     pub(crate) fn variants_set(&self) -> String {
         variants_set_of(&self.primary)
+    }
+}
+
+thread_local! {
+    static KEY_MEMO: std::cell::RefCell<KeyMemo> = std::cell::RefCell::new(KeyMemo::default());
+}
+
+/// The entry keys of the cache keys this thread derived last, in a small
+/// direct-mapped table: a hot key's two SHA-256 digests and escaping are
+/// done once, not on every hit. A slot holds the namespace and key it was
+/// derived from, compared in full, so a collision is only a miss.
+#[derive(Default)]
+struct KeyMemo {
+    slots: Vec<Option<(String, String, String)>>,
+}
+
+impl KeyMemo {
+    const SLOTS: usize = 256;
+    /// Longer keys (namespace and key together, in bytes) are derived
+    /// every time: the table stays small.
+    const LONGEST: usize = 512;
+
+    fn slot(namespace: &str, key: &str) -> usize {
+        // FNV-1a: cheap, and good enough to spread keys over the slots.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in namespace
+            .as_bytes()
+            .iter()
+            .chain([0xffu8].iter())
+            .chain(key.as_bytes())
+        {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % Self::SLOTS as u64) as usize
+    }
+
+    fn get(&self, namespace: &str, key: &str) -> Option<&str> {
+        match self.slots.get(Self::slot(namespace, key))? {
+            Some((ns, k, primary)) if ns == namespace && k == key => Some(primary),
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, namespace: &str, key: &str, primary: &str) {
+        if self.slots.is_empty() {
+            self.slots.resize(Self::SLOTS, None);
+        }
+        let slot = &mut self.slots[Self::slot(namespace, key)];
+        match slot {
+            // Reuse the slot's strings.
+            Some((ns, k, p)) => {
+                for (to, from) in [(ns, namespace), (k, key), (p, primary)] {
+                    to.clear();
+                    to.push_str(from);
+                }
+            }
+            None => *slot = Some((namespace.to_owned(), key.to_owned(), primary.to_owned())),
+        }
     }
 }
 
@@ -618,6 +695,26 @@ pub(crate) fn truncate_escaped(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_entry_keys_are_the_derived_ones() {
+        let keys: Vec<String> = (0..2_000)
+            .map(|i| format!("/p/{i}?a=1\nhost:h{}", i % 7))
+            .chain([String::new(), "x".repeat(600)])
+            .collect();
+        for round in 0..3 {
+            for (i, key) in keys.iter().enumerate() {
+                let ns = if i % 2 == 0 { "a:" } else { "b:" };
+                assert_eq!(
+                    EntryKey::new(ns, key),
+                    EntryKey::derive(ns, key),
+                    "round {round}, {key:?}"
+                );
+            }
+        }
+        // The same key in two namespaces: two entries.
+        assert_ne!(EntryKey::new("a:", "/k"), EntryKey::new("b:", "/k"));
+    }
 
     fn parts(uri: &str) -> Parts {
         http::Request::get(uri).body(()).unwrap().into_parts().0
