@@ -1,5 +1,5 @@
 //! Micro-benchmarks of what a hit does in the process: derive the Redis key
-//! of a request's cache key, decode the hash `HGETALL` returned, build the
+//! of a request's cache key, decode the values `HMGET` returned, build the
 //! response.
 //!
 //! `cargo bench --bench hit_path` (criterion; `-- --quick` for a short run).
@@ -25,22 +25,31 @@ fn benches(c: &mut Criterion) {
         b.iter(|| internals::entry_key(black_box("cachefence:"), black_box(&cache_key)))
     });
     for len in [4 * 1024, 64 * 1024] {
-        let fields = internals::sample_fields(len, 1_000);
+        let values = internals::sample_values(len, 1_000);
         c.bench_function(&format!("entry/decode_{}k", len / 1024), |b| {
             b.iter_batched(
-                || fields.clone(),
-                |f| internals::decode(f, 2_000),
+                || values.clone(),
+                |v| internals::decode_values(v, 2_000),
                 BatchSize::SmallInput,
             )
         });
         c.bench_function(&format!("response/hit_{}k", len / 1024), |b| {
             b.iter_batched(
-                || fields.clone(),
-                |f| internals::hit_response(f, 2_000),
+                || values.clone(),
+                |v| internals::hit_response(v, 2_000),
                 BatchSize::SmallInput,
             )
         });
     }
+    // A script's reply (ACQUIRE finding an entry): field-value pairs.
+    let fields = internals::sample_fields(4 * 1024, 1_000);
+    c.bench_function("entry/decode_pairs_4k", |b| {
+        b.iter_batched(
+            || fields.clone(),
+            |f| internals::decode(f, 2_000),
+            BatchSize::SmallInput,
+        )
+    });
 }
 
 criterion_group!(hit_path, benches);

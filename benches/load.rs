@@ -17,7 +17,9 @@
 //! Options: `--svg PATH` (where the chart goes; `--no-svg` for none),
 //! `--conc N` (connections, default 50), `--reps N`, `--secs S` (seconds
 //! per measured run), `--only WORKLOAD[,WORKLOAD]` (`hits`, `zipf`, `cold`,
-//! `large`), `--arms ARM[,ARM]`.
+//! `large`), `--arms ARM[,ARM]`, `--split-large` (the `fence` arm serves the
+//! 1 MiB route through a cache of its own, with its own Redis connection:
+//! tells head-of-line blocking on the one connection from CPU contention).
 //!
 //! Uses `REDIS_URL` if set, else starts its own `redis-server` on a free
 //! port (killed at the end). The app (its Tokio runtime, 2 worker threads)
@@ -83,6 +85,9 @@ struct Opts {
     svg: Option<PathBuf>,
     only: Vec<String>,
     arms: Vec<Arm>,
+    /// `--split-large`: the fence arm serves `/big` through a cache of its
+    /// own (its own Redis connection), as an app can do per route.
+    split_large: bool,
 }
 
 impl Opts {
@@ -100,6 +105,7 @@ impl Opts {
             ))),
             only: Vec::new(),
             arms: Arm::ALL.to_vec(),
+            split_large: false,
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -123,6 +129,7 @@ impl Opts {
                 }
                 "--svg" => opts.svg = Some(PathBuf::from(value()?)),
                 "--no-svg" => opts.svg = None,
+                "--split-large" => opts.split_large = true,
                 "--conc" => opts.conc = value()?.parse()?,
                 "--reps" => opts.reps = value()?.parse()?,
                 "--secs" => opts.secs = value()?.parse()?,
@@ -397,6 +404,7 @@ impl App {
 struct AppSettings {
     latency: Duration,
     ttl: Duration,
+    split_large: bool,
 }
 
 async fn start_app(
@@ -406,11 +414,20 @@ async fn start_app(
     tag: &str,
 ) -> Result<App, Error> {
     let origin = Origin::new(settings.latency);
-    let routes = Router::new()
-        .route("/k/{id}", get(small))
-        .route("/big/{id}", get(large))
-        .with_state(origin.clone());
     let client = redis::Client::open(redis_url)?;
+    let mut routes = Router::new().route("/k/{id}", get(small));
+    routes = if arm == Arm::Fence && settings.split_large {
+        let big = FenceCache::new(client.get_connection_manager().await?)
+            .wake_ups(client.clone())
+            .layer()
+            .namespace(format!("{}-big-{tag}:", arm.name()))
+            .ttl(settings.ttl)
+            .body_limit(2 * 1024 * 1024);
+        routes.route("/big/{id}", get(large).layer(big))
+    } else {
+        routes.route("/big/{id}", get(large))
+    };
+    let routes = routes.with_state(origin.clone());
     let naive_calls = Arc::new(AtomicU64::new(0));
     let mut handle = None;
     let app = match arm {
@@ -1209,6 +1226,7 @@ fn main() -> Result<(), Error> {
     let instant = AppSettings {
         latency: Duration::ZERO,
         ttl: Duration::from_secs(60),
+        split_large: opts.split_large,
     };
     if opts.runs("hits") || opts.runs("large") {
         let apps = h.apps(instant, "hits")?;
@@ -1226,6 +1244,7 @@ fn main() -> Result<(), Error> {
             AppSettings {
                 latency: Duration::from_millis(20),
                 ttl: Duration::from_secs(2),
+                split_large: false,
             },
             "zipf",
         )?;
@@ -1237,6 +1256,7 @@ fn main() -> Result<(), Error> {
             AppSettings {
                 latency: Duration::from_millis(50),
                 ttl: Duration::from_secs(60),
+                split_large: false,
             },
             "cold",
         )?;

@@ -96,70 +96,130 @@ impl Entry {
     }
 }
 
+/// The fields of an entry hash a lookup reads, in the order `HMGET` asks
+/// for them (the hit's one command); [`Raw`] holds them by these indexes.
+/// The others (`gen`, `key`, `fails`) are the scripts'.
+pub(crate) const LOOKUP_FIELDS: [&str; 12] = [
+    "pass", "v", "vary", "status", "hdrs", "len", "body", "delta", "stored", "fresh", "stale",
+    "retry",
+];
+const PASS: usize = 0;
+const V: usize = 1;
+const VARY: usize = 2;
+const STATUS: usize = 3;
+const HDRS: usize = 4;
+const LEN: usize = 5;
+const BODY: usize = 6;
+const DELTA: usize = 7;
+const STORED: usize = 8;
+const FRESH: usize = 9;
+const STALE: usize = 10;
+const RETRY: usize = 11;
+
+/// The fields of a hash a lookup reads ([`LOOKUP_FIELDS`]), as the reply
+/// gave them: every value a [`Bytes`] that owns the reply's buffer, so
+/// header values and the body are slices of it, never copies.
+#[derive(Debug, Default)]
+pub(crate) struct Raw {
+    slots: [Option<Bytes>; 12],
+}
+
+impl Raw {
+    /// From `HGETALL`'s (or a script's) field-value pairs; fields a lookup
+    /// doesn't read are dropped.
+    pub(crate) fn from_pairs(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Raw {
+        let mut raw = Raw::default();
+        for (name, value) in fields {
+            if let Some(i) = LOOKUP_FIELDS.iter().position(|f| f.as_bytes() == name) {
+                raw.slots[i] = Some(Bytes::from(value));
+            }
+        }
+        raw
+    }
+
+    /// From `HMGET <key> LOOKUP_FIELDS...`'s values, in that order (`None`
+    /// for a field that is not there). Extra values are ignored.
+    pub(crate) fn from_values(values: impl IntoIterator<Item = Option<Bytes>>) -> Raw {
+        let mut raw = Raw::default();
+        for (slot, value) in raw.slots.iter_mut().zip(values) {
+            *slot = value;
+        }
+        raw
+    }
+
+    fn get(&self, i: usize) -> Option<&Bytes> {
+        self.slots[i].as_ref()
+    }
+
+    fn u64(&self, i: usize) -> Option<u64> {
+        self.get(i).and_then(|b| parse_u64(b))
+    }
+}
+
 impl Record {
     /// Reads a hash as returned by HGETALL. Anything malformed is `Missing`.
-    pub(crate) fn decode(mut fields: Vec<(Vec<u8>, Vec<u8>)>, now: u64) -> Record {
-        if fields.is_empty() {
-            return Record::Missing;
-        }
-        let get = |name: &[u8]| {
-            fields
-                .iter()
-                .find(|(k, _)| k.as_slice() == name)
-                .map(|(_, v)| v.as_slice())
-        };
-        if get(b"pass")
-            .and_then(parse_u64)
-            .is_some_and(|until| until > now)
-        {
+    pub(crate) fn decode(fields: Vec<(Vec<u8>, Vec<u8>)>, now: u64) -> Record {
+        Record::from_raw(Raw::from_pairs(fields), now)
+    }
+
+    /// Reads the fields a lookup read. Anything malformed is `Missing`.
+    pub(crate) fn from_raw(mut raw: Raw, now: u64) -> Record {
+        if raw.u64(PASS).is_some_and(|until| until > now) {
             return Record::Pass;
         }
-        if get(b"v") != Some(FORMAT_VERSION.as_bytes()) {
+        if raw.get(V).map(|v| v.as_ref()) != Some(FORMAT_VERSION.as_bytes()) {
             return Record::Missing;
         }
-        if let Some(vary) = get(b"vary") {
+        if let Some(vary) = raw.get(VARY) {
             return match decode_vary(vary) {
                 Some(names) => Record::Vary(names),
                 None => Record::Missing,
             };
         }
-        let Some(entry) = decode_entry(&get) else {
-            return Record::Missing;
-        };
-        // The body moves out of the reply instead of being copied: a hit
-        // serves the bytes Redis sent.
-        let body = fields
-            .iter_mut()
-            .find(|(k, _)| k.as_slice() == b"body")
-            .map(|(_, v)| Bytes::from(std::mem::take(v)))
-            .unwrap_or_default();
-        Record::Entry(Entry { body, ..entry })
+        match decode_entry(&mut raw) {
+            Some(entry) => Record::Entry(entry),
+            None => Record::Missing,
+        }
     }
 }
 
-/// Everything of an entry but its body (left empty), which must be as
-/// long as its `len` field says.
-fn decode_entry<'a>(get: &dyn Fn(&[u8]) -> Option<&'a [u8]>) -> Option<Entry> {
-    let status = StatusCode::from_bytes(get(b"status")?).ok()?;
-    let headers = decode_headers(get(b"hdrs")?)?;
-    let len = get(b"len").and_then(parse_u64)?;
-    if get(b"body")?.len() as u64 != len {
+/// An entry, whose body must be as long as its `len` field says. The body
+/// and the header values move out of the reply instead of being copied: a
+/// hit serves the bytes Redis sent.
+fn decode_entry(raw: &mut Raw) -> Option<Entry> {
+    let status = StatusCode::from_bytes(raw.get(STATUS)?).ok()?;
+    let headers = decode_headers(raw.get(HDRS)?)?;
+    let len = raw.u64(LEN)?;
+    if raw.get(BODY)?.len() as u64 != len {
         return None;
     }
+    let delta = Duration::from_millis(raw.u64(DELTA)?);
+    let (stored_ms, fresh_ms, stale_ms) = (raw.u64(STORED)?, raw.u64(FRESH)?, raw.u64(STALE)?);
     Some(Entry {
         status,
         headers,
-        body: Bytes::new(),
-        delta: Duration::from_millis(get(b"delta").and_then(parse_u64)?),
-        stored_ms: get(b"stored").and_then(parse_u64)?,
-        fresh_ms: get(b"fresh").and_then(parse_u64)?,
-        stale_ms: get(b"stale").and_then(parse_u64)?,
-        retry_ms: get(b"retry").and_then(parse_u64).unwrap_or(0),
+        body: raw.slots[BODY].take().unwrap_or_default(),
+        delta,
+        stored_ms,
+        fresh_ms,
+        stale_ms,
+        retry_ms: raw.u64(RETRY).unwrap_or(0),
     })
 }
 
+/// A decimal `u64`: digits only (no sign, no space), as the scripts and
+/// [`Entry::to_fields`] write them.
 pub(crate) fn parse_u64(bytes: &[u8]) -> Option<u64> {
-    std::str::from_utf8(bytes).ok()?.parse().ok()
+    if bytes.is_empty() {
+        return None;
+    }
+    bytes.iter().try_fold(0u64, |n, &b| {
+        let digit = b.wrapping_sub(b'0');
+        if digit > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
 }
 
 pub(crate) fn encode_vary(names: &[HeaderName]) -> String {
@@ -198,18 +258,24 @@ pub(crate) fn encode_headers(headers: &HeaderMap) -> Vec<u8> {
     out
 }
 
-fn decode_headers(mut bytes: &[u8]) -> Option<HeaderMap> {
+/// The headers [`encode_headers`] wrote; every value a slice of `field`.
+fn decode_headers(field: &Bytes) -> Option<HeaderMap> {
     let mut headers = HeaderMap::new();
-    while !bytes.is_empty() {
-        let (nl, rest) = bytes.split_first_chunk::<2>()?;
+    let mut at = 0;
+    let bytes = field.as_ref();
+    while at < bytes.len() {
+        let rest = &bytes[at..];
+        let (nl, rest) = rest.split_first_chunk::<2>()?;
         let (name, rest) = rest.split_at_checked(u16::from_be_bytes(*nl) as usize)?;
         let (vl, rest) = rest.split_first_chunk::<4>()?;
-        let (value, rest) = rest.split_at_checked(u32::from_be_bytes(*vl) as usize)?;
-        headers.append(
-            HeaderName::from_bytes(name).ok()?,
-            HeaderValue::from_bytes(value).ok()?,
-        );
-        bytes = rest;
+        let value_len = u32::from_be_bytes(*vl) as usize;
+        if rest.len() < value_len {
+            return None;
+        }
+        let start = bytes.len() - rest.len();
+        let value = HeaderValue::from_maybe_shared(field.slice(start..start + value_len)).ok()?;
+        headers.append(HeaderName::from_bytes(name).ok()?, value);
+        at = start + value_len;
     }
     Some(headers)
 }
@@ -338,6 +404,67 @@ mod tests {
             let mut f = good.clone();
             d(&mut f);
             assert!(matches!(Record::decode(f, 0), Record::Missing));
+        }
+    }
+
+    /// The values `HMGET <key> LOOKUP_FIELDS...` returns for these fields.
+    fn values(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<Option<Bytes>> {
+        LOOKUP_FIELDS
+            .iter()
+            .map(|name| {
+                fields
+                    .iter()
+                    .find(|(k, _)| k == name.as_bytes())
+                    .map(|(_, v)| Bytes::from(v.clone()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hmget_values_decode_as_the_hash_does_and_are_not_copied() {
+        let e = sample();
+        let values = values(&fields(&e));
+        let body_at = values[BODY].as_ref().unwrap().as_ptr();
+        let hdrs = values[HDRS].clone().unwrap();
+        let Record::Entry(back) = Record::from_raw(Raw::from_values(values), 0) else {
+            panic!("not an entry")
+        };
+        assert_eq!(
+            (back.status, &back.headers, &back.body, back.delta),
+            (e.status, &e.headers, &e.body, e.delta)
+        );
+        // The body and the header values are the reply's bytes.
+        assert_eq!(back.body.as_ptr(), body_at);
+        let within = |p: *const u8| hdrs.as_ptr_range().contains(&p);
+        assert!(back.headers.values().all(|v| within(v.as_bytes().as_ptr())));
+        // Every field a hit reads is one HMGET asks for; nothing else.
+        let all: Vec<&str> = e.to_fields("/k", "t").iter().map(|(k, _)| *k).collect();
+        for name in LOOKUP_FIELDS {
+            assert!(all.contains(&name) || ["pass", "vary", "retry"].contains(&name));
+        }
+        // A key that is not there: HMGET answers nils.
+        assert!(matches!(
+            Record::from_raw(Raw::from_values(vec![None; 12]), 0),
+            Record::Missing
+        ));
+    }
+
+    #[test]
+    fn numbers_are_plain_decimal_digits() {
+        assert_eq!(parse_u64(b"0"), Some(0));
+        assert_eq!(parse_u64(b"1700000000123"), Some(1_700_000_000_123));
+        assert_eq!(parse_u64(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"18446744073709551616",
+            b"+1",
+            b"-1",
+            b" 1",
+            b"1 ",
+            b"1e3",
+            b"x",
+        ] {
+            assert_eq!(parse_u64(bad), None, "{:?}", String::from_utf8_lossy(bad));
         }
     }
 

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::config::Config;
-use crate::entry::{Entry, Record};
+use crate::entry::{Entry, Raw, Record};
 use crate::flight::CacheStatus;
 use crate::key::EntryKey;
 
@@ -54,7 +54,31 @@ pub fn sample_fields(body_len: usize, now_ms: u64) -> Fields {
         .collect()
 }
 
-/// Decodes fields as a lookup does: whether they hold an entry.
+/// The values `HMGET` returns for an entry with [`sample_fields`]' fields
+/// (the hit's one command reads these fields only, in this order).
+///
+/// ```
+/// let values = cachefence::internals::sample_values(4096, 0);
+/// assert!(values.iter().any(|v| v.as_ref().is_some_and(|v| v.len() == 4096)));
+/// ```
+pub fn sample_values(body_len: usize, now_ms: u64) -> Values {
+    let fields = sample_fields(body_len, now_ms);
+    crate::entry::LOOKUP_FIELDS
+        .iter()
+        .map(|name| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name.as_bytes())
+                .map(|(_, v)| Bytes::from(v.clone()))
+        })
+        .collect()
+}
+
+/// The values of an `HMGET` reply, `None` for a missing field.
+pub type Values = Vec<Option<Bytes>>;
+
+/// Decodes fields as a script's reply is decoded: whether they hold an
+/// entry.
 ///
 /// ```
 /// let fields = cachefence::internals::sample_fields(16, 0);
@@ -64,21 +88,36 @@ pub fn decode(fields: Fields, now_ms: u64) -> bool {
     matches!(Record::decode(fields, now_ms), Record::Entry(_))
 }
 
-/// Decodes fields and builds the response a hit sends (default settings):
-/// its header count, or `None` when the fields hold no entry.
+/// Decodes `HMGET` values as a lookup does: whether they hold an entry.
 ///
 /// ```
-/// let fields = cachefence::internals::sample_fields(16, 0);
-/// assert!(cachefence::internals::hit_response(fields, 1).is_some());
+/// let values = cachefence::internals::sample_values(16, 0);
+/// assert!(cachefence::internals::decode_values(values, 1));
 /// ```
-pub fn hit_response(fields: Fields, now_ms: u64) -> Option<usize> {
-    let Record::Entry(entry) = Record::decode(fields, now_ms) else {
+pub fn decode_values(values: Values, now_ms: u64) -> bool {
+    matches!(
+        Record::from_raw(Raw::from_values(values), now_ms),
+        Record::Entry(_)
+    )
+}
+
+/// Decodes `HMGET` values and builds the response a hit sends (default
+/// settings): its header count, or `None` when they hold no entry.
+///
+/// ```
+/// let values = cachefence::internals::sample_values(16, 0);
+/// assert!(cachefence::internals::hit_response(values, 1).is_some());
+/// ```
+pub fn hit_response(values: Values, now_ms: u64) -> Option<usize> {
+    let Record::Entry(entry) = Record::from_raw(Raw::from_values(values), now_ms) else {
         return None;
     };
-    let config = Config::default();
-    let res = crate::response::from_entry::<http_body_util::Empty<Bytes>>(
-        &config,
-        &entry,
+    // Made once, as a layer's is: the bench measures the response only.
+    static CONFIG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+    let config = CONFIG.get_or_init(Config::default);
+    let res = crate::response::from_owned_entry::<http_body_util::Empty<Bytes>>(
+        config,
+        entry,
         CacheStatus::Hit,
         false,
         now_ms,

@@ -217,19 +217,24 @@ impl DefaultKey {
 
 impl MakeKey for DefaultKey {
     fn make_key(&self, parts: &Parts) -> Option<String> {
-        let mut key = normalize_path_and_query(
-            parts.uri.path(),
-            self.params.keep(parts.uri.query()).as_deref(),
+        // The origin answers for the `Host` header; an absolute-form
+        // target naming another host could file that answer under the
+        // wrong host, so such requests are not cached.
+        let host = match self.host {
+            true => Some(request_host(parts).ok()?),
+            false => None,
+        };
+        let (path, query) = (parts.uri.path(), self.params.keep(parts.uri.query()));
+        let mut key = String::with_capacity(
+            path.len()
+                + query.as_deref().map_or(0, str::len)
+                + host.as_ref().map_or(0, String::len)
+                + 8,
         );
-        if self.host {
-            // The origin answers for the `Host` header; an absolute-form
-            // target naming another host could file that answer under the
-            // wrong host, so such requests are not cached.
-            let host = request_host(parts).ok()?;
-            if !host.is_empty() {
-                key.push_str("\nhost:");
-                key.push_str(&host);
-            }
+        push_path_and_query(&mut key, path, query.as_deref());
+        if let Some(host) = host.filter(|h| !h.is_empty()) {
+            key.push_str("\nhost:");
+            key.push_str(&host);
         }
         for name in &self.headers {
             // A digest, not the value: keyed headers are often credentials,
@@ -274,7 +279,13 @@ pub(crate) fn request_host(parts: &Parts) -> Result<String, ()> {
 /// scheme's, or either of 80 and 443 when the scheme is unknown, as it is
 /// for origin-form requests), any byte outside a safe set percent-encoded.
 pub(crate) fn normalize_host(raw: &[u8], scheme: Option<&str>) -> String {
-    let raw = raw.trim_ascii().to_ascii_lowercase();
+    let raw = raw.trim_ascii();
+    // Hosts come lowercase almost always: copy only when they don't.
+    let raw: std::borrow::Cow<'_, [u8]> = if raw.iter().any(u8::is_ascii_uppercase) {
+        raw.to_ascii_lowercase().into()
+    } else {
+        raw.into()
+    };
     // `[v6]:port` or `name:port`; a colon inside brackets is not a port.
     let split = match raw.iter().rposition(|&b| b == b':') {
         Some(i) if !raw[i..].contains(&b']') => i,
@@ -344,16 +355,26 @@ impl QueryParams {
 /// The path and the query with parameters stably sorted by name.
 pub(crate) fn normalize_path_and_query(path: &str, query: Option<&str>) -> String {
     let mut out = String::with_capacity(path.len() + query.map_or(0, str::len) + 1);
+    push_path_and_query(&mut out, path, query);
+    out
+}
+
+/// [`normalize_path_and_query`], appended to `out`.
+fn push_path_and_query(out: &mut String, path: &str, query: Option<&str>) {
     out.push_str(if path.is_empty() { "/" } else { path });
     if let Some(query) = query {
         let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
         if !params.is_empty() {
             params.sort_by(|a, b| param_name(a).cmp(param_name(b)));
             out.push('?');
-            out.push_str(&params.join("&"));
+            for (i, param) in params.iter().enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                out.push_str(param);
+            }
         }
     }
-    out
 }
 
 /// Normalizes a user-given path (with an optional query) the way requests
@@ -411,7 +432,9 @@ pub(crate) fn escape_into(out: &mut String, bytes: &[u8]) {
         if safe {
             out.push(b as char);
         } else {
-            let _ = write!(out, "%{b:02X}");
+            out.push('%');
+            out.push(char::from(HEX_UPPER[usize::from(b >> 4)]));
+            out.push(char::from(HEX_UPPER[usize::from(b & 0xf)]));
         }
     }
 }
@@ -434,18 +457,27 @@ pub(crate) fn namespace_prefix(namespace: &str) -> String {
 
 /// 128 bits of SHA-256 in hex.
 pub(crate) fn digest(parts: &[&[u8]]) -> String {
+    let mut out = String::with_capacity(32);
+    digest_into(&mut out, parts);
+    out
+}
+
+/// [`digest`], appended to `out`.
+pub(crate) fn digest_into(out: &mut String, parts: &[&[u8]]) {
     let mut hasher = Sha256::new();
     for part in parts {
         hasher.update((part.len() as u64).to_be_bytes());
         hasher.update(part);
     }
     let hash = hasher.finalize();
-    let mut out = String::with_capacity(32);
-    for b in &hash[..16] {
-        let _ = write!(out, "{b:02x}");
+    for &b in &hash[..16] {
+        out.push(char::from(HEX_LOWER[usize::from(b >> 4)]));
+        out.push(char::from(HEX_LOWER[usize::from(b & 0xf)]));
     }
-    out
 }
+
+const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
+const HEX_UPPER: &[u8; 16] = b"0123456789ABCDEF";
 
 /// The Redis names of one cache entry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -456,14 +488,33 @@ pub(crate) struct EntryKey {
 }
 
 impl EntryKey {
+    /// The names of `key` in `namespace`: remembered for the hot keys of
+    /// this thread ([`KeyMemo`]), derived (escaping, SHA-256) otherwise.
     pub(crate) fn new(namespace: &str, key: &str) -> Self {
+        if namespace.len() + key.len() > KeyMemo::LONGEST {
+            return Self::derive(namespace, key);
+        }
+        KEY_MEMO.with(|memo| {
+            let mut memo = memo.borrow_mut();
+            if let Some(primary) = memo.get(namespace, key) {
+                return Self {
+                    primary: primary.to_owned(),
+                };
+            }
+            let derived = Self::derive(namespace, key);
+            memo.put(namespace, key, &derived.primary);
+            derived
+        })
+    }
+
+    fn derive(namespace: &str, key: &str) -> Self {
         let url = key.split_once('\n').map_or(key, |(url, _)| url);
         let mut primary = url_key(namespace, url);
         if url.len() < key.len() {
             // A dimension of the URL (host, keyed header): a variant of it,
             // listed in the URL's variant set by the store script.
             primary.push_str(":v:");
-            primary.push_str(&digest(&[namespace.as_bytes(), b"\n", key.as_bytes()]));
+            digest_into(&mut primary, &[namespace.as_bytes(), b"\n", key.as_bytes()]);
         }
         Self { primary }
     }
@@ -485,16 +536,80 @@ impl EntryKey {
     }
 }
 
+thread_local! {
+    static KEY_MEMO: std::cell::RefCell<KeyMemo> = std::cell::RefCell::new(KeyMemo::default());
+}
+
+/// The entry keys of the cache keys this thread derived last, in a small
+/// direct-mapped table: a hot key's two SHA-256 digests and escaping are
+/// done once, not on every hit. A slot holds the namespace and key it was
+/// derived from, compared in full, so a collision is only a miss.
+#[derive(Default)]
+struct KeyMemo {
+    slots: Vec<Option<(String, String, String)>>,
+}
+
+impl KeyMemo {
+    const SLOTS: usize = 256;
+    /// Longer keys (namespace and key together, in bytes) are derived
+    /// every time: the table stays small.
+    const LONGEST: usize = 512;
+
+    fn slot(namespace: &str, key: &str) -> usize {
+        // FNV-1a: cheap, and good enough to spread keys over the slots.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for &b in namespace
+            .as_bytes()
+            .iter()
+            .chain([0xffu8].iter())
+            .chain(key.as_bytes())
+        {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % Self::SLOTS as u64) as usize
+    }
+
+    fn get(&self, namespace: &str, key: &str) -> Option<&str> {
+        match self.slots.get(Self::slot(namespace, key))? {
+            Some((ns, k, primary)) if ns == namespace && k == key => Some(primary),
+            _ => None,
+        }
+    }
+
+    fn put(&mut self, namespace: &str, key: &str, primary: &str) {
+        if self.slots.is_empty() {
+            self.slots.resize(Self::SLOTS, None);
+        }
+        let slot = &mut self.slots[Self::slot(namespace, key)];
+        match slot {
+            // Reuse the slot's strings.
+            Some((ns, k, p)) => {
+                for (to, from) in [(ns, namespace), (k, key), (p, primary)] {
+                    to.clear();
+                    to.push_str(from);
+                }
+            }
+            None => *slot = Some((namespace.to_owned(), key.to_owned(), primary.to_owned())),
+        }
+    }
+}
+
 /// The Redis key of a URL (the part of a cache key before its first
 /// newline): `<namespace>|<readable url>:{<digest>}`.
 fn url_key(namespace: &str, url: &str) -> String {
-    let mut out = String::with_capacity(namespace.len() + READABLE_MAX + 36);
-    out.push_str(&namespace_prefix(namespace));
-    let mut readable = escape(url.as_bytes());
-    truncate_escaped(&mut readable, READABLE_MAX);
-    out.push_str(&readable);
+    // Room for a dimension's or a variant's suffix too (`:v:<digest>`).
+    let mut out = String::with_capacity(namespace.len() + READABLE_MAX.min(url.len() * 3) + 72);
+    escape_into(&mut out, namespace.as_bytes());
+    out.push('|');
+    let start = out.len();
+    escape_into(&mut out, url.as_bytes());
+    if out.len() - start > READABLE_MAX {
+        let mut readable = out.split_off(start);
+        truncate_escaped(&mut readable, READABLE_MAX);
+        out.push_str(&readable);
+    }
     out.push_str(":{");
-    out.push_str(&digest(&[namespace.as_bytes(), url.as_bytes()]));
+    digest_into(&mut out, &[namespace.as_bytes(), url.as_bytes()]);
     out.push('}');
     out
 }
@@ -580,6 +695,26 @@ pub(crate) fn truncate_escaped(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_entry_keys_are_the_derived_ones() {
+        let keys: Vec<String> = (0..2_000)
+            .map(|i| format!("/p/{i}?a=1\nhost:h{}", i % 7))
+            .chain([String::new(), "x".repeat(600)])
+            .collect();
+        for round in 0..3 {
+            for (i, key) in keys.iter().enumerate() {
+                let ns = if i % 2 == 0 { "a:" } else { "b:" };
+                assert_eq!(
+                    EntryKey::new(ns, key),
+                    EntryKey::derive(ns, key),
+                    "round {round}, {key:?}"
+                );
+            }
+        }
+        // The same key in two namespaces: two entries.
+        assert_ne!(EntryKey::new("a:", "/k"), EntryKey::new("b:", "/k"));
+    }
 
     fn parts(uri: &str) -> Parts {
         http::Request::get(uri).body(()).unwrap().into_parts().0

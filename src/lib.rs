@@ -34,7 +34,7 @@
 //!    `Authorization` or `Cookie`, a key function that says `None`) go
 //!    straight to the inner service, untouched but for the `BYPASS`
 //!    cache-status header.
-//! 2. Everything else is looked up with ONE Redis command (`HGETALL`; two when
+//! 2. Everything else is looked up with ONE Redis command (`HMGET`; two when
 //!    the response varies on request headers). A fresh entry is served
 //!    (`HIT`) without spawning anything; XFetch may pick this request to start
 //!    one early refresh in the background. An entry inside its grace period

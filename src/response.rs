@@ -2,6 +2,7 @@
 //! responses passed through, and the cache's own (504, 500), each marked with
 //! its cache status (`x-cache`, `Cache-Status`) and stripped of tag headers.
 
+use bytes::Bytes;
 use http::header::{AGE, CONTENT_LENGTH};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
@@ -60,27 +61,75 @@ pub(crate) fn from_entry<B: Body>(
     now: u64,
 ) -> Response<FenceBody<B>> {
     let body = if head {
-        FenceBody::empty()
+        Bytes::new()
     } else {
-        FenceBody::full(entry.body.clone())
+        entry.body.clone()
     };
-    let mut res = Response::new(body);
-    *res.status_mut() = entry.status;
-    *res.headers_mut() = entry.headers.clone();
+    let from = cache_status::FromEntry::new(entry, now);
+    let age = entry.age_secs(now);
+    let len = entry.body.len();
+    respond(config, from, entry.headers.clone(), body, len, status, age)
+}
+
+/// [`from_entry`] for an entry that is not needed afterwards (a hit): its
+/// headers and body move into the response.
+pub(crate) fn from_owned_entry<B: Body>(
+    config: &Config,
+    entry: Entry,
+    status: CacheStatus,
+    head: bool,
+    now: u64,
+) -> Response<FenceBody<B>> {
+    let from = cache_status::FromEntry::new(&entry, now);
+    let age = entry.age_secs(now);
+    let len = entry.body.len();
+    let body = if head { Bytes::new() } else { entry.body };
+    respond(config, from, entry.headers, body, len, status, age)
+}
+
+fn respond<B: Body>(
+    config: &Config,
+    from: cache_status::FromEntry,
+    headers: HeaderMap,
+    body: Bytes,
+    len: usize,
+    status: CacheStatus,
+    age: u64,
+) -> Response<FenceBody<B>> {
+    // `len`: a HEAD response says the length of the body it leaves out.
+    let mut res = Response::new(FenceBody::full(body));
+    *res.status_mut() = from.status;
+    *res.headers_mut() = headers;
     let headers = res.headers_mut();
-    if !(entry.status.is_informational()
-        || entry.status == StatusCode::NO_CONTENT
-        || entry.status == StatusCode::NOT_MODIFIED)
+    if !(from.status.is_informational()
+        || from.status == StatusCode::NO_CONTENT
+        || from.status == StatusCode::NOT_MODIFIED)
     {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(entry.body.len()));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     }
     if !status.is_fill() {
-        headers.insert(AGE, HeaderValue::from(entry.age_secs(now)));
+        headers.insert(AGE, small_number(age));
     }
-    let from = cache_status::FromEntry::new(entry, now);
     mark(config, headers, status, Some(from));
     keep_status(config, &mut res, status);
     res
+}
+
+/// `n` as a header value, without an allocation below 100 (most ages).
+fn small_number(n: u64) -> HeaderValue {
+    const DIGITS: &[u8; 200] = b"00010203040506070809\
+        10111213141516171819202122232425262728293031323334353637383940414243444546474849\
+        50515253545556575859606162636465666768697071727374757677787980818283848586878889\
+        90919293949596979899";
+    match usize::try_from(n) {
+        Ok(n @ 0..=9) => HeaderValue::from_static(digits(&DIGITS[n * 2 + 1..n * 2 + 2])),
+        Ok(n @ 10..=99) => HeaderValue::from_static(digits(&DIGITS[n * 2..n * 2 + 2])),
+        _ => HeaderValue::from(n),
+    }
+}
+
+fn digits(b: &'static [u8]) -> &'static str {
+    std::str::from_utf8(b).unwrap_or("0")
 }
 
 /// A response made by the cache itself (504 after a wait, 500 after a panic).
@@ -132,5 +181,17 @@ pub(crate) fn mark(
     }
     if let Some(id) = &config.cache_status {
         cache_status::mark(id, headers, status, entry);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_numbers_are_static_values() {
+        for n in [0, 7, 9, 10, 42, 99, 100, 12_345, u64::MAX] {
+            assert_eq!(small_number(n), n.to_string().as_str());
+        }
     }
 }

@@ -27,7 +27,7 @@ use crate::flight::{CacheStatus, Joined, Outcome};
 use crate::key::{EntryKey, header_value};
 use crate::policy::RequestRule;
 use crate::response::{
-    finish_cache_status, from_entry, origin, outgoing, plain_response, status_of,
+    finish_cache_status, from_entry, from_owned_entry, origin, outgoing, plain_response, status_of,
 };
 use crate::shared::{Ctx, Shared};
 use crate::stats::Counters;
@@ -221,9 +221,11 @@ where
         let conditions = Conditions::of(&parts);
         let req = Request::from_parts(parts, body);
         let config = self.config.clone();
-        let future = serve(ctx, inner, req, key, head, refresh, offline).instrument(span.clone());
+        // The path's future is made inside the box, not moved into it.
         let future: BoxFuture<_> = Box::pin(async move {
-            let mut res = future.await?;
+            let mut res = serve(ctx, inner, req, key, head, refresh, offline)
+                .instrument(span.clone())
+                .await?;
             if !span.is_disabled() {
                 span.record("cache", status_of(&config, &res));
             }
@@ -329,8 +331,11 @@ where
                         config.beta,
                         xfetch::random01(),
                     );
+                if !early {
+                    return Ok(from_owned_entry(config, entry, CacheStatus::Hit, head, now));
+                }
                 let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
-                if early && refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
+                if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
                     Counters::inc(&counters.early_refreshes);
                     tracing::debug!("xfetch: refreshing early");
                 }
@@ -343,11 +348,17 @@ where
             {
                 Counters::inc(&counters.stale);
                 tracing::debug!(key = %crate::trace::redact(&entry_key), "serving stale while revalidating");
+                if head || !entry.may_refresh(now) {
+                    return Ok(from_owned_entry(
+                        config,
+                        entry,
+                        CacheStatus::Stale,
+                        head,
+                        now,
+                    ));
+                }
                 let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
-                if !head
-                    && entry.may_refresh(now)
-                    && refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry)
-                {
+                if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
                     Counters::inc(&counters.stale_refreshes);
                 }
                 return Ok(res);
@@ -468,12 +479,12 @@ pub(crate) async fn lookup<C>(
 where
     C: Conn,
 {
-    let record = Record::decode(store.read(&ek.primary).await?, now);
+    let record = Record::from_raw(store.read(&ek.primary).await?, now);
     let Record::Vary(names) = record else {
         return Ok((ek.primary.clone(), record));
     };
     let variant = ek.variant(&names, headers);
-    let record = match Record::decode(store.read(&variant).await?, now) {
+    let record = match Record::from_raw(store.read(&variant).await?, now) {
         Record::Vary(_) => Record::Missing,
         other => other,
     };

@@ -10,11 +10,12 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use redis::Value;
 use redis::aio::ConnectionLike;
 
 pub(crate) use crate::breaker::Breaker;
-use crate::entry::{FORMAT_VERSION, duration_ms, now_ms};
+use crate::entry::{FORMAT_VERSION, LOOKUP_FIELDS, Raw, duration_ms, now_ms};
 use crate::error::{FenceError, timed};
 use crate::key::{namespace_prefix, tag_keys, tag_marker};
 use crate::scripts::Scripts;
@@ -432,8 +433,10 @@ where
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(wanted).arg(duration_ms(wait).max(1));
         let mut conn = self.conn.clone();
+        #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
         let result: Result<i64, FenceError> = timed(timeout, cmd.query_async(&mut conn)).await;
+        #[cfg(feature = "metrics")]
         crate::metrics::redis_call("wait", started.elapsed(), result.is_ok());
         let acked = result.inspect_err(|_| {
             self.errors.fetch_add(1, Ordering::Relaxed);
@@ -456,8 +459,11 @@ where
         }
         self.commands.fetch_add(1, Ordering::Relaxed);
         let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        // The clock is read for the metrics only.
+        #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
         let result = timed(timeout, f(self.conn.clone())).await;
+        #[cfg(feature = "metrics")]
         crate::metrics::redis_call(what, started.elapsed(), result.is_ok());
         match &result {
             Ok(_) => self.succeeded(),
@@ -488,18 +494,29 @@ where
         }
     }
 
-    /// HGETALL: the one command of a hit. A key of another type reads as
-    /// empty (a miss), never as an error.
-    pub(crate) async fn read(&self, key: &str) -> Result<Fields, FenceError> {
+    /// HMGET of the fields a lookup reads ([`LOOKUP_FIELDS`]): the one
+    /// command of a hit. Field values only (`HGETALL` would send the names
+    /// too, and the fields only the scripts read), each kept as the
+    /// [`Bytes`] of the reply. A key of another type reads as empty (a
+    /// miss), never as an error.
+    pub(crate) async fn read(&self, key: &str) -> Result<Raw, FenceError> {
+        // Sized up front: no reallocation while the arguments are added.
+        let mut cmd = redis::Cmd::with_capacity(2 + LOOKUP_FIELDS.len(), key.len() + 64);
+        cmd.arg("HMGET").arg(key).arg(&LOOKUP_FIELDS[..]);
         let result = self
-            .run("read", |mut c| {
-                let cmd = redis::cmd("HGETALL").arg(key).clone();
-                async move { cmd.query_async::<Fields>(&mut c).await }
+            .run("read", move |mut c| async move {
+                cmd.query_async::<Value>(&mut c).await
             })
             .await;
         match result {
-            Err(e) if is_wrong_type(&e) => Ok(Vec::new()),
-            other => other,
+            Ok(Value::Array(values)) => Ok(Raw::from_values(values.into_iter().map(|v| match v {
+                Value::BulkString(b) => Some(Bytes::from(b)),
+                _ => None,
+            }))),
+            // Not an HMGET reply: nothing a lookup can use.
+            Ok(_) => Ok(Raw::default()),
+            Err(e) if is_wrong_type(&e) => Ok(Raw::default()),
+            Err(e) => Err(e),
         }
     }
 

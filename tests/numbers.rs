@@ -100,7 +100,7 @@ async fn a_thousand_requests_at_a_cold_key_make_exactly_1002_redis_round_trips()
         redis.commandstats(),
         gate.calls() - 1
     );
-    // Every request's HGETALL, one acquire script, one store script.
+    // Every request's HMGET, one acquire script, one store script.
     assert_eq!(after.redis_calls - before.redis_calls, REQUESTS + 2);
     assert_eq!(redis.command_count("evalsha"), 2);
     assert_eq!(redis.command_count("eval"), 0);
@@ -280,7 +280,7 @@ async fn hits_resume_after_a_paused_redis_resumes_with_the_default_settings() {
     recovery(Fault::Pause).await;
 }
 
-/// Not a check: measures the hit path's latency (one HGETALL through the
+/// Not a check: measures the hit path's latency (one HMGET through the
 /// layer) for `CACHEFENCE_PROBE_SECS` (default 20) seconds, to choose the
 /// default `redis_timeout` from. Run it beside the test suite:
 /// `cargo nextest run --test numbers --run-ignored only hit_latency --no-capture`

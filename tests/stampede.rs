@@ -554,14 +554,14 @@ async fn a_thousand_requests_in_one_process_share_one_fill_and_a_constant_few_re
         assert_eq!(reply.text(), "origin /single/flight #2");
     }
     eprintln!(
-        "{REQUESTS} requests: redis_calls {calls}, hgetall {}, evalsha {}, all {:?}; statuses {:?}; {stats:?}",
-        redis.command_count("hgetall"),
+        "{REQUESTS} requests: redis_calls {calls}, hmget {}, evalsha {}, all {:?}; statuses {:?}; {stats:?}",
+        redis.command_count("hmget"),
         redis.command_count("evalsha"),
         redis.commandstats(),
         tally(&replies)
     );
     assert_eq!(origin.calls() - origin_before, 1);
-    // One HGETALL per request (the hit path can't be coalesced), then the
+    // One HMGET per request (the hit path can't be coalesced), then the
     // one fill: a constant few.
     assert!(calls <= REQUESTS as u64 + 5, "{calls} Redis calls");
     assert!(redis.command_count("evalsha") <= 3);
@@ -933,7 +933,7 @@ async fn an_uncacheable_by_nature_answer_leaves_a_pass_marker_that_lets_the_next
         "the pass requests were serialized"
     );
     assert_eq!(redis.command_count("evalsha"), 0, "no lease was taken");
-    assert_eq!(redis.command_count("hgetall"), 10);
+    assert_eq!(redis.command_count("hmget"), 10);
 }
 
 #[tokio::test(flavor = "multi_thread")]
