@@ -258,6 +258,81 @@ where
         self
     }
 
+    /// An in-process near cache of up to `max_bytes` (bodies, headers and
+    /// bookkeeping) in front of Redis: fresh hits of hot keys are served
+    /// from memory, with no Redis command. Off by default.
+    ///
+    /// It is coherent: an entry is taken in only once Redis has marked it
+    /// (one extra script, the first time a process reads a version), and
+    /// every write and every invalidation of a marked entry, by any
+    /// process, is announced on `<namespace>|#near`; each near cache drops
+    /// the entry and acknowledges, and an invalidation call returns only
+    /// once every near cache acknowledged it (waiting at most 250 ms). So a
+    /// read after an invalidation returned never gets the old entry from a
+    /// near cache, as it never does from Redis.
+    ///
+    /// - It needs the subscription of [`wake_ups`](Self::wake_ups): without
+    ///   it, or while the subscription is down (Redis restarted, the
+    ///   connection killed), the near cache is empty and every request
+    ///   goes to Redis. A process that invalidates needs `wake_ups` too, to
+    ///   hear the acknowledgements (else it waits the whole 250 ms).
+    /// - An entry is served from it only while fresh; stale entries,
+    ///   revalidations, XFetch's early refreshes and entries that vary
+    ///   (`Vary`) go to Redis. An entry larger than an eighth of
+    ///   `max_bytes` is not taken in.
+    /// - Not on a Redis Cluster: its announcements would need a
+    ///   subscription on every shard; there the setting is ignored.
+    /// - Redis evicting a marked entry under `maxmemory`, or a `FLUSHALL`,
+    ///   is not announced: the near entry lives until its freshness ends.
+    ///
+    /// Its counters: [`Stats::near_hits`], [`Stats::near_evictions`],
+    /// [`Stats::near_flushes`]. Set it once; a second call is ignored.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use cachefence::FenceCache;
+    ///
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::Client::open("redis://127.0.0.1/")?;
+    /// let cache = FenceCache::new(client.get_connection_manager().await?)
+    ///     .wake_ups(client)
+    ///     .near_cache(64 << 20);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn near_cache(self, max_bytes: usize) -> Self {
+        if self
+            .shared
+            .near
+            .set(crate::near::Near::new(max_bytes))
+            .is_err()
+        {
+            tracing::warn!("near_cache was already set for this cache; the new size is ignored");
+        }
+        // A listener already running subscribes to the announcements now.
+        self.shared.interests.changed.notify_one();
+        self
+    }
+
+    /// Whether this cache's near cache holds an entry of the URL `path`
+    /// (any host or variant of it) in `namespace`. For tests only.
+    #[doc(hidden)]
+    pub fn near_holds_for_tests(&self, namespace: &str, path: &str) -> bool {
+        let Some(key) = self.defaults.key.path_key(path) else {
+            return false;
+        };
+        let ek = crate::key::EntryKey::new(namespace, &key);
+        self.shared.near().is_some_and(|n| n.holds_url(&ek.primary))
+    }
+
+    /// Whether this cache's near cache is in use (its subscription holds).
+    /// For tests only.
+    #[doc(hidden)]
+    pub fn near_is_up_for_tests(&self) -> bool {
+        self.shared.near().is_some_and(crate::near::Near::is_up)
+    }
+
     fn set_wake_source(self, source: crate::shared::Source) -> Self {
         #[cfg(feature = "cluster-async")]
         if let crate::shared::Source::Cluster(client, _) = &source {

@@ -837,14 +837,30 @@ where
         fence: bool,
     ) -> Result<u64, FenceError> {
         let store = &self.shared.store;
+        // Counted from before the script: an acknowledgement may come
+        // before its reply.
+        let acks = self.shared.acks.register();
+        let tag = format!("{}:{}", self.shared.id, acks.seq);
         let result = if soft {
-            step(|| store.soft_invalidate(primary, fence)).await
+            step(|| store.soft_invalidate(primary, fence, &tag)).await
         } else {
-            step(|| store.invalidate(primary, self.shared.id, fence)).await
+            step(|| store.invalidate(primary, self.shared.id, fence, &tag)).await
         };
         let detached = self.shared.flights.detach_entry(primary);
         Counters::add(&self.config.counters.detached, detached);
-        result
+        let (n, heard) = result?;
+        // Near caches held the entry: return once every one dropped it.
+        if heard > 0 {
+            let want = usize::try_from(heard).unwrap_or(usize::MAX);
+            if !acks.until(want, crate::near::ACK_WAIT).await {
+                tracing::debug!(
+                    key = %crate::trace::redact(primary),
+                    listeners = heard,
+                    "not every near cache acknowledged an invalidation in time"
+                );
+            }
+        }
+        Ok(n)
     }
 
     /// Shuts the cache down gracefully, for a process that is about to exit:

@@ -127,6 +127,7 @@ mod key;
 mod layer;
 mod lease;
 mod metrics;
+mod near;
 mod normalize;
 #[cfg(feature = "axum")]
 mod parts;

@@ -68,6 +68,40 @@ end
 return {'held', ttl}
 ";
 
+/// The near-cache announcement, as a literal for `concat!`: defines
+/// `near(k, tag)`, which `PUBLISH`es `<tag> <k>` on the namespace's `#near`
+/// channel when the hash at `k` carries the `near` mark (a process may hold
+/// it in its near cache: see [`NEAR_MARK`]) and returns the number of
+/// receivers (0 when unmarked). `tag` is `<sender>:<seq>` when the caller
+/// waits for acknowledgements, `-` when not.
+macro_rules! near_announce {
+    () => {
+        r"
+local function near(k, tag)
+  local okn, marked = pcall(redis.call, 'HEXISTS', k, 'near')
+  if okn and marked == 1 then
+    return redis.call('PUBLISH', (string.match(k, '^[^|]*|') or '') .. '#near', tag .. ' ' .. k)
+  end
+  return 0
+end
+"
+    };
+}
+
+/// Marks an entry as possibly held in a near cache, if it is still the
+/// version that was read: its writers then announce every change of it
+/// (see `near_announce!`).
+///
+/// KEYS: entry. ARGV: the `gen` of the version read. Returns 1 when marked.
+pub(crate) const NEAR_MARK: &str = r"
+local ok, g = pcall(redis.call, 'HGET', KEYS[1], 'gen')
+if ok and g and g == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'near', '1')
+  return 1
+end
+return 0
+";
+
 /// The start STORE and FRESHEN share, as a literal for `concat!`: the
 /// lease must hold our token (else 0), and no URL, prefix or tag fence may
 /// be at or after the fill's start (else the lease is dropped, waiters are
@@ -114,7 +148,8 @@ end
     };
 }
 
-/// The end STORE and FRESHEN share, as a literal for `concat!`: after the
+/// The end STORE and FRESHEN share (after `near_announce!`, whose `near`
+/// announces a marked primary the `Vary` index replaces), as a literal for `concat!`: after the
 /// entry was written (with `ttl` and the field/value pairs from
 /// `ARGV[first]` on), its URL's `Vary` index, its place in the URL's variant
 /// set (every entry but the URL's own: a Vary variant, a host or other key
@@ -130,6 +165,7 @@ if ARGV[5] ~= '' then
     for i = first, #ARGV - 1, 2 do
       if ARGV[i] == 'key' then key = ARGV[i + 1] end
     end
+    near(KEYS[3], '-')
     redis.call('DEL', KEYS[3])
     redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
   end
@@ -193,6 +229,7 @@ return 1
 /// after the fill started), 2 when not stored because the URL has the most
 /// variants it may have.
 pub(crate) const STORE: &str = concat!(
+    near_announce!(),
     fenced_write_prologue!(),
     r"
 local ttl = tonumber(ARGV[2])
@@ -208,6 +245,7 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
     if redis.call('SCARD', KEYS[4]) >= max then return refuse(2) end
   end
 end
+near(KEYS[1], '-')
 redis.call('DEL', KEYS[1])
 local first = 11
 redis.call('HSET', KEYS[1], unpack(ARGV, first))
@@ -236,6 +274,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 /// fill then stores the response in full with [`STORE`].
 /// Returns 1 when freshened, 0 when fenced out, 3 when the entry is gone.
 pub(crate) const FRESHEN: &str = concat!(
+    near_announce!(),
     fenced_write_prologue!(),
     r"
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 3 end
@@ -243,6 +282,7 @@ local cur = redis.call('HMGET', KEYS[1], 'v', 'hdrs', 'len', 'vary')
 if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[11] or cur[3] ~= ARGV[12] or cur[4] then return 3 end
 if redis.call('HSTRLEN', KEYS[1], 'body') ~= tonumber(ARGV[12]) then return 3 end
 local ttl = tonumber(ARGV[2])
+near(KEYS[1], '-')
 redis.call('HDEL', KEYS[1], 'pass', 'retry', 'fails')
 local first = 13
 redis.call('HSET', KEYS[1], unpack(ARGV, first))
@@ -339,7 +379,9 @@ return out
 /// counts the failures in the entry's `fails` field and sets its `retry`
 /// time to now + base * 2^(fails - 1), at most the cap; a successful store
 /// rewrites the hash and so resets both.
-pub(crate) const RELEASE: &str = r"
+pub(crate) const RELEASE: &str = concat!(
+    near_announce!(),
+    r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
 local pass_ms = tonumber(ARGV[3])
@@ -362,6 +404,7 @@ if pass_ms > 0 and ARGV[6] ~= '' and KEYS[2] ~= KEYS[3] then
   end
 end
 if pass_ms > 0 then
+  near(KEYS[2], '-')
   if redis.call('TYPE', KEYS[2])['ok'] ~= 'hash' then redis.call('DEL', KEYS[2]) end
   redis.call('HSET', KEYS[2], 'pass', ARGV[2])
   if redis.call('PTTL', KEYS[2]) < pass_ms then redis.call('PEXPIRE', KEYS[2], pass_ms) end
@@ -384,7 +427,8 @@ if redis.call('DEL', KEYS[1] .. ':w') == 1 then
 end
 if pass_ms > 0 then return 2 end
 return 1
-";
+"
+);
 
 /// Extends a lease we still hold. KEYS: lease. ARGV: token, ms.
 pub(crate) const EXTEND: &str = r"
@@ -397,14 +441,18 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 /// started before, of any variant, even one never stored, can write back.
 ///
 /// KEYS: primary, variants set, URL fence. ARGV: invalidate channel, sender
-/// id, `1` to set the fence, fence ttl ms, batch size.
-/// Returns the number of entries removed and the number of variants left
-/// in the set (call again while it is not zero).
+/// id, `1` to set the fence, fence ttl ms, batch size, near-cache ack tag
+/// (`<sender>:<seq>`).
+/// Returns the number of entries removed, the number of variants left
+/// in the set (call again while it is not zero), and how many near-cache
+/// listeners heard of a removed marked entry (acknowledgements to wait for).
 ///
 /// When the primary is the URL's own key, variants are popped from the
 /// URL's set in batches; when it is a dimension of the URL (one host), only
 /// it and its own `Vary` variants go (the set is bounded by `max_variants`).
-pub(crate) const INVALIDATE: &str = r"
+pub(crate) const INVALIDATE: &str = concat!(
+    near_announce!(),
+    r"
 if ARGV[3] == '1' then
   local t = redis.call('TIME')
   local now = t[1] .. string.format('%06d', tonumber(t[2]))
@@ -412,6 +460,7 @@ if ARGV[3] == '1' then
 end
 local n = 0
 local left = 0
+local heard = 0
 local whole = KEYS[1] .. ':vars' == KEYS[2]
 local kind = redis.call('TYPE', KEYS[2])['ok']
 if kind == 'set' then
@@ -427,6 +476,7 @@ if kind == 'set' then
     if #vars > 0 then redis.call('SREM', KEYS[2], unpack(vars)) end
   end
   for _, v in ipairs(vars) do
+    heard = heard + near(v, ARGV[6])
     n = n + redis.call('UNLINK', v)
     redis.call('UNLINK', v .. ':lease')
   end
@@ -443,11 +493,13 @@ local index = false
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
   index = redis.call('HEXISTS', KEYS[1], 'vary') == 1
 end
+heard = heard + near(KEYS[1], ARGV[6])
 redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease')
 if had == 1 and not index then n = n + 1 end
 redis.call('PUBLISH', ARGV[1], 'key:' .. ARGV[2] .. ':' .. KEYS[1])
-return {n, left}
-";
+return {n, left, heard}
+"
+);
 
 /// Marks an entry and a batch of its variants stale: their `fresh` time
 /// becomes 0, so no reader, whatever its clock says, takes them for fresh.
@@ -455,18 +507,23 @@ return {n, left}
 /// [`INVALIDATE`] does.
 ///
 /// KEYS: primary, variants set, URL fence. ARGV: `1` to set the fence,
-/// fence ttl ms, batch size, SSCAN cursor of the variants set (`0` first).
-/// Returns the number of entries marked and the next cursor (`0` when done).
+/// fence ttl ms, batch size, SSCAN cursor of the variants set (`0` first),
+/// near-cache ack tag (as [`INVALIDATE`]).
+/// Returns the number of entries marked, the next cursor (`0` when done)
+/// and how many near-cache listeners heard of a marked entry.
 ///
 /// When the primary is a dimension of the URL (one host), only it and its
 /// own `Vary` variants are marked.
-pub(crate) const SOFT_INVALIDATE: &str = r"
+pub(crate) const SOFT_INVALIDATE: &str = concat!(
+    near_announce!(),
+    r"
 if ARGV[1] == '1' then
   local t = redis.call('TIME')
   local now = t[1] .. string.format('%06d', tonumber(t[2]))
   redis.call('SET', KEYS[3], now, 'PX', ARGV[2])
 end
 local n = 0
+local heard = 0
 local keys = {}
 local cursor = '0'
 local whole = KEYS[1] .. ':vars' == KEYS[2]
@@ -482,13 +539,15 @@ end
 for _, k in ipairs(keys) do
   local ok, fresh = pcall(redis.call, 'HGET', k, 'fresh')
   if ok and fresh then
+    heard = heard + near(k, ARGV[5])
     if fresh ~= '0' then redis.call('HSET', k, 'fresh', '0') end
     n = n + 1
   end
   redis.call('UNLINK', k .. ':lease')
 end
-return {n, cursor}
-";
+return {n, cursor, heard}
+"
+);
 
 #[derive(Debug)]
 pub(crate) struct Scripts {
@@ -502,6 +561,7 @@ pub(crate) struct Scripts {
     pub(crate) tag_batch: Script,
     pub(crate) tag_page: Script,
     pub(crate) prefix_fence: Script,
+    pub(crate) near_mark: Script,
 }
 
 impl Scripts {
@@ -517,6 +577,7 @@ impl Scripts {
             tag_batch: Script::new(TAG_BATCH),
             tag_page: Script::new(TAG_PAGE),
             prefix_fence: Script::new(PREFIX_FENCE),
+            near_mark: Script::new(NEAR_MARK),
         }
     }
 }

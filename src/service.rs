@@ -290,12 +290,30 @@ where
     let counters = &config.counters;
     let ek = EntryKey::new(&config.namespace, &key);
     let deadlines = Deadlines::new(config);
+    // The near cache serves fresh hits only (a refetch goes to Redis).
+    let near = shared.near().filter(|_| !refresh);
     for attempt in 0..MAX_ATTEMPTS {
         let now = shared.store.now_ms();
+        if let Some(entry) = near.and_then(|near| near.get(&ek.primary, now)) {
+            Counters::inc(&counters.hits);
+            Counters::inc(&counters.near_hits);
+            let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
+            if early_refresh(config, &entry, now, head) {
+                let current = (*entry).clone();
+                let entry_key = ek.primary.clone();
+                if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, current) {
+                    Counters::inc(&counters.early_refreshes);
+                }
+            }
+            return Ok(res);
+        }
+        // An announcement that overtakes the read keeps it out of the
+        // near cache.
+        let snapshot = near.map(crate::near::Near::snapshot);
         let found = if offline {
             None
         } else {
-            match lookup(&shared.store, &ek, req.headers(), now).await {
+            match lookup(&shared.store, &ek, req.headers(), now, near.is_some()).await {
                 Ok(found) => Some(found),
                 Err(err) => {
                     match shared.warn_gate.allow() {
@@ -311,7 +329,8 @@ where
                 }
             }
         };
-        let (entry_key, record) = found.unwrap_or_else(|| (ek.primary.clone(), Record::Missing));
+        let (entry_key, record, tag) =
+            found.unwrap_or_else(|| (ek.primary.clone(), Record::Missing, None));
         let stale = match record {
             Record::Pass => {
                 tracing::trace!(key = %crate::trace::redact(&entry_key), "pass marker: going to the origin");
@@ -320,17 +339,22 @@ where
             }
             Record::Entry(entry) if !refresh && entry.is_fresh(now) => {
                 Counters::inc(&counters.hits);
-                let early = !head
-                    && config.beta > 0.0
-                    && entry.may_refresh(now)
-                    && entry.past_share(now, config.early_refresh_after)
-                    && xfetch::should_refresh(
-                        now,
-                        entry.fresh_ms,
-                        crate::entry::duration_ms(entry.delta),
-                        config.beta,
-                        xfetch::random01(),
-                    );
+                let early = early_refresh(config, &entry, now, head);
+                if let (Some(near), Some(tag), Some(snapshot)) = (near, tag, snapshot)
+                    && !early
+                    && near.fits(&entry_key, &entry)
+                {
+                    // Marked first: from then on its writers announce.
+                    let marked = tag.marked
+                        || shared
+                            .store
+                            .near_mark(&entry_key, &tag.generation)
+                            .await
+                            .unwrap_or(false);
+                    if marked {
+                        near.admit(&entry_key, Arc::new(entry.clone()), snapshot);
+                    }
+                }
                 if !early {
                     return Ok(from_owned_entry(config, entry, CacheStatus::Hit, head, now));
                 }
@@ -470,25 +494,49 @@ where
 }
 
 /// Reads the entry of a key: ONE command, two when the response varies.
+/// With `near`, also what the near cache needs of a primary (a variant is
+/// never taken in).
 pub(crate) async fn lookup<C>(
     store: &Store<C>,
     ek: &EntryKey,
     headers: &HeaderMap,
     now: u64,
-) -> Result<(String, Record), FenceError>
+    near: bool,
+) -> Result<(String, Record, Option<crate::near::Tag>), FenceError>
 where
     C: Conn,
 {
-    let record = Record::from_raw(store.read(&ek.primary).await?, now);
+    let (raw, tag) = if near {
+        let (raw, extra) = store.read_with(&ek.primary, &crate::near::TAG_FIELDS).await?;
+        (raw, crate::near::tag_of(extra))
+    } else {
+        (store.read(&ek.primary).await?, None)
+    };
+    let record = Record::from_raw(raw, now);
     let Record::Vary(names) = record else {
-        return Ok((ek.primary.clone(), record));
+        return Ok((ek.primary.clone(), record, tag));
     };
     let variant = ek.variant(&names, headers);
     let record = match Record::from_raw(store.read(&variant).await?, now) {
         Record::Vary(_) => Record::Missing,
         other => other,
     };
-    Ok((variant, record))
+    Ok((variant, record, None))
+}
+
+/// Whether XFetch starts a background refresh of this fresh hit now.
+fn early_refresh(config: &Config, entry: &Entry, now: u64, head: bool) -> bool {
+    !head
+        && config.beta > 0.0
+        && entry.may_refresh(now)
+        && entry.past_share(now, config.early_refresh_after)
+        && xfetch::should_refresh(
+            now,
+            entry.fresh_ms,
+            crate::entry::duration_ms(entry.delta),
+            config.beta,
+            xfetch::random01(),
+        )
 }
 
 fn refresh_in_background<S, C, ReqB, ResB>(

@@ -11,6 +11,7 @@ use redis::aio::ConnectionLike;
 
 use crate::config::Config;
 use crate::flight::Flights;
+use crate::near::{Acks, Near};
 use crate::stats::Counters;
 use crate::store::{Breaker, Store};
 
@@ -36,6 +37,10 @@ pub(crate) struct Shared<C> {
     /// Lets the warning of a failed Redis call on the request path through
     /// once a second, not once per request.
     pub(crate) warn_gate: crate::trace::Gate,
+    /// The near cache, when [`FenceCache::near_cache`](crate::FenceCache::near_cache) asked for one.
+    pub(crate) near: OnceLock<Near>,
+    /// The near-cache acknowledgements this cache's invalidations wait for.
+    pub(crate) acks: Acks,
 }
 
 impl<C> fmt::Debug for Shared<C> {
@@ -69,7 +74,21 @@ where
             leases: Default::default(),
             closing: Default::default(),
             warn_gate: Default::default(),
+            near: OnceLock::new(),
+            acks: Acks::default(),
         }
+    }
+}
+
+impl<C> Shared<C> {
+    /// The near cache, when there is one and it may be used: not on a
+    /// Redis Cluster (its writes' announcements would need a subscription
+    /// on every shard; ARCHITECTURE.md, "The near cache").
+    pub(crate) fn near(&self) -> Option<&Near>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        self.near.get().filter(|_| !self.store.is_cluster())
     }
 }
 

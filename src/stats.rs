@@ -163,6 +163,14 @@ counters! {
     /// Responses not stored because their URL already had the most `Vary`
     /// variants it may have ([`FenceLayer::max_variants`](crate::FenceLayer::max_variants)).
     variants_over_limit,
+    /// Requests served from the near cache, with no Redis command (also
+    /// counted in `hits`).
+    near_hits,
+    /// Near-cache entries dropped because a write or invalidation of them
+    /// was announced.
+    near_evictions,
+    /// Times the near cache was emptied because its subscription was lost.
+    near_flushes,
 }
 
 impl Counters {

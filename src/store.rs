@@ -33,7 +33,12 @@ use crate::scripts::Scripts;
 ///   owns the key carries it, to the processes waiting on that entry;
 /// - `<ns>|#invalidate`: an invalidation (`<kind>:<sender id>:<key or
 ///   prefix>`), with `PUBLISH` everywhere (every process of the namespace
-///   listens: its in-flight fills of the key restart).
+///   listens: its in-flight fills of the key restart);
+/// - `<ns>|#near`: a write of an entry marked for near caches (`<ack tag>
+///   <key>`, the tag `<sender id>:<seq>` or `-`), `PUBLISH`ed by the
+///   scripts; only processes with a near cache subscribe;
+/// - `<ns>|#ack:<sender id>`: a near cache dropped what the sender's
+///   announcement `<seq>` named (the message is `<seq>`).
 pub(crate) mod channels {
     use crate::key::namespace_prefix;
 
@@ -74,6 +79,38 @@ pub(crate) mod channels {
         let open = key.find('{')?;
         let close = open + key[open..].find('}')?;
         Some(format!("{}#wake:{}", prefix_of(key), &key[open..=close]))
+    }
+
+    /// The near-cache channel of a namespace: writes of entries marked
+    /// for near caches (`<ack tag> <key>`, `PUBLISH`ed by the scripts).
+    pub(crate) fn near(namespace: &str) -> String {
+        let mut out = namespace_prefix(namespace);
+        out.push_str("#near");
+        out
+    }
+
+    /// The channel the near caches acknowledge `sender`'s announcements on
+    /// (the message: the announcement's sequence number).
+    pub(crate) fn ack(namespace: &str, sender: u64) -> String {
+        let mut out = namespace_prefix(namespace);
+        out.push_str("#ack:");
+        out.push_str(&sender.to_string());
+        out
+    }
+
+    /// [`ack`] for the namespace `key` is in.
+    pub(crate) fn ack_of_key(key: &str, sender: &str) -> String {
+        format!("{}#ack:{sender}", prefix_of(key))
+    }
+
+    /// Whether `channel` is a near-cache channel.
+    pub(crate) fn is_near(channel: &str) -> bool {
+        channel.ends_with("#near")
+    }
+
+    /// Whether `channel` is an acknowledgement channel.
+    pub(crate) fn is_ack(channel: &str) -> bool {
+        channel.contains("#ack:")
     }
 
     /// Whether `channel` is a wake-up channel (else an invalidation one).
@@ -520,6 +557,44 @@ where
         }
     }
 
+    /// [`read`](Self::read), with the values of `extra` fields besides
+    /// (in that order; `None` for a field that is not there): the same one
+    /// command.
+    pub(crate) async fn read_with(
+        &self,
+        key: &str,
+        extra: &[&str],
+    ) -> Result<(Raw, Vec<Option<Bytes>>), FenceError> {
+        let mut cmd = redis::Cmd::with_capacity(
+            2 + LOOKUP_FIELDS.len() + extra.len(),
+            key.len() + 64 + 8 * extra.len(),
+        );
+        cmd.arg("HMGET").arg(key).arg(&LOOKUP_FIELDS[..]).arg(extra);
+        let result = self
+            .run("read", move |mut c| async move {
+                cmd.query_async::<Value>(&mut c).await
+            })
+            .await;
+        let values = match result {
+            Ok(Value::Array(values)) => values,
+            Ok(_) => Vec::new(),
+            Err(e) if is_wrong_type(&e) => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut values: Vec<Option<Bytes>> = values
+            .into_iter()
+            .map(|v| match v {
+                Value::BulkString(b) => Some(Bytes::from(b)),
+                _ => None,
+            })
+            .collect();
+        if values.len() != LOOKUP_FIELDS.len() + extra.len() {
+            return Ok((Raw::default(), vec![None; extra.len()]));
+        }
+        let extras = values.split_off(LOOKUP_FIELDS.len());
+        Ok((Raw::from_values(values), extras))
+    }
+
     /// Runs the ACQUIRE script (see its documentation).
     pub(crate) async fn acquire(&self, args: AcquireArgs<'_>) -> Result<Acquired, FenceError> {
         let value: Value = self
@@ -700,22 +775,28 @@ where
     /// Removes the entry at `primary` and its variants, a batch of variants
     /// per script, and with `fence` sets the URL's fence first. Returns how
     /// many entries were removed.
+    ///
+    /// `ack` is the near-cache acknowledgement tag (`<sender>:<seq>`); the
+    /// second number returned is how many near-cache listeners heard of a
+    /// removed entry (acknowledgements to wait for).
     pub(crate) async fn invalidate(
         &self,
         primary: &str,
         sender: u64,
         fence: bool,
-    ) -> Result<u64, FenceError> {
+        ack: &str,
+    ) -> Result<(u64, u64), FenceError> {
         let variants = crate::key::variants_set_of(primary);
         let url_fence = url_fence_of(primary);
         let channel = channels::invalidate_of_key(primary);
         let mut total = 0;
+        let mut heard = 0;
         let mut fence = fence;
         // New variants may be added while the batches run (after the fence,
         // so they are new data); a bound keeps a busy URL from holding the
         // call forever.
         for _ in 0..64 {
-            let (removed, left): (u64, u64) = self
+            let (removed, left, told): (u64, u64, u64) = self
                 .run("invalidate", |mut c| {
                     let mut inv = self.scripts.invalidate.key(primary);
                     inv.key(variants.as_str())
@@ -724,34 +805,39 @@ where
                         .arg(sender)
                         .arg(if fence { "1" } else { "0" })
                         .arg(duration_ms(FENCE_TTL))
-                        .arg(VARIANT_BATCH);
+                        .arg(VARIANT_BATCH)
+                        .arg(ack);
                     async move { inv.invoke_async(&mut c).await }
                 })
                 .await?;
             fence = false;
             total += removed;
+            heard += told;
             if left == 0 {
                 break;
             }
         }
-        Ok(total)
+        Ok((total, heard))
     }
 
     /// Marks the entry at `primary` and its variants stale, a batch of
     /// variants per script, and with `fence` sets the URL's fence first.
     /// Returns how many entries were marked.
+    /// `ack` and the second number returned: as [`invalidate`](Self::invalidate).
     pub(crate) async fn soft_invalidate(
         &self,
         primary: &str,
         fence: bool,
-    ) -> Result<u64, FenceError> {
+        ack: &str,
+    ) -> Result<(u64, u64), FenceError> {
         let variants = crate::key::variants_set_of(primary);
         let url_fence = url_fence_of(primary);
         let mut total = 0;
+        let mut heard = 0;
         let mut cursor = "0".to_owned();
         let mut fence = fence;
         loop {
-            let (marked, next): (u64, String) = self
+            let (marked, next, told): (u64, String, u64) = self
                 .run("soft_invalidate", |mut c| {
                     let mut inv = self.scripts.soft_invalidate.key(primary);
                     inv.key(variants.as_str())
@@ -759,14 +845,16 @@ where
                         .arg(if fence { "1" } else { "0" })
                         .arg(duration_ms(FENCE_TTL))
                         .arg(VARIANT_BATCH)
-                        .arg(cursor.as_str());
+                        .arg(cursor.as_str())
+                        .arg(ack);
                     async move { inv.invoke_async(&mut c).await }
                 })
                 .await?;
             fence = false;
             total += marked;
+            heard += told;
             if next == "0" {
-                return Ok(total);
+                return Ok((total, heard));
             }
             cursor = next;
         }
@@ -978,6 +1066,19 @@ where
             Err(e) if is_wrong_type(&e) => Ok(None),
             other => other,
         }
+    }
+
+    /// Marks the entry at `key` for near caches if its `gen` is still
+    /// `generation` (the NEAR_MARK script). Returns whether it did.
+    pub(crate) async fn near_mark(&self, key: &str, generation: &[u8]) -> Result<bool, FenceError> {
+        let marked: i64 = self
+            .run("near_mark", |mut c| {
+                let mut inv = self.scripts.near_mark.key(key);
+                inv.arg(generation);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(marked == 1)
     }
 
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), FenceError> {

@@ -18,8 +18,6 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
 
-#[cfg(not(feature = "cluster-async"))]
-use crate::shared::Interests;
 #[cfg(feature = "cluster-async")]
 use crate::shared::{Forward, Interests};
 use crate::shared::{Interest, Shared, Source};
@@ -135,6 +133,8 @@ where
             "wake_ups(redis::Client) on a Redis Cluster hears invalidations but not the sharded wake-ups: use cluster_wake_ups"
         );
     }
+    // However the listener ends, the near cache is emptied and bypassed.
+    let _near = NearDown(shared.clone());
     let mut backoff = Duration::from_millis(50);
     let mut moves = master.moves();
     loop {
@@ -150,7 +150,7 @@ where
                 backoff = Duration::from_millis(50);
                 let (mut sink, mut messages) = pubsub.split();
                 let mut subscribed: HashSet<String> = HashSet::new();
-                let mut synced = sync_single(&mut sink, &interests, &mut subscribed).await;
+                let mut synced = sync_single(&mut sink, &shared, &mut subscribed).await;
                 if synced.is_ok() {
                     tracing::debug!("wake-up subscription established");
                     if let Some(shared) = shared.upgrade() {
@@ -165,7 +165,7 @@ where
                             dispatch(&shared, &msg);
                         }
                         () = interests.changed.notified() => {
-                            synced = sync_single(&mut sink, &interests, &mut subscribed).await;
+                            synced = sync_single(&mut sink, &shared, &mut subscribed).await;
                         }
                         () = moved(&mut moves) => {
                             tracing::info!("wake-up subscription: the master moved; subscribing there");
@@ -179,6 +179,7 @@ where
                         }
                     }
                 }
+                near_down(&shared);
                 tracing::debug!("wake-up subscription lost, reconnecting");
                 master.failed();
             }
@@ -196,15 +197,32 @@ where
     }
 }
 
-/// Subscribes to the channels of the namespaces not subscribed yet.
-async fn sync_single(
+/// Subscribes to the channels of the namespaces not subscribed yet: the
+/// wake-ups, the invalidations, this cache's acknowledgements, and with a
+/// near cache the near-cache announcements; then the near cache is in use.
+async fn sync_single<C>(
     sink: &mut redis::aio::PubSubSink,
-    interests: &Interests,
+    shared: &Weak<Shared<C>>,
     subscribed: &mut HashSet<String>,
-) -> redis::RedisResult<()> {
+) -> redis::RedisResult<()>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let Some(shared) = shared.upgrade() else {
+        return Ok(());
+    };
+    let near = shared.near();
     let mut new = Vec::new();
-    for namespace in interests.namespaces() {
-        for channel in [channels::wake(&namespace), channels::invalidate(&namespace)] {
+    for namespace in shared.interests.namespaces() {
+        let mut wanted = vec![
+            channels::wake(&namespace),
+            channels::invalidate(&namespace),
+            channels::ack(&namespace, shared.id),
+        ];
+        if near.is_some() {
+            wanted.push(channels::near(&namespace));
+        }
+        for channel in wanted {
             if !subscribed.contains(&channel) {
                 new.push(channel);
             }
@@ -214,7 +232,42 @@ async fn sync_single(
         timed(sink.subscribe(&new)).await?;
         subscribed.extend(new);
     }
+    // Every namespace's announcements are heard from here on.
+    if let Some(near) = near
+        && !near.is_up()
+    {
+        near.up();
+        tracing::debug!("near cache in use");
+    }
     Ok(())
+}
+
+/// Empties the near cache and bypasses it until the subscription is back.
+fn near_down<C>(shared: &Weak<Shared<C>>)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let Some(shared) = shared.upgrade() else {
+        return;
+    };
+    if let Some(dropped) = shared.near.get().and_then(crate::near::Near::down) {
+        Counters::inc(&shared.counters.near_flushes);
+        tracing::debug!(dropped, "near cache flushed: its subscription is lost");
+    }
+}
+
+/// Calls [`near_down`] when the listener ends, however it ends.
+struct NearDown<C>(Weak<Shared<C>>)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static;
+
+impl<C> Drop for NearDown<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn drop(&mut self) {
+        near_down(&self.0);
+    }
 }
 
 #[cfg(feature = "cluster-async")]
@@ -392,15 +445,30 @@ fn string_of(value: &redis::Value) -> Option<String> {
     }
 }
 
-/// Acts on one message: wakes the fills waiting on a key, or restarts this
-/// process's fills of an entry another process invalidated.
-fn dispatch<C>(shared: &Shared<C>, msg: &redis::Msg) {
+/// Acts on one message: wakes the fills waiting on a key, restarts this
+/// process's fills of an entry another process invalidated, drops a near
+/// cache's entries of a URL written elsewhere (and acknowledges), or counts
+/// an acknowledgement of this cache's announcement.
+fn dispatch<C>(shared: &Arc<Shared<C>>, msg: &redis::Msg)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
     let Ok(payload) = std::str::from_utf8(msg.get_payload_bytes()) else {
         return;
     };
     let Ok(channel) = std::str::from_utf8(msg.get_channel_name().as_bytes()) else {
         return;
     };
+    if channels::is_near(channel) {
+        near_announced(shared, payload);
+        return;
+    }
+    if channels::is_ack(channel) {
+        if let Ok(seq) = payload.parse::<u64>() {
+            shared.acks.ack(seq);
+        }
+        return;
+    }
     if channels::is_wake(channel) {
         if let Some(key) = payload.strip_suffix(":lease") {
             shared.flights.wake(key);
@@ -424,6 +492,32 @@ fn dispatch<C>(shared: &Shared<C>, msg: &redis::Msg) {
         _ => 0,
     };
     Counters::add(&shared.counters.detached, n);
+}
+
+/// `<ack tag> <key>` on `#near`: drop the key's URL from the near cache,
+/// then acknowledge to the sender (tag `<sender>:<seq>`; `-` asks for none).
+fn near_announced<C>(shared: &Arc<Shared<C>>, payload: &str)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let Some((tag, key)) = payload.split_once(' ') else {
+        return;
+    };
+    if let Some(near) = shared.near.get() {
+        let dropped = near.drop_url_of(key);
+        Counters::add(&shared.counters.near_evictions, dropped);
+    }
+    let Some((sender, seq)) = tag.split_once(':') else {
+        return;
+    };
+    let channel = channels::ack_of_key(key, sender);
+    let seq = seq.to_owned();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        if let Err(err) = shared.store.publish(&channel, &seq).await {
+            tracing::debug!(error = %err, "acknowledging a near-cache announcement failed");
+        }
+    });
 }
 
 /// A pub/sub call bounded at 2 s.
