@@ -148,6 +148,18 @@ async fn get_with(svc: &Svc, path: &str, headers: &[(&str, &str)]) -> (String, S
 
 #[tokio::test(flavor = "multi_thread")]
 async fn no_read_after_an_invalidation_returns_an_older_version() {
+    race("race:", false, race_trials()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_read_after_an_invalidation_returns_an_older_version_with_near_caches() {
+    // The same with a near cache in each "process": readers read twice, so
+    // entries are in the near caches when the invalidation comes, and the
+    // kinds include the whole namespace and soft invalidations.
+    race("nrace:", true, race_trials() / 2).await;
+}
+
+async fn race(ns: &str, near: bool, trials: u64) {
     // Two layers on one Redis play two processes. Each trial: concurrent
     // reads on both of a cold key (filling, with random origin delays), a
     // write that bumps the version and invalidates through a random handle
@@ -155,10 +167,15 @@ async fn no_read_after_an_invalidation_returns_an_older_version() {
     // version current at the invalidation.
     let redis = RedisServer::new();
     let world = World::default();
-    let (la, lb) = (layer(&redis, "race:").await, layer(&redis, "race:").await);
+    let make = async || {
+        let cache = FenceCache::new(redis.connection_manager().await).wake_ups(redis.client());
+        let cache = if near { cache.near_cache(1 << 20) } else { cache };
+        cache.layer().namespace(ns).beta(0.0)
+    };
+    let (la, lb) = (make().await, make().await);
     let (a, b) = (fence(&la, &world), fence(&lb, &world));
     let handles = [la.handle(), lb.handle()];
-    let trials = race_trials();
+    let (reads, kinds) = if near { (2, 7) } else { (1, 3) };
     let mut stale_reads = 0;
     for trial in 0..trials {
         let path = format!("/r/{}", trial % 7);
@@ -173,6 +190,9 @@ async fn no_read_after_an_invalidation_returns_an_older_version() {
             let path = path.clone();
             readers.push(tokio::spawn(async move {
                 tokio::time::sleep(Duration::from_micros(rand::random_range(0..2_000))).await;
+                for _ in 1..reads {
+                    get(&svc, &path).await;
+                }
                 get(&svc, &path).await
             }));
         }
@@ -180,17 +200,21 @@ async fn no_read_after_an_invalidation_returns_an_older_version() {
         let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
         // By path, by prefix or by tag (the origin tags `t:<path>`).
         let handle = &handles[rand::random_range(0..2)];
-        match rand::random_range(0..3) {
+        let kind = rand::random_range(0..kinds);
+        match kind {
             0 => handle.invalidate_path(&path).await.unwrap(),
             1 => handle.invalidate_prefix(&path).await.unwrap(),
-            _ => handle.invalidate_tag(&format!("t:{path}")).await.unwrap(),
+            2 => handle.invalidate_tag(&format!("t:{path}")).await.unwrap(),
+            3 => handle.invalidate_all().await.unwrap(),
+            4 => handle.soft_invalidate_path(&path).await.unwrap(),
+            5 => handle.soft_invalidate_prefix(&path).await.unwrap(),
+            _ => handle.soft_invalidate_tag(&format!("t:{path}")).await.unwrap(),
         };
         for svc in [&a, &b] {
-            let (_, body) = get(svc, &path).await;
-            let seen: u64 = body.parse().unwrap();
-            if seen < current {
+            let read = get(svc, &path).await;
+            if is_stale_read(&read, current, kind >= 4) {
                 stale_reads += 1;
-                eprintln!("trial {trial}: read version {seen} after invalidating at {current}");
+                eprintln!("trial {trial}: read {read:?} after invalidating at {current}");
             }
         }
         for r in readers {
@@ -202,12 +226,18 @@ async fn no_read_after_an_invalidation_returns_an_older_version() {
         fenced > 0,
         "no fill raced an invalidation: the test tests nothing"
     );
+    let near_hits = handles[0].stats().near_hits + handles[1].stats().near_hits;
+    let evictions = handles[0].stats().near_evictions + handles[1].stats().near_evictions;
     eprintln!(
-        "race: {trials} trials, {stale_reads} stale reads, {} origin calls, fenced {} + {}",
+        "race: {trials} trials, {stale_reads} stale reads, {} origin calls, fenced {} + {}, \
+         near hits {near_hits}, near evictions {evictions}",
         world.calls.load(Ordering::SeqCst),
         handles[0].stats().fenced,
         handles[1].stats().fenced
     );
+    if near {
+        assert!(near_hits > 0 && evictions > 0, "the near caches were not used");
+    }
     assert_eq!(stale_reads, 0);
 }
 

@@ -1,0 +1,323 @@
+//! The near cache (`FenceCache::near_cache`): hits with no Redis command,
+//! coherence across caches (every store and invalidation through one drops
+//! the entry in the others before the call returns), and the flush while
+//! its subscription is down.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use cachefence::{FenceCache, FenceHandle};
+use redis::aio::ConnectionManager;
+use support::{Http, RedisServer, serve};
+
+const NS: &str = "near:";
+
+/// One "process": its own connection, listener and near cache, and an app
+/// whose origin answers the shared version, tagged `t:<path>`.
+struct Proc {
+    cache: FenceCache<ConnectionManager>,
+    handle: FenceHandle<ConnectionManager>,
+    addr: std::net::SocketAddr,
+}
+
+async fn proc(redis: &RedisServer, version: &Arc<AtomicU64>, calls: &Arc<AtomicU64>) -> Proc {
+    let cache = FenceCache::new(redis.connection_manager().await)
+        .namespace(NS)
+        .wake_ups(redis.client())
+        .near_cache(1 << 20);
+    let (version, calls) = (version.clone(), calls.clone());
+    let origin = move |uri: axum::http::Uri| {
+        let (version, calls) = (version.clone(), calls.clone());
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let mut headers = HeaderMap::new();
+            headers.insert("cache-tag", format!("t:{}", uri.path()).parse().unwrap());
+            (headers, version.load(Ordering::SeqCst).to_string())
+        }
+    };
+    // `no-cache` asks for a refetch (and so a store over a fresh entry).
+    let app = Router::new().route(
+        "/{*path}",
+        get(origin).layer(cache.layer().honor_request_no_cache(true)),
+    );
+    let addr = serve(app).await;
+    up(&cache).await;
+    Proc {
+        handle: cache.handle(),
+        cache,
+        addr,
+    }
+}
+
+/// Waits (bounded) until `cond` holds: for state the listener task changes.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn up(cache: &FenceCache<ConnectionManager>) {
+    until("the near cache's subscription", || cache.near_is_up_for_tests()).await;
+}
+
+/// Reads `path` through `p` until its near cache holds it (a miss or a
+/// Redis hit first, then the near hit). Returns the body.
+async fn warm(http: &Http, p: &Proc, path: &str) -> String {
+    for _ in 0..5 {
+        let reply = http.get(p.addr, path).await;
+        if p.cache.near_holds_for_tests(NS, path) {
+            return reply.text();
+        }
+    }
+    panic!("{path} never reached the near cache");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn near_hits_make_no_redis_command() {
+    let redis = RedisServer::new();
+    let (version, calls) = (Arc::default(), Arc::default());
+    let p = proc(&redis, &version, &calls).await;
+    let http = Http::new();
+    assert_eq!(http.get(p.addr, "/a").await.cache_status(), Some("MISS"));
+    // A hit from Redis, whose version is marked, then taken in.
+    let hit = http.get(p.addr, "/a").await;
+    assert_eq!(hit.cache_status(), Some("HIT"));
+    assert!(p.cache.near_holds_for_tests(NS, "/a"));
+    let before = p.cache.stats();
+    redis.reset_stats();
+    for _ in 0..20 {
+        let reply = http.get(p.addr, "/a").await;
+        assert_eq!(reply.cache_status(), Some("HIT"));
+        assert_eq!(reply.text(), "0");
+        assert!(reply.header("age").is_some());
+    }
+    assert_eq!(redis.total_commands(), 0, "{:?}", redis.commandstats());
+    let after = p.cache.stats();
+    assert_eq!(after.near_hits - before.near_hits, 20);
+    assert_eq!(after.hits - before.hits, 20);
+    assert_eq!(after.redis_calls, before.redis_calls);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// The kinds of invalidation, each through `by`'s handle.
+async fn invalidate(kind: &str, by: &FenceHandle<ConnectionManager>, path: &str) {
+    match kind {
+        "key" => {
+            let uri: http::Uri = format!("http://{}{path}", support::TEST_HOST)
+                .parse()
+                .unwrap();
+            by.invalidate_uri(&uri).await.unwrap();
+        }
+        "path" => {
+            by.invalidate_path(path).await.unwrap();
+        }
+        "prefix" => {
+            by.invalidate_prefix(path).await.unwrap();
+        }
+        "tag" => {
+            by.invalidate_tag(&format!("t:{path}")).await.unwrap();
+        }
+        "all" => {
+            by.invalidate_all().await.unwrap();
+        }
+        "soft path" => {
+            by.soft_invalidate_path(path).await.unwrap();
+        }
+        "soft prefix" => {
+            by.soft_invalidate_prefix(path).await.unwrap();
+        }
+        "soft tag" => {
+            by.soft_invalidate_tag(&format!("t:{path}")).await.unwrap();
+        }
+        "soft all" => {
+            by.soft_invalidate_all().await.unwrap();
+        }
+        other => unreachable!("{other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_invalidation_through_one_cache_drops_the_entry_in_the_other_before_it_returns() {
+    let redis = RedisServer::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
+    let a = proc(&redis, &version, &calls).await;
+    let b = proc(&redis, &version, &calls).await;
+    let http = Http::new();
+    let kinds = [
+        "key",
+        "path",
+        "prefix",
+        "tag",
+        "all",
+        "soft path",
+        "soft prefix",
+        "soft tag",
+        "soft all",
+    ];
+    for (i, kind) in kinds.iter().enumerate() {
+        let path = format!("/k/{i}");
+        let old = warm(&http, &a, &path).await;
+        assert_eq!(warm(&http, &b, &path).await, old);
+        let evictions = b.cache.stats().near_evictions;
+        let new = version.fetch_add(1, Ordering::SeqCst) + 1;
+        invalidate(kind, &a.handle, &path).await;
+        // Dropped everywhere when the call returns: no waiting here.
+        assert!(!b.cache.near_holds_for_tests(NS, &path), "{kind}: b");
+        assert!(!a.cache.near_holds_for_tests(NS, &path), "{kind}: a");
+        assert!(b.cache.stats().near_evictions > evictions, "{kind}");
+        for p in [&b, &a] {
+            let reply = http.get(p.addr, &path).await;
+            let soft_stale = kind.starts_with("soft") && reply.cache_status() == Some("STALE");
+            assert!(
+                reply.text() == new.to_string() || soft_stale,
+                "{kind}: read {} ({:?}) after invalidating at {new}",
+                reply.text(),
+                reply.cache_status()
+            );
+        }
+    }
+    assert_eq!(a.cache.stats().near_flushes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_through_one_cache_drops_the_entry_in_the_other() {
+    let redis = RedisServer::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
+    let a = proc(&redis, &version, &calls).await;
+    let b = proc(&redis, &version, &calls).await;
+    let http = Http::new();
+    warm(&http, &a, "/s").await;
+    assert_eq!(warm(&http, &b, "/s").await, "0");
+    version.store(1, Ordering::SeqCst);
+    // A refetch through `a` stores version 1 over the fresh version 0.
+    let req = http::Request::get(format!("http://{}/s", a.addr))
+        .header("cache-control", "no-cache")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    assert_eq!(http.request(req).await.text(), "1");
+    // A store does not wait for acknowledgements: its announcement reaches
+    // `b` on its own.
+    until("b dropping the stored-over entry", || {
+        !b.cache.near_holds_for_tests(NS, "/s")
+    })
+    .await;
+    assert_eq!(http.get(b.addr, "/s").await.text(), "1");
+    assert_eq!(warm(&http, &b, "/s").await, "1");
+    assert_eq!(http.get(b.addr, "/s").await.text(), "1");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_subscription_flushes_the_near_cache_until_it_is_back() {
+    let mut redis = RedisServer::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
+    let p = proc(&redis, &version, &calls).await;
+    let http = Http::new();
+    warm(&http, &p, "/l").await;
+
+    // The listener's connection killed: flushed, then in use again.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    until("the flush", || p.cache.stats().near_flushes == 1).await;
+    assert!(!p.cache.near_holds_for_tests(NS, "/l"));
+    up(&p.cache).await;
+    warm(&http, &p, "/l").await;
+    let hits = p.cache.stats().near_hits;
+    assert_eq!(http.get(p.addr, "/l").await.cache_status(), Some("HIT"));
+    assert_eq!(p.cache.stats().near_hits, hits + 1);
+
+    // Redis restarted (empty): flushed, bypassed while it is down, filled
+    // again when it is back.
+    redis.stop();
+    until("the flush", || p.cache.stats().near_flushes == 2).await;
+    assert!(!p.cache.near_is_up_for_tests());
+    let hits = p.cache.stats().near_hits;
+    let reply = http.get(p.addr, "/l").await;
+    assert_eq!(reply.status, 200);
+    assert_ne!(reply.cache_status(), Some("HIT"), "no near hit while down");
+    assert_eq!(p.cache.stats().near_hits, hits);
+    redis.start();
+    up(&p.cache).await;
+    version.store(7, Ordering::SeqCst);
+    // The old entry went with the restart; the new one is taken in.
+    until("the breaker closing", || {
+        p.cache.stats().breaker == cachefence::BreakerState::Closed
+    })
+    .await;
+    let mut body = String::new();
+    for _ in 0..50 {
+        let reply = http.get(p.addr, "/l").await;
+        body = reply.text();
+        if p.cache.near_holds_for_tests(NS, "/l") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(body, "7");
+    assert!(p.cache.near_holds_for_tests(NS, "/l"));
+    let hits = p.cache.stats().near_hits;
+    assert_eq!(http.get(p.addr, "/l").await.text(), "7");
+    assert_eq!(p.cache.stats().near_hits, hits + 1);
+}
+
+/// A measurement with an assertion: over 1,000 invalidations, the time from
+/// the invalidating call returning to the last near cache dropping the
+/// entry (0 by construction: the call waits for every acknowledgement), and
+/// no near cache still holding it when the call returned.
+#[tokio::test(flavor = "multi_thread")]
+async fn near_caches_drop_an_entry_before_the_invalidation_returns() {
+    let redis = RedisServer::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
+    let procs = [
+        proc(&redis, &version, &calls).await,
+        proc(&redis, &version, &calls).await,
+        proc(&redis, &version, &calls).await,
+    ];
+    let http = Http::new();
+    let n = 1_000;
+    let mut lag_us = Vec::with_capacity(n);
+    let mut call_us = Vec::with_capacity(n);
+    let mut held_after_return = 0;
+    for i in 0..n {
+        let path = format!("/m/{}", i % 10);
+        for p in &procs {
+            warm(&http, p, &path).await;
+        }
+        let by = &procs[i % procs.len()].handle;
+        let started = Instant::now();
+        by.invalidate_path(&path).await.unwrap();
+        let returned = Instant::now();
+        call_us.push(returned.duration_since(started).as_micros() as u64);
+        let mut last = returned;
+        for p in &procs {
+            if p.cache.near_holds_for_tests(NS, &path) {
+                held_after_return += 1;
+                while p.cache.near_holds_for_tests(NS, &path) {
+                    tokio::task::yield_now().await;
+                }
+                last = last.max(Instant::now());
+            }
+        }
+        lag_us.push(last.duration_since(returned).as_micros() as u64);
+    }
+    lag_us.sort_unstable();
+    call_us.sort_unstable();
+    let pct = |v: &[u64], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    eprintln!(
+        "near: {n} invalidations over 3 caches: drop lag after return p50 {} µs, p99 {} µs, max {} µs; \
+         held after return {held_after_return}; invalidate_path call p50 {} µs, p99 {} µs",
+        pct(&lag_us, 0.5),
+        pct(&lag_us, 0.99),
+        lag_us[n - 1],
+        pct(&call_us, 0.5),
+        pct(&call_us, 0.99),
+    );
+    assert_eq!(held_after_return, 0);
+    assert!(pct(&lag_us, 0.99) < 1_000);
+}
