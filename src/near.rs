@@ -264,23 +264,28 @@ impl Near {
 }
 
 /// What a near cache needs of the fields of a primary read from Redis:
-/// the version (`gen`), and whether it is marked already.
+/// the version (`gen`) and freshness (`fresh`: a soft invalidation changes
+/// it, not `gen`) read, and whether it is marked already.
 pub(crate) struct Tag {
     pub(crate) generation: Vec<u8>,
+    pub(crate) fresh: Vec<u8>,
     pub(crate) marked: bool,
 }
 
 /// The fields a lookup reads besides the hit's when a near cache may take
 /// the entry in (their values: [`tag_of`]).
-pub(crate) const TAG_FIELDS: [&str; 2] = ["gen", "near"];
+pub(crate) const TAG_FIELDS: [&str; 3] = ["gen", "fresh", "near"];
 
-/// The [`Tag`] from the values of [`TAG_FIELDS`] (`None` without a `gen`).
+/// The [`Tag`] from the values of [`TAG_FIELDS`] (`None` without `gen` and
+/// `fresh`).
 pub(crate) fn tag_of(values: Vec<Option<bytes::Bytes>>) -> Option<Tag> {
     let mut values = values.into_iter();
     let generation = values.next().flatten()?;
+    let fresh = values.next().flatten()?;
     let marked = values.next().flatten().is_some();
     Some(Tag {
         generation: generation.to_vec(),
+        fresh: fresh.to_vec(),
         marked,
     })
 }

@@ -89,13 +89,15 @@ end
 }
 
 /// Marks an entry as possibly held in a near cache, if it is still the
-/// version that was read: its writers then announce every change of it
-/// (see `near_announce!`).
+/// version that was read, as it was read: its writers then announce every
+/// change of it (see `near_announce!`).
 ///
-/// KEYS: entry. ARGV: the `gen` of the version read. Returns 1 when marked.
+/// KEYS: entry. ARGV: the `gen` and `fresh` fields read. Returns 1 when
+/// marked; 0 when the entry was replaced (STORE, FRESHEN), marked stale
+/// (SOFT_INVALIDATE: `fresh` changed), given a pass marker, or removed.
 pub(crate) const NEAR_MARK: &str = r"
-local ok, g = pcall(redis.call, 'HGET', KEYS[1], 'gen')
-if ok and g and g == ARGV[1] then
+local ok, f = pcall(redis.call, 'HMGET', KEYS[1], 'gen', 'fresh', 'pass')
+if ok and f[1] == ARGV[1] and f[2] == ARGV[2] and not f[3] then
   redis.call('HSET', KEYS[1], 'near', '1')
   return 1
 end

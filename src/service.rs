@@ -348,7 +348,7 @@ where
                     let marked = tag.marked
                         || shared
                             .store
-                            .near_mark(&entry_key, &tag.generation)
+                            .near_mark(&entry_key, &tag.generation, &tag.fresh)
                             .await
                             .unwrap_or(false);
                     if marked {

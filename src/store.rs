@@ -1068,13 +1068,19 @@ where
         }
     }
 
-    /// Marks the entry at `key` for near caches if its `gen` is still
-    /// `generation` (the NEAR_MARK script). Returns whether it did.
-    pub(crate) async fn near_mark(&self, key: &str, generation: &[u8]) -> Result<bool, FenceError> {
+    /// Marks the entry at `key` for near caches if its `gen` and `fresh`
+    /// fields are still `generation` and `fresh` (the NEAR_MARK script).
+    /// Returns whether it did.
+    pub(crate) async fn near_mark(
+        &self,
+        key: &str,
+        generation: &[u8],
+        fresh: &[u8],
+    ) -> Result<bool, FenceError> {
         let marked: i64 = self
             .run("near_mark", |mut c| {
                 let mut inv = self.scripts.near_mark.key(key);
-                inv.arg(generation);
+                inv.arg(generation).arg(fresh);
                 async move { inv.invoke_async(&mut c).await }
             })
             .await?;

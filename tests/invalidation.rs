@@ -214,7 +214,9 @@ async fn race(ns: &str, near: bool, trials: u64) {
             let read = get(svc, &path).await;
             if is_stale_read(&read, current, kind >= 4) {
                 stale_reads += 1;
-                eprintln!("trial {trial}: read {read:?} after invalidating at {current}");
+                eprintln!(
+                    "trial {trial}: read {read:?} after invalidating (kind {kind}) at {current}"
+                );
             }
         }
         for r in readers {
