@@ -167,16 +167,19 @@ enum Arm {
     NoCache,
     Naive,
     Fence,
+    /// cachefence with a 64 MiB near cache.
+    FenceNear,
 }
 
 impl Arm {
-    const ALL: [Arm; 3] = [Arm::NoCache, Arm::Naive, Arm::Fence];
+    const ALL: [Arm; 4] = [Arm::NoCache, Arm::Naive, Arm::Fence, Arm::FenceNear];
 
     fn name(self) -> &'static str {
         match self {
             Arm::NoCache => "no-cache",
             Arm::Naive => "naive",
             Arm::Fence => "fence",
+            Arm::FenceNear => "fence+near",
         }
     }
 }
@@ -441,9 +444,15 @@ async fn start_app(
             };
             routes.layer(middleware::from_fn_with_state(state, naive))
         }
-        Arm::Fence => {
-            let fence = FenceCache::new(client.get_connection_manager().await?)
-                .wake_ups(client.clone())
+        Arm::Fence | Arm::FenceNear => {
+            let cache =
+                FenceCache::new(client.get_connection_manager().await?).wake_ups(client.clone());
+            let cache = if arm == Arm::FenceNear {
+                cache.near_cache(64 << 20)
+            } else {
+                cache
+            };
+            let fence = cache
                 .layer()
                 .namespace(format!("{}-{tag}:", arm.name()))
                 .ttl(settings.ttl)

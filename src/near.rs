@@ -398,7 +398,10 @@ mod tests {
         near.up();
         let snap = near.snapshot();
         near.drop_url_of("ns|/b:{2}:v:x");
-        assert!(!near.admit("ns|/a:{1}", entry(10, 100), snap), "a drop came between");
+        assert!(
+            !near.admit("ns|/a:{1}", entry(10, 100), snap),
+            "a drop came between"
+        );
         let snap = near.snapshot();
         assert!(near.admit("ns|/a:{1}", entry(10, 100), snap));
         assert!(near.get("ns|/a:{1}", 50).is_some());

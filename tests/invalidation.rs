@@ -169,7 +169,11 @@ async fn race(ns: &str, near: bool, trials: u64) {
     let world = World::default();
     let make = async || {
         let cache = FenceCache::new(redis.connection_manager().await).wake_ups(redis.client());
-        let cache = if near { cache.near_cache(1 << 20) } else { cache };
+        let cache = if near {
+            cache.near_cache(1 << 20)
+        } else {
+            cache
+        };
         cache.layer().namespace(ns).beta(0.0)
     };
     let (la, lb) = (make().await, make().await);
@@ -208,7 +212,10 @@ async fn race(ns: &str, near: bool, trials: u64) {
             3 => handle.invalidate_all().await.unwrap(),
             4 => handle.soft_invalidate_path(&path).await.unwrap(),
             5 => handle.soft_invalidate_prefix(&path).await.unwrap(),
-            _ => handle.soft_invalidate_tag(&format!("t:{path}")).await.unwrap(),
+            _ => handle
+                .soft_invalidate_tag(&format!("t:{path}"))
+                .await
+                .unwrap(),
         };
         for svc in [&a, &b] {
             let read = get(svc, &path).await;
@@ -238,7 +245,10 @@ async fn race(ns: &str, near: bool, trials: u64) {
         handles[1].stats().fenced
     );
     if near {
-        assert!(near_hits > 0 && evictions > 0, "the near caches were not used");
+        assert!(
+            near_hits > 0 && evictions > 0,
+            "the near caches were not used"
+        );
     }
     assert_eq!(stale_reads, 0);
 }

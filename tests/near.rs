@@ -65,7 +65,10 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 async fn up(cache: &FenceCache<ConnectionManager>) {
-    until("the near cache's subscription", || cache.near_is_up_for_tests()).await;
+    until("the near cache's subscription", || {
+        cache.near_is_up_for_tests()
+    })
+    .await;
 }
 
 /// Reads `path` through `p` until its near cache holds it (a miss or a
