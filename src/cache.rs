@@ -90,6 +90,8 @@ where
         let mut config = self.defaults.clone().sanitized();
         // A handle counts what it does for the whole cache, not a route.
         config.counters = Arc::new(self.shared.counters.clone());
+        // Its invalidations wait for near caches' acknowledgements.
+        crate::wake::hear_acks(&self.shared, &config.namespace);
         FenceHandle::new(self.shared.clone(), config)
     }
 

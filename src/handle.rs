@@ -853,6 +853,7 @@ where
         if heard > 0 {
             let want = usize::try_from(heard).unwrap_or(usize::MAX);
             if !acks.until(want, crate::near::ACK_WAIT).await {
+                Counters::inc(&self.config.counters.near_ack_timeouts);
                 tracing::debug!(
                     key = %crate::trace::redact(primary),
                     listeners = heard,

@@ -154,6 +154,10 @@ impl Source {
 #[derive(Default)]
 pub(crate) struct Interests {
     namespaces: Mutex<std::collections::BTreeSet<String>>,
+    /// Namespaces a handle invalidates in: their near-cache
+    /// acknowledgements are heard (the namespaces' own channels are not
+    /// subscribed for this).
+    acks: Mutex<std::collections::BTreeSet<String>>,
     /// Sharded channel → fills waiting on it.
     shards: Mutex<std::collections::HashMap<String, usize>>,
     /// Told when either set changes.
@@ -166,6 +170,25 @@ impl Interests {
         if added {
             self.changed.notify_one();
         }
+    }
+
+    /// Hears the near-cache acknowledgements of `namespace`.
+    pub(crate) fn add_acks(&self, namespace: &str) {
+        let added = {
+            let mut acks = lock(&self.acks);
+            !acks.contains(namespace) && acks.insert(namespace.to_owned())
+        };
+        if added {
+            self.changed.notify_one();
+        }
+    }
+
+    /// The namespaces whose acknowledgements are heard: every namespace's,
+    /// and those handles invalidate in.
+    pub(crate) fn ack_namespaces(&self) -> Vec<String> {
+        let mut all: std::collections::BTreeSet<String> = lock(&self.acks).clone();
+        all.extend(lock(&self.namespaces).iter().cloned());
+        all.into_iter().collect()
     }
 
     /// Wants `channel` until the returned guard is dropped.

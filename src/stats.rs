@@ -171,6 +171,10 @@ counters! {
     near_evictions,
     /// Times the near cache was emptied because its subscription was lost.
     near_flushes,
+    /// Invalidations that returned before every near cache acknowledged
+    /// dropping the entry (after waiting 250 ms; see
+    /// [`FenceCache::near_cache`](crate::FenceCache::near_cache)).
+    near_ack_timeouts,
 }
 
 impl Counters {

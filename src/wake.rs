@@ -44,6 +44,17 @@ where
     ensure_listener(shared);
 }
 
+/// Has the listener hear the near-cache acknowledgements of `namespace`,
+/// for a handle invalidating there (a process with no layer in it, such as
+/// an invalidation worker, would otherwise wait them out).
+pub(crate) fn hear_acks<C>(shared: &Arc<Shared<C>>, namespace: &str)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    shared.interests.add_acks(namespace);
+    ensure_listener(shared);
+}
+
 /// Has the listener subscribe to the wake-ups of the entry `key` while the
 /// guard lives: on a Redis Cluster wake-ups are sharded, one channel per
 /// entry (nothing on a single server, where the namespace's channel
@@ -212,22 +223,21 @@ where
         return Ok(());
     };
     let near = shared.near();
-    let mut new = Vec::new();
+    let mut wanted = Vec::new();
     for namespace in shared.interests.namespaces() {
-        let mut wanted = vec![
-            channels::wake(&namespace),
-            channels::invalidate(&namespace),
-            channels::ack(&namespace, shared.id),
-        ];
+        wanted.push(channels::wake(&namespace));
+        wanted.push(channels::invalidate(&namespace));
         if near.is_some() {
             wanted.push(channels::near(&namespace));
         }
-        for channel in wanted {
-            if !subscribed.contains(&channel) {
-                new.push(channel);
-            }
-        }
     }
+    for namespace in shared.interests.ack_namespaces() {
+        wanted.push(channels::ack(&namespace, shared.id));
+    }
+    let new: Vec<String> = wanted
+        .into_iter()
+        .filter(|channel| !subscribed.contains(channel))
+        .collect();
     if !new.is_empty() {
         timed(sink.subscribe(&new)).await?;
         subscribed.extend(new);

@@ -191,6 +191,37 @@ async fn every_invalidation_through_one_cache_drops_the_entry_in_the_other_befor
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_process_with_no_layer_and_no_near_cache_hears_the_acknowledgements() {
+    // An invalidation worker's shape: a cache with wake-ups whose handle
+    // invalidates, with no route and no near cache of its own.
+    let redis = RedisServer::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
+    let p = proc(&redis, &version, &calls).await;
+    let admin = FenceCache::new(redis.connection_manager().await)
+        .namespace(NS)
+        .wake_ups(redis.client());
+    let handle = admin.handle();
+    let http = Http::new();
+    until("the admin's acknowledgement channel", || {
+        redis
+            .cli(&["PUBSUB", "CHANNELS", &format!("{NS}|#ack:*")])
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count()
+            == 2
+    })
+    .await;
+    for i in 0..20 {
+        let path = format!("/w/{i}");
+        warm(&http, &p, &path).await;
+        handle.invalidate_path(&path).await.unwrap();
+        assert!(!p.cache.near_holds_for_tests(NS, &path));
+    }
+    assert_eq!(admin.stats().near_ack_timeouts, 0);
+    assert_eq!(p.cache.stats().near_evictions, 20);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_store_through_one_cache_drops_the_entry_in_the_other() {
     let redis = RedisServer::new();
     let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
@@ -323,4 +354,7 @@ async fn near_caches_drop_an_entry_before_the_invalidation_returns() {
     );
     assert_eq!(held_after_return, 0);
     assert!(pct(&lag_us, 0.99) < 1_000);
+    for p in &procs {
+        assert_eq!(p.cache.stats().near_ack_timeouts, 0);
+    }
 }
