@@ -162,14 +162,25 @@ pub(crate) struct Interests {
     shards: Mutex<std::collections::HashMap<String, usize>>,
     /// Told when either set changes.
     pub(crate) changed: tokio::sync::Notify,
+    /// Moves whenever a namespace is added.
+    version: std::sync::atomic::AtomicU64,
 }
 
 impl Interests {
-    pub(crate) fn add_namespace(&self, namespace: &str) {
+    /// Returns whether `namespace` is new.
+    pub(crate) fn add_namespace(&self, namespace: &str) -> bool {
         let added = lock(&self.namespaces).insert(namespace.to_owned());
         if added {
+            self.version
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.changed.notify_one();
         }
+        added
+    }
+
+    /// Moves whenever a namespace is added.
+    pub(crate) fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Hears the near-cache acknowledgements of `namespace`.

@@ -40,7 +40,15 @@ pub(crate) fn listen_to<C>(shared: &Arc<Shared<C>>, namespace: &str)
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    shared.interests.add_namespace(namespace);
+    if shared.interests.add_namespace(namespace)
+        && let Some(near) = shared.near()
+    {
+        // Not in use until the new namespace's announcements are heard
+        // (the namespace is added first: a subscription made before it
+        // does not put the near cache back in use). Not a lost
+        // subscription: not counted as a flush.
+        near.down();
+    }
     ensure_listener(shared);
 }
 
@@ -223,6 +231,7 @@ where
         return Ok(());
     };
     let near = shared.near();
+    let version = shared.interests.version();
     let mut wanted = Vec::new();
     for namespace in shared.interests.namespaces() {
         wanted.push(channels::wake(&namespace));
@@ -242,9 +251,11 @@ where
         timed(sink.subscribe(&new)).await?;
         subscribed.extend(new);
     }
-    // Every namespace's announcements are heard from here on.
+    // Every namespace's announcements are heard from here on (unless one
+    // was added meanwhile: the next sync takes it).
     if let Some(near) = near
         && !near.is_up()
+        && shared.interests.version() == version
     {
         near.up();
         tracing::debug!("near cache in use");
