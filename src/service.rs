@@ -295,6 +295,9 @@ where
     for attempt in 0..MAX_ATTEMPTS {
         let now = shared.store.now_ms();
         if let Some(entry) = near.and_then(|near| near.get(&ek.primary, now)) {
+            // A near hit awaits nothing: take from the task's budget, so a
+            // loop of them still lets other tasks of its worker run.
+            tokio::task::consume_budget().await;
             Counters::inc(&counters.hits);
             Counters::inc(&counters.near_hits);
             let res = from_entry(config, &entry, CacheStatus::Hit, head, now);

@@ -665,6 +665,21 @@ async fn newest_fence(conn: &mut ConnectionManager, namespace: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
+    let entries: usize = std::env::var("CACHEFENCE_WALK_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    walks("walk", false, entries).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run_with_near_caches() {
+    // The same with a near cache in each "process", holding the walked
+    // entries (read twice through each before every walk); fewer entries.
+    walks("nwalk", true, 2_000).await;
+}
+
+async fn walks(ns: &str, near: bool, entries: usize) {
     // 10,000 entries under /item/pw-. Each round: cold fills under the same
     // prefix reach the origin (their leases are taken) and are held there;
     // the version changes; a prefix or whole-namespace invalidation (soft,
@@ -672,10 +687,6 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
     // a few at a time while its walk runs, so they store into parts of the
     // keyspace the walk has already passed. Every one of them must be
     // refused, and no read after the call may see old data as fresh.
-    let entries: usize = std::env::var("CACHEFENCE_WALK_ENTRIES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10_000);
     // 500 fills a round (more at once only measures an overloaded Redis);
     // rounds cycle through the four kinds, at least one each.
     let kinds = [
@@ -693,9 +704,16 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
     // Entries outlive the test, however slow the machine.
     let long = |l: FenceLayer<ConnectionManager>| l.ttl(Duration::from_secs(600));
     let (la, lb) = (
-        long(layer(&redis, "walk").await),
-        long(layer(&redis, "walk").await),
+        long(layer_with(&redis, ns, near).await),
+        long(layer_with(&redis, ns, near).await),
     );
+    // With near caches, both read every entry (a Redis hit: taken in).
+    let warm = async |a: &Svc, b: &Svc| {
+        if near {
+            fill_range(a, "/item/pw-", entries, &[]).await;
+            fill_range(b, "/item/pw-", entries, &[]).await;
+        }
+    };
     let (a, b) = (fence(&la, &world), fence(&lb, &world));
     let handles = [la.handle(), lb.handle()];
     let mut conn = redis.connection_manager().await;
@@ -708,6 +726,7 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
             // The hard round before removed them.
             fill_range(&a, "/item/pw-", entries, &[]).await;
         }
+        warm(&a, &b).await;
         get(&a, "/other").await;
         world.held.store(0, Ordering::SeqCst);
         let mut fills = Vec::new();
@@ -726,7 +745,7 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
         };
         let (stores_before, errors_before) = (stat(|s| s.stores), stat(|s| s.redis_errors));
         let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
-        let fence_before = newest_fence(&mut conn, "walk").await;
+        let fence_before = newest_fence(&mut conn, ns).await;
         // Hits outside the prefix keep flowing during a prefix walk.
         let stop = Arc::new(AtomicBool::new(false));
         let prober = (kind == "prefix").then(|| {
@@ -746,9 +765,9 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
         });
         // (A fill whose store timed out on a loaded machine stored nothing.)
         let present = if kind == "prefix" {
-            count_entries(&redis, "walk|/item/pw-*")
+            count_entries(&redis, &format!("{ns}|/item/pw-*"))
         } else {
-            count_entries(&redis, "walk|/*")
+            count_entries(&redis, &format!("{ns}|/*"))
         };
         let handle = handles[round % 2].clone();
         let started = Instant::now();
@@ -760,7 +779,7 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
                 (_, true) => handle.soft_invalidate_all().await,
             }
         });
-        while newest_fence(&mut conn, "walk").await <= fence_before && !walk.is_finished() {
+        while newest_fence(&mut conn, ns).await <= fence_before && !walk.is_finished() {
             tokio::time::sleep(Duration::from_micros(200)).await;
         }
         let mut released = 0;
@@ -819,7 +838,18 @@ async fn prefix_and_namespace_walks_fence_fills_that_store_while_they_run() {
             }
         }
     }
-    eprintln!("walks: {during_total} fills stored during the walks, {stale_reads} stale reads");
+    let near_hits = handles[0].stats().near_hits + handles[1].stats().near_hits;
+    let evictions = handles[0].stats().near_evictions + handles[1].stats().near_evictions;
+    eprintln!(
+        "walks: {during_total} fills stored during the walks, {stale_reads} stale reads, \
+         near hits {near_hits}, near evictions {evictions}"
+    );
+    if near {
+        assert!(
+            near_hits > 0 && evictions > 0,
+            "the near caches were not used"
+        );
+    }
     assert!(during_total > 0, "no fill stored while a walk ran");
     assert_eq!(stale_reads, 0);
 }

@@ -300,6 +300,44 @@ async fn a_lost_subscription_flushes_the_near_cache_until_it_is_back() {
     assert_eq!(p.cache.stats().near_hits, hits + 1);
 }
 
+#[tokio::test(flavor = "current_thread")]
+async fn a_loop_of_near_hits_lets_other_tasks_run() {
+    // A near hit awaits no I/O; a caller looping on the service (a test's
+    // prober, an in-process client) must still let other tasks of its
+    // thread run, here the only thread.
+    use tower::{Layer, ServiceExt};
+    let redis = RedisServer::new();
+    let cache = FenceCache::new(redis.connection_manager().await)
+        .namespace(NS)
+        .wake_ups(redis.client())
+        .near_cache(1 << 20);
+    let svc = cache
+        .layer()
+        .layer(tower::service_fn(|_req: http::Request<String>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new("body".to_owned()))
+        }));
+    up(&cache).await;
+    let get = || {
+        svc.clone()
+            .oneshot(http::Request::get("/loop").body(String::new()).unwrap())
+    };
+    get().await.unwrap();
+    get().await.unwrap();
+    assert!(cache.near_holds_for_tests(NS, "/loop"));
+    let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tokio::spawn({
+        let ran = ran.clone();
+        async move { ran.store(true, Ordering::SeqCst) }
+    });
+    let mut hits = 0;
+    while !ran.load(Ordering::SeqCst) && hits < 1_000_000 {
+        get().await.unwrap();
+        hits += 1;
+    }
+    assert!(ran.load(Ordering::SeqCst), "{hits} near hits never yielded");
+    assert_eq!(cache.stats().near_hits, hits);
+}
+
 /// A measurement with an assertion: over 1,000 invalidations, the time from
 /// the invalidating call returning to the last near cache dropping the
 /// entry (0 by construction: the call waits for every acknowledgement), and
