@@ -1,7 +1,8 @@
 //! The load harness: the same axum app over real HTTP/1.1 keep-alive
 //! connections, with no cache, with a hand-written cache-aside layer
-//! (`naive`: one `GET`, and `SET PX` on a miss) and with cachefence, side by
-//! side in one run, the arms alternated.
+//! (`naive`: one `GET`, and `SET PX` on a miss), with cachefence (`fence`)
+//! and with cachefence and a 64 MiB near cache (`fence+near`), side by side
+//! in one run, the arms alternated.
 //!
 //! ```text
 //! cargo bench --bench load                 # the full run (about 90 s), writes docs/performance.svg
