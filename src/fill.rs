@@ -696,6 +696,11 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 };
                 match written {
                     Ok(WriteBack::Stored) => {
+                        // This process reads its own write at once (other
+                        // near caches when the announcement arrives).
+                        if let Some(near) = shared.near() {
+                            near.drop_url_of(&store_key);
+                        }
                         Counters::inc(&counters.stores);
                         tracing::debug!(key = %crate::trace::redact(&store_key), ?delta, "fill stored");
                     }

@@ -237,6 +237,9 @@ async fn a_store_through_one_cache_drops_the_entry_in_the_other() {
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .unwrap();
     assert_eq!(http.request(req).await.text(), "1");
+    // The storing process drops its own copy before answering.
+    assert!(!a.cache.near_holds_for_tests(NS, "/s"));
+    assert_eq!(http.get(a.addr, "/s").await.text(), "1");
     // A store does not wait for acknowledgements: its announcement reaches
     // `b` on its own.
     until("b dropping the stored-over entry", || {
