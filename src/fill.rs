@@ -659,6 +659,10 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     tags: &tags,
                     max_variants: config.max_variants,
                     fields,
+                    // A fill of a missing or stale entry replaces nothing a
+                    // near cache serves (nobody else could store meanwhile:
+                    // it holds the lease).
+                    near_check: matches!(mode, Mode::Refresh | Mode::Refetch),
                 };
                 let written = match &revalidated {
                     // A 304: the head and expiry only; the body stays in Redis.

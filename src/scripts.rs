@@ -167,7 +167,7 @@ if ARGV[5] ~= '' then
     for i = first, #ARGV - 1, 2 do
       if ARGV[i] == 'key' then key = ARGV[i + 1] end
     end
-    near(KEYS[3], '-')
+    if ARGV[11] == '1' then near(KEYS[3], '-') end
     redis.call('DEL', KEYS[3])
     redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
   end
@@ -219,7 +219,11 @@ return 1
 /// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
 /// entry's, on a Redis Cluster; see `store::channels`), wake message, vary names ('' when the entry is the primary),
 /// format version, fill start (Redis µs), `n`, the most variants a URL may
-/// have, whether to read the prefix fences (`1`/`0`), then field/value pairs.
+/// have, whether to read the prefix fences (`1`/`0`), whether a near cache
+/// may hold the entry being replaced (`1` for a refresh or refetch, which
+/// may replace a fresh entry: then a marked one is announced, see
+/// `near_announce!`; a fill of a missing or stale entry replaces nothing a
+/// near cache serves), then field/value pairs.
 ///
 /// In Redis Cluster mode `n` is negative and the `-n` keys after the
 /// fences are the entry's tag markers (in the entry's slot): each is
@@ -247,9 +251,9 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
     if redis.call('SCARD', KEYS[4]) >= max then return refuse(2) end
   end
 end
-near(KEYS[1], '-')
+if ARGV[11] == '1' then near(KEYS[1], '-') end
 redis.call('DEL', KEYS[1])
-local first = 11
+local first = 12
 redis.call('HSET', KEYS[1], unpack(ARGV, first))
 redis.call('PEXPIRE', KEYS[1], ttl)
 ",
@@ -263,10 +267,10 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 /// holds our token and no URL, prefix or tag invalidation fenced the fill
 /// out (then the lease is dropped and 0 returned, as STORE does).
 ///
-/// KEYS and ARGV 1 to 10: as [`STORE`] (the wake channel published the
+/// KEYS and ARGV 1 to 11: as [`STORE`] (the wake channel published the
 /// same way; ARGV 9, the most variants, is not used: the entry is already
-/// one of them). ARGV 11: the `hdrs` field of
-/// the entry that was revalidated, ARGV 12: its `len`; then the field/value
+/// one of them). ARGV 12: the `hdrs` field of
+/// the entry that was revalidated, ARGV 13: its `len`; then the field/value
 /// pairs to write (every field but `body` and `len`).
 ///
 /// The entry must still be the one that was revalidated: a hash of this
@@ -281,12 +285,12 @@ pub(crate) const FRESHEN: &str = concat!(
     r"
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 3 end
 local cur = redis.call('HMGET', KEYS[1], 'v', 'hdrs', 'len', 'vary')
-if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[11] or cur[3] ~= ARGV[12] or cur[4] then return 3 end
-if redis.call('HSTRLEN', KEYS[1], 'body') ~= tonumber(ARGV[12]) then return 3 end
+if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[12] or cur[3] ~= ARGV[13] or cur[4] then return 3 end
+if redis.call('HSTRLEN', KEYS[1], 'body') ~= tonumber(ARGV[13]) then return 3 end
 local ttl = tonumber(ARGV[2])
-near(KEYS[1], '-')
+if ARGV[11] == '1' then near(KEYS[1], '-') end
 redis.call('HDEL', KEYS[1], 'pass', 'retry', 'fails')
-local first = 13
+local first = 14
 redis.call('HSET', KEYS[1], unpack(ARGV, first))
 redis.call('PEXPIRE', KEYS[1], ttl)
 ",

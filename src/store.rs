@@ -225,6 +225,9 @@ pub(crate) struct StoreArgs<'a> {
     /// The most variants one URL may have.
     pub(crate) max_variants: usize,
     pub(crate) fields: Vec<(&'static str, Vec<u8>)>,
+    /// Whether the entry replaced may be fresh and held by near caches (a
+    /// refresh or refetch): then the write announces it if it is marked.
+    pub(crate) near_check: bool,
 }
 
 /// The keys a fenced write-back names besides the entry's own: computed
@@ -665,12 +668,12 @@ where
         })
     }
 
-    /// The KEYS and the first ten ARGV that STORE and FRESHEN share (their
+    /// The KEYS and the first eleven ARGV that STORE and FRESHEN share (their
     /// fenced-write prologue): entry, lease, primary, variants set, URL
     /// fence, prefix fences, the tag indexes and fences (or, on a cluster,
     /// the tag markers); token, TTL, wake channel and message, vary names,
     /// format version, fill start, tag count, variant bound, whether to
-    /// read the prefix fences.
+    /// read the prefix fences, whether to announce a marked entry replaced.
     fn fenced_write<'s>(
         &self,
         script: &'s redis::Script,
@@ -715,7 +718,8 @@ where
             .arg(args.started)
             .arg(if cluster { -n } else { n })
             .arg(args.max_variants.max(1))
-            .arg(if cluster { "0" } else { "1" });
+            .arg(if cluster { "0" } else { "1" })
+            .arg(if args.near_check { "1" } else { "0" });
         inv
     }
 
