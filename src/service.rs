@@ -510,7 +510,9 @@ where
     C: Conn,
 {
     let (raw, tag) = if near {
-        let (raw, extra) = store.read_with(&ek.primary, &crate::near::TAG_FIELDS).await?;
+        let (raw, extra) = store
+            .read_with(&ek.primary, &crate::near::TAG_FIELDS)
+            .await?;
         (raw, crate::near::tag_of(extra))
     } else {
         (store.read(&ek.primary).await?, None)
