@@ -3,6 +3,9 @@
 //! 50 ms per call and serves at most 16 calls at a time (think of a database
 //! behind a connection pool).
 //!
+//! 0. the floor: no cache and no pool limit, every request takes the
+//!    origin's 50 ms side by side (what 500 HTTP exchanges with a 50 ms
+//!    handler cost on this machine);
 //! 1. naive cache-aside: `GET` the key; on a miss call the origin and `SET`;
 //! 2. cachefence with wake-ups (pub/sub);
 //! 3. cachefence polling only.
@@ -252,6 +255,32 @@ async fn fenced_run(client: &redis::Client, ns: &str, wake_ups: bool) -> Run {
     run(name, &origin, wall, lat, note)
 }
 
+/// The floor: no cache, and an origin with no pool limit, so every one of
+/// the 500 requests takes the origin's 50 ms side by side. What a cached
+/// arm's latency adds over this is the cache's (and its one origin call's)
+/// doing; the rest is 500 HTTP exchanges on this machine.
+async fn floor_run() -> Run {
+    let origin = Origin {
+        pool: Arc::new(Semaphore::new(REQUESTS)),
+        ..Origin::default()
+    };
+    let mut addrs = Vec::new();
+    for _ in 0..INSTANCES {
+        let product = Router::new()
+            .route("/product/1", get(fenced))
+            .with_state(origin.clone());
+        addrs.push(serve(router(product)).await);
+    }
+    let (wall, lat) = fire(&addrs).await;
+    run(
+        "floor: no cache, no pool limit",
+        &origin,
+        wall,
+        lat,
+        String::new(),
+    )
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
@@ -266,6 +295,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ORIGIN_DELAY.as_millis()
     );
     let runs = [
+        floor_run().await,
         naive_run(&client, &ns).await,
         fenced_run(&client, &ns, true).await,
         fenced_run(&client, &ns, false).await,
