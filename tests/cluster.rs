@@ -291,61 +291,25 @@ async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool
     }
 }
 
-/// B waits on A's slow fill of `path`; returns whether B's wait was ended
-/// by a (sharded) wake-up rather than a poll.
-async fn woken_remote_wait(
-    world: &World,
-    http: &Http,
-    (a, b): (SocketAddr, SocketAddr),
-    hb: &FenceHandle<ClusterConnection>,
-    path: &str,
-) -> bool {
-    let (calls, waits, wakeups) = (
-        world.calls.load(Ordering::SeqCst),
-        hb.stats().remote_waits,
-        hb.stats().wakeups,
-    );
-    world.delay_ms.store(400, Ordering::SeqCst);
-    let leader = {
-        let (http, path) = (http.clone(), path.to_owned());
-        tokio::spawn(async move { http.get(a, &path).await.text() })
-    };
-    eventually(
-        "A's fill to call the origin",
-        Duration::from_secs(10),
-        || world.calls.load(Ordering::SeqCst) == calls + 1,
-    )
-    .await;
-    let waiter = {
-        let (http, path) = (http.clone(), path.to_owned());
-        tokio::spawn(async move { http.get(b, &path).await.text() })
-    };
-    eventually("B to wait on A's lease", Duration::from_secs(10), || {
-        hb.stats().remote_waits == waits + 1
-    })
-    .await;
-    let expected = format!("0 {path}");
-    assert_eq!(leader.await.unwrap(), expected);
-    assert_eq!(waiter.await.unwrap(), expected);
-    world.delay_ms.store(0, Ordering::SeqCst);
-    assert_eq!(world.calls.load(Ordering::SeqCst), calls + 1, "one fill");
-    hb.stats().wakeups > wakeups
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_remote_wait_is_woken_by_a_sharded_wake_up() {
     let cluster = RedisCluster::new();
-    let world = World::default();
-    let (a, _) = app_server(&cluster, &world).await;
-    let (b, hb) = app_server(&cluster, &world).await;
+    let urls = cluster.urls().join(",");
+    let mut procs = support::procs::Procs::new("cluster_server");
+    let a = procs.spawn("a", &[("CLUSTER_URLS", urls.as_str())]);
+    let b = procs.spawn("b", &[("CLUSTER_URLS", urls.as_str())]);
     let http = Http::new();
     let mut woken = 0;
     for i in 0..5 {
-        if woken_remote_wait(&world, &http, (a, b), &hb, &format!("/wake/{i}")).await {
+        if woken_remote_wait_across_processes(&http, (a, b), &format!("/wake/{i}")).await {
             woken += 1;
         }
     }
-    assert!(woken >= 1, "no remote wait was woken: {:?}", hb.stats());
+    assert!(
+        woken >= 1,
+        "no remote wait was woken: {:?}",
+        proc_stats(&http, b).await
+    );
     // The channels are sharded: nothing went through classic pub/sub but
     // the namespace's invalidation channel.
     for node in cluster.nodes() {
@@ -359,7 +323,7 @@ async fn a_remote_wait_is_woken_by_a_sharded_wake_up() {
     }
 }
 
-/// An app server process for the failover test, which runs it with
+/// An app server process for the cross-process tests, which run it with
 /// `CACHEFENCE_ROLE=server` and `CLUSTER_URLS` (comma-separated node URLs):
 /// its own cluster connection and cache with default settings but the
 /// namespace and sharded wake-ups, the origin of [`origin`] under it.
@@ -367,7 +331,7 @@ async fn a_remote_wait_is_woken_by_a_sharded_wake_up() {
 /// `/admin/stats` answers `<origin calls> <remote waits> <wake-ups>
 /// <breaker>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "an app server process for the failover test, run by it with CACHEFENCE_ROLE=server"]
+#[ignore = "an app server process for the cross-process tests, run by them with CACHEFENCE_ROLE=server"]
 async fn cluster_server() {
     use std::io::Write;
     if std::env::var("CACHEFENCE_ROLE").as_deref() != Ok("server") {
