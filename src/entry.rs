@@ -116,6 +116,20 @@ const FRESH: usize = 9;
 const STALE: usize = 10;
 const RETRY: usize = 11;
 
+/// What `HMGET <key> LOOKUP_FIELDS...` answers for a hash holding these
+/// field/value pairs (for the benches' samples and the tests).
+pub(crate) fn lookup_values(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<Option<Bytes>> {
+    LOOKUP_FIELDS
+        .iter()
+        .map(|name| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name.as_bytes())
+                .map(|(_, v)| Bytes::from(v.clone()))
+        })
+        .collect()
+}
+
 /// The fields of a hash a lookup reads ([`LOOKUP_FIELDS`]), as the reply
 /// gave them: every value a [`Bytes`] that owns the reply's buffer, so
 /// header values and the body are slices of it, never copies.
@@ -407,23 +421,11 @@ mod tests {
         }
     }
 
-    /// The values `HMGET <key> LOOKUP_FIELDS...` returns for these fields.
-    fn values(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<Option<Bytes>> {
-        LOOKUP_FIELDS
-            .iter()
-            .map(|name| {
-                fields
-                    .iter()
-                    .find(|(k, _)| k == name.as_bytes())
-                    .map(|(_, v)| Bytes::from(v.clone()))
-            })
-            .collect()
-    }
 
     #[test]
     fn hmget_values_decode_as_the_hash_does_and_are_not_copied() {
         let e = sample();
-        let values = values(&fields(&e));
+        let values = lookup_values(&fields(&e));
         let body_at = values[BODY].as_ref().unwrap().as_ptr();
         let hdrs = values[HDRS].clone().unwrap();
         let Record::Entry(back) = Record::from_raw(Raw::from_values(values), 0) else {

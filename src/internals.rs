@@ -62,16 +62,7 @@ pub fn sample_fields(body_len: usize, now_ms: u64) -> Fields {
 /// assert!(values.iter().any(|v| v.as_ref().is_some_and(|v| v.len() == 4096)));
 /// ```
 pub fn sample_values(body_len: usize, now_ms: u64) -> Values {
-    let fields = sample_fields(body_len, now_ms);
-    crate::entry::LOOKUP_FIELDS
-        .iter()
-        .map(|name| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name.as_bytes())
-                .map(|(_, v)| Bytes::from(v.clone()))
-        })
-        .collect()
+    crate::entry::lookup_values(&sample_fields(body_len, now_ms))
 }
 
 /// The values of an `HMGET` reply, `None` for a missing field.

@@ -221,22 +221,8 @@ async fn a_sentinel_failover_is_followed_by_the_cache_its_wake_ups_and_the_queue
 
     // Caching resumed: both servers read the entries from the promoted
     // replica.
-    let mut probe = 0;
-    let resumed = loop {
-        let path = &keys[probe % KEYS];
-        probe += 1;
-        let (ra, rb) = (http.get(a, path).await, http.get(b, path).await);
-        assert_eq!(ra.text(), format!("0 {path}"));
-        assert_eq!(rb.text(), format!("0 {path}"));
-        if ra.cache_status() == Some("HIT") && rb.cache_status() == Some("HIT") {
-            break killed.elapsed();
-        }
-        assert!(
-            killed.elapsed() < Duration::from_secs(30),
-            "caching did not resume on the new master"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let resumed =
+        support::until_both_hit(&http, (a, b), &keys, killed, Duration::from_secs(30)).await;
     let new_master = redis.master().expect("a promoted master");
     assert_ne!(new_master, old_master);
     assert_eq!(

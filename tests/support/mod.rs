@@ -580,6 +580,32 @@ impl Default for Http {
 /// for instances behind one load balancer, which all see the site's name.
 pub const TEST_HOST: &str = "app.test";
 
+/// After a failover: asks both app servers for `paths` in turn (each
+/// answer must be `0 <path>`) until both answer one from the cache (`HIT`),
+/// and returns how long that took after `since`; panics after `within`.
+pub async fn until_both_hit(
+    http: &Http,
+    (a, b): (SocketAddr, SocketAddr),
+    paths: &[String],
+    since: Instant,
+    within: Duration,
+) -> Duration {
+    for path in paths.iter().cycle() {
+        let (ra, rb) = (http.get(a, path).await, http.get(b, path).await);
+        assert_eq!(ra.text(), format!("0 {path}"));
+        assert_eq!(rb.text(), format!("0 {path}"));
+        if ra.cache_status() == Some("HIT") && rb.cache_status() == Some("HIT") {
+            return since.elapsed();
+        }
+        assert!(
+            since.elapsed() < within,
+            "caching did not resume after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no paths to ask for")
+}
+
 /// This process's peak resident set size (`VmHWM`), in KiB; 0 where
 /// `/proc` doesn't tell. Nextest runs each test in its own process, so it is
 /// the test's own peak.
