@@ -421,7 +421,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn hmget_values_decode_as_the_hash_does_and_are_not_copied() {
         let e = sample();
