@@ -520,36 +520,8 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
     assert!(victim_paths.len() > 100, "{}", victim_paths.len());
 
     // Traffic: every answer is checked and timed.
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let slowest_ms = Arc::new(AtomicU64::new(0));
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|w| {
-            let (http, stop, answered, slowest_ms) = (
-                http.clone(),
-                stop.clone(),
-                answered.clone(),
-                slowest_ms.clone(),
-            );
-            tokio::spawn(async move {
-                let mut i = w * 7919;
-                while !stop.load(Ordering::SeqCst) {
-                    i = (i + 131) % KEYS;
-                    let started = std::time::Instant::now();
-                    let reply = http.get(addrs[i % 2], &format!("/k/{i}")).await;
-                    let took = started.elapsed().as_millis() as u64;
-                    slowest_ms.fetch_max(took, Ordering::SeqCst);
-                    assert_eq!(reply.status, 200, "/k/{i}: {:?}", reply.cache_status());
-                    assert_eq!(reply.text(), format!("0 /k/{i}"), "a wrong body");
-                    answered.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })
-        .collect();
-    eventually("traffic", Duration::from_secs(30), || {
-        answered.load(Ordering::SeqCst) >= 500
-    })
-    .await;
+    let traffic = support::Traffic::start(&http, addrs, KEYS, WORKERS, (7919, 131));
+    traffic.until_answered(500, Duration::from_secs(30)).await;
 
     let killed = std::time::Instant::now();
     cluster.kill(victim);
@@ -567,17 +539,12 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
         .wait_ok(Duration::from_secs(60))
         .expect("the cluster recovers");
     let failed_over = killed.elapsed();
-    let before = answered.load(Ordering::SeqCst);
-    eventually(
-        "more traffic after the failover",
-        Duration::from_secs(30),
-        || answered.load(Ordering::SeqCst) >= before + 500,
-    )
-    .await;
-    stop.store(true, Ordering::SeqCst);
-    for w in workers {
-        w.await.expect("every request answered with its body");
-    }
+    let before = traffic.answered();
+    traffic
+        .until_answered(before + 500, Duration::from_secs(30))
+        .await;
+    let (answered, slowest_ms) = (traffic.answered(), traffic.slowest_ms());
+    traffic.stop().await;
     let promoted = cluster
         .primaries()
         .into_iter()
@@ -589,17 +556,16 @@ async fn a_primary_killed_under_load_fails_over_and_every_request_is_answered() 
          {} requests, slowest {} ms; promoted replica port {promoted:?}; stats A {:?}, B {:?}",
         resumed.as_secs_f64(),
         failed_over.as_secs_f64(),
-        answered.load(Ordering::SeqCst),
-        slowest_ms.load(Ordering::SeqCst),
+        answered,
+        slowest_ms,
         proc_stats(&http, a).await,
         proc_stats(&http, b).await,
     );
     // No request waited past the lease lifetime (a lost release) plus the
     // wait budget and a margin for a loaded machine.
     assert!(
-        slowest_ms.load(Ordering::SeqCst) < 3_000 + 5_000 + 2_000,
-        "slowest request {} ms",
-        slowest_ms.load(Ordering::SeqCst)
+        slowest_ms < 3_000 + 5_000 + 2_000,
+        "slowest request {slowest_ms} ms"
     );
 
     // Single-fill on the new primary: bursts on fresh keys across both

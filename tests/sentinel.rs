@@ -6,7 +6,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -177,35 +177,8 @@ async fn a_sentinel_failover_is_followed_by_the_cache_its_wake_ups_and_the_queue
     redis.wait_replicated();
 
     // Traffic: every answer is checked and timed.
-    let stop = Arc::new(AtomicBool::new(false));
-    let answered = Arc::new(AtomicUsize::new(0));
-    let slowest_ms = Arc::new(AtomicU64::new(0));
-    let traffic: Vec<_> = (0..4)
-        .map(|w| {
-            let (http, stop, answered, slowest_ms) = (
-                http.clone(),
-                stop.clone(),
-                answered.clone(),
-                slowest_ms.clone(),
-            );
-            tokio::spawn(async move {
-                let mut i = w * 53;
-                while !stop.load(Ordering::SeqCst) {
-                    i = (i + 17) % KEYS;
-                    let started = Instant::now();
-                    let reply = http.get(addrs[i % 2], &format!("/k/{i}")).await;
-                    slowest_ms.fetch_max(started.elapsed().as_millis() as u64, Ordering::SeqCst);
-                    assert_eq!(reply.status, 200, "/k/{i}: {:?}", reply.cache_status());
-                    assert_eq!(reply.text(), format!("0 /k/{i}"), "a wrong body");
-                    answered.fetch_add(1, Ordering::SeqCst);
-                }
-            })
-        })
-        .collect();
-    eventually("traffic", Duration::from_secs(30), || {
-        answered.load(Ordering::SeqCst) >= 300
-    })
-    .await;
+    let traffic = support::Traffic::start(&http, addrs, KEYS, 4, (53, 17));
+    traffic.until_answered(300, Duration::from_secs(30)).await;
 
     let worker = queue.sentinel_worker(&conn_a).consumer("w1");
     let control = worker.handle();
@@ -246,23 +219,17 @@ async fn a_sentinel_failover_is_followed_by_the_cache_its_wake_ups_and_the_queue
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    let before = answered.load(Ordering::SeqCst);
-    eventually(
-        "more traffic after the failover",
-        Duration::from_secs(30),
-        || answered.load(Ordering::SeqCst) >= before + 300,
-    )
-    .await;
-    stop.store(true, Ordering::SeqCst);
-    for t in traffic {
-        t.await.expect("every request answered with its body");
-    }
+    let before = traffic.answered();
+    traffic
+        .until_answered(before + 300, Duration::from_secs(30))
+        .await;
+    let (answered, slowest_ms) = (traffic.answered(), traffic.slowest_ms());
+    traffic.stop().await;
     // No request waited past the lease lifetime (a lost release) plus the
     // wait budget and a margin for a loaded machine.
     assert!(
-        slowest_ms.load(Ordering::SeqCst) < 3_000 + 5_000 + 2_000,
-        "slowest request {} ms",
-        slowest_ms.load(Ordering::SeqCst)
+        slowest_ms < 3_000 + 5_000 + 2_000,
+        "slowest request {slowest_ms} ms"
     );
 
     // Single-fill on the new master: bursts on fresh keys across both
@@ -333,8 +300,8 @@ async fn a_sentinel_failover_is_followed_by_the_cache_its_wake_ups_and_the_queue
          moves A {} B {}; stats A {:?}",
         resumed.as_secs_f64(),
         stored.unwrap_or_default().as_secs_f64(),
-        answered.load(Ordering::SeqCst),
-        slowest_ms.load(Ordering::SeqCst),
+        answered,
+        slowest_ms,
         drained.as_secs_f64(),
         conn_a.moves(),
         conn_b.moves(),

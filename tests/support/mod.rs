@@ -19,7 +19,8 @@ pub use cluster::RedisCluster;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -579,6 +580,92 @@ impl Default for Http {
 /// the default cache key; app instances listening on different ports stand
 /// for instances behind one load balancer, which all see the site's name.
 pub const TEST_HOST: &str = "app.test";
+
+/// Traffic against two app servers: each of `workers` tasks asks for
+/// `/k/<i>` over `keys` keys, starting at `worker * first` and going on in
+/// steps of `step`, alternating servers by key; every answer must be
+/// `200 0 /k/<i>` and is timed. Runs until [`Traffic::stop`].
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+    slowest_ms: Arc<AtomicU64>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    pub fn start(
+        http: &Http,
+        addrs: [SocketAddr; 2],
+        keys: usize,
+        workers: usize,
+        (first, step): (usize, usize),
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicUsize::new(0));
+        let slowest_ms = Arc::new(AtomicU64::new(0));
+        let workers = (0..workers)
+            .map(|w| {
+                let (http, stop, answered, slowest_ms) = (
+                    http.clone(),
+                    stop.clone(),
+                    answered.clone(),
+                    slowest_ms.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut i = w * first;
+                    while !stop.load(Ordering::SeqCst) {
+                        i = (i + step) % keys;
+                        let started = Instant::now();
+                        let reply = http.get(addrs[i % 2], &format!("/k/{i}")).await;
+                        let took = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                        slowest_ms.fetch_max(took, Ordering::SeqCst);
+                        assert_eq!(reply.status, 200, "/k/{i}: {:?}", reply.cache_status());
+                        assert_eq!(reply.text(), format!("0 /k/{i}"), "a wrong body");
+                        answered.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            answered,
+            slowest_ms,
+            workers,
+        }
+    }
+
+    /// Requests answered so far.
+    pub fn answered(&self) -> usize {
+        self.answered.load(Ordering::SeqCst)
+    }
+
+    /// The slowest answer so far, in ms.
+    pub fn slowest_ms(&self) -> u64 {
+        self.slowest_ms.load(Ordering::SeqCst)
+    }
+
+    /// Until at least `n` requests were answered, at most `within`.
+    pub async fn until_answered(&self, n: usize, within: Duration) {
+        let started = Instant::now();
+        while self.answered() < n {
+            assert!(
+                started.elapsed() < within,
+                "timed out waiting for {n} answered requests ({} so far)",
+                self.answered()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Stops the workers; panics if any request was not answered with its
+    /// body.
+    pub async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for w in self.workers {
+            w.await.expect("every request answered with its body");
+        }
+    }
+}
 
 /// After a failover: asks both app servers for `paths` in turn (each
 /// answer must be `0 <path>`) until both answer one from the cache (`HIT`),
