@@ -49,6 +49,21 @@ struct State {
     next_id: u64,
 }
 
+impl State {
+    /// Removes slot `i` of `url`'s entries (and `url` with its last one).
+    fn remove_slot(&mut self, url: &str, i: usize) {
+        let Some(slots) = self.urls.get_mut(url) else {
+            return;
+        };
+        let slot = slots.swap_remove(i);
+        if slots.is_empty() {
+            self.urls.remove(url);
+        }
+        self.bytes -= slot.bytes;
+        self.live -= 1;
+    }
+}
+
 struct Slot {
     key: Box<str>,
     entry: Arc<Entry>,
@@ -122,12 +137,7 @@ impl Near {
             slots[i].used = true;
             return Some(slots[i].entry.clone());
         }
-        let slot = slots.swap_remove(i);
-        if slots.is_empty() {
-            state.urls.remove(url);
-        }
-        state.bytes -= slot.bytes;
-        state.live -= 1;
+        state.remove_slot(url, i);
         None
     }
 
@@ -146,13 +156,15 @@ impl Near {
         let state = &mut *state;
         let id = state.next_id;
         state.next_id += 1;
-        let slots = state.urls.entry(Box::from(url_of(key))).or_default();
-        if let Some(i) = slots.iter().position(|s| &*s.key == key) {
-            let old = slots.swap_remove(i);
-            state.bytes -= old.bytes;
-            state.live -= 1;
+        let url = url_of(key);
+        let held = state
+            .urls
+            .get(url)
+            .and_then(|slots| slots.iter().position(|s| &*s.key == key));
+        if let Some(i) = held {
+            state.remove_slot(url, i);
         }
-        slots.push(Slot {
+        state.urls.entry(Box::from(url)).or_default().push(Slot {
             key: Box::from(key),
             entry,
             bytes,
@@ -179,12 +191,7 @@ impl Near {
                 state.clock.push_back((key, id));
                 continue;
             }
-            let slot = slots.swap_remove(i);
-            if slots.is_empty() {
-                state.urls.remove(url);
-            }
-            state.bytes -= slot.bytes;
-            state.live -= 1;
+            state.remove_slot(url, i);
         }
         // Dropped slots leave their place in the queue: keep it bounded.
         if state.clock.len() > 2 * state.live + 1024 {
