@@ -178,9 +178,10 @@ impl SentinelConnection {
         self.inner.check.notify_one();
     }
 
-    /// The current master's connection.
+    /// The current master's connection (only it is cloned: this runs for
+    /// every command).
     fn conn(&self) -> MultiplexedConnection {
-        self.inner.current().conn
+        self.inner.with_current(|current| current.conn.clone())
     }
 
     /// Has the watcher look for the master at once if `result` says the
@@ -208,9 +209,14 @@ fn needs_new_master(err: &RedisError) -> bool {
 
 impl Inner {
     fn current(&self) -> Current {
+        self.with_current(Current::clone)
+    }
+
+    /// Reads the current master under the lock.
+    fn with_current<T>(&self, read: impl FnOnce(&Current) -> T) -> T {
         match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
+            Ok(current) => read(&current),
+            Err(poisoned) => read(&poisoned.into_inner()),
         }
     }
 
