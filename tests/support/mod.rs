@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod gate;
 pub mod origin;
 pub mod procs;
+pub mod proxy;
 #[cfg(feature = "sentinel")]
 pub mod sentinel;
 
