@@ -28,8 +28,8 @@ const SCAN_BATCH: usize = 500;
 const TAG_BATCH: usize = 500;
 /// Invalidation scripts in flight at once.
 const PARALLEL: usize = 64;
-/// How long a tag's fence refuses fills that started before its last
-/// invalidation.
+/// The shortest a tag's fence refuses fills that started before its last
+/// invalidation (longer when a fill may run longer: `Store::fence_ttl`).
 const TAG_FENCE_TTL: Duration = Duration::from_secs(3600);
 
 /// Attempts of one idempotent step of an invalidation (a SCAN, one entry's
@@ -638,12 +638,13 @@ where
         }
         let (index, fence) = tag_keys(&self.config.namespace, tag);
         let store = &self.shared.store;
+        let fence_for = store.fence_ttl().max(TAG_FENCE_TTL);
         let mut total = 0;
         let mut cursor: Option<String> = None;
         loop {
             let members = if soft {
                 let page = step(|| {
-                    store.tag_page(&index, &fence, TAG_BATCH, TAG_FENCE_TTL, cursor.as_deref())
+                    store.tag_page(&index, &fence, TAG_BATCH, fence_for, cursor.as_deref())
                 })
                 .await?;
                 let Some((members, next)) = page else { break };
@@ -651,7 +652,7 @@ where
                 members
             } else {
                 store
-                    .tag_batch(&index, &fence, TAG_BATCH, TAG_FENCE_TTL)
+                    .tag_batch(&index, &fence, TAG_BATCH, fence_for)
                     .await?
             };
             if members.is_empty() {

@@ -673,10 +673,9 @@ where
 
     fn layer(&self, inner: S) -> Self::Service {
         crate::wake::listen_to(&self.shared, &self.config.namespace);
-        Fence::new(
-            inner,
-            Arc::new(self.config.for_route(&self.shared.counters)),
-            self.shared.clone(),
-        )
+        let config = self.config.for_route(&self.shared.counters);
+        // The fences outlive this route's fills too.
+        self.shared.store.cover_fills(&config);
+        Fence::new(inner, Arc::new(config), self.shared.clone())
     }
 }
