@@ -327,7 +327,8 @@ impl Invalidation {
 ///
 /// * Fences compare Redis times only (the `TIME` of the server holding the
 ///   entry, taken when the lease is won and when the fence is set): no
-///   host's clock matters, and they hold for fills up to a minute long.
+///   host's clock matters, and they outlive the longest fill of the cache
+///   (`fill_timeout + lock_timeout` of its routes and handles).
 /// * Leases and pass markers' lifetimes are Redis expiries (`PX`).
 /// * Freshness, grace and XFetch use the clock of the host that stored the
 ///   entry (`fresh until` = its time + TTL) and of the host that reads it.
@@ -505,9 +506,10 @@ where
     /// key, a path prefix such as `/products/`). Returns how many entries
     /// were removed.
     ///
-    /// First sets the prefix's fence (kept in Redis for a minute, longer than
-    /// any fill runs), so no fill under the prefix that started before can
-    /// store, even while the walk runs. Then walks the namespace with `SCAN`
+    /// First sets the prefix's fence (kept in Redis longer than any fill of
+    /// the cache runs: its routes' longest `fill_timeout + lock_timeout`),
+    /// so no fill under the prefix that started before can store, even
+    /// while the walk runs. Then walks the namespace with `SCAN`
     /// and a `MATCH` pattern in which no character of `prefix` can act as a
     /// glob, in batches of 500 keys, so memory stays bounded and Redis is
     /// never blocked; on a Redis Cluster, every primary is walked. An empty
@@ -592,7 +594,8 @@ where
     ///
     /// Fills that started before this call and whose response carries the
     /// tag are refused when they try to store: the tag's fence holds the
-    /// time of the invalidation for an hour. The index is popped a batch at
+    /// time of the invalidation for an hour, or longer when a fill may run
+    /// longer. The index is popped a batch at
     /// a time; entries added while it runs are new data and may be removed
     /// too.
     ///
