@@ -88,6 +88,7 @@ where
     /// its counters.
     pub fn handle(&self) -> FenceHandle<C> {
         let mut config = self.defaults.clone().sanitized();
+        self.shared.store.cover_fills(&config);
         // A handle counts what it does for the whole cache, not a route.
         config.counters = Arc::new(self.shared.counters.clone());
         // Its invalidations wait for near caches' acknowledgements.

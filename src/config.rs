@@ -24,7 +24,9 @@ pub enum OnWaitTimeout {
     Wait,
     /// Call the inner service without storing the result. At most one
     /// request per key and process does so (the others of the process are
-    /// handed its response), never one per waiting request.
+    /// handed its response), never one per waiting request. The call gets
+    /// the time left of `fill_timeout` + `lock_timeout` since the request
+    /// arrived.
     CallOrigin,
     /// Answer `504 Gateway Timeout`.
     GatewayTimeout,

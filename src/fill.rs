@@ -267,6 +267,13 @@ where
                     token,
                     started,
                 };
+                // A takeover won at the cap has no time left for the
+                // origin: give the lease back and give up without calling.
+                if tokio::time::Instant::now() >= job.deadlines.cap {
+                    Counters::inc(&counters.wait_timeouts);
+                    release(&shared, &job.ek, &job.key, Some(&lease), Leave::Nothing).await;
+                    return give_up(job, true).await;
+                }
                 return call_and_decide(job, Some(lease)).await;
             }
             Ok(Acquired::Held(remaining)) => {
@@ -428,12 +435,17 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         mode,
         stale,
         mut leader,
+        deadlines,
         ..
     } = job;
     let (config, shared) = (ctx.config.clone(), ctx.shared.clone());
     let counters = &config.counters;
     let started = Instant::now();
-    let deadline = tokio::time::Instant::now() + config.fill_timeout;
+    // A fill runs at most `fill_timeout`, and never past the cap of the
+    // request it answers: a takeover after a dead or timed-out fill, or a
+    // restart after an invalidation, gets the time left, not a fresh
+    // `fill_timeout` (README, "Waiting and deadlines").
+    let deadline = (tokio::time::Instant::now() + config.fill_timeout).min(deadlines.cap);
     let req_headers = req.headers().clone();
     Counters::inc(&counters.fills);
 

@@ -28,8 +28,8 @@ const SCAN_BATCH: usize = 500;
 const TAG_BATCH: usize = 500;
 /// Invalidation scripts in flight at once.
 const PARALLEL: usize = 64;
-/// How long a tag's fence refuses fills that started before its last
-/// invalidation.
+/// The shortest a tag's fence refuses fills that started before its last
+/// invalidation (longer when a fill may run longer: `Store::fence_ttl`).
 const TAG_FENCE_TTL: Duration = Duration::from_secs(3600);
 
 /// Attempts of one idempotent step of an invalidation (a SCAN, one entry's
@@ -327,7 +327,8 @@ impl Invalidation {
 ///
 /// * Fences compare Redis times only (the `TIME` of the server holding the
 ///   entry, taken when the lease is won and when the fence is set): no
-///   host's clock matters, and they hold for fills up to a minute long.
+///   host's clock matters, and they outlive the longest fill of the cache
+///   (`fill_timeout + lock_timeout` of its routes and handles).
 /// * Leases and pass markers' lifetimes are Redis expiries (`PX`).
 /// * Freshness, grace and XFetch use the clock of the host that stored the
 ///   entry (`fresh until` = its time + TTL) and of the host that reads it.
@@ -505,9 +506,10 @@ where
     /// key, a path prefix such as `/products/`). Returns how many entries
     /// were removed.
     ///
-    /// First sets the prefix's fence (kept in Redis for a minute, longer than
-    /// any fill runs), so no fill under the prefix that started before can
-    /// store, even while the walk runs. Then walks the namespace with `SCAN`
+    /// First sets the prefix's fence (kept in Redis longer than any fill of
+    /// the cache runs: its routes' longest `fill_timeout + lock_timeout`),
+    /// so no fill under the prefix that started before can store, even
+    /// while the walk runs. Then walks the namespace with `SCAN`
     /// and a `MATCH` pattern in which no character of `prefix` can act as a
     /// glob, in batches of 500 keys, so memory stays bounded and Redis is
     /// never blocked; on a Redis Cluster, every primary is walked. An empty
@@ -592,7 +594,8 @@ where
     ///
     /// Fills that started before this call and whose response carries the
     /// tag are refused when they try to store: the tag's fence holds the
-    /// time of the invalidation for an hour. The index is popped a batch at
+    /// time of the invalidation for an hour, or longer when a fill may run
+    /// longer. The index is popped a batch at
     /// a time; entries added while it runs are new data and may be removed
     /// too.
     ///
@@ -638,12 +641,13 @@ where
         }
         let (index, fence) = tag_keys(&self.config.namespace, tag);
         let store = &self.shared.store;
+        let fence_for = store.fence_ttl().max(TAG_FENCE_TTL);
         let mut total = 0;
         let mut cursor: Option<String> = None;
         loop {
             let members = if soft {
                 let page = step(|| {
-                    store.tag_page(&index, &fence, TAG_BATCH, TAG_FENCE_TTL, cursor.as_deref())
+                    store.tag_page(&index, &fence, TAG_BATCH, fence_for, cursor.as_deref())
                 })
                 .await?;
                 let Some((members, next)) = page else { break };
@@ -651,7 +655,7 @@ where
                 members
             } else {
                 store
-                    .tag_batch(&index, &fence, TAG_BATCH, TAG_FENCE_TTL)
+                    .tag_batch(&index, &fence, TAG_BATCH, fence_for)
                     .await?
             };
             if members.is_empty() {

@@ -493,8 +493,12 @@ where
     /// body streams to its own client only), the lease is released, the
     /// requests waiting for it are served stale if there is a stale entry,
     /// else `504 Gateway Timeout`, and the next request starts a new fill.
-    /// A hung upstream can't hold a key's lease fleet-wide. Clamped to
-    /// 100 ms ..= 1 day.
+    /// A hung upstream can't hold a key's lease fleet-wide. A fill started
+    /// by a request that already waited (a takeover, a restart after an
+    /// invalidation, [`OnWaitTimeout::CallOrigin`]) gets the time left of
+    /// that request's `fill_timeout + lock_timeout`, not a fresh
+    /// `fill_timeout`. Invalidation fences outlive the longest fill of any
+    /// route of the cache. Clamped to 100 ms ..= 1 day.
     #[must_use]
     pub fn fill_timeout(mut self, timeout: Duration) -> Self {
         self.config.fill_timeout = timeout;
@@ -673,10 +677,9 @@ where
 
     fn layer(&self, inner: S) -> Self::Service {
         crate::wake::listen_to(&self.shared, &self.config.namespace);
-        Fence::new(
-            inner,
-            Arc::new(self.config.for_route(&self.shared.counters)),
-            self.shared.clone(),
-        )
+        let config = self.config.for_route(&self.shared.counters);
+        // The fences outlive this route's fills too.
+        self.shared.store.cover_fills(&config);
+        Fence::new(inner, Arc::new(config), self.shared.clone())
     }
 }

@@ -139,11 +139,11 @@ pub(crate) mod channels {
     }
 }
 
-/// How long fences (of a URL, a prefix or the namespace) refuse the
-/// write-backs of fills that started before their invalidation: longer than
-/// any fill runs.
-// TODO(lead): fill_timeout: at least `Config::fill_timeout` plus a margin.
-pub(crate) const FENCE_TTL: Duration = Duration::from_secs(60);
+/// Added to the longest fill in a fence's lifetime ([`Store::fence_ttl`]),
+/// besides two Redis timeouts: the time between the Redis clock reading a
+/// fill starts with and its origin call, and between the call's end and
+/// its write-back.
+const FENCE_MARGIN: Duration = Duration::from_secs(1);
 /// Prefix fences kept per namespace before they are folded into one fence
 /// on the whole namespace.
 const MAX_PREFIX_FENCES: usize = 1024;
@@ -313,6 +313,10 @@ pub(crate) struct Store<C> {
     /// (`FenceCache::cluster`).
     cluster: AtomicBool,
     timeout_ms: AtomicU64,
+    /// The longest a fill of this cache may run: the largest
+    /// `fill_timeout + lock_timeout` of the routes and handles made so far
+    /// ([`Store::cover_fills`]).
+    longest_fill_ms: AtomicU64,
     breaker: Breaker,
     scripts: Scripts,
     pub(crate) errors: AtomicU64,
@@ -362,6 +366,7 @@ where
             conn,
             cluster: AtomicBool::new(cluster),
             timeout_ms: AtomicU64::new(duration_ms(timeout)),
+            longest_fill_ms: AtomicU64::new(0),
             breaker,
             scripts: Scripts::new(),
             errors: AtomicU64::new(0),
@@ -444,6 +449,31 @@ where
     pub(crate) fn set_timeout(&self, timeout: Duration) {
         self.timeout_ms
             .store(duration_ms(timeout).max(1), Ordering::Relaxed);
+    }
+
+    /// Makes the fences this cache sets outlive the fills of a route (or
+    /// handle) with these settings: called whenever one is made, so the
+    /// fences cover the longest of them (routes of one namespace may differ).
+    pub(crate) fn cover_fills(&self, config: &crate::config::Config) {
+        self.longest_fill_ms
+            .fetch_max(duration_ms(config.wait_cap()), Ordering::Relaxed);
+    }
+
+    /// How long a fence (of a URL, a key prefix or the namespace, and at
+    /// least this long a tag's) refuses the write-backs of fills that
+    /// started before its invalidation: longer than any fill of this cache
+    /// may run, so that no setting lets a fill outlive the fence that should
+    /// refuse it. The longest `fill_timeout + lock_timeout` of the routes
+    /// and handles made (a fill's origin call is bounded by its request's
+    /// cap), plus two Redis timeouts and [`FENCE_MARGIN`] for the round
+    /// trips around the fill. The one place the lifetime is computed: the
+    /// scripts receive it as an argument.
+    pub(crate) fn fence_ttl(&self) -> Duration {
+        let fills = Duration::from_millis(self.longest_fill_ms.load(Ordering::Relaxed));
+        let calls = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        fills
+            .saturating_add(calls.saturating_mul(2))
+            .saturating_add(FENCE_MARGIN)
     }
 
     /// Has every invalidation wait until `replicas` replicas acknowledged
@@ -808,7 +838,7 @@ where
                         .arg(channel.as_str())
                         .arg(sender)
                         .arg(if fence { "1" } else { "0" })
-                        .arg(duration_ms(FENCE_TTL))
+                        .arg(duration_ms(self.fence_ttl()))
                         .arg(VARIANT_BATCH)
                         .arg(ack);
                     async move { inv.invoke_async(&mut c).await }
@@ -847,7 +877,7 @@ where
                     inv.key(variants.as_str())
                         .key(url_fence.as_str())
                         .arg(if fence { "1" } else { "0" })
-                        .arg(duration_ms(FENCE_TTL))
+                        .arg(duration_ms(self.fence_ttl()))
                         .arg(VARIANT_BATCH)
                         .arg(cursor.as_str())
                         .arg(ack);
@@ -877,7 +907,7 @@ where
         self.run("prefix_fence", |mut c| {
             let mut inv = self.scripts.prefix_fence.key(fences.as_str());
             inv.arg(key_prefix)
-                .arg(duration_ms(FENCE_TTL))
+                .arg(duration_ms(self.fence_ttl()))
                 .arg(MAX_PREFIX_FENCES)
                 .arg(whole.as_str());
             async move { inv.invoke_async(&mut c).await }

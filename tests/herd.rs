@@ -322,9 +322,9 @@ async fn a_leader_killed_mid_fill_is_taken_over_once_and_every_waiter_is_answere
         slowest = slowest.max(took);
     }
     let calls = origin_calls(&redis, path);
-    assert!(
-        calls <= 3,
-        "{calls} origin calls: the lost fill and one takeover expected"
+    assert_eq!(
+        calls, 2,
+        "{calls} origin calls: the lost fill and exactly one takeover expected"
     );
     eprintln!(
         "crashed leader: 60 waiters answered, {calls} origin calls, slowest {slowest:?} (waiting began {:?} before the end)",
