@@ -298,10 +298,17 @@ impl<'a> ReleaseArgs<'a> {
 /// server); `Some((host, port))` one primary of a Redis Cluster.
 pub(crate) type Node = Option<(String, u16)>;
 
-/// The connection as a Redis Cluster connection, if it is one.
+/// The connection as a Redis Cluster connection, if it is one (or a
+/// [`HealingConnection`](crate::HealingConnection) of one: its current
+/// connection).
 #[cfg(feature = "cluster-async")]
-fn as_cluster<C: 'static>(conn: &C) -> Option<&redis::cluster_async::ClusterConnection> {
-    (conn as &dyn std::any::Any).downcast_ref()
+fn as_cluster<C: 'static>(conn: &C) -> Option<redis::cluster_async::ClusterConnection> {
+    use redis::cluster_async::ClusterConnection;
+    let conn = conn as &dyn std::any::Any;
+    if let Some(healing) = conn.downcast_ref::<crate::HealingConnection<ClusterConnection>>() {
+        return Some(healing.current());
+    }
+    conn.downcast_ref::<ClusterConnection>().cloned()
 }
 
 /// The Redis side of the cache.
@@ -402,7 +409,7 @@ where
         conn: &C,
     ) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
         if let Some(conn) = as_cluster(conn) {
-            return Ok(conn.clone());
+            return Ok(conn);
         }
         let Some(client) = self.walk_client.get() else {
             return Err(not_cluster());
