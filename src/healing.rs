@@ -104,7 +104,16 @@ struct Inner<C> {
     failures: AtomicU32,
     /// An attempt to replace the connection is running.
     healing: AtomicBool,
+    /// The current connection broke (closed, reset): calls wait for the
+    /// attempt running, if any, rather than fail on it.
+    dead: AtomicBool,
+    /// A fresh connection is being made and PINGed now.
+    attempting: AtomicBool,
+    /// Bumped when an attempt ends (replaced or not).
+    attempts: tokio::sync::watch::Sender<u64>,
     replacements: AtomicU64,
+    /// Told after each replacement (the cache closes its breaker).
+    on_replaced: std::sync::OnceLock<Box<dyn Fn() + Send + Sync>>,
     last_replaced: std::sync::Mutex<Option<Instant>>,
 }
 
@@ -183,7 +192,11 @@ where
                 connect,
                 failures: AtomicU32::new(0),
                 healing: AtomicBool::new(false),
+                dead: AtomicBool::new(false),
+                attempting: AtomicBool::new(false),
+                attempts: tokio::sync::watch::Sender::new(0),
                 replacements: AtomicU64::new(0),
+                on_replaced: std::sync::OnceLock::new(),
                 last_replaced: std::sync::Mutex::new(None),
             }),
             db,
@@ -208,7 +221,16 @@ where
     }
 
     /// The current connection for one call, and what counts how it ends.
-    fn begin(&self) -> (C, Outcome<'_, C>) {
+    /// When the connection broke and a fresh one is being made, waits for
+    /// that attempt (bounded by the caller's timeout), as a
+    /// `ConnectionManager` does when it reconnects.
+    async fn begin(&self) -> (C, Outcome<'_, C>) {
+        if self.inner.reconnecting() {
+            let mut attempts = self.inner.attempts.subscribe();
+            if self.inner.reconnecting() {
+                let _ = attempts.changed().await;
+            }
+        }
         let (generation, conn) = self.inner.current();
         let outcome = Outcome {
             inner: &self.inner,
@@ -216,6 +238,23 @@ where
             done: false,
         };
         (conn, outcome)
+    }
+}
+
+/// Has `told` run after each replacement of `conn`'s connection, if `conn`
+/// is a [`HealingConnection`] over a `MultiplexedConnection` or a cluster
+/// connection (set once: the cache's store).
+pub(crate) fn when_replaced<C: 'static>(conn: &C, told: impl Fn() + Send + Sync + 'static) {
+    let conn = conn as &dyn std::any::Any;
+    if let Some(healing) = conn.downcast_ref::<HealingConnection<MultiplexedConnection>>() {
+        let _ = healing.inner.on_replaced.set(Box::new(told));
+        return;
+    }
+    #[cfg(feature = "cluster-async")]
+    if let Some(healing) =
+        conn.downcast_ref::<HealingConnection<redis::cluster_async::ClusterConnection>>()
+    {
+        let _ = healing.inner.on_replaced.set(Box::new(told));
     }
 }
 
@@ -229,6 +268,12 @@ fn is_transport(err: &RedisError) -> bool {
             || err.is_timeout()
             || err.is_unrecoverable_error()
             || matches!(err.kind(), redis::ErrorKind::ClusterConnectionNotFound))
+}
+
+/// Whether `err` says the connection itself is gone (closed, reset): no
+/// call on it can succeed any more.
+fn is_broken(err: &RedisError) -> bool {
+    err.is_connection_dropped() || err.is_unrecoverable_error()
 }
 
 /// Counts a call dropped before it ended (the cache's timeout) as a
@@ -250,7 +295,7 @@ where
     fn end<T>(mut self, result: &RedisResult<T>) {
         self.done = true;
         match result {
-            Err(err) if is_transport(err) => self.inner.failed(self.generation),
+            Err(err) if is_transport(err) => self.inner.failed(self.generation, is_broken(err)),
             _ => self.inner.answered(self.generation),
         }
     }
@@ -262,7 +307,7 @@ where
 {
     fn drop(&mut self) {
         if !self.done {
-            self.inner.failed(self.generation);
+            self.inner.failed(self.generation, false);
         }
     }
 }
@@ -292,25 +337,46 @@ where
         }
     }
 
-    /// A call on `generation` failed or was dropped unanswered.
-    fn failed(self: &Arc<Self>, generation: u64) {
+    /// Whether calls should wait for the attempt running.
+    fn reconnecting(&self) -> bool {
+        self.dead.load(Ordering::Acquire) && self.attempting.load(Ordering::Acquire)
+    }
+
+    /// A call on `generation` failed (`broken`: the connection is gone) or
+    /// was dropped unanswered.
+    fn failed(self: &Arc<Self>, generation: u64, broken: bool) {
         // Calls still in flight on a replaced connection count for nothing.
         if generation != self.generation() {
             return;
         }
+        if broken {
+            self.dead.store(true, Ordering::Release);
+        }
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= FAILURES_BEFORE_HEALING && !self.healing.swap(true, Ordering::AcqRel) {
+        if (broken || n >= FAILURES_BEFORE_HEALING) && !self.healing.swap(true, Ordering::AcqRel) {
+            // Calls wait for the first attempt from now on.
+            self.attempting.store(true, Ordering::Release);
             match tokio::runtime::Handle::try_current() {
                 Ok(runtime) => {
                     runtime.spawn(heal(Arc::downgrade(self)));
                 }
-                Err(_) => self.healing.store(false, Ordering::Release),
+                Err(_) => {
+                    self.attempting.store(false, Ordering::Release);
+                    self.healing.store(false, Ordering::Release);
+                }
             }
         }
     }
 
     fn still_failing(&self) -> bool {
-        self.failures.load(Ordering::Relaxed) >= FAILURES_BEFORE_HEALING
+        self.dead.load(Ordering::Acquire)
+            || self.failures.load(Ordering::Relaxed) >= FAILURES_BEFORE_HEALING
+    }
+
+    /// An attempt ended: waiting calls go on.
+    fn attempt_ended(&self) {
+        self.attempting.store(false, Ordering::Release);
+        self.attempts.send_modify(|n| *n += 1);
     }
 
     fn since_replaced(&self) -> Option<Duration> {
@@ -346,6 +412,7 @@ where
             *current = (current.0 + 1, conn);
         }
         self.failures.store(0, Ordering::Relaxed);
+        self.dead.store(false, Ordering::Release);
         match self.last_replaced.lock() {
             Ok(mut last) => *last = Some(Instant::now()),
             Err(poisoned) => *poisoned.into_inner() = Some(Instant::now()),
@@ -369,17 +436,26 @@ where
             .since_replaced()
             .and_then(|since| MIN_GAP.checked_sub(since))
         {
+            // Calls do not wait through the gap.
+            strong.attempt_ended();
             drop(strong);
             tokio::time::sleep(wait).await;
             continue;
         }
         if !strong.still_failing() {
+            strong.attempt_ended();
             strong.healing.store(false, Ordering::Release);
             return;
         }
-        match strong.fresh().await {
+        strong.attempting.store(true, Ordering::Release);
+        let fresh = strong.fresh().await;
+        match fresh {
             Ok(conn) => {
                 strong.replace(conn);
+                if let Some(told) = strong.on_replaced.get() {
+                    told();
+                }
+                strong.attempt_ended();
                 strong.healing.store(false, Ordering::Release);
                 tracing::warn!(
                     replacements = strong.replacements.load(Ordering::Relaxed),
@@ -388,6 +464,7 @@ where
                 return;
             }
             Err(err) => {
+                strong.attempt_ended();
                 tracing::debug!(error = %err, "redis connection failing; a fresh one failed too");
             }
         }
@@ -403,7 +480,7 @@ where
 {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
-            let (mut conn, outcome) = self.begin();
+            let (mut conn, outcome) = self.begin().await;
             let result = conn.req_packed_command(cmd).await;
             outcome.end(&result);
             result
@@ -417,7 +494,7 @@ where
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
-            let (mut conn, outcome) = self.begin();
+            let (mut conn, outcome) = self.begin().await;
             let result = conn.req_packed_commands(pipeline, offset, count).await;
             outcome.end(&result);
             result

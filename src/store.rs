@@ -324,7 +324,9 @@ pub(crate) struct Store<C> {
     /// `fill_timeout + lock_timeout` of the routes and handles made so far
     /// ([`Store::cover_fills`]).
     longest_fill_ms: AtomicU64,
-    breaker: Breaker,
+    /// Shared with a [`HealingConnection`](crate::HealingConnection) that
+    /// closes it when it replaced its connection.
+    breaker: std::sync::Arc<Breaker>,
     scripts: Scripts,
     pub(crate) errors: AtomicU64,
     pub(crate) commands: AtomicU64,
@@ -369,6 +371,17 @@ where
         #[cfg(not(feature = "cluster-async"))]
         let cluster = false;
         crate::metrics::breaker_open(false);
+        let breaker = std::sync::Arc::new(breaker);
+        crate::healing::when_replaced(&conn, {
+            let breaker = std::sync::Arc::downgrade(&breaker);
+            move || {
+                // A fresh connection answered PING: no cool-down to sit out.
+                if breaker.upgrade().is_some_and(|b| b.success()) {
+                    crate::metrics::breaker_open(false);
+                    tracing::info!("redis connection replaced, circuit breaker closed");
+                }
+            }
+        });
         Self {
             conn,
             cluster: AtomicBool::new(cluster),
