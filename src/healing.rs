@@ -32,6 +32,10 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// fresh connections answer `PING` but calls still time out, is not
 /// reconnected to in a loop).
 const MIN_GAP: Duration = Duration::from_secs(1);
+/// How long the current connection gets to answer the `PING` of an
+/// attempt: if it does, it is kept (the failures lie elsewhere: a node down,
+/// a slow command), whatever the fresh one does.
+const CURRENT_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// The longest wait between two failed attempts (Redis down).
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -102,6 +106,9 @@ struct Inner<C> {
     connect: Box<Connect<C>>,
     /// Failed or dropped calls in a row on the current generation.
     failures: AtomicU32,
+    /// A Redis Cluster connection: a broken connection to one node does not
+    /// make it dead, and the `PING` of an attempt goes to every primary.
+    cluster: bool,
     /// An attempt to replace the connection is running.
     healing: AtomicBool,
     /// The current connection broke (closed, reset): calls wait for the
@@ -190,6 +197,7 @@ where
             inner: Arc::new(Inner {
                 current: RwLock::new((0, first)),
                 connect,
+                cluster: is_cluster::<C>(),
                 failures: AtomicU32::new(0),
                 healing: AtomicBool::new(false),
                 dead: AtomicBool::new(false),
@@ -256,6 +264,39 @@ pub(crate) fn when_replaced<C: 'static>(conn: &C, told: impl Fn() + Send + Sync 
     {
         let _ = healing.inner.on_replaced.set(Box::new(told));
     }
+}
+
+/// Whether `C` is a Redis Cluster connection.
+fn is_cluster<C: 'static>() -> bool {
+    #[cfg(feature = "cluster-async")]
+    if std::any::TypeId::of::<C>() == std::any::TypeId::of::<redis::cluster_async::ClusterConnection>()
+    {
+        return true;
+    }
+    false
+}
+
+/// `PING` over `conn`; on a Redis Cluster connection, to every primary
+/// (one answering node says nothing of the others).
+async fn ping<C>(conn: &mut C) -> RedisResult<()>
+where
+    C: ConnectionLike + Send + 'static,
+{
+    #[cfg(feature = "cluster-async")]
+    if let Some(cluster) =
+        (conn as &mut dyn std::any::Any).downcast_mut::<redis::cluster_async::ClusterConnection>()
+    {
+        use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+        let routing = RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllMasters,
+            Some(ResponsePolicy::AllSucceeded),
+        ));
+        return cluster
+            .route_command(redis::cmd("PING"), routing)
+            .await
+            .map(drop);
+    }
+    redis::cmd("PING").query_async::<()>(conn).await
 }
 
 /// Whether `err` says the connection or the node did not answer (as
@@ -349,6 +390,9 @@ where
         if generation != self.generation() {
             return;
         }
+        // One node's connection of a cluster connection breaking is a node
+        // down, not the connection.
+        let broken = broken && !self.cluster;
         if broken {
             self.dead.store(true, Ordering::Release);
         }
@@ -391,7 +435,7 @@ where
     async fn fresh(&self) -> RedisResult<C> {
         let attempt = async {
             let mut conn = (self.connect)().await?;
-            redis::cmd("PING").query_async::<()>(&mut conn).await?;
+            ping(&mut conn).await?;
             Ok(conn)
         };
         match tokio::time::timeout(ATTEMPT_TIMEOUT, attempt).await {
@@ -401,6 +445,24 @@ where
                 "a fresh connection did not answer PING in time",
             ))),
         }
+    }
+
+    /// One attempt: a fresh connection, and whether the current one still
+    /// answers `PING` (a broken one is not asked). `Ok(None)`: it does, keep
+    /// it.
+    async fn attempt(&self) -> RedisResult<Option<C>> {
+        let (_, mut current) = self.current();
+        let dead = self.dead.load(Ordering::Acquire);
+        let current_answers = async {
+            !dead
+                && matches!(
+                    tokio::time::timeout(CURRENT_PROBE_TIMEOUT, ping(&mut current)).await,
+                    Ok(Ok(()))
+                )
+        };
+        let (fresh, current_answers) = tokio::join!(self.fresh(), current_answers);
+        let fresh = fresh?;
+        Ok((!current_answers).then_some(fresh))
     }
 
     fn replace(&self, conn: C) {
@@ -448,9 +510,17 @@ where
             return;
         }
         strong.attempting.store(true, Ordering::Release);
-        let fresh = strong.fresh().await;
-        match fresh {
-            Ok(conn) => {
+        let attempt = strong.attempt().await;
+        match attempt {
+            Ok(None) => {
+                // The connection answers: what failed was not it.
+                strong.failures.store(0, Ordering::Relaxed);
+                strong.attempt_ended();
+                strong.healing.store(false, Ordering::Release);
+                tracing::debug!("redis calls failing, but the connection answers PING: kept");
+                return;
+            }
+            Ok(Some(conn)) => {
                 strong.replace(conn);
                 if let Some(told) = strong.on_replaced.get() {
                     told();

@@ -155,3 +155,188 @@ async fn a_closed_connection_is_replaced_and_caching_resumes() {
     );
     assert_eq!(m.new_connections, 1, "one replacement");
 }
+
+// ---------------------------------------------------------------------------
+// Redis Cluster: failovers in a row (feature `cluster-async`)
+// ---------------------------------------------------------------------------
+
+#[cfg(feature = "cluster-async")]
+mod cluster {
+    use super::*;
+
+    use axum::Router;
+    use axum::extract::Path;
+    use axum::routing::get;
+    use cachefence::HealingConnection;
+    use redis::cluster::{ClusterClient, ClusterClientBuilder};
+    use support::RedisCluster;
+
+    const NS: &str = "heal:";
+    const KEYS: usize = 300;
+    const FAILOVERS: usize = 5;
+    /// What a user sees at worst: failure detection (the node timeout,
+    /// 2 s here) and the promotion, then the clients' next slot refresh.
+    const RESUMES_WITHIN: Duration = Duration::from_secs(60);
+
+    /// `0 /<path>`, counted.
+    fn app(calls: Arc<AtomicUsize>) -> Router<()> {
+        Router::new().route(
+            "/{*path}",
+            get(move |Path(path): Path<String>| {
+                let calls = calls.clone();
+                async move {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    format!("0 /{path}")
+                }
+            }),
+        )
+    }
+
+    /// The `/k/<n>` paths whose entries are on `node`.
+    fn paths_on(node: &support::RedisServer) -> Vec<String> {
+        let keys = node.cli(&["KEYS", &format!("{NS}|*")]);
+        let mut paths: Vec<String> = keys
+            .lines()
+            .filter(|k| !k.contains("|#") && !k.ends_with(":vars") && !k.ends_with(":lease"))
+            .filter_map(|k| {
+                let at = k.find("/k/")?;
+                let n: String = k[at + 3..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                (!n.is_empty()).then(|| format!("/k/{n}"))
+            })
+            .collect();
+        paths.sort();
+        paths.dedup();
+        paths
+    }
+
+    fn is_primary(node: &support::RedisServer) -> bool {
+        node.is_running() && node.cli(&["INFO", "replication"]).contains("role:master")
+    }
+
+    /// The running primary holding the entry of `path`.
+    fn primary_holding(cluster: &RedisCluster, path: &str) -> usize {
+        (0..cluster.nodes().len())
+            .find(|&i| {
+                let n = &cluster.nodes()[i];
+                is_primary(n) && paths_on(n).iter().any(|p| p == path)
+            })
+            .unwrap_or_else(|| panic!("no primary holds {path}"))
+    }
+
+    /// Until primary `i` has a replica whose link is up and synced.
+    async fn has_synced_replica(cluster: &RedisCluster, i: usize) {
+        let port = u64::from(cluster.nodes()[i].port());
+        let started = Instant::now();
+        while !cluster.nodes().iter().filter(|n| n.is_running()).any(|n| {
+            let info = n.cli(&["INFO", "replication"]);
+            info.contains("role:slave")
+                && support::info_field(&info, "master_port") == Some(port)
+                && info.contains("master_link_status:up")
+                && support::info_field(&info, "master_sync_in_progress") == Some(0)
+        }) {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "no synced replica of node {i}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// 3 primaries with a replica each; two app servers (each its own cache
+    /// and connection, default settings but the namespace and sharded
+    /// wake-ups): A on a plain `ClusterConnection` (what redis >= 1.8.2
+    /// alone gives), B on `FenceCache::from_cluster_client` (a healing
+    /// connection). Under traffic over 300 keys, the primary holding a set
+    /// of keys is SIGKILLed 5 times in a row (each time the replica that
+    /// took its place; the killed node rejoins as its replica). Every
+    /// request is answered with its body, and after every failover both
+    /// servers serve those keys from the cache again (no wedge); the time
+    /// to the first HIT on both after each SIGKILL is printed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn five_failovers_in_a_row_caching_resumes_after_each() {
+        let mut cluster = RedisCluster::with(3, 1, 2000);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let plain = FenceCache::new(cluster.connection().await)
+            .namespace(NS)
+            .cluster_wake_ups(ClusterClientBuilder::new(cluster.urls()));
+        let healing =
+            HealingConnection::connect_cluster(ClusterClient::new(cluster.urls()).unwrap())
+                .await
+                .unwrap();
+        let healed = FenceCache::new(healing.clone())
+            .namespace(NS)
+            .cluster_wake_ups(ClusterClientBuilder::new(cluster.urls()));
+        let a = serve(app(calls.clone()).layer(plain.layer())).await;
+        let b = serve(app(calls.clone()).layer(healed.layer())).await;
+        let http = Http::new();
+
+        // Warm every key (16 at a time), through both servers.
+        for chunk in (0..KEYS).collect::<Vec<_>>().chunks(16) {
+            let warm = chunk.iter().map(|&i| {
+                let http = http.clone();
+                let addr = [a, b][i % 2];
+                tokio::spawn(async move { http.get(addr, &format!("/k/{i}")).await.text() })
+            });
+            for (&i, body) in chunk.iter().zip(futures_util::future::join_all(warm).await) {
+                assert_eq!(body.unwrap(), format!("0 /k/{i}"));
+            }
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), KEYS);
+        let first = (0..cluster.nodes().len())
+            .filter(|&i| is_primary(&cluster.nodes()[i]))
+            .max_by_key(|&i| paths_on(&cluster.nodes()[i]).len())
+            .unwrap();
+        let paths = paths_on(&cluster.nodes()[first]);
+        assert!(paths.len() > 50, "{}", paths.len());
+
+        let traffic = support::Traffic::start(&http, [a, b], KEYS, 8, (7919, 131));
+        traffic.until_answered(300, Duration::from_secs(30)).await;
+        let mut resumed = Vec::new();
+        for round in 0..FAILOVERS {
+            let victim = primary_holding(&cluster, &paths[0]);
+            has_synced_replica(&cluster, victim).await;
+            let killed = Instant::now();
+            cluster.kill(victim);
+            let took =
+                support::until_both_hit(&http, (a, b), &paths, killed, RESUMES_WITHIN).await;
+            resumed.push(took);
+            cluster
+                .wait_ok(Duration::from_secs(60))
+                .expect("the cluster recovers");
+            eprintln!(
+                "cluster failover {}/{FAILOVERS}: first HIT on both servers {:.2} s after SIGKILL \
+                 of node {victim}; {} requests answered so far; B's connection replaced {} time(s)",
+                round + 1,
+                took.as_secs_f64(),
+                traffic.answered(),
+                healing.replacements()
+            );
+            // The killed node comes back as the new primary's replica.
+            cluster.restart(victim);
+        }
+        let before = traffic.answered();
+        traffic
+            .until_answered(before + 300, Duration::from_secs(30))
+            .await;
+        let (answered, slowest_ms) = (traffic.answered(), traffic.slowest_ms());
+        traffic.stop().await;
+        let secs: Vec<String> = resumed
+            .iter()
+            .map(|d| format!("{:.2}", d.as_secs_f64()))
+            .collect();
+        eprintln!(
+            "cluster failovers: {FAILOVERS}, wedges 0; first HIT after each SIGKILL (s): [{}]; \
+             {} requests answered, slowest {slowest_ms} ms; A stats {:?}; B stats {:?}",
+            secs.join(", "),
+            answered,
+            plain.stats(),
+            healed.stats()
+        );
+        for breaker in [plain.stats().breaker, healed.stats().breaker] {
+            assert_eq!(breaker, cachefence::BreakerState::Closed);
+        }
+    }
+}
