@@ -72,7 +72,7 @@ impl FenceCache<crate::HealingConnection> {
     /// from `client`. When its calls keep failing or time out while a fresh
     /// connection answers `PING` (a half-open TCP connection, a wedged
     /// client), the cache replaces it for every clone, and caching resumes
-    /// (within about 1.5 s with the default settings) with no restart.
+    /// (within about 1 s with the default settings) with no restart.
     /// Errors when the first connection can't be made.
     ///
     /// [`new`](Self::new) takes a connection instead: the cache then relies

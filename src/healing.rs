@@ -47,19 +47,32 @@ type Connect<C> = dyn Fn() -> Pin<Box<dyn Future<Output = RedisResult<C>> + Send
 ///
 /// It holds one connection made by its connect function (a
 /// `MultiplexedConnection` from a `redis::Client`, a cluster connection
-/// from a `ClusterClient`, or your own). When 3 calls in a row on that
-/// connection fail with a transport error (not an error Redis answered
-/// with) or are dropped unanswered (the cache's own timeout), it connects
-/// again in the background and sends `PING` (at most 1 s for both); if the
-/// `PING` succeeds, every clone sends its next calls on the new
-/// connection. Calls in flight on the old one just finish or fail (the
-/// cache fails open). While no fresh connection can be made (Redis down) it
-/// retries with backoff up to 2 s; connections are replaced at most once a
-/// second.
+/// from a `ClusterClient`, or your own), and replaces it when it stopped
+/// working while Redis still answers:
 ///
-/// With the cache's defaults (a 250 ms timeout, the breaker opening for
-/// 1 s after 5 failures) caching resumes within about 1.5 s of a
-/// connection going silent, whatever the connection's own timeouts.
+/// - when 3 calls in a row on it fail with a transport error (not an error
+///   Redis answered with) or are dropped unanswered (the cache's own
+///   timeout), it connects again in the background and sends `PING` on
+///   both connections (on a Redis Cluster, to every primary). If the fresh
+///   one answers (connecting and `PING` within 1 s) and the current one
+///   does not (within 300 ms), every clone sends its next calls on the
+///   fresh one; if the current one answers, it is kept (the failures lie
+///   elsewhere: a node down, a slow command);
+/// - when the connection breaks (closed or reset by the server or a hop;
+///   not one node's link of a cluster connection), it connects again at
+///   once, and calls wait for that attempt (within the cache's timeout)
+///   rather than fail on the dead connection, as a `ConnectionManager`
+///   does.
+///
+/// Calls in flight on a replaced connection just finish or fail (the cache
+/// fails open); when a connection is replaced, the cache's circuit breaker
+/// closes. While no fresh connection can be made (Redis down) it retries
+/// with backoff up to 2 s; connections are replaced at most once a second.
+///
+/// With the cache's defaults (a 250 ms timeout) caching resumes within
+/// about 1 s of the connection going silent (measured: 0.3 to 0.6 s under
+/// load), and at once when it closes (0.03 s), whatever the connection's
+/// own timeouts.
 ///
 /// Cloning is cheap: every clone shares the connection.
 ///

@@ -21,7 +21,7 @@ use support::origin::{Counter, routes};
 use support::proxy::StallProxy;
 use support::{Http, RedisServer, serve};
 
-/// What `HealingConnection` documents: caching resumes within about 1.5 s
+/// What `HealingConnection` documents: caching resumes within about 1 s
 /// of the connection going silent with the default settings; the bound
 /// leaves room for a loaded CI machine.
 const RESUMES_WITHIN: Duration = Duration::from_secs(5);
