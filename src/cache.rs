@@ -103,7 +103,7 @@ impl FenceCache<crate::HealingConnection> {
 impl FenceCache<crate::HealingConnection<redis::cluster_async::ClusterConnection>> {
     /// A cache in the Redis Cluster `client` names (feature
     /// `cluster-async`), on a cluster connection the cache owns and heals
-    /// ([`from_client`](Self::from_client) for a cluster): when its calls
+    /// (`FenceCache::from_client` for a cluster): when its calls
     /// keep failing or time out while a fresh cluster connection answers
     /// `PING` (a connection wedged after a failover), the cache makes a new
     /// one from `client`. Errors when the first connection can't be made.

@@ -282,7 +282,8 @@ pub(crate) fn when_replaced<C: 'static>(conn: &C, told: impl Fn() + Send + Sync 
 /// Whether `C` is a Redis Cluster connection.
 fn is_cluster<C: 'static>() -> bool {
     #[cfg(feature = "cluster-async")]
-    if std::any::TypeId::of::<C>() == std::any::TypeId::of::<redis::cluster_async::ClusterConnection>()
+    if std::any::TypeId::of::<C>()
+        == std::any::TypeId::of::<redis::cluster_async::ClusterConnection>()
     {
         return true;
     }

@@ -106,7 +106,11 @@ async fn resumes_after(disrupt: impl FnOnce(&StallProxy)) -> Measured {
     // And it stays up: the next asks of both keys are all HITs.
     for i in 0..20 {
         let path = PATHS[i % PATHS.len()];
-        assert_eq!(ask(&http, addr, path).await.as_deref(), Some("HIT"), "{path}");
+        assert_eq!(
+            ask(&http, addr, path).await.as_deref(),
+            Some("HIT"),
+            "{path}"
+        );
     }
     stop.store(true, Ordering::SeqCst);
     for w in workers {
@@ -300,8 +304,7 @@ mod cluster {
             has_synced_replica(&cluster, victim).await;
             let killed = Instant::now();
             cluster.kill(victim);
-            let took =
-                support::until_both_hit(&http, (a, b), &paths, killed, RESUMES_WITHIN).await;
+            let took = support::until_both_hit(&http, (a, b), &paths, killed, RESUMES_WITHIN).await;
             resumed.push(took);
             cluster
                 .wait_ok(Duration::from_secs(60))
