@@ -205,12 +205,13 @@ where
     {
         let connect: Box<Connect<C>> = Box::new(move || Box::pin(connect()));
         let first = connect().await?;
+        let cluster = is_cluster(&first);
         let db = first.get_db();
         Ok(Self {
             inner: Arc::new(Inner {
                 current: RwLock::new((0, first)),
                 connect,
-                cluster: is_cluster::<C>(),
+                cluster,
                 failures: AtomicU32::new(0),
                 healing: AtomicBool::new(false),
                 dead: AtomicBool::new(false),
@@ -267,27 +268,29 @@ where
 /// connection (set once: the cache's store).
 pub(crate) fn when_replaced<C: 'static>(conn: &C, told: impl Fn() + Send + Sync + 'static) {
     let conn = conn as &dyn std::any::Any;
-    if let Some(healing) = conn.downcast_ref::<HealingConnection<MultiplexedConnection>>() {
-        let _ = healing.inner.on_replaced.set(Box::new(told));
-        return;
-    }
+    let slot = conn
+        .downcast_ref::<HealingConnection<MultiplexedConnection>>()
+        .map(|healing| &healing.inner.on_replaced);
     #[cfg(feature = "cluster-async")]
-    if let Some(healing) =
+    let slot = slot.or_else(|| {
         conn.downcast_ref::<HealingConnection<redis::cluster_async::ClusterConnection>>()
-    {
-        let _ = healing.inner.on_replaced.set(Box::new(told));
+            .map(|healing| &healing.inner.on_replaced)
+    });
+    if let Some(slot) = slot {
+        let _ = slot.set(Box::new(told));
     }
 }
 
-/// Whether `C` is a Redis Cluster connection.
-fn is_cluster<C: 'static>() -> bool {
+/// Whether `conn` is a Redis Cluster connection.
+fn is_cluster(conn: &dyn std::any::Any) -> bool {
     #[cfg(feature = "cluster-async")]
-    if std::any::TypeId::of::<C>()
-        == std::any::TypeId::of::<redis::cluster_async::ClusterConnection>()
-    {
-        return true;
-    }
-    false
+    let cluster = conn.is::<redis::cluster_async::ClusterConnection>();
+    #[cfg(not(feature = "cluster-async"))]
+    let cluster = {
+        let _ = conn;
+        false
+    };
+    cluster
 }
 
 /// `PING` over `conn`; on a Redis Cluster connection, to every primary
