@@ -32,9 +32,10 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// fresh connections answer `PING` but calls still time out, is not
 /// reconnected to in a loop).
 const MIN_GAP: Duration = Duration::from_secs(1);
-/// How long the current connection gets to answer the `PING` of an
-/// attempt: if it does, it is kept (the failures lie elsewhere: a node down,
-/// a slow command), whatever the fresh one does.
+/// How long the current connection gets at least to answer the `PING` of
+/// an attempt (and at most 50 ms longer than the fresh one took): if it
+/// does, it is kept (the failures lie elsewhere: a node down, a paused or
+/// slow Redis), whatever the fresh one does.
 const CURRENT_PROBE_TIMEOUT: Duration = Duration::from_millis(300);
 /// The longest wait between two failed attempts (Redis down).
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -55,7 +56,8 @@ type Connect<C> = dyn Fn() -> Pin<Box<dyn Future<Output = RedisResult<C>> + Send
 ///   timeout), it connects again in the background and sends `PING` on
 ///   both connections (on a Redis Cluster, to every primary). If the fresh
 ///   one answers (connecting and `PING` within 1 s) and the current one
-///   does not (within 300 ms), every clone sends its next calls on the
+///   does not (within 300 ms, or as long as the fresh one took), every
+///   clone sends its next calls on the
 ///   fresh one; if the current one answers, it is kept (the failures lie
 ///   elsewhere: a node down, a slow command);
 /// - when the connection breaks (closed or reset by the server or a hop;
@@ -468,18 +470,29 @@ where
     /// answers `PING` (a broken one is not asked). `Ok(None)`: it does, keep
     /// it.
     async fn attempt(&self) -> RedisResult<Option<C>> {
+        let started = Instant::now();
         let (_, mut current) = self.current();
         let dead = self.dead.load(Ordering::Acquire);
-        let current_answers = async {
-            !dead
-                && matches!(
-                    tokio::time::timeout(CURRENT_PROBE_TIMEOUT, ping(&mut current)).await,
-                    Ok(Ok(()))
-                )
+        let current_answers = async { !dead && ping(&mut current).await.is_ok() };
+        tokio::pin!(current_answers);
+        let fresh = self.fresh();
+        tokio::pin!(fresh);
+        let fresh = tokio::select! {
+            fresh = &mut fresh => fresh?,
+            answers = &mut current_answers => {
+                if answers {
+                    return Ok(None);
+                }
+                return fresh.await.map(Some);
+            }
         };
-        let (fresh, current_answers) = tokio::join!(self.fresh(), current_answers);
-        let fresh = fresh?;
-        Ok((!current_answers).then_some(fresh))
+        // The current connection gets as long as the fresh one took (a
+        // Redis that was paused answers both at once), and at least
+        // CURRENT_PROBE_TIMEOUT.
+        let until =
+            (started + CURRENT_PROBE_TIMEOUT).max(Instant::now() + Duration::from_millis(50));
+        let answers = tokio::time::timeout_at(until.into(), current_answers).await == Ok(true);
+        Ok((!answers).then_some(fresh))
     }
 
     fn replace(&self, conn: C) {

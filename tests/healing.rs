@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use cachefence::FenceCache;
+use cachefence::{FenceCache, HealingConnection};
 use support::origin::{Counter, routes};
 use support::proxy::StallProxy;
 use support::{Http, RedisServer, serve};
@@ -160,6 +160,70 @@ async fn a_closed_connection_is_replaced_and_caching_resumes() {
     assert_eq!(m.new_connections, 1, "one replacement");
 }
 
+/// Redis paused (SIGSTOP) under traffic: calls time out, but a fresh
+/// connection can't answer PING either, so the connection is kept (no
+/// replacement, however long the pause); after SIGCONT both answer at
+/// once, the connection is still kept, and caching resumes on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_keeps_its_connection_and_caching_resumes() {
+    let redis = RedisServer::new();
+    let conn = HealingConnection::connect(redis.client()).await.unwrap();
+    let cache = FenceCache::new(conn.clone()).namespace("heal:");
+    let counter = Counter::default();
+    let addr = serve(routes(counter.clone()).layer(cache.layer())).await;
+    let http = Http::new();
+    for path in PATHS {
+        assert_eq!(ask(&http, addr, path).await.as_deref(), Some("MISS"));
+        assert_eq!(ask(&http, addr, path).await.as_deref(), Some("HIT"));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (http, stop) = (http.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = w;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    ask(&http, addr, PATHS[i % PATHS.len()]).await;
+                }
+            })
+        })
+        .collect();
+    let bypasses = cache.stats().bypasses;
+    let paused = Instant::now();
+    redis.pause();
+    // The pause lasts past the breaker opening and over a full attempt
+    // (1 s) of making a fresh connection.
+    while cache.stats().bypasses < bypasses + 50 || paused.elapsed() < Duration::from_millis(2500) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    redis.resume();
+    let resumed = Instant::now();
+    let first_hit = loop {
+        if ask(&http, addr, PATHS[0]).await.as_deref() == Some("HIT") {
+            break resumed.elapsed();
+        }
+        assert!(
+            resumed.elapsed() < RESUMES_WITHIN,
+            "caching did not resume: {:?}",
+            cache.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.expect("every request answered with its body");
+    }
+    eprintln!(
+        "healing (paused {:.1} s): first HIT {:.2} s after SIGCONT; {} replacements; stats {:?}",
+        (resumed - paused).as_secs_f64(),
+        first_hit.as_secs_f64(),
+        conn.replacements(),
+        cache.stats()
+    );
+    assert_eq!(conn.replacements(), 0, "the connection was kept");
+}
+
 // ---------------------------------------------------------------------------
 // Redis Cluster: failovers in a row (feature `cluster-async`)
 // ---------------------------------------------------------------------------
@@ -171,7 +235,6 @@ mod cluster {
     use axum::Router;
     use axum::extract::Path;
     use axum::routing::get;
-    use cachefence::HealingConnection;
     use redis::cluster::{ClusterClient, ClusterClientBuilder};
     use support::RedisCluster;
 
