@@ -57,9 +57,9 @@ type Connect<C> = dyn Fn() -> Pin<Box<dyn Future<Output = RedisResult<C>> + Send
 ///   both connections (on a Redis Cluster, to every primary). If the fresh
 ///   one answers (connecting and `PING` within 1 s) and the current one
 ///   does not (within 300 ms, or as long as the fresh one took), every
-///   clone sends its next calls on the
-///   fresh one; if the current one answers, it is kept (the failures lie
-///   elsewhere: a node down, a slow command);
+///   clone sends its next calls on the fresh one; if the current one
+///   answers, it is kept (the failures lie elsewhere: a node down, a
+///   paused or slow Redis);
 /// - when the connection breaks (closed or reset by the server or a hop;
 ///   not one node's link of a cluster connection), it connects again at
 ///   once, and calls wait for that attempt (within the cache's timeout)
