@@ -73,7 +73,9 @@ impl FenceCache<crate::HealingConnection> {
     /// connection answers `PING` (a half-open TCP connection, a wedged
     /// client), the cache replaces it for every clone, and caching resumes
     /// (within about 1 s with the default settings) with no restart.
-    /// Errors when the first connection can't be made.
+    /// Errors when the first connection can't be made. The cache's type is
+    /// `FenceCache<HealingConnection>` (its handles'
+    /// `FenceHandle<HealingConnection>`).
     ///
     /// [`new`](Self::new) takes a connection instead: the cache then relies
     /// on it to reconnect by itself (a `ConnectionManager` reconnects when
