@@ -66,13 +66,88 @@ impl<C> fmt::Debug for FenceCache<C> {
     }
 }
 
+impl FenceCache<crate::HealingConnection> {
+    /// A cache in the Redis `client` names, on a connection the cache owns
+    /// and heals: a [`HealingConnection`](crate::HealingConnection) made
+    /// from `client`. When its calls keep failing or time out while a fresh
+    /// connection answers `PING` (a half-open TCP connection, a wedged
+    /// client), the cache replaces it for every clone, and caching resumes
+    /// (within about 1 s with the default settings) with no restart.
+    /// Errors when the first connection can't be made. The cache's type is
+    /// `FenceCache<HealingConnection>` (its handles'
+    /// `FenceHandle<HealingConnection>`).
+    ///
+    /// [`new`](Self::new) takes a connection instead: the cache then relies
+    /// on it to reconnect by itself (a `ConnectionManager` reconnects when
+    /// a connection closes, but not when it goes silent: the cache drops
+    /// each call at its own timeout, before the manager's response timeout
+    /// would tell it).
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use cachefence::FenceCache;
+    ///
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = redis::Client::open("redis://127.0.0.1/")?;
+    /// let cache = FenceCache::from_client(client.clone())
+    ///     .await?
+    ///     .namespace("shop:")
+    ///     .wake_ups(client);
+    /// # Ok(()) }
+    /// ```
+    pub async fn from_client(client: redis::Client) -> redis::RedisResult<Self> {
+        Ok(Self::new(crate::HealingConnection::connect(client).await?))
+    }
+}
+
+#[cfg(feature = "cluster-async")]
+impl FenceCache<crate::HealingConnection<redis::cluster_async::ClusterConnection>> {
+    /// A cache in the Redis Cluster `client` names (feature
+    /// `cluster-async`), on a cluster connection the cache owns and heals
+    /// (`FenceCache::from_client` for a cluster): when its calls
+    /// keep failing or time out while a fresh cluster connection answers
+    /// `PING` (a connection wedged after a failover), the cache makes a new
+    /// one from `client`. Errors when the first connection can't be made.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// use cachefence::FenceCache;
+    /// use redis::cluster::{ClusterClient, ClusterClientBuilder};
+    ///
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// let nodes = vec!["redis://127.0.0.1:7000/", "redis://127.0.0.1:7001/"];
+    /// let cache = FenceCache::from_cluster_client(ClusterClient::new(nodes.clone())?)
+    ///     .await?
+    ///     .namespace("shop:")
+    ///     .cluster_wake_ups(ClusterClientBuilder::new(nodes));
+    /// # Ok(()) }
+    /// ```
+    pub async fn from_cluster_client(
+        client: redis::cluster::ClusterClient,
+    ) -> redis::RedisResult<Self> {
+        Ok(Self::new(
+            crate::HealingConnection::connect_cluster(client).await?,
+        ))
+    }
+}
+
 impl<C> FenceCache<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// A cache in the Redis behind `redis`: any async connection of the
     /// `redis` crate (`ConnectionManager`, `MultiplexedConnection`, and with
-    /// the `cluster-async` feature a Redis Cluster connection).
+    /// the `cluster-async` feature a Redis Cluster connection), or a
+    /// [`HealingConnection`](crate::HealingConnection).
+    ///
+    /// The cache uses `redis` as it is: it can't replace a connection it
+    /// did not make. A connection that goes silent without closing (a
+    /// half-open TCP flow) or wedges then stays wedged, and every request
+    /// goes to the inner service until the app restarts.
+    /// [`from_client`](Self::from_client) (or a `HealingConnection`) lets
+    /// the cache make connections and replace one that stopped working.
     ///
     /// Defaults: namespace `cachefence:`, Redis timeout 250 ms, breaker
     /// opening after 5 failures for 1 s, no wake-ups (waiters poll).

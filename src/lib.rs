@@ -121,6 +121,7 @@ mod fill;
 mod flight;
 mod freshness;
 mod handle;
+mod healing;
 #[doc(hidden)]
 pub mod internals;
 mod key;
@@ -154,6 +155,7 @@ pub use cache::FenceCache;
 pub use config::OnWaitTimeout;
 pub use error::FenceError;
 pub use handle::{FenceHandle, Invalidation};
+pub use healing::HealingConnection;
 pub use key::{DefaultKey, MakeKey};
 pub use layer::FenceLayer;
 pub use policy::{CacheTags, CacheTtl};

@@ -7,9 +7,12 @@
 //! holds a multiplexed connection to the current master and a watcher task
 //! that asks the Sentinels which master to use (every second, and at once
 //! after a command failed because the connection broke or the node is no
-//! longer a master), and reconnects when the answer changes.
+//! longer a master, or after 3 commands in a row were dropped unanswered by
+//! the caller's timeout: a half-open connection), and reconnects when the
+//! answer changes.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
@@ -25,6 +28,10 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 const MIN_GAP: Duration = Duration::from_millis(100);
 /// The bound of one Sentinel query or one connection attempt.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Calls in a row dropped unanswered (the cache's own timeout) before the
+/// connection counts as broken: a half-open connection never fails by
+/// itself.
+const UNANSWERED_BEFORE_RECONNECT: u32 = 3;
 
 /// An async connection to the master of a Sentinel-managed Redis that
 /// follows failovers: use it as the cache's connection
@@ -36,7 +43,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 ///
 /// A watcher task asks the Sentinels for the master every second, and at
 /// once when a command fails because the connection broke or the node
-/// answers `READONLY` (it was demoted); when the master changed (or the
+/// answers `READONLY` (it was demoted), or when 3 commands in a row were
+/// dropped unanswered (the cache's timeout: a half-open connection); when the master changed (or the
 /// connection broke), it connects to the one they name and every clone
 /// sends its next commands there. Commands sent while the master is down
 /// fail (the cache then fails open, as with any Redis outage); nothing is
@@ -74,6 +82,8 @@ struct Inner {
     /// How many times the connection moved (to a new master, or to the
     /// same one after it broke).
     moved: watch::Sender<u64>,
+    /// Calls in a row dropped before they were answered.
+    unanswered: AtomicU32,
 }
 
 #[derive(Clone)]
@@ -139,6 +149,7 @@ impl SentinelConnection {
             config,
             check: Notify::new(),
             moved: watch::Sender::new(0),
+            unanswered: AtomicU32::new(0),
         });
         tokio::spawn(watch_master(Arc::downgrade(&inner)));
         Ok(Self { inner, db })
@@ -190,6 +201,35 @@ impl SentinelConnection {
         if let Err(err) = result
             && needs_new_master(err)
         {
+            self.inner.failed();
+        }
+    }
+}
+
+/// Counts a call dropped before it was answered (the cache's timeout ran
+/// out): after [`UNANSWERED_BEFORE_RECONNECT`] in a row the connection is
+/// taken as broken (half-open) and the watcher reconnects.
+struct Answered<'a> {
+    inner: &'a Inner,
+    done: bool,
+}
+
+impl Answered<'_> {
+    fn done(mut self) {
+        self.done = true;
+        if self.inner.unanswered.load(Ordering::Relaxed) != 0 {
+            self.inner.unanswered.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Answered<'_> {
+    fn drop(&mut self) {
+        if !self.done
+            && self.inner.unanswered.fetch_add(1, Ordering::Relaxed) + 1
+                >= UNANSWERED_BEFORE_RECONNECT
+        {
+            self.inner.unanswered.store(0, Ordering::Relaxed);
             self.inner.failed();
         }
     }
@@ -298,7 +338,12 @@ impl ConnectionLike for SentinelConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let mut conn = self.conn();
+            let answered = Answered {
+                inner: &self.inner,
+                done: false,
+            };
             let result = conn.req_packed_command(cmd).await;
+            answered.done();
             self.after(&result);
             result
         })
@@ -312,7 +357,12 @@ impl ConnectionLike for SentinelConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let mut conn = self.conn();
+            let answered = Answered {
+                inner: &self.inner,
+                done: false,
+            };
             let result = conn.req_packed_commands(pipeline, offset, count).await;
+            answered.done();
             self.after(&result);
             result
         })

@@ -298,10 +298,17 @@ impl<'a> ReleaseArgs<'a> {
 /// server); `Some((host, port))` one primary of a Redis Cluster.
 pub(crate) type Node = Option<(String, u16)>;
 
-/// The connection as a Redis Cluster connection, if it is one.
+/// The connection as a Redis Cluster connection, if it is one (or a
+/// [`HealingConnection`](crate::HealingConnection) of one: its current
+/// connection).
 #[cfg(feature = "cluster-async")]
-fn as_cluster<C: 'static>(conn: &C) -> Option<&redis::cluster_async::ClusterConnection> {
-    (conn as &dyn std::any::Any).downcast_ref()
+fn as_cluster<C: 'static>(conn: &C) -> Option<redis::cluster_async::ClusterConnection> {
+    use redis::cluster_async::ClusterConnection;
+    let conn = conn as &dyn std::any::Any;
+    if let Some(healing) = conn.downcast_ref::<crate::HealingConnection<ClusterConnection>>() {
+        return Some(healing.current());
+    }
+    conn.downcast_ref::<ClusterConnection>().cloned()
 }
 
 /// The Redis side of the cache.
@@ -317,7 +324,9 @@ pub(crate) struct Store<C> {
     /// `fill_timeout + lock_timeout` of the routes and handles made so far
     /// ([`Store::cover_fills`]).
     longest_fill_ms: AtomicU64,
-    breaker: Breaker,
+    /// Shared with a [`HealingConnection`](crate::HealingConnection) that
+    /// closes it when it replaced its connection.
+    breaker: std::sync::Arc<Breaker>,
     scripts: Scripts,
     pub(crate) errors: AtomicU64,
     pub(crate) commands: AtomicU64,
@@ -362,6 +371,17 @@ where
         #[cfg(not(feature = "cluster-async"))]
         let cluster = false;
         crate::metrics::breaker_open(false);
+        let breaker = std::sync::Arc::new(breaker);
+        crate::healing::when_replaced(&conn, {
+            let breaker = std::sync::Arc::downgrade(&breaker);
+            move || {
+                // A fresh connection answered PING: no cool-down to sit out.
+                if breaker.upgrade().is_some_and(|b| b.success()) {
+                    crate::metrics::breaker_open(false);
+                    tracing::info!("redis connection replaced, circuit breaker closed");
+                }
+            }
+        });
         Self {
             conn,
             cluster: AtomicBool::new(cluster),
@@ -402,7 +422,7 @@ where
         conn: &C,
     ) -> redis::RedisResult<redis::cluster_async::ClusterConnection> {
         if let Some(conn) = as_cluster(conn) {
-            return Ok(conn.clone());
+            return Ok(conn);
         }
         let Some(client) = self.walk_client.get() else {
             return Err(not_cluster());

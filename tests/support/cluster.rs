@@ -110,6 +110,13 @@ impl RedisCluster {
         self.nodes[i].stop();
     }
 
+    /// Starts node `i` again after [`kill`](Self::kill), on its port with
+    /// its `nodes.conf`: a killed primary rejoins as a replica of the node
+    /// that took its place.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].start();
+    }
+
     /// The `redis://` URLs of the nodes.
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
