@@ -78,9 +78,21 @@ const NEAR_BOUND: Duration = Duration::from_secs(2);
 /// holding leases that lapsed while it ran (breaker cool-down 1 s,
 /// `lock_timeout` 3 s, reconnection).
 const FAULT_TAIL: Duration = Duration::from_secs(5);
-/// Violation kinds of open bugs (issue 21), tolerated unless
-/// `CHECKER_STRICT=1`: each is reported with its count either way.
-const KNOWN: &[&str] = &[];
+/// Violation kinds of bugs still open on main (issue 21), tolerated unless
+/// `CHECKER_STRICT=1`; each is printed with its count and history either
+/// way. Take a kind out once its fix is merged:
+/// - the three stale-read kinds: a namespace walk unlinking the tag indexes
+///   of entries stored during it, a bare 304 keeping an entry its tag index
+///   forgets (rows 1 and 2, branch `tags`), a `maxmemory` flood evicting
+///   `:vars` and tag indexes (row 4, branch `eviction`): 0 with both merged;
+/// - the cap: the request that takes a lease over after a fill timed out
+///   gets a fresh `fill_timeout` (row 6, branch `deadlines`).
+const KNOWN: &[&str] = &[
+    "a: stale read after an invalidation",
+    "a: stale read (not STALE) after a soft invalidation",
+    "a: stale read after a queued invalidation",
+    "c: waited past the cap",
+];
 
 type Client = HyperClient<HttpConnector, Full<Bytes>>;
 
@@ -1063,6 +1075,8 @@ async fn faulter(ctx: Arc<Ctx>, seed: u64) -> HashMap<&'static str, u64> {
 struct Violation {
     kind: &'static str,
     at: Us,
+    /// The end of the history window printed with it.
+    until: Us,
     path: Option<usize>,
     msg: String,
 }
@@ -1259,6 +1273,7 @@ fn stale_violation(h: &History<'_>, r: &Read, v: u64, min: u64, inv: &Inv) -> Vi
             "a: stale read after an invalidation"
         },
         at: r.start,
+        until: r.end,
         path: Some(r.path),
         msg: format!(
             "{} {} host={} lang={} started {} saw v{v} ({} {}), but {} {}{} {:?} returned at {} with v{min}",
@@ -1299,6 +1314,7 @@ fn check(h: &History<'_>, fleet: &Fleet, strict: bool) -> Check {
                 violations.push(Violation {
                     kind: "c: request failed",
                     at: r.start,
+                    until: r.end,
                     path: Some(r.path),
                     msg: format!("{} {}: {e}", r.proc, h.w.paths[r.path]),
                 });
@@ -1310,6 +1326,7 @@ fn check(h: &History<'_>, fleet: &Fleet, strict: bool) -> Check {
             violations.push(Violation {
                 kind: "c: waited past the cap",
                 at: r.start,
+                until: r.end,
                 path: Some(r.path),
                 msg: format!("{} took {took:?}", r.proc),
             });
@@ -1337,6 +1354,7 @@ fn check(h: &History<'_>, fleet: &Fleet, strict: bool) -> Check {
             violations.push(Violation {
                 kind: "c: wrong answer",
                 at: r.start,
+                until: r.end,
                 path: Some(r.path),
                 msg: format!(
                     "{} {name} host={} lang={}: {} {:?} etag v{:?}",
@@ -1471,6 +1489,7 @@ fn check(h: &History<'_>, fleet: &Fleet, strict: bool) -> Check {
                         None => violations.push(Violation {
                             kind: "b: overlapping origin calls",
                             at: b.start,
+                            until: b.start,
                             path: Some(path),
                             msg: format!(
                                 "{} {} host={host}: {} called {}..{}, {} called {}..{}",
@@ -1500,6 +1519,7 @@ fn check(h: &History<'_>, fleet: &Fleet, strict: bool) -> Check {
             violations.push(Violation {
                 kind: "d: queued invalidation not applied in time",
                 at: i.start,
+                until: i.start,
                 path: i.mins.first().map(|m| m.0),
                 msg: format!(
                     "{} {:?} enqueued at {} via {}, drained at {}",
@@ -1639,6 +1659,7 @@ async fn randomized_features_and_faults_keep_every_promise() {
         _ => result.violations.push(Violation {
             kind: "d: the queue's account",
             at: w.now(),
+            until: w.now(),
             path: None,
             msg: format!("{enqueued} enqueued; queue stats (depth pending dead applied): {qstats}"),
         }),
@@ -1699,7 +1720,7 @@ async fn randomized_features_and_faults_keep_every_promise() {
             eprintln!("{} at {}", v.msg, ms(v.at));
             eprintln!(
                 "{}",
-                h.around(v.path, v.at.saturating_sub(3_000_000), v.at + 300_000)
+                h.around(v.path, v.at.saturating_sub(3_000_000), v.until + 300_000)
             );
         }
     }
