@@ -1365,7 +1365,9 @@ fn check(h: &History<'_>, fleet: &Fleet, strict: bool) -> Check {
     }
 
     // (a) per (path, host): the invalidations sorted by return time.
-    let mut by_key: HashMap<(usize, usize), Vec<(Us, u64, bool, usize)>> = HashMap::new();
+    // (return time, version required, soft, invalidation) per (path, host)
+    type Required = Vec<(Us, u64, bool, usize)>;
+    let mut by_key: HashMap<(usize, usize), Required> = HashMap::new();
     for (n, i) in h.invs.iter().enumerate() {
         let Some(ret) = i.ret else { continue };
         if !i.ok {
