@@ -135,7 +135,7 @@ fn all_paths() -> Vec<String> {
     }
     v
 }
-const K_PATHS: usize = 64;
+const K_PATHS: usize = 256;
 /// The `/d/` layer's `fill_timeout` and `lock_timeout` (the point of that
 /// route is its deadlines; every other route has the defaults).
 const D_FILL: Duration = Duration::from_millis(1_000);
@@ -619,6 +619,8 @@ struct Ctx {
     redis: Arc<Mutex<RedisServer>>,
     proxy: StallProxy,
     stop: AtomicBool,
+    /// The invalidator has stopped: nothing more will be enqueued.
+    invalidated: AtomicBool,
     /// Enqueued invalidations not seen drained yet (indexes into `invs`).
     queued: Mutex<Vec<usize>>,
 }
@@ -852,7 +854,7 @@ async fn invalidator(ctx: Arc<Ctx>, seed: u64) {
 /// poll started has been applied: it "returns" when the poll returns.
 async fn queue_watch(ctx: Arc<Ctx>) {
     loop {
-        let done = ctx.stop.load(Ordering::SeqCst) && ctx.queued.lock().unwrap().is_empty();
+        let done = ctx.invalidated.load(Ordering::SeqCst) && ctx.queued.lock().unwrap().is_empty();
         if done {
             return;
         }
@@ -1602,6 +1604,7 @@ async fn randomized_features_and_faults_keep_every_promise() {
         redis: Arc::new(Mutex::new(redis)),
         proxy,
         stop: AtomicBool::new(false),
+        invalidated: AtomicBool::new(false),
         queued: Mutex::default(),
     });
     let readers: Vec<_> = (0..6)
@@ -1626,6 +1629,7 @@ async fn randomized_features_and_faults_keep_every_promise() {
         r.await.expect("reader");
     }
     inval.await.expect("invalidator");
+    ctx.invalidated.store(true, Ordering::SeqCst);
     let fault_counts = faults.await.expect("faulter");
     let _ = tokio::time::timeout(DRAIN_SLA + DRAIN_SLACK, watcher).await;
     // The queue's own account: nothing dead, everything applied.
