@@ -1138,6 +1138,8 @@ struct History<'a> {
     invs: &'a [Inv],
     faults: &'a [Fault],
     kills: &'a [(String, Us)],
+    /// On a Redis Cluster (tag invalidations remove every fill lease).
+    cluster: bool,
 }
 
 impl History<'_> {
@@ -1248,7 +1250,8 @@ impl History<'_> {
 /// key is one the docs allow:
 /// - an invalidation covering the key ran between them (it removes the
 ///   lease and detaches the fill: README "Invalidation", "This process's
-///   own fill ... is detached");
+///   own fill ... is detached"); on a cluster, any tag invalidation (it
+///   removes every fill lease of the namespace);
 /// - `a`'s process was SIGKILLed before `b` started (its lease expires after
 ///   `lock_timeout`: README "Waiting and deadlines");
 /// - `b` started after `a` ran past its layer's `fill_timeout` (the fill
@@ -1259,10 +1262,11 @@ impl History<'_> {
 fn overlap_excused(h: &History<'_>, a: &Call, b: &Call, host: usize) -> Option<String> {
     let a_began = flight_start(h, a);
     for i in h.invs {
-        if i.covers(a.path, host).is_some()
-            && i.start <= b.start
-            && i.ret.is_none_or(|r| r >= a_began)
-        {
+        // README "Redis versions and Cluster": on a cluster
+        // `invalidate_tag` first removes every fill lease of the namespace
+        // ("their waiters look again").
+        let covers = i.covers(a.path, host).is_some() || (h.cluster && i.kind == "tag");
+        if covers && i.start <= b.start && i.ret.is_none_or(|r| r >= a_began) {
             return Some("invalidation".into());
         }
     }
@@ -1614,6 +1618,7 @@ pub async fn run(backend: Backend, server_test: &'static str) {
         ops.map_or(format!("{secs} s"), |o| format!("{o} reads"))
     );
 
+    let cluster = !matches!(backend, Backend::Single(_));
     let (env, wake, proxy, shape) = match &backend {
         Backend::Single(redis) => {
             let proxy = StallProxy::start(SocketAddr::from(([127, 0, 0, 1], redis.port()))).await;
@@ -1727,6 +1732,7 @@ pub async fn run(backend: Backend, server_test: &'static str) {
         invs: &invs,
         faults: &faults,
         kills: &kills,
+        cluster,
     };
     let mut result = check(&h, &fleet, strict);
     let enqueued = invs.iter().filter(|i| i.queued && i.ok).count() as u64;
