@@ -1614,8 +1614,13 @@ pub async fn run(backend: Backend, server_test: &'static str) {
     let ops = env_u64("CHECKER_OPS");
     let strict = std::env::var("CHECKER_STRICT").as_deref() == Ok("1");
     eprintln!(
-        "checker: seed {seed}, {} (replay: CHECKER_SEED={seed} cargo nextest run --test checker)",
-        ops.map_or(format!("{secs} s"), |o| format!("{o} reads"))
+        "checker: seed {seed}, {} (replay: CHECKER_SEED={seed} cargo nextest run {})",
+        ops.map_or(format!("{secs} s"), |o| format!("{o} reads")),
+        if server_test.contains("cluster") {
+            "--features cluster-async --test checker_cluster"
+        } else {
+            "--test checker"
+        }
     );
 
     let cluster = !matches!(backend, Backend::Single(_));
