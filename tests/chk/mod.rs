@@ -402,6 +402,8 @@ struct Inv {
     /// The call's own answer (`ok <n>`, `err ...`).
     answer: String,
     ok: bool,
+    /// When the call itself returned (for a queued one: the enqueue).
+    answered: Us,
     /// Covered paths and their versions at the start.
     mins: Vec<(usize, u64)>,
     /// `Some(host)`: only that host (`invalidate_uri`).
@@ -830,6 +832,7 @@ async fn invalidate(ctx: &Ctx, rng: &mut StdRng) {
         queued,
         start,
         ret: (!queued).then_some(ret),
+        answered: ret,
         answer,
         ok,
         mins,
@@ -881,7 +884,8 @@ async fn queue_watch(ctx: Arc<Ctx>) {
         }
         let mut invs = ctx.w.invs.lock().unwrap();
         ctx.queued.lock().unwrap().retain(|&i| {
-            if invs[i].start < start {
+            // Enqueued (the XADD answered) before this poll began.
+            if invs[i].answered < start {
                 invs[i].ret = Some(ret);
                 false
             } else {
@@ -1259,7 +1263,13 @@ impl History<'_> {
 /// - `b` started during a Redis fault or within [`FAULT_TAIL`] after it,
 ///   in another process (fail open: "requests for one key still share one
 ///   origin call per process"; lost leases: "evicted, expired, deleted").
-fn overlap_excused(h: &History<'_>, a: &Call, b: &Call, host: usize) -> Option<String> {
+fn overlap_excused(
+    h: &History<'_>,
+    a: &Call,
+    b: &Call,
+    host: usize,
+    strict: bool,
+) -> Option<String> {
     let a_began = flight_start(h, a);
     for i in h.invs {
         // README "Redis versions and Cluster": on a cluster
@@ -1276,6 +1286,13 @@ fn overlap_excused(h: &History<'_>, a: &Call, b: &Call, host: usize) -> Option<S
     let fill_timeout = deadlines(&h.w.paths[a.path]).1.as_micros() as u64;
     if b.start >= a.start + fill_timeout {
         return Some("past fill_timeout".into());
+    }
+    // Lenient: the `/d/` route's 500 ms lease lapses when one renewal (every
+    // 167 ms) is 333 ms late, which a starved process on a busy machine
+    // does (seen once in 600 s, seed 4, no fault near it).
+    if !strict && group(&h.w.paths[a.path]) == 'd' && b.start >= a.start + D_LOCK.as_micros() as u64
+    {
+        return Some("/d/ lease may have lapsed (lenient)".into());
     }
     if a.proc != b.proc {
         let tail = FAULT_TAIL.as_micros() as u64;
@@ -1547,7 +1564,7 @@ fn check(h: &History<'_>, fleet: &Fleet, strict: bool) -> Check {
         for (j, b) in calls.iter().enumerate() {
             for a in &calls[..j] {
                 if a.end.is_none_or(|e| e > b.start) {
-                    match overlap_excused(h, a, b, host_of(&host)) {
+                    match overlap_excused(h, a, b, host_of(&host), strict) {
                         Some(why) => *excused.entry(format!("b: overlap, {why}")).or_default() += 1,
                         None => violations.push(Violation {
                             kind: "b: overlapping origin calls",
