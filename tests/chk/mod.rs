@@ -1565,7 +1565,31 @@ fn check(h: &History<'_>, fleet: &Fleet, strict: bool) -> Check {
             for a in &calls[..j] {
                 if a.end.is_none_or(|e| e > b.start) {
                     match overlap_excused(h, a, b, host_of(&host), strict) {
-                        Some(why) => *excused.entry(format!("b: overlap, {why}")).or_default() += 1,
+                        Some(why) => {
+                            let n = excused.entry(format!("b: overlap, {why}")).or_default();
+                            *n += 1;
+                            if why.contains("lenient") && *n <= 3 {
+                                eprintln!(
+                                    "checker: excused ({why}): {} {} host={host}: {} {}..{}, {} {}..{}",
+                                    h.w.paths[path],
+                                    b.lang,
+                                    a.proc,
+                                    ms(a.start),
+                                    a.end.map_or("open".into(), ms),
+                                    b.proc,
+                                    ms(b.start),
+                                    b.end.map_or("open".into(), ms)
+                                );
+                                eprint!(
+                                    "{}",
+                                    h.around(
+                                        Some(path),
+                                        a.start.saturating_sub(1_500_000),
+                                        b.start + 300_000
+                                    )
+                                );
+                            }
+                        }
                         None => violations.push(Violation {
                             kind: "b: overlapping origin calls",
                             at: b.start,
