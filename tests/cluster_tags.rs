@@ -111,7 +111,7 @@ async fn every_host_of_a_url_is_reached_by_its_tag() {
             assert_eq!(s.get(host, &format!("/hosts/{i}")).await, ("MISS".into(), 0));
         }
     }
-    assert_eq!(s.keys("#tagged:hosts:*"), 2 * URLS);
+    let markers = s.keys("#tagged:hosts:*");
     let current = s.bump();
     let reached = s.handle.invalidate_tag("hosts").await.unwrap();
     let mut stale = [0; 2];
@@ -124,9 +124,11 @@ async fn every_host_of_a_url_is_reached_by_its_tag() {
         }
     }
     eprintln!(
-        "invalidate_tag reached {reached}; stale: Host a {} of {URLS}, Host b {} of {URLS}",
+        "{markers} markers; invalidate_tag reached {reached}; stale: Host a {} of {URLS}, \
+         Host b {} of {URLS}",
         stale[0], stale[1]
     );
+    assert_eq!(markers, 2 * URLS);
     assert_eq!(stale, [0, 0]);
     assert_eq!(reached, 2 * URLS as u64);
     assert_eq!(s.world.calls.load(Ordering::SeqCst), 4 * URLS);
