@@ -541,14 +541,46 @@ where
     /// started before, as [`invalidate_prefix`](Self::invalidate_prefix)
     /// does.
     ///
-    /// The walk removes only what it invalidated: tag indexes, tag fences
-    /// and tag markers stay, so an entry stored while the walk runs (after
-    /// it passed that part of the keyspace) is still found by
+    /// The walk removes only what it invalidated: tag indexes and tag
+    /// fences stay, and on a Redis Cluster a tag marker goes only once its
+    /// entry is gone, so an entry stored while the walk runs (after it
+    /// passed that part of the keyspace) is still found by
     /// [`invalidate_tag`](Self::invalidate_tag). Index members naming
     /// removed entries are harmless and go with their expiry.
     pub async fn invalidate_all(&self) -> Result<u64, FenceError> {
         let removed = self.prefix_walk("", false).await?;
+        if self.shared.store.is_cluster() {
+            // The markers of the entries it removed (each only once its
+            // entry is gone: one stored again since keeps its marker).
+            let mut pattern = glob_escape(&namespace_prefix(&self.config.namespace));
+            pattern.push_str("#tagged:*");
+            self.unmark_gone(pattern).await?;
+        }
         self.replicated(removed).await
+    }
+
+    /// Removes the tag markers matching a SCAN pattern whose primary is
+    /// gone (Redis Cluster), on every node.
+    async fn unmark_gone(&self, pattern: String) -> Result<(), FenceError> {
+        let store = &self.shared.store;
+        let mut walk = Walk::new(store, pattern).await?;
+        while let Some(markers) = walk.next(store).await? {
+            for chunk in markers.chunks(PARALLEL) {
+                let read = join_all(chunk.iter().map(|m| store.get(m))).await;
+                let mut found = Vec::with_capacity(chunk.len());
+                for (marker, primary) in chunk.iter().zip(read) {
+                    let primary = primary.map_err(|e| walk.batch_failed(true, e))?;
+                    if let Some(p) = primary.and_then(|p| String::from_utf8(p).ok()) {
+                        found.push((marker.as_str(), p));
+                    }
+                }
+                let calls = found.iter().map(|(m, p)| store.tag_unmark(m, p));
+                for result in join_all(calls).await {
+                    result.map_err(|e| walk.batch_failed(true, e))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Marks every entry of this handle's namespace stale, fencing fills as
