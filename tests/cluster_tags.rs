@@ -203,3 +203,90 @@ async fn an_entry_stored_while_invalidate_all_walks_keeps_its_tag_marker() {
     assert_eq!(reached, urls as u64);
     assert_eq!(markers_left, 0);
 }
+
+/// `<version> /<path>` with `ETag: "<version>"`, tagged `rv`, living 300 ms
+/// ([`cachefence::CacheTtl`]); a bare `304` (no tags) when `If-None-Match`
+/// names the current version.
+async fn etag_origin(
+    State(world): State<World>,
+    Path(path): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    world.calls.fetch_add(1, Ordering::SeqCst);
+    let version = world.version.load(Ordering::SeqCst);
+    let etag = format!("\"{version}\"");
+    if headers
+        .get("if-none-match")
+        .is_some_and(|v| v.as_bytes() == etag.as_bytes())
+    {
+        return (StatusCode::NOT_MODIFIED, [("etag", etag)]).into_response();
+    }
+    let mut res = (
+        [("etag", etag), ("cache-tag", "rv".to_owned())],
+        format!("{version} /{path}"),
+    )
+        .into_response();
+    res.extensions_mut()
+        .insert(cachefence::CacheTtl(std::time::Duration::from_millis(300)));
+    res
+}
+
+/// Issue 21, row 2 on a cluster: an entry kept alive by bare `304`s keeps
+/// its tag markers (FRESHEN with the tags stored in the entry). A short
+/// grace (the setting under test) lets a marker's first life end within
+/// the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_entry_kept_alive_by_bare_304s_keeps_its_tag_markers() {
+    use std::time::Duration;
+    const PATHS: usize = 6;
+    let cluster = RedisCluster::new();
+    let fence = FenceCache::new(cluster.connection().await)
+        .layer()
+        .namespace(NS)
+        .grace(Duration::from_millis(400));
+    let handle = fence.handle();
+    let world = World::default();
+    let app = Router::new()
+        .route("/{*path}", get(etag_origin).layer(fence))
+        .with_state(world.clone());
+    let addr = support::serve(app).await;
+    let http = Http::new();
+    let read = |i: usize| {
+        let http = http.clone();
+        async move {
+            let reply = http.get(addr, &format!("/rv/{i}")).await;
+            assert_eq!(reply.status, StatusCode::OK);
+            let version: u64 = reply.text().split(' ').next().unwrap().parse().unwrap();
+            (reply.cache_status().unwrap_or_default().to_owned(), version)
+        }
+    };
+    for i in 0..PATHS {
+        assert_eq!(read(i).await, ("MISS".to_owned(), 0));
+    }
+    let first_life = Instant::now();
+    // Reads until each entry was revalidated by a bare 304 and the first
+    // life (ttl + grace: 700 ms) of the entries and their markers is over.
+    let revalidated = || world.calls.load(Ordering::SeqCst) - PATHS;
+    while first_life.elapsed() < Duration::from_millis(1_500) || revalidated() < PATHS {
+        for i in 0..PATHS {
+            let (status, version) = read(i).await;
+            assert_ne!(status, "MISS", "/rv/{i} expired: revalidation did not keep it");
+            assert_eq!(version, 0);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let current = world.version.fetch_add(1, Ordering::SeqCst) + 1;
+    let reached = handle.invalidate_tag("rv").await.unwrap();
+    let mut stale = 0;
+    for i in 0..PATHS {
+        if read(i).await.1 < current {
+            stale += 1;
+        }
+    }
+    eprintln!(
+        "{} bare 304s; invalidate_tag reached {reached}; {stale} of {PATHS} stale",
+        revalidated()
+    );
+    assert_eq!(stale, 0, "{stale} of {PATHS} reads stale");
+    assert_eq!(reached, PATHS as u64);
+}
