@@ -703,9 +703,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     // The stored tags could not be read: nothing is written
                     // (a FRESHEN without them would extend the entry's life
                     // past its tag indexes).
-                    Some(_) if recovered.is_err() => {
-                        recovered.map(|()| WriteBack::Fenced)
-                    }
+                    Some(_) if recovered.is_err() => recovered.map(|()| WriteBack::Fenced),
                     // A 304: the head and expiry only; the body stays in Redis.
                     Some(old) => {
                         let head = Entry {

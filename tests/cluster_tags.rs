@@ -108,7 +108,10 @@ async fn every_host_of_a_url_is_reached_by_its_tag() {
     let s = Setup::new().await;
     for i in 0..URLS {
         for host in ["a.example", "b.example"] {
-            assert_eq!(s.get(host, &format!("/hosts/{i}")).await, ("MISS".into(), 0));
+            assert_eq!(
+                s.get(host, &format!("/hosts/{i}")).await,
+                ("MISS".into(), 0)
+            );
         }
     }
     let markers = s.keys("#tagged:hosts:*");
@@ -199,7 +202,10 @@ async fn an_entry_stored_while_invalidate_all_walks_keeps_its_tag_marker() {
         "walk of {removed} entries took {walk_took:?}; {urls} tagged URLs stored during it, \
          {survived} survived it; invalidate_tag reached {reached}; {stale} stale reads"
     );
-    assert_eq!(stale, 0, "{stale} of {urls} reads stale after invalidate_tag");
+    assert_eq!(
+        stale, 0,
+        "{stale} of {urls} reads stale after invalidate_tag"
+    );
     assert_eq!(reached, urls as u64);
     assert_eq!(markers_left, 0);
 }
@@ -270,7 +276,10 @@ async fn an_entry_kept_alive_by_bare_304s_keeps_its_tag_markers() {
     while first_life.elapsed() < Duration::from_millis(1_500) || revalidated() < PATHS {
         for i in 0..PATHS {
             let (status, version) = read(i).await;
-            assert_ne!(status, "MISS", "/rv/{i} expired: revalidation did not keep it");
+            assert_ne!(
+                status, "MISS",
+                "/rv/{i} expired: revalidation did not keep it"
+            );
             assert_eq!(version, 0);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

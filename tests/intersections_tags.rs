@@ -83,7 +83,8 @@ async fn origin(State(world): State<World>, Path(path): Path<String>, req: Reque
         }
     }
     if let Some(ms) = ttl {
-        res.extensions_mut().insert(CacheTtl(Duration::from_millis(ms)));
+        res.extensions_mut()
+            .insert(CacheTtl(Duration::from_millis(ms)));
     }
     res
 }
@@ -226,7 +227,10 @@ async fn an_entry_stored_while_invalidate_all_walks_is_still_reached_by_its_tag(
          {survived} survived it; invalidate_tag reached {reached}; {stale} stale reads; \
          other tag's fence kept: {fence_kept}"
     );
-    assert_eq!(stale, 0, "{stale} of {urls} reads stale after invalidate_tag");
+    assert_eq!(
+        stale, 0,
+        "{stale} of {urls} reads stale after invalidate_tag"
+    );
     assert_eq!(reached, urls as u64);
     assert!(fence_kept, "the walk removed a tag fence");
 }
@@ -265,14 +269,20 @@ async fn an_entry_kept_alive_by_bare_304s_is_still_reached_by_its_tag() {
     {
         for path in PATHS {
             let (status, body) = app.get(path).await;
-            assert_ne!(status, "MISS", "{path} expired: revalidation did not keep it");
+            assert_ne!(
+                status, "MISS",
+                "{path} expired: revalidation did not keep it"
+            );
             assert_eq!(version_of(&body), 0);
         }
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let revalidated = app.world.not_modified.load(Ordering::SeqCst);
-    assert_eq!(app.world.calls.load(Ordering::SeqCst), PATHS.len() + revalidated);
+    assert_eq!(
+        app.world.calls.load(Ordering::SeqCst),
+        PATHS.len() + revalidated
+    );
     let current = app.bump();
     let reached = app.handle.invalidate_tag("rv").await.unwrap();
     let mut stale = 0;
@@ -305,8 +315,14 @@ async fn a_shorter_lived_variant_does_not_drop_its_url_from_the_tag_index() {
     let app = app(&redis, NS, |l| l.grace(Duration::ZERO)).await;
     for i in 0..URLS {
         let path = format!("/lang/{i}");
-        assert_eq!(app.get_with(&path, &[("accept-language", "en")]).await.0, "MISS");
-        assert_eq!(app.get_with(&path, &[("accept-language", "fr")]).await.0, "MISS");
+        assert_eq!(
+            app.get_with(&path, &[("accept-language", "en")]).await.0,
+            "MISS"
+        );
+        assert_eq!(
+            app.get_with(&path, &[("accept-language", "fr")]).await.0,
+            "MISS"
+        );
     }
     // Past the fr variants' life; then another store of the tag (which
     // drops the index members whose score has passed).

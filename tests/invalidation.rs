@@ -479,7 +479,10 @@ async fn invalidate_all_empties_the_namespace_and_only_it() {
     // tag indexes (a walk removes only what it invalidated: entries stored
     // while it ran keep their tags; members naming removed entries expire).
     let left = redis.cli(&["KEYS", "all|*"]);
-    let mut left: Vec<&str> = left.lines().filter(|k| !k.starts_with("all|#tag:")).collect();
+    let mut left: Vec<&str> = left
+        .lines()
+        .filter(|k| !k.starts_with("all|#tag:"))
+        .collect();
     left.sort_unstable();
     assert_eq!(left, ["all|#fences"]);
     assert_eq!(get(&b, "/x/3").await.0, "HIT");
