@@ -236,6 +236,39 @@ pub(crate) fn parse_u64(bytes: &[u8]) -> Option<u64> {
     })
 }
 
+/// The `tags` field of an entry: the response's cache tags, each as
+/// `<byte length>:<tag>`, so a revalidation answered by a `304` without tag
+/// headers (or a handler's tags, never stored in the headers) keeps the
+/// entry in the indexes of its tags. Entries without tags have no field.
+pub(crate) fn encode_tags(tags: &[String]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for tag in tags {
+        out.extend_from_slice(tag.len().to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(tag.as_bytes());
+    }
+    out
+}
+
+/// Reads [`encode_tags`]'s form; what is malformed ends the list.
+pub(crate) fn decode_tags(mut bytes: &[u8]) -> Vec<String> {
+    let mut tags = Vec::new();
+    while let Some(colon) = bytes.iter().position(|&b| b == b':') {
+        let Some(len) = parse_u64(&bytes[..colon]).and_then(|n| usize::try_from(n).ok()) else {
+            break;
+        };
+        let rest = &bytes[colon + 1..];
+        let Some(tag) = rest.get(..len).and_then(|t| std::str::from_utf8(t).ok()) else {
+            break;
+        };
+        if !tag.is_empty() {
+            tags.push(tag.to_owned());
+        }
+        bytes = &rest[len..];
+    }
+    tags
+}
+
 pub(crate) fn encode_vary(names: &[HeaderName]) -> String {
     names
         .iter()
@@ -340,6 +373,19 @@ pub(crate) fn storable_headers(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn tags_round_trip_whatever_they_hold() {
+        let tags: Vec<String> = ["a", "b c", "1:2", "\u{e9}\n,", ""]
+            .iter()
+            .map(|t| (*t).to_owned())
+            .collect();
+        let decoded = super::decode_tags(&super::encode_tags(&tags));
+        assert_eq!(decoded, tags[..4].to_vec());
+        assert!(super::decode_tags(b"").is_empty());
+        assert_eq!(super::decode_tags(b"1:a9:b"), vec!["a".to_owned()]);
+        assert!(super::decode_tags(b"x:a").is_empty());
+    }
+
     use super::*;
 
     fn sample() -> Entry {

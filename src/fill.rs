@@ -658,6 +658,29 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     encode_vary(&vary)
                 };
                 let (lease_key, variants_set) = (lease.lease_key(), ek.variants_set());
+                // A 304 without tags (as handlers answer) keeps the tags the
+                // revalidated entry was stored with: FRESHEN extends the
+                // entry's life, and its tag indexes (or markers) with it.
+                let recovered = match &revalidated {
+                    Some(_) if tags.is_empty() => shared
+                        .store
+                        .hget(&store_key, "tags")
+                        .await
+                        .map(|raw| raw.map(|raw| crate::entry::decode_tags(&raw))),
+                    _ => Ok(None),
+                };
+                let (tags, recovered) = match recovered {
+                    Ok(Some(stored)) => (stored, Ok(())),
+                    Ok(None) => (tags, Ok(())),
+                    Err(err) => (tags, Err(err)),
+                };
+                // The tags go into the entry too (see `entry::encode_tags`).
+                let tagged = |mut fields: Vec<(&'static str, Vec<u8>)>| {
+                    if !tags.is_empty() {
+                        fields.push(("tags", crate::entry::encode_tags(&tags)));
+                    }
+                    fields
+                };
                 let args = |fields| StoreArgs {
                     entry_key: &store_key,
                     lease_key: &lease_key,
@@ -677,13 +700,17 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     near_check: matches!(mode, Mode::Refresh | Mode::Refetch),
                 };
                 let written = match &revalidated {
+                    // The stored tags could not be read: nothing is written
+                    // (a FRESHEN without them would extend the entry's life
+                    // past its tag indexes).
+                    Some(_) if recovered.is_err() => recovered.map(|()| WriteBack::Fenced),
                     // A 304: the head and expiry only; the body stays in Redis.
                     Some(old) => {
                         let head = Entry {
                             body: bytes::Bytes::new(),
                             ..(*entry).clone()
                         };
-                        let mut fields = head.to_fields(&key, &lease.token);
+                        let mut fields = tagged(head.to_fields(&key, &lease.token));
                         fields.retain(|(name, _)| !matches!(*name, "body" | "len"));
                         let hdrs = crate::entry::encode_headers(&old.headers);
                         match shared
@@ -699,14 +726,14 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                             }
                             Ok(None) => {
                                 tracing::debug!(key = %crate::trace::redact(&store_key), "the revalidated entry was replaced or removed: storing the response in full");
-                                let fields = entry.to_fields(&key, &lease.token);
+                                let fields = tagged(entry.to_fields(&key, &lease.token));
                                 shared.store.store(args(fields)).await
                             }
                             Err(err) => Err(err),
                         }
                     }
                     None => {
-                        let fields = entry.to_fields(&key, &lease.token);
+                        let fields = tagged(entry.to_fields(&key, &lease.token));
                         shared.store.store(args(fields)).await
                     }
                 };

@@ -536,18 +536,51 @@ where
         self.replicated(marked).await
     }
 
-    /// Removes every entry of this handle's namespace, and its tag indexes.
-    /// Returns how many entries were removed. Fences every fill of the
-    /// namespace that started before, as
-    /// [`invalidate_prefix`](Self::invalidate_prefix) does.
+    /// Removes every entry of this handle's namespace. Returns how many
+    /// entries were removed. Fences every fill of the namespace that
+    /// started before, as [`invalidate_prefix`](Self::invalidate_prefix)
+    /// does.
+    ///
+    /// The walk removes only what it invalidated: tag indexes and tag
+    /// fences stay, and on a Redis Cluster a tag marker goes only once its
+    /// entry is gone, so an entry stored while the walk runs (after it
+    /// passed that part of the keyspace) is still found by
+    /// [`invalidate_tag`](Self::invalidate_tag). Index members naming
+    /// removed entries are harmless and go with their expiry.
     pub async fn invalidate_all(&self) -> Result<u64, FenceError> {
         let removed = self.prefix_walk("", false).await?;
-        // The tag indexes of the namespace.
-        // (`#tag:` indexes and fences, and `#tagged:` markers in cluster mode.)
-        let mut pattern = glob_escape(&namespace_prefix(&self.config.namespace));
-        pattern.push_str("#tag*");
-        self.unlink_matching(pattern).await?;
+        if self.shared.store.is_cluster() {
+            // The markers of the entries it removed (each only once its
+            // entry is gone: one stored again since keeps its marker).
+            let mut pattern = glob_escape(&namespace_prefix(&self.config.namespace));
+            pattern.push_str("#tagged:*");
+            self.unmark_gone(pattern).await?;
+        }
         self.replicated(removed).await
+    }
+
+    /// Removes the tag markers matching a SCAN pattern whose primary is
+    /// gone (Redis Cluster), on every node.
+    async fn unmark_gone(&self, pattern: String) -> Result<(), FenceError> {
+        let store = &self.shared.store;
+        let mut walk = Walk::new(store, pattern).await?;
+        while let Some(markers) = walk.next(store).await? {
+            for chunk in markers.chunks(PARALLEL) {
+                let read = join_all(chunk.iter().map(|m| store.get(m))).await;
+                let mut found = Vec::with_capacity(chunk.len());
+                for (marker, primary) in chunk.iter().zip(read) {
+                    let primary = primary.map_err(|e| walk.batch_failed(true, e))?;
+                    if let Some(p) = primary.and_then(|p| String::from_utf8(p).ok()) {
+                        found.push((marker.as_str(), p));
+                    }
+                }
+                let calls = found.iter().map(|(m, p)| store.tag_unmark(m, p));
+                for result in join_all(calls).await {
+                    result.map_err(|e| walk.batch_failed(true, e))?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Marks every entry of this handle's namespace stale, fencing fills as
@@ -694,25 +727,31 @@ where
         let mut walk = Walk::new(store, pattern).await?;
         let mut total = 0;
         while let Some(markers) = walk.next(store).await? {
-            let mut primaries = Vec::with_capacity(markers.len());
+            // (marker, the primary it names)
+            let mut found: Vec<(&str, String)> = Vec::with_capacity(markers.len());
             for chunk in markers.chunks(PARALLEL) {
-                for primary in join_all(chunk.iter().map(|m| store.get(m))).await {
+                let read = join_all(chunk.iter().map(|m| store.get(m))).await;
+                for (marker, primary) in chunk.iter().zip(read) {
                     let primary = primary
                         .map_err(|e| walk.batch_failed(store.is_cluster(), e))?
                         .and_then(|p| String::from_utf8(p).ok());
                     // Only a primary key of this namespace is followed.
                     if let Some(p) = primary.filter(|p| p.starts_with(&namespace)) {
-                        primaries.push(p);
+                        found.push((marker.as_str(), p));
                     }
                 }
             }
             total += self
-                .invalidate_primaries(primaries.iter().map(String::as_str), soft)
+                .invalidate_primaries(found.iter().map(|(_, p)| p.as_str()), soft)
                 .await
                 .map_err(|e| walk.batch_failed(store.is_cluster(), e))?;
             if !soft {
-                for chunk in markers.chunks(PARALLEL) {
-                    for result in join_all(chunk.iter().map(|m| store.unlink(m))).await {
+                // A marker goes only with its entry: one stored again
+                // since (by a fill that started after the leases were
+                // removed) keeps the marker its store set.
+                for chunk in found.chunks(PARALLEL) {
+                    let calls = chunk.iter().map(|(m, p)| store.tag_unmark(m, p));
+                    for result in join_all(calls).await {
                         result.map_err(|e| walk.batch_failed(store.is_cluster(), e))?;
                     }
                 }

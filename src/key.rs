@@ -658,7 +658,11 @@ pub(crate) fn tag_marker_prefix(namespace: &str, tag: &str) -> String {
 
 /// The tag marker of an entry (Redis Cluster mode): a string key holding
 /// the entry's primary key, in the entry's hash slot (its hash tag is the
-/// entry's digest), so the store script may write it next to the entry.
+/// URL's digest), so the store script may write it next to the entry.
+/// One marker per primary: `<prefix><url digest>}` followed by what the
+/// primary holds after its hash tag (`:v:<digest of the whole key>` for a
+/// host or other dimension of the URL, nothing for the URL itself), so the
+/// stores of two hosts of one URL never share (and overwrite) a marker.
 pub(crate) fn tag_marker(namespace: &str, tag: &str, primary: &str) -> String {
     let url = url_of(primary);
     let digest = url
@@ -667,6 +671,7 @@ pub(crate) fn tag_marker(namespace: &str, tag: &str, primary: &str) -> String {
     let mut out = tag_marker_prefix(namespace, tag);
     out.push_str(digest);
     out.push('}');
+    out.push_str(&primary[url.len()..]);
     out
 }
 
@@ -834,9 +839,16 @@ mod tests {
             assert!(k.primary.starts_with(&format!("{}:v:", url.primary)));
             assert_eq!(url_of(&k.primary), url.primary);
             assert_eq!(k.variants_set(), url.variants_set());
+            // One marker per host, in the URL's slot.
             let marker = tag_marker("n:", "t", &k.primary);
-            assert_eq!(marker, tag_marker("n:", "t", &url.primary));
+            assert_ne!(marker, tag_marker("n:", "t", &url.primary));
+            assert_eq!(url_of(&marker), tag_marker("n:", "t", &url.primary));
+            assert!(marker.starts_with(&tag_marker_prefix("n:", "t")));
         }
+        assert_ne!(
+            tag_marker("n:", "t", &a.primary),
+            tag_marker("n:", "t", &b.primary)
+        );
         let v = a.variant(&[HeaderName::from_static("accept")], &HeaderMap::new());
         assert_eq!(variants_set_of(&v), url.variants_set());
     }

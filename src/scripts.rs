@@ -196,7 +196,9 @@ elseif n > 0 then
   for i = 1, n do
     local z = KEYS[6 + i]
     if redis.call('TYPE', z)['ok'] ~= 'zset' then redis.call('DEL', z) end
-    redis.call('ZADD', z, now + ttl, KEYS[3])
+    -- GT: a shorter-lived variant of the primary never lowers its score
+    -- (the primary is listed while any of its variants lives).
+    redis.call('ZADD', z, 'GT', now + ttl, KEYS[3])
     redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
     if redis.call('PTTL', z) < ttl then redis.call('PEXPIRE', z, ttl) end
   end
@@ -337,6 +339,19 @@ end
 local members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #members > 0 then redis.call('ZREM', KEYS[1], unpack(members)) end
 return members
+";
+
+/// Removes a tag marker (Redis Cluster mode) after the tag walk
+/// invalidated the primary it names, unless that primary was stored again
+/// meanwhile (its store set the marker again: it must stay, or the tag
+/// would no longer reach the entry).
+///
+/// KEYS: marker, primary (same slot). Returns 1 when removed.
+pub(crate) const TAG_UNMARK: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local ok, p = pcall(redis.call, 'GET', KEYS[1])
+if ok and p == KEYS[2] then return redis.call('UNLINK', KEYS[1]) end
+return 0
 ";
 
 /// One page of a soft tag invalidation: the tag index is read (not
@@ -566,6 +581,7 @@ pub(crate) struct Scripts {
     pub(crate) soft_invalidate: Script,
     pub(crate) tag_batch: Script,
     pub(crate) tag_page: Script,
+    pub(crate) tag_unmark: Script,
     pub(crate) prefix_fence: Script,
     pub(crate) near_mark: Script,
 }
@@ -582,6 +598,7 @@ impl Scripts {
             soft_invalidate: Script::new(SOFT_INVALIDATE),
             tag_batch: Script::new(TAG_BATCH),
             tag_page: Script::new(TAG_PAGE),
+            tag_unmark: Script::new(TAG_UNMARK),
             prefix_fence: Script::new(PREFIX_FENCE),
             near_mark: Script::new(NEAR_MARK),
         }

@@ -846,10 +846,15 @@ where
         let mut total = 0;
         let mut heard = 0;
         let mut fence = fence;
-        // New variants may be added while the batches run (after the fence,
-        // so they are new data); a bound keeps a busy URL from holding the
-        // call forever.
-        for _ in 0..64 {
+        // Batches run until the set is empty, however many variants the URL
+        // has. New variants may be added while they run (after the fence,
+        // so they are new data): a bound, from the count left after the
+        // first batch, keeps a URL stored faster than it is emptied from
+        // holding the call forever, and then the call fails saying how many
+        // are left (never Ok with entries behind).
+        let mut rounds: u64 = 0;
+        let mut bound: u64 = u64::MAX;
+        loop {
             let (removed, left, told): (u64, u64, u64) = self
                 .run("invalidate", |mut c| {
                     let mut inv = self.scripts.invalidate.key(primary);
@@ -869,6 +874,17 @@ where
             heard += told;
             if left == 0 {
                 break;
+            }
+            if rounds == 0 {
+                let batch = VARIANT_BATCH as u64;
+                bound = (left.div_ceil(batch)).saturating_mul(2).saturating_add(64);
+            }
+            rounds += 1;
+            if rounds > bound {
+                return Err(FenceError::walk_incomplete(format!(
+                    "invalidation incomplete: {left} variants of the URL left after removing \
+                     {total} (new ones are stored faster than they are removed); call again"
+                )));
             }
         }
         Ok((total, heard))
@@ -1097,6 +1113,19 @@ where
             Err(e) if is_wrong_type(&e) => Ok(None),
             other => other,
         }
+    }
+
+    /// Removes a tag marker unless its primary exists (the TAG_UNMARK
+    /// script). Returns whether it was removed.
+    pub(crate) async fn tag_unmark(&self, marker: &str, primary: &str) -> Result<bool, FenceError> {
+        let removed: i64 = self
+            .run("tag_unmark", |mut c| {
+                let mut inv = self.scripts.tag_unmark.key(marker);
+                inv.key(primary);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        Ok(removed == 1)
     }
 
     /// UNLINK of one key.
