@@ -13,7 +13,9 @@
 //! - every drop, flush and reconnection moves the `epoch`, and an entry read
 //!   from Redis is taken in only if the epoch has not moved since before the
 //!   read was sent: an announcement that overtook the reply wins;
-//! - while the subscription is down the cache is empty and takes nothing.
+//! - while the subscription is down the cache is empty and takes nothing;
+//!   the listener probes it ([`PROBE_EVERY`], [`PROBE_TIMEOUT`]), so a
+//!   subscription that stops answering takes it down within 1.5 s.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

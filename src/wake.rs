@@ -292,7 +292,7 @@ where
 {
     use crate::near::{PROBE_EVERY, PROBE_TIMEOUT, REGISTER_EVERY};
 
-    if !shared.upgrade().is_some_and(|s| s.near().is_some()) {
+    if shared.upgrade().is_none_or(|s| s.near().is_none()) {
         return std::future::pending().await;
     }
     let mut registered = tokio::time::Instant::now();
