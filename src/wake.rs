@@ -49,6 +49,10 @@ where
         // does not put the near cache back in use). Not a lost
         // subscription: not counted as a flush.
         near.down();
+        // A sync that started after the namespace was added may have put
+        // it back in use before this `down`: sync again (it finds nothing
+        // new to subscribe, and puts it back in use).
+        shared.interests.changed.notify_one();
     }
     ensure_listener(shared);
 }
@@ -285,19 +289,21 @@ where
 /// answer comes after every message sent before it: the stream is alive up
 /// to then), or fails. While the near cache is in use, renews its
 /// registration every [`REGISTER_EVERY`](crate::near::REGISTER_EVERY).
-/// Never returns without a near cache (the wake-ups are polled anyway).
+/// Sends nothing without a near cache (the wake-ups are polled anyway).
 async fn probe<C>(mut sink: redis::aio::PubSubSink, shared: Weak<Shared<C>>)
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     use crate::near::{PROBE_EVERY, PROBE_TIMEOUT, REGISTER_EVERY};
 
-    if shared.upgrade().is_none_or(|s| s.near().is_none()) {
-        return std::future::pending().await;
-    }
     let mut registered = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
+        // Looked at each time: `near_cache` may be set after the listener
+        // connected.
+        if shared.upgrade().is_none_or(|s| s.near().is_none()) {
+            continue;
+        }
         match tokio::time::timeout(PROBE_TIMEOUT, sink.ping::<redis::Value>()).await {
             Ok(Ok(_)) => {}
             Ok(Err(err)) => {
