@@ -362,9 +362,21 @@ where
     ///   subscription on every shard; there the setting is ignored.
     /// - Redis evicting a marked entry under `maxmemory`, or a `FLUSHALL`,
     ///   is not announced: the near entry lives until its freshness ends.
+    /// - Its subscription is probed (a `PING` on it every 500 ms, answered
+    ///   within 900 ms): a subscription that stops answering, even with its
+    ///   connection still open (a partition, a dropped NAT flow), has the
+    ///   near cache emptied and bypassed **at most 1.5 s** after it stopped
+    ///   answering, until a new subscription holds. Within that bound a
+    ///   near cache cut off silently may still serve what it holds.
+    /// - Near caches in use register in the namespace's registry (a sorted
+    ///   set, `<ns>|#nearcaches`, renewed every second, expiring after
+    ///   3 s): an invalidation of an entry near caches held that heard
+    ///   fewer acknowledgements than near caches are registered counts
+    ///   [`Stats::near_acks_missing`] and logs a warning.
     ///
     /// Its counters: [`Stats::near_hits`], [`Stats::near_evictions`],
-    /// [`Stats::near_flushes`]. Set it once; a second call is ignored.
+    /// [`Stats::near_flushes`], [`Stats::near_ack_timeouts`],
+    /// [`Stats::near_acks_missing`]. Set it once; a second call is ignored.
     ///
     /// # Example
     ///

@@ -891,20 +891,56 @@ where
         };
         let detached = self.shared.flights.detach_entry(primary);
         Counters::add(&self.config.counters.detached, detached);
-        let (n, heard) = result?;
-        // Near caches held the entry: return once every one dropped it.
-        if heard > 0 {
-            let want = usize::try_from(heard).unwrap_or(usize::MAX);
-            if !acks.until(want, crate::near::ACK_WAIT).await {
-                Counters::inc(&self.config.counters.near_ack_timeouts);
-                tracing::debug!(
-                    key = %crate::trace::redact(primary),
-                    listeners = heard,
-                    "not every near cache acknowledged an invalidation in time"
-                );
-            }
+        let (n, near) = result?;
+        if near.entries > 0 {
+            self.near_acknowledged(primary, &acks, near).await;
         }
         Ok(n)
+    }
+
+    /// Near caches held the entry (the script announced it): returns once
+    /// every listener that heard it dropped it (at most
+    /// [`ACK_WAIT`](crate::near::ACK_WAIT)), and says so when fewer
+    /// acknowledged than near caches are registered alive in the namespace
+    /// (one whose subscription Redis dropped is not among the listeners).
+    async fn near_acknowledged(
+        &self,
+        primary: &str,
+        acks: &crate::near::AckWait<'_>,
+        near: crate::store::Announced,
+    ) {
+        let want = usize::try_from(near.heard).unwrap_or(usize::MAX);
+        let (all, known) = tokio::join!(
+            acks.until(want, crate::near::ACK_WAIT),
+            self.shared.store.near_known(primary)
+        );
+        if !all {
+            Counters::inc(&self.config.counters.near_ack_timeouts);
+            tracing::debug!(
+                key = %crate::trace::redact(primary),
+                listeners = near.heard,
+                "not every near cache acknowledged an invalidation in time"
+            );
+        }
+        // Each announcement reaches every near cache alive: as many
+        // acknowledgements each.
+        let heard = acks.heard();
+        match known {
+            Ok(known) if heard < known.saturating_mul(near.entries) => {
+                Counters::inc(&self.config.counters.near_acks_missing);
+                tracing::warn!(
+                    key = %crate::trace::redact(primary),
+                    near_caches = known,
+                    announced = near.entries,
+                    acknowledged = heard,
+                    "fewer near caches acknowledged an invalidation than are registered alive"
+                );
+            }
+            Ok(_) => {}
+            Err(err) => {
+                tracing::debug!(error = %err, "counting the live near caches failed");
+            }
+        }
     }
 
     /// Shuts the cache down gracefully, for a process that is about to exit:

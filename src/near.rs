@@ -13,7 +13,9 @@
 //! - every drop, flush and reconnection moves the `epoch`, and an entry read
 //!   from Redis is taken in only if the epoch has not moved since before the
 //!   read was sent: an announcement that overtook the reply wins;
-//! - while the subscription is down the cache is empty and takes nothing.
+//! - while the subscription is down the cache is empty and takes nothing;
+//!   the listener probes it ([`PROBE_EVERY`], [`PROBE_TIMEOUT`]), so a
+//!   subscription that stops answering takes it down within 1.5 s.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,6 +27,21 @@ use crate::key::url_of;
 
 /// How long an invalidation waits for the near caches' acknowledgements.
 pub(crate) const ACK_WAIT: Duration = Duration::from_millis(250);
+
+/// How often the listener probes its subscription (a `PING` on the
+/// subscribed connection) while a near cache is in use.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How long a probe may go unanswered before the near cache is emptied and
+/// bypassed, and the subscription made again. With [`PROBE_EVERY`] (and
+/// 100 ms for the probe's round trip and the scheduler): a near cache is
+/// out of use at most 1.5 s after its subscription stopped answering.
+pub(crate) const PROBE_TIMEOUT: Duration = Duration::from_millis(900);
+/// How often a near cache in use renews its registration in the
+/// namespace's registry (`store::near_registry`), which lives
+/// [`REGISTERED_FOR`].
+pub(crate) const REGISTER_EVERY: Duration = Duration::from_secs(1);
+/// How long a registration lives unless renewed.
+pub(crate) const REGISTERED_FOR: Duration = Duration::from_secs(3);
 
 /// The in-process cache of one [`FenceCache`](crate::FenceCache).
 pub(crate) struct Near {
@@ -350,6 +367,11 @@ pub(crate) struct AckWait<'a> {
 }
 
 impl AckWait<'_> {
+    /// How many acknowledgements arrived so far.
+    pub(crate) fn heard(&self) -> u64 {
+        self.waiter.heard.load(Ordering::SeqCst) as u64
+    }
+
     /// Waits until `n` acknowledgements arrived, at most `within`. Returns
     /// whether they did.
     pub(crate) async fn until(&self, n: usize, within: Duration) -> bool {

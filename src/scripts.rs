@@ -72,14 +72,17 @@ return {'held', ttl}
 /// `near(k, tag)`, which `PUBLISH`es `<tag> <k>` on the namespace's `#near`
 /// channel when the hash at `k` carries the `near` mark (a process may hold
 /// it in its near cache: see [`NEAR_MARK`]) and returns the number of
-/// receivers (0 when unmarked). `tag` is `<sender>:<seq>` when the caller
-/// waits for acknowledgements, `-` when not.
+/// receivers (0 when unmarked); `announced` counts its announcements.
+/// `tag` is `<sender>:<seq>` when the caller waits for acknowledgements,
+/// `-` when not.
 macro_rules! near_announce {
     () => {
         r"
+local announced = 0
 local function near(k, tag)
   local okn, marked = pcall(redis.call, 'HEXISTS', k, 'near')
   if okn and marked == 1 then
+    announced = announced + 1
     return redis.call('PUBLISH', (string.match(k, '^[^|]*|') or '') .. '#near', tag .. ' ' .. k)
   end
   return 0
@@ -225,7 +228,10 @@ return 1
 /// may hold the entry being replaced (`1` for a refresh or refetch, which
 /// may replace a fresh entry: then a marked one is announced, see
 /// `near_announce!`; a fill of a missing or stale entry replaces nothing a
-/// near cache serves), then field/value pairs.
+/// near cache serves), then field/value pairs. The new hash keeps the old
+/// one's `near` mark: a near cache that has not heard the announcement yet
+/// (or never will: a lost subscription) may still hold the old copy, so the
+/// next invalidation must still announce and wait.
 ///
 /// In Redis Cluster mode `n` is negative and the `-n` keys after the
 /// fences are the entry's tag markers (in the entry's slot): each is
@@ -254,9 +260,12 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
   end
 end
 if ARGV[11] == '1' then near(KEYS[1], '-') end
+-- A near cache may still hold the old copy: the mark carries over.
+local okc, carried = pcall(redis.call, 'HEXISTS', KEYS[1], 'near')
 redis.call('DEL', KEYS[1])
 local first = 12
 redis.call('HSET', KEYS[1], unpack(ARGV, first))
+if okc and carried == 1 then redis.call('HSET', KEYS[1], 'near', '1') end
 redis.call('PEXPIRE', KEYS[1], ttl)
 ",
     fenced_write_epilogue!()
@@ -465,8 +474,9 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 /// id, `1` to set the fence, fence ttl ms, batch size, near-cache ack tag
 /// (`<sender>:<seq>`).
 /// Returns the number of entries removed, the number of variants left
-/// in the set (call again while it is not zero), and how many near-cache
-/// listeners heard of a removed marked entry (acknowledgements to wait for).
+/// in the set (call again while it is not zero), how many near-cache
+/// listeners heard of a removed marked entry (acknowledgements to wait for),
+/// and how many marked entries were announced.
 ///
 /// When the primary is the URL's own key, variants are popped from the
 /// URL's set in batches; when it is a dimension of the URL (one host), only
@@ -518,7 +528,7 @@ heard = heard + near(KEYS[1], ARGV[6])
 redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease')
 if had == 1 and not index then n = n + 1 end
 redis.call('PUBLISH', ARGV[1], 'key:' .. ARGV[2] .. ':' .. KEYS[1])
-return {n, left, heard}
+return {n, left, heard, announced}
 "
 );
 
@@ -530,8 +540,9 @@ return {n, left, heard}
 /// KEYS: primary, variants set, URL fence. ARGV: `1` to set the fence,
 /// fence ttl ms, batch size, SSCAN cursor of the variants set (`0` first),
 /// near-cache ack tag (as [`INVALIDATE`]).
-/// Returns the number of entries marked, the next cursor (`0` when done)
-/// and how many near-cache listeners heard of a marked entry.
+/// Returns the number of entries marked, the next cursor (`0` when done),
+/// how many near-cache listeners heard of a marked entry and how many
+/// marked entries were announced.
 ///
 /// When the primary is a dimension of the URL (one host), only it and its
 /// own `Vary` variants are marked.
@@ -566,7 +577,7 @@ for _, k in ipairs(keys) do
   end
   redis.call('UNLINK', k .. ':lease')
 end
-return {n, cursor, heard}
+return {n, cursor, heard, announced}
 "
 );
 

@@ -139,6 +139,40 @@ pub(crate) mod channels {
     }
 }
 
+/// What the near-cache announcements of one invalidation reached: how many
+/// listeners heard them (`PUBLISH` receivers: acknowledgements to wait for)
+/// and how many marked entries were announced.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Announced {
+    pub(crate) heard: u64,
+    pub(crate) entries: u64,
+}
+
+impl Announced {
+    fn add(&mut self, heard: u64, entries: u64) {
+        self.heard += heard;
+        self.entries += entries;
+    }
+}
+
+/// The sorted set of a namespace's live near caches
+/// (`<namespace>|#nearcaches`): each listener whose near cache is in use
+/// registers its cache id, scored by when the registration expires (its
+/// clock, ms), and renews it while its subscription answers its probes
+/// (`wake::probe`). An invalidation compares the acknowledgements it heard
+/// with the registrations.
+pub(crate) fn near_registry(namespace: &str) -> String {
+    let mut key = namespace_prefix(namespace);
+    key.push_str("#nearcaches");
+    key
+}
+
+/// [`near_registry`] of the namespace `key` is in.
+pub(crate) fn near_registry_of(key: &str) -> String {
+    let prefix = key.find('|').map_or("", |i| &key[..=i]);
+    format!("{prefix}#nearcaches")
+}
+
 /// Added to the longest fill in a fence's lifetime ([`Store::fence_ttl`]),
 /// besides two Redis timeouts: the time between the Redis clock reading a
 /// fill starts with and its origin call, and between the call's end and
@@ -831,7 +865,7 @@ where
     /// many entries were removed.
     ///
     /// `ack` is the near-cache acknowledgement tag (`<sender>:<seq>`); the
-    /// second number returned is how many near-cache listeners heard of a
+    /// [`Announced`] returned says how many near-cache listeners heard of a
     /// removed entry (acknowledgements to wait for).
     pub(crate) async fn invalidate(
         &self,
@@ -839,12 +873,12 @@ where
         sender: u64,
         fence: bool,
         ack: &str,
-    ) -> Result<(u64, u64), FenceError> {
+    ) -> Result<(u64, Announced), FenceError> {
         let variants = crate::key::variants_set_of(primary);
         let url_fence = url_fence_of(primary);
         let channel = channels::invalidate_of_key(primary);
         let mut total = 0;
-        let mut heard = 0;
+        let mut near = Announced::default();
         let mut fence = fence;
         // Batches run until the set is empty, however many variants the URL
         // has. New variants may be added while they run (after the fence,
@@ -855,7 +889,7 @@ where
         let mut rounds: u64 = 0;
         let mut bound: u64 = u64::MAX;
         loop {
-            let (removed, left, told): (u64, u64, u64) = self
+            let (removed, left, told, announced): (u64, u64, u64, u64) = self
                 .run("invalidate", |mut c| {
                     let mut inv = self.scripts.invalidate.key(primary);
                     inv.key(variants.as_str())
@@ -871,7 +905,7 @@ where
                 .await?;
             fence = false;
             total += removed;
-            heard += told;
+            near.add(told, announced);
             if left == 0 {
                 break;
             }
@@ -887,7 +921,7 @@ where
                 )));
             }
         }
-        Ok((total, heard))
+        Ok((total, near))
     }
 
     /// Marks the entry at `primary` and its variants stale, a batch of
@@ -899,15 +933,15 @@ where
         primary: &str,
         fence: bool,
         ack: &str,
-    ) -> Result<(u64, u64), FenceError> {
+    ) -> Result<(u64, Announced), FenceError> {
         let variants = crate::key::variants_set_of(primary);
         let url_fence = url_fence_of(primary);
         let mut total = 0;
-        let mut heard = 0;
+        let mut near = Announced::default();
         let mut cursor = "0".to_owned();
         let mut fence = fence;
         loop {
-            let (marked, next, told): (u64, String, u64) = self
+            let (marked, next, told, announced): (u64, String, u64, u64) = self
                 .run("soft_invalidate", |mut c| {
                     let mut inv = self.scripts.soft_invalidate.key(primary);
                     inv.key(variants.as_str())
@@ -922,9 +956,9 @@ where
                 .await?;
             fence = false;
             total += marked;
-            heard += told;
+            near.add(told, announced);
             if next == "0" {
-                return Ok((total, heard));
+                return Ok((total, near));
             }
             cursor = next;
         }
@@ -1168,6 +1202,61 @@ where
             })
             .await?;
         Ok(marked == 1)
+    }
+
+    /// How many near caches of the namespace of `key` are registered alive
+    /// ([`near_registry_of`]): a `ZCOUNT` of the unexpired registrations.
+    pub(crate) async fn near_known(&self, key: &str) -> Result<u64, FenceError> {
+        let registry = near_registry_of(key);
+        let now = self.now_ms();
+        self.run("near_known", |mut c| {
+            let cmd = redis::cmd("ZCOUNT")
+                .arg(registry)
+                .arg(now)
+                .arg("+inf")
+                .clone();
+            async move { cmd.query_async::<u64>(&mut c).await }
+        })
+        .await
+    }
+
+    /// Registers (`alive`) this cache's near cache in the namespace's
+    /// registry until `ttl` from now, pruning expired registrations, or
+    /// takes it out. Sent on the connection as it is: not counted as one of
+    /// the cache's calls, nor seen by the breaker (the listener's
+    /// heartbeat, not a request's).
+    pub(crate) async fn near_register(
+        &self,
+        namespace: &str,
+        id: u64,
+        alive: bool,
+        ttl: Duration,
+    ) -> Result<(), FenceError> {
+        let registry = near_registry(namespace);
+        let now = self.now_ms();
+        let mut pipe = redis::pipe();
+        if alive {
+            let expires = now.saturating_add(duration_ms(ttl));
+            pipe.cmd("ZADD")
+                .arg(&registry)
+                .arg(expires)
+                .arg(id)
+                .ignore();
+            pipe.cmd("ZREMRANGEBYSCORE")
+                .arg(&registry)
+                .arg("-inf")
+                .arg(format!("({now}"))
+                .ignore();
+            pipe.cmd("PEXPIRE")
+                .arg(&registry)
+                .arg(duration_ms(ttl))
+                .ignore();
+        } else {
+            pipe.cmd("ZREM").arg(&registry).arg(id).ignore();
+        }
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        let mut conn = self.conn.clone();
+        timed(timeout, pipe.query_async::<()>(&mut conn)).await
     }
 
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), FenceError> {

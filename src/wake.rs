@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
 
+use crate::near::Near;
 #[cfg(feature = "cluster-async")]
 use crate::shared::{Forward, Interests};
 use crate::shared::{Interest, Shared, Source};
@@ -48,6 +49,10 @@ where
         // does not put the near cache back in use). Not a lost
         // subscription: not counted as a flush.
         near.down();
+        // A sync that started after the namespace was added may have put
+        // it back in use before this `down`: sync again (it finds nothing
+        // new to subscribe, and puts it back in use).
+        shared.interests.changed.notify_one();
     }
     ensure_listener(shared);
 }
@@ -176,8 +181,16 @@ where
                         Counters::inc(&shared.counters.listener_connects);
                     }
                 }
+                // With a near cache, a subscription that stops answering
+                // (a half-open connection) ends the loop within 1.5 s.
+                let probing = probe(sink.clone(), shared.clone());
+                tokio::pin!(probing);
                 while synced.is_ok() {
                     tokio::select! {
+                        () = &mut probing => {
+                            tracing::info!("wake-up subscription: a probe went unanswered; near cache emptied, reconnecting");
+                            break;
+                        }
                         msg = messages.next() => {
                             let Some(msg) = msg else { break };
                             let Some(shared) = shared.upgrade() else { return };
@@ -198,7 +211,13 @@ where
                         }
                     }
                 }
-                near_down(&shared);
+                if near_down(&shared)
+                    && let Some(shared) = shared.upgrade()
+                {
+                    // Out of the registry before a new subscription may
+                    // put it back.
+                    registry(&shared, false).await;
+                }
                 tracing::debug!("wake-up subscription lost, reconnecting");
                 master.failed();
             }
@@ -258,23 +277,98 @@ where
         && shared.interests.version() == version
     {
         near.up();
+        spawn_registry(&shared, true);
         tracing::debug!("near cache in use");
     }
     Ok(())
 }
 
+/// With a near cache: `PING`s the subscribed connection every
+/// [`PROBE_EVERY`](crate::near::PROBE_EVERY) and returns when one is not
+/// answered within [`PROBE_TIMEOUT`](crate::near::PROBE_TIMEOUT) (the
+/// answer comes after every message sent before it: the stream is alive up
+/// to then), or fails. While the near cache is in use, renews its
+/// registration every [`REGISTER_EVERY`](crate::near::REGISTER_EVERY).
+/// Sends nothing without a near cache (the wake-ups are polled anyway).
+async fn probe<C>(mut sink: redis::aio::PubSubSink, shared: Weak<Shared<C>>)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    use crate::near::{PROBE_EVERY, PROBE_TIMEOUT, REGISTER_EVERY};
+
+    let mut registered = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        // Looked at each time: `near_cache` may be set after the listener
+        // connected.
+        if shared.upgrade().is_none_or(|s| s.near().is_none()) {
+            continue;
+        }
+        match tokio::time::timeout(PROBE_TIMEOUT, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "near-cache subscription probe failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("near-cache subscription probe unanswered");
+                return;
+            }
+        }
+        let Some(shared) = shared.upgrade() else {
+            return std::future::pending().await;
+        };
+        if registered.elapsed() >= REGISTER_EVERY && shared.near().is_some_and(Near::is_up) {
+            registered = tokio::time::Instant::now();
+            spawn_registry(&shared, true);
+        }
+    }
+}
+
+/// Registers this cache's near cache as alive in the registry of each of
+/// its namespaces (`alive`), or takes it out (`store::near_registry`).
+async fn registry<C>(shared: &Shared<C>, alive: bool)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    for namespace in shared.interests.namespaces() {
+        let ttl = crate::near::REGISTERED_FOR;
+        if let Err(err) = shared
+            .store
+            .near_register(&namespace, shared.id, alive, ttl)
+            .await
+        {
+            tracing::debug!(error = %err, alive, "near-cache registration failed");
+        }
+    }
+}
+
+/// [`registry`] in the background.
+fn spawn_registry<C>(shared: &Arc<Shared<C>>, alive: bool)
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        let shared = shared.clone();
+        runtime.spawn(async move { registry(&shared, alive).await });
+    }
+}
+
 /// Empties the near cache and bypasses it until the subscription is back.
-fn near_down<C>(shared: &Weak<Shared<C>>)
+/// Returns whether it was in use.
+fn near_down<C>(shared: &Weak<Shared<C>>) -> bool
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     let Some(shared) = shared.upgrade() else {
-        return;
+        return false;
     };
-    if let Some(dropped) = shared.near.get().and_then(crate::near::Near::down) {
-        Counters::inc(&shared.counters.near_flushes);
-        tracing::debug!(dropped, "near cache flushed: its subscription is lost");
-    }
+    let Some(dropped) = shared.near.get().and_then(Near::down) else {
+        return false;
+    };
+    Counters::inc(&shared.counters.near_flushes);
+    tracing::debug!(dropped, "near cache flushed: its subscription is lost");
+    true
 }
 
 /// Calls [`near_down`] when the listener ends, however it ends.
@@ -287,7 +381,11 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     fn drop(&mut self) {
-        near_down(&self.0);
+        if near_down(&self.0)
+            && let Some(shared) = self.0.upgrade()
+        {
+            spawn_registry(&shared, false);
+        }
     }
 }
 
