@@ -322,3 +322,52 @@ async fn a_near_cached_entry_redis_dropped_unannounced_is_dropped_by_the_invalid
     }
     assert_eq!(stale, 0, "the near cache served the invalidated entry");
 }
+
+/// Everything a subscriber wrote.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The WARN lines about the eviction policy logged by a cache over a Redis
+/// with `policy`, after three stores.
+async fn policy_warnings(policy: &str) -> usize {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter("cachefence=warn")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let redis = RedisServer::with_args(&["--maxmemory", "64mb", "--maxmemory-policy", policy]);
+    let (version, calls) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicU64::new(0)));
+    let layer = FenceLayer::new(redis.connection_manager().await).namespace("pol:");
+    let addr = serve(origin_app(&version, &calls).layer(layer)).await;
+    let http = Http::new();
+    for i in 0..3 {
+        let r = http.get(addr, &format!("/w/{i}")).await;
+        assert_eq!(r.cache_status(), Some("MISS"));
+    }
+    let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
+    text.lines()
+        .filter(|l| l.contains("WARN") && l.contains("maxmemory-policy"))
+        .count()
+}
+
+// Current-thread runtime: the subscriber is this thread's, and every task
+// (server, fills) runs on it.
+#[tokio::test]
+async fn an_allkeys_policy_is_warned_about_once() {
+    assert_eq!(policy_warnings("allkeys-lru").await, 1);
+    assert_eq!(policy_warnings("volatile-lru").await, 0);
+    assert_eq!(policy_warnings("noeviction").await, 0);
+}
