@@ -239,7 +239,10 @@ async fn invalidate_all_empties_the_namespace_on_every_node() {
     // index keys the walk removed, forgotten when due (tests/eviction.rs).
     let after = s.keys_per_node();
     assert!(
-        after.iter().flatten().all(|k| k.starts_with(&format!("{NS}|#keep:{{"))),
+        after
+            .iter()
+            .flatten()
+            .all(|k| k.starts_with(&format!("{NS}|#keep:{{"))),
         "left: {after:?}"
     );
     assert_eq!(s.get("/x/1").await.0.as_deref(), Some("MISS"));

@@ -1185,7 +1185,10 @@ async fn prefix_fences_stay_bounded_by_folding_into_a_namespace_fence() {
     // It is removed when due, by the keep set (no TTL: out of eviction's
     // reach).
     assert_eq!(redis.cli(&["PTTL", "fold:|#fences"]), "-1");
-    let due: u64 = redis.cli(&["ZSCORE", "fold:|#keep", "fold:|#fences"]).parse().unwrap();
+    let due: u64 = redis
+        .cli(&["ZSCORE", "fold:|#keep", "fold:|#fences"])
+        .parse()
+        .unwrap();
     let t = redis.cli(&["TIME"]);
     let now: u64 = t.lines().next().unwrap().parse::<u64>().unwrap() * 1000;
     assert!(due > now && due <= now + 61_000, "{due} {now}");
