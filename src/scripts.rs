@@ -603,7 +603,8 @@ for i = 4, #KEYS - 1 do
   end
 end
 local had = redis.call('EXISTS', KEYS[1])
-if had == 0 and ARGV[7] == '1' then
+-- (Any announcement of the URL drops all of it: one is enough.)
+if had == 0 and ARGV[7] == '1' and announced == 0 then
   announced = announced + 1
   heard = heard + redis.call('PUBLISH', (string.match(KEYS[1], '^[^|]*|') or '') .. '#near', ARGV[6] .. ' ' .. KEYS[1])
 end
@@ -651,14 +652,12 @@ local keys = {}
 local cursor = '0'
 local whole = KEYS[1] .. ':vars' == KEYS[2]
 local below = KEYS[1] .. ':v:'
+local missing = false
 if ARGV[4] == '0' then
   table.insert(keys, KEYS[1])
   -- Entries a prefix walk found, whether the variant set lists them or not.
   for i = 4, #KEYS - 1 do table.insert(keys, KEYS[i]) end
-  if ARGV[6] == '1' and redis.call('EXISTS', KEYS[1]) == 0 then
-    announced = announced + 1
-    heard = heard + redis.call('PUBLISH', (string.match(KEYS[1], '^[^|]*|') or '') .. '#near', ARGV[5] .. ' ' .. KEYS[1])
-  end
+  missing = ARGV[6] == '1' and redis.call('EXISTS', KEYS[1]) == 0
 end
 if redis.call('TYPE', KEYS[2])['ok'] == 'set' then
   local scan = redis.call('SSCAN', KEYS[2], ARGV[4], 'COUNT', tonumber(ARGV[3]))
@@ -677,6 +676,11 @@ for _, k in ipairs(keys) do
     n = n + 1
   end
   redis.call('UNLINK', k .. ':lease')
+end
+-- (Any announcement of the URL drops all of it: one is enough.)
+if missing and announced == 0 then
+  announced = announced + 1
+  heard = heard + redis.call('PUBLISH', (string.match(KEYS[1], '^[^|]*|') or '') .. '#near', ARGV[5] .. ' ' .. KEYS[1])
 end
 return {n, cursor, heard, announced}
 "

@@ -104,7 +104,8 @@ async fn a_fresh_hit_costs_exactly_one_redis_command() {
     // writes (DEL, HSET, PEXPIRE), lists the variant (SADD) and keeps the
     // variant set out of eviction's reach (PERSIST, TIME, ZADD into the
     // keep set; ZRANGEBYSCORE finds nothing due to reap), drops the lease
-    // and finds no waiter mark (DEL, DEL): no PUBLISH.
+    // and finds no waiter mark (DEL, DEL): no PUBLISH. (HEXISTS: STORE
+    // looks for a near mark to carry over.)
     let want = [
         ("evalsha", 2),
         ("hmget", 2),
@@ -120,6 +121,7 @@ async fn a_fresh_hit_costs_exactly_one_redis_command() {
         ("sadd", 1),
         ("persist", 1),
         ("zadd", 1),
+        ("hexists", 1),
     ];
     for (cmd, n) in want {
         assert_eq!(
