@@ -361,7 +361,10 @@ where
     /// - Not on a Redis Cluster: its announcements would need a
     ///   subscription on every shard; there the setting is ignored.
     /// - Redis evicting a marked entry under `maxmemory`, or a `FLUSHALL`,
-    ///   is not announced: the near entry lives until its freshness ends.
+    ///   is not announced by Redis; an invalidation of an entry Redis no
+    ///   longer has is announced all the same, so the near entry is dropped
+    ///   (except for a prefix walk, which can't find a URL with no variant
+    ///   set whose entry is gone: then it lives until its freshness ends).
     /// - Its subscription is probed (a `PING` on it every 500 ms, answered
     ///   within 900 ms): a subscription that stops answering, even with its
     ///   connection still open (a partition, a dropped NAT flow), has the

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use redis::aio::ConnectionLike;
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -57,6 +57,15 @@ where
             other => return other,
         }
     }
+}
+
+/// Whether `key` (under an entry's URL) is one of the URL's index keys or
+/// leases rather than an entry: its variant set, fence, a lease or a
+/// waiter mark.
+fn is_index_key(key: &str) -> bool {
+    [":vars", ":fence", ":lease", ":lease:w"]
+        .iter()
+        .any(|s| key.ends_with(s))
 }
 
 /// Escapes the glob characters of a Redis `MATCH` pattern. (Keys built by
@@ -482,7 +491,7 @@ where
     /// removed.
     pub async fn invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        let removed = self.invalidate_entry(&ek.primary, false, true).await?;
+        let removed = self.invalidate_entry(&ek.primary, false, true, &[]).await?;
         tracing::debug!(key = %crate::trace::redact(&ek.primary), removed, "invalidated");
         self.replicated(removed).await
     }
@@ -498,7 +507,7 @@ where
     /// [`soft_invalidate_path`](Self::soft_invalidate_path) by cache key.
     pub async fn soft_invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
-        let marked = self.invalidate_entry(&ek.primary, true, true).await?;
+        let marked = self.invalidate_entry(&ek.primary, true, true, &[]).await?;
         self.replicated(marked).await
     }
 
@@ -695,7 +704,7 @@ where
                 break;
             }
             total += self
-                .invalidate_primaries(members.iter().map(String::as_str), soft)
+                .invalidate_primaries(members.iter().map(|m| (m.as_str(), Vec::new())), soft)
                 .await?;
         }
         tracing::debug!(tag, removed = total, soft, "tag invalidated");
@@ -742,7 +751,7 @@ where
                 }
             }
             total += self
-                .invalidate_primaries(found.iter().map(|(_, p)| p.as_str()), soft)
+                .invalidate_primaries(found.iter().map(|(_, p)| (p.as_str(), Vec::new())), soft)
                 .await
                 .map_err(|e| walk.batch_failed(store.is_cluster(), e))?;
             if !soft {
@@ -795,15 +804,18 @@ where
         let mut walk = Walk::new(&self.shared.store, pattern).await?;
         while let Some(keys) = walk.next(&self.shared.store).await? {
             // The URL keys the batch's keys belong to (invalidating a URL
-            // removes every host, dimension and variant of it).
-            let mut primaries: HashSet<&str> = HashSet::new();
+            // removes every host, dimension and variant of it), each with
+            // the entries of it the scan found: those go too, even when
+            // the URL's variant set no longer lists them.
+            let mut primaries: HashMap<&str, Vec<&str>> = HashMap::new();
             for key in &keys {
                 // Tag keys start with `<namespace>#`, never an entry key.
                 if key.as_bytes().get(namespace.len()) == Some(&b'#') || !key.contains('}') {
                     continue;
                 }
                 let url = url_of(key);
-                if primaries.contains(url) {
+                let entry = key.len() > url.len() && !is_index_key(key);
+                if !entry && primaries.contains_key(url) {
                     continue;
                 }
                 if verify {
@@ -822,7 +834,10 @@ where
                         continue;
                     }
                 }
-                primaries.insert(url);
+                let found = primaries.entry(url).or_default();
+                if entry {
+                    found.push(key);
+                }
             }
             total += self
                 .invalidate_primaries(primaries.into_iter(), soft)
@@ -846,19 +861,20 @@ where
         Ok(total)
     }
 
-    /// Invalidates entries by primary key, a batch at a time.
+    /// Invalidates entries by primary key (each with the entries of it a
+    /// walk found), a batch at a time.
     async fn invalidate_primaries<'a>(
         &self,
-        primaries: impl Iterator<Item = &'a str>,
+        primaries: impl Iterator<Item = (&'a str, Vec<&'a str>)>,
         soft: bool,
     ) -> Result<u64, FenceError> {
-        let primaries: Vec<&str> = primaries.collect();
+        let primaries: Vec<(&str, Vec<&str>)> = primaries.collect();
         let mut total = 0;
         for chunk in primaries.chunks(PARALLEL) {
             // Walks fence by prefix or tag: no URL fence per entry.
             let calls = chunk
                 .iter()
-                .map(|primary| self.invalidate_entry(primary, soft, false));
+                .map(|(primary, found)| self.invalidate_entry(primary, soft, false, found));
             for result in join_all(calls).await {
                 total += result?;
             }
@@ -872,12 +888,14 @@ where
     /// fill that lands between the script and the detach is fenced out, and
     /// a fenced fill restarts its joiners too. (Detaching first would let a
     /// joiner restart, take a new lease before the script and be fenced out
-    /// by it.) With `fence`, the URL's fence is set first.
+    /// by it.) With `fence`, the URL's fence is set first. `found`: entries
+    /// of the URL a walk found, removed (or marked) too.
     async fn invalidate_entry(
         &self,
         primary: &str,
         soft: bool,
         fence: bool,
+        found: &[&str],
     ) -> Result<u64, FenceError> {
         let store = &self.shared.store;
         // Counted from before the script: an acknowledgement may come
@@ -885,9 +903,9 @@ where
         let acks = self.shared.acks.register();
         let tag = format!("{}:{}", self.shared.id, acks.seq);
         let result = if soft {
-            step(|| store.soft_invalidate(primary, fence, &tag)).await
+            step(|| store.soft_invalidate(primary, fence, &tag, found)).await
         } else {
-            step(|| store.invalidate(primary, self.shared.id, fence, &tag)).await
+            step(|| store.invalidate(primary, self.shared.id, fence, &tag, found)).await
         };
         let detached = self.shared.flights.detach_entry(primary);
         Counters::add(&self.config.counters.detached, detached);

@@ -124,6 +124,7 @@ mod handle;
 mod healing;
 #[doc(hidden)]
 pub mod internals;
+mod keep;
 mod key;
 mod layer;
 mod lease;

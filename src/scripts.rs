@@ -91,6 +91,48 @@ end
     };
 }
 
+/// Index keys out of eviction's reach, as a literal for `concat!`: the
+/// URL's variant set, tag indexes and markers, and the URL, prefix and tag
+/// fences are written with no TTL, so no `volatile-*` `maxmemory` policy can
+/// evict them (an evicted index would hide live entries from invalidation;
+/// an evicted fence would let a fenced fill store). Each is listed in the
+/// "keep" sorted set, the script's LAST key (`<ns>|#keep`; on a Redis
+/// Cluster one per hash slot, `<ns>|#keep:{<tag of the slot>}`), scored by
+/// the Redis time (ms) it would have expired at (`ZADD GT`: the latest
+/// wins). Defines `keep(k, ms)` (list `k` until `ms` from now) and
+/// `reap()` (remove a bounded batch of keys whose time has come, and the
+/// keep set itself once empty); every script that calls `keep` reaps.
+macro_rules! keep_index {
+    () => {
+        r"
+local KEEP = KEYS[#KEYS]
+local keep_now
+local function keep_clock()
+  if not keep_now then
+    local tk = redis.call('TIME')
+    keep_now = tonumber(tk[1]) * 1000 + math.floor(tonumber(tk[2]) / 1000)
+  end
+  return keep_now
+end
+local function keep(k, ms)
+  redis.call('PERSIST', k)
+  if not pcall(redis.call, 'ZADD', KEEP, 'GT', keep_clock() + tonumber(ms), k) then
+    redis.call('DEL', KEEP)
+    redis.call('ZADD', KEEP, keep_clock() + tonumber(ms), k)
+  end
+end
+local function reap()
+  local okr, due = pcall(redis.call, 'ZRANGEBYSCORE', KEEP, '-inf', keep_clock(), 'LIMIT', 0, 16)
+  if okr and #due > 0 then
+    redis.call('UNLINK', unpack(due))
+    redis.call('ZREM', KEEP, unpack(due))
+    if redis.call('ZCARD', KEEP) == 0 then redis.call('DEL', KEEP) end
+  end
+end
+"
+    };
+}
+
 /// Marks an entry as possibly held in a near cache, if it is still the
 /// version that was read, as it was read: its writers then announce every
 /// change of it (see `near_announce!`).
@@ -184,14 +226,13 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
     redis.call('DEL', KEYS[4])
     redis.call('SADD', KEYS[4], KEYS[1])
   end
-  if redis.call('PTTL', KEYS[4]) < ttl then redis.call('PEXPIRE', KEYS[4], ttl) end
+  keep(KEYS[4], ttl)
 end
 if markers then
   for i = 1, n do
     local m = KEYS[6 + i]
-    local keep = redis.call('PTTL', m)
-    if keep < ttl then keep = ttl end
-    redis.call('SET', m, KEYS[3], 'PX', keep)
+    redis.call('SET', m, KEYS[3])
+    keep(m, ttl)
   end
 elseif n > 0 then
   local t = redis.call('TIME')
@@ -203,9 +244,10 @@ elseif n > 0 then
     -- (the primary is listed while any of its variants lives).
     redis.call('ZADD', z, 'GT', now + ttl, KEYS[3])
     redis.call('ZREMRANGEBYSCORE', z, '-inf', now)
-    if redis.call('PTTL', z) < ttl then redis.call('PEXPIRE', z, ttl) end
+    keep(z, ttl)
   end
 end
+reap()
 redis.call('DEL', KEYS[2])
 wake()
 return 1
@@ -220,7 +262,9 @@ return 1
 /// of the last path or key invalidation of the primary), the namespace's
 /// prefix fences (a sorted set of key prefixes scored by the Redis time of
 /// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
-/// tag indexes and their `n` tag fences. ARGV: token, entry ttl ms, wake
+/// tag indexes and their `n` tag fences, then (last) the keep set
+/// (`keep_index!`: the variant set, tag indexes and markers get no TTL).
+/// ARGV: token, entry ttl ms, wake
 /// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
 /// entry's, on a Redis Cluster; see `store::channels`), wake message, vary names ('' when the entry is the primary),
 /// format version, fill start (Redis µs), `n`, the most variants a URL may
@@ -244,6 +288,7 @@ return 1
 /// variants it may have.
 pub(crate) const STORE: &str = concat!(
     near_announce!(),
+    keep_index!(),
     fenced_write_prologue!(),
     r"
 local ttl = tonumber(ARGV[2])
@@ -292,6 +337,7 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 /// Returns 1 when freshened, 0 when fenced out, 3 when the entry is gone.
 pub(crate) const FRESHEN: &str = concat!(
     near_announce!(),
+    keep_index!(),
     fenced_write_prologue!(),
     r"
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 3 end
@@ -315,9 +361,12 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 /// folded into one fence on the whole namespace (which refuses more fills,
 /// never fewer).
 ///
-/// KEYS: the namespace's prefix fences. ARGV: key prefix, lifetime ms,
+/// KEYS: the namespace's prefix fences, the keep set (`keep_index!`: the
+/// fences have no TTL). ARGV: key prefix, lifetime ms,
 /// max fences, namespace prefix. Returns the fence's time (Redis µs).
-pub(crate) const PREFIX_FENCE: &str = r"
+pub(crate) const PREFIX_FENCE: &str = concat!(
+    keep_index!(),
+    r"
 local t = redis.call('TIME')
 local now = t[1] .. string.format('%06d', tonumber(t[2]))
 local ttl = tonumber(ARGV[2])
@@ -328,19 +377,26 @@ if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
   redis.call('ZADD', KEYS[1], now, ARGV[4])
 end
-redis.call('PEXPIRE', KEYS[1], ttl)
+keep(KEYS[1], ttl)
+reap()
 return now
-";
+"
+);
 
 /// Starts (or continues) a tag invalidation: sets the tag's fence to now,
 /// so fills that started before can't store an entry carrying the tag, and
 /// pops a batch of the entries the tag index lists.
 ///
-/// KEYS: tag index, tag fence. ARGV: batch size, fence ttl ms.
-pub(crate) const TAG_BATCH: &str = r"
+/// KEYS: tag index, tag fence, the keep set (`keep_index!`: the fence has
+/// no TTL). ARGV: batch size, fence ttl ms.
+pub(crate) const TAG_BATCH: &str = concat!(
+    keep_index!(),
+    r"
 local t = redis.call('TIME')
 local now = t[1] .. string.format('%06d', tonumber(t[2]))
-redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
+redis.call('SET', KEYS[2], now)
+keep(KEYS[2], ARGV[2])
+reap()
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then
   redis.call('DEL', KEYS[1])
   return {}
@@ -348,7 +404,8 @@ end
 local members = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[1]) - 1)
 if #members > 0 then redis.call('ZREM', KEYS[1], unpack(members)) end
 return members
-";
+"
+);
 
 /// Removes a tag marker (Redis Cluster mode) after the tag walk
 /// invalidated the primary it names, unless that primary was stored again
@@ -368,15 +425,20 @@ return 0
 /// the walk pages are never skipped: a page always ends with every member
 /// of its last score. Sets the tag's fence on the first page.
 ///
-/// KEYS: tag index, tag fence. ARGV: page size, fence ttl ms, cursor
+/// KEYS: tag index, tag fence, the keep set (`keep_index!`). ARGV: page
+/// size, fence ttl ms, cursor
 /// (`-inf` for the first page, then the `(score` returned last).
 /// Returns the page's members followed by the cursor of the next page, or
 /// nothing when the walk is done.
-pub(crate) const TAG_PAGE: &str = r"
+pub(crate) const TAG_PAGE: &str = concat!(
+    keep_index!(),
+    r"
 if ARGV[3] == '-inf' then
   local t = redis.call('TIME')
   local now = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', KEYS[2], now, 'PX', ARGV[2])
+  redis.call('SET', KEYS[2], now)
+  keep(KEYS[2], ARGV[2])
+  reap()
 end
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'zset' then return {} end
 local page = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf', 'WITHSCORES', 'LIMIT', 0, tonumber(ARGV[1]))
@@ -392,13 +454,14 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], last, last)) do
 end
 table.insert(out, '(' .. last)
 return out
-";
+"
+);
 
 /// Gives a lease up without storing; optionally leaves a pass marker on
 /// the key that was filled, or backs the next refresh of the entry there off.
 ///
 /// KEYS: lease, filled key (the primary or a variant), primary, variants
-/// set. ARGV: token, pass-until ms (0 for none), pass ms, wake channel
+/// set, the keep set (`keep_index!`). ARGV: token, pass-until ms (0 for none), pass ms, wake channel
 /// (sharded when it holds a `{hash tag}`, as in [`STORE`]), wake message, vary names ('' when the response does not vary), format
 /// version, the URL's key, backoff base ms (0 for none), backoff cap ms,
 /// now ms.
@@ -411,6 +474,7 @@ return out
 /// rewrites the hash and so resets both.
 pub(crate) const RELEASE: &str = concat!(
     near_announce!(),
+    keep_index!(),
     r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
@@ -430,7 +494,8 @@ if pass_ms > 0 and ARGV[6] ~= '' and KEYS[2] ~= KEYS[3] then
       redis.call('DEL', KEYS[4])
       redis.call('SADD', KEYS[4], KEYS[2])
     end
-    if redis.call('PTTL', KEYS[4]) < pass_ms then redis.call('PEXPIRE', KEYS[4], pass_ms) end
+    keep(KEYS[4], pass_ms)
+    reap()
   end
 end
 if pass_ms > 0 then
@@ -470,24 +535,33 @@ return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 /// asked) sets the URL's fence to now, so that no fill of the URL that
 /// started before, of any variant, even one never stored, can write back.
 ///
-/// KEYS: primary, variants set, URL fence. ARGV: invalidate channel, sender
+/// KEYS: primary, variants set, URL fence, then entries of the URL a prefix
+/// walk found (removed too, listed in the variant set or not), then the
+/// keep set (`keep_index!`). ARGV: invalidate channel, sender
 /// id, `1` to set the fence, fence ttl ms, batch size, near-cache ack tag
-/// (`<sender>:<seq>`).
+/// (`<sender>:<seq>`), `1` to announce a missing primary on `#near`.
 /// Returns the number of entries removed, the number of variants left
 /// in the set (call again while it is not zero), how many near-cache
 /// listeners heard of a removed marked entry (acknowledgements to wait for),
 /// and how many marked entries were announced.
+///
+/// A primary that is missing (never stored, expired, or evicted under
+/// `maxmemory`, which announces nothing) is announced all the same (with
+/// ARGV 7): a near cache may still hold it, and drops its URL.
 ///
 /// When the primary is the URL's own key, variants are popped from the
 /// URL's set in batches; when it is a dimension of the URL (one host), only
 /// it and its own `Vary` variants go (the set is bounded by `max_variants`).
 pub(crate) const INVALIDATE: &str = concat!(
     near_announce!(),
+    keep_index!(),
     r"
 if ARGV[3] == '1' then
   local t = redis.call('TIME')
   local now = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', KEYS[3], now, 'PX', ARGV[4])
+  redis.call('SET', KEYS[3], now)
+  keep(KEYS[3], ARGV[4])
+  reap()
 end
 local n = 0
 local left = 0
@@ -519,7 +593,21 @@ if kind == 'set' then
 elseif kind ~= 'none' and whole then
   redis.call('UNLINK', KEYS[2])
 end
+-- Entries a prefix walk found, whether the variant set lists them or not.
+for i = 4, #KEYS - 1 do
+  local x = KEYS[i]
+  if redis.call('TYPE', x)['ok'] == 'hash' then
+    heard = heard + near(x, ARGV[6])
+    n = n + redis.call('UNLINK', x)
+    redis.call('UNLINK', x .. ':lease')
+  end
+end
 local had = redis.call('EXISTS', KEYS[1])
+-- (Any announcement of the URL drops all of it: one is enough.)
+if had == 0 and ARGV[7] == '1' and announced == 0 then
+  announced = announced + 1
+  heard = heard + redis.call('PUBLISH', (string.match(KEYS[1], '^[^|]*|') or '') .. '#near', ARGV[6] .. ' ' .. KEYS[1])
+end
 local index = false
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash' then
   index = redis.call('HEXISTS', KEYS[1], 'vary') == 1
@@ -537,9 +625,10 @@ return {n, left, heard, announced}
 /// Removes their leases and (when asked) sets the URL's fence as
 /// [`INVALIDATE`] does.
 ///
-/// KEYS: primary, variants set, URL fence. ARGV: `1` to set the fence,
+/// KEYS: primary, variants set, URL fence, entries a prefix walk found,
+/// the keep set (as [`INVALIDATE`]). ARGV: `1` to set the fence,
 /// fence ttl ms, batch size, SSCAN cursor of the variants set (`0` first),
-/// near-cache ack tag (as [`INVALIDATE`]).
+/// near-cache ack tag, `1` to announce a missing primary (as [`INVALIDATE`]).
 /// Returns the number of entries marked, the next cursor (`0` when done),
 /// how many near-cache listeners heard of a marked entry and how many
 /// marked entries were announced.
@@ -548,11 +637,14 @@ return {n, left, heard, announced}
 /// own `Vary` variants are marked.
 pub(crate) const SOFT_INVALIDATE: &str = concat!(
     near_announce!(),
+    keep_index!(),
     r"
 if ARGV[1] == '1' then
   local t = redis.call('TIME')
   local now = t[1] .. string.format('%06d', tonumber(t[2]))
-  redis.call('SET', KEYS[3], now, 'PX', ARGV[2])
+  redis.call('SET', KEYS[3], now)
+  keep(KEYS[3], ARGV[2])
+  reap()
 end
 local n = 0
 local heard = 0
@@ -560,7 +652,13 @@ local keys = {}
 local cursor = '0'
 local whole = KEYS[1] .. ':vars' == KEYS[2]
 local below = KEYS[1] .. ':v:'
-if ARGV[4] == '0' then table.insert(keys, KEYS[1]) end
+local missing = false
+if ARGV[4] == '0' then
+  table.insert(keys, KEYS[1])
+  -- Entries a prefix walk found, whether the variant set lists them or not.
+  for i = 4, #KEYS - 1 do table.insert(keys, KEYS[i]) end
+  missing = ARGV[6] == '1' and redis.call('EXISTS', KEYS[1]) == 0
+end
 if redis.call('TYPE', KEYS[2])['ok'] == 'set' then
   local scan = redis.call('SSCAN', KEYS[2], ARGV[4], 'COUNT', tonumber(ARGV[3]))
   cursor = scan[1]
@@ -568,14 +666,21 @@ if redis.call('TYPE', KEYS[2])['ok'] == 'set' then
     if whole or string.sub(v, 1, #below) == below then table.insert(keys, v) end
   end
 end
+local marked = {}
 for _, k in ipairs(keys) do
   local ok, fresh = pcall(redis.call, 'HGET', k, 'fresh')
-  if ok and fresh then
+  if ok and fresh and not marked[k] then
+    marked[k] = true
     heard = heard + near(k, ARGV[5])
     if fresh ~= '0' then redis.call('HSET', k, 'fresh', '0') end
     n = n + 1
   end
   redis.call('UNLINK', k .. ':lease')
+end
+-- (Any announcement of the URL drops all of it: one is enough.)
+if missing and announced == 0 then
+  announced = announced + 1
+  heard = heard + redis.call('PUBLISH', (string.match(KEYS[1], '^[^|]*|') or '') .. '#near', ARGV[5] .. ' ' .. KEYS[1])
 end
 return {n, cursor, heard, announced}
 "

@@ -17,6 +17,7 @@ use redis::aio::ConnectionLike;
 pub(crate) use crate::breaker::Breaker;
 use crate::entry::{FORMAT_VERSION, LOOKUP_FIELDS, Raw, duration_ms, now_ms};
 use crate::error::{FenceError, timed};
+use crate::keep::keep_of;
 use crate::key::{namespace_prefix, tag_keys, tag_marker};
 use crate::scripts::Scripts;
 
@@ -272,6 +273,8 @@ struct FencedWriteKeys {
     /// of the entry's slot takes their place, and is not read.
     prefix_fences: String,
     wake_channel: String,
+    /// The keep set of the entry's slot (the script's last key).
+    keep: String,
 }
 
 impl FencedWriteKeys {
@@ -286,6 +289,7 @@ impl FencedWriteKeys {
             prefix_fences_of(args.namespace)
         };
         Self {
+            keep: keep_of(&url_fence, store.is_cluster()),
             url_fence,
             prefix_fences,
             wake_channel: store.wake_channel(args.lease_key),
@@ -325,6 +329,23 @@ impl<'a> ReleaseArgs<'a> {
             url_key: "",
             backoff: (Duration::ZERO, Duration::ZERO),
         }
+    }
+}
+
+/// The `allkeys-*` policy a `CONFIG GET maxmemory-policy` reply names, if
+/// any (a list or map, from one node or several).
+fn allkeys_policy(reply: &Value) -> Option<String> {
+    match reply {
+        Value::BulkString(b) => {
+            let s = String::from_utf8_lossy(b);
+            s.starts_with("allkeys-").then(|| s.into_owned())
+        }
+        Value::SimpleString(s) => s.starts_with("allkeys-").then(|| s.clone()),
+        Value::Array(items) | Value::Set(items) => items.iter().find_map(allkeys_policy),
+        Value::Map(pairs) => pairs
+            .iter()
+            .find_map(|(k, v)| allkeys_policy(k).or_else(|| allkeys_policy(v))),
+        _ => None,
     }
 }
 
@@ -371,6 +392,8 @@ pub(crate) struct Store<C> {
     /// (`FenceCache::replicated_fences`).
     wait_replicas: std::sync::atomic::AtomicU32,
     wait_ms: AtomicU64,
+    /// Set once the `maxmemory-policy` was looked at (`check_eviction_policy`).
+    policy_checked: AtomicBool,
     /// Reaches every primary for walks when the connection is not a
     /// `ClusterConnection` itself (`FenceCache::cluster_wake_ups`).
     #[cfg(feature = "cluster-async")]
@@ -428,6 +451,7 @@ where
             skew_ms: AtomicI64::new(0),
             wait_replicas: std::sync::atomic::AtomicU32::new(0),
             wait_ms: AtomicU64::new(0),
+            policy_checked: AtomicBool::new(false),
             #[cfg(feature = "cluster-async")]
             walk_client: std::sync::OnceLock::new(),
             #[cfg(feature = "cluster-async")]
@@ -703,7 +727,36 @@ where
         parse_acquired(value).ok_or_else(|| FenceError::invalid_input("unexpected acquire reply"))
     }
 
+    /// Before this cache's first write, once: warns when Redis's
+    /// `maxmemory-policy` is an `allkeys-*` one, which may evict the index
+    /// keys and fences the crate keeps out of `volatile-*` eviction's reach
+    /// (no TTL). Errors are ignored (a managed Redis may deny `CONFIG`).
+    /// Not counted in the stats' Redis calls.
+    async fn check_eviction_policy(&self) {
+        if self.policy_checked.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
+        let mut conn = self.conn.clone();
+        match timed(timeout, cmd.query_async::<Value>(&mut conn)).await {
+            Ok(reply) => {
+                if let Some(policy) = allkeys_policy(&reply) {
+                    tracing::warn!(
+                        policy,
+                        "Redis maxmemory-policy is {policy}: eviction may remove the cache's                          index keys and fences, hiding live entries from invalidation;                          use volatile-lru or volatile-lfu"
+                    );
+                }
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "reading maxmemory-policy failed (ignored)");
+            }
+        }
+    }
+
     pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<WriteBack, FenceError> {
+        self.check_eviction_policy().await;
         let keys = FencedWriteKeys::new(self, &args);
         let stored: i64 = self
             .run("store", |mut c| {
@@ -790,6 +843,7 @@ where
                 inv.key(fence.as_str());
             }
         }
+        inv.key(keys.keep.as_str());
         // In cluster mode the keys are tag markers, flagged by a negative
         // count.
         let n = i64::try_from(args.tags.len()).unwrap_or(i64::MAX);
@@ -813,12 +867,14 @@ where
         let pass_ms = duration_ms(args.pass);
         let now = self.now_ms();
         let wake_channel = self.wake_channel(args.lease_key);
+        let keep = keep_of(args.primary, self.is_cluster());
         let released: i64 = self
             .run("release", |mut c| {
                 let mut inv = self.scripts.release.key(args.lease_key);
                 inv.key(args.filled)
                     .key(args.primary)
                     .key(args.variants_set)
+                    .key(keep.as_str())
                     .arg(args.token)
                     .arg(if pass_ms > 0 {
                         now.saturating_add(pass_ms)
@@ -867,15 +923,23 @@ where
     /// `ack` is the near-cache acknowledgement tag (`<sender>:<seq>`); the
     /// [`Announced`] returned says how many near-cache listeners heard of a
     /// removed entry (acknowledgements to wait for).
+    /// `found`: entries of the URL a prefix walk found, removed too even
+    /// when the variant set does not list them.
     pub(crate) async fn invalidate(
         &self,
         primary: &str,
         sender: u64,
         fence: bool,
         ack: &str,
+        found: &[&str],
     ) -> Result<(u64, Announced), FenceError> {
         let variants = crate::key::variants_set_of(primary);
         let url_fence = url_fence_of(primary);
+        let keep = keep_of(&url_fence, self.is_cluster());
+        // Near caches are off on a cluster: no announcement of a missing
+        // entry there.
+        let announce = if self.is_cluster() { "0" } else { "1" };
+        let mut found = found;
         let channel = channels::invalidate_of_key(primary);
         let mut total = 0;
         let mut near = Announced::default();
@@ -892,18 +956,23 @@ where
             let (removed, left, told, announced): (u64, u64, u64, u64) = self
                 .run("invalidate", |mut c| {
                     let mut inv = self.scripts.invalidate.key(primary);
-                    inv.key(variants.as_str())
-                        .key(url_fence.as_str())
+                    inv.key(variants.as_str()).key(url_fence.as_str());
+                    for key in found {
+                        inv.key(*key);
+                    }
+                    inv.key(keep.as_str())
                         .arg(channel.as_str())
                         .arg(sender)
                         .arg(if fence { "1" } else { "0" })
                         .arg(duration_ms(self.fence_ttl()))
                         .arg(VARIANT_BATCH)
-                        .arg(ack);
+                        .arg(ack)
+                        .arg(announce);
                     async move { inv.invoke_async(&mut c).await }
                 })
                 .await?;
             fence = false;
+            found = &[];
             total += removed;
             near.add(told, announced);
             if left == 0 {
@@ -933,9 +1002,12 @@ where
         primary: &str,
         fence: bool,
         ack: &str,
+        found: &[&str],
     ) -> Result<(u64, Announced), FenceError> {
         let variants = crate::key::variants_set_of(primary);
         let url_fence = url_fence_of(primary);
+        let keep = keep_of(&url_fence, self.is_cluster());
+        let announce = if self.is_cluster() { "0" } else { "1" };
         let mut total = 0;
         let mut near = Announced::default();
         let mut cursor = "0".to_owned();
@@ -944,13 +1016,20 @@ where
             let (marked, next, told, announced): (u64, String, u64, u64) = self
                 .run("soft_invalidate", |mut c| {
                     let mut inv = self.scripts.soft_invalidate.key(primary);
-                    inv.key(variants.as_str())
-                        .key(url_fence.as_str())
+                    inv.key(variants.as_str()).key(url_fence.as_str());
+                    // The first call marks what the walk found.
+                    if cursor == "0" {
+                        for key in found {
+                            inv.key(*key);
+                        }
+                    }
+                    inv.key(keep.as_str())
                         .arg(if fence { "1" } else { "0" })
                         .arg(duration_ms(self.fence_ttl()))
                         .arg(VARIANT_BATCH)
                         .arg(cursor.as_str())
-                        .arg(ack);
+                        .arg(ack)
+                        .arg(announce);
                     async move { inv.invoke_async(&mut c).await }
                 })
                 .await?;
@@ -974,9 +1053,11 @@ where
     ) -> Result<u64, FenceError> {
         let fences = prefix_fences_of(namespace);
         let whole = namespace_prefix(namespace);
+        let keep = keep_of(&fences, self.is_cluster());
         self.run("prefix_fence", |mut c| {
             let mut inv = self.scripts.prefix_fence.key(fences.as_str());
-            inv.arg(key_prefix)
+            inv.key(keep.as_str())
+                .arg(key_prefix)
                 .arg(duration_ms(self.fence_ttl()))
                 .arg(MAX_PREFIX_FENCES)
                 .arg(whole.as_str());
@@ -996,10 +1077,12 @@ where
         fence_for: Duration,
         cursor: Option<&str>,
     ) -> Result<Option<(Vec<String>, String)>, FenceError> {
+        let keep = keep_of(fence, self.is_cluster());
         let mut page: Vec<String> = self
             .run("tag_page", |mut c| {
                 let mut inv = self.scripts.tag_page.key(index);
                 inv.key(fence)
+                    .key(keep.as_str())
                     .arg(batch.max(1))
                     .arg(duration_ms(fence_for).max(1))
                     .arg(cursor.unwrap_or("-inf"));
@@ -1017,9 +1100,11 @@ where
         batch: usize,
         fence_for: Duration,
     ) -> Result<Vec<String>, FenceError> {
+        let keep = keep_of(fence, self.is_cluster());
         self.run("tag_batch", |mut c| {
             let mut inv = self.scripts.tag_batch.key(index);
             inv.key(fence)
+                .key(keep.as_str())
                 .arg(batch.max(1))
                 .arg(duration_ms(fence_for).max(1));
             async move { inv.invoke_async(&mut c).await }

@@ -483,8 +483,18 @@ async fn a_restart_after_an_invalidation_shares_the_deadline() {
 // 2. Fences outlive every fill the settings allow
 // ---------------------------------------------------------------------------
 
-/// Every fence key of the namespace and its PTTL (ms).
+/// Every fence key of the namespace and how long it lives (ms): fences
+/// have no TTL (out of `volatile-*` eviction's reach) and are removed when
+/// due by the keep set (`<ns>|#keep`, scored by Redis ms: tests/eviction.rs).
 fn fence_pttls(redis: &RedisServer, ns: &str) -> Vec<(String, i64)> {
+    let now = || -> i64 {
+        let t = redis.cli(&["TIME"]);
+        let mut it = t.lines();
+        let s: i64 = it.next().unwrap().trim().parse().unwrap();
+        let us: i64 = it.next().unwrap().trim().parse().unwrap();
+        s * 1000 + us / 1000
+    };
+    let keep = format!("{ns}|#keep");
     let keys = redis.cli(&["KEYS", &format!("{ns}*fence*")]);
     let mut keys: Vec<String> = keys
         .lines()
@@ -494,7 +504,12 @@ fn fence_pttls(redis: &RedisServer, ns: &str) -> Vec<(String, i64)> {
     keys.sort();
     keys.into_iter()
         .map(|k| {
-            let pttl = redis.cli(&["PTTL", &k]).parse().unwrap_or(-3);
+            let mut pttl = redis.cli(&["PTTL", &k]).parse().unwrap_or(-3);
+            if pttl == -1
+                && let Ok(due) = redis.cli(&["ZSCORE", &keep, &k]).parse::<f64>()
+            {
+                pttl = due as i64 - now();
+            }
             (k, pttl)
         })
         .collect()

@@ -404,13 +404,26 @@ async fn the_tag_index_expires_with_its_entries() {
     }
     let tag_keys = || redis.cli(&["KEYS", "tagttl:|#tag:*"]);
     assert!(tag_keys().contains("shared"));
+    // The index has no TTL (no volatile-* policy may evict it): the next
+    // write after its entries expired removes it (see tests/eviction.rs).
+    for index in tag_keys().lines() {
+        assert_eq!(redis.cli(&["PTTL", index]), "-1", "{index}");
+    }
     tokio::time::sleep(Duration::from_millis(400)).await;
+    // 21 indexes (each entry's `t:<path>` and `shared`), 16 reaped a write.
+    get(&svc, "/untagged/1").await;
+    get(&svc, "/untagged/2").await;
     assert!(
         !tag_keys().contains("shared"),
         "index left behind: {}",
         tag_keys()
     );
-    assert_eq!(redis.cli(&["DBSIZE"]), "0", "{}", redis.cli(&["KEYS", "*"]));
+    // The last entries expire by themselves; what is left is their tag
+    // indexes (`t:<path>`), until the next write reaps them, and the keep
+    // set listing them.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(redis.cli(&["DBSIZE"]), "3", "{}", redis.cli(&["KEYS", "*"]));
+    assert_eq!(redis.cli(&["ZCARD", "tagttl:|#keep"]), "2");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -475,16 +488,17 @@ async fn invalidate_all_empties_the_namespace_and_only_it() {
     }
     assert_eq!(la.handle().invalidate_all().await.unwrap(), 30);
     // "all" is a prefix of "all-b": the other namespace keeps everything.
-    // Only the namespace's fence is left (it expires by itself), and the
-    // tag indexes (a walk removes only what it invalidated: entries stored
-    // while it ran keep their tags; members naming removed entries expire).
+    // Only the namespace's fence is left (the keep set removes it when it
+    // is due), the keep set, and the tag indexes (a walk removes only what
+    // it invalidated: entries stored while it ran keep their tags; members
+    // naming removed entries expire).
     let left = redis.cli(&["KEYS", "all|*"]);
     let mut left: Vec<&str> = left
         .lines()
         .filter(|k| !k.starts_with("all|#tag:"))
         .collect();
     left.sort_unstable();
-    assert_eq!(left, ["all|#fences"]);
+    assert_eq!(left, ["all|#fences", "all|#keep"]);
     assert_eq!(get(&b, "/x/3").await.0, "HIT");
 }
 
@@ -1168,8 +1182,16 @@ async fn prefix_fences_stay_bounded_by_folding_into_a_namespace_fence() {
     // Folded into one fence on the whole namespace (which fences more
     // fills, never fewer), and it expires by itself.
     assert_ne!(redis.cli(&["ZSCORE", "fold:|#fences", "fold:|"]), "");
-    let ttl: i64 = redis.cli(&["PTTL", "fold:|#fences"]).parse().unwrap();
-    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+    // It is removed when due, by the keep set (no TTL: out of eviction's
+    // reach).
+    assert_eq!(redis.cli(&["PTTL", "fold:|#fences"]), "-1");
+    let due: u64 = redis
+        .cli(&["ZSCORE", "fold:|#keep", "fold:|#fences"])
+        .parse()
+        .unwrap();
+    let t = redis.cli(&["TIME"]);
+    let now: u64 = t.lines().next().unwrap().parse::<u64>().unwrap() * 1000;
+    assert!(due > now && due <= now + 61_000, "{due} {now}");
     // Fills that start after it store as usual.
     assert_eq!(get(&svc, "/f/1/x").await.0, "MISS");
     assert_eq!(get(&svc, "/f/1/x").await.0, "HIT");

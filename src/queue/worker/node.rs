@@ -11,34 +11,9 @@ use redis::{Client, ConnectionAddr, Value};
 
 use crate::error::FenceError;
 
-/// The Redis Cluster slot of `key` (CRC16/XMODEM of its hash tag, or of
-/// the whole key without one, modulo 16384).
+/// The Redis Cluster slot of `key` (see `crate::keep::slot`).
 pub(super) fn slot(key: &[u8]) -> u16 {
-    let tagged = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            let close = rest.iter().position(|&b| b == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(key);
-    crc16(tagged) % 16384
-}
-
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &b in bytes {
-        crc ^= u16::from(b) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
+    crate::keep::slot(key)
 }
 
 /// The primary serving `slot` in a `CLUSTER SLOTS` reply.
@@ -108,7 +83,6 @@ mod tests {
     #[test]
     fn slots_match_redis() {
         // From the Redis Cluster specification and `CLUSTER KEYSLOT`.
-        assert_eq!(crc16(b"123456789"), 0x31C3);
         assert_eq!(slot(b"foo"), 12182);
         assert_eq!(slot(b"{user1000}.following"), slot(b"user1000"));
         assert_eq!(slot(b"foo{}{bar}"), slot(b"foo{}{bar}"));
