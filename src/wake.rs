@@ -428,6 +428,7 @@ async fn listen_cluster<C>(
     // topology change; what the server drops (a slot moved away sends
     // `sunsubscribe`) is subscribed again here, at the slot's new owner.
     let mut held = Held::default();
+    interests.unconfirm(None);
     let mut dirty = true;
     loop {
         if dirty {
@@ -447,6 +448,7 @@ async fn listen_cluster<C>(
                         if let Some(channel) = push.data.first().and_then(string_of) {
                             // Ours (sync_cluster forgot it first) or the
                             // server's: either way look again.
+                            interests.unconfirm(Some(&channel));
                             if held.shards.remove(&channel) || held.namespace.remove(&channel) {
                                 dirty = true;
                             }
@@ -531,19 +533,20 @@ async fn sync_cluster(
             }
         }
     }
-    let wanted = interests.shards();
     // One channel per call: each lives in its own slot.
-    let gone: Vec<String> = held.shards.difference(&wanted).cloned().collect();
-    for channel in gone {
+    for channel in interests.take_unwanted(&held.shards) {
         held.shards.remove(&channel);
         if let Err(err) = timed(conn.sunsubscribe(&channel)).await {
             tracing::debug!(error = %err, "sharded unsubscribe failed");
         }
     }
+    let wanted = interests.shards();
     let new: Vec<String> = wanted.difference(&held.shards).cloned().collect();
     for channel in new {
         match timed(conn.ssubscribe(&channel)).await {
             Ok(()) => {
+                // The server answered: its `SPUBLISH`es reach us from now on.
+                interests.confirm(&channel);
                 held.shards.insert(channel);
             }
             Err(err) => {
