@@ -135,6 +135,10 @@ impl<C> Drop for FlightGuard<C> {
 /// The longest a waiter on a Redis Cluster waits for its sharded wake-up
 /// subscription to be confirmed before it polls (unmarked) instead.
 const CONFIRM_WAIT: Duration = Duration::from_millis(500);
+/// The first poll of a waiter whose sharded subscription is confirmed (and
+/// whose lease is marked): pub/sub wakes it; the poll only covers a
+/// message lost with a connection.
+const SUBSCRIBED_POLL: Duration = Duration::from_millis(50);
 
 pub(crate) async fn run<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>)
 where
@@ -323,6 +327,9 @@ where
                         bound.min(remaining)
                     };
                     if interest.subscribed(bound).await {
+                        // The store's message will reach this waiter:
+                        // polls are only the fallback for a lost one.
+                        backoff = Backoff::from(SUBSCRIBED_POLL);
                         continue;
                     }
                 }

@@ -902,14 +902,24 @@ where
         // before its reply.
         let acks = self.shared.acks.register();
         let tag = format!("{}:{}", self.shared.id, acks.seq);
+        // On a Redis Cluster the script only says whether the entry was
+        // marked; the announcement goes out on the sharded channel below.
+        let cluster = store.is_cluster();
+        let script_tag = if cluster { format!("={tag}") } else { tag.clone() };
         let result = if soft {
-            step(|| store.soft_invalidate(primary, fence, &tag, found)).await
+            step(|| store.soft_invalidate(primary, fence, &script_tag, found)).await
         } else {
-            step(|| store.invalidate(primary, self.shared.id, fence, &tag, found)).await
+            step(|| store.invalidate(primary, self.shared.id, fence, &script_tag, found)).await
         };
         let detached = self.shared.flights.detach_entry(primary);
         Counters::add(&self.config.counters.detached, detached);
-        let (n, near) = result?;
+        let (n, mut near) = result?;
+        // On a Redis Cluster the script only counted the marked entries:
+        // one announcement on the sharded channel counts the near caches.
+        if cluster && near.entries > 0 {
+            near.heard = announce_near_shard(store, primary, &tag).await?;
+            near.entries = 1;
+        }
         if near.entries > 0 {
             self.near_acknowledged(primary, &acks, near).await;
         }
@@ -1043,4 +1053,24 @@ where
         stats.breaker = self.shared.store.breaker().state();
         stats
     }
+}
+
+/// A Redis Cluster's near-cache announcement of the marked entry `primary`
+/// (removed or marked stale): `SPUBLISH`ed on its namespace's sharded
+/// channel, where every near cache of the fleet subscribes (on the one
+/// primary owning that channel's slot), so the count is every near cache's.
+/// Returns that count (the acknowledgements to wait for). Not retried: a
+/// retry after a lost reply would deliver it twice and have each near cache
+/// acknowledge twice.
+async fn announce_near_shard<C>(
+    store: &crate::store::Store<C>,
+    primary: &str,
+    tag: &str,
+) -> Result<u64, FenceError>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let channel = crate::store::channels::near_shard_of_key(primary);
+    let message = format!("{tag} {primary}");
+    store.spublish(&channel, &message).await
 }

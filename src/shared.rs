@@ -81,14 +81,27 @@ where
 }
 
 impl<C> Shared<C> {
-    /// The near cache, when there is one and it may be used: not on a
-    /// Redis Cluster (its writes' announcements would need a subscription
-    /// on every shard; ARCHITECTURE.md, "The near cache").
+    /// The near cache, when there is one and it may be used: on a Redis
+    /// Cluster only with the cluster listener of
+    /// [`cluster_wake_ups`](crate::FenceCache::cluster_wake_ups), which
+    /// subscribes to the sharded announcements (ARCHITECTURE.md, "The near
+    /// cache").
     pub(crate) fn near(&self) -> Option<&Near>
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
-        self.near.get().filter(|_| !self.store.is_cluster())
+        self.near
+            .get()
+            .filter(|_| !self.store.is_cluster() || self.cluster_listener())
+    }
+
+    /// Whether the wake-up listener is a Redis Cluster's.
+    fn cluster_listener(&self) -> bool {
+        #[cfg(feature = "cluster-async")]
+        if let Some(Source::Cluster(..)) = self.wake_client.get() {
+            return true;
+        }
+        false
     }
 }
 

@@ -90,6 +90,21 @@ pub(crate) mod channels {
         out
     }
 
+    /// The near-cache channel of a namespace on a Redis Cluster: sharded,
+    /// in the slot of its own hash tag (`{<namespace>|#near}`), so one
+    /// primary counts every near cache's subscription; the invalidations
+    /// `SPUBLISH` their announcements there (`<ack tag> <key>`).
+    pub(crate) fn near_shard(namespace: &str) -> String {
+        let prefix = namespace_prefix(namespace);
+        format!("{prefix}#near:{{{prefix}#near}}")
+    }
+
+    /// [`near_shard`] for the namespace `key` is in.
+    pub(crate) fn near_shard_of_key(key: &str) -> String {
+        let prefix = prefix_of(key);
+        format!("{prefix}#near:{{{prefix}#near}}")
+    }
+
     /// The channel the near caches acknowledge `sender`'s announcements on
     /// (the message: the announcement's sequence number).
     pub(crate) fn ack(namespace: &str, sender: u64) -> String {
@@ -106,7 +121,7 @@ pub(crate) mod channels {
 
     /// Whether `channel` is a near-cache channel.
     pub(crate) fn is_near(channel: &str) -> bool {
-        channel.ends_with("#near")
+        channel.ends_with("#near") || channel.contains("#near:{")
     }
 
     /// Whether `channel` is an acknowledgement channel.
@@ -136,6 +151,10 @@ pub(crate) mod channels {
             assert_eq!(invalidate_of_key(lease), "shop:|#invalidate");
             assert!(is_wake("shop:|#wake") && is_wake("shop:|#wake:{0123abcd}"));
             assert!(!is_wake("shop:|#invalidate"));
+            assert_eq!(near_shard("shop:"), "shop:|#near:{shop:|#near}");
+            assert_eq!(near_shard_of_key(lease), near_shard("shop:"));
+            assert!(is_near(&near_shard("shop:")) && is_near(&near("shop:")));
+            assert!(!is_near(&wake_of_key(lease, true).unwrap_or_default()));
         }
     }
 }
@@ -1342,6 +1361,16 @@ where
         let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
         let mut conn = self.conn.clone();
         timed(timeout, pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// `SPUBLISH`es `message` on the sharded `channel`; returns how many
+    /// subscribers the channel's primary delivered it to.
+    pub(crate) async fn spublish(&self, channel: &str, message: &str) -> Result<u64, FenceError> {
+        self.run("spublish", |mut c| {
+            let cmd = redis::cmd("SPUBLISH").arg(channel).arg(message).clone();
+            async move { cmd.query_async::<u64>(&mut c).await }
+        })
+        .await
     }
 
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), FenceError> {

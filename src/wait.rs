@@ -21,6 +21,14 @@ impl Backoff {
         Self { next: FIRST }
     }
 
+    /// Backoff from `first` (at most [`CAP`]): for a waiter whose wake-up
+    /// is confirmed to reach it, polling is only the fallback.
+    pub(crate) fn from(first: Duration) -> Self {
+        Self {
+            next: first.min(CAP),
+        }
+    }
+
     pub(crate) fn next(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(CAP);
