@@ -94,6 +94,7 @@ pub(crate) mod channels {
     /// in the slot of its own hash tag (`{<namespace>|#near}`), so one
     /// primary counts every near cache's subscription; the invalidations
     /// `SPUBLISH` their announcements there (`<ack tag> <key>`).
+    #[cfg_attr(not(feature = "cluster-async"), allow(dead_code))]
     pub(crate) fn near_shard(namespace: &str) -> String {
         let prefix = namespace_prefix(namespace);
         format!("{prefix}#near:{{{prefix}#near}}")
@@ -1180,6 +1181,65 @@ where
         Ok(vec![None])
     }
 
+    /// Who owns which slots of a Redis Cluster, and which primaries are
+    /// importing slots (a migration in progress: its keys arrive there one
+    /// `MIGRATE` at a time); for a walk to tell whether keys moved while
+    /// it ran (`None` when not on a cluster).
+    pub(crate) async fn layout(&self) -> Result<Option<Layout>, FenceError> {
+        #[cfg(feature = "cluster-async")]
+        if self.is_cluster() {
+            use redis::cluster_routing::{
+                MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo,
+            };
+            let value: Value = self
+                .run("layout", |c| async move {
+                    let mut conn = self.cluster_connection(&c).await?;
+                    let mut cmd = redis::cmd("CLUSTER");
+                    cmd.arg("SLOTS");
+                    let routing = RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllNodes,
+                        Some(ResponsePolicy::OneSucceeded),
+                    ));
+                    conn.route_command(cmd, routing).await
+                })
+                .await?;
+            let ranges = slot_ranges(&value).ok_or_else(|| {
+                FenceError::invalid_input("unexpected CLUSTER SLOTS reply listing slot owners")
+            })?;
+            let mut primaries: Vec<(String, u16)> = Vec::new();
+            for (_, _, node) in &ranges {
+                if !primaries.contains(node) {
+                    primaries.push(node.clone());
+                }
+            }
+            let mut importing = Vec::new();
+            for (host, port) in primaries {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                });
+                let text: String = self
+                    .run("layout", |c| async move {
+                        let mut conn = self.cluster_connection(&c).await?;
+                        let mut cmd = redis::cmd("CLUSTER");
+                        cmd.arg("NODES");
+                        let value = conn.route_command(cmd, routing).await?;
+                        Ok(redis::from_redis_value(value)?)
+                    })
+                    .await?;
+                // Its own line (`myself`) lists what it imports: `[<slot>-<-<id>]`.
+                if text
+                    .lines()
+                    .any(|line| line.contains("myself") && line.contains("-<-"))
+                {
+                    importing.push((host, port));
+                }
+            }
+            return Ok(Some(Layout { ranges, importing }));
+        }
+        Ok(None)
+    }
+
     /// One SCAN step on one node. Returns the next cursor and the keys that
     /// are UTF-8 (every key this crate writes is; a foreign one matching the
     /// pattern is skipped rather than failing the walk).
@@ -1447,6 +1507,83 @@ fn pairs(value: Value) -> Option<Fields> {
 /// The primaries (`host`, `port`) serving slots in a `CLUSTER SLOTS`
 /// reply, each once, in the reply's order; `None` when the reply (or an
 /// address in it) is not understood.
+/// A Redis Cluster's slot owners and importing primaries
+/// ([`Store::layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// Slot ranges (first, last) with their primary.
+    ranges: Vec<(u16, u16, (String, u16))>,
+    /// Primaries importing slots.
+    importing: Vec<(String, u16)>,
+}
+
+impl Layout {
+    fn owner(&self, slot: u16) -> Option<&(String, u16)> {
+        self.ranges
+            .iter()
+            .find(|(first, last, _)| (*first..=*last).contains(&slot))
+            .map(|(_, _, node)| node)
+    }
+
+    /// The primaries keys may have moved to since `before`: those owning a
+    /// slot they did not own then, and those importing then or now.
+    pub(crate) fn moved_to_since(&self, before: &Self) -> Vec<Node> {
+        let mut out: Vec<(String, u16)> = Vec::new();
+        let mut add = |node: &(String, u16)| {
+            if !out.contains(node) {
+                out.push(node.clone());
+            }
+        };
+        for slot in 0..16384u16 {
+            if let Some(now) = self.owner(slot)
+                && before.owner(slot) != Some(now)
+            {
+                add(now);
+            }
+        }
+        for node in before.importing.iter().chain(&self.importing) {
+            add(node);
+        }
+        out.into_iter().map(Some).collect()
+    }
+}
+
+/// The slot ranges of a `CLUSTER SLOTS` reply, with their primary.
+#[cfg(feature = "cluster-async")]
+fn slot_ranges(reply: &Value) -> Option<Vec<(u16, u16, (String, u16))>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let mut out = Vec::new();
+    for range in ranges {
+        let Value::Array(parts) = range else {
+            return None;
+        };
+        let (Some(Value::Int(first)), Some(Value::Int(last))) = (parts.first(), parts.get(1))
+        else {
+            return None;
+        };
+        let Some(Value::Array(primary)) = parts.get(2) else {
+            return None;
+        };
+        let host = match primary.first()? {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+            Value::SimpleString(s) => s.clone(),
+            _ => return None,
+        };
+        let port = match primary.get(1)? {
+            Value::Int(p) => u16::try_from(*p).ok()?,
+            _ => return None,
+        };
+        out.push((
+            u16::try_from(*first).ok()?,
+            u16::try_from(*last).ok()?,
+            (host, port),
+        ));
+    }
+    Some(out)
+}
+
 #[cfg(feature = "cluster-async")]
 fn slot_primaries(reply: &Value) -> Option<Vec<(String, u16)>> {
     let Value::Array(ranges) = reply else {

@@ -140,7 +140,11 @@ struct Proc {
     addr: SocketAddr,
 }
 
-async fn near_proc(cluster: &RedisCluster, version: &Arc<AtomicU64>, calls: &Arc<AtomicU64>) -> Proc {
+async fn near_proc(
+    cluster: &RedisCluster,
+    version: &Arc<AtomicU64>,
+    calls: &Arc<AtomicU64>,
+) -> Proc {
     let cache = FenceCache::new(cluster.connection().await)
         .namespace(NEAR_NS)
         .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
@@ -246,11 +250,17 @@ async fn near_hits_on_a_cluster_make_no_redis_command() {
     for path in &paths {
         warm(&http, &p, path).await;
     }
-    let nodes: std::collections::BTreeSet<usize> =
-        paths.iter().filter_map(|path| node_of(&cluster, path)).collect();
+    let nodes: std::collections::BTreeSet<usize> = paths
+        .iter()
+        .filter_map(|path| node_of(&cluster, path))
+        .collect();
     assert_eq!(nodes.len(), 3, "the entries are on every primary");
     let before = p.cache.stats();
-    let commands: u64 = cluster.nodes().iter().map(|n| n.command_count("hmget")).sum();
+    let commands: u64 = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.command_count("hmget"))
+        .sum();
     for path in &paths {
         let reply = http.get(p.addr, path).await;
         assert_eq!(reply.cache_status(), Some("HIT"));
@@ -259,7 +269,11 @@ async fn near_hits_on_a_cluster_make_no_redis_command() {
     let after = p.cache.stats();
     assert_eq!(after.near_hits - before.near_hits, paths.len() as u64);
     assert_eq!(after.redis_calls, before.redis_calls);
-    let commands_after: u64 = cluster.nodes().iter().map(|n| n.command_count("hmget")).sum();
+    let commands_after: u64 = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.command_count("hmget"))
+        .sum();
     assert_eq!(commands_after, commands);
     assert_eq!(calls.load(Ordering::SeqCst), paths.len() as u64);
 }
@@ -346,7 +360,11 @@ async fn a_store_on_a_cluster_drops_the_entry_in_the_other_near_cache() {
         .await;
         assert_eq!(http.get(b.addr, &path).await.text(), v.to_string());
     }
-    let keys: Vec<String> = cluster.nodes().iter().map(|n| n.cli(&["KEYS", "*"])).collect();
+    let keys: Vec<String> = cluster
+        .nodes()
+        .iter()
+        .map(|n| n.cli(&["KEYS", "*"]))
+        .collect();
     assert_eq!(nodes.len(), 3, "entries on every primary: {keys:?}");
 }
 
@@ -426,4 +444,52 @@ async fn near_caches_on_a_cluster_drop_an_entry_before_the_invalidation_returns(
         assert_eq!(p.cache.stats().near_ack_timeouts, 0);
         assert_eq!(p.cache.stats().near_flushes, 0);
     }
+}
+
+/// Kills, on every node, the connections holding subscriptions (the
+/// listeners'); returns how many.
+fn kill_subscribers(cluster: &RedisCluster) -> usize {
+    let mut killed = 0;
+    for node in cluster.nodes() {
+        for line in node.cli(&["CLIENT", "LIST"]).lines() {
+            let field = |name: &str| {
+                line.split(' ')
+                    .find_map(|f| f.strip_prefix(&format!("{name}=")))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            if field("sub") + field("ssub") > 0 {
+                node.cli(&["CLIENT", "KILL", "ID", &field("id").to_string()]);
+                killed += 1;
+            }
+        }
+    }
+    killed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_cluster_subscription_flushes_the_near_cache_until_it_is_back() {
+    let cluster = RedisCluster::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
+    let a = near_proc(&cluster, &version, &calls).await;
+    let b = near_proc(&cluster, &version, &calls).await;
+    let http = Http::new();
+    warm(&http, &a, "/l").await;
+    warm(&http, &b, "/l").await;
+    assert!(kill_subscribers(&cluster) >= 2);
+    support::gate::until("the flushes", || {
+        a.cache.stats().near_flushes >= 1 && b.cache.stats().near_flushes >= 1
+    })
+    .await;
+    assert!(!a.cache.near_holds_for_tests(NEAR_NS, "/l"));
+    // In use again once subscribed again; coherent again.
+    up(&a.cache).await;
+    up(&b.cache).await;
+    warm(&http, &a, "/l").await;
+    warm(&http, &b, "/l").await;
+    version.store(1, Ordering::SeqCst);
+    a.handle.invalidate_path("/l").await.unwrap();
+    assert!(!b.cache.near_holds_for_tests(NEAR_NS, "/l"));
+    assert_eq!(http.get(b.addr, "/l").await.text(), "1");
+    assert_eq!(a.cache.stats().near_ack_timeouts, 0);
 }
