@@ -1507,12 +1507,15 @@ fn pairs(value: Value) -> Option<Fields> {
 /// The primaries (`host`, `port`) serving slots in a `CLUSTER SLOTS`
 /// reply, each once, in the reply's order; `None` when the reply (or an
 /// address in it) is not understood.
+/// A range of slots (first, last) and the address of its primary.
+type SlotRange = (u16, u16, (String, u16));
+
 /// A Redis Cluster's slot owners and importing primaries
 /// ([`Store::layout`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Layout {
     /// Slot ranges (first, last) with their primary.
-    ranges: Vec<(u16, u16, (String, u16))>,
+    ranges: Vec<SlotRange>,
     /// Primaries importing slots.
     importing: Vec<(String, u16)>,
 }
@@ -1550,7 +1553,7 @@ impl Layout {
 
 /// The slot ranges of a `CLUSTER SLOTS` reply, with their primary.
 #[cfg(feature = "cluster-async")]
-fn slot_ranges(reply: &Value) -> Option<Vec<(u16, u16, (String, u16))>> {
+fn slot_ranges(reply: &Value) -> Option<Vec<SlotRange>> {
     let Value::Array(ranges) = reply else {
         return None;
     };
