@@ -137,8 +137,10 @@ impl<C> Drop for FlightGuard<C> {
 const CONFIRM_WAIT: Duration = Duration::from_millis(500);
 /// The first poll of a waiter whose sharded subscription is confirmed (and
 /// whose lease is marked): pub/sub wakes it; the poll only covers a
-/// message lost with a connection.
-const SUBSCRIBED_POLL: Duration = Duration::from_millis(50);
+/// message lost with a connection (then polls every [`crate::wait::CAP`]).
+/// A poll landing just after the store would take the entry before the
+/// message: rare polls leave that to the message.
+const SUBSCRIBED_POLL: Duration = Duration::from_secs(1);
 
 pub(crate) async fn run<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>)
 where

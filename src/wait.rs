@@ -21,12 +21,11 @@ impl Backoff {
         Self { next: FIRST }
     }
 
-    /// Backoff from `first` (at most [`CAP`]): for a waiter whose wake-up
-    /// is confirmed to reach it, polling is only the fallback.
+    /// Backoff whose first pause is `first` (even above [`CAP`]), then
+    /// [`CAP`]: for a waiter whose wake-up is confirmed to reach it, polling
+    /// is only the fallback for a message lost with its connection.
     pub(crate) fn from(first: Duration) -> Self {
-        Self {
-            next: first.min(CAP),
-        }
+        Self { next: first }
     }
 
     pub(crate) fn next(&mut self) -> Duration {

@@ -472,6 +472,8 @@ async fn listen_cluster<C>(
                         interests.unconfirm(None);
                         held = Held::default();
                         dirty = true;
+                        // Their messages may be lost: waiters look now.
+                        shared.flights.wake_all();
                     }
                     _ => {
                         if let Some(msg) = redis::Msg::from_push_info(push) {
