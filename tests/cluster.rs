@@ -327,9 +327,9 @@ async fn a_remote_wait_is_woken_by_a_sharded_wake_up() {
     for node in cluster.nodes() {
         let classic = node.cli(&["PUBSUB", "CHANNELS"]);
         assert!(
-            classic.lines().all(|c| c.is_empty()
-                || c == "clu:|#invalidate"
-                || c.starts_with("clu:|#ack:")),
+            classic
+                .lines()
+                .all(|c| c.is_empty() || c == "clu:|#invalidate" || c.starts_with("clu:|#ack:")),
             "{classic}"
         );
     }
