@@ -2,8 +2,8 @@
 //! three primaries: the same traffic, invalidations and invariants; the
 //! faults are `CLIENT KILL` of the data and of the pub/sub connections on
 //! every node and a SIGKILLed leader (no restart: a node without replicas
-//! loses its slots' data); near caches on two of the three processes.
-//! `CHECKER_SEED`, `CHECKER_SECS` / `CHECKER_OPS` and
+//! loses its slots' data; no near caches: the setting is ignored on a
+//! cluster). `CHECKER_SEED`, `CHECKER_SECS` / `CHECKER_OPS` and
 //! `CHECKER_STRICT` as there.
 
 mod chk;

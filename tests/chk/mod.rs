@@ -899,7 +899,7 @@ async fn queue_watch(ctx: Arc<Ctx>) {
 pub enum Backend {
     /// One `redis-server` (AOF on).
     Single(RedisServer),
-    /// A Redis Cluster (near caches on two of the three processes).
+    /// A Redis Cluster (no near caches there: the setting is ignored).
     #[cfg(feature = "cluster-async")]
     Cluster(support::RedisCluster),
 }
@@ -1680,8 +1680,7 @@ pub async fn run(backend: Backend, server_test: &'static str) {
             vec![("CLUSTER_URLS".to_owned(), cluster.urls().join(","))],
             None,
             None,
-            // Near caches on two of three (sharded announcements).
-            vec![(true, false), (false, false), (true, false)],
+            vec![(false, false); 3],
         ),
     };
     let paths = all_paths();
