@@ -358,8 +358,12 @@ where
     ///   revalidations, XFetch's early refreshes and entries that vary
     ///   (`Vary`) go to Redis. An entry larger than an eighth of
     ///   `max_bytes` is not taken in.
-    /// - Not on a Redis Cluster: its announcements would need a
-    ///   subscription on every shard; there the setting is ignored.
+    /// - On a Redis Cluster it needs
+    ///   [`cluster_wake_ups`](Self::cluster_wake_ups) (else the setting is
+    ///   ignored): invalidations are announced on the namespace's sharded
+    ///   channel, which every near cache subscribes to on the primary owning
+    ///   it; when its slot moves, near caches are flushed until they
+    ///   subscribed again.
     /// - Redis evicting a marked entry under `maxmemory`, or a `FLUSHALL`,
     ///   is not announced by Redis; an invalidation of an entry Redis no
     ///   longer has is announced all the same, so the near entry is dropped

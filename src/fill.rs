@@ -132,6 +132,16 @@ impl<C> Drop for FlightGuard<C> {
     }
 }
 
+/// The longest a waiter on a Redis Cluster waits for its sharded wake-up
+/// subscription to be confirmed before it polls (unmarked) instead.
+const CONFIRM_WAIT: Duration = Duration::from_millis(500);
+/// The first poll of a waiter whose sharded subscription is confirmed (and
+/// whose lease is marked): pub/sub wakes it; the poll only covers a
+/// message lost with a connection (then polls every [`crate::wait::CAP`]).
+/// A poll landing just after the store would take the entry before the
+/// message: rare polls leave that to the message.
+const SUBSCRIBED_POLL: Duration = Duration::from_secs(1);
+
 pub(crate) async fn run<S, C, ReqB, ResB>(mut job: Job<S, C, ReqB, ResB, S::Error>)
 where
     S: Inner<ReqB, ResB>,
@@ -157,7 +167,9 @@ where
     let mut refresh = job.mode != Mode::Fill;
     let mut waiting = false;
     // Keeps the wake-up subscription of the awaited entry (Redis Cluster).
-    let mut _interest = None;
+    let mut interest: Option<crate::shared::Interest> = None;
+    // Whether this fill waited for that subscription to be confirmed.
+    let mut confirming = false;
     let mut wait_spent = false;
     let mut backoff = Backoff::new();
     // When this fill began waiting on another process's lease.
@@ -176,8 +188,14 @@ where
                 lease_for: config.lock_timeout,
                 refresh,
                 decided_on: job.decided_on.filter(|_| !redirected && !repairing),
-                // A waiter that can be woken asks the fill to publish.
-                listening: shared.wake_client.get().is_some(),
+                // A waiter that can be woken asks the fill to publish; on a
+                // Redis Cluster only once its sharded subscription is
+                // confirmed (a store before would publish to nobody).
+                listening: shared.wake_client.get().is_some()
+                    && (!shared.store.is_cluster()
+                        || interest
+                            .as_ref()
+                            .is_some_and(crate::shared::Interest::is_subscribed)),
                 // A stale copy in hand needs no second one from Redis.
                 have_stale: job.stale.is_some(),
             })
@@ -292,7 +310,30 @@ where
                     // The listener may have died with a runtime: restart it.
                     crate::wake::ensure_listener(&shared);
                     // On a Redis Cluster: this entry's sharded channel.
-                    _interest = crate::wake::wake_interest(&shared, &key);
+                    interest = crate::wake::wake_interest(&shared, &key);
+                }
+                // Subscribed first, marked after: once the subscription is
+                // confirmed, ACQUIRE again at once (it marks the lease, or
+                // finds what landed meanwhile). Unconfirmed in time: poll
+                // unmarked, and mark once it is.
+                if !confirming && let Some(interest) = &interest {
+                    confirming = true;
+                    let bound = job
+                        .deadlines
+                        .wait
+                        .saturating_duration_since(tokio::time::Instant::now())
+                        .min(CONFIRM_WAIT);
+                    let bound = if remaining.is_zero() {
+                        bound
+                    } else {
+                        bound.min(remaining)
+                    };
+                    if interest.subscribed(bound).await {
+                        // The store's message will reach this waiter:
+                        // polls are only the fallback for a lost one.
+                        backoff = Backoff::from(SUBSCRIBED_POLL);
+                        continue;
+                    }
                 }
                 let now = tokio::time::Instant::now();
                 if now >= job.deadlines.cap {

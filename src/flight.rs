@@ -208,6 +208,16 @@ impl Flights {
         }
     }
 
+    /// Wakes every fill of the table: a wake-up may have been lost (the
+    /// listener's connection to a node dropped), so waiters look again now
+    /// instead of at their next poll.
+    #[cfg(feature = "cluster-async")]
+    pub(crate) fn wake_all(&self) {
+        for flight in self.lock().values() {
+            flight.wake.notify_one();
+        }
+    }
+
     /// Detaches the fills of an entry (the primary key and its variants):
     /// they leave the table, so the next request starts a new fill, and
     /// their joiners restart. Returns how many were detached.

@@ -20,7 +20,7 @@ use crate::key::{
 use crate::policy::RequestRule;
 use crate::shared::Shared;
 use crate::stats::{Counters, Stats};
-use crate::store::{Node, ReleaseArgs, Store, channels};
+use crate::store::{Layout, Node, ReleaseArgs, Store, channels};
 
 /// Keys read per SCAN step.
 const SCAN_BATCH: usize = 500;
@@ -99,6 +99,8 @@ struct Walk {
     pattern: String,
     /// The node the last batch came from.
     batch_node: Option<Node>,
+    /// The slot owners when the current round began (Redis Cluster).
+    layout: Option<Layout>,
 }
 
 /// Rounds of "list the primaries again" before a walk gives up on a
@@ -110,6 +112,8 @@ impl Walk {
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
+        // Before the nodes: a slot moving after this is seen moved.
+        let layout = step(|| store.layout()).await?;
         let mut nodes = step(|| store.nodes()).await?;
         nodes.reverse();
         Ok(Self {
@@ -118,6 +122,7 @@ impl Walk {
             cursor: 0,
             pattern,
             batch_node: None,
+            layout,
         })
     }
 
@@ -129,13 +134,35 @@ impl Walk {
         let mut rounds = 0;
         loop {
             let Some(node) = self.nodes.last().cloned() else {
-                if !store.is_cluster() || rounds >= WALK_ROUNDS {
+                if !store.is_cluster() {
                     return Ok(None);
+                }
+                // Slots that moved (or are moving) while the walk ran: their
+                // keys may have reached a node after it was scanned.
+                let moved = self.slots_moved(store).await?;
+                if rounds >= WALK_ROUNDS {
+                    return match moved.first() {
+                        Some(node) => Err(walk_incomplete(
+                            node,
+                            "slots kept moving to it while the walk ran",
+                        )),
+                        None => Ok(None),
+                    };
                 }
                 // Primaries that appeared while the walk ran.
                 rounds += 1;
                 let now = step(|| store.nodes()).await?;
                 self.nodes = now.into_iter().filter(|n| !self.seen.contains(n)).collect();
+                if !moved.is_empty() {
+                    tracing::debug!(nodes = ?moved, "slots moved during the walk: walking their new owners again");
+                    for node in moved {
+                        if !self.nodes.contains(&node) {
+                            self.nodes.push(node);
+                        }
+                    }
+                    // A migration in progress: give it time to end.
+                    tokio::time::sleep(Duration::from_millis(20 << rounds)).await;
+                }
                 if self.nodes.is_empty() {
                     return Ok(None);
                 }
@@ -176,6 +203,23 @@ impl Walk {
 }
 
 impl Walk {
+    /// The primaries keys may have moved to since this round began
+    /// (`Layout::moved_to_since`); the next round begins now.
+    async fn slots_moved<C>(&mut self, store: &Store<C>) -> Result<Vec<Node>, FenceError>
+    where
+        C: ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        let Some(before) = self.layout.take() else {
+            return Ok(Vec::new());
+        };
+        let now = step(|| store.layout()).await?;
+        let moved = now
+            .as_ref()
+            .map_or_else(Vec::new, |now| now.moved_to_since(&before));
+        self.layout = now;
+        Ok(moved)
+    }
+
     /// Acting on the last batch failed: on a cluster, the walk could not
     /// cover the node that batch came from (a primary failing mid-walk);
     /// the error names it.
@@ -902,14 +946,28 @@ where
         // before its reply.
         let acks = self.shared.acks.register();
         let tag = format!("{}:{}", self.shared.id, acks.seq);
-        let result = if soft {
-            step(|| store.soft_invalidate(primary, fence, &tag, found)).await
+        // On a Redis Cluster the script only says whether the entry was
+        // marked; the announcement goes out on the sharded channel below.
+        let cluster = store.is_cluster();
+        let script_tag = if cluster {
+            format!("={tag}")
         } else {
-            step(|| store.invalidate(primary, self.shared.id, fence, &tag, found)).await
+            tag.clone()
+        };
+        let result = if soft {
+            step(|| store.soft_invalidate(primary, fence, &script_tag, found)).await
+        } else {
+            step(|| store.invalidate(primary, self.shared.id, fence, &script_tag, found)).await
         };
         let detached = self.shared.flights.detach_entry(primary);
         Counters::add(&self.config.counters.detached, detached);
-        let (n, near) = result?;
+        let (n, mut near) = result?;
+        // On a Redis Cluster the script only counted the marked entries:
+        // one announcement on the sharded channel counts the near caches.
+        if cluster && near.entries > 0 {
+            near.heard = announce_near_shard(store, primary, &tag).await?;
+            near.entries = 1;
+        }
         if near.entries > 0 {
             self.near_acknowledged(primary, &acks, near).await;
         }
@@ -1043,4 +1101,24 @@ where
         stats.breaker = self.shared.store.breaker().state();
         stats
     }
+}
+
+/// A Redis Cluster's near-cache announcement of the marked entry `primary`
+/// (removed or marked stale): `SPUBLISH`ed on its namespace's sharded
+/// channel, where every near cache of the fleet subscribes (on the one
+/// primary owning that channel's slot), so the count is every near cache's.
+/// Returns that count (the acknowledgements to wait for). Not retried: a
+/// retry after a lost reply would deliver it twice and have each near cache
+/// acknowledge twice.
+async fn announce_near_shard<C>(
+    store: &crate::store::Store<C>,
+    primary: &str,
+    tag: &str,
+) -> Result<u64, FenceError>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let channel = crate::store::channels::near_shard_of_key(primary);
+    let message = format!("{tag} {primary}");
+    store.spublish(&channel, &message).await
 }

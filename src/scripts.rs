@@ -73,8 +73,12 @@ return {'held', ttl}
 /// channel when the hash at `k` carries the `near` mark (a process may hold
 /// it in its near cache: see [`NEAR_MARK`]) and returns the number of
 /// receivers (0 when unmarked); `announced` counts its announcements.
-/// `tag` is `<sender>:<seq>` when the caller waits for acknowledgements,
-/// `-` when not.
+/// `tag` is `<sender>:<seq>` when the caller
+/// waits for acknowledgements, `-` when not. A tag starting with `=` (a
+/// Redis Cluster, where a script's `PUBLISH` counts only the node's own
+/// subscribers) publishes nothing and returns 1 for a marked entry: the
+/// caller announces it on the namespace's sharded channel and counts the
+/// receivers there.
 macro_rules! near_announce {
     () => {
         r"
@@ -83,6 +87,7 @@ local function near(k, tag)
   local okn, marked = pcall(redis.call, 'HEXISTS', k, 'near')
   if okn and marked == 1 then
     announced = announced + 1
+    if string.sub(tag, 1, 1) == '=' then return 1 end
     return redis.call('PUBLISH', (string.match(k, '^[^|]*|') or '') .. '#near', tag .. ' ' .. k)
   end
   return 0

@@ -81,14 +81,27 @@ where
 }
 
 impl<C> Shared<C> {
-    /// The near cache, when there is one and it may be used: not on a
-    /// Redis Cluster (its writes' announcements would need a subscription
-    /// on every shard; ARCHITECTURE.md, "The near cache").
+    /// The near cache, when there is one and it may be used: on a Redis
+    /// Cluster only with the cluster listener of
+    /// [`cluster_wake_ups`](crate::FenceCache::cluster_wake_ups), which
+    /// subscribes to the sharded announcements (ARCHITECTURE.md, "The near
+    /// cache").
     pub(crate) fn near(&self) -> Option<&Near>
     where
         C: ConnectionLike + Clone + Send + Sync + 'static,
     {
-        self.near.get().filter(|_| !self.store.is_cluster())
+        self.near
+            .get()
+            .filter(|_| !self.store.is_cluster() || self.cluster_listener())
+    }
+
+    /// Whether the wake-up listener is a Redis Cluster's.
+    fn cluster_listener(&self) -> bool {
+        #[cfg(feature = "cluster-async")]
+        if let Some(Source::Cluster(..)) = self.wake_client.get() {
+            return true;
+        }
+        false
     }
 }
 
@@ -160,6 +173,11 @@ pub(crate) struct Interests {
     acks: Mutex<std::collections::BTreeSet<String>>,
     /// Sharded channel → fills waiting on it.
     shards: Mutex<std::collections::HashMap<String, usize>>,
+    /// The sharded channels the server confirmed subscribing (locked after
+    /// `shards` when both are).
+    confirmed: Mutex<std::collections::HashSet<String>>,
+    /// Moves whenever a channel is confirmed.
+    confirmations: tokio::sync::watch::Sender<u64>,
     /// Told when either set changes.
     pub(crate) changed: tokio::sync::Notify,
     /// Moves whenever a namespace is added.
@@ -227,12 +245,76 @@ impl Interests {
     pub(crate) fn shards(&self) -> std::collections::HashSet<String> {
         lock(&self.shards).keys().cloned().collect()
     }
+
+    /// The listener's subscription to `channel` was confirmed by the server.
+    #[cfg(feature = "cluster-async")]
+    pub(crate) fn confirm(&self, channel: &str) {
+        lock(&self.confirmed).insert(channel.to_owned());
+        self.confirmations.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// The channels of `held` no fill wants any more, forgotten as
+    /// confirmed in the same step (under the lock a new interest takes), so
+    /// that a fill wanting one again waits for its new subscription.
+    #[cfg(feature = "cluster-async")]
+    pub(crate) fn take_unwanted(&self, held: &std::collections::HashSet<String>) -> Vec<String> {
+        let shards = lock(&self.shards);
+        let gone: Vec<String> = held
+            .iter()
+            .filter(|c| !shards.contains_key(*c))
+            .cloned()
+            .collect();
+        let mut confirmed = lock(&self.confirmed);
+        for channel in &gone {
+            confirmed.remove(channel);
+        }
+        gone
+    }
+
+    /// `channel` is no longer subscribed (the server dropped it, or the
+    /// listener's connection is new), or none is (`None`).
+    #[cfg(feature = "cluster-async")]
+    pub(crate) fn unconfirm(&self, channel: Option<&str>) {
+        let mut confirmed = lock(&self.confirmed);
+        match channel {
+            Some(channel) => {
+                confirmed.remove(channel);
+            }
+            None => confirmed.clear(),
+        }
+    }
 }
 
 /// A fill's interest in one sharded wake-up channel.
 pub(crate) struct Interest {
     interests: Arc<Interests>,
     channel: String,
+}
+
+impl Interest {
+    /// Whether the listener's subscription to the channel is confirmed by
+    /// the server. A waiter marks the lease (asks the filler to publish) only after
+    /// this: a store landing before would publish to nobody.
+    pub(crate) fn is_subscribed(&self) -> bool {
+        lock(&self.interests.confirmed).contains(&self.channel)
+    }
+
+    /// Waits until [`is_subscribed`](Self::is_subscribed), at most
+    /// `within`; returns whether it is.
+    pub(crate) async fn subscribed(&self, within: std::time::Duration) -> bool {
+        let mut rx = self.interests.confirmations.subscribe();
+        let wait = async {
+            loop {
+                if self.is_subscribed() {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(within, wait).await.is_ok()
+    }
 }
 
 impl Drop for Interest {

@@ -90,6 +90,22 @@ pub(crate) mod channels {
         out
     }
 
+    /// The near-cache channel of a namespace on a Redis Cluster: sharded,
+    /// in the slot of its own hash tag (`{<namespace>|#near}`), so one
+    /// primary counts every near cache's subscription; the invalidations
+    /// `SPUBLISH` their announcements there (`<ack tag> <key>`).
+    #[cfg_attr(not(feature = "cluster-async"), allow(dead_code))]
+    pub(crate) fn near_shard(namespace: &str) -> String {
+        let prefix = namespace_prefix(namespace);
+        format!("{prefix}#near:{{{prefix}#near}}")
+    }
+
+    /// [`near_shard`] for the namespace `key` is in.
+    pub(crate) fn near_shard_of_key(key: &str) -> String {
+        let prefix = prefix_of(key);
+        format!("{prefix}#near:{{{prefix}#near}}")
+    }
+
     /// The channel the near caches acknowledge `sender`'s announcements on
     /// (the message: the announcement's sequence number).
     pub(crate) fn ack(namespace: &str, sender: u64) -> String {
@@ -106,7 +122,7 @@ pub(crate) mod channels {
 
     /// Whether `channel` is a near-cache channel.
     pub(crate) fn is_near(channel: &str) -> bool {
-        channel.ends_with("#near")
+        channel.ends_with("#near") || channel.contains("#near:{")
     }
 
     /// Whether `channel` is an acknowledgement channel.
@@ -136,6 +152,10 @@ pub(crate) mod channels {
             assert_eq!(invalidate_of_key(lease), "shop:|#invalidate");
             assert!(is_wake("shop:|#wake") && is_wake("shop:|#wake:{0123abcd}"));
             assert!(!is_wake("shop:|#invalidate"));
+            assert_eq!(near_shard("shop:"), "shop:|#near:{shop:|#near}");
+            assert_eq!(near_shard_of_key(lease), near_shard("shop:"));
+            assert!(is_near(&near_shard("shop:")) && is_near(&near("shop:")));
+            assert!(!is_near(&wake_of_key(lease, true).unwrap_or_default()));
         }
     }
 }
@@ -1161,6 +1181,65 @@ where
         Ok(vec![None])
     }
 
+    /// Who owns which slots of a Redis Cluster, and which primaries are
+    /// importing slots (a migration in progress: its keys arrive there one
+    /// `MIGRATE` at a time); for a walk to tell whether keys moved while
+    /// it ran (`None` when not on a cluster).
+    pub(crate) async fn layout(&self) -> Result<Option<Layout>, FenceError> {
+        #[cfg(feature = "cluster-async")]
+        if self.is_cluster() {
+            use redis::cluster_routing::{
+                MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo,
+            };
+            let value: Value = self
+                .run("layout", |c| async move {
+                    let mut conn = self.cluster_connection(&c).await?;
+                    let mut cmd = redis::cmd("CLUSTER");
+                    cmd.arg("SLOTS");
+                    let routing = RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllNodes,
+                        Some(ResponsePolicy::OneSucceeded),
+                    ));
+                    conn.route_command(cmd, routing).await
+                })
+                .await?;
+            let ranges = slot_ranges(&value).ok_or_else(|| {
+                FenceError::invalid_input("unexpected CLUSTER SLOTS reply listing slot owners")
+            })?;
+            let mut primaries: Vec<(String, u16)> = Vec::new();
+            for (_, _, node) in &ranges {
+                if !primaries.contains(node) {
+                    primaries.push(node.clone());
+                }
+            }
+            let mut importing = Vec::new();
+            for (host, port) in primaries {
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                });
+                let text: String = self
+                    .run("layout", |c| async move {
+                        let mut conn = self.cluster_connection(&c).await?;
+                        let mut cmd = redis::cmd("CLUSTER");
+                        cmd.arg("NODES");
+                        let value = conn.route_command(cmd, routing).await?;
+                        Ok(redis::from_redis_value(value)?)
+                    })
+                    .await?;
+                // Its own line (`myself`) lists what it imports: `[<slot>-<-<id>]`.
+                if text
+                    .lines()
+                    .any(|line| line.contains("myself") && line.contains("-<-"))
+                {
+                    importing.push((host, port));
+                }
+            }
+            return Ok(Some(Layout { ranges, importing }));
+        }
+        Ok(None)
+    }
+
     /// One SCAN step on one node. Returns the next cursor and the keys that
     /// are UTF-8 (every key this crate writes is; a foreign one matching the
     /// pattern is skipped rather than failing the walk).
@@ -1344,6 +1423,16 @@ where
         timed(timeout, pipe.query_async::<()>(&mut conn)).await
     }
 
+    /// `SPUBLISH`es `message` on the sharded `channel`; returns how many
+    /// subscribers the channel's primary delivered it to.
+    pub(crate) async fn spublish(&self, channel: &str, message: &str) -> Result<u64, FenceError> {
+        self.run("spublish", |mut c| {
+            let cmd = redis::cmd("SPUBLISH").arg(channel).arg(message).clone();
+            async move { cmd.query_async::<u64>(&mut c).await }
+        })
+        .await
+    }
+
     pub(crate) async fn publish(&self, channel: &str, message: &str) -> Result<(), FenceError> {
         self.run("publish", |mut c| {
             let cmd = redis::cmd("PUBLISH").arg(channel).arg(message).clone();
@@ -1418,6 +1507,86 @@ fn pairs(value: Value) -> Option<Fields> {
 /// The primaries (`host`, `port`) serving slots in a `CLUSTER SLOTS`
 /// reply, each once, in the reply's order; `None` when the reply (or an
 /// address in it) is not understood.
+/// A range of slots (first, last) and the address of its primary.
+type SlotRange = (u16, u16, (String, u16));
+
+/// A Redis Cluster's slot owners and importing primaries
+/// ([`Store::layout`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Layout {
+    /// Slot ranges (first, last) with their primary.
+    ranges: Vec<SlotRange>,
+    /// Primaries importing slots.
+    importing: Vec<(String, u16)>,
+}
+
+impl Layout {
+    fn owner(&self, slot: u16) -> Option<&(String, u16)> {
+        self.ranges
+            .iter()
+            .find(|(first, last, _)| (*first..=*last).contains(&slot))
+            .map(|(_, _, node)| node)
+    }
+
+    /// The primaries keys may have moved to since `before`: those owning a
+    /// slot they did not own then, and those importing then or now.
+    pub(crate) fn moved_to_since(&self, before: &Self) -> Vec<Node> {
+        let mut out: Vec<(String, u16)> = Vec::new();
+        let mut add = |node: &(String, u16)| {
+            if !out.contains(node) {
+                out.push(node.clone());
+            }
+        };
+        for slot in 0..16384u16 {
+            if let Some(now) = self.owner(slot)
+                && before.owner(slot) != Some(now)
+            {
+                add(now);
+            }
+        }
+        for node in before.importing.iter().chain(&self.importing) {
+            add(node);
+        }
+        out.into_iter().map(Some).collect()
+    }
+}
+
+/// The slot ranges of a `CLUSTER SLOTS` reply, with their primary.
+#[cfg(feature = "cluster-async")]
+fn slot_ranges(reply: &Value) -> Option<Vec<SlotRange>> {
+    let Value::Array(ranges) = reply else {
+        return None;
+    };
+    let mut out = Vec::new();
+    for range in ranges {
+        let Value::Array(parts) = range else {
+            return None;
+        };
+        let (Some(Value::Int(first)), Some(Value::Int(last))) = (parts.first(), parts.get(1))
+        else {
+            return None;
+        };
+        let Some(Value::Array(primary)) = parts.get(2) else {
+            return None;
+        };
+        let host = match primary.first()? {
+            Value::BulkString(b) => String::from_utf8(b.clone()).ok()?,
+            Value::SimpleString(s) => s.clone(),
+            _ => return None,
+        };
+        let port = match primary.get(1)? {
+            Value::Int(p) => u16::try_from(*p).ok()?,
+            _ => return None,
+        };
+        out.push((
+            u16::try_from(*first).ok()?,
+            u16::try_from(*last).ok()?,
+            (host, port),
+        ));
+    }
+    Some(out)
+}
+
 #[cfg(feature = "cluster-async")]
 fn slot_primaries(reply: &Value) -> Option<Vec<(String, u16)>> {
     let Value::Array(ranges) = reply else {

@@ -21,6 +21,13 @@ impl Backoff {
         Self { next: FIRST }
     }
 
+    /// Backoff whose first pause is `first` (even above [`CAP`]), then
+    /// [`CAP`]: for a waiter whose wake-up is confirmed to reach it, polling
+    /// is only the fallback for a message lost with its connection.
+    pub(crate) fn from(first: Duration) -> Self {
+        Self { next: first }
+    }
+
     pub(crate) fn next(&mut self) -> Duration {
         let base = self.next;
         self.next = (self.next * 2).min(CAP);

@@ -428,10 +428,14 @@ async fn listen_cluster<C>(
     // topology change; what the server drops (a slot moved away sends
     // `sunsubscribe`) is subscribed again here, at the slot's new owner.
     let mut held = Held::default();
+    interests.unconfirm(None);
+    // However the listener ends, the near cache is emptied and bypassed.
+    let _near = NearDown(shared.clone());
     let mut dirty = true;
     loop {
         if dirty {
             dirty = !sync_cluster(&mut conn, &interests, &mut held).await;
+            dirty |= !sync_cluster_near(&mut conn, &shared, &mut held).await;
         }
         let retry = if dirty {
             Duration::from_millis(200)
@@ -447,10 +451,29 @@ async fn listen_cluster<C>(
                         if let Some(channel) = push.data.first().and_then(string_of) {
                             // Ours (sync_cluster forgot it first) or the
                             // server's: either way look again.
+                            interests.unconfirm(Some(&channel));
+                            if held.near.remove(&channel) {
+                                // The announcements' slot moved: nothing is
+                                // heard until the subscription is back.
+                                near_down(&Arc::downgrade(&shared));
+                                dirty = true;
+                            }
                             if held.shards.remove(&channel) || held.namespace.remove(&channel) {
                                 dirty = true;
                             }
                         }
+                    }
+                    PushKind::Disconnection => {
+                        // A node's connection dropped: redis-rs subscribes
+                        // again by itself, but what was sent meanwhile is
+                        // lost. Subscribe (and confirm) everything again.
+                        tracing::debug!("wake-up cluster connection: a node disconnected");
+                        near_down(&Arc::downgrade(&shared));
+                        interests.unconfirm(None);
+                        held = Held::default();
+                        dirty = true;
+                        // Their messages may be lost: waiters look now.
+                        shared.flights.wake_all();
                     }
                     _ => {
                         if let Some(msg) = redis::Msg::from_push_info(push) {
@@ -502,8 +525,81 @@ where
 #[cfg(feature = "cluster-async")]
 #[derive(Default)]
 struct Held {
+    /// Classic channels: invalidations, and the near cache's
+    /// acknowledgements and store announcements.
     namespace: HashSet<String>,
+    /// Sharded wake-up channels of the entries fills wait on.
     shards: HashSet<String>,
+    /// The namespaces' sharded near-cache channels (`channels::near_shard`).
+    near: HashSet<String>,
+}
+
+/// The near cache's channels on a Redis Cluster: this cache's
+/// acknowledgements (classic: a `PUBLISH` reaches every node), and with a
+/// near cache each namespace's classic `#near` (the stores' announcements,
+/// which need no count) and sharded `#near:{..}` (the invalidations', whose
+/// `SPUBLISH` counts every near cache on one primary). Then, when every one
+/// is held and no namespace was added meanwhile, the near cache is in use.
+/// Returns whether every command succeeded.
+#[cfg(feature = "cluster-async")]
+async fn sync_cluster_near<C>(
+    conn: &mut redis::cluster_async::ClusterConnection,
+    shared: &Weak<Shared<C>>,
+    held: &mut Held,
+) -> bool
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let Some(shared) = shared.upgrade() else {
+        return true;
+    };
+    let near = shared.near();
+    let version = shared.interests.version();
+    let mut classic = Vec::new();
+    let mut sharded = Vec::new();
+    for namespace in shared.interests.ack_namespaces() {
+        classic.push(channels::ack(&namespace, shared.id));
+    }
+    if near.is_some() {
+        for namespace in shared.interests.namespaces() {
+            classic.push(channels::near(&namespace));
+            sharded.push(channels::near_shard(&namespace));
+        }
+    }
+    classic.retain(|c| !held.namespace.contains(c));
+    let mut ok = true;
+    if !classic.is_empty() {
+        match timed(conn.subscribe(&classic)).await {
+            Ok(()) => held.namespace.extend(classic),
+            Err(err) => {
+                tracing::debug!(error = %err, "subscribing to the near-cache channels failed");
+                ok = false;
+            }
+        }
+    }
+    for channel in sharded {
+        if held.near.contains(&channel) {
+            continue;
+        }
+        match timed(conn.ssubscribe(&channel)).await {
+            Ok(()) => {
+                held.near.insert(channel);
+            }
+            Err(err) => {
+                tracing::debug!(error = %err, "subscribing to the sharded near-cache channel failed");
+                ok = false;
+            }
+        }
+    }
+    if ok
+        && let Some(near) = near
+        && !near.is_up()
+        && shared.interests.version() == version
+    {
+        near.up();
+        tracing::debug!("near cache in use (Redis Cluster)");
+    }
+    ok
 }
 
 /// Brings the cluster subscriptions in line with the interests. Returns
@@ -531,19 +627,20 @@ async fn sync_cluster(
             }
         }
     }
-    let wanted = interests.shards();
     // One channel per call: each lives in its own slot.
-    let gone: Vec<String> = held.shards.difference(&wanted).cloned().collect();
-    for channel in gone {
+    for channel in interests.take_unwanted(&held.shards) {
         held.shards.remove(&channel);
         if let Err(err) = timed(conn.sunsubscribe(&channel)).await {
             tracing::debug!(error = %err, "sharded unsubscribe failed");
         }
     }
+    let wanted = interests.shards();
     let new: Vec<String> = wanted.difference(&held.shards).cloned().collect();
     for channel in new {
         match timed(conn.ssubscribe(&channel)).await {
             Ok(()) => {
+                // The server answered: its `SPUBLISH`es reach us from now on.
+                interests.confirm(&channel);
                 held.shards.insert(channel);
             }
             Err(err) => {
