@@ -58,11 +58,7 @@ const FAULT_TAIL: Duration = Duration::from_secs(5);
 /// 600 s on main + `tags` + `eviction` (seed 4) but for the queued kind,
 /// a checker bug since fixed. (The cap, row 6, was here until `deadlines`
 /// was merged.)
-const KNOWN: &[&str] = &[
-    "a: stale read after an invalidation",
-    "a: stale read (not STALE) after a soft invalidation",
-    "a: stale read after a queued invalidation",
-];
+const KNOWN: &[&str] = &[];
 
 type Client = HyperClient<HttpConnector, Full<Bytes>>;
 
