@@ -95,16 +95,11 @@ fn move_slot(cluster: &RedisCluster, slot: u16, from: usize, to: usize) {
     let slot_s = slot.to_string();
     dst.cli(&["CLUSTER", "SETSLOT", &slot_s, "IMPORTING", &src_id]);
     src.cli(&["CLUSTER", "SETSLOT", &slot_s, "MIGRATING", &dst_id]);
-    let mut rounds = 0;
     loop {
         let keys = src.cli(&["CLUSTER", "GETKEYSINSLOT", &slot_s, "20"]);
         let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
         if keys.is_empty() {
             break;
-        }
-        rounds += 1;
-        if rounds % 50 == 0 {
-            eprintln!("DIAG move_slot {slot}: round {rounds}, keys {keys:?}");
         }
         let port = dst.port().to_string();
         let mut args = vec![
@@ -118,10 +113,7 @@ fn move_slot(cluster: &RedisCluster, slot: u16, from: usize, to: usize) {
             "KEYS",
         ];
         args.extend(keys);
-        if let Err(e) = src.try_cli(&args) {
-            eprintln!("DIAG MIGRATE slot {slot}: {e}");
-            panic!("MIGRATE {e}");
-        }
+        src.cli(&args);
         // Requests run between the batches.
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -221,7 +213,6 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
             let n = cluster.nodes().len();
             for slot in slots {
                 let from = owner(&cluster, slot);
-                eprintln!("DIAG moving slot {slot} from {from}");
                 move_slot(&cluster, slot, from, (from + 1) % n);
             }
             done.store(true, Ordering::SeqCst);
@@ -233,21 +224,15 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
     let mut unavailable = 0;
     let moving = std::time::Instant::now();
     while !done.load(Ordering::SeqCst) {
+        // The mover panicked (a command failed): its panic is the
+        // failure, not a loop of walks that never ends.
         if mover.is_finished() && !done.load(Ordering::SeqCst) {
-            eprintln!("DIAG mover finished without done");
             break;
         }
         let v = version.fetch_add(1, Ordering::SeqCst) + 1;
         let started = std::time::Instant::now();
         let result = a.handle.invalidate_prefix("/r/").await;
         walk_ms.push(started.elapsed().as_millis());
-        if started.elapsed() > Duration::from_secs(1) {
-            eprintln!(
-                "DIAG walk {v} took {:?}: {:?}",
-                started.elapsed(),
-                result.as_ref().map(|_| ())
-            );
-        }
         match result {
             Ok(_) => {
                 floor.fetch_max(v, Ordering::SeqCst);
@@ -271,11 +256,18 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
     let moving = moving.elapsed();
     // Settled: one more walk, which must complete.
     let v = version.fetch_add(1, Ordering::SeqCst) + 1;
+    let settled = std::time::Instant::now();
     loop {
         match b.handle.invalidate_prefix("/r/").await {
             Ok(_) => break,
             Err(err) if err.is_circuit_open() || err.is_timeout() => {
-                eprintln!("DIAG final walk: {err} stats b {:?}", b.cache.stats());
+                // Redis answers again once the moves are over: a breaker
+                // still open after 30 s is a failure, not a wait.
+                assert!(
+                    settled.elapsed() < Duration::from_secs(30),
+                    "the walk after the moves: Redis still unavailable after 30 s ({err}); {:?}",
+                    b.cache.stats()
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(err) => panic!("the walk after the moves: {err}"),
@@ -284,8 +276,9 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
     floor.fetch_max(v, Ordering::SeqCst);
     let before = answered.load(Ordering::SeqCst);
     while answered.load(Ordering::SeqCst) < before + 400 {
-        if let Some(w) = workers.iter().position(|w| w.is_finished()) {
-            eprintln!("DIAG worker {w} finished early");
+        // A worker that panicked answers no more: its panic is the failure.
+        if workers.iter().any(|w| w.is_finished()) {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -298,34 +291,11 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
             let reply = http.get(p.addr, path).await;
             let text = reply.text();
             let got: u64 = text.split(' ').next().unwrap().parse().unwrap();
-            if got < v {
-                eprintln!(
-                    "DIAG stale {path} from {} status {:?}",
-                    p.addr,
-                    reply.cache_status()
-                );
-                for (i, node) in cluster.nodes().iter().enumerate() {
-                    let keys = node.cli(&["KEYS", &format!("{NS}|{path}:*")]);
-                    for k in keys.lines().filter(|k| !k.is_empty()) {
-                        let slot = node.cli(&["CLUSTER", "KEYSLOT", k]);
-                        eprintln!(
-                            "DIAG node {i} owner {} has {k} ttl {} type {} dump {}",
-                            owner(&cluster, slot.parse().unwrap()),
-                            node.cli(&["PTTL", k]),
-                            node.cli(&["TYPE", k]),
-                            node.try_cli(&["HGETALL", k])
-                                .map(|v| format!("{v:?}"))
-                                .unwrap_or_default()
-                                .chars()
-                                .take(300)
-                                .collect::<String>()
-                        );
-                    }
-                }
-                let again = http.get(p.addr, path).await;
-                eprintln!("DIAG again {} {:?}", again.text(), again.cache_status());
-            }
-            assert!(got >= v, "{path}: {text} after the last walk ({v})");
+            assert!(
+                got >= v,
+                "{path}: {text} ({:?}) after the last walk ({v})",
+                reply.cache_status()
+            );
         }
     }
     let stale = stale.lock().unwrap().clone();
