@@ -60,10 +60,10 @@ where
 }
 
 /// Whether `key` (under an entry's URL) is one of the URL's index keys or
-/// leases rather than an entry: its variant set, fence, a lease or a
-/// waiter mark.
+/// leases rather than an entry: its variant set, fence, a lease, a
+/// waiter mark or its owed near-cache announcement (Redis Cluster).
 fn is_index_key(key: &str) -> bool {
-    [":vars", ":fence", ":lease", ":lease:w"]
+    [":vars", ":fence", ":lease", ":lease:w", ":near-owed"]
         .iter()
         .any(|s| key.ends_with(s))
 }
@@ -865,7 +865,10 @@ where
                 if verify {
                     // The entry (at the URL or a dimension of it) holds the
                     // whole key, which starts with the URL.
-                    if key.ends_with(":lease") || key.ends_with(":vars") {
+                    if key.ends_with(":lease")
+                        || key.ends_with(":vars")
+                        || key.ends_with(":near-owed")
+                    {
                         continue;
                     }
                     let full = self
@@ -967,6 +970,11 @@ where
         if cluster && near.entries > 0 {
             near.heard = announce_near_shard(store, primary, &tag).await?;
             near.entries = 1;
+            // Out: the URL owes no announcement (a failure leaves the mark
+            // for the next walk, which announces again).
+            if !soft && let Err(err) = store.clear_owed(primary, &script_tag).await {
+                tracing::debug!(error = %err, "clearing an owed near announcement failed; the next invalidation announces again");
+            }
         }
         if near.entries > 0 {
             self.near_acknowledged(primary, &acks, near).await;

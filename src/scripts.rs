@@ -620,10 +620,34 @@ end
 heard = heard + near(KEYS[1], ARGV[6])
 redis.call('UNLINK', KEYS[1], KEYS[1] .. ':lease')
 if had == 1 and not index then n = n + 1 end
+-- Redis Cluster: the announcement is the caller's SPUBLISH, after this
+-- script. Until it clears the URL's owed mark (CLEAR_OWED), a walk finds
+-- the mark and announces the URL again (an earlier SPUBLISH failed).
+if string.sub(ARGV[6], 1, 1) == '=' then
+  local owed = (string.match(KEYS[1], '^[^}]*}') or KEYS[1]) .. ':near-owed'
+  if announced == 0 and redis.call('EXISTS', owed) == 1 then
+    announced = 1
+    heard = heard + 1
+  end
+  if announced > 0 then redis.call('SET', owed, ARGV[6]) end
+end
 redis.call('PUBLISH', ARGV[1], 'key:' .. ARGV[2] .. ':' .. KEYS[1])
 return {n, left, heard, announced}
 "
 );
+
+/// Clears a URL's owed near-cache announcement (Redis Cluster, see
+/// [`INVALIDATE`]) once it went out: only if no later invalidation owes
+/// one since (the mark still holds this one's tag).
+///
+/// KEYS: the URL's `:near-owed` mark. ARGV: the ack tag INVALIDATE set.
+/// Returns 1 when cleared.
+pub(crate) const CLEAR_OWED: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
 
 /// Marks an entry and a batch of its variants stale: their `fresh` time
 /// becomes 0, so no reader, whatever its clock says, takes them for fresh.
@@ -705,6 +729,7 @@ pub(crate) struct Scripts {
     pub(crate) tag_unmark: Script,
     pub(crate) prefix_fence: Script,
     pub(crate) near_mark: Script,
+    pub(crate) clear_owed: Script,
 }
 
 impl Scripts {
@@ -722,6 +747,7 @@ impl Scripts {
             tag_unmark: Script::new(TAG_UNMARK),
             prefix_fence: Script::new(PREFIX_FENCE),
             near_mark: Script::new(NEAR_MARK),
+            clear_owed: Script::new(CLEAR_OWED),
         }
     }
 }

@@ -956,8 +956,9 @@ where
         let variants = crate::key::variants_set_of(primary);
         let url_fence = url_fence_of(primary);
         let keep = keep_of(&url_fence, self.is_cluster());
-        // Near caches are off on a cluster: no announcement of a missing
-        // entry there.
+        // On a cluster a missing entry is not announced (the script's
+        // PUBLISH would count one node's listeners); a URL's owed
+        // announcement is (see `INVALIDATE`).
         let announce = if self.is_cluster() { "0" } else { "1" };
         let mut found = found;
         let channel = channels::invalidate_of_key(primary);
@@ -1421,6 +1422,19 @@ where
         let timeout = Duration::from_millis(self.timeout_ms.load(Ordering::Relaxed));
         let mut conn = self.conn.clone();
         timed(timeout, pipe.query_async::<()>(&mut conn)).await
+    }
+
+    /// Clears the owed near-cache announcement of `primary`'s URL (Redis
+    /// Cluster: INVALIDATE set it with `tag`, the announcement went out).
+    pub(crate) async fn clear_owed(&self, primary: &str, tag: &str) -> Result<(), FenceError> {
+        let owed = format!("{}:near-owed", crate::key::url_of(primary));
+        self.run("clear_owed", |mut c| {
+            let mut inv = self.scripts.clear_owed.key(owed);
+            inv.arg(tag);
+            async move { inv.invoke_async::<u64>(&mut c).await }
+        })
+        .await
+        .map(|_| ())
     }
 
     /// `SPUBLISH`es `message` on the sharded `channel`; returns how many

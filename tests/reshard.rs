@@ -224,6 +224,11 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
     let mut unavailable = 0;
     let moving = std::time::Instant::now();
     while !done.load(Ordering::SeqCst) {
+        // The mover panicked (a command failed): its panic is the
+        // failure, not a loop of walks that never ends.
+        if mover.is_finished() && !done.load(Ordering::SeqCst) {
+            break;
+        }
         let v = version.fetch_add(1, Ordering::SeqCst) + 1;
         let started = std::time::Instant::now();
         let result = a.handle.invalidate_prefix("/r/").await;
@@ -251,10 +256,18 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
     let moving = moving.elapsed();
     // Settled: one more walk, which must complete.
     let v = version.fetch_add(1, Ordering::SeqCst) + 1;
+    let settled = std::time::Instant::now();
     loop {
         match b.handle.invalidate_prefix("/r/").await {
             Ok(_) => break,
             Err(err) if err.is_circuit_open() || err.is_timeout() => {
+                // Redis answers again once the moves are over: a breaker
+                // still open after 30 s is a failure, not a wait.
+                assert!(
+                    settled.elapsed() < Duration::from_secs(30),
+                    "the walk after the moves: Redis still unavailable after 30 s ({err}); {:?}",
+                    b.cache.stats()
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             Err(err) => panic!("the walk after the moves: {err}"),
@@ -263,6 +276,10 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
     floor.fetch_max(v, Ordering::SeqCst);
     let before = answered.load(Ordering::SeqCst);
     while answered.load(Ordering::SeqCst) < before + 400 {
+        // A worker that panicked answers no more: its panic is the failure.
+        if workers.iter().any(|w| w.is_finished()) {
+            break;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     stop.store(true, Ordering::SeqCst);
@@ -271,9 +288,14 @@ async fn slots_migrated_under_load_keep_answers_correct_and_walks_complete_or_na
     }
     for path in &paths {
         for p in [&a, &b] {
-            let text = http.get(p.addr, path).await.text();
+            let reply = http.get(p.addr, path).await;
+            let text = reply.text();
             let got: u64 = text.split(' ').next().unwrap().parse().unwrap();
-            assert!(got >= v, "{path}: {text} after the last walk ({v})");
+            assert!(
+                got >= v,
+                "{path}: {text} ({:?}) after the last walk ({v})",
+                reply.cache_status()
+            );
         }
     }
     let stale = stale.lock().unwrap().clone();
@@ -474,4 +496,123 @@ async fn a_slot_migrated_into_a_walked_primary_mid_walk_is_walked_again() {
             );
         }
     }
+}
+
+/// A connection whose `SPUBLISH`es fail (as a timed-out call does) while
+/// `fail` is set.
+#[derive(Clone)]
+struct NoSpublish {
+    inner: ClusterConnection,
+    fail: Arc<AtomicBool>,
+    failed: Arc<AtomicUsize>,
+}
+
+impl redis::aio::ConnectionLike for NoSpublish {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let spublish = matches!(cmd.args_iter().next(),
+                Some(redis::Arg::Simple(name)) if name.eq_ignore_ascii_case(b"SPUBLISH"));
+            if spublish && self.fail.load(Ordering::SeqCst) {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                return Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "SPUBLISH lost (test)",
+                )));
+            }
+            self.inner.req_packed_command(cmd).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        self.inner.req_packed_commands(cmd, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
+}
+
+/// On a Redis Cluster a walk's near-cache announcement is an `SPUBLISH`
+/// after the script removed the entry. When it is lost (the walk fails,
+/// naming the node), another near cache still holds the entry Redis no
+/// longer has: the next walk that returns `Ok` must still have it dropped
+/// (the URL's owed announcement), never leave it answering the old version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lost_near_announcement_is_made_by_the_next_walk() {
+    const ONS: &str = "ro:";
+    let cluster = RedisCluster::new();
+    let version = Arc::new(AtomicU64::new(0));
+    let origin = |version: Arc<AtomicU64>| {
+        move |uri: axum::http::Uri| {
+            let version = version.clone();
+            async move { format!("{} {}", version.load(Ordering::SeqCst), uri.path()) }
+        }
+    };
+    // The invalidating process: its SPUBLISHes can be made to fail.
+    let conn = NoSpublish {
+        inner: cluster.connection().await,
+        fail: Arc::new(AtomicBool::new(false)),
+        failed: Arc::new(AtomicUsize::new(0)),
+    };
+    let invalidator = FenceCache::new(conn.clone())
+        .cluster(true)
+        .namespace(ONS)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()));
+    let handle = invalidator.handle();
+    // The process holding the entry in its near cache.
+    let holder = FenceCache::new(cluster.connection().await)
+        .namespace(ONS)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .near_cache(1 << 20);
+    let addr = serve(Router::new().route(
+        "/{*path}",
+        get(origin(version.clone())).layer(holder.layer()),
+    ))
+    .await;
+    support::gate::until("the near cache's subscription", || {
+        holder.near_is_up_for_tests()
+    })
+    .await;
+    let http = Http::new();
+    for _ in 0..3 {
+        assert_eq!(http.get(addr, "/o/1").await.text(), "0 /o/1");
+    }
+    let near_hits = holder.stats().near_hits;
+    assert_eq!(http.get(addr, "/o/1").await.text(), "0 /o/1");
+    assert_eq!(
+        holder.stats().near_hits,
+        near_hits + 1,
+        "held in the near cache"
+    );
+
+    version.store(1, Ordering::SeqCst);
+    conn.fail.store(true, Ordering::SeqCst);
+    let lost = handle.invalidate_prefix("/o/").await;
+    conn.fail.store(false, Ordering::SeqCst);
+    assert_eq!(conn.failed.load(Ordering::SeqCst), 1);
+    let err = lost.expect_err("the walk whose announcement was lost fails");
+    assert!(err.to_string().contains("127.0.0.1:"), "{err}");
+
+    version.store(2, Ordering::SeqCst);
+    let again = handle.invalidate_prefix("/o/").await;
+    let reply = http.get(addr, "/o/1").await;
+    eprintln!(
+        "lost announcement: first walk {err}; second walk {again:?}; then {:?} ({:?})",
+        reply.text(),
+        reply.cache_status()
+    );
+    again.expect("the second walk");
+    assert_eq!(
+        reply.text(),
+        "2 /o/1",
+        "the walk returned Ok, the near cache kept the old entry"
+    );
 }
