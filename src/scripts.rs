@@ -310,12 +310,21 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
   end
 end
 if ARGV[11] == '1' then near(KEYS[1], '-') end
--- A near cache may still hold the old copy: the mark carries over.
+-- A near cache may still hold the old copy: the mark carries over. When
+-- the entry is missing and near caches are registered (single server), a
+-- near cache may still hold a copy Redis evicted without an announcement:
+-- the new entry is marked, so its next write or invalidation is announced.
 local okc, carried = pcall(redis.call, 'HEXISTS', KEYS[1], 'near')
+local marked = okc and carried == 1
+if not marked and not string.find(ARGV[3], '{', 1, true)
+    and redis.call('EXISTS', KEYS[1]) == 0 then
+  local okr, r = pcall(redis.call, 'EXISTS', (string.match(KEYS[1], '^[^|]*|') or '') .. '#nearcaches')
+  marked = okr and r == 1
+end
 redis.call('DEL', KEYS[1])
 local first = 12
 redis.call('HSET', KEYS[1], unpack(ARGV, first))
-if okc and carried == 1 then redis.call('HSET', KEYS[1], 'near', '1') end
+if marked then redis.call('HSET', KEYS[1], 'near', '1') end
 redis.call('PEXPIRE', KEYS[1], ttl)
 ",
     fenced_write_epilogue!()

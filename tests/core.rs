@@ -105,7 +105,8 @@ async fn a_fresh_hit_costs_exactly_one_redis_command() {
     // variant set out of eviction's reach (PERSIST, TIME, ZADD into the
     // keep set; ZRANGEBYSCORE finds nothing due to reap), drops the lease
     // and finds no waiter mark (DEL, DEL): no PUBLISH. (HEXISTS: STORE
-    // looks for a near mark to carry over.)
+    // looks for a near mark to carry over; EXISTS, EXISTS: the entry is
+    // missing, and no near cache is registered to mark it for.)
     let want = [
         ("evalsha", 2),
         ("hmget", 2),
@@ -122,6 +123,7 @@ async fn a_fresh_hit_costs_exactly_one_redis_command() {
         ("persist", 1),
         ("zadd", 1),
         ("hexists", 1),
+        ("exists", 2),
     ];
     for (cmd, n) in want {
         assert_eq!(

@@ -323,6 +323,61 @@ async fn a_near_cached_entry_redis_dropped_unannounced_is_dropped_by_the_invalid
     assert_eq!(stale, 0, "the near cache served the invalidated entry");
 }
 
+/// The entry Redis evicted is stored again by another process before the
+/// invalidation (found by the randomized checker, seed 7): the new entry
+/// must carry the near mark, or its invalidation announces nothing and the
+/// near copy of the evicted version stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_near_cached_entry_evicted_and_stored_again_is_dropped_by_the_invalidation() {
+    let redis = RedisServer::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicU64::new(0)));
+    let near = FenceCache::new(redis.connection_manager().await)
+        .namespace("nev2:")
+        .wake_ups(redis.client())
+        .near_cache(1 << 20);
+    let near_addr = serve(origin_app(&version, &calls).layer(near.layer())).await;
+    let other = FenceCache::new(redis.connection_manager().await).namespace("nev2:");
+    let handle = other.handle();
+    let other_addr = serve(origin_app(&version, &calls).layer(other.layer())).await;
+    let http = Http::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !near.near_is_up_for_tests() {
+        assert!(Instant::now() < deadline, "near cache never up");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let mut held = false;
+    for _ in 0..5 {
+        http.get(near_addr, "/n/1").await;
+        if near.near_holds_for_tests("nev2:", "/n/1") {
+            held = true;
+            break;
+        }
+    }
+    assert!(held, "never reached the near cache");
+    // Redis drops the entry (as eviction does): nothing is announced.
+    let entry: Vec<String> = redis
+        .cli(&["KEYS", "nev2:|/n/1:*:v:*"])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(entry.len(), 1, "{entry:?}");
+    assert_eq!(redis.cli(&["DEL", &entry[0]]), "1");
+    // Another process (no near cache) stores the URL again.
+    let refill = http.get(other_addr, "/n/1").await;
+    assert_eq!(refill.cache_status(), Some("MISS"));
+    assert_eq!(redis.cli(&["HGET", &entry[0], "near"]), "1", "the new entry is not marked");
+    version.store(2, Ordering::SeqCst);
+    handle.invalidate_path("/n/1").await.unwrap();
+    let mut stale = 0;
+    for _ in 0..5 {
+        if http.get(near_addr, "/n/1").await.text().starts_with("v1 ") {
+            stale += 1;
+        }
+    }
+    assert_eq!(stale, 0, "the near cache served the invalidated entry");
+}
+
 /// Everything a subscriber wrote.
 #[derive(Clone, Default)]
 struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
