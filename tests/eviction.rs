@@ -366,7 +366,11 @@ async fn a_near_cached_entry_evicted_and_stored_again_is_dropped_by_the_invalida
     // Another process (no near cache) stores the URL again.
     let refill = http.get(other_addr, "/n/1").await;
     assert_eq!(refill.cache_status(), Some("MISS"));
-    assert_eq!(redis.cli(&["HGET", &entry[0], "near"]), "1", "the new entry is not marked");
+    assert_eq!(
+        redis.cli(&["HGET", &entry[0], "near"]),
+        "1",
+        "the new entry is not marked"
+    );
     version.store(2, Ordering::SeqCst);
     handle.invalidate_path("/n/1").await.unwrap();
     let mut stale = 0;
