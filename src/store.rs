@@ -765,7 +765,7 @@ where
                 if let Some(policy) = allkeys_policy(&reply) {
                     tracing::warn!(
                         policy,
-                        "Redis maxmemory-policy is {policy}: eviction may remove the cache's                          index keys and fences, hiding live entries from invalidation;                          use volatile-lru or volatile-lfu"
+                        "Redis maxmemory-policy is {policy}: eviction may remove the cache's index keys and fences, hiding live entries from invalidation;                          use volatile-lru or volatile-lfu"
                     );
                 }
             }
