@@ -9,6 +9,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
@@ -27,12 +28,16 @@ enum Wake {
     Cluster(Vec<String>),
 }
 
-/// The one place this file builds a cache.
+/// The one place this file builds a cache. A 2 s Redis timeout: on a
+/// loaded machine a hit slower than the default 250 ms would fail open and
+/// count for nothing here (the commands a hit sends don't depend on it).
 fn cache<C>(conn: C, wake: Wake, near: bool) -> FenceCache<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let cache = FenceCache::new(conn).namespace(NS);
+    let cache = FenceCache::new(conn)
+        .namespace(NS)
+        .redis_timeout(Duration::from_secs(2));
     let cache = match wake {
         Wake::Single(client) => cache.wake_ups(client),
         Wake::Cluster(urls) => {

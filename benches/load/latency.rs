@@ -209,12 +209,14 @@ pub(super) fn run(secs: f64, hog: bool) -> Result<(), Error> {
     let mut results: Vec<(String, Phase, BTreeMap<&'static str, Vec<u32>>)> = Vec::new();
     let states: &[bool] = if hog { &[false, true] } else { &[false] };
     let misses = Arc::new(AtomicU64::new(0));
+    // The load average at the end of each machine state.
+    let mut loads = Vec::new();
     for &hogged in states {
         let _hog = if hogged { Some(Hog::start(2)?) } else { None };
         let state = if hogged {
-            format!("+ 2 busy loops (load {})", loadavg())
+            "+ 2 busy loops".to_owned()
         } else {
-            format!("as is (load {})", loadavg())
+            "as is".to_owned()
         };
         for phase in [Phase::HitsPaced, Phase::HitsSaturated, Phase::MissesPaced] {
             // The hit keys, stored before (their calls not counted).
@@ -293,13 +295,15 @@ pub(super) fn run(secs: f64, hog: bool) -> Result<(), Error> {
             eprintln!("{state}: {} done", phase.name());
             results.push((state.clone(), phase, by_kind));
         }
+        loads.push(format!("{state}: {}", loadavg()));
     }
     let load_after = loadavg();
     println!(
-        "\ncargo bench --bench load -- --redis-latency --secs {secs:.0}{}: each Redis call of the cache timed on its connection; \
-         {}; load average {load_before} -> {load_after}\n",
+        "\ncargo bench --bench load -- --redis-latency --secs {secs}{}: each Redis call of the cache timed on its connection; \
+         {}; load average {load_before} -> {load_after} (at the end of each state: {})\n",
         if hog { "" } else { " --no-hog" },
-        machine()
+        machine(),
+        loads.join(", ")
     );
     println!(
         "| machine | phase | call | calls | p50 ms | p99 ms | p99.9 ms | max ms | > 50 ms | > 100 ms | > 250 ms |"

@@ -362,14 +362,14 @@ async fn window(arm: &Arm, nodes: &[&Node], keys: usize, opts: &Opts) -> (Sample
         rand_seed(),
     ));
     tokio::time::sleep(opts.warmup).await;
-    let near_a = (arm.stats)().near_hits;
     let a = counters(nodes);
+    let near_a = (arm.stats)().near_hits;
     let started = Instant::now();
     measuring.store(true, std::sync::atomic::Ordering::Relaxed);
     let mut rec = run.await.unwrap_or_default();
     let secs = started.elapsed().as_secs_f64().max(1e-3);
-    let b = counters(nodes);
     let near_b = (arm.stats)().near_hits;
+    let b = counters(nodes);
     rec.latencies_us.sort_unstable();
     let hits = rec.latencies_us.len().max(1) as f64;
     let sample = Sample {
@@ -475,6 +475,15 @@ pub(super) fn run(primaries: usize, opts: &Opts) -> Result<(), Error> {
             }
         }
     }
+    // What the nodes burn with no request: Redis's own cron (and on a
+    // cluster the cluster bus), part of every window's CPU.
+    let idle = Duration::from_secs_f64(opts.secs);
+    let idle_cpu = |nodes: &[&Node]| {
+        let a = counters(nodes).cpu_s;
+        std::thread::sleep(idle);
+        (counters(nodes).cpu_s - a) * 1e3 / idle.as_secs_f64()
+    };
+    let (idle_single, idle_cluster) = (idle_cpu(&single_nodes), idle_cpu(&cluster_nodes));
     let mut results: Vec<Vec<Sample>> = vec![Vec::new(); arms.len()];
     let mut errors = 0;
     for rep in 0..opts.reps {
@@ -548,6 +557,10 @@ pub(super) fn run(primaries: usize, opts: &Opts) -> Result<(), Error> {
             .collect();
         println!("  {}: {}", arm.name(primaries), runs.join(" | "));
     }
+    println!(
+        "\nRedis CPU with no request (near caches' heartbeats only): 1 server {idle_single:.1} ms/s, \
+         {primaries} primaries {idle_cluster:.1} ms/s (all nodes)"
+    );
     let ratio = |a: f64, b: f64| a / b.max(1e-9);
     println!(
         "\n{primaries} primaries / 1 server: throughput {:.2}x, Redis CPU per hit {:.2}x; \
