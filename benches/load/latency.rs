@@ -41,8 +41,23 @@ use tower::{Layer, ServiceExt};
 
 use super::{Error, loadavg, machine, percentile, start_redis};
 
-/// Every call: (what it was, µs).
-type Samples = Arc<Mutex<Vec<(&'static str, u32)>>>;
+/// Every call, timed.
+type Samples = Arc<Mutex<Vec<Call>>>;
+
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    kind: &'static str,
+    /// When it started, µs since the process's first call.
+    at_us: u64,
+    us: u32,
+    ok: bool,
+}
+
+/// The clock calls are placed on (for the seconds with a slow call).
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
 
 const HIT: &str = "HMGET";
 const STORE: &str = "store script (with the body)";
@@ -77,10 +92,16 @@ fn kind(cmd: &Cmd) -> &'static str {
     }
 }
 
-fn record(samples: &Samples, kind: &'static str, since: Instant) {
+fn record(samples: &Samples, kind: &'static str, since: Instant, ok: bool) {
     let us = since.elapsed().as_micros().min(u32::MAX as u128) as u32;
+    let at_us = since.saturating_duration_since(epoch()).as_micros() as u64;
     if let Ok(mut s) = samples.lock() {
-        s.push((kind, us));
+        s.push(Call {
+            kind,
+            at_us,
+            us,
+            ok,
+        });
     }
 }
 
@@ -90,7 +111,7 @@ impl<C: ConnectionLike + Send> ConnectionLike for Timed<C> {
         Box::pin(async move {
             let started = Instant::now();
             let out = self.inner.req_packed_command(cmd).await;
-            record(&self.samples, kind, started);
+            record(&self.samples, kind, started, out.is_ok());
             out
         })
     }
@@ -107,7 +128,7 @@ impl<C: ConnectionLike + Send> ConnectionLike for Timed<C> {
                 .inner
                 .req_packed_commands(pipeline, offset, count)
                 .await;
-            record(&self.samples, PIPELINE, started);
+            record(&self.samples, PIPELINE, started, out.is_ok());
             out
         })
     }
@@ -198,15 +219,18 @@ pub(super) fn run(secs: f64, hog: bool) -> Result<(), Error> {
         let layer = cache(conn, client.clone())
             .layer()
             .ttl(Duration::from_secs(3600));
-        Ok::<_, Error>(layer.layer(origin))
+        Ok::<_, Error>((layer.handle(), layer.layer(origin)))
     })?;
+    let (handle, svc) = svc;
     let load_before = loadavg();
     eprintln!(
         "redis latency: {secs:.0} s per phase, redis {}; load average {load_before}",
         redis.url
     );
-    // (machine state, phase) -> calls by kind.
-    let mut results: Vec<(String, Phase, BTreeMap<&'static str, Vec<u32>>)> = Vec::new();
+    // (machine state, phase, calls by kind, the cache's Redis errors and
+    // bypasses in the phase).
+    type PhaseResult = (String, Phase, BTreeMap<&'static str, Vec<Call>>, (u64, u64));
+    let mut results: Vec<PhaseResult> = Vec::new();
     let states: &[bool] = if hog { &[false, true] } else { &[false] };
     let misses = Arc::new(AtomicU64::new(0));
     // The load average at the end of each machine state.
@@ -230,7 +254,8 @@ pub(super) fn run(secs: f64, hog: bool) -> Result<(), Error> {
             if let Ok(mut s) = samples.lock() {
                 s.clear();
             }
-            let requests: Arc<Mutex<Vec<u32>>> = Arc::default();
+            let stats_before = handle.stats();
+            let requests: Samples = Arc::default();
             let stop = Arc::new(AtomicBool::new(false));
             app_rt.block_on(async {
                 let (tasks, pause) = match phase {
@@ -256,11 +281,8 @@ pub(super) fn run(secs: f64, hog: bool) -> Result<(), Error> {
                                     >> 1;
                                 let started = Instant::now();
                                 let ok = get(&svc, &path).await;
-                                if ok && !matches!(phase, Phase::MissesPaced) {
-                                    let us = started.elapsed().as_micros().min(u32::MAX as u128);
-                                    if let Ok(mut r) = requests.lock() {
-                                        r.push(us as u32);
-                                    }
+                                if !matches!(phase, Phase::MissesPaced) {
+                                    record(&requests, REQUEST, started, ok);
                                 }
                                 match pause {
                                     Some(p) => tokio::time::sleep(p).await,
@@ -278,22 +300,28 @@ pub(super) fn run(secs: f64, hog: bool) -> Result<(), Error> {
                 // Stores of the last misses land.
                 tokio::time::sleep(Duration::from_millis(300)).await;
             });
-            let mut by_kind: BTreeMap<&'static str, Vec<u32>> = BTreeMap::new();
-            if let Ok(s) = samples.lock() {
-                for (k, us) in s.iter() {
-                    by_kind.entry(*k).or_default().push(*us);
+            let stats = handle.stats();
+            let mut by_kind: BTreeMap<&'static str, Vec<Call>> = BTreeMap::new();
+            for calls in [&samples, &requests] {
+                if let Ok(s) = calls.lock() {
+                    for c in s.iter() {
+                        by_kind.entry(c.kind).or_default().push(*c);
+                    }
                 }
             }
-            if let Ok(r) = requests.lock()
-                && !r.is_empty()
-            {
-                by_kind.insert(REQUEST, r.clone());
-            }
             for v in by_kind.values_mut() {
-                v.sort_unstable();
+                v.sort_unstable_by_key(|c| c.us);
             }
             eprintln!("{state}: {} done", phase.name());
-            results.push((state.clone(), phase, by_kind));
+            results.push((
+                state.clone(),
+                phase,
+                by_kind,
+                (
+                    stats.redis_errors - stats_before.redis_errors,
+                    stats.bypasses - stats_before.bypasses,
+                ),
+            ));
         }
         loads.push(format!("{state}: {}", loadavg()));
     }
@@ -306,27 +334,55 @@ pub(super) fn run(secs: f64, hog: bool) -> Result<(), Error> {
         loads.join(", ")
     );
     println!(
-        "| machine | phase | call | calls | p50 ms | p99 ms | p99.9 ms | max ms | > 50 ms | > 100 ms | > 250 ms |"
+        "| machine | phase | call | calls | errors | p50 ms | p99 ms | p99.9 ms | max ms | > 50 ms | > 100 ms | > 250 ms | > 500 ms | seconds with one > 100 ms | > 250 ms |"
     );
-    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
-    for (state, phase, by_kind) in &results {
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (state, phase, by_kind, _) in &results {
         for (kind, v) in by_kind {
-            let over = |ms: u32| v.iter().filter(|&&us| us > ms * 1000).count();
+            let us: Vec<u32> = v.iter().map(|c| c.us).collect();
+            let over = |ms: u32| us.iter().filter(|&&x| x > ms * 1000).count();
+            // Distinct seconds (of the calls' starts) with a call over `ms`:
+            // about how many stalls a timeout of `ms` would have cut.
+            let seconds = |ms: u32| {
+                let mut s: Vec<u64> = v
+                    .iter()
+                    .filter(|c| c.us > ms * 1000)
+                    .map(|c| c.at_us / 1_000_000)
+                    .collect();
+                s.dedup();
+                s.sort_unstable();
+                s.dedup();
+                s.len()
+            };
             println!(
-                "| {state} | {} | {kind} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} |",
+                "| {state} | {} | {kind} | {} | {} | {:.2} | {:.2} | {:.2} | {:.1} | {} | {} | {} | {} | {} | {} |",
                 phase.name(),
                 v.len(),
-                percentile(v, 0.50),
-                percentile(v, 0.99),
-                percentile(v, 0.999),
-                v.last().copied().unwrap_or(0) as f64 / 1000.0,
+                v.iter().filter(|c| !c.ok).count(),
+                percentile(&us, 0.50),
+                percentile(&us, 0.99),
+                percentile(&us, 0.999),
+                us.last().copied().unwrap_or(0) as f64 / 1000.0,
                 over(50),
                 over(100),
                 over(250),
+                over(500),
+                seconds(100),
+                seconds(250),
             );
         }
     }
+    println!(
+        "\nthe cache's counters per phase (its timeout is 5 s here: errors are the connection's own):"
+    );
+    for (state, phase, _, (errors, bypasses)) in &results {
+        println!(
+            "  {state}, {}: Redis errors {errors}, bypasses {bypasses}",
+            phase.name()
+        );
+    }
     drop(svc);
+    drop(handle);
     drop(app_rt);
     drop(redis);
     Ok(())

@@ -17,7 +17,9 @@
 //! windows, so every request is a hit. Redis CPU (`INFO cpu`) and commands
 //! (`INFO commandstats`, the harness's own `INFO` and connection handshakes
 //! left out) are deltas over the window, summed over the arm's nodes, per
-//! hit answered in the window.
+//! hit answered in the window; commands per socket read (`INFO stats`
+//! `total_reads_processed`) shows how many commands a node gets per
+//! wake-up (the multiplexed connections pipeline concurrent requests).
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
@@ -106,11 +108,11 @@ impl Node {
             .unwrap_or(0.0)
     }
 
-    /// CPU seconds (user + system) and commands executed so far (the
-    /// harness's `INFO` and the handshakes of its connections left out),
-    /// read with one `INFO`.
+    /// CPU seconds (user + system), commands executed (the harness's
+    /// `INFO` and the handshakes of its connections left out) and reads
+    /// from client sockets so far, read with one `INFO`.
     fn counters(&self) -> Counters {
-        let Ok(info) = self.query::<String>(&["INFO", "cpu", "commandstats"]) else {
+        let Ok(info) = self.query::<String>(&["INFO", "cpu", "stats", "commandstats"]) else {
             return Counters::default();
         };
         let mut out = Counters::default();
@@ -120,6 +122,9 @@ impl Node {
                 .or_else(|| line.strip_prefix("used_cpu_sys:"))
             {
                 out.cpu_s += v.trim().parse::<f64>().unwrap_or(0.0);
+            }
+            if let Some(v) = line.strip_prefix("total_reads_processed:") {
+                out.reads += v.trim().parse::<u64>().unwrap_or(0);
             }
             let Some((name, fields)) = line
                 .strip_prefix("cmdstat_")
@@ -145,6 +150,9 @@ impl Node {
 struct Counters {
     cpu_s: f64,
     commands: u64,
+    /// Reads from client sockets (`total_reads_processed`): commands per
+    /// read is how many commands a node gets per wake-up.
+    reads: u64,
 }
 
 fn counters(nodes: &[&Node]) -> Counters {
@@ -153,6 +161,7 @@ fn counters(nodes: &[&Node]) -> Counters {
         Counters {
             cpu_s: acc.cpu_s + c.cpu_s,
             commands: acc.commands + c.commands,
+            reads: acc.reads + c.reads,
         }
     })
 }
@@ -346,6 +355,8 @@ struct Sample {
     cmds: f64,
     /// The share of the hits served by the near cache.
     near_share: f64,
+    /// Commands per read from a client socket, over the arm's nodes.
+    batch: f64,
 }
 
 /// One measured window of hits over `keys` keys on `arm`, whose Redis is
@@ -378,6 +389,8 @@ async fn window(arm: &Arm, nodes: &[&Node], keys: usize, opts: &Opts) -> (Sample
         cpu_us: (b.cpu_s - a.cpu_s) * 1e6 / hits,
         cmds: b.commands.saturating_sub(a.commands) as f64 / hits,
         near_share: near_b.saturating_sub(near_a) as f64 / hits,
+        batch: b.commands.saturating_sub(a.commands) as f64
+            / b.reads.saturating_sub(a.reads).max(1) as f64,
     };
     (sample, rec.errors)
 }
@@ -524,9 +537,9 @@ pub(super) fn run(primaries: usize, opts: &Opts) -> Result<(), Error> {
         machine()
     );
     println!(
-        "| Redis | hits/s | p99 ms | Redis CPU µs/hit (all nodes) | Redis commands/hit (all nodes) | near-cache hits | Redis memory/entry (4 KiB body) |"
+        "| Redis | hits/s | p99 ms | Redis CPU µs/hit (all nodes) | Redis commands/hit (all nodes) | commands per socket read | near-cache hits | Redis memory/entry (4 KiB body) |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let med: Vec<Sample> = results
         .iter()
         .map(|s| Sample {
@@ -535,16 +548,22 @@ pub(super) fn run(primaries: usize, opts: &Opts) -> Result<(), Error> {
             cpu_us: median(s, |x| x.cpu_us),
             cmds: median(s, |x| x.cmds),
             near_share: median(s, |x| x.near_share),
+            batch: median(s, |x| x.batch),
         })
         .collect();
     for ((arm, m), mem) in arms.iter().zip(&med).zip(&per_entry) {
         println!(
-            "| {} | {} | {:.2} | {:.1} | {:.2} | {:.0} % | {} B |",
+            "| {} | {} | {:.2} | {:.1} | {:.2} | {} | {:.0} % | {} B |",
             arm.name(primaries),
             thousands(m.rps),
             m.p99_ms,
             m.cpu_us,
             m.cmds,
+            if m.cmds >= 0.01 {
+                format!("{:.1}", m.batch)
+            } else {
+                "-".to_owned()
+            },
             m.near_share * 100.0,
             thousands(*mem),
         );
