@@ -35,20 +35,21 @@ fn cache<C>(conn: C, wake: Wake, near: bool) -> FenceCache<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let cache = FenceCache::new(conn)
+    let builder = FenceCache::builder(conn)
         .namespace(NS)
         .redis_timeout(Duration::from_secs(2));
-    let cache = match wake {
-        Wake::Single(client) => cache.wake_ups(client),
+    let builder = match wake {
+        Wake::Single(client) => builder.wake_ups(client),
         Wake::Cluster(urls) => {
-            cache.cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(urls))
+            builder.cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(urls))
         }
     };
-    if near {
-        cache.near_cache(1 << 20)
+    let builder = if near {
+        builder.near_cache(1 << 20)
     } else {
-        cache
-    }
+        builder
+    };
+    builder.build().unwrap()
 }
 
 /// The commands `nodes` ran so far, by name (the test's own `INFO` and

@@ -143,11 +143,12 @@ impl<C: ConnectionLike + Send> ConnectionLike for Timed<C> {
 fn cache(
     conn: Timed<HealingConnection>,
     client: redis::Client,
-) -> FenceCache<Timed<HealingConnection>> {
-    FenceCache::new(conn)
+) -> Result<FenceCache<Timed<HealingConnection>>, Error> {
+    Ok(FenceCache::builder(conn)
         .namespace("latency:")
         .wake_ups(client)
         .redis_timeout(Duration::from_secs(5))
+        .build()?)
 }
 
 /// Two busy loops (one per core here), killed on drop.
@@ -216,7 +217,7 @@ pub(super) fn run(secs: f64, hog: bool) -> Result<(), Error> {
             let body = body.clone();
             async move { Ok::<_, Infallible>(Res::new(Full::new(body))) }
         });
-        let layer = cache(conn, client.clone())
+        let layer = cache(conn, client.clone())?
             .layer()
             .ttl(Duration::from_secs(3600));
         Ok::<_, Error>((layer.handle(), layer.layer(origin)))

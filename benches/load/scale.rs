@@ -11,8 +11,8 @@
 //! ```
 //!
 //! Uses `--conc`, `--reps` and `--secs` of the main harness. Each arm's app
-//! (one cachefence layer made the way the README says: `from_client` /
-//! `from_cluster_client` and wake-ups; TTL 10 min) serves 1,000 keys, all
+//! (one cachefence layer made the way the README says: a
+//! `HealingConnection` and wake-ups; TTL 10 min) serves 1,000 keys, all
 //! stored (and, with a near cache, taken into it) before the measured
 //! windows, so every request is a hit. Redis CPU (`INFO cpu`) and commands
 //! (`INFO commandstats`, the harness's own `INFO` and connection handshakes
@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
-use cachefence::FenceCache;
+use cachefence::{FenceCache, HealingConnection};
 
 use super::{Error, Opts, Origin, Pattern, connect, get_once, load, loadavg, machine, small};
 
@@ -234,8 +234,9 @@ impl Arm {
     }
 }
 
-/// The one place the bench builds a cache: the way the README says
-/// (`from_client` / `from_cluster_client`, wake-ups), in `namespace`, with
+/// The one place the bench builds a cache: the way the README says (a
+/// `HealingConnection`, as `from_client` / `from_cluster_client` make,
+/// wake-ups), in `namespace`, with
 /// a 64 MiB near cache when `near`. Serves it and, with a near cache, waits
 /// until its subscription holds.
 async fn app(
@@ -248,31 +249,29 @@ async fn app(
     let (addr, stats) = match place {
         Place::Single => {
             let client = redis::Client::open(single_url)?;
-            let cache = FenceCache::from_client(client.clone())
-                .await?
+            let builder = FenceCache::builder(HealingConnection::connect(client.clone()).await?)
                 .namespace(namespace)
                 .wake_ups(client);
-            let cache = if near {
-                cache.near_cache(NEAR_BYTES)
+            let builder = if near {
+                builder.near_cache(NEAR_BYTES)
             } else {
-                cache
+                builder
             };
-            serve(cache, near).await?
+            serve(builder.build()?, near).await?
         }
         Place::Cluster => {
             let client = redis::cluster::ClusterClient::new(cluster_urls.to_vec())?;
-            let cache = FenceCache::from_cluster_client(client)
-                .await?
+            let builder = FenceCache::builder(HealingConnection::connect_cluster(client).await?)
                 .namespace(namespace)
                 .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(
                     cluster_urls.to_vec(),
                 ));
-            let cache = if near {
-                cache.near_cache(NEAR_BYTES)
+            let builder = if near {
+                builder.near_cache(NEAR_BYTES)
             } else {
-                cache
+                builder
             };
-            serve(cache, near).await?
+            serve(builder.build()?, near).await?
         }
     };
     Ok(Arm {
