@@ -293,6 +293,9 @@ async fn main() {
         .layer()
         .namespace(args.namespace)
         .rfc9111(true)
+        // RFC 9111 §4.2.2, as Traffic Server and Squid do: 10% of the time
+        // since Last-Modified, at most the layer's TTL.
+        .heuristic_freshness(0.1)
         .cache_status(Some("cachefence"));
     let Some(authority) = args.origin.authority().cloned() else {
         eprintln!("--origin must name a host");

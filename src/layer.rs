@@ -390,8 +390,21 @@ where
     ///   `stale-while-revalidate` window; `no-cache`, `must-revalidate`,
     ///   `proxy-revalidate` and `s-maxage` forbid both, and a soft purge
     ///   then refetches instead of serving stale;
+    /// - any final status with explicit freshness is stored (the
+    ///   [`statuses`](Self::statuses) list only limits the others);
+    ///   `must-understand` stores a status the cache understands despite
+    ///   `no-store` (and never one it doesn't);
+    /// - a response with a validator is kept past its freshness for the
+    ///   [`revalidation_window`](Self::revalidation_window) and revalidated,
+    ///   not refetched (`must-revalidate` included);
+    /// - a request with `Authorization` is looked up; its response is
+    ///   stored, and then served to any request for the key, only with
+    ///   `public`, `s-maxage` or `must-revalidate` (§3.5);
+    /// - `Accept-Language` is normalised
+    ///   ([`normalize_accept_language`](Self::normalize_accept_language));
     /// - `no-store`, `private` (also in `CDN-Cache-Control`) and `Vary: *`
-    ///   are never stored; `Date` is kept as received.
+    ///   are never stored; `Date` is kept as received, and added (the time
+    ///   it was received) when missing (RFC 9110 §6.6.1).
     ///
     /// (Refreshes revalidate with the entry's validators in every mode.)
     ///
@@ -415,9 +428,11 @@ where
 
     /// In [`rfc9111`](Self::rfc9111) mode, give a response without
     /// explicit freshness this fraction of the time since its
-    /// `Last-Modified` as its lifetime, at most [`ttl`](Self::ttl) (RFC 9111
-    /// §4.2.2; default 0: none; 0.1 is customary). Values are clamped to
-    /// 0..=1.
+    /// `Last-Modified` (until its `Date`) as its lifetime, at most
+    /// [`ttl`](Self::ttl) (RFC 9111 §4.2.2; default 0: none; 0.1 is
+    /// customary), for the [`statuses`](Self::statuses) cached without
+    /// explicit freshness (by default the heuristically cacheable ones).
+    /// Values are clamped to 0..=1.
     #[must_use]
     pub fn heuristic_freshness(mut self, fraction: f64) -> Self {
         self.config.policy.heuristic = if fraction.is_finite() {
@@ -425,6 +440,50 @@ where
         } else {
             0.0
         };
+        self
+    }
+
+    /// In [`rfc9111`](Self::rfc9111) mode, how long past its freshness a
+    /// response with a validator (`ETag` or `Last-Modified`) stays in Redis
+    /// to be revalidated (RFC 9111 §4.3; default 10 minutes; zero: dropped
+    /// when no longer servable). Such an entry is never served without a
+    /// successful revalidation (`must-revalidate` included): the next
+    /// request for it makes the one fill of its key, with `If-None-Match`
+    /// and `If-Modified-Since`; a `304` freshens it (its header fields
+    /// replace the stored ones, the body stays in Redis), anything else
+    /// replaces it. Memory: each such entry lives at most this long past its
+    /// freshness, with its Redis TTL, so a `volatile-*` `maxmemory` policy
+    /// evicts it like any entry. Clamped to at most a year.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .rfc9111(true)
+    ///     .revalidation_window(Duration::from_secs(3600));
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn revalidation_window(mut self, window: Duration) -> Self {
+        self.config.policy.revalidate_for = window.min(crate::policy::MAX_TTL);
+        self
+    }
+
+    /// Normalise `Accept-Language` before a cacheable request is keyed and
+    /// sent to the origin (default: on in [`rfc9111`](Self::rfc9111) mode,
+    /// off otherwise): language tags lowercased, weights written the one
+    /// way (`q=0.5`, none for 1), tags of equal weight in one order,
+    /// malformed items and duplicates dropped, so that `en-US, fr;q=0.5` and
+    /// `fr; q=0.50,EN-us` share one variant of a response that varies on
+    /// it. The origin sees the normalised value.
+    #[must_use]
+    pub fn normalize_accept_language(mut self, on: bool) -> Self {
+        self.config.normalizers.accept_language = Some(on);
         self
     }
 
