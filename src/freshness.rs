@@ -71,6 +71,8 @@ pub(crate) struct Knobs {
     /// How long a `no-cache` response without a lifetime is kept for
     /// revalidation; the cap of a heuristic lifetime.
     pub(crate) default_keep: Duration,
+    /// The longest heuristic lifetime (`None`: `default_keep`).
+    pub(crate) heuristic_max: Option<Duration>,
     /// How long past its freshness a response with a validator is kept to
     /// be revalidated (§4.3) instead of refetched (zero: not kept).
     pub(crate) revalidate_for: Duration,
@@ -97,6 +99,7 @@ pub(crate) fn freshness(
     let knobs = Knobs {
         heuristic,
         default_keep,
+        heuristic_max: None,
         revalidate_for: Duration::ZERO,
         listed: true,
     };
@@ -113,6 +116,7 @@ pub(crate) fn freshness_with(
     let Knobs {
         heuristic,
         default_keep,
+        heuristic_max,
         revalidate_for,
         listed,
     } = *knobs;
@@ -151,7 +155,11 @@ pub(crate) fn freshness_with(
             .unwrap_or(now)
             .duration_since(modified)
             .unwrap_or_default();
-        Some(since.mul_f64(heuristic.min(1.0)).min(default_keep))
+        Some(
+            since
+                .mul_f64(heuristic.min(1.0))
+                .min(heuristic_max.unwrap_or(default_keep)),
+        )
     } else {
         None
     };
@@ -684,6 +692,7 @@ mod tests {
         let knobs = Knobs {
             heuristic,
             default_keep: secs(3600),
+            heuristic_max: None,
             revalidate_for: secs(600),
             listed,
         };

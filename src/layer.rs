@@ -429,7 +429,8 @@ where
     /// In [`rfc9111`](Self::rfc9111) mode, give a response without
     /// explicit freshness this fraction of the time since its
     /// `Last-Modified` (until its `Date`) as its lifetime, at most
-    /// [`ttl`](Self::ttl) (RFC 9111 §4.2.2; default 0: none; 0.1 is
+    /// [`heuristic_freshness_max`](Self::heuristic_freshness_max), by
+    /// default [`ttl`](Self::ttl) (RFC 9111 §4.2.2; default 0: none; 0.1 is
     /// customary), for the [`statuses`](Self::statuses) cached without
     /// explicit freshness (by default the heuristically cacheable ones).
     /// Values are clamped to 0..=1.
@@ -484,6 +485,29 @@ where
     #[must_use]
     pub fn normalize_accept_language(mut self, on: bool) -> Self {
         self.config.normalizers.accept_language = Some(on);
+        self
+    }
+
+    /// The longest lifetime [`heuristic_freshness`](Self::heuristic_freshness)
+    /// gives (default: [`ttl`](Self::ttl)). Clamped to at most a year.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .rfc9111(true)
+    ///     .heuristic_freshness(0.1)
+    ///     .heuristic_freshness_max(Duration::from_secs(24 * 3600));
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn heuristic_freshness_max(mut self, max: Duration) -> Self {
+        self.config.policy.heuristic_max = Some(max.min(crate::policy::MAX_TTL));
         self
     }
 

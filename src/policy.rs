@@ -110,6 +110,8 @@ pub(crate) struct Policy {
     pub(crate) rfc9111: bool,
     /// The heuristic fraction of the time since `Last-Modified` (0: none).
     pub(crate) heuristic: f64,
+    /// The longest heuristic lifetime (`None`: `ttl`).
+    pub(crate) heuristic_max: Option<Duration>,
     /// RFC 9111 mode: how long past freshness a response with a validator
     /// is kept to be revalidated (`FenceLayer::revalidation_window`).
     pub(crate) revalidate_for: Duration,
@@ -132,6 +134,7 @@ impl Default for Policy {
             unkeyed: Unkeyed::default(),
             rfc9111: false,
             heuristic: 0.0,
+            heuristic_max: None,
             revalidate_for: DEFAULT_REVALIDATION_WINDOW,
         }
     }
@@ -259,6 +262,7 @@ impl Policy {
             let knobs = crate::freshness::Knobs {
                 heuristic: self.heuristic,
                 default_keep: self.ttl,
+                heuristic_max: self.heuristic_max,
                 revalidate_for: self.revalidate_for,
                 listed,
             };

@@ -147,7 +147,8 @@ async fn app(
     let layer = FenceLayer::new(redis.connection_manager().await)
         .namespace("conf:")
         .rfc9111(true)
-        .beta(0.0);
+        .beta(0.0)
+        .cache_status(Some("cachefence"));
     let layer = configure(layer);
     let origin = Origin::default();
     let handle = layer.handle();
@@ -650,9 +651,34 @@ async fn heuristic_freshness_is_opt_in_and_only_for_heuristically_cacheable_stat
     assert!(on.stored("/heur/200").await);
     assert!(on.stored("/heur/404").await);
     assert!(!on.stored("/heur/500").await);
-    // Capped at the TTL (60 s by default), not 10% of 100,000 s.
+    // Capped at the TTL (60 s by default), not 10% of 100,000 s, unless
+    // told otherwise.
+    let ttl_of = |reply: &Reply| -> i64 {
+        reply
+            .header("cache-status")
+            .and_then(|s| s.split("ttl=").nth(1))
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(|| panic!("{reply:?}"))
+    };
     let hit = on.get("/heur/200", &[]).await;
-    assert_eq!(hit.cache_status(), Some("HIT"));
+    assert!((50..=60).contains(&ttl_of(&hit)), "{hit:?}");
+    let long = app(&redis, |l| {
+        l.namespace("long:")
+            .heuristic_freshness(0.1)
+            .heuristic_freshness_max(Duration::from_secs(3600))
+    })
+    .await;
+    long.origin.always(
+        "/heur",
+        answer(
+            200,
+            &[("date", &date(0)), ("last-modified", &date(-100_000))],
+            "x",
+        ),
+    );
+    assert!(long.stored("/heur").await);
+    let hit = long.get("/heur", &[]).await;
+    assert!((3500..=3600).contains(&ttl_of(&hit)), "{hit:?}");
 }
 
 // ---------------------------------------------------------------------------
