@@ -442,9 +442,7 @@ pub(crate) fn without_list_whitespace(value: &[u8]) -> Vec<u8> {
             }
             _ => {
                 let after_separator = matches!(out.last(), Some(b';' | b'=') | None);
-                if out.last() == Some(&b',') {
-                    out.push(b' ');
-                } else if space && !after_separator {
+                if out.last() == Some(&b',') || (space && !after_separator) {
                     out.push(b' ');
                 }
                 space = false;
