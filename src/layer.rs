@@ -482,6 +482,18 @@ where
     /// malformed items and duplicates dropped, so that `en-US, fr;q=0.5` and
     /// `fr; q=0.50,EN-us` share one variant of a response that varies on
     /// it. The origin sees the normalised value.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .normalize_accept_language(true);
+    /// # Ok(()) }
+    /// ```
     #[must_use]
     pub fn normalize_accept_language(mut self, on: bool) -> Self {
         self.config.normalizers.accept_language = Some(on);
