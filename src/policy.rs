@@ -231,9 +231,14 @@ impl Policy {
             if ttl_set.is_some() && crate::freshness::refuses_set_ttl(&parts.headers) {
                 return dont("cache-control");
             }
-            if authorized && !crate::freshness::allows_authorized(&parts.headers) {
+            if authorized
+                && !self.cache_authorized
+                && !crate::freshness::allows_authorized(&parts.headers)
+            {
                 // §3.5: another request must not get it; not even those that
-                // waited on this fill.
+                // waited on this fill. (With `cache_authorized` the key
+                // names the credential: the user's choice, as outside this
+                // mode.)
                 return ResponseRule::DontStore {
                     reason: "authorization",
                     shareable: false,
@@ -682,6 +687,41 @@ mod tests {
                 refresh: false
             }
         );
+    }
+
+    #[test]
+    fn rfc9111_mode_stores_a_response_to_credentials_only_as_section_3_5_allows() {
+        let mut p = Policy {
+            rfc9111: true,
+            ..Policy::default()
+        };
+        let req = |p: &Policy| {
+            let r = http::Request::get("/")
+                .header("authorization", "x")
+                .body(())
+                .unwrap();
+            p.request(&r.into_parts().0)
+        };
+        assert!(matches!(req(&p), RequestRule::Lookup { .. }));
+        let stored = |p: &Policy, cc| {
+            let r = response(200, &[("cache-control", cc)]);
+            match p.response(&r, Duration::ZERO, true) {
+                ResponseRule::Store { .. } => Ok(()),
+                ResponseRule::DontStore { reason, shareable } => Err((reason, shareable)),
+            }
+        };
+        assert_eq!(stored(&p, "max-age=60"), Err(("authorization", false)));
+        assert!(!uncacheable_by_nature("authorization", StatusCode::OK));
+        for cc in [
+            "public, max-age=60",
+            "s-maxage=60",
+            "max-age=60, must-revalidate",
+        ] {
+            assert_eq!(stored(&p, cc), Ok(()), "{cc}");
+        }
+        // Keyed on the credential by the user: their choice.
+        p.cache_authorized = true;
+        assert_eq!(stored(&p, "max-age=60"), Ok(()));
     }
 
     #[test]
