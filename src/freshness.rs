@@ -18,7 +18,9 @@
 //!   and the upstream `Age` plus the time the response took to arrive (the
 //!   response delay); `Age` is its first member, ignored when invalid
 //!   (§5.1), at most 2^31 s.
-//!   A response already stale on arrival is not stored.
+//!   A response already stale on arrival is not stored, unless it has a
+//!   validator: then it is kept for the revalidation window, to be
+//!   revalidated on its next use.
 //! - A `no-cache` response with a validator is stored to be revalidated on
 //!   every use (never fresh, never served stale); without one it is not
 //!   stored.
@@ -195,6 +197,17 @@ pub(crate) fn freshness_with(
     };
     let ttl = lifetime.saturating_sub(age);
     if ttl.is_zero() {
+        if validated && !revalidate_for.is_zero() {
+            // Stale on arrival (`max-age=0`, an `Expires` past) but with a
+            // validator: kept to be revalidated on its next use, as a
+            // `no-cache` response is (§4.3), never served as it is.
+            return Ok(Freshness {
+                ttl: Duration::ZERO,
+                grace: Duration::ZERO,
+                age,
+                keep: revalidate_for,
+            });
+        }
         return Err("stale on arrival");
     }
     let (grace, keep) = if cc.forbids_stale() {
@@ -746,6 +759,24 @@ mod tests {
             ("last-modified", "Tue, 01 Dec 2026 02:00:00 GMT"),
         ];
         assert_eq!(with(200, &pairs, true, 0.0).unwrap().keep, secs(900));
+        // Stale on arrival: kept only to be revalidated.
+        for stale in [
+            [("cache-control", "max-age=0"), ("etag", "\"a\"")],
+            [
+                ("expires", "Tue, 01 Dec 2026 11:00:00 GMT"),
+                ("etag", "\"a\""),
+            ],
+        ] {
+            let got = with(200, &stale, true, 0.0).unwrap();
+            assert_eq!(
+                (got.ttl, got.grace, got.keep),
+                (secs(0), secs(0), secs(600))
+            );
+        }
+        assert_eq!(
+            with(200, &[("cache-control", "max-age=0")], true, 0.0),
+            Err("stale on arrival")
+        );
     }
 
     #[test]

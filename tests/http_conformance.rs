@@ -17,7 +17,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use cachefence::{FenceHandle, FenceLayer};
+use cachefence::{FenceCache, FenceHandle, FenceLayer};
 use http_body_util::Full;
 use redis::aio::ConnectionManager;
 use support::{Http, RedisServer, Reply, serve};
@@ -144,7 +144,11 @@ async fn app(
     redis: &RedisServer,
     configure: impl FnOnce(FenceLayer<ConnectionManager>) -> FenceLayer<ConnectionManager>,
 ) -> App {
-    let layer = FenceLayer::new(redis.connection_manager().await)
+    // A generous Redis timeout: these tests are about HTTP, not about a
+    // loaded machine's Redis latency (a store timing out fails open).
+    let layer = FenceCache::new(redis.connection_manager().await)
+        .redis_timeout(Duration::from_secs(2))
+        .layer()
         .namespace("conf:")
         .rfc9111(true)
         .beta(0.0)
@@ -298,6 +302,25 @@ async fn must_revalidate_means_revalidate_not_refetch() {
 }
 
 #[tokio::test]
+async fn a_response_stale_on_arrival_with_a_validator_is_kept_to_be_revalidated() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    app.origin.on("/zero", validating("max-age=0"));
+    assert_eq!(app.get("/zero", &[]).await.text(), "the stored body");
+    let second = app.get("/zero", &[]).await;
+    assert_eq!(second.text(), "the stored body");
+    assert_eq!(second.header("x-validated"), Some("call 2"));
+    let asked = app.origin.requests("/zero");
+    assert_eq!(
+        asked[1].get("if-none-match").map(|v| v.as_bytes()),
+        Some(ETAG.as_bytes())
+    );
+    // The 304 said max-age=60: fresh now.
+    assert_eq!(app.get("/zero", &[]).await.cache_status(), Some("HIT"));
+    assert_eq!(app.origin.calls("/zero"), 2);
+}
+
+#[tokio::test]
 async fn a_kept_entry_is_never_served_without_revalidation() {
     let redis = RedisServer::new();
     let app = app(&redis, |l| l).await;
@@ -313,7 +336,12 @@ async fn a_kept_entry_is_never_served_without_revalidation() {
     // The origin fails: no stale-if-error, so the stale entry stays unused.
     let reply = app.get("/down", &[]).await;
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(app.origin.requests("/down")[1].contains_key("if-none-match"));
+    let asked = app.origin.requests("/down");
+    assert!(
+        asked[1].contains_key("if-none-match"),
+        "{asked:?} {:?}",
+        app.handle.stats()
+    );
 }
 
 #[tokio::test]
