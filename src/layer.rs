@@ -374,9 +374,11 @@ where
     ///   is not stored unless [`heuristic_freshness`](Self::heuristic_freshness)
     ///   is set ([`CacheTtl`](crate::CacheTtl) still wins);
     /// - the age on arrival is the larger of the time since `Date` and the
-    ///   upstream `Age` plus the time the response took to arrive (§4.2.3):
-    ///   a response already stale on arrival, or with a malformed, repeated
-    ///   or huge `Age`, is not stored; hits send an `Age` that includes it;
+    ///   upstream `Age` (its first member; ignored when invalid, §5.1) plus
+    ///   the time the response took to arrive (§4.2.3); responses the cache
+    ///   sends, the first included, carry an `Age` that includes it; a
+    ///   response already stale on arrival is stored only with a validator,
+    ///   to be revalidated on its next use;
     /// - a `no-cache` response with a validator (`ETag` or `Last-Modified`)
     ///   is stored and revalidated on every use: each use waits for a
     ///   conditional request through the one-fill-per-key path (concurrent
