@@ -146,8 +146,10 @@ async fn app(
 ) -> App {
     // A generous Redis timeout: these tests are about HTTP, not about a
     // loaded machine's Redis latency (a store timing out fails open).
-    let layer = FenceCache::new(redis.connection_manager().await)
+    let layer = FenceCache::builder(redis.connection_manager().await)
         .redis_timeout(Duration::from_secs(2))
+        .build()
+        .expect("cache")
         .layer()
         .namespace("conf:")
         .rfc9111(true)
