@@ -179,9 +179,15 @@ where
     /// The prefix of every Redis key this cache's layers write and its
     /// handle invalidates (default `cachefence:`). A layer may still put a
     /// route in another namespace with [`FenceLayer::namespace`](crate::FenceLayer::namespace).
+    ///
+    /// It also names the cache in its metrics (feature `metrics`: label
+    /// `cache` of the Redis call metrics, the gauges and the cache-wide
+    /// counters), so two caches in one process keep apart.
     #[must_use]
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
-        self.defaults.namespace = Arc::from(namespace.into());
+        let namespace = namespace.into();
+        self.shared.store.set_label(&namespace);
+        self.defaults.namespace = Arc::from(namespace);
         self
     }
 
@@ -402,7 +408,10 @@ where
         if self
             .shared
             .near
-            .set(crate::near::Near::new(max_bytes))
+            .set(crate::near::Near::new(
+                max_bytes,
+                self.shared.store.label().clone(),
+            ))
             .is_err()
         {
             tracing::warn!("near_cache was already set for this cache; the new size is ignored");

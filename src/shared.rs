@@ -59,14 +59,17 @@ where
     /// A cache over `redis` with the default Redis settings: timeout
     /// 250 ms, breaker opening after 5 failures for 1 s, no wake-ups.
     pub(crate) fn new(redis: C) -> Self {
+        crate::metrics::describe(crate::stats::FIELD_DOCS);
+        let store = Store::new(
+            redis,
+            Duration::from_millis(250),
+            Breaker::new(5, Duration::from_secs(1)),
+        );
+        let label = store.label().clone();
         Self {
-            store: Store::new(
-                redis,
-                Duration::from_millis(250),
-                Breaker::new(5, Duration::from_secs(1)),
-            ),
-            flights: Flights::default(),
-            counters: Counters::new(),
+            store,
+            flights: Flights::new(label.clone()),
+            counters: Counters::new(&label),
             wake_client: OnceLock::new(),
             interests: Default::default(),
             listening: Default::default(),

@@ -402,6 +402,14 @@ pub(crate) struct Store<C> {
     /// Shared with a [`HealingConnection`](crate::HealingConnection) that
     /// closes it when it replaced its connection.
     breaker: std::sync::Arc<Breaker>,
+    /// The cache's name in its metrics (its namespace), shared with the
+    /// in-flight table, the near cache and the cache-wide counters.
+    label: crate::metrics::CacheLabel,
+    /// Whether the breaker gauge was set under the current label (by the
+    /// first call, so a cache named after it was made exports no series
+    /// under the default name).
+    #[cfg(feature = "metrics")]
+    gauged: AtomicBool,
     scripts: Scripts,
     pub(crate) errors: AtomicU64,
     pub(crate) commands: AtomicU64,
@@ -447,14 +455,15 @@ where
         let cluster = as_cluster(&conn).is_some();
         #[cfg(not(feature = "cluster-async"))]
         let cluster = false;
-        crate::metrics::breaker_open(false);
+        let label = crate::metrics::CacheLabel::default();
         let breaker = std::sync::Arc::new(breaker);
         crate::healing::when_replaced(&conn, {
             let breaker = std::sync::Arc::downgrade(&breaker);
+            let label = label.clone();
             move || {
                 // A fresh connection answered PING: no cool-down to sit out.
                 if breaker.upgrade().is_some_and(|b| b.success()) {
-                    crate::metrics::breaker_open(false);
+                    crate::metrics::breaker_open(&label, false);
                     tracing::info!("redis connection replaced, circuit breaker closed");
                 }
             }
@@ -465,6 +474,9 @@ where
             timeout_ms: AtomicU64::new(duration_ms(timeout)),
             longest_fill_ms: AtomicU64::new(0),
             breaker,
+            label,
+            #[cfg(feature = "metrics")]
+            gauged: AtomicBool::new(false),
             scripts: Scripts::new(),
             errors: AtomicU64::new(0),
             commands: AtomicU64::new(0),
@@ -528,6 +540,18 @@ where
 
     pub(crate) fn breaker(&self) -> &Breaker {
         &self.breaker
+    }
+
+    /// The cache's name in its metrics.
+    pub(crate) fn label(&self) -> &crate::metrics::CacheLabel {
+        &self.label
+    }
+
+    /// Names the cache `namespace` in its metrics (label `cache`).
+    pub(crate) fn set_label(&self, namespace: &str) {
+        self.label.set(namespace);
+        #[cfg(feature = "metrics")]
+        self.gauged.store(false, Ordering::Relaxed);
     }
 
     pub(crate) fn connection(&self) -> C {
@@ -605,7 +629,7 @@ where
         let started = std::time::Instant::now();
         let result: Result<i64, FenceError> = timed(timeout, cmd.query_async(&mut conn)).await;
         #[cfg(feature = "metrics")]
-        crate::metrics::redis_call("wait", started.elapsed(), result.is_ok());
+        crate::metrics::redis_call(&self.label, "wait", started.elapsed(), result.is_ok());
         let acked = result.inspect_err(|_| {
             self.errors.fetch_add(1, Ordering::Relaxed);
         })?;
@@ -630,9 +654,13 @@ where
         // The clock is read for the metrics only.
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
+        #[cfg(feature = "metrics")]
+        if !self.gauged.load(Ordering::Relaxed) && !self.gauged.swap(true, Ordering::Relaxed) {
+            crate::metrics::breaker_open(&self.label, false);
+        }
         let result = timed(timeout, f(self.conn.clone())).await;
         #[cfg(feature = "metrics")]
-        crate::metrics::redis_call(what, started.elapsed(), result.is_ok());
+        crate::metrics::redis_call(&self.label, what, started.elapsed(), result.is_ok());
         match &result {
             Ok(_) => self.succeeded(),
             Err(err) => {
@@ -641,7 +669,7 @@ where
                     if self.breaker.failure() {
                         // Logged once per outage: a failed probe re-opens
                         // the breaker silently.
-                        crate::metrics::breaker_open(true);
+                        crate::metrics::breaker_open(&self.label, true);
                         tracing::warn!(error = %err, cooldown_ms = self.breaker.cooldown(), "redis failing, circuit breaker opened");
                     }
                 } else {
@@ -657,7 +685,7 @@ where
     /// A call reached Redis: close the breaker, logging it once.
     fn succeeded(&self) {
         if self.breaker.success() {
-            crate::metrics::breaker_open(false);
+            crate::metrics::breaker_open(&self.label, false);
             tracing::info!("redis answering again, circuit breaker closed");
         }
     }

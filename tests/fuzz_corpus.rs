@@ -32,7 +32,10 @@ fn the_keys_corpus_passes_the_keys_checks() {
     assert!(!files.is_empty(), "the keys corpus is empty");
     for (name, data) in files {
         let outcome = std::panic::catch_unwind(|| keys::check(&data));
-        assert!(outcome.is_ok(), "tests/fuzz_corpus/keys/{name} fails the checks");
+        assert!(
+            outcome.is_ok(),
+            "tests/fuzz_corpus/keys/{name} fails the checks"
+        );
     }
 }
 
