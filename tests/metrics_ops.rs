@@ -1,9 +1,13 @@
 //! Metrics for operators (feature `metrics`): HELP text on every metric,
 //! two caches in one process kept apart by their `cache` label, and the
 //! shipped dashboards naming only metrics the crate exports. The recorder
-//! is process-wide: one test per binary installs it.
+//! is process-wide: one test per binary installs it (the other uses a
+//! recorder local to its thread).
 
 mod support;
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
 
 use axum::Router;
 use axum::routing::get;
@@ -114,4 +118,133 @@ async fn two_caches_keep_their_gauges_and_redis_metrics_apart_and_every_metric_h
         text.contains("# HELP cachefence_breaker_open 1 while the circuit breaker"),
         "{text}"
     );
+}
+
+/// Records the names of the metrics described to it.
+#[derive(Default)]
+struct Described(Mutex<BTreeSet<String>>);
+
+impl Described {
+    fn add(&self, name: metrics::KeyName) {
+        self.0.lock().unwrap().insert(name.as_str().to_owned());
+    }
+}
+
+impl metrics::Recorder for Described {
+    fn describe_counter(
+        &self,
+        key: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+        self.add(key);
+    }
+    fn describe_gauge(
+        &self,
+        key: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+        self.add(key);
+    }
+    fn describe_histogram(
+        &self,
+        key: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+        self.add(key);
+    }
+    fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::noop()
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// The `cachefence_*` metric names `text` mentions, histogram series
+/// (`_bucket`, `_count`, `_sum`) read as their histogram.
+fn names_in(text: &str, histograms: &BTreeSet<&str>) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("cachefence_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let base = ["_bucket", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s).filter(|b| histograms.contains(b)))
+            .unwrap_or(name);
+        names.insert(base.to_owned());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test]
+async fn the_dashboard_and_alert_rules_name_only_metrics_the_crate_exports() {
+    let redis = RedisServer::new();
+    let conn = redis.connection_manager().await;
+    // Making a cache describes every metric the crate exports.
+    let described = Described::default();
+    let cache = metrics::with_local_recorder(&described, || cache(conn, "d:"));
+    drop(cache);
+    let exported = described.0.into_inner().unwrap();
+    for name in [
+        "cachefence_hits_total",
+        "cachefence_breaker_open",
+        "cachefence_redis_call_duration_seconds",
+        "cachefence_queue_lag_seconds",
+        "cachefence_near_ack_timeouts_total",
+    ] {
+        assert!(
+            exported.contains(name),
+            "{name} not described: {exported:?}"
+        );
+    }
+    let histograms: BTreeSet<&str> = exported
+        .iter()
+        .map(String::as_str)
+        .filter(|n| n.ends_with("_duration_seconds"))
+        .collect();
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    let mut all = BTreeSet::new();
+    for file in ["grafana.json", "alerts.yml"] {
+        let text = std::fs::read_to_string(root.join(file)).expect(file);
+        let names = names_in(&text, &histograms);
+        assert!(names.len() >= 8, "{file} names {names:?}");
+        for name in &names {
+            assert!(
+                exported.contains(name),
+                "{file} names {name}, which the crate does not export"
+            );
+        }
+        all.extend(names);
+    }
+    // What the issue asks the alerts and dashboard to cover.
+    for needed in [
+        "cachefence_queue_lag_seconds",
+        "cachefence_queue_dead_lettered_total",
+        "cachefence_breaker_open",
+        "cachefence_near_ack_timeouts_total",
+        "cachefence_fill_timeouts_total",
+        "cachefence_hits_total",
+        "cachefence_near_cache_bytes",
+        "cachefence_redis_errors_total",
+        "cachefence_fill_duration_seconds",
+        "cachefence_wait_duration_seconds",
+    ] {
+        assert!(all.contains(needed), "the dashboards don't show {needed}");
+    }
 }
