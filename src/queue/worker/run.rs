@@ -17,10 +17,11 @@ use super::WorkerHandle;
 use super::control::Counters;
 use super::node;
 use super::ops::{Read, ReadConn};
+use crate::backoff::jittered;
 use crate::entry::duration_ms;
 use crate::error::FenceError;
 use crate::error::timed;
-use crate::queue::call::{call, jittered};
+use crate::queue::call::call;
 use crate::queue::reply::Entry;
 
 /// Backoff between failed Redis calls of the worker itself (reading,
