@@ -8,10 +8,11 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
-use cachefence::FenceCache;
+use cachefence::{FenceCache, Invalidation};
 use metrics_exporter_prometheus::PrometheusBuilder;
 use redis::aio::ConnectionManager;
 use support::{Http, RedisServer, serve};
@@ -54,7 +55,38 @@ async fn two_caches_keep_their_gauges_and_redis_metrics_apart_and_every_metric_h
         assert_eq!(http.get(addr, path).await.status, 200);
     }
     assert_eq!(http.get(addr, "/a").await.cache_status(), Some("HIT"));
+
+    // A queue worker of cache a: applies one invalidation.
+    let queue = a.handle().queue();
+    queue
+        .enqueue(&Invalidation::path("/a"))
+        .await
+        .expect("enqueue");
+    let worker = queue
+        .worker(redis.client())
+        .block(Duration::from_millis(100));
+    let control = worker.handle();
+    let task = tokio::spawn(worker.run());
+    let deadline = Instant::now() + Duration::from_secs(10); // a hang guard
+    while control.stats().applied == 0 {
+        assert!(Instant::now() < deadline, "the worker applied nothing");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    control.shutdown();
+    task.await.expect("the worker stops");
+    assert_eq!(http.get(addr, "/a").await.cache_status(), Some("MISS"));
+
     let text = prometheus.render();
+    assert_eq!(
+        sample(&text, r#"cachefence_queue_applied_total{queue="a:"}"#),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        sample(&text, r#"cachefence_queue_lag_seconds{queue="a:"}"#)
+            .is_some_and(|lag| (0.0..10.0).contains(&lag)),
+        "{text}"
+    );
 
     for (name, cache) in [("a:", &a), ("b:", &b)] {
         let label = format!(r#"cache="{name}""#);
