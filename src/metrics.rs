@@ -4,8 +4,8 @@
 //! empty inline function, so the hot path carries one-line calls only.
 //!
 //! The names, with their labels (see ARCHITECTURE.md, "Metrics"). `cache` is
-//! the namespace of the cache (what [`FenceCache::namespace`] set, default
-//! `cachefence:`), so two caches in one process keep apart; `namespace` and
+//! the namespace of the cache (what [`FenceCacheBuilder::namespace`] set,
+//! default `cachefence:`), so two caches in one process keep apart; `namespace` and
 //! `route` name one layer (route) of a cache.
 //!
 //! | metric | kind | labels |
@@ -25,21 +25,21 @@
 //! Every metric is described (`describe_*!`: HELP text and unit) when a
 //! cache or a queue worker is made: install the recorder before.
 //!
-//! [`FenceCache::namespace`]: crate::FenceCache::namespace
+//! [`FenceCacheBuilder::namespace`]: crate::FenceCacheBuilder::namespace
 
 use std::time::Duration;
 
 #[cfg(feature = "metrics")]
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 /// The `cache` label of a cache's own metrics (Redis calls, breaker,
 /// fills in flight, near cache, the events outside a route): the cache's
-/// namespace. One per cache, shared by its parts; without the feature,
-/// nothing.
+/// namespace, fixed when the cache is built. One per cache, shared by its
+/// parts; without the feature, nothing.
 #[derive(Debug, Clone)]
 pub(crate) struct CacheLabel {
     #[cfg(feature = "metrics")]
-    name: Arc<RwLock<Arc<str>>>,
+    name: Arc<str>,
 }
 
 impl Default for CacheLabel {
@@ -54,24 +54,13 @@ impl CacheLabel {
         let _ = namespace;
         Self {
             #[cfg(feature = "metrics")]
-            name: Arc::new(RwLock::new(Arc::from(namespace))),
+            name: Arc::from(namespace),
         }
-    }
-
-    /// Names the cache `namespace` from now on.
-    pub(crate) fn set(&self, namespace: &str) {
-        #[cfg(feature = "metrics")]
-        {
-            *self.name.write().unwrap_or_else(|e| e.into_inner()) = Arc::from(namespace);
-        }
-        #[cfg(not(feature = "metrics"))]
-        let _ = namespace;
     }
 
     #[cfg(feature = "metrics")]
     fn get(&self) -> ::metrics::SharedString {
-        let name = self.name.read().unwrap_or_else(|e| e.into_inner()).clone();
-        ::metrics::SharedString::from(name)
+        ::metrics::SharedString::from(self.name.clone())
     }
 }
 
@@ -313,8 +302,7 @@ pub(crate) fn breaker_open(cache: &CacheLabel, open: bool) {
 }
 
 /// Fills entered (`delta` > 0) or left the in-flight table of the cache
-/// `cache`. A delta, not a level, so that a cache renamed while fills run
-/// (see [`CacheLabel::set`]) still adds up.
+/// `cache`. A delta, not a level, so that caches sharing a name add up.
 #[inline(always)]
 pub(crate) fn fills_in_flight(cache: &CacheLabel, delta: f64) {
     #[cfg(feature = "metrics")]

@@ -11,6 +11,7 @@ use redis::aio::ConnectionLike;
 
 use crate::config::Config;
 use crate::flight::Flights;
+use crate::metrics::CacheLabel;
 use crate::near::{Acks, Near};
 use crate::stats::Counters;
 use crate::store::{Breaker, Store};
@@ -37,7 +38,7 @@ pub(crate) struct Shared<C> {
     /// Lets the warning of a failed Redis call on the request path through
     /// once a second, not once per request.
     pub(crate) warn_gate: crate::trace::Gate,
-    /// The near cache, when [`FenceCache::near_cache`](crate::FenceCache::near_cache) asked for one.
+    /// The near cache, when [`FenceCacheBuilder::near_cache`](crate::FenceCacheBuilder::near_cache) asked for one.
     pub(crate) near: OnceLock<Near>,
     /// The near-cache acknowledgements this cache's invalidations wait for.
     pub(crate) acks: Acks,
@@ -57,15 +58,16 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// A cache over `redis` with the default Redis settings: timeout
-    /// 250 ms, breaker opening after 5 failures for 1 s, no wake-ups.
-    pub(crate) fn new(redis: C) -> Self {
+    /// 250 ms, breaker opening after 5 failures for 1 s, no wake-ups. Its
+    /// metrics name it `label` (its namespace).
+    pub(crate) fn new(redis: C, label: CacheLabel) -> Self {
         crate::metrics::describe(crate::stats::FIELD_DOCS);
         let store = Store::new(
             redis,
             Duration::from_millis(250),
             Breaker::new(5, Duration::from_secs(1)),
+            label.clone(),
         );
-        let label = store.label().clone();
         Self {
             store,
             flights: Flights::new(label.clone()),
@@ -86,7 +88,7 @@ where
 impl<C> Shared<C> {
     /// The near cache, when there is one and it may be used: on a Redis
     /// Cluster only with the cluster listener of
-    /// [`cluster_wake_ups`](crate::FenceCache::cluster_wake_ups), which
+    /// [`cluster_wake_ups`](crate::FenceCacheBuilder::cluster_wake_ups), which
     /// subscribes to the sharded announcements (ARCHITECTURE.md, "The near
     /// cache").
     pub(crate) fn near(&self) -> Option<&Near>

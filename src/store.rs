@@ -386,13 +386,25 @@ fn as_cluster<C: 'static>(conn: &C) -> Option<redis::cluster_async::ClusterConne
     conn.downcast_ref::<ClusterConnection>().cloned()
 }
 
+/// Whether `conn` is a Redis Cluster connection (a `ClusterConnection`, or
+/// a `HealingConnection` of one), as [`Store::new`] detects it.
+pub(crate) fn is_cluster_connection<C: 'static>(conn: &C) -> bool {
+    #[cfg(feature = "cluster-async")]
+    return as_cluster(conn).is_some();
+    #[cfg(not(feature = "cluster-async"))]
+    {
+        let _ = conn;
+        false
+    }
+}
+
 /// The Redis side of the cache.
 #[derive(Debug)]
 pub(crate) struct Store<C> {
     conn: C,
     /// Redis Cluster mode: the connection is a
     /// `redis::cluster_async::ClusterConnection`, or the user said so
-    /// (`FenceCache::cluster`).
+    /// (`FenceCacheBuilder::cluster`).
     cluster: AtomicBool,
     timeout_ms: AtomicU64,
     /// The longest a fill of this cache may run: the largest
@@ -405,11 +417,6 @@ pub(crate) struct Store<C> {
     /// The cache's name in its metrics (its namespace), shared with the
     /// in-flight table, the near cache and the cache-wide counters.
     label: crate::metrics::CacheLabel,
-    /// Whether the breaker gauge was set under the current label (by the
-    /// first call, so a cache named after it was made exports no series
-    /// under the default name).
-    #[cfg(feature = "metrics")]
-    gauged: AtomicBool,
     scripts: Scripts,
     pub(crate) errors: AtomicU64,
     pub(crate) commands: AtomicU64,
@@ -417,13 +424,13 @@ pub(crate) struct Store<C> {
     skew_ms: AtomicI64,
     /// `WAIT` after each invalidation: how many replicas must acknowledge
     /// (0: no `WAIT`), and for how long it waits
-    /// (`FenceCache::replicated_fences`).
+    /// (`FenceCacheBuilder::replicated_fences`).
     wait_replicas: std::sync::atomic::AtomicU32,
     wait_ms: AtomicU64,
     /// Set once the `maxmemory-policy` was looked at (`check_eviction_policy`).
     policy_checked: AtomicBool,
     /// Reaches every primary for walks when the connection is not a
-    /// `ClusterConnection` itself (`FenceCache::cluster_wake_ups`).
+    /// `ClusterConnection` itself (`FenceCacheBuilder::cluster_wake_ups`).
     #[cfg(feature = "cluster-async")]
     walk_client: std::sync::OnceLock<redis::cluster::ClusterClient>,
     #[cfg(feature = "cluster-async")]
@@ -450,12 +457,14 @@ impl<C> Store<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn new(conn: C, timeout: Duration, breaker: Breaker) -> Self {
-        #[cfg(feature = "cluster-async")]
-        let cluster = as_cluster(&conn).is_some();
-        #[cfg(not(feature = "cluster-async"))]
-        let cluster = false;
-        let label = crate::metrics::CacheLabel::default();
+    pub(crate) fn new(
+        conn: C,
+        timeout: Duration,
+        breaker: Breaker,
+        label: crate::metrics::CacheLabel,
+    ) -> Self {
+        let cluster = is_cluster_connection(&conn);
+        crate::metrics::breaker_open(&label, false);
         let breaker = std::sync::Arc::new(breaker);
         crate::healing::when_replaced(&conn, {
             let breaker = std::sync::Arc::downgrade(&breaker);
@@ -475,8 +484,6 @@ where
             longest_fill_ms: AtomicU64::new(0),
             breaker,
             label,
-            #[cfg(feature = "metrics")]
-            gauged: AtomicBool::new(false),
             scripts: Scripts::new(),
             errors: AtomicU64::new(0),
             commands: AtomicU64::new(0),
@@ -545,13 +552,6 @@ where
     /// The cache's name in its metrics.
     pub(crate) fn label(&self) -> &crate::metrics::CacheLabel {
         &self.label
-    }
-
-    /// Names the cache `namespace` in its metrics (label `cache`).
-    pub(crate) fn set_label(&self, namespace: &str) {
-        self.label.set(namespace);
-        #[cfg(feature = "metrics")]
-        self.gauged.store(false, Ordering::Relaxed);
     }
 
     pub(crate) fn connection(&self) -> C {
@@ -654,10 +654,6 @@ where
         // The clock is read for the metrics only.
         #[cfg(feature = "metrics")]
         let started = std::time::Instant::now();
-        #[cfg(feature = "metrics")]
-        if !self.gauged.load(Ordering::Relaxed) && !self.gauged.swap(true, Ordering::Relaxed) {
-            crate::metrics::breaker_open(&self.label, false);
-        }
         let result = timed(timeout, f(self.conn.clone())).await;
         #[cfg(feature = "metrics")]
         crate::metrics::redis_call(&self.label, what, started.elapsed(), result.is_ok());

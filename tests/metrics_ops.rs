@@ -35,7 +35,10 @@ fn sum(text: &str, metric: &str, label: &str) -> f64 {
 
 /// The one place this file makes a cache.
 fn cache(conn: ConnectionManager, namespace: &str) -> FenceCache {
-    FenceCache::new(conn).namespace(namespace)
+    FenceCache::builder(conn)
+        .namespace(namespace)
+        .build()
+        .expect("a cache")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
