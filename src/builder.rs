@@ -10,6 +10,7 @@ use redis::aio::ConnectionLike;
 use crate::cache::FenceCache;
 use crate::config::Config;
 use crate::error::FenceError;
+use crate::metrics::CacheLabel;
 use crate::shared::{Shared, Source};
 
 /// The longest duration a setting of the builder accepts: beyond it a value
@@ -121,6 +122,10 @@ where
     /// handle invalidates (default `cachefence:`). A layer may still put a
     /// route in another namespace with
     /// [`FenceLayer::namespace`](crate::FenceLayer::namespace).
+    ///
+    /// It also names the cache in its metrics (feature `metrics`: the label
+    /// `cache` of the Redis call metrics, the gauges and the cache-wide
+    /// counters), so two caches in one process keep apart.
     ///
     /// ```no_run
     /// # async fn doc(conn: redis::aio::ConnectionManager) -> Result<(), cachefence::FenceError> {
@@ -480,7 +485,10 @@ where
             ));
         }
 
-        let shared = Shared::new(self.conn);
+        let namespace = self
+            .namespace
+            .unwrap_or_else(|| crate::key::DEFAULT_NAMESPACE.to_owned());
+        let shared = Shared::new(self.conn, CacheLabel::new(&namespace));
         if let Some(timeout) = self.redis_timeout {
             shared.store.set_timeout(timeout);
         }
@@ -492,7 +500,10 @@ where
         }
         shared.store.set_cluster(cluster);
         if let Some(max_bytes) = self.near {
-            let _ = shared.near.set(crate::near::Near::new(max_bytes));
+            let _ = shared.near.set(crate::near::Near::new(
+                max_bytes,
+                shared.store.label().clone(),
+            ));
         }
         if let Some((source, _)) = self.wake {
             #[cfg(feature = "cluster-async")]
@@ -503,10 +514,10 @@ where
         }
         let shared = Arc::new(shared);
         crate::wake::ensure_listener(&shared);
-        let mut defaults = Config::default();
-        if let Some(namespace) = self.namespace {
-            defaults.namespace = Arc::from(namespace);
-        }
+        let defaults = Config {
+            namespace: Arc::from(namespace),
+            ..Config::default()
+        };
         Ok(FenceCache::from_parts(shared, defaults))
     }
 

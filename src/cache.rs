@@ -166,7 +166,10 @@ where
     /// # }
     /// ```
     pub fn new(redis: C) -> Self {
-        Self::from_parts(Arc::new(Shared::new(redis)), Config::default())
+        Self::from_parts(
+            Arc::new(Shared::new(redis, Default::default())),
+            Config::default(),
+        )
     }
 
     pub(crate) fn from_parts(shared: Arc<Shared<C>>, defaults: Config) -> Self {

@@ -149,7 +149,7 @@ pub(crate) const DEFAULT_EARLY_REFRESH_AFTER: f64 = 0.75;
 impl Default for Config {
     fn default() -> Self {
         Self {
-            namespace: Arc::from("cachefence:"),
+            namespace: Arc::from(crate::key::DEFAULT_NAMESPACE),
             policy: Policy::default(),
             key: Arc::new(DefaultKey::new()),
             body_limit: 1024 * 1024,

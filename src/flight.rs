@@ -139,9 +139,19 @@ pub(crate) enum Joined {
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
     map: Mutex<HashMap<String, Arc<Flight>>>,
+    /// Names this cache in the in-flight gauge (feature `metrics`).
+    label: crate::metrics::CacheLabel,
 }
 
 impl Flights {
+    /// The in-flight table of the cache named `label`.
+    pub(crate) fn new(label: crate::metrics::CacheLabel) -> Self {
+        Self {
+            map: Mutex::default(),
+            label,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Flight>>> {
         // A panic while holding this lock can't leave the map inconsistent
         // (every operation is a single insert or remove), so recover from
@@ -156,7 +166,7 @@ impl Flights {
         }
         let flight = Arc::new(Flight::new());
         map.insert(key.to_owned(), flight.clone());
-        crate::metrics::fills_in_flight(1.0);
+        crate::metrics::fills_in_flight(&self.label, 1.0);
         Joined::Lead(flight)
     }
 
@@ -169,7 +179,7 @@ impl Flights {
         }
         let flight = Arc::new(Flight::new());
         map.insert(key.to_owned(), flight.clone());
-        crate::metrics::fills_in_flight(1.0);
+        crate::metrics::fills_in_flight(&self.label, 1.0);
         Some(flight)
     }
 
@@ -178,7 +188,7 @@ impl Flights {
         let mut map = self.lock();
         if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             map.remove(key);
-            crate::metrics::fills_in_flight(-1.0);
+            crate::metrics::fills_in_flight(&self.label, -1.0);
         }
     }
 
@@ -237,7 +247,7 @@ impl Flights {
             let keys: Vec<String> = map.keys().filter(|k| pred(k)).cloned().collect();
             keys.iter().filter_map(|k| map.remove(k)).collect()
         };
-        crate::metrics::fills_in_flight(-(detached.len() as f64));
+        crate::metrics::fills_in_flight(&self.label, -(detached.len() as f64));
         for flight in &detached {
             flight.detach_now();
         }

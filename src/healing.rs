@@ -519,7 +519,7 @@ async fn heal<C>(inner: Weak<Inner<C>>)
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(100), MAX_BACKOFF);
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -569,8 +569,7 @@ where
             }
         }
         drop(strong);
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        tokio::time::sleep(backoff.next()).await;
     }
 }
 

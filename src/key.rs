@@ -23,6 +23,9 @@
 //! leases and its variant set share one slot and one Lua script may touch
 //! them all.
 
+/// The namespace of a cache or layer nobody named.
+pub(crate) const DEFAULT_NAMESPACE: &str = "cachefence:";
+
 use std::fmt::Write as _;
 
 use http::request::Parts;

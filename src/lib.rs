@@ -108,6 +108,7 @@
 //! service panics during a fill, the request that started it is answered
 //! `500` and the requests that waited on it look the key up again.
 
+mod backoff;
 mod body;
 mod bounds;
 mod breaker;

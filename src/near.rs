@@ -49,6 +49,8 @@ pub(crate) struct Near {
     state: Mutex<State>,
     /// Moved (under the lock) by every drop, flush and reconnection.
     epoch: AtomicU64,
+    /// Names this cache in the size gauge (feature `metrics`).
+    label: crate::metrics::CacheLabel,
 }
 
 #[derive(Default)]
@@ -112,11 +114,14 @@ fn cost(key: &str, entry: &Entry) -> usize {
 }
 
 impl Near {
-    pub(crate) fn new(max_bytes: usize) -> Self {
+    /// A near cache of `max_bytes` for the cache named `label` (its
+    /// metrics' label: `Store::label`).
+    pub(crate) fn new(max_bytes: usize, label: crate::metrics::CacheLabel) -> Self {
         Self {
             max_bytes,
             state: Mutex::default(),
             epoch: AtomicU64::new(0),
+            label,
         }
     }
 
@@ -218,6 +223,7 @@ impl Near {
                     .is_some_and(|slots| slots.iter().any(|s| s.id == *id))
             });
         }
+        crate::metrics::near_cache_bytes(&self.label, state.bytes);
         true
     }
 
@@ -232,6 +238,7 @@ impl Near {
         let bytes: usize = slots.iter().map(|s| s.bytes).sum();
         state.bytes -= bytes;
         state.live -= slots.len();
+        crate::metrics::near_cache_bytes(&self.label, state.bytes);
         slots.len()
     }
 
@@ -249,6 +256,7 @@ impl Near {
         state.clock.clear();
         state.bytes = 0;
         state.live = 0;
+        crate::metrics::near_cache_bytes(&self.label, 0);
         Some(n)
     }
 
@@ -421,7 +429,7 @@ mod tests {
 
     #[test]
     fn takes_nothing_while_down_and_nothing_read_before_a_drop() {
-        let near = Near::new(1 << 20);
+        let near = Near::new(1 << 20, Default::default());
         let snap = near.snapshot();
         assert!(!near.admit("ns|/a:{1}", entry(10, 100), snap), "down");
         near.up();
@@ -448,7 +456,7 @@ mod tests {
 
     #[test]
     fn stays_within_its_bytes_and_keeps_what_is_used() {
-        let near = Near::new(64 * 1024);
+        let near = Near::new(64 * 1024, Default::default());
         near.up();
         let hot = "ns|/hot:{0}";
         assert!(near.admit(hot, entry(1000, u64::MAX), near.snapshot()));

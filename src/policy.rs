@@ -410,7 +410,10 @@ impl Unkeyed {
         };
         let override_param = parts.uri.query().is_some_and(|q| {
             q.split('&').any(|p| {
-                let name = percent_decode(p.split_once('=').map_or(p, |(n, _)| n));
+                // Decoded as frameworks do before they read a name.
+                let name: Vec<u8> =
+                    percent_encoding::percent_decode_str(p.split_once('=').map_or(p, |(n, _)| n))
+                        .collect();
                 METHOD_OVERRIDE_PARAMS
                     .iter()
                     .any(|m| name.eq_ignore_ascii_case(m.as_bytes()))
@@ -481,32 +484,6 @@ fn forwarded_without_client(value: &[u8]) -> Vec<u8> {
             out.push(b',');
         }
         out.extend_from_slice(&kept.join(&b';'));
-    }
-    out
-}
-
-/// Decodes `%XX` escapes, as frameworks do before they read a parameter's
-/// name; other bytes are kept.
-fn percent_decode(s: &str) -> Vec<u8> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .filter(|h| h.iter().all(u8::is_ascii_hexdigit))
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(b)) => {
-                out.push(b);
-                i += 3;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
     }
     out
 }

@@ -11,6 +11,7 @@ use redis::aio::ConnectionLike;
 
 use crate::config::Config;
 use crate::flight::Flights;
+use crate::metrics::CacheLabel;
 use crate::near::{Acks, Near};
 use crate::stats::Counters;
 use crate::store::{Breaker, Store};
@@ -57,16 +58,20 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// A cache over `redis` with the default Redis settings: timeout
-    /// 250 ms, breaker opening after 5 failures for 1 s, no wake-ups.
-    pub(crate) fn new(redis: C) -> Self {
+    /// 250 ms, breaker opening after 5 failures for 1 s, no wake-ups. Its
+    /// metrics name it `label` (its namespace).
+    pub(crate) fn new(redis: C, label: CacheLabel) -> Self {
+        crate::metrics::describe(crate::stats::FIELD_DOCS);
+        let store = Store::new(
+            redis,
+            Duration::from_millis(250),
+            Breaker::new(5, Duration::from_secs(1)),
+            label.clone(),
+        );
         Self {
-            store: Store::new(
-                redis,
-                Duration::from_millis(250),
-                Breaker::new(5, Duration::from_secs(1)),
-            ),
-            flights: Flights::default(),
-            counters: Counters::new(),
+            store,
+            flights: Flights::new(label.clone()),
+            counters: Counters::new(&label),
             wake_client: OnceLock::new(),
             interests: Default::default(),
             listening: Default::default(),

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use crate::metrics::{self, Labels};
+use crate::metrics::{self, CacheLabel, Labels};
 
 /// One counter: the total shared by every route of a cache (what
 /// [`Stats`] reads), and the route's labelled metric (feature `metrics`).
@@ -19,9 +19,9 @@ impl Count {
         self.total.load(Ordering::Relaxed)
     }
 
-    /// The same total, with the metric of a route (`labels`) or of the
+    /// The same total, with the metric of a route (`Ok(labels)`) or of the
     /// whole cache (see [`metrics::counter`]).
-    fn labelled(&self, field: &'static str, labels: Option<&Labels>) -> Self {
+    fn labelled(&self, field: &'static str, labels: Result<&Labels, &CacheLabel>) -> Self {
         Self {
             total: self.total.clone(),
             metric: metrics::counter(field, labels),
@@ -45,7 +45,12 @@ pub enum BreakerState {
 }
 
 macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
+    ($($(#[doc = $doc:literal])* $name:ident,)*) => {
+        /// Each counter's name and its documentation (the metric's HELP).
+        pub(crate) const FIELD_DOCS: &[(&str, &str)] = &[
+            $((stringify!($name), concat!($($doc, "\n"),*)),)*
+        ];
+
         /// The counters of a cache (unlabelled metrics), or of one route
         /// (made by [`Counters::for_route`]: the same totals, labelled
         /// metrics, and the route's histograms).
@@ -72,7 +77,7 @@ macro_rules! counters {
         #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
         #[non_exhaustive]
         pub struct Stats {
-            $($(#[$doc])* pub $name: u64,)*
+            $($(#[doc = $doc])* pub $name: u64,)*
             /// Redis calls that failed or timed out.
             pub redis_errors: u64,
             /// Redis calls sent (commands and scripts).
@@ -94,11 +99,12 @@ macro_rules! counters {
                 }
             }
 
-            /// The counters of a cache: the totals, with unlabelled metrics.
-            pub(crate) fn new() -> Self {
+            /// The counters of a cache: the totals, with the metrics of the
+            /// cache (named `cache`).
+            pub(crate) fn new(cache: &CacheLabel) -> Self {
                 let base = Self::default();
                 Self {
-                    $($name: base.$name.labelled(stringify!($name), None),)*
+                    $($name: base.$name.labelled(stringify!($name), Err(cache)),)*
                     ..base
                 }
             }
@@ -110,8 +116,17 @@ macro_rules! counters {
                     namespace: namespace.to_owned(),
                     route: route.to_owned(),
                 };
+                // The cache-wide counters keep the cache's metric, so their
+                // events count whichever counters (cache or route) see them.
+                let route = |count: &Count, field: &'static str| {
+                    if metrics::CACHE_LEVEL.contains(&field) {
+                        count.clone()
+                    } else {
+                        count.labelled(field, Ok(&labels))
+                    }
+                };
                 Self {
-                    $($name: self.$name.labelled(stringify!($name), Some(&labels)),)*
+                    $($name: route(&self.$name, stringify!($name)),)*
                     fill_duration: metrics::histogram("fill", &labels),
                     wait_duration: metrics::histogram("wait", &labels),
                 }

@@ -414,6 +414,9 @@ pub(crate) struct Store<C> {
     /// Shared with a [`HealingConnection`](crate::HealingConnection) that
     /// closes it when it replaced its connection.
     breaker: std::sync::Arc<Breaker>,
+    /// The cache's name in its metrics (its namespace), shared with the
+    /// in-flight table, the near cache and the cache-wide counters.
+    label: crate::metrics::CacheLabel,
     scripts: Scripts,
     pub(crate) errors: AtomicU64,
     pub(crate) commands: AtomicU64,
@@ -454,16 +457,22 @@ impl<C> Store<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
-    pub(crate) fn new(conn: C, timeout: Duration, breaker: Breaker) -> Self {
+    pub(crate) fn new(
+        conn: C,
+        timeout: Duration,
+        breaker: Breaker,
+        label: crate::metrics::CacheLabel,
+    ) -> Self {
         let cluster = is_cluster_connection(&conn);
-        crate::metrics::breaker_open(false);
+        crate::metrics::breaker_open(&label, false);
         let breaker = std::sync::Arc::new(breaker);
         crate::healing::when_replaced(&conn, {
             let breaker = std::sync::Arc::downgrade(&breaker);
+            let label = label.clone();
             move || {
                 // A fresh connection answered PING: no cool-down to sit out.
                 if breaker.upgrade().is_some_and(|b| b.success()) {
-                    crate::metrics::breaker_open(false);
+                    crate::metrics::breaker_open(&label, false);
                     tracing::info!("redis connection replaced, circuit breaker closed");
                 }
             }
@@ -474,6 +483,7 @@ where
             timeout_ms: AtomicU64::new(duration_ms(timeout)),
             longest_fill_ms: AtomicU64::new(0),
             breaker,
+            label,
             scripts: Scripts::new(),
             errors: AtomicU64::new(0),
             commands: AtomicU64::new(0),
@@ -537,6 +547,11 @@ where
 
     pub(crate) fn breaker(&self) -> &Breaker {
         &self.breaker
+    }
+
+    /// The cache's name in its metrics.
+    pub(crate) fn label(&self) -> &crate::metrics::CacheLabel {
+        &self.label
     }
 
     pub(crate) fn connection(&self) -> C {
@@ -614,7 +629,7 @@ where
         let started = std::time::Instant::now();
         let result: Result<i64, FenceError> = timed(timeout, cmd.query_async(&mut conn)).await;
         #[cfg(feature = "metrics")]
-        crate::metrics::redis_call("wait", started.elapsed(), result.is_ok());
+        crate::metrics::redis_call(&self.label, "wait", started.elapsed(), result.is_ok());
         let acked = result.inspect_err(|_| {
             self.errors.fetch_add(1, Ordering::Relaxed);
         })?;
@@ -641,7 +656,7 @@ where
         let started = std::time::Instant::now();
         let result = timed(timeout, f(self.conn.clone())).await;
         #[cfg(feature = "metrics")]
-        crate::metrics::redis_call(what, started.elapsed(), result.is_ok());
+        crate::metrics::redis_call(&self.label, what, started.elapsed(), result.is_ok());
         match &result {
             Ok(_) => self.succeeded(),
             Err(err) => {
@@ -650,7 +665,7 @@ where
                     if self.breaker.failure() {
                         // Logged once per outage: a failed probe re-opens
                         // the breaker silently.
-                        crate::metrics::breaker_open(true);
+                        crate::metrics::breaker_open(&self.label, true);
                         tracing::warn!(error = %err, cooldown_ms = self.breaker.cooldown(), "redis failing, circuit breaker opened");
                     }
                 } else {
@@ -666,7 +681,7 @@ where
     /// A call reached Redis: close the breaker, logging it once.
     fn succeeded(&self) {
         if self.breaker.success() {
-            crate::metrics::breaker_open(false);
+            crate::metrics::breaker_open(&self.label, false);
             tracing::info!("redis answering again, circuit breaker closed");
         }
     }

@@ -8,6 +8,7 @@ use http::header::{CONTENT_LOCATION, HOST, LOCATION};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, Request, StatusCode, Uri};
 use redis::aio::ConnectionLike;
+use url::Url;
 
 use crate::config::Config;
 use crate::handle::FenceHandle;
@@ -94,90 +95,46 @@ impl Targets {
     }
 
     /// The path and query of a `Location` / `Content-Location` value if it
-    /// names this request's origin: an absolute path, a relative reference
-    /// (resolved against the target), or an absolute URI whose authority is
-    /// the request's host (and whose scheme is the request's, when known).
+    /// names this request's origin: the value is resolved against the
+    /// target URI (RFC 3986 §5, by the `url` crate: relative references,
+    /// dot segments, network-path references), then its scheme, host and
+    /// port must be the request's, default ports included (`http://h:80/x`
+    /// is `Host: h`). When the request's scheme is not known (an
+    /// origin-form target), an `http` or `https` value is compared with the
+    /// `Host` under its own scheme.
     fn same_origin_path(&self, value: &[u8]) -> Option<PathAndQuery> {
         let value = std::str::from_utf8(value).ok()?.trim();
-        // The fragment is not part of the resource.
-        let value = value.split('#').next()?;
         if value.is_empty() {
             return None;
         }
-        if value.starts_with("//") || value.contains("://") {
-            let full = if value.starts_with("//") {
-                format!("http:{value}")
-            } else {
-                value.to_owned()
-            };
-            let uri = Uri::try_from(full).ok()?;
-            let authority = uri.authority()?;
-            let host = self
-                .headers
-                .get(HOST)
-                .map(|h| h.as_bytes())
-                .or_else(|| self.uri.authority().map(|a| a.as_str().as_bytes()))?;
-            if !authority.as_str().as_bytes().eq_ignore_ascii_case(host) {
-                return None;
-            }
-            if value.contains("://")
-                && let (Some(theirs), Some(ours)) = (uri.scheme(), self.uri.scheme())
-                && theirs != ours
-            {
-                return None;
-            }
-            return uri.path_and_query().cloned();
-        }
-        if value.contains(':') && !value.starts_with('/') {
-            // Another scheme (`mailto:`, `urn:`, ...), or a relative
-            // reference we would have to guess at.
-            let before = value.split(['/', '?']).next().unwrap_or(value);
-            if before.contains(':') {
-                return None;
-            }
-        }
-        let joined = if value.starts_with('/') {
-            value.to_owned()
-        } else {
-            let base = self.uri.path();
-            let dir = &base[..base.rfind('/').map_or(0, |i| i + 1)];
-            format!("/{}{value}", dir.trim_start_matches('/'))
+        let host = match self.headers.get(HOST) {
+            Some(host) => host.to_str().ok()?,
+            None => self.uri.authority()?.as_str(),
         };
-        let (path, query) = match joined.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (joined.as_str(), None),
+        let known = self.uri.scheme_str();
+        let target = self.uri.path_and_query().map_or("/", PathAndQuery::as_str);
+        let base = Url::parse(&format!("{}://{host}{target}", known.unwrap_or("http"))).ok()?;
+        let resolved = base.join(value).ok()?;
+        let ours = match known {
+            Some(_) => base,
+            None if matches!(resolved.scheme(), "http" | "https") => {
+                Url::parse(&format!("{}://{host}/", resolved.scheme())).ok()?
+            }
+            None => return None,
         };
-        let mut out = remove_dot_segments(path);
-        if let Some(q) = query {
+        if resolved.scheme() != ours.scheme()
+            || resolved.host() != ours.host()
+            || resolved.port_or_known_default() != ours.port_or_known_default()
+        {
+            return None;
+        }
+        let mut out = resolved.path().to_owned();
+        if let Some(query) = resolved.query() {
             out.push('?');
-            out.push_str(q);
+            out.push_str(query);
         }
         PathAndQuery::try_from(out).ok()
     }
-}
-
-/// RFC 3986 §5.2.4 for an absolute path.
-fn remove_dot_segments(path: &str) -> String {
-    let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path.split('/').skip(1).collect();
-    let last = segments.len().saturating_sub(1);
-    for (i, seg) in segments.iter().enumerate() {
-        match *seg {
-            "." => {
-                if i == last {
-                    out.push("");
-                }
-            }
-            ".." => {
-                out.pop();
-                if i == last {
-                    out.push("");
-                }
-            }
-            s => out.push(s),
-        }
-    }
-    format!("/{}", out.join("/"))
 }
 
 #[cfg(test)]
@@ -217,18 +174,30 @@ mod tests {
         assert_eq!(p("http://SHOP.example:8080/x?q").as_deref(), Some("/x?q"));
         assert_eq!(p("//shop.example:8080/y").as_deref(), Some("/y"));
         assert_eq!(p("http://shop.example/x"), None);
+        assert_eq!(p("http://shop.example:8080/../x").as_deref(), Some("/x"));
         assert_eq!(p("https://evil.example/x"), None);
         assert_eq!(p("//evil.example/x"), None);
         assert_eq!(p("mailto:a@b"), None);
         assert_eq!(p(""), None);
-        assert_eq!(p("/bad path"), None);
+        // A space a browser would encode, encoded.
+        assert_eq!(p("/bad path").as_deref(), Some("/bad%20path"));
     }
 
     #[test]
-    fn dot_segments_are_removed() {
-        assert_eq!(remove_dot_segments("/a/./b/../c"), "/a/c");
-        assert_eq!(remove_dot_segments("/a/b/.."), "/a/");
-        assert_eq!(remove_dot_segments("/.."), "/");
-        assert_eq!(remove_dot_segments("/"), "/");
+    fn default_ports_name_the_same_origin() {
+        let t = targets("/a", "shop.example");
+        let p = |v: &str| t.same_origin_path(v.as_bytes()).map(|p| p.to_string());
+        assert_eq!(p("http://shop.example:80/x").as_deref(), Some("/x"));
+        assert_eq!(p("https://shop.example:443/y").as_deref(), Some("/y"));
+        assert_eq!(p("http://shop.example:443/z"), None);
+        assert_eq!(p("http://shop.example:8080/z"), None);
+        let t = targets("/a", "shop.example:80");
+        let p = |v: &str| t.same_origin_path(v.as_bytes()).map(|p| p.to_string());
+        assert_eq!(p("http://shop.example/x").as_deref(), Some("/x"));
+        // With the scheme known (an absolute-form target), only that one.
+        let t = targets("https://shop.example/a", "shop.example");
+        let p = |v: &str| t.same_origin_path(v.as_bytes()).map(|p| p.to_string());
+        assert_eq!(p("https://shop.example:443/x").as_deref(), Some("/x"));
+        assert_eq!(p("http://shop.example/x"), None);
     }
 }

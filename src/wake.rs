@@ -18,12 +18,25 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use redis::aio::ConnectionLike;
 
+use crate::backoff::Backoff;
+#[cfg(feature = "cluster-async")]
+use crate::backoff::jittered;
 use crate::near::Near;
 #[cfg(feature = "cluster-async")]
 use crate::shared::{Forward, Interests};
 use crate::shared::{Interest, Shared, Source};
 use crate::stats::Counters;
 use crate::store::channels;
+
+/// The first pause before a listener reconnects after a failure; pauses
+/// double (with jitter, [`Backoff`]) up to [`RECONNECT_CAP`].
+const RECONNECT_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two reconnection attempts of a listener.
+const RECONNECT_CAP: Duration = Duration::from_secs(2);
+/// The pause before the cluster listener retries a failed (re)subscription
+/// (jittered: half of it to all of it).
+#[cfg(feature = "cluster-async")]
+const RESUBSCRIBE: Duration = Duration::from_millis(200);
 
 /// Clears the layer's "listening" flag when the listener ends, however it
 /// ends (the layer dropped, or the runtime it ran on shut down).
@@ -159,7 +172,9 @@ where
     }
     // However the listener ends, the near cache is emptied and bypassed.
     let _near = NearDown(shared.clone());
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
+    // A move (the Sentinel named a new master): reconnect at once.
+    let mut at_once = false;
     let mut moves = master.moves();
     loop {
         if shared.strong_count() == 0 {
@@ -171,7 +186,7 @@ where
         let client = master.client();
         match timed(client.get_async_pubsub()).await {
             Ok(pubsub) => {
-                backoff = Duration::from_millis(50);
+                backoff.reset();
                 let (mut sink, mut messages) = pubsub.split();
                 let mut subscribed: HashSet<String> = HashSet::new();
                 let mut synced = sync_single(&mut sink, &shared, &mut subscribed).await;
@@ -201,7 +216,7 @@ where
                         }
                         () = moved(&mut moves) => {
                             tracing::info!("wake-up subscription: the master moved; subscribing there");
-                            backoff = Duration::ZERO;
+                            at_once = true;
                             break;
                         }
                         () = tokio::time::sleep(Duration::from_secs(5)) => {
@@ -226,12 +241,16 @@ where
                 master.failed();
             }
         }
+        let pause = if std::mem::take(&mut at_once) {
+            Duration::ZERO
+        } else {
+            backoff.next()
+        };
         // A move (the Sentinel named a new master) ends the wait early.
         tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(pause) => {}
             () = moved(&mut moves) => {}
         }
-        backoff = (backoff * 2).clamp(Duration::from_millis(50), Duration::from_secs(2));
     }
 }
 
@@ -402,7 +421,7 @@ async fn listen_cluster<C>(
     let Some(interests) = shared.upgrade().map(|s| s.interests.clone()) else {
         return;
     };
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff = Backoff::new(RECONNECT_FIRST, RECONNECT_CAP);
     let mut conn = loop {
         if shared.strong_count() == 0 {
             return;
@@ -413,8 +432,7 @@ async fn listen_cluster<C>(
                 tracing::debug!(error = %err, "wake-up cluster connection failed, retrying");
             }
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(backoff.next()).await;
     };
     let (tx, mut pushes) = tokio::sync::mpsc::unbounded_channel();
     if let Ok(mut slot) = forward.lock() {
@@ -438,7 +456,8 @@ async fn listen_cluster<C>(
             dirty |= !sync_cluster_near(&mut conn, &shared, &mut held).await;
         }
         let retry = if dirty {
-            Duration::from_millis(200)
+            // Spread: every process resubscribes after the same event.
+            jittered(RESUBSCRIBE, RESUBSCRIBE, 1)
         } else {
             Duration::from_secs(5)
         };

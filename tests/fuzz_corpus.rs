@@ -1,15 +1,16 @@
-//! Replays the fuzz corpora (`fuzz/corpus/<target>/*`) through the fuzz
-//! targets' checks on stable, as an ordinary test. The checks are the very
-//! code the fuzz targets run (`fuzz/shared/`, included with `#[path]`).
+//! Replays the fuzz corpora (`tests/fuzz_corpus/<target>/*`) through the
+//! fuzz targets' checks on stable, as an ordinary test. The checks are the
+//! very code the fuzz targets run (`tests/fuzz_corpus/<target>.rs`, which
+//! `fuzz/fuzz_targets/` includes with `#[path]`).
 
-#[path = "../fuzz/shared/keys.rs"]
+#[path = "fuzz_corpus/keys.rs"]
 mod keys;
 
 use std::path::Path;
 
 fn corpus(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fuzz/corpus")
+        .join("tests/fuzz_corpus")
         .join(target);
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
@@ -31,7 +32,10 @@ fn the_keys_corpus_passes_the_keys_checks() {
     assert!(!files.is_empty(), "the keys corpus is empty");
     for (name, data) in files {
         let outcome = std::panic::catch_unwind(|| keys::check(&data));
-        assert!(outcome.is_ok(), "fuzz/corpus/keys/{name} fails the checks");
+        assert!(
+            outcome.is_ok(),
+            "tests/fuzz_corpus/keys/{name} fails the checks"
+        );
     }
 }
 

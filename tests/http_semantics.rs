@@ -959,6 +959,29 @@ async fn same_origin_location_and_content_location_are_invalidated() {
 }
 
 #[tokio::test]
+async fn a_location_with_the_default_port_names_the_same_origin() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    // The requests carry `Host: app.test` (no port): `:80` on an `http`
+    // URI, and `:443` on an `https` one, are that origin.
+    let host = support::TEST_HOST;
+    for path in ["/res/d", "/res/e", "/res/other"] {
+        app.get(path, &[]).await;
+        assert_eq!(app.get(path, &[]).await.cache_status(), Some("HIT"));
+    }
+    let target = format!(
+        "/res/new?location=http://{host}:80/res/d&content_location=https://{host}:443/res/e"
+    );
+    assert_eq!(app.send("POST", &target, &[]).await.status, StatusCode::OK);
+    assert_eq!(app.get("/res/d", &[]).await.text(), "/res/d v1");
+    assert_eq!(app.get("/res/e", &[]).await.text(), "/res/e v1");
+    // Another port is another origin.
+    let target = format!("/res/x?location=http://{host}:8080/res/other");
+    app.send("POST", &target, &[]).await;
+    assert_eq!(app.get("/res/other", &[]).await.cache_status(), Some("HIT"));
+}
+
+#[tokio::test]
 async fn error_responses_and_safe_methods_do_not_invalidate() {
     let redis = RedisServer::new();
     let app = app(&redis, |l| l).await;

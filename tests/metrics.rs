@@ -76,13 +76,16 @@ async fn prometheus_scrape_after_a_stampede_counts_one_fill() {
     assert!(
         sample(
             &text,
-            r#"cachefence_redis_call_duration_seconds_count{op="read"}"#
+            r#"cachefence_redis_call_duration_seconds_count{cache="cachefence:",op="read"}"#
         )
         .is_some_and(|n| n >= 60.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, r#"cachefence_redis_calls_total{op="store"}"#),
+        sample(
+            &text,
+            r#"cachefence_redis_calls_total{cache="cachefence:",op="store"}"#
+        ),
         Some(1.0),
         "{text}"
     );
@@ -92,12 +95,12 @@ async fn prometheus_scrape_after_a_stampede_counts_one_fill() {
     );
     // Gauges: the breaker is closed, no fill is left in flight.
     assert_eq!(
-        sample(&text, "cachefence_fills_in_flight"),
+        sample(&text, r#"cachefence_fills_in_flight{cache="cachefence:"}"#),
         Some(0.0),
         "{text}"
     );
     assert_eq!(
-        sample(&text, "cachefence_breaker_open"),
+        sample(&text, r#"cachefence_breaker_open{cache="cachefence:"}"#),
         Some(0.0),
         "{text}"
     );
@@ -113,12 +116,16 @@ async fn prometheus_scrape_after_a_stampede_counts_one_fill() {
     assert_ne!(handle.stats().breaker, BreakerState::Closed);
     let text = http.get(addr, "/metrics").await.text();
     assert_eq!(
-        sample(&text, "cachefence_breaker_open"),
+        sample(&text, r#"cachefence_breaker_open{cache="cachefence:"}"#),
         Some(1.0),
         "{text}"
     );
     assert!(
-        sample(&text, r#"cachefence_redis_errors_total{op="read"}"#).is_some_and(|n| n >= 5.0),
+        sample(
+            &text,
+            r#"cachefence_redis_errors_total{cache="cachefence:",op="read"}"#
+        )
+        .is_some_and(|n| n >= 5.0),
         "{text}"
     );
     println!(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use redis::FromRedisValue;
 use redis::aio::ConnectionLike;
 
+use crate::backoff::jittered;
 use crate::error::{FenceError, timed};
 
 /// The first pause between two tries of a transient failure; it doubles
@@ -70,29 +71,9 @@ where
     }
 }
 
-/// Exponential backoff with jitter: `base * 2^(n-1)` capped, then a random
-/// point in its upper half.
-pub(super) fn jittered(base: Duration, cap: Duration, n: u32) -> Duration {
-    let exp = base
-        .saturating_mul(1u32 << n.saturating_sub(1).min(20))
-        .min(cap);
-    exp.mul_f64(0.5 + rand::random_range(0.0..0.5))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_grows_with_jitter_and_stays_capped() {
-        let base = Duration::from_millis(100);
-        let cap = Duration::from_secs(1);
-        for n in 1..40 {
-            let d = jittered(base, cap, n);
-            let exp = base.saturating_mul(1 << (n - 1).min(20)).min(cap);
-            assert!(d >= exp / 2 && d <= exp, "{n}: {d:?}");
-        }
-    }
 
     #[tokio::test]
     async fn transient_failures_are_retried_within_the_budget_and_others_are_not() {

@@ -113,6 +113,7 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     pub(super) fn new(queue: InvalidationQueue<C>, client: Client) -> Self {
+        crate::metrics::describe(crate::stats::FIELD_DOCS);
         let (shutdown, _) = watch::channel(false);
         let group = queue.group.to_string();
         Self {

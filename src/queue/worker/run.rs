@@ -17,10 +17,11 @@ use super::WorkerHandle;
 use super::control::Counters;
 use super::node;
 use super::ops::{Read, ReadConn};
+use crate::backoff::jittered;
 use crate::entry::duration_ms;
 use crate::error::FenceError;
 use crate::error::timed;
-use crate::queue::call::{call, jittered};
+use crate::queue::call::call;
 use crate::queue::reply::Entry;
 
 /// Backoff between failed Redis calls of the worker itself (reading,
@@ -298,6 +299,11 @@ where
             Ok(removed) => match self.ack(&entry.id).await {
                 Ok(acked) => {
                     Counters::add(&counters.applied, 1);
+                    let queue = self.queue.handle.namespace();
+                    crate::metrics::queue_event(queue, "applied");
+                    if let Some(lag) = enqueued_ago(&entry.id) {
+                        crate::metrics::queue_lag(queue, lag);
+                    }
                     if !acked {
                         Counters::add(&counters.duplicates, 1);
                     }
@@ -320,6 +326,7 @@ where
                 match self.fail(&entry.id, &error, delay, counted).await {
                     Ok(()) => {
                         Counters::add(&counters.retries, 1);
+                        crate::metrics::queue_event(self.queue.handle.namespace(), "retries");
                         tracing::warn!(id = %entry.id, invalidation = entry.payload().unwrap_or(""), error = %error, attempt, max_attempts = self.max_attempts, retry_in_ms = delay.as_millis() as u64, "invalidation failed; will retry");
                         return Some(delay);
                     }
@@ -349,6 +356,7 @@ where
         match timed::<i64>(self.queue.timeout, inv.invoke_async(&mut conn)).await {
             Ok(1) => {
                 Counters::add(&self.control.counters.dead_lettered, 1);
+                crate::metrics::queue_event(self.queue.handle.namespace(), "dead_lettered");
                 tracing::warn!(id = %entry.id, invalidation = entry.payload().unwrap_or(""), error, attempts, dead_letters = %keys.dead, "invalidation moved to the dead-letter stream");
             }
             Ok(_) => {
@@ -440,6 +448,17 @@ fn truncate(s: &mut String, max: usize) {
         }
         s.truncate(end);
     }
+}
+
+/// How long ago the message `id` (`<ms>-<seq>`, Redis's clock) was added
+/// to the stream, by this machine's clock; `None` for an id of another
+/// shape.
+fn enqueued_ago(id: &str) -> Option<Duration> {
+    let (ms, _) = id.split_once('-')?;
+    let ms: u64 = ms.parse().ok()?;
+    Some(Duration::from_millis(
+        crate::entry::now_ms().saturating_sub(ms),
+    ))
 }
 
 #[cfg(test)]

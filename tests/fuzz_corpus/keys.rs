@@ -1,7 +1,9 @@
 //! The property checked by the `keys` fuzz target, as a plain function so it
-//! also runs on stable: `tests/fuzz_corpus.rs` replays the corpus through it
-//! and the fuzz target (`fuzz/fuzz_targets/keys.rs`) includes this file with
-//! `#[path]`.
+//! also runs on stable: `tests/fuzz_corpus.rs` replays the corpus
+//! (`tests/fuzz_corpus/keys/`) through it and the fuzz target
+//! (`fuzz/fuzz_targets/keys.rs`) includes this file with `#[path]`. Both live
+//! under `tests/` so the published package builds and runs that test (cargo
+//! leaves the nested `fuzz/` crate out of the package).
 //!
 //! Input layout: the request target, then optionally `\n` and header lines
 //! `name: value` separated by `\n`. Properties checked: no panic; the key
