@@ -136,7 +136,7 @@ def cpu(c):
     v = dict(l.split(":", 1) for l in info.splitlines() if ":" in l)
     return float(v["used_cpu_user_main_thread"]) + float(v["used_cpu_sys_main_thread"])
 
-BODY = b"x" * 4096
+BODY = b"x" * int(os.environ.get("BODY_BYTES", "4096"))
 HEADERS = (b"\x00\x0ccontent-type\x00\x00\x00\x18text/html; charset=utf-8"
            b"\x00\x0dcache-control\x00\x00\x00\x12public, max-age=60"
            b"\x00\x04etag\x00\x00\x00\x12\"5f3a9c0e2b7d41a8\""
@@ -149,10 +149,10 @@ def fields(fmt, key):
     common_tail = [b"stored", str(NOW).encode(), b"fresh", str(NOW + 2000).encode(),
                    b"gen", b"0123456789abcdef0123456789abcdef", b"key", key.encode()]
     if fmt == "1":
-        return [b"v", b"1", b"status", b"200", b"hdrs", HEADERS, b"body", BODY, b"len", b"4096",
+        return [b"v", b"1", b"status", b"200", b"hdrs", HEADERS, b"body", BODY, b"len", str(len(BODY)).encode(),
                 b"delta", b"20", b"stale", str(NOW + 2000).encode()] + common_tail
     head = (200).to_bytes(2, "big") + (20).to_bytes(8, "big") + (NOW + 2000).to_bytes(8, "big") \
-        + (4096).to_bytes(8, "big") + HEADERS
+        + len(BODY).to_bytes(8, "big") + HEADERS
     return [b"v", b"2", b"head", head, b"body", BODY] + common_tail
 
 LOOKUP = {"1": ["pass", "v", "vary", "status", "hdrs", "len", "body", "delta", "stored", "fresh",
