@@ -25,6 +25,11 @@
 //! 1 MiB route through a cache of its own, with its own Redis connection:
 //! tells head-of-line blocking on the one connection from CPU contention).
 //!
+//! `CACHEFENCE_ONE_TIMER=1`: the cachefence arms' connection managers get no
+//! response timeout of their own (`set_response_timeout(None)`): the cache
+//! bounds every call with its `redis_timeout` already, so each call then
+//! runs under one timer instead of two.
+//!
 //! Uses `REDIS_URL` if set, else starts its own `redis-server` on a free
 //! port (killed at the end). The app (its Tokio runtime, 2 worker threads)
 //! and the load generator (another runtime) share this process; the app's
@@ -452,8 +457,13 @@ async fn start_app(
             routes.layer(middleware::from_fn_with_state(state, naive))
         }
         Arm::Fence | Arm::FenceNear => {
-            let cache = FenceCache::builder(client.get_connection_manager().await?)
-                .wake_ups(client.clone());
+            let conn = if std::env::var_os("CACHEFENCE_ONE_TIMER").is_some_and(|v| v == "1") {
+                let config = redis::aio::ConnectionManagerConfig::new().set_response_timeout(None);
+                client.get_connection_manager_with_config(config).await?
+            } else {
+                client.get_connection_manager().await?
+            };
+            let cache = FenceCache::builder(conn).wake_ups(client.clone());
             let cache = if arm == Arm::FenceNear {
                 cache.near_cache(64 << 20)
             } else {

@@ -1,4 +1,12 @@
 //! A stored response and its encoding into the fields of a Redis hash.
+//!
+//! Format 2: what only Rust reads (status, fill time, stale time, body
+//! length, headers) is packed into one `head` field ([`encode_head`]); the
+//! fields the scripts read stay separate (`v`, `pass`, `vary`, `stored`,
+//! `fresh`, `gen`, `key`, `near`, `tags`, `retry`, `fails`). Fewer fields
+//! cost Redis less memory per entry and a lookup fewer reply values.
+//! Entries of another format (format 1 had `status`, `hdrs`, `len`, `delta`
+//! and `stale` fields) read as misses and are overwritten by the next fill.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -7,7 +15,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 /// The format version written into every entry. An entry with another
 /// version is treated as a miss and overwritten by the next fill.
-pub(crate) const FORMAT_VERSION: &str = "1";
+pub(crate) const FORMAT_VERSION: &str = "2";
 
 /// A cached response.
 #[derive(Debug, Clone)]
@@ -55,16 +63,24 @@ pub(crate) fn duration_ms(d: Duration) -> u64 {
 impl Entry {
     /// The hash fields to store.
     pub(crate) fn to_fields(&self, key: &str, token: &str) -> Vec<(&'static str, Vec<u8>)> {
+        let mut fields = self.head_fields(key, token, self.body.len());
+        fields.insert(2, ("body", self.body.to_vec()));
+        fields
+    }
+
+    /// The hash fields a header-only write-back (FRESHEN) writes: every
+    /// field but `body`, for a stored body of `body_len` bytes.
+    pub(crate) fn head_fields(
+        &self,
+        key: &str,
+        token: &str,
+        body_len: usize,
+    ) -> Vec<(&'static str, Vec<u8>)> {
         vec![
             ("v", FORMAT_VERSION.as_bytes().to_vec()),
-            ("status", self.status.as_str().as_bytes().to_vec()),
-            ("hdrs", encode_headers(&self.headers)),
-            ("body", self.body.to_vec()),
-            ("len", self.body.len().to_string().into_bytes()),
-            ("delta", duration_ms(self.delta).to_string().into_bytes()),
+            ("head", encode_head(self, body_len)),
             ("stored", self.stored_ms.to_string().into_bytes()),
             ("fresh", self.fresh_ms.to_string().into_bytes()),
-            ("stale", self.stale_ms.to_string().into_bytes()),
             ("gen", token.as_bytes().to_vec()),
             ("key", key.as_bytes().to_vec()),
         ]
@@ -99,22 +115,17 @@ impl Entry {
 /// The fields of an entry hash a lookup reads, in the order `HMGET` asks
 /// for them (the hit's one command); [`Raw`] holds them by these indexes.
 /// The others (`gen`, `key`, `fails`) are the scripts'.
-pub(crate) const LOOKUP_FIELDS: [&str; 12] = [
-    "pass", "v", "vary", "status", "hdrs", "len", "body", "delta", "stored", "fresh", "stale",
-    "retry",
+pub(crate) const LOOKUP_FIELDS: [&str; 8] = [
+    "pass", "v", "vary", "head", "body", "stored", "fresh", "retry",
 ];
 const PASS: usize = 0;
 const V: usize = 1;
 const VARY: usize = 2;
-const STATUS: usize = 3;
-const HDRS: usize = 4;
-const LEN: usize = 5;
-const BODY: usize = 6;
-const DELTA: usize = 7;
-const STORED: usize = 8;
-const FRESH: usize = 9;
-const STALE: usize = 10;
-const RETRY: usize = 11;
+const HEAD: usize = 3;
+const BODY: usize = 4;
+const STORED: usize = 5;
+const FRESH: usize = 6;
+const RETRY: usize = 7;
 
 /// What `HMGET <key> LOOKUP_FIELDS...` answers for a hash holding these
 /// field/value pairs (for the benches' samples and the tests).
@@ -135,7 +146,7 @@ pub(crate) fn lookup_values(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<Option<Bytes>>
 /// header values and the body are slices of it, never copies.
 #[derive(Debug, Default)]
 pub(crate) struct Raw {
-    slots: [Option<Bytes>; 12],
+    slots: [Option<Bytes>; LOOKUP_FIELDS.len()],
 }
 
 impl Raw {
@@ -201,14 +212,12 @@ impl Record {
 /// and the header values move out of the reply instead of being copied: a
 /// hit serves the bytes Redis sent.
 fn decode_entry(raw: &mut Raw) -> Option<Entry> {
-    let status = StatusCode::from_bytes(raw.get(STATUS)?).ok()?;
-    let headers = decode_headers(raw.get(HDRS)?)?;
-    let len = raw.u64(LEN)?;
-    if raw.get(BODY)?.len() as u64 != len {
+    let head = decode_head(raw.get(HEAD)?)?;
+    if raw.get(BODY)?.len() as u64 != head.body_len {
         return None;
     }
-    let delta = Duration::from_millis(raw.u64(DELTA)?);
-    let (stored_ms, fresh_ms, stale_ms) = (raw.u64(STORED)?, raw.u64(FRESH)?, raw.u64(STALE)?);
+    let (status, headers, delta, stale_ms) = (head.status, head.headers, head.delta, head.stale_ms);
+    let (stored_ms, fresh_ms) = (raw.u64(STORED)?, raw.u64(FRESH)?);
     Some(Entry {
         status,
         headers,
@@ -285,6 +294,51 @@ fn decode_vary(bytes: &[u8]) -> Option<Vec<HeaderName>> {
         .split(|&b| b == b',')
         .map(|n| HeaderName::from_bytes(n).ok())
         .collect()
+}
+
+/// The fixed part of the `head` field: status, fill time, stale time and
+/// body length.
+const HEAD_FIXED: usize = 2 + 8 + 8 + 8;
+
+/// The `head` field of an entry whose body is `body_len` bytes:
+/// `u16 status, u64 fill time (ms), u64 stale-until (ms since the epoch),
+/// u64 body length`, big-endian, then the headers as [`encode_headers`]
+/// writes them. Only Rust reads it (the scripts compare it whole).
+pub(crate) fn encode_head(entry: &Entry, body_len: usize) -> Vec<u8> {
+    let headers = encode_headers(&entry.headers);
+    let mut out = Vec::with_capacity(HEAD_FIXED + headers.len());
+    out.extend_from_slice(&entry.status.as_u16().to_be_bytes());
+    out.extend_from_slice(&duration_ms(entry.delta).to_be_bytes());
+    out.extend_from_slice(&entry.stale_ms.to_be_bytes());
+    out.extend_from_slice(&(body_len as u64).to_be_bytes());
+    out.extend_from_slice(&headers);
+    out
+}
+
+/// What [`decode_head`] reads.
+struct Head {
+    status: StatusCode,
+    delta: Duration,
+    stale_ms: u64,
+    body_len: u64,
+    headers: HeaderMap,
+}
+
+/// Reads [`encode_head`]'s form; every header value a slice of `field`.
+fn decode_head(field: &Bytes) -> Option<Head> {
+    let (fixed, _) = field.split_first_chunk::<HEAD_FIXED>()?;
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&fixed[i..i + 8]);
+        u64::from_be_bytes(b)
+    };
+    Some(Head {
+        status: StatusCode::from_u16(u16::from_be_bytes([fixed[0], fixed[1]])).ok()?,
+        delta: Duration::from_millis(u64_at(2)),
+        stale_ms: u64_at(10),
+        body_len: u64_at(18),
+        headers: decode_headers(&field.slice(HEAD_FIXED..))?,
+    })
 }
 
 /// `u16 name length, name, u32 value length, value`, for every header.
@@ -433,7 +487,7 @@ mod tests {
         let good = fields(&sample());
         type Fields = Vec<(Vec<u8>, Vec<u8>)>;
         let damage: [&dyn Fn(&mut Fields); 6] = [
-            &|f| f.retain(|(k, _)| k != b"status"),
+            &|f| f.retain(|(k, _)| k != b"head"),
             &|f| {
                 f.iter_mut()
                     .filter(|(k, _)| k == b"body")
@@ -446,8 +500,8 @@ mod tests {
             },
             &|f| {
                 f.iter_mut()
-                    .filter(|(k, _)| k == b"hdrs")
-                    .for_each(|(_, v)| v.truncate(5))
+                    .filter(|(k, _)| k == b"head")
+                    .for_each(|(_, v)| v.truncate(HEAD_FIXED + 5))
             },
             &|f| {
                 f.iter_mut()
@@ -456,8 +510,8 @@ mod tests {
             },
             &|f| {
                 f.iter_mut()
-                    .filter(|(k, _)| k == b"status")
-                    .for_each(|(_, v)| *v = vec![0xff])
+                    .filter(|(k, _)| k == b"head")
+                    .for_each(|(_, v)| v[..2].copy_from_slice(&[0xff, 0xff]))
             },
         ];
         for d in damage {
@@ -472,7 +526,7 @@ mod tests {
         let e = sample();
         let values = lookup_values(&fields(&e));
         let body_at = values[BODY].as_ref().unwrap().as_ptr();
-        let hdrs = values[HDRS].clone().unwrap();
+        let hdrs = values[HEAD].clone().unwrap();
         let Record::Entry(back) = Record::from_raw(Raw::from_values(values), 0) else {
             panic!("not an entry")
         };
@@ -491,7 +545,7 @@ mod tests {
         }
         // A key that is not there: HMGET answers nils.
         assert!(matches!(
-            Record::from_raw(Raw::from_values(vec![None; 12]), 0),
+            Record::from_raw(Raw::from_values(vec![None; LOOKUP_FIELDS.len()]), 0),
             Record::Missing
         ));
     }

@@ -555,6 +555,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         }
     };
     let _registered = lease.as_ref().map(|l| LeaseRegistration::new(&shared, l));
+    // Requests may join without a lookup while the origin is called (see
+    // `Flight::calling`).
+    flight.calling(true);
     let ended = with_lease(
         &shared,
         lease.as_ref(),
@@ -564,6 +567,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         config.lock_timeout,
     )
     .await;
+    flight.calling(false);
     // A failed background refresh backs the next one off, fleet-wide, while
     // the stale entry keeps being served.
     let failed_leave = if mode == Mode::Refresh && stale.is_some() {
@@ -758,16 +762,11 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     Some(_) if recovered.is_err() => recovered.map(|()| WriteBack::Fenced),
                     // A 304: the head and expiry only; the body stays in Redis.
                     Some(old) => {
-                        let head = Entry {
-                            body: bytes::Bytes::new(),
-                            ..(*entry).clone()
-                        };
-                        let mut fields = tagged(head.to_fields(&key, &lease.token));
-                        fields.retain(|(name, _)| !matches!(*name, "body" | "len"));
-                        let hdrs = crate::entry::encode_headers(&old.headers);
+                        let fields = tagged(entry.head_fields(&key, &lease.token, old.body.len()));
+                        let head = crate::entry::encode_head(old, old.body.len());
                         match shared
                             .store
-                            .freshen(args(fields), &hdrs, old.body.len())
+                            .freshen(args(fields), &head, old.body.len())
                             .await
                         {
                             Ok(Some(written)) => {

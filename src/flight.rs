@@ -81,16 +81,36 @@ pub(crate) struct Flight {
     detached: AtomicBool,
     /// Signalled when the flight is detached.
     pub(crate) detach: Notify,
+    /// A fill of a key its leader found missing in Redis (no entry, not
+    /// even a stale one): a request for the key joins it without reading
+    /// Redis first (it would find nothing either, or the entry this fill
+    /// stored: the response it hands out).
+    cold: bool,
+    /// Set while the fill waits for the origin (see [`calling`](Self::calling)).
+    calling: AtomicBool,
 }
 
 impl Flight {
-    fn new() -> Self {
+    fn new(cold: bool) -> Self {
         Self {
             tx: watch::channel(None).0,
             wake: Notify::new(),
             detached: AtomicBool::new(false),
             detach: Notify::new(),
+            cold,
+            calling: AtomicBool::new(false),
         }
+    }
+
+    /// The fill calls the origin (`true`) or has its answer (`false`).
+    /// Only while it calls may a request join it without a lookup: an
+    /// answer computed before an invalidation that ended before the request
+    /// came is then written back after that invalidation, which fences it
+    /// out (its joiners restart). Before the call the fill reads Redis
+    /// (ACQUIRE may find an entry), after it its result may be stored
+    /// already: a request then reads Redis itself.
+    pub(crate) fn calling(&self, on: bool) {
+        self.calling.store(on, Ordering::Release);
     }
 
     /// Hands the outcome to every joiner (once; a detached flight keeps its
@@ -159,15 +179,32 @@ impl Flights {
         self.map.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(crate) fn join_or_lead(&self, key: &str) -> Joined {
+    /// Joins the fill of `key`, or leads a new one; `cold`: the caller
+    /// found nothing stored (see [`join_cold`](Self::join_cold)).
+    pub(crate) fn join_or_lead(&self, key: &str, cold: bool) -> Joined {
         let mut map = self.lock();
         if let Some(flight) = map.get(key) {
             return Joined::Join(flight.subscribe());
         }
-        let flight = Arc::new(Flight::new());
+        let flight = Arc::new(Flight::new(cold));
         map.insert(key.to_owned(), flight.clone());
         crate::metrics::fills_in_flight(&self.label, 1.0);
         Joined::Lead(flight)
+    }
+
+    /// Joins the fill of `key` if one runs whose leader found nothing
+    /// stored and that is calling the origin ([`Flight::calling`]): the
+    /// caller need not read Redis first.
+    pub(crate) fn join_cold(&self, key: &str) -> Option<watch::Receiver<Option<Outcome>>> {
+        let map = self.lock();
+        map.get(key)
+            .filter(|f| {
+                f.cold
+                    && f.calling.load(Ordering::Acquire)
+                    && !f.is_detached()
+                    && f.tx.borrow().is_none()
+            })
+            .map(|f| f.subscribe())
     }
 
     /// Leads only if nobody else fills or refreshes the key (for background
@@ -177,7 +214,7 @@ impl Flights {
         if map.contains_key(key) {
             return None;
         }
-        let flight = Arc::new(Flight::new());
+        let flight = Arc::new(Flight::new(false));
         map.insert(key.to_owned(), flight.clone());
         crate::metrics::fills_in_flight(&self.label, 1.0);
         Some(flight)
@@ -266,10 +303,10 @@ mod tests {
     #[test]
     fn the_first_caller_leads_and_the_others_join() {
         let flights = Flights::default();
-        let Joined::Lead(lead) = flights.join_or_lead("k") else {
+        let Joined::Lead(lead) = flights.join_or_lead("k", false) else {
             panic!("first caller must lead")
         };
-        let Joined::Join(mut rx) = flights.join_or_lead("k") else {
+        let Joined::Join(mut rx) = flights.join_or_lead("k", false) else {
             panic!("second caller must join")
         };
         lead.finish(Outcome::Origin);
@@ -279,12 +316,39 @@ mod tests {
     }
 
     #[test]
-    fn detaching_restarts_joiners_and_frees_the_key() {
+    fn only_a_fill_of_a_missing_key_is_joined_without_a_lookup() {
         let flights = Flights::default();
-        let Joined::Lead(lead) = flights.join_or_lead("p:v:1") else {
+        assert!(flights.join_cold("k").is_none());
+        let Joined::Lead(_warm) = flights.join_or_lead("k", false) else {
             panic!()
         };
-        let Joined::Join(rx) = flights.join_or_lead("p:v:1") else {
+        assert!(
+            flights.join_cold("k").is_none(),
+            "a fill with a stale entry"
+        );
+        let Joined::Lead(cold) = flights.join_or_lead("c", true) else {
+            panic!()
+        };
+        assert!(
+            flights.join_cold("c").is_none(),
+            "not calling the origin yet"
+        );
+        cold.calling(true);
+        let mut rx = flights.join_cold("c").expect("joined");
+        cold.finish(Outcome::Origin);
+        assert!(matches!(*rx.borrow_and_update(), Some(Outcome::Origin)));
+        assert!(flights.join_cold("c").is_none(), "a finished fill");
+        assert_eq!(flights.detach_entry("c"), 1);
+        assert!(flights.join_cold("c").is_none());
+    }
+
+    #[test]
+    fn detaching_restarts_joiners_and_frees_the_key() {
+        let flights = Flights::default();
+        let Joined::Lead(lead) = flights.join_or_lead("p:v:1", false) else {
+            panic!()
+        };
+        let Joined::Join(rx) = flights.join_or_lead("p:v:1", false) else {
             panic!()
         };
         assert_eq!(flights.detach_entry("p"), 1);
@@ -292,7 +356,10 @@ mod tests {
         // The old fill's late outcome is ignored.
         lead.finish(Outcome::Origin);
         assert!(matches!(*rx.borrow(), Some(Outcome::Restart)));
-        assert!(matches!(flights.join_or_lead("p:v:1"), Joined::Lead(_)));
+        assert!(matches!(
+            flights.join_or_lead("p:v:1", false),
+            Joined::Lead(_)
+        ));
         // Removing the detached flight doesn't remove its successor.
         flights.remove("p:v:1", &lead);
         assert_eq!(flights.len(), 1);

@@ -162,12 +162,18 @@ return 0
 macro_rules! fenced_write_prologue {
     () => {
         r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+-- The lease and the URL fence in one read (MGET answers nil for a key of
+-- another type).
+local lf = redis.call('MGET', KEYS[2], KEYS[5])
+if lf[1] ~= ARGV[1] then return 0 end
 local started = tonumber(ARGV[7])
-local function wake()
+-- Set once STORE has listed the entry in the URL's variant set.
+local listed = false
+local function drop_lease()
   -- Only a waiter in another process that listens for wake-ups marks the
   -- lease (ACQUIRE): with no mark nobody is woken, and nothing published.
-  if redis.call('DEL', KEYS[2] .. ':w') == 0 then return end
+  -- The lease is there (read above): 2 keys removed means a mark.
+  if redis.call('DEL', KEYS[2], KEYS[2] .. ':w') < 2 then return end
   if string.find(ARGV[3], '{', 1, true) then
     redis.call('SPUBLISH', ARGV[3], ARGV[4])
   else
@@ -175,12 +181,11 @@ local function wake()
   end
 end
 local function refuse(code)
-  redis.call('DEL', KEYS[2])
-  wake()
+  drop_lease()
   return code
 end
-local okf, uf = pcall(redis.call, 'GET', KEYS[5])
-if okf and uf and tonumber(uf) and tonumber(uf) >= started then return refuse(0) end
+local uf = lf[2]
+if uf and tonumber(uf) and tonumber(uf) >= started then return refuse(0) end
 if ARGV[10] == '1' then
   local okp, fences = pcall(redis.call, 'ZRANGEBYSCORE', KEYS[6], ARGV[7], '+inf')
   if okp then
@@ -226,10 +231,12 @@ end
 -- Every entry but the URL's own (a Vary variant, a host or other key
 -- dimension) is listed in the URL's variant set.
 if KEYS[1] .. ':vars' ~= KEYS[4] then
-  local ok2 = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
-  if not ok2 then
-    redis.call('DEL', KEYS[4])
-    redis.call('SADD', KEYS[4], KEYS[1])
+  if not listed then
+    local ok2 = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
+    if not ok2 then
+      redis.call('DEL', KEYS[4])
+      redis.call('SADD', KEYS[4], KEYS[1])
+    end
   end
   keep(KEYS[4], ttl)
 end
@@ -253,8 +260,7 @@ elseif n > 0 then
   end
 end
 reap()
-redis.call('DEL', KEYS[2])
-wake()
+drop_lease()
 return 1
 "
     };
@@ -298,33 +304,46 @@ pub(crate) const STORE: &str = concat!(
     r"
 local ttl = tonumber(ARGV[2])
 if KEYS[1] .. ':vars' ~= KEYS[4] then
+  -- Listed at once (nothing refuses the store after this): only a new
+  -- member is counted against the bound.
   local max = tonumber(ARGV[9])
-  local okm, member = pcall(redis.call, 'SISMEMBER', KEYS[4], KEYS[1])
-  if okm and member == 0 and redis.call('SCARD', KEYS[4]) >= max then
+  local oka, added = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
+  if not oka then
+    redis.call('DEL', KEYS[4])
+    added = redis.call('SADD', KEYS[4], KEYS[1])
+  elseif added == 1 and redis.call('SCARD', KEYS[4]) > max then
+    redis.call('SREM', KEYS[4], KEYS[1])
     -- Forget variants that expired, a bounded look at a time.
     local scan = redis.call('SSCAN', KEYS[4], 0, 'COUNT', max * 2)
     for _, v in ipairs(scan[2]) do
       if redis.call('EXISTS', v) == 0 then redis.call('SREM', KEYS[4], v) end
     end
     if redis.call('SCARD', KEYS[4]) >= max then return refuse(2) end
+    redis.call('SADD', KEYS[4], KEYS[1])
   end
+  listed = true
 end
 if ARGV[11] == '1' then near(KEYS[1], '-') end
 -- A near cache may still hold the old copy: the mark carries over. When
 -- the entry is missing and near caches are registered (single server), a
 -- near cache may still hold a copy Redis evicted without an announcement:
 -- the new entry is marked, so its next write or invalidation is announced.
-local okc, carried = pcall(redis.call, 'HEXISTS', KEYS[1], 'near')
-local marked = okc and carried == 1
-if not marked and not string.find(ARGV[3], '{', 1, true)
-    and redis.call('EXISTS', KEYS[1]) == 0 then
+-- One read tells both: every hash the crate writes has `v` or `pass`
+-- (another type errors: it is there too).
+local okc, cur = pcall(redis.call, 'HMGET', KEYS[1], 'near', 'v', 'pass', 'fresh')
+local marked = okc and cur[1] ~= false
+local existed = not okc or cur[1] or cur[2] or cur[3] or cur[4]
+if not marked and not existed and not string.find(ARGV[3], '{', 1, true) then
   local okr, r = pcall(redis.call, 'EXISTS', (string.match(KEYS[1], '^[^|]*|') or '') .. '#nearcaches')
   marked = okr and r == 1
 end
-redis.call('DEL', KEYS[1])
+if existed then redis.call('DEL', KEYS[1]) end
 local first = 12
-redis.call('HSET', KEYS[1], unpack(ARGV, first))
-if marked then redis.call('HSET', KEYS[1], 'near', '1') end
+if marked then
+  redis.call('HSET', KEYS[1], 'near', '1', unpack(ARGV, first))
+else
+  redis.call('HSET', KEYS[1], unpack(ARGV, first))
+end
 redis.call('PEXPIRE', KEYS[1], ttl)
 ",
     fenced_write_epilogue!()
@@ -339,12 +358,12 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 ///
 /// KEYS and ARGV 1 to 11: as [`STORE`] (the wake channel published the
 /// same way; ARGV 9, the most variants, is not used: the entry is already
-/// one of them). ARGV 12: the `hdrs` field of
-/// the entry that was revalidated, ARGV 13: its `len`; then the field/value
-/// pairs to write (every field but `body` and `len`).
+/// one of them). ARGV 12: the `head` field of
+/// the entry that was revalidated, ARGV 13: its body's length; then the
+/// field/value pairs to write (every field but `body`).
 ///
 /// The entry must still be the one that was revalidated: a hash of this
-/// format version, not a `Vary` index, with the same `hdrs` (so the same
+/// format version, not a `Vary` index, with the same `head` (so the same
 /// validators) and a body of the same length. If it was removed or replaced
 /// meanwhile nothing is written, the lease is kept, and 3 is returned: the
 /// fill then stores the response in full with [`STORE`].
@@ -355,8 +374,8 @@ pub(crate) const FRESHEN: &str = concat!(
     fenced_write_prologue!(),
     r"
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 3 end
-local cur = redis.call('HMGET', KEYS[1], 'v', 'hdrs', 'len', 'vary')
-if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[12] or cur[3] ~= ARGV[13] or cur[4] then return 3 end
+local cur = redis.call('HMGET', KEYS[1], 'v', 'head', 'vary')
+if cur[1] ~= ARGV[6] or cur[2] ~= ARGV[12] or cur[3] then return 3 end
 if redis.call('HSTRLEN', KEYS[1], 'body') ~= tonumber(ARGV[13]) then return 3 end
 local ttl = tonumber(ARGV[2])
 if ARGV[11] == '1' then near(KEYS[1], '-') end

@@ -312,103 +312,134 @@ where
             }
             return Ok(res);
         }
-        // An announcement that overtakes the read keeps it out of the
-        // near cache.
-        let snapshot = near.map(crate::near::Near::snapshot);
-        let found = if offline {
+        // A fill of a key its leader found missing is calling the origin in
+        // this process: join it without reading Redis, which holds nothing
+        // newer than what the fill will hand out (see `Flight::calling`).
+        let blind = if refresh || head || offline {
             None
         } else {
-            match lookup(&shared.store, &ek, req.headers(), now, near.is_some()).await {
-                Ok(found) => Some(found),
-                Err(err) => {
-                    match shared.warn_gate.allow() {
-                        Some(held) => {
-                            tracing::warn!(error = %err, held_back = held, "cache lookup failed, passing the request through")
-                        }
-                        None => {
-                            tracing::debug!(error = %err, "cache lookup failed, passing the request through")
-                        }
-                    }
-                    offline = true;
+            shared.flights.join_cold(&ek.primary)
+        };
+        let (joined, stale, entry_key) = match blind {
+            Some(rx) => {
+                if attempt == 0 {
+                    Counters::inc(&counters.misses);
+                }
+                (Joined::Join(rx), None, String::new())
+            }
+            None => {
+                // An announcement that overtakes the read keeps it out of the
+                // near cache.
+                let snapshot = near.map(crate::near::Near::snapshot);
+                let found = if offline {
                     None
-                }
-            }
-        };
-        let (entry_key, record, tag) =
-            found.unwrap_or_else(|| (ek.primary.clone(), Record::Missing, None));
-        let stale = match record {
-            Record::Pass => {
-                tracing::trace!(key = %crate::trace::redact(&entry_key), "pass marker: going to the origin");
-                Counters::inc(&counters.bypasses);
-                return origin(config, svc, req, CacheStatus::Bypass).await;
-            }
-            Record::Entry(entry) if !refresh && entry.is_fresh(now) => {
-                Counters::inc(&counters.hits);
-                let early = early_refresh(config, &entry, now, head);
-                if let (Some(near), Some(tag), Some(snapshot)) = (near, tag, snapshot)
-                    && !early
-                    && near.fits(&entry_key, &entry)
-                {
-                    // Marked first: from then on its writers announce.
-                    let marked = tag.marked
-                        || shared
-                            .store
-                            .near_mark(&entry_key, &tag.generation, &tag.fresh)
-                            .await
-                            .unwrap_or(false);
-                    if marked {
-                        near.admit(&entry_key, Arc::new(entry.clone()), snapshot);
+                } else {
+                    match lookup(&shared.store, &ek, req.headers(), now, near.is_some()).await {
+                        Ok(found) => Some(found),
+                        Err(err) => {
+                            match shared.warn_gate.allow() {
+                                Some(held) => {
+                                    tracing::warn!(error = %err, held_back = held, "cache lookup failed, passing the request through")
+                                }
+                                None => {
+                                    tracing::debug!(error = %err, "cache lookup failed, passing the request through")
+                                }
+                            }
+                            offline = true;
+                            None
+                        }
                     }
+                };
+                let (entry_key, record, tag) =
+                    found.unwrap_or_else(|| (ek.primary.clone(), Record::Missing, None));
+                let stale = match record {
+                    Record::Pass => {
+                        tracing::trace!(key = %crate::trace::redact(&entry_key), "pass marker: going to the origin");
+                        Counters::inc(&counters.bypasses);
+                        return origin(config, svc, req, CacheStatus::Bypass).await;
+                    }
+                    Record::Entry(entry) if !refresh && entry.is_fresh(now) => {
+                        Counters::inc(&counters.hits);
+                        let early = early_refresh(config, &entry, now, head);
+                        if let (Some(near), Some(tag), Some(snapshot)) = (near, tag, snapshot)
+                            && !early
+                            && near.fits(&entry_key, &entry)
+                        {
+                            // Marked first: from then on its writers announce.
+                            let marked = tag.marked
+                                || shared
+                                    .store
+                                    .near_mark(&entry_key, &tag.generation, &tag.fresh)
+                                    .await
+                                    .unwrap_or(false);
+                            if marked {
+                                near.admit(&entry_key, Arc::new(entry.clone()), snapshot);
+                            }
+                        }
+                        if !early {
+                            return Ok(from_owned_entry(
+                                config,
+                                entry,
+                                CacheStatus::Hit,
+                                head,
+                                now,
+                            ));
+                        }
+                        let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
+                        if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
+                            Counters::inc(&counters.early_refreshes);
+                            tracing::debug!("xfetch: refreshing early");
+                        }
+                        return Ok(res);
+                    }
+                    Record::Entry(entry)
+                        if !refresh
+                            && entry.is_usable_stale(now)
+                            && fill::may_serve(config, &entry, now, false) =>
+                    {
+                        Counters::inc(&counters.stale);
+                        tracing::debug!(key = %crate::trace::redact(&entry_key), "serving stale while revalidating");
+                        if head || !entry.may_refresh(now) {
+                            return Ok(from_owned_entry(
+                                config,
+                                entry,
+                                CacheStatus::Stale,
+                                head,
+                                now,
+                            ));
+                        }
+                        let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
+                        if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
+                            Counters::inc(&counters.stale_refreshes);
+                        }
+                        return Ok(res);
+                    }
+                    Record::Entry(entry) if entry.is_usable_stale(now) => Some(Arc::new(entry)),
+                    _ => None,
+                };
+                if offline {
+                    Counters::inc(&counters.bypasses);
+                } else if attempt == 0 {
+                    Counters::inc(&counters.misses);
                 }
-                if !early {
-                    return Ok(from_owned_entry(config, entry, CacheStatus::Hit, head, now));
+                if head && offline {
+                    return origin(config, svc, req, CacheStatus::Unavailable).await;
                 }
-                let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
-                if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
-                    Counters::inc(&counters.early_refreshes);
-                    tracing::debug!("xfetch: refreshing early");
+                if head {
+                    // A HEAD response has no body to cache, and turning it into a GET
+                    // would need a request body we can't make: pass it through.
+                    return origin(config, svc, req, CacheStatus::Miss).await;
                 }
-                return Ok(res);
+                // Joinable without a lookup: a fill of a missing primary.
+                let cold = stale.is_none() && !offline && !refresh && entry_key == ek.primary;
+                (
+                    shared.flights.join_or_lead(&entry_key, cold),
+                    stale,
+                    entry_key,
+                )
             }
-            Record::Entry(entry)
-                if !refresh
-                    && entry.is_usable_stale(now)
-                    && fill::may_serve(config, &entry, now, false) =>
-            {
-                Counters::inc(&counters.stale);
-                tracing::debug!(key = %crate::trace::redact(&entry_key), "serving stale while revalidating");
-                if head || !entry.may_refresh(now) {
-                    return Ok(from_owned_entry(
-                        config,
-                        entry,
-                        CacheStatus::Stale,
-                        head,
-                        now,
-                    ));
-                }
-                let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
-                if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
-                    Counters::inc(&counters.stale_refreshes);
-                }
-                return Ok(res);
-            }
-            Record::Entry(entry) if entry.is_usable_stale(now) => Some(Arc::new(entry)),
-            _ => None,
         };
-        if offline {
-            Counters::inc(&counters.bypasses);
-        } else if attempt == 0 {
-            Counters::inc(&counters.misses);
-        }
-        if head && offline {
-            return origin(config, svc, req, CacheStatus::Unavailable).await;
-        }
-        if head {
-            // A HEAD response has no body to cache, and turning it into a GET
-            // would need a request body we can't make: pass it through.
-            return origin(config, svc, req, CacheStatus::Miss).await;
-        }
-        match shared.flights.join_or_lead(&entry_key) {
+        match joined {
             Joined::Lead(flight) => {
                 let (tx, rx) = oneshot::channel();
                 let job = Job {

@@ -820,22 +820,22 @@ where
 
     /// The header-only write-back of a revalidation (the FRESHEN script):
     /// rewrites the head fields and expiry of the entry that was
-    /// revalidated, whose `hdrs` field was `revalidated_hdrs` and whose body
+    /// revalidated, whose `head` field was `revalidated_head` and whose body
     /// is `revalidated_len` bytes, fenced like [`store`](Self::store).
-    /// `args.fields` must not hold `body` or `len`. Returns `None` (the lease
+    /// `args.fields` must not hold `body`. Returns `None` (the lease
     /// still held) when that entry is no longer there: the caller stores in
     /// full.
     pub(crate) async fn freshen(
         &self,
         args: StoreArgs<'_>,
-        revalidated_hdrs: &[u8],
+        revalidated_head: &[u8],
         revalidated_len: usize,
     ) -> Result<Option<WriteBack>, FenceError> {
         let keys = FencedWriteKeys::new(self, &args);
         let freshened: i64 = self
             .run("freshen", |mut c| {
                 let mut inv = self.fenced_write(&self.scripts.freshen, &args, &keys);
-                inv.arg(revalidated_hdrs).arg(revalidated_len);
+                inv.arg(revalidated_head).arg(revalidated_len);
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
                 }

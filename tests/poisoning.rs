@@ -379,7 +379,7 @@ async fn responses_that_set_cookies_are_never_stored_or_shared() {
         assert_ne!(r.cache_status(), Some("HIT"));
     }
     for key in entry_keys(&redis, "poison:") {
-        let hdrs = hget(&redis, &key, "hdrs").unwrap_or_default();
+        let hdrs = hget(&redis, &key, "head").unwrap_or_default();
         assert!(
             !String::from_utf8_lossy(&hdrs).contains("secret-of-the-first-client"),
             "Set-Cookie stored at {key}"
@@ -405,7 +405,7 @@ async fn hop_by_hop_headers_are_not_stored() {
     app.get("/hop", &[]).await;
     let keys = entry_keys(&redis, "poison:");
     assert_eq!(keys.len(), 1, "{keys:?}");
-    let hdrs = hget(&redis, &keys[0], "hdrs").unwrap();
+    let hdrs = hget(&redis, &keys[0], "head").unwrap();
     let hdrs = String::from_utf8_lossy(&hdrs).to_ascii_lowercase();
     assert!(hdrs.contains("x-keep"), "{hdrs:?}");
     for name in [

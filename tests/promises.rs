@@ -472,7 +472,7 @@ async fn upgrade_is_never_stored_or_served_from_the_cache() {
     let stored = entries(&redis, "upgrade:");
     assert_eq!(stored.len(), 1);
     let hdrs = redis
-        .cli(&["HGET", &stored[0], "hdrs"])
+        .cli(&["HGET", &stored[0], "head"])
         .to_ascii_lowercase();
     assert!(
         hdrs.contains("x-kept") && !hdrs.contains("upgrade") && !hdrs.contains("websocket"),
