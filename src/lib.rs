@@ -80,7 +80,8 @@
 //! ([`FenceLayer::normalize_accept_encoding`]); [`FenceLayer::rfc9111`]
 //! takes freshness from the response as an RFC 9111 shared cache, and
 //! [`FenceLayer::cache_status`] adds an RFC 9211 `Cache-Status` header. The
-//! README's "HTTP caching semantics" table lists what is supported.
+//! [HTTP semantics](guide::http_semantics) chapter of the [guide] lists what
+//! is supported.
 //!
 //! # Failure behaviour
 //!
@@ -120,6 +121,7 @@ mod error;
 mod fill;
 mod flight;
 mod freshness;
+pub mod guide;
 mod handle;
 mod healing;
 #[doc(hidden)]
