@@ -40,8 +40,14 @@ async fn stock(Path(id): Path<u32>) -> impl IntoResponse {
 
 /// Sends a GET through the router and returns its `x-cache` header.
 async fn x_cache(app: &Router, path: &str) -> Result<String, Box<dyn std::error::Error>> {
-    let response = app.clone().oneshot(http::Request::get(path).body(Body::empty())?).await?;
-    let status = response.headers().get("x-cache").and_then(|v| v.to_str().ok());
+    let response = app
+        .clone()
+        .oneshot(http::Request::get(path).body(Body::empty())?)
+        .await?;
+    let status = response
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok());
     Ok(status.unwrap_or("-").to_owned())
 }
 
@@ -58,7 +64,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/products/{id}/stock", get(stock).layer(cache.layer()));
 
     let mut seen = Vec::new();
-    for path in ["/products/1", "/products/1", "/products/1/stock", "/products/1/stock"] {
+    for path in [
+        "/products/1",
+        "/products/1",
+        "/products/1/stock",
+        "/products/1/stock",
+    ] {
         seen.push(x_cache(&app, path).await?);
     }
     println!("two GETs of a product page, then of its stock: {seen:?}");

@@ -23,36 +23,37 @@ use hyper_util::service::TowerToHyperService;
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let cache = FenceCache::from_client(client.clone()).await?.wake_ups(client);
+    let ns = format!("hyper-recipe-{}:", std::process::id());
+    let cache = FenceCache::from_client(client.clone())
+        .await?
+        .wake_ups(client)
+        .namespace(ns);
     let origin = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
         let page = format!("rendered {}\n", req.uri().path());
         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(page))))
     });
     let svc = tower::ServiceBuilder::new()
-        .layer(cache.layer().namespace(format!("hyper-recipe-{}:", std::process::id())))
+        .layer(cache.layer())
         .service(origin);
 
     let self_test = std::env::args().any(|a| a == "--self-test");
-    let listener = tokio::net::TcpListener::bind(if self_test { "127.0.0.1:0" } else { "127.0.0.1:3000" }).await?;
+    let bind = if self_test {
+        "127.0.0.1:0"
+    } else {
+        "127.0.0.1:3000"
+    };
+    let listener = tokio::net::TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let svc = TowerToHyperService::new(svc.clone());
-            tokio::spawn(async move {
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
+            let builder = auto::Builder::new(TokioExecutor::new());
+            tokio::spawn(async move { builder.serve_connection(TokioIo::new(stream), svc).await });
         }
     });
-    if !self_test {
-        println!("listening on http://{addr}; try: curl -i http://{addr}/hello");
-        return Ok(tokio::signal::ctrl_c().await?);
+    if self_test {
+        return client::expect_miss_then_hit(addr, "/hello").await;
     }
-    let (first, second) = (client::get(addr, "/hello").await?, client::get(addr, "/hello").await?);
-    println!("GET /hello: {} then {}: {}", first.cache, second.cache, second.body.trim());
-    if (first.cache.as_str(), second.cache.as_str()) != ("MISS", "HIT") {
-        return Err(format!("expected MISS then HIT, got {first:?} then {second:?}").into());
-    }
-    Ok(())
+    println!("listening on http://{addr}; try: curl -i http://{addr}/hello");
+    Ok(tokio::signal::ctrl_c().await?)
 }

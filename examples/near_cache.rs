@@ -28,8 +28,14 @@ async fn process(url: &str, ns: &str) -> Result<FenceCache<ConnectionManager>, r
 }
 
 async fn x_cache(app: &Router, path: &str) -> Result<String, Box<dyn std::error::Error>> {
-    let response = app.clone().oneshot(http::Request::get(path).body(Body::empty())?).await?;
-    let status = response.headers().get("x-cache").and_then(|v| v.to_str().ok());
+    let response = app
+        .clone()
+        .oneshot(http::Request::get(path).body(Body::empty())?)
+        .await?;
+    let status = response
+        .headers()
+        .get("x-cache")
+        .and_then(|v| v.to_str().ok());
     Ok(status.unwrap_or("-").to_owned())
 }
 
@@ -37,7 +43,10 @@ async fn x_cache(app: &Router, path: &str) -> Result<String, Box<dyn std::error:
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = common::redis()?;
     let ns = format!("near-recipe-{}:", std::process::id());
-    let (a, b) = (process(&redis.url, &ns).await?, process(&redis.url, &ns).await?);
+    let (a, b) = (
+        process(&redis.url, &ns).await?,
+        process(&redis.url, &ns).await?,
+    );
     let app = Router::new().route("/page", get(|| async { "a page\n" }).layer(a.layer()));
 
     // A miss, then hits: the first hit from Redis takes the entry into the

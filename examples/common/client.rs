@@ -61,3 +61,22 @@ pub(crate) async fn request(
 pub(crate) async fn get(addr: SocketAddr, path: &str) -> std::io::Result<Reply> {
     request(addr, "GET", path, &[], b"").await
 }
+
+/// The self-test of a recipe that serves one cached route: two GETs of
+/// `path`, a MISS then a HIT.
+pub(crate) async fn expect_miss_then_hit(
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (first, second) = (get(addr, path).await?, get(addr, path).await?);
+    println!(
+        "GET {path}: {}, then {}: {}",
+        first.cache,
+        second.cache,
+        second.body.trim()
+    );
+    if (first.cache.as_str(), second.cache.as_str()) != ("MISS", "HIT") {
+        return Err(format!("expected a MISS then a HIT, got {first:?} then {second:?}").into());
+    }
+    Ok(())
+}
