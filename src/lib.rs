@@ -25,8 +25,10 @@
 //! `cache.layer().name("products").ttl(..)`. [`FenceHandle::purge_service`]
 //! answers purge calls over HTTP. Feature `metrics` exports counters,
 //! histograms and gauges through the `metrics` facade; feature `axum` makes
-//! [`CacheTtl`] and [`CacheTags`] response parts. ARCHITECTURE.md in the
-//! repository describes the internals.
+//! [`CacheTtl`] and [`CacheTags`] response parts. The [guide] has a chapter
+//! per concern (HTTP semantics, invalidation, the near cache, the queue,
+//! Cluster and Sentinel, security, deadlines, metrics, production);
+//! ARCHITECTURE.md in the repository describes the internals.
 //!
 //! # The request path
 //!
