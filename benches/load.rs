@@ -421,8 +421,9 @@ async fn start_app(
     let client = redis::Client::open(redis_url)?;
     let mut routes = Router::new().route("/k/{id}", get(small));
     routes = if arm == Arm::Fence && settings.split_large {
-        let big = FenceCache::new(client.get_connection_manager().await?)
+        let big = FenceCache::builder(client.get_connection_manager().await?)
             .wake_ups(client.clone())
+            .build()?
             .layer()
             .namespace(format!("{}-big-{tag}:", arm.name()))
             .ttl(settings.ttl)
@@ -446,14 +447,15 @@ async fn start_app(
             routes.layer(middleware::from_fn_with_state(state, naive))
         }
         Arm::Fence | Arm::FenceNear => {
-            let cache =
-                FenceCache::new(client.get_connection_manager().await?).wake_ups(client.clone());
+            let cache = FenceCache::builder(client.get_connection_manager().await?)
+                .wake_ups(client.clone());
             let cache = if arm == Arm::FenceNear {
                 cache.near_cache(64 << 20)
             } else {
                 cache
             };
             let fence = cache
+                .build()?
                 .layer()
                 .namespace(format!("{}-{tag}:", arm.name()))
                 .ttl(settings.ttl)

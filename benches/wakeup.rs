@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use cachefence::{Fence, FenceLayer};
+use cachefence::{Fence, FenceCache, FenceLayer};
 use criterion::Criterion;
 use http::{Request, Response};
 use http_body_util::Full;
@@ -54,10 +54,16 @@ struct Pair {
 async fn pair(client: &redis::Client, ns: &str, wake_ups: bool) -> Pair {
     let cm = || async { client.get_connection_manager().await.expect("redis") };
     let la = FenceLayer::new(cm().await).namespace(ns).beta(0.0);
-    let lb = FenceLayer::new(cm().await).namespace(ns).beta(0.0);
+    let mut cache = FenceCache::builder(cm().await);
     if wake_ups {
-        let _ = lb.cache().wake_ups(client.clone());
+        cache = cache.wake_ups(client.clone());
     }
+    let lb = cache
+        .build()
+        .expect("cache")
+        .layer()
+        .namespace(ns)
+        .beta(0.0);
     let pair = Pair {
         a: la.layer(origin()),
         b: lb.layer(origin()),

@@ -60,8 +60,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prometheus = install_prometheus()?;
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let fence = FenceCache::new(client.get_connection_manager().await?)
+    let fence = FenceCache::builder(client.get_connection_manager().await?)
         .wake_ups(client)
+        .build()?
         .layer()
         .namespace(format!("metrics-demo-{}:", std::process::id()));
     let calls = Arc::new(AtomicU64::new(0));

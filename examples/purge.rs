@@ -21,8 +21,9 @@ use cachefence::{CacheTags, FenceCache};
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let cache = FenceCache::new(client.get_connection_manager().await?)
-        .namespace(format!("purge-demo-{}:", std::process::id()));
+    let cache = FenceCache::builder(client.get_connection_manager().await?)
+        .namespace(format!("purge-demo-{}:", std::process::id()))
+        .build()?;
 
     // In production the token comes from the environment or a secret store.
     let token = std::env::var("PURGE_TOKEN").unwrap_or_else(|_| "s3cret".into());

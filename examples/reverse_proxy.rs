@@ -288,8 +288,14 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let fence = FenceCache::new(redis)
-        .wake_ups(client)
+    let cache = match FenceCache::builder(redis).wake_ups(client).build() {
+        Ok(cache) => cache,
+        Err(err) => {
+            eprintln!("cache: {err}");
+            std::process::exit(2);
+        }
+    };
+    let fence = cache
         .layer()
         .namespace(args.namespace)
         .rfc9111(true)

@@ -51,8 +51,9 @@ async fn invalidate(State(shop): State<Shop>, Path(id): Path<u32>) -> impl IntoR
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let fence = FenceCache::new(client.get_connection_manager().await?)
+    let fence = FenceCache::builder(client.get_connection_manager().await?)
         .wake_ups(client)
+        .build()?
         .layer()
         .ttl(Duration::from_secs(60))
         .grace(Duration::from_secs(30))

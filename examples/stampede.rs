@@ -220,11 +220,13 @@ async fn fenced_run(client: &redis::Client, ns: &str, wake_ups: bool) -> Run {
     let mut addrs = Vec::new();
     let mut handles: Vec<FenceHandle<ConnectionManager>> = Vec::new();
     for _ in 0..INSTANCES {
-        let mut cache = FenceCache::new(client.get_connection_manager().await.expect("redis"));
+        let mut cache = FenceCache::builder(client.get_connection_manager().await.expect("redis"));
         if wake_ups {
             cache = cache.wake_ups(client.clone());
         }
         let layer = cache
+            .build()
+            .expect("cache")
             .layer()
             .namespace(format!("{ns}{}:", if wake_ups { "wake" } else { "poll" }));
         handles.push(layer.handle());

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// An error from a [`FenceHandle`](crate::FenceHandle) operation or from
-/// setting a fence up.
+/// setting a cache up ([`FenceCacheBuilder::build`](crate::FenceCacheBuilder::build)).
 ///
 /// Requests never see this type: a cache failure on the request path turns
 /// into a pass-through to the inner service. It is returned by the handle's
@@ -19,6 +19,8 @@ enum Kind {
     Timeout,
     CircuitOpen,
     InvalidInput(&'static str),
+    /// A misconfiguration `FenceCacheBuilder::build` rejected.
+    Config(String),
     /// A walk over a Redis Cluster could not cover a node (named within).
     WalkIncomplete(String),
     /// `WAIT` after an invalidation: fewer replicas acknowledged its
@@ -60,6 +62,12 @@ impl FenceError {
         }
     }
 
+    pub(crate) fn config(message: String) -> Self {
+        Self {
+            kind: Kind::Config(message),
+        }
+    }
+
     pub(crate) fn invalid_input(what: &'static str) -> Self {
         Self {
             kind: Kind::InvalidInput(what),
@@ -67,7 +75,7 @@ impl FenceError {
     }
 
     /// The invalidation was applied on the primary, but fewer replicas
-    /// than [`FenceCache::replicated_fences`](crate::FenceCache::replicated_fences)
+    /// than [`FenceCacheBuilder::replicated_fences`](crate::FenceCacheBuilder::replicated_fences)
     /// asks for acknowledged its writes in time: a failover now could
     /// lose it. Invalidating again is safe.
     ///
@@ -103,6 +111,21 @@ impl FenceError {
     /// An argument was rejected (for example an empty prefix).
     pub fn is_invalid_input(&self) -> bool {
         matches!(self.kind, Kind::InvalidInput(_))
+    }
+
+    /// [`FenceCacheBuilder::build`](crate::FenceCacheBuilder::build)
+    /// rejected a setting, or settings that don't go together; the message
+    /// names the setting and the fix.
+    ///
+    /// ```no_run
+    /// # async fn doc(conn: redis::aio::ConnectionManager) {
+    /// use std::time::Duration;
+    /// let built = cachefence::FenceCache::builder(conn).redis_timeout(Duration::ZERO).build();
+    /// assert!(built.is_err_and(|err| err.is_config()));
+    /// # }
+    /// ```
+    pub fn is_config(&self) -> bool {
+        matches!(self.kind, Kind::Config(_))
     }
 
     /// The error code Redis answered with (`WRONGTYPE`, `NOGROUP`, ...).
@@ -159,6 +182,7 @@ impl FenceError {
             Kind::Redis(e) => !matches!(e.kind(), redis::ErrorKind::Server(_)),
             Kind::CircuitOpen
             | Kind::InvalidInput(_)
+            | Kind::Config(_)
             | Kind::WalkIncomplete(_)
             | Kind::NotReplicated { .. } => false,
         }
@@ -190,6 +214,7 @@ impl fmt::Display for FenceError {
             Kind::Timeout => f.write_str("redis did not answer in time"),
             Kind::CircuitOpen => f.write_str("redis circuit breaker is open"),
             Kind::InvalidInput(what) => write!(f, "invalid input: {what}"),
+            Kind::Config(what) => write!(f, "invalid cache configuration: {what}"),
             Kind::WalkIncomplete(what) => f.write_str(what),
             Kind::NotReplicated { acked, wanted } => write!(
                 f,

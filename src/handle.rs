@@ -650,7 +650,7 @@ where
         self.replicated(marked).await
     }
 
-    /// With [`FenceCache::replicated_fences`](crate::FenceCache::replicated_fences),
+    /// With [`FenceCacheBuilder::replicated_fences`](crate::FenceCacheBuilder::replicated_fences),
     /// waits for the replicas to acknowledge an invalidation's writes.
     async fn replicated(&self, count: u64) -> Result<u64, FenceError> {
         self.shared.store.wait_replicated().await?;

@@ -87,7 +87,7 @@ type Connect<C> = dyn Fn() -> Pin<Box<dyn Future<Output = RedisResult<C>> + Send
 /// let client = redis::Client::open("redis://127.0.0.1/")?;
 /// // What `FenceCache::from_client(client)` does.
 /// let conn = HealingConnection::connect(client).await?;
-/// let cache = FenceCache::new(conn).namespace("shop:");
+/// let cache = FenceCache::builder(conn).namespace("shop:").build()?;
 /// # Ok(()) }
 /// ```
 pub struct HealingConnection<C = MultiplexedConnection> {

@@ -23,11 +23,12 @@ use crate::shared::Shared;
 /// connection, one in-flight table and one set of counters. A clone may
 /// change the per-route settings (TTL, grace, name, namespace, key, policy)
 /// without affecting the original; the cache-wide settings (`redis_timeout`,
-/// the circuit breaker, `wake_ups`) belong to the [`FenceCache`] behind it
-/// and are shared by all clones. With several routes, make the cache first
-/// and a layer per route from it ([`FenceCache::layer`]);
+/// the circuit breaker, `wake_ups`) belong to the [`FenceCache`] behind it,
+/// are set once by [`FenceCache::builder`], and are shared by all clones.
+/// With several routes, or any cache-wide setting, make the cache first and
+/// a layer per route from it ([`FenceCache::layer`]);
 /// `FenceLayer::new(conn)` is the one-liner for
-/// `FenceCache::new(conn).layer()`.
+/// `FenceCache::new(conn).layer()`, with the cache-wide defaults.
 ///
 /// # Example
 ///
@@ -89,7 +90,7 @@ where
     /// fill timeout 30 s, wait timeout 5 s (then stale if there is one, else
     /// keep waiting for the fill), stale-if-error on, pass markers 10 s,
     /// Redis timeout 250 ms, breaker opening after 5 failures for 1 s.
-    /// Waiters poll until [`FenceCache::wake_ups`] gives a client for
+    /// Waiters poll until [`FenceCacheBuilder::wake_ups`](crate::FenceCacheBuilder::wake_ups) gives a client for
     /// notifications.
     pub fn new(redis: C) -> Self {
         FenceCache::new(redis).layer()
@@ -614,42 +615,6 @@ where
     /// connection and the cache-wide settings, and makes more layers.
     pub fn cache(&self) -> FenceCache<C> {
         FenceCache::from_parts(self.shared.clone(), self.config.clone())
-    }
-
-    /// Cache-wide: see [`FenceCache::redis_timeout`], where it belongs when
-    /// there are several routes. Here it changes the cache of this layer
-    /// and of all its clones, for the one-liner `FenceLayer::new(conn)`.
-    #[must_use]
-    #[deprecated(
-        note = "cache-wide, not per route: set it on the cache, `FenceCache::new(conn).redis_timeout(..).layer()`"
-    )]
-    pub fn redis_timeout(self, timeout: Duration) -> Self {
-        let _ = self.cache().redis_timeout(timeout);
-        self
-    }
-
-    /// Cache-wide: see [`FenceCache::circuit_breaker`], where it belongs
-    /// when there are several routes. Here it changes the cache of this
-    /// layer and of all its clones.
-    #[must_use]
-    #[deprecated(
-        note = "cache-wide, not per route: set it on the cache, `FenceCache::new(conn).circuit_breaker(..).layer()`"
-    )]
-    pub fn circuit_breaker(self, failures: u32, cooldown: Duration) -> Self {
-        let _ = self.cache().circuit_breaker(failures, cooldown);
-        self
-    }
-
-    /// Cache-wide: see [`FenceCache::wake_ups`], where it belongs when there
-    /// are several routes. Here it sets the wake-ups of the cache of this
-    /// layer and of all its clones; a second client is ignored.
-    #[must_use]
-    #[deprecated(
-        note = "cache-wide, not per route: set it on the cache, `FenceCache::new(conn).wake_ups(..).layer()`"
-    )]
-    pub fn wake_ups(self, client: redis::Client) -> Self {
-        let _ = self.cache().wake_ups(client);
-        self
     }
 }
 

@@ -48,7 +48,7 @@
 //!    across every process), calls the inner service, stores the response
 //!    fenced by the lease, and hands it to everyone who waited (`MISS`). If
 //!    another process holds the lease, the fill waits for it, woken by pub/sub
-//!    when [`FenceCache::wake_ups`] is set and polling with backoff anyway.
+//!    when [`FenceCacheBuilder::wake_ups`] is set and polling with backoff anyway.
 //!
 //! # Concurrent requests for the same key
 //!
@@ -88,11 +88,11 @@
 //! # Failure behaviour
 //!
 //! The cache fails open: when Redis errors, times out
-//! ([`FenceCache::redis_timeout`], 250 ms by default) or holds garbage, the
+//! ([`FenceCacheBuilder::redis_timeout`], 250 ms by default) or holds garbage, the
 //! request goes to the inner service and its response is returned unchanged
 //! (`BYPASS`); concurrent requests for one key in one process still share
 //! one origin call. After repeated failures a circuit breaker stops sending
-//! commands for a cool-down ([`FenceCache::circuit_breaker`]). Damaged
+//! commands for a cool-down ([`FenceCacheBuilder::circuit_breaker`]). Damaged
 //! entries read as misses and are overwritten. The service's error type is
 //! the inner service's: the cache adds no error of its own. See
 //! [`FenceHandle::shutdown`] for a graceful exit.
@@ -114,6 +114,7 @@
 mod body;
 mod bounds;
 mod breaker;
+mod builder;
 mod cache;
 mod cache_status;
 mod conditional;
@@ -156,6 +157,7 @@ mod wake;
 mod xfetch;
 
 pub use body::FenceBody;
+pub use builder::FenceCacheBuilder;
 pub use cache::FenceCache;
 pub use config::OnWaitTimeout;
 pub use error::FenceError;

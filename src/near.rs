@@ -1,4 +1,4 @@
-//! The near cache ([`FenceCache::near_cache`](crate::FenceCache::near_cache)):
+//! The near cache ([`FenceCacheBuilder::near_cache`](crate::FenceCacheBuilder::near_cache)):
 //! an in-process, byte-bounded cache of decoded fresh entries in front of
 //! Redis, and the acknowledgements invalidations wait for.
 //!

@@ -35,8 +35,8 @@ const UNANSWERED_BEFORE_RECONNECT: u32 = 3;
 
 /// An async connection to the master of a Sentinel-managed Redis that
 /// follows failovers: use it as the cache's connection
-/// ([`FenceCache::new`](crate::FenceCache::new)), and give it to
-/// [`FenceCache::sentinel_wake_ups`](crate::FenceCache::sentinel_wake_ups)
+/// ([`FenceCache::builder`](crate::FenceCache::builder)), and give it to
+/// [`FenceCacheBuilder::sentinel_wake_ups`](crate::FenceCacheBuilder::sentinel_wake_ups)
 /// and [`InvalidationQueue::sentinel_worker`](crate::InvalidationQueue::sentinel_worker)
 /// so that wake-ups and the queue worker follow the master too
 /// (feature `sentinel`).
@@ -62,9 +62,10 @@ const UNANSWERED_BEFORE_RECONNECT: u32 = 3;
 /// let sentinels = vec!["redis://10.0.0.1:26379/", "redis://10.0.0.2:26379/", "redis://10.0.0.3:26379/"];
 /// let client = SentinelClient::build(sentinels, "mymaster".to_owned(), None, SentinelServerType::Master)?;
 /// let conn = SentinelConnection::connect(client).await?;
-/// let cache = FenceCache::new(conn.clone())
+/// let cache = FenceCache::builder(conn.clone())
 ///     .namespace("shop:")
-///     .sentinel_wake_ups(&conn);
+///     .sentinel_wake_ups(&conn)
+///     .build()?;
 /// # Ok(()) }
 /// ```
 #[derive(Clone)]

@@ -37,7 +37,7 @@ pub(crate) struct Shared<C> {
     /// Lets the warning of a failed Redis call on the request path through
     /// once a second, not once per request.
     pub(crate) warn_gate: crate::trace::Gate,
-    /// The near cache, when [`FenceCache::near_cache`](crate::FenceCache::near_cache) asked for one.
+    /// The near cache, when [`FenceCacheBuilder::near_cache`](crate::FenceCacheBuilder::near_cache) asked for one.
     pub(crate) near: OnceLock<Near>,
     /// The near-cache acknowledgements this cache's invalidations wait for.
     pub(crate) acks: Acks,
@@ -83,7 +83,7 @@ where
 impl<C> Shared<C> {
     /// The near cache, when there is one and it may be used: on a Redis
     /// Cluster only with the cluster listener of
-    /// [`cluster_wake_ups`](crate::FenceCache::cluster_wake_ups), which
+    /// [`cluster_wake_ups`](crate::FenceCacheBuilder::cluster_wake_ups), which
     /// subscribes to the sharded announcements (ARCHITECTURE.md, "The near
     /// cache").
     pub(crate) fn near(&self) -> Option<&Near>

@@ -173,13 +173,13 @@ counters! {
     near_flushes,
     /// Invalidations that returned before every near cache acknowledged
     /// dropping the entry (after waiting 250 ms; see
-    /// [`FenceCache::near_cache`](crate::FenceCache::near_cache)).
+    /// [`FenceCacheBuilder::near_cache`](crate::FenceCacheBuilder::near_cache)).
     near_ack_timeouts,
     /// Invalidations of entries near caches held that heard fewer
     /// acknowledgements than near caches are registered alive in the
     /// namespace: a near cache whose subscription Redis dropped may serve
     /// the old copy until it notices (at most 1.5 s; see
-    /// [`FenceCache::near_cache`](crate::FenceCache::near_cache)).
+    /// [`FenceCacheBuilder::near_cache`](crate::FenceCacheBuilder::near_cache)).
     near_acks_missing,
 }
 

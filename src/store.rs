@@ -386,13 +386,25 @@ fn as_cluster<C: 'static>(conn: &C) -> Option<redis::cluster_async::ClusterConne
     conn.downcast_ref::<ClusterConnection>().cloned()
 }
 
+/// Whether `conn` is a Redis Cluster connection (a `ClusterConnection`, or
+/// a `HealingConnection` of one), as [`Store::new`] detects it.
+pub(crate) fn is_cluster_connection<C: 'static>(conn: &C) -> bool {
+    #[cfg(feature = "cluster-async")]
+    return as_cluster(conn).is_some();
+    #[cfg(not(feature = "cluster-async"))]
+    {
+        let _ = conn;
+        false
+    }
+}
+
 /// The Redis side of the cache.
 #[derive(Debug)]
 pub(crate) struct Store<C> {
     conn: C,
     /// Redis Cluster mode: the connection is a
     /// `redis::cluster_async::ClusterConnection`, or the user said so
-    /// (`FenceCache::cluster`).
+    /// (`FenceCacheBuilder::cluster`).
     cluster: AtomicBool,
     timeout_ms: AtomicU64,
     /// The longest a fill of this cache may run: the largest
@@ -409,13 +421,13 @@ pub(crate) struct Store<C> {
     skew_ms: AtomicI64,
     /// `WAIT` after each invalidation: how many replicas must acknowledge
     /// (0: no `WAIT`), and for how long it waits
-    /// (`FenceCache::replicated_fences`).
+    /// (`FenceCacheBuilder::replicated_fences`).
     wait_replicas: std::sync::atomic::AtomicU32,
     wait_ms: AtomicU64,
     /// Set once the `maxmemory-policy` was looked at (`check_eviction_policy`).
     policy_checked: AtomicBool,
     /// Reaches every primary for walks when the connection is not a
-    /// `ClusterConnection` itself (`FenceCache::cluster_wake_ups`).
+    /// `ClusterConnection` itself (`FenceCacheBuilder::cluster_wake_ups`).
     #[cfg(feature = "cluster-async")]
     walk_client: std::sync::OnceLock<redis::cluster::ClusterClient>,
     #[cfg(feature = "cluster-async")]
@@ -443,10 +455,7 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     pub(crate) fn new(conn: C, timeout: Duration, breaker: Breaker) -> Self {
-        #[cfg(feature = "cluster-async")]
-        let cluster = as_cluster(&conn).is_some();
-        #[cfg(not(feature = "cluster-async"))]
-        let cluster = false;
+        let cluster = is_cluster_connection(&conn);
         crate::metrics::breaker_open(false);
         let breaker = std::sync::Arc::new(breaker);
         crate::healing::when_replaced(&conn, {

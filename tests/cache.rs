@@ -38,9 +38,11 @@ fn app(cache: &FenceCache) -> Router {
 #[tokio::test]
 async fn routes_of_one_cache_share_counters_namespace_and_handle() {
     let redis = RedisServer::new();
-    let cache = FenceCache::new(redis.connection_manager().await)
+    let cache = FenceCache::builder(redis.connection_manager().await)
         .namespace("shop:")
-        .wake_ups(redis.client());
+        .wake_ups(redis.client())
+        .build()
+        .expect("cache");
     let addr = serve(app(&cache)).await;
     let http = Http::new();
     for path in ["/products/1", "/prices"] {
@@ -68,11 +70,11 @@ async fn routes_of_one_cache_share_counters_namespace_and_handle() {
 #[tokio::test]
 async fn the_breaker_is_the_caches_and_every_route_sees_it() {
     let mut redis = RedisServer::new();
-    let cache = FenceCache::new(redis.connection_manager().await)
+    let cache = FenceCache::builder(redis.connection_manager().await)
         .circuit_breaker(2, Duration::from_secs(60))
-        // A second wake-up client is ignored, not a panic.
         .wake_ups(redis.client())
-        .wake_ups(redis.client());
+        .build()
+        .expect("cache");
     let addr = serve(app(&cache)).await;
     let http = Http::new();
     redis.stop();
@@ -94,7 +96,6 @@ async fn the_breaker_is_the_caches_and_every_route_sees_it() {
 async fn fence_layer_new_is_still_the_one_liner_and_knows_its_cache() {
     let redis = RedisServer::new();
     let layer = FenceLayer::new(redis.connection_manager().await).namespace("one:");
-    let _ = layer.cache().redis_timeout(Duration::from_millis(500));
     let cache = layer.cache();
     let addr = serve(Router::new().route("/x", get(|| async { "x" }).layer(layer))).await;
     let http = Http::new();
@@ -102,4 +103,175 @@ async fn fence_layer_new_is_still_the_one_liner_and_knows_its_cache() {
     assert_eq!(http.get(addr, "/x").await.cache_status(), Some("HIT"));
     assert_eq!(cache.stats().hits, 1);
     assert_eq!(cache.handle().namespace(), "one:");
+}
+
+// ---------------------------------------------------------------------------
+// The builder: every misconfiguration is an error at build time, whose
+// message names the setting and the fix.
+// ---------------------------------------------------------------------------
+
+/// The error `build` returns for `builder`, checked to be a configuration
+/// error naming each of `names`.
+fn config_error<C>(builder: cachefence::FenceCacheBuilder<C>, names: &[&str]) -> String
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let err = builder.build().expect_err("a misconfiguration");
+    assert!(err.is_config(), "{err:?}");
+    assert!(!err.is_redis() && !err.is_invalid_input(), "{err:?}");
+    let message = err.to_string();
+    for name in names {
+        assert!(message.contains(name), "{message:?} should name {name:?}");
+    }
+    message
+}
+
+#[tokio::test]
+async fn a_near_cache_without_wake_ups_is_an_error_naming_wake_ups() {
+    let redis = RedisServer::new();
+    let builder = FenceCache::builder(redis.connection_manager().await).near_cache(1 << 20);
+    config_error(
+        builder,
+        &["near_cache without wake-ups", "wake_ups(client)"],
+    );
+    // With them it builds, and the near cache is there.
+    let cache = FenceCache::builder(redis.connection_manager().await)
+        .near_cache(1 << 20)
+        .wake_ups(redis.client())
+        .build()
+        .expect("near cache with wake-ups");
+    assert_eq!(cache.stats().near_hits, 0);
+}
+
+#[tokio::test]
+async fn a_near_cache_of_zero_bytes_is_an_error() {
+    let redis = RedisServer::new();
+    let builder = FenceCache::builder(redis.connection_manager().await)
+        .wake_ups(redis.client())
+        .near_cache(0);
+    config_error(builder, &["near_cache(0)"]);
+}
+
+#[tokio::test]
+async fn a_zero_or_absurd_redis_timeout_is_an_error() {
+    let redis = RedisServer::new();
+    let conn = redis.connection_manager().await;
+    let zero = FenceCache::builder(conn.clone()).redis_timeout(Duration::ZERO);
+    config_error(zero, &["redis_timeout(0ns)", "above zero"]);
+    let absurd = FenceCache::builder(conn).redis_timeout(Duration::from_secs(250 * 3600));
+    config_error(absurd, &["redis_timeout", "at most an hour"]);
+}
+
+#[tokio::test]
+async fn a_breaker_of_zero_failures_or_zero_cooldown_is_an_error() {
+    let redis = RedisServer::new();
+    let conn = redis.connection_manager().await;
+    let never = FenceCache::builder(conn.clone()).circuit_breaker(0, Duration::from_secs(1));
+    config_error(never, &["circuit_breaker(0, ..)", "u32::MAX"]);
+    let no_cooldown = FenceCache::builder(conn).circuit_breaker(5, Duration::ZERO);
+    config_error(no_cooldown, &["circuit_breaker(.., 0ns)", "cool-down"]);
+}
+
+#[tokio::test]
+async fn replicated_fences_of_zero_replicas_or_zero_timeout_is_an_error() {
+    let redis = RedisServer::new();
+    let conn = redis.connection_manager().await;
+    let none = FenceCache::builder(conn.clone()).replicated_fences(0, Duration::from_millis(100));
+    config_error(
+        none,
+        &["replicated_fences(0, ..)", "leave replicated_fences out"],
+    );
+    let forever = FenceCache::builder(conn).replicated_fences(1, Duration::ZERO);
+    config_error(
+        forever,
+        &["replicated_fences(.., 0ns)", "WAIT 0 blocks forever"],
+    );
+}
+
+#[tokio::test]
+async fn a_second_wake_up_source_is_an_error() {
+    let redis = RedisServer::new();
+    let twice = FenceCache::builder(redis.connection_manager().await)
+        .wake_ups(redis.client())
+        .wake_ups(redis.client());
+    config_error(twice, &["wake_ups after wake_ups", "keep one"]);
+}
+
+#[tokio::test]
+async fn the_first_misconfiguration_is_the_one_reported() {
+    let redis = RedisServer::new();
+    let builder = FenceCache::builder(redis.connection_manager().await)
+        .redis_timeout(Duration::ZERO)
+        .circuit_breaker(0, Duration::from_secs(1))
+        .near_cache(0);
+    let message = config_error(builder, &["redis_timeout"]);
+    assert!(!message.contains("circuit_breaker"), "{message}");
+}
+
+#[tokio::test]
+async fn wake_ups_on_a_cluster_are_an_error_naming_cluster_wake_ups() {
+    let redis = RedisServer::new();
+    // A connection said to be a cluster's (a wrapper would be).
+    let builder = FenceCache::builder(redis.connection_manager().await)
+        .cluster(true)
+        .wake_ups(redis.client());
+    config_error(
+        builder,
+        &["wake_ups on a Redis Cluster", "cluster_wake_ups"],
+    );
+}
+
+#[cfg(feature = "cluster-async")]
+#[tokio::test]
+async fn a_cluster_client_that_fails_to_build_is_an_error_not_polling() {
+    let redis = RedisServer::new();
+    let builder = FenceCache::builder(redis.connection_manager().await)
+        .cluster(true)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(vec![
+            "not a redis url",
+        ]));
+    config_error(
+        builder,
+        &["cluster_wake_ups", "could not be built", "node URLs"],
+    );
+}
+
+#[cfg(feature = "cluster-async")]
+#[tokio::test]
+async fn cluster_wake_ups_on_a_single_server_is_an_error() {
+    let redis = RedisServer::new();
+    let builder = FenceCache::builder(redis.connection_manager().await)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(vec![redis.url()]));
+    config_error(
+        builder,
+        &["not a Redis Cluster's", "use wake_ups", "cluster(true)"],
+    );
+}
+
+#[cfg(feature = "cluster-async")]
+#[tokio::test]
+async fn cluster_wake_ups_after_wake_ups_is_an_error() {
+    let redis = RedisServer::new();
+    let builder = FenceCache::builder(redis.connection_manager().await)
+        .cluster(true)
+        .wake_ups(redis.client())
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(vec![redis.url()]));
+    config_error(builder, &["cluster_wake_ups after wake_ups"]);
+}
+
+#[tokio::test]
+async fn the_builder_settings_reach_the_cache() {
+    let mut redis = RedisServer::new();
+    let cache = FenceCache::builder(redis.connection_manager().await)
+        .namespace("built:")
+        .circuit_breaker(1, Duration::from_secs(60))
+        .build()
+        .expect("cache");
+    assert_eq!(cache.handle().namespace(), "built:");
+    let addr = serve(app(&cache)).await;
+    let http = Http::new();
+    redis.stop();
+    // One failure opens this breaker (the default needs five).
+    assert_eq!(http.get(addr, "/products/1").await.status, 200);
+    assert_eq!(cache.stats().breaker, BreakerState::Open);
 }

@@ -50,8 +50,10 @@ struct Setup {
 impl Setup {
     async fn new() -> Self {
         let cluster = RedisCluster::new();
-        let fence = FenceCache::new(cluster.connection().await)
+        let fence = FenceCache::builder(cluster.connection().await)
             .redis_timeout(Duration::from_secs(2))
+            .build()
+            .expect("cache")
             .layer()
             .namespace(NS)
             .ttl(Duration::from_secs(60));
@@ -126,8 +128,10 @@ async fn a_cold_key_burst_across_two_layers_reaches_the_origin_once() {
     let s = Arc::new(Setup::new().await);
     // A second layer with its own cluster connection stands for a second
     // process: only the lease in Redis keeps it from filling too.
-    let other = FenceCache::new(s.cluster.connection().await)
+    let other = FenceCache::builder(s.cluster.connection().await)
         .redis_timeout(Duration::from_secs(2))
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS);
     let app = Router::new()
@@ -259,8 +263,10 @@ async fn app_server(
     cluster: &RedisCluster,
     world: &World,
 ) -> (SocketAddr, FenceHandle<ClusterConnection>) {
-    let fence = FenceCache::new(cluster.connection().await)
+    let fence = FenceCache::builder(cluster.connection().await)
         .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS);
     let handle = fence.handle();
@@ -360,8 +366,10 @@ async fn cluster_server() {
         .get_async_connection()
         .await
         .expect("cluster connection");
-    let fence = FenceCache::new(connection)
+    let fence = FenceCache::builder(connection)
         .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(urls))
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS);
     let handle = fence.handle();
@@ -661,9 +669,11 @@ async fn a_wrapped_cluster_connection_works_when_configured_as_a_cluster() {
             .with_state(world.clone());
         support::serve(app)
     };
-    let fence = FenceCache::new(Wrapped(cluster.connection().await))
+    let fence = FenceCache::builder(Wrapped(cluster.connection().await))
         .cluster(true)
         .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS);
     let handle = fence.handle();
@@ -696,8 +706,10 @@ async fn a_wrapped_cluster_connection_works_when_configured_as_a_cluster() {
 
     // Without a way to reach each primary a walk fails; it never covers
     // one node and reports success.
-    let blind = FenceCache::new(Wrapped(cluster.connection().await))
+    let blind = FenceCache::builder(Wrapped(cluster.connection().await))
         .cluster(true)
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS);
     let err = blind.handle().invalidate_prefix("/p/").await.unwrap_err();
@@ -959,8 +971,10 @@ async fn a_worker_dropped_mid_batch_has_its_messages_reclaimed_on_a_cluster() {
     // The doomed worker: its handle's commands wait at a held gate.
     let gated = Gated::new(cluster.connection().await);
     gated.held.send_replace(true);
-    let doomed_handle = FenceCache::new(gated.clone())
+    let doomed_handle = FenceCache::builder(gated.clone())
         .cluster(true)
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS)
         .handle();
@@ -1042,9 +1056,11 @@ async fn a_prefix_walk_across_a_primary_failover_completes_or_names_the_node() {
     let mut cluster = RedisCluster::with(3, 1, 2000);
     let world = World::default();
     let gated = Gated::new(cluster.connection().await);
-    let fence = FenceCache::new(gated.clone())
+    let fence = FenceCache::builder(gated.clone())
         .cluster(true)
         .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS);
     let handle = fence.handle();
@@ -1136,8 +1152,10 @@ async fn a_prefix_walk_across_a_primary_failover_completes_or_names_the_node() {
 async fn replicated_fences_on_a_cluster_wait_on_every_primary() {
     let mut cluster = RedisCluster::with(3, 1, 5000);
     let world = World::default();
-    let fence = FenceCache::new(cluster.connection().await)
+    let fence = FenceCache::builder(cluster.connection().await)
         .replicated_fences(1, Duration::from_millis(300))
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS);
     let handle = fence.handle();
@@ -1178,4 +1196,27 @@ async fn replicated_fences_on_a_cluster_wait_on_every_primary() {
         0,
         "every invalidation applied on its primary"
     );
+}
+
+/// `cluster(false)` can't turn a Redis Cluster connection into a single
+/// server's: `build` says so rather than keep tags on the wrong nodes.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_false_on_a_cluster_connection_is_an_error() {
+    let cluster = RedisCluster::new();
+    let err = FenceCache::builder(cluster.connection().await)
+        .cluster(false)
+        .build()
+        .expect_err("a misconfiguration");
+    assert!(err.is_config(), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("cluster(false) on a Redis Cluster connection"),
+        "{err}"
+    );
+    // And `wake_ups` (a single server's subscription) on it.
+    let err = FenceCache::builder(cluster.connection().await)
+        .wake_ups(redis::Client::open(cluster.urls()[0].as_str()).expect("a node's URL"))
+        .build()
+        .expect_err("a misconfiguration");
+    assert!(err.to_string().contains("use cluster_wake_ups"), "{err}");
 }

@@ -27,9 +27,11 @@ async fn gated_proc(
     gate: &Gate,
     version: &Arc<AtomicU64>,
 ) -> (SocketAddr, FenceHandle<ClusterConnection>) {
-    let cache = FenceCache::new(cluster.connection().await)
+    let cache = FenceCache::builder(cluster.connection().await)
         .namespace(NS)
-        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()));
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .build()
+        .expect("cache");
     let (gate, version) = (gate.clone(), version.clone());
     let origin = move |uri: axum::http::Uri| {
         let (gate, version) = (gate.clone(), version.clone());
@@ -145,10 +147,12 @@ async fn near_proc(
     version: &Arc<AtomicU64>,
     calls: &Arc<AtomicU64>,
 ) -> Proc {
-    let cache = FenceCache::new(cluster.connection().await)
+    let cache = FenceCache::builder(cluster.connection().await)
         .namespace(NEAR_NS)
         .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
-        .near_cache(1 << 20);
+        .near_cache(1 << 20)
+        .build()
+        .expect("cache");
     let (version, calls) = (version.clone(), calls.clone());
     let origin = move |uri: axum::http::Uri| {
         let (version, calls) = (version.clone(), calls.clone());
@@ -373,9 +377,11 @@ async fn a_process_with_no_layer_hears_the_acknowledgements_on_a_cluster() {
     let cluster = RedisCluster::new();
     let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
     let p = near_proc(&cluster, &version, &calls).await;
-    let admin = FenceCache::new(cluster.connection().await)
+    let admin = FenceCache::builder(cluster.connection().await)
         .namespace(NEAR_NS)
-        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()));
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .build()
+        .expect("cache");
     let handle = admin.handle();
     let http = Http::new();
     support::gate::until("the admin's acknowledgement channel", || {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use cachefence::{FenceHandle, FenceLayer};
+use cachefence::{FenceCache, FenceHandle, FenceLayer};
 use http_body_util::Full;
 use redis::aio::ConnectionManager;
 use support::origin::{Counter, routes};
@@ -24,11 +24,15 @@ async fn app(
     redis: &RedisServer,
     configure: impl FnOnce(FenceLayer<ConnectionManager>) -> FenceLayer<ConnectionManager>,
 ) -> App {
-    let layer = configure(
-        FenceLayer::new(redis.connection_manager().await)
-            .namespace("core:")
-            .beta(0.0),
-    );
+    app_on(FenceCache::new(redis.connection_manager().await), configure).await
+}
+
+/// [`app`] on a cache made with settings.
+async fn app_on(
+    cache: FenceCache<ConnectionManager>,
+    configure: impl FnOnce(FenceLayer<ConnectionManager>) -> FenceLayer<ConnectionManager>,
+) -> App {
+    let layer = configure(cache.layer().namespace("core:").beta(0.0));
     let counter = Counter::default();
     let handle = layer.handle();
     let addr = serve(routes(counter.clone()).layer(layer)).await;
@@ -419,11 +423,11 @@ async fn a_streamed_body_is_not_held_in_memory() {
 #[tokio::test(flavor = "multi_thread")]
 async fn requests_pass_through_when_redis_is_down() {
     let mut redis = RedisServer::new();
-    let app = app(&redis, |l| {
-        let _ = l.cache().redis_timeout(Duration::from_millis(100));
-        l
-    })
-    .await;
+    let cache = FenceCache::builder(redis.connection_manager().await)
+        .redis_timeout(Duration::from_millis(100))
+        .build()
+        .expect("cache");
+    let app = app_on(cache, |l| l).await;
     app.get("/item/f").await;
     redis.stop();
     for i in 0..10 {

@@ -166,8 +166,10 @@ async fn deadlines_server() {
     let url = std::env::var("REDIS_URL").expect("REDIS_URL");
     let ns = std::env::var("NAMESPACE").expect("NAMESPACE");
     let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
-    let mut layer = FenceCache::new(client.get_connection_manager().await.expect("redis"))
+    let mut layer = FenceCache::builder(client.get_connection_manager().await.expect("redis"))
         .wake_ups(client.clone())
+        .build()
+        .expect("cache")
         .layer()
         .namespace(ns);
     if let Some(v) = env_ms("TTL_MS") {
@@ -522,7 +524,10 @@ fn fence_pttls(redis: &RedisServer, ns: &str) -> Vec<(String, i64)> {
 #[tokio::test(flavor = "multi_thread")]
 async fn fences_outlive_the_longest_fill_of_any_route() {
     let redis = RedisServer::new();
-    let cache = FenceCache::new(quick_fail(&redis).await).namespace("long:");
+    let cache = FenceCache::builder(quick_fail(&redis).await)
+        .namespace("long:")
+        .build()
+        .expect("cache");
     // The handle is made first: fences cover routes made later too.
     let handle = cache.handle();
     let origin = Origin::default();

@@ -281,10 +281,12 @@ async fn index_keys_have_no_ttl_and_are_reaped_once_due_so_memory_stays_bounded(
 async fn a_near_cached_entry_redis_dropped_unannounced_is_dropped_by_the_invalidation() {
     let redis = RedisServer::new();
     let (version, calls) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicU64::new(0)));
-    let cache = FenceCache::new(redis.connection_manager().await)
+    let cache = FenceCache::builder(redis.connection_manager().await)
         .namespace("nev:")
         .wake_ups(redis.client())
-        .near_cache(1 << 20);
+        .near_cache(1 << 20)
+        .build()
+        .expect("cache");
     let handle = cache.handle();
     let addr = serve(origin_app(&version, &calls).layer(cache.layer())).await;
     let http = Http::new();
@@ -331,12 +333,17 @@ async fn a_near_cached_entry_redis_dropped_unannounced_is_dropped_by_the_invalid
 async fn a_near_cached_entry_evicted_and_stored_again_is_dropped_by_the_invalidation() {
     let redis = RedisServer::new();
     let (version, calls) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicU64::new(0)));
-    let near = FenceCache::new(redis.connection_manager().await)
+    let near = FenceCache::builder(redis.connection_manager().await)
         .namespace("nev2:")
         .wake_ups(redis.client())
-        .near_cache(1 << 20);
+        .near_cache(1 << 20)
+        .build()
+        .expect("cache");
     let near_addr = serve(origin_app(&version, &calls).layer(near.layer())).await;
-    let other = FenceCache::new(redis.connection_manager().await).namespace("nev2:");
+    let other = FenceCache::builder(redis.connection_manager().await)
+        .namespace("nev2:")
+        .build()
+        .expect("cache");
     let handle = other.handle();
     let other_addr = serve(origin_app(&version, &calls).layer(other.layer())).await;
     let http = Http::new();

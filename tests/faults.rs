@@ -35,9 +35,11 @@ async fn app(
     configure: impl FnOnce(FenceLayer<ConnectionManager>) -> FenceLayer<ConnectionManager>,
 ) -> App {
     let layer = configure(
-        FenceCache::new(redis.connection_manager().await)
+        FenceCache::builder(redis.connection_manager().await)
             .redis_timeout(REDIS_TIMEOUT)
             .circuit_breaker(3, Duration::from_millis(500))
+            .build()
+            .expect("cache")
             .layer()
             .namespace(ns)
             .beta(0.0),

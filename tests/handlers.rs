@@ -29,7 +29,10 @@ async fn uncached() -> impl IntoResponse {
 #[tokio::test]
 async fn response_parts_set_the_ttl_and_the_tags() {
     let redis = RedisServer::new();
-    let cache = FenceCache::new(redis.connection_manager().await).namespace("h:");
+    let cache = FenceCache::builder(redis.connection_manager().await)
+        .namespace("h:")
+        .build()
+        .expect("cache");
     let app = Router::new()
         .route("/tagged", get(tagged))
         .route("/uncached", get(uncached))

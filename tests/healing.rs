@@ -49,17 +49,20 @@ struct Measured {
     origin_calls: usize,
 }
 
-/// An app on a cache made with `from_client` through a proxy in front of
+/// An app on a cache over a `HealingConnection` (what `from_client` makes) through a proxy in front of
 /// Redis; warms [`PATHS`], runs [`WORKERS`] clients, `disrupt`s the
 /// proxy, and measures when a `HIT` is served again.
 async fn resumes_after(disrupt: impl FnOnce(&StallProxy)) -> Measured {
     let redis = RedisServer::new();
     let target: SocketAddr = format!("127.0.0.1:{}", redis.port()).parse().unwrap();
     let proxy = StallProxy::start(target).await;
-    let cache = FenceCache::from_client(redis::Client::open(proxy.url()).unwrap())
+    let conn = HealingConnection::connect(redis::Client::open(proxy.url()).unwrap())
         .await
-        .unwrap()
-        .namespace("heal:");
+        .unwrap();
+    let cache = FenceCache::builder(conn)
+        .namespace("heal:")
+        .build()
+        .expect("cache");
     let counter = Counter::default();
     let addr = serve(routes(counter.clone()).layer(cache.layer())).await;
     let http = Http::new();
@@ -168,7 +171,10 @@ async fn a_closed_connection_is_replaced_and_caching_resumes() {
 async fn a_paused_redis_keeps_its_connection_and_caching_resumes() {
     let redis = RedisServer::new();
     let conn = HealingConnection::connect(redis.client()).await.unwrap();
-    let cache = FenceCache::new(conn.clone()).namespace("heal:");
+    let cache = FenceCache::builder(conn.clone())
+        .namespace("heal:")
+        .build()
+        .expect("cache");
     let counter = Counter::default();
     let addr = serve(routes(counter.clone()).layer(cache.layer())).await;
     let http = Http::new();
@@ -326,16 +332,20 @@ mod cluster {
     async fn five_failovers_in_a_row_caching_resumes_after_each() {
         let mut cluster = RedisCluster::with(3, 1, 2000);
         let calls = Arc::new(AtomicUsize::new(0));
-        let plain = FenceCache::new(cluster.connection().await)
+        let plain = FenceCache::builder(cluster.connection().await)
             .namespace(NS)
-            .cluster_wake_ups(ClusterClientBuilder::new(cluster.urls()));
+            .cluster_wake_ups(ClusterClientBuilder::new(cluster.urls()))
+            .build()
+            .expect("cache");
         let healing =
             HealingConnection::connect_cluster(ClusterClient::new(cluster.urls()).unwrap())
                 .await
                 .unwrap();
-        let healed = FenceCache::new(healing.clone())
+        let healed = FenceCache::builder(healing.clone())
             .namespace(NS)
-            .cluster_wake_ups(ClusterClientBuilder::new(cluster.urls()));
+            .cluster_wake_ups(ClusterClientBuilder::new(cluster.urls()))
+            .build()
+            .expect("cache");
         let a = serve(app(calls.clone()).layer(plain.layer())).await;
         let b = serve(app(calls.clone()).layer(healed.layer())).await;
         let http = Http::new();

@@ -8,7 +8,7 @@
 //!
 //! The cross-process tests re-execute this test binary as server processes
 //! (`herd_server`, an ignored test run with `CACHEFENCE_ROLE=server`) whose
-//! layer is `FenceCache::new(conn).wake_ups(client).layer().ttl(..)
+//! layer is `FenceCache::builder(conn).wake_ups(client).build().expect("cache").layer().ttl(..)
 //! .grace(..).namespace(..)`: nothing else is configured.
 
 mod support;
@@ -128,8 +128,10 @@ async fn herd_server() {
     let url = std::env::var("REDIS_URL").expect("REDIS_URL");
     let ns = std::env::var("NAMESPACE").expect("NAMESPACE");
     let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
-    let layer = FenceCache::new(client.get_connection_manager().await.expect("redis"))
+    let layer = FenceCache::builder(client.get_connection_manager().await.expect("redis"))
         .wake_ups(client.clone())
+        .build()
+        .expect("cache")
         .layer()
         .ttl(env_ms("TTL_MS", 60_000))
         .grace(env_ms("GRACE_MS", 30_000))
@@ -543,6 +545,16 @@ async fn default_layer(redis: &RedisServer, ns: &str) -> FenceLayer<ConnectionMa
     FenceLayer::new(redis.connection_manager().await).namespace(ns)
 }
 
+/// [`default_layer`] with wake-ups.
+async fn waking_layer(redis: &RedisServer, ns: &str) -> FenceLayer<ConnectionManager> {
+    FenceCache::builder(redis.connection_manager().await)
+        .wake_ups(redis.client())
+        .build()
+        .expect("cache")
+        .layer()
+        .namespace(ns)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn call_origin_after_the_wait_sends_one_request_per_process_not_one_per_waiter() {
     let redis = RedisServer::new();
@@ -885,10 +897,8 @@ async fn woken_remote_wait(
 async fn the_wake_up_listener_reconnects_after_a_redis_restart_and_wakes_waiters_again() {
     let mut redis = RedisServer::new();
     let origin = Origin::default();
-    let client = redis.client();
     let a = default_layer(&redis, "wk:").await;
-    let b = default_layer(&redis, "wk:").await;
-    let _ = b.cache().wake_ups(client);
+    let b = waking_layer(&redis, "wk:").await;
     let hb = b.handle();
     let addr_a = serve(origin.router().layer(a)).await;
     let addr_b = serve(origin.router().layer(b)).await;
@@ -938,8 +948,10 @@ fn the_wake_up_listener_outlives_the_runtime_that_built_the_layer() {
     let first = tokio::runtime::Runtime::new().unwrap();
     let b = first.block_on(async {
         // A lazy connection: it connects on the runtime that first uses it.
-        let b = FenceCache::new(redis.connection_manager_lazy())
+        let b = FenceCache::builder(redis.connection_manager_lazy())
             .wake_ups(redis.client())
+            .build()
+            .expect("cache")
             .layer()
             .namespace("rt:");
         let hb = b.handle();

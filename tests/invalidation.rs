@@ -96,13 +96,18 @@ async fn layer(redis: &RedisServer, ns: &str) -> FenceLayer<ConnectionManager> {
 
 /// [`layer`], with a near cache when `near`.
 async fn layer_with(redis: &RedisServer, ns: &str, near: bool) -> FenceLayer<ConnectionManager> {
-    let cache = FenceCache::new(redis.connection_manager().await).wake_ups(redis.client());
+    let cache = FenceCache::builder(redis.connection_manager().await).wake_ups(redis.client());
     let cache = if near {
         cache.near_cache(1 << 20)
     } else {
         cache
     };
-    cache.layer().namespace(ns).beta(0.0)
+    cache
+        .build()
+        .expect("cache")
+        .layer()
+        .namespace(ns)
+        .beta(0.0)
 }
 
 fn fence(layer: &FenceLayer<ConnectionManager>, world: &World) -> Svc {
@@ -1241,9 +1246,11 @@ async fn replicated_fences_wait_for_a_replica_and_say_when_none_acknowledged() {
         assert_eq!(get(&svc, path).await.0, "MISS");
     }
     replicated(&master, &replica).await;
-    let handle = FenceCache::new(master.connection_manager().await)
+    let handle = FenceCache::builder(master.connection_manager().await)
         .replicated_fences(1, Duration::from_millis(500))
         .namespace("rep:")
+        .build()
+        .expect("cache")
         .handle();
 
     master.reset_stats();

@@ -27,10 +27,12 @@ struct Proc {
 }
 
 async fn proc(redis: &RedisServer, version: &Arc<AtomicU64>, calls: &Arc<AtomicU64>) -> Proc {
-    let cache = FenceCache::new(redis.connection_manager().await)
+    let cache = FenceCache::builder(redis.connection_manager().await)
         .namespace(NS)
         .wake_ups(redis.client())
-        .near_cache(1 << 20);
+        .near_cache(1 << 20)
+        .build()
+        .expect("cache");
     let (version, calls) = (version.clone(), calls.clone());
     let origin = move |uri: axum::http::Uri| {
         let (version, calls) = (version.clone(), calls.clone());
@@ -208,9 +210,11 @@ async fn a_process_with_no_layer_and_no_near_cache_hears_the_acknowledgements() 
     let redis = RedisServer::new();
     let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
     let p = proc(&redis, &version, &calls).await;
-    let admin = FenceCache::new(redis.connection_manager().await)
+    let admin = FenceCache::builder(redis.connection_manager().await)
         .namespace(NS)
-        .wake_ups(redis.client());
+        .wake_ups(redis.client())
+        .build()
+        .expect("cache");
     let handle = admin.handle();
     let http = Http::new();
     until("the admin's acknowledgement channel", || {
@@ -321,10 +325,12 @@ async fn a_loop_of_near_hits_lets_other_tasks_run() {
     // thread run, here the only thread.
     use tower::{Layer, ServiceExt};
     let redis = RedisServer::new();
-    let cache = FenceCache::new(redis.connection_manager().await)
+    let cache = FenceCache::builder(redis.connection_manager().await)
         .namespace(NS)
         .wake_ups(redis.client())
-        .near_cache(1 << 20);
+        .near_cache(1 << 20)
+        .build()
+        .expect("cache");
     let svc = cache
         .layer()
         .layer(tower::service_fn(|_req: http::Request<String>| async {

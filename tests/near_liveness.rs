@@ -39,10 +39,12 @@ struct Proc {
 /// A cache whose data connection goes to `redis` and whose subscription
 /// goes to `wake_url`; its origin answers the shared version.
 async fn proc(redis: &RedisServer, wake_url: &str, version: &Arc<AtomicU64>) -> Proc {
-    let cache = FenceCache::new(redis.connection_manager().await)
+    let cache = FenceCache::builder(redis.connection_manager().await)
         .namespace(NS)
         .wake_ups(redis::Client::open(wake_url).unwrap())
-        .near_cache(1 << 20);
+        .near_cache(1 << 20)
+        .build()
+        .expect("cache");
     let version = version.clone();
     let origin = move || {
         let version = version.clone();
@@ -258,9 +260,11 @@ async fn an_invalidation_no_listener_heard_says_so_when_a_near_cache_is_alive() 
     let redis = RedisServer::new();
     let proxy = StallProxy::start(redis_addr(&redis)).await;
     let version = Arc::new(AtomicU64::new(0));
-    let admin = FenceCache::new(redis.connection_manager().await)
+    let admin = FenceCache::builder(redis.connection_manager().await)
         .namespace(NS)
-        .wake_ups(redis.client());
+        .wake_ups(redis.client())
+        .build()
+        .expect("cache");
     let handle = admin.handle();
     until("the admin's listener", || pubsub_ids(&redis).len() == 1).await;
     let others = pubsub_ids(&redis);

@@ -295,8 +295,10 @@ async fn hit_latency_under_load() {
     let redis = RedisServer::new();
     let gate = Gate::open();
     // A generous timeout so slow reads are measured, not cut off.
-    let layer = FenceCache::new(redis.connection_manager().await)
+    let layer = FenceCache::builder(redis.connection_manager().await)
         .redis_timeout(Duration::from_secs(5))
+        .build()
+        .expect("cache")
         .layer()
         .namespace("probe:")
         .ttl(Duration::from_secs(3600));

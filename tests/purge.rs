@@ -15,7 +15,10 @@ use support::{Http, RedisServer, Reply, serve};
 const TOKEN: &str = "Bearer s3cret";
 
 async fn setup(redis: &RedisServer) -> (SocketAddr, FenceCache) {
-    let cache = FenceCache::new(redis.connection_manager().await).namespace("purge:");
+    let cache = FenceCache::builder(redis.connection_manager().await)
+        .namespace("purge:")
+        .build()
+        .expect("cache");
     let purge = cache
         .handle()
         .purge_service(|parts: &http::request::Parts| {

@@ -85,8 +85,10 @@ struct App {
 
 async fn app(redis: &RedisServer) -> App {
     let conn = redis.connection_manager().await;
-    let layer = FenceCache::new(Gated::open(conn.clone()))
+    let layer = FenceCache::builder(Gated::open(conn.clone()))
         .redis_timeout(Duration::from_secs(5))
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS)
         .beta(0.0);
@@ -144,8 +146,10 @@ impl App {
     /// A queue whose worker's handle waits on a gate before every command.
     fn gated_queue(&self) -> (InvalidationQueue<Gated>, watch::Sender<bool>) {
         let (gated, gate) = Gated::closed(self.conn.clone());
-        let handle = FenceCache::new(gated)
+        let handle = FenceCache::builder(gated)
             .redis_timeout(Duration::from_secs(600))
+            .build()
+            .expect("cache")
             .layer()
             .namespace(NS)
             .handle();
@@ -269,8 +273,10 @@ async fn worker_process() {
     let client = redis::Client::open(url).expect("redis url");
     let conn = client.get_connection_manager().await.expect("connect");
     let (gated, _gate) = Gated::closed(conn.clone());
-    let handle = FenceCache::new(gated)
+    let handle = FenceCache::builder(gated)
         .redis_timeout(Duration::from_secs(600))
+        .build()
+        .expect("cache")
         .layer()
         .namespace(NS)
         .handle();

@@ -29,10 +29,12 @@ struct App {
 /// One app instance: its own cluster connection, listener and near cache;
 /// the origin answers `<version> <path>`.
 async fn app(cluster: &RedisCluster, version: &Arc<AtomicU64>) -> App {
-    let cache = FenceCache::new(cluster.connection().await)
+    let cache = FenceCache::builder(cluster.connection().await)
         .namespace(NS)
         .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
-        .near_cache(4 << 20);
+        .near_cache(4 << 20)
+        .build()
+        .expect("cache");
     let version = version.clone();
     let origin = move |uri: axum::http::Uri| {
         let version = version.clone();
@@ -398,10 +400,12 @@ async fn a_slot_migrated_into_a_walked_primary_mid_walk_is_walked_again() {
     let cluster = Arc::new(RedisCluster::new());
     let version = Arc::new(AtomicU64::new(0));
     let gated = Gated::new(cluster.connection().await);
-    let cache = FenceCache::new(gated.clone())
+    let cache = FenceCache::builder(gated.clone())
         .cluster(true)
         .namespace(WNS)
-        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()));
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .build()
+        .expect("cache");
     let handle = cache.handle();
     let origin = {
         let version = version.clone();
@@ -562,16 +566,20 @@ async fn a_lost_near_announcement_is_made_by_the_next_walk() {
         fail: Arc::new(AtomicBool::new(false)),
         failed: Arc::new(AtomicUsize::new(0)),
     };
-    let invalidator = FenceCache::new(conn.clone())
+    let invalidator = FenceCache::builder(conn.clone())
         .cluster(true)
         .namespace(ONS)
-        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()));
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
+        .build()
+        .expect("cache");
     let handle = invalidator.handle();
     // The process holding the entry in its near cache.
-    let holder = FenceCache::new(cluster.connection().await)
+    let holder = FenceCache::builder(cluster.connection().await)
         .namespace(ONS)
         .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
-        .near_cache(1 << 20);
+        .near_cache(1 << 20)
+        .build()
+        .expect("cache");
     let addr = serve(Router::new().route(
         "/{*path}",
         get(origin(version.clone())).layer(holder.layer()),

@@ -48,9 +48,11 @@ async fn app_server(
     let conn = SentinelConnection::connect(redis.client())
         .await
         .expect("sentinel connection");
-    let fence = FenceCache::new(conn.clone())
+    let fence = FenceCache::builder(conn.clone())
         .namespace(NS)
         .sentinel_wake_ups(&conn)
+        .build()
+        .expect("cache")
         .layer();
     let handle = fence.handle();
     let app = Router::new()
@@ -423,4 +425,26 @@ async fn a_manual_sentinel_failover_moves_the_cache_its_wake_ups_and_the_queue()
     );
     control.shutdown();
     task.await.unwrap();
+}
+
+/// One wake-up subscription per cache: Sentinel's and a cluster's together
+/// are an error at build time, not one of them silently ignored.
+#[cfg(feature = "cluster-async")]
+#[tokio::test(flavor = "multi_thread")]
+async fn sentinel_and_cluster_wake_ups_together_are_an_error() {
+    let redis = RedisSentinel::new(5000);
+    let conn = SentinelConnection::connect(redis.client())
+        .await
+        .expect("sentinel connection");
+    let err = FenceCache::builder(conn.clone())
+        .sentinel_wake_ups(&conn)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(redis.urls()))
+        .build()
+        .expect_err("a misconfiguration");
+    assert!(err.is_config(), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("cluster_wake_ups after sentinel_wake_ups"),
+        "{err}"
+    );
 }

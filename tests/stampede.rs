@@ -106,14 +106,30 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(3);
 /// The connection's own response timeout is the layer's, not the support
 /// code's fast-fail 1 s, so that [`REDIS_TIMEOUT`] is the one that counts.
 async fn layer(redis: &RedisServer, ns: &str) -> FenceLayer<ConnectionManager> {
+    layer_with(redis, ns, false).await
+}
+
+/// [`layer`], with wake-ups when `wake_ups`.
+async fn layer_with(
+    redis: &RedisServer,
+    ns: &str,
+    wake_ups: bool,
+) -> FenceLayer<ConnectionManager> {
     let config = support::fast_fail_config().set_response_timeout(Some(REDIS_TIMEOUT));
     let conn = redis
         .client()
         .get_connection_manager_with_config(config)
         .await
         .expect("connection manager");
-    FenceCache::new(conn)
-        .redis_timeout(REDIS_TIMEOUT)
+    let cache = FenceCache::builder(conn).redis_timeout(REDIS_TIMEOUT);
+    let cache = if wake_ups {
+        cache.wake_ups(redis.client())
+    } else {
+        cache
+    };
+    cache
+        .build()
+        .expect("cache")
         .layer()
         .namespace(ns)
         .beta(0.0)
@@ -284,9 +300,11 @@ async fn server_process() {
     let ns = std::env::var("NAMESPACE").expect("NAMESPACE");
     let name = std::env::var("PROC_NAME").unwrap_or_else(|_| "server".into());
     let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
-    let layer = FenceCache::new(client.get_connection_manager().await.expect("redis"))
+    let layer = FenceCache::builder(client.get_connection_manager().await.expect("redis"))
         .redis_timeout(REDIS_TIMEOUT)
         .wake_ups(client.clone())
+        .build()
+        .expect("cache")
         .layer()
         .namespace(ns)
         .beta(0.0)
@@ -717,8 +735,7 @@ async fn a_request_that_started_a_remote_wait_may_go_away_while_others_join_it()
     let redis = RedisServer::new();
     let origin = Origin::default();
     let layer_a = layer(&redis, "remote-drop:").await;
-    let layer_b = layer(&redis, "remote-drop:").await;
-    let _ = layer_b.cache().wake_ups(redis.client());
+    let layer_b = layer_with(&redis, "remote-drop:", true).await;
     let (addr_a, _) = app(&origin, &layer_a).await;
     let (addr_b, handle_b) = app(&origin, &layer_b).await;
     let fence_b = layer_b.layer(origin.router());
@@ -993,12 +1010,8 @@ async fn a_private_answer_releases_the_waiters_to_the_origin_side_by_side() {
 async fn remote_wait(wake_ups: bool) -> (cachefence::Stats, Vec<Reply>, usize, u64) {
     let redis = RedisServer::new();
     let origin = Origin::default();
-    let layer_a = layer(&redis, "wake:").await;
-    let _ = layer_a.cache().wake_ups(redis.client());
-    let layer_b = layer(&redis, "wake:").await;
-    if wake_ups {
-        let _ = layer_b.cache().wake_ups(redis.client());
-    }
+    let layer_a = layer_with(&redis, "wake:", true).await;
+    let layer_b = layer_with(&redis, "wake:", wake_ups).await;
     let (addr_a, _) = app(&origin, &layer_a).await;
     let (addr_b, handle_b) = app(&origin, &layer_b).await;
     wait_for_subscribers(&redis, if wake_ups { 2 } else { 1 }).await;
@@ -1077,8 +1090,7 @@ async fn without_wake_ups_a_remote_waiter_still_finds_the_fill_by_polling() {
 async fn a_fill_that_lands_in_this_process_is_not_counted_as_a_wake_up() {
     let redis = RedisServer::new();
     let origin = Origin::default();
-    let layer = layer(&redis, "ownwake:").await;
-    let _ = layer.cache().wake_ups(redis.client());
+    let layer = layer_with(&redis, "ownwake:", true).await;
     let (addr, handle) = app(&origin, &layer).await;
     wait_for_subscribers(&redis, 1).await;
     let http = Http::new();
@@ -1133,8 +1145,10 @@ async fn early_refreshes_counts_refreshes_started() {
 async fn with_redis_unreachable_concurrent_requests_for_a_key_still_share_one_origin_call() {
     let redis = RedisServer::new();
     let origin = Origin::default();
-    let layer = FenceCache::new(redis.connection_manager().await)
+    let layer = FenceCache::builder(redis.connection_manager().await)
         .redis_timeout(Duration::from_millis(100))
+        .build()
+        .expect("cache")
         .layer()
         .namespace("down:")
         .beta(0.0);

@@ -113,8 +113,10 @@ async fn failing_redis_warns_once_a_second_and_the_breaker_logs_open_and_close_o
     let mut redis = RedisServer::new();
     let conn = redis.connection_manager().await;
     // A breaker that never opens: every request tries Redis and fails.
-    let never_open = FenceCache::new(conn.clone())
+    let never_open = FenceCache::builder(conn.clone())
         .circuit_breaker(u32::MAX, Duration::from_secs(1))
+        .build()
+        .expect("cache")
         .layer();
     let svc = never_open.layer(origin());
     redis.stop();
@@ -131,8 +133,10 @@ async fn failing_redis_warns_once_a_second_and_the_breaker_logs_open_and_close_o
     );
 
     // The default-sized breaker, with a short cool-down.
-    let fence = FenceCache::new(conn)
+    let fence = FenceCache::builder(conn)
         .circuit_breaker(3, Duration::from_millis(100))
+        .build()
+        .expect("cache")
         .layer();
     let svc = fence.layer(origin());
     for i in 0..20 {

@@ -89,12 +89,14 @@ pub(super) fn run() -> Result<(), Error> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let client = redis::Client::open(url.as_str())?;
-        let plain = FenceCache::new(client.get_connection_manager().await?)
+        let plain = FenceCache::builder(client.get_connection_manager().await?)
             .namespace("wait-cost:")
+            .build()?
             .handle();
-        let waited = FenceCache::new(client.get_connection_manager().await?)
+        let waited = FenceCache::builder(client.get_connection_manager().await?)
             .namespace("wait-cost:")
             .replicated_fences(1, Duration::from_millis(100))
+            .build()?
             .handle();
         let mut plain_us = Vec::with_capacity(CALLS);
         let mut waited_us = Vec::with_capacity(CALLS);

@@ -184,7 +184,7 @@ where
 
     /// How long one Redis call of the queue and its workers may take before
     /// it counts as failed (1 s by default). Invalidations themselves run
-    /// under the layer's [`redis_timeout`](crate::FenceCache::redis_timeout).
+    /// under the layer's [`redis_timeout`](crate::FenceCacheBuilder::redis_timeout).
     ///
     /// ```no_run
     /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) {

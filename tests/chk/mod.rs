@@ -16,7 +16,9 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use cachefence::{CacheTtl, FenceCache, FenceHandle, Invalidation, InvalidationQueue};
+use cachefence::{
+    CacheTtl, FenceCache, FenceCacheBuilder, FenceHandle, Invalidation, InvalidationQueue,
+};
 use http::{StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HyperClient;
@@ -167,22 +169,36 @@ pub async fn server() {
             .get_async_connection()
             .await
             .expect("cluster connection");
-        let cache = FenceCache::new(connection)
+        let cache = FenceCache::builder(connection)
             .namespace(NS)
             .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(urls.clone()));
+        let cache = with_near(cache, near).build().expect("cache");
         let worker = redis::Client::open(urls[0].as_str()).expect("a node's URL");
-        return serve_child(cache, worker, near).await;
+        return serve_child(cache, worker).await;
     }
     let url = std::env::var("REDIS_URL").expect("REDIS_URL");
     let wake = std::env::var("WAKE_URL").expect("WAKE_URL");
     let client = redis::Client::open(url.as_str()).expect("REDIS_URL");
-    let cache = FenceCache::new(client.get_connection_manager().await.expect("redis"))
+    let cache = FenceCache::builder(client.get_connection_manager().await.expect("redis"))
         .namespace(NS)
         .wake_ups(redis::Client::open(wake.as_str()).expect("WAKE_URL"));
-    serve_child(cache, client, near).await;
+    let cache = with_near(cache, near).build().expect("cache");
+    serve_child(cache, client).await;
 }
 
-async fn serve_child<C>(cache: FenceCache<C>, worker: redis::Client, near: bool)
+/// `builder` with a near cache when `near`.
+fn with_near<C>(builder: FenceCacheBuilder<C>, near: bool) -> FenceCacheBuilder<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    if near {
+        builder.near_cache(8 << 20)
+    } else {
+        builder
+    }
+}
+
+async fn serve_child<C>(cache: FenceCache<C>, worker: redis::Client)
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
@@ -191,11 +207,6 @@ where
         .parse()
         .expect("ORIGIN addr");
     let name = std::env::var("PROC_NAME").unwrap_or_default();
-    let cache = if near {
-        cache.near_cache(8 << 20)
-    } else {
-        cache
-    };
     let layer = cache.layer();
     let d_layer = cache
         .layer()
