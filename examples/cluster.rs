@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use cachefence::FenceCache;
+use cachefence::{FenceCache, HealingConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 
 #[tokio::main]
@@ -26,11 +26,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::process::exit(2);
     };
     let nodes: Vec<String> = nodes.split(',').map(str::to_owned).collect();
-    let cache = FenceCache::from_cluster_client(ClusterClient::new(nodes.clone())?)
-        .await?
+    // Its own cluster connection, replaced if it wedges after a failover.
+    let conn = HealingConnection::connect_cluster(ClusterClient::new(nodes.clone())?).await?;
+    let cache = FenceCache::builder(conn)
         // sharded wake-ups (SSUBSCRIBE) on the listener's own RESP3 connection
         .cluster_wake_ups(ClusterClientBuilder::new(nodes.clone()))
-        .namespace("shop:");
+        .namespace("shop:")
+        .build()?;
     let handle = cache.handle();
 
     // The worker's client lends only its settings (user, password, TLS): its

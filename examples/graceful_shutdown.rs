@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use cachefence::FenceCache;
+use cachefence::{FenceCache, HealingConnection};
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Notify;
 
@@ -46,10 +46,10 @@ async fn report(started: Arc<Notify>) -> &'static str {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let cache = FenceCache::from_client(client.clone())
-        .await?
+    let cache = FenceCache::builder(HealingConnection::connect(client.clone()).await?)
         .namespace(format!("shutdown-recipe-{}:", std::process::id()))
-        .wake_ups(client);
+        .wake_ups(client)
+        .build()?;
     let handle = cache.handle();
     let started = Arc::new(Notify::new());
     let on_call = started.clone();

@@ -55,9 +55,9 @@ async fn x_cache(app: &Router, path: &str) -> Result<String, Box<dyn std::error:
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let cache = FenceCache::from_client(client)
-        .await?
-        .namespace(format!("parts-recipe-{}:", std::process::id()));
+    let cache = FenceCache::builder(client.get_connection_manager().await?)
+        .namespace(format!("parts-recipe-{}:", std::process::id()))
+        .build()?;
     let handle = cache.handle();
     let app = Router::new()
         .route("/products/{id}", get(product).layer(cache.layer()))

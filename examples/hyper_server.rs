@@ -2,32 +2,32 @@
 //! `tower::service_fn` by `tower::ServiceBuilder`.
 //!
 //! `cargo run --example hyper_server` serves on 127.0.0.1:3000 until Ctrl-C
-//! (Redis from `REDIS_URL`, else a throwaway `redis-server`);
-//! `-- --self-test` (what CI runs) asks twice for one page and exits.
+//! (Redis: `REDIS_URL`, else a throwaway `redis-server`); `-- --self-test`
+//! (what CI runs) asks twice for one page and exits.
 
 #[path = "common/client.rs"]
 mod client;
 #[path = "common/mod.rs"]
 mod common;
 
-use std::convert::Infallible;
-
 use bytes::Bytes;
-use cachefence::FenceCache;
+use cachefence::{FenceCache, HealingConnection};
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
     let ns = format!("hyper-recipe-{}:", std::process::id());
-    let cache = FenceCache::from_client(client.clone())
-        .await?
+    let conn = HealingConnection::connect(client.clone()).await?;
+    let cache = FenceCache::builder(conn)
         .wake_ups(client)
-        .namespace(ns);
+        .namespace(ns)
+        .build()?;
     let origin = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
         let page = format!("rendered {}\n", req.uri().path());
         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(page))))

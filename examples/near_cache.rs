@@ -19,12 +19,17 @@ use redis::aio::ConnectionManager;
 use tower::ServiceExt;
 
 /// One "process": its own connection, wake-up subscription and near cache.
-async fn process(url: &str, ns: &str) -> Result<FenceCache<ConnectionManager>, redis::RedisError> {
+async fn process(
+    url: &str,
+    ns: &str,
+) -> Result<FenceCache<ConnectionManager>, Box<dyn std::error::Error>> {
     let client = redis::Client::open(url)?;
-    Ok(FenceCache::new(client.get_connection_manager().await?)
+    let cache = FenceCache::builder(client.get_connection_manager().await?)
         .namespace(ns)
         .wake_ups(client) // the near cache lives on this subscription
-        .near_cache(64 << 20)) // up to 64 MiB of decoded hits
+        .near_cache(64 << 20) // up to 64 MiB of decoded hits
+        .build()?; // an error without a wake-up source
+    Ok(cache)
 }
 
 async fn x_cache(app: &Router, path: &str) -> Result<String, Box<dyn std::error::Error>> {

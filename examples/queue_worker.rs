@@ -27,7 +27,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let client = redis::Client::open(redis.url.as_str())?;
     // The worker applies invalidations through a cache handle of the same
     // namespace (give it the same settings as the app's cache).
-    let cache = FenceCache::new(client.get_connection_manager().await?).namespace(&namespace);
+    let conn = client.get_connection_manager().await?;
+    let cache = FenceCache::builder(conn).namespace(&namespace).build()?;
     let queue = cache.handle().queue();
     let worker = queue.worker(client);
     let control = worker.handle();

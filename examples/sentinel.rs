@@ -30,9 +30,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     // (a `SentinelNodeConnectionInfo`).
     let client = SentinelClient::build(sentinels, master, None, SentinelServerType::Master)?;
     let conn = SentinelConnection::connect(client).await?;
-    let cache = FenceCache::new(conn.clone())
+    let cache = FenceCache::builder(conn.clone())
         .sentinel_wake_ups(&conn) // subscribes at the master, moves with it
-        .namespace("shop:");
+        .namespace("shop:")
+        .build()?;
     let handle = cache.handle();
     let worker = handle.queue().sentinel_worker(&conn); // blocking reads at the master
     let control = worker.handle();

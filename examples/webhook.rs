@@ -115,9 +115,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let redis = common::redis()?;
     let client = redis::Client::open(redis.url.as_str())?;
-    let cache = FenceCache::new(client.get_connection_manager().await?)
+    let cache = FenceCache::builder(client.get_connection_manager().await?)
         .namespace(format!("webhook-recipe-{}:", std::process::id()))
-        .wake_ups(client.clone());
+        .wake_ups(client.clone())
+        .build()?;
     let handle = cache.handle();
     let queue = handle.queue();
     let worker = queue.worker(client);
