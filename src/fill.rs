@@ -485,7 +485,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     // A fill runs at most `fill_timeout`, and never past the cap of the
     // request it answers: a takeover after a dead or timed-out fill, or a
     // restart after an invalidation, gets the time left, not a fresh
-    // `fill_timeout` (README, "Waiting and deadlines").
+    // `fill_timeout` (the guide's "Waiting and deadlines").
     let deadline = (tokio::time::Instant::now() + config.fill_timeout).min(deadlines.cap);
     let req_headers = req.headers().clone();
     Counters::inc(&counters.fills);

@@ -82,7 +82,7 @@ where
     /// With the `cluster-async` feature, a
     /// `redis::cluster_async::ClusterConnection` is detected as a Redis
     /// Cluster: invalidation walks SCAN every primary and tags are kept in
-    /// the slot of each entry (see the README's section on Redis Cluster).
+    /// the slot of each entry (see the guide's [`cluster`](crate::guide::cluster) chapter).
     ///
     /// Defaults: TTL 60 s, grace 30 s, namespace `cachefence:`, body limit
     /// 1 MiB, `x-cache` status header, XFetch beta 1 (never before 75 % of

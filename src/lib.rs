@@ -25,8 +25,10 @@
 //! `cache.layer().name("products").ttl(..)`. [`FenceHandle::purge_service`]
 //! answers purge calls over HTTP. Feature `metrics` exports counters,
 //! histograms and gauges through the `metrics` facade; feature `axum` makes
-//! [`CacheTtl`] and [`CacheTags`] response parts. ARCHITECTURE.md in the
-//! repository describes the internals.
+//! [`CacheTtl`] and [`CacheTags`] response parts. The [guide] has a chapter
+//! per concern (HTTP semantics, invalidation, the near cache, the queue,
+//! Cluster and Sentinel, security, deadlines, metrics, production);
+//! ARCHITECTURE.md in the repository describes the internals.
 //!
 //! # The request path
 //!
@@ -80,7 +82,8 @@
 //! ([`FenceLayer::normalize_accept_encoding`]); [`FenceLayer::rfc9111`]
 //! takes freshness from the response as an RFC 9111 shared cache, and
 //! [`FenceLayer::cache_status`] adds an RFC 9211 `Cache-Status` header. The
-//! README's "HTTP caching semantics" table lists what is supported.
+//! [HTTP semantics](guide::http_semantics) chapter of the [guide] lists what
+//! is supported.
 //!
 //! # Failure behaviour
 //!
@@ -122,6 +125,7 @@ mod error;
 mod fill;
 mod flight;
 mod freshness;
+pub mod guide;
 mod handle;
 mod healing;
 #[doc(hidden)]

@@ -4,7 +4,7 @@
 //! Every key one script touches shares the entry's `{hash tag}`, except the
 //! tag indexes and fences of the store script on a single server. In Redis
 //! Cluster mode the store script writes per-entry tag markers in the entry's
-//! slot instead (see the README's section on Redis Cluster).
+//! slot instead (see the guide's chapter on Redis Cluster).
 
 use redis::Script;
 

@@ -1,5 +1,5 @@
 //! Deadlines are deadlines (issue 21, must-hold 4), and the tests that hold
-//! the defaults of the README's "Waiting and deadlines" table:
+//! the defaults of the table in the guide's "Waiting and deadlines" chapter:
 //!
 //! - a request that takes over a lease after a timed-out fill (or restarts
 //!   after an invalidation) gets the time left of its own cap, not a fresh
@@ -393,7 +393,7 @@ async fn at_the_default_settings_no_request_waits_past_33_s() {
     );
     assert!(
         took < Duration::from_millis(33_500),
-        "the takeover waited {took:?}: the README's cap is 33 s"
+        "the takeover waited {took:?}: the guide's cap is 33 s"
     );
 }
 
@@ -610,7 +610,7 @@ async fn a_fill_as_long_as_its_timeout_never_outlives_a_short_fence() {
 }
 
 // ---------------------------------------------------------------------------
-// 3. The README's table, at the defaults
+// 3. The guide's table, at the defaults
 // ---------------------------------------------------------------------------
 
 /// A leader SIGKILLed mid-fill, 10 waiters in each of two other processes:

@@ -1,6 +1,6 @@
 //! Eviction cannot hide an entry from invalidation (issue 21, must-hold 2).
 //!
-//! Under `maxmemory` with the policy the README recommends
+//! Under `maxmemory` with the policy the guide recommends ("Running in production")
 //! (`volatile-lru`), Redis evicts the keys with a TTL it used least
 //! recently. A URL's variant set (`:vars`), tag indexes and fences are
 //! written on stores only, so hot entries that are read all the time outlive

@@ -1,5 +1,5 @@
 //! Connections that heal (issue 22, must-hold 2): the cache built the way
-//! the README says (`FenceCache::from_client`), with DEFAULT settings, over
+//! the README and the guide say (`FenceCache::from_client`), with DEFAULT settings, over
 //! a real Redis behind a TCP proxy. The proxy wedges the cache's connection
 //! without closing it (half-open: it stops forwarding, as a NAT or firewall
 //! that dropped the flow), while new connections pass; or it closes it.

@@ -1,4 +1,5 @@
-//! The README's numbers that are promises, asserted with the default
+//! The numbers of BENCHMARKS.md ("Counts the tests assert", "The default
+//! Redis timeout") and of the guide that are promises, asserted with the default
 //! settings, and printed (`cargo nextest run --test numbers --no-capture`):
 //!
 //! - 1,000 concurrent requests at a cold key in one process: exactly 3
@@ -122,7 +123,7 @@ fn reset_peak_rss() {
 // grows with the number of entries), or blocks hits while it runs.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prefix_purge_of_many_entries_has_bounded_memory_and_hits_keep_flowing() {
-    // CACHEFENCE_PURGE_ENTRIES=100000 for the README's longer run.
+    // CACHEFENCE_PURGE_ENTRIES=100000 for BENCHMARKS.md's longer run.
     let n: usize = std::env::var("CACHEFENCE_PURGE_ENTRIES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -202,7 +203,7 @@ enum Fault {
 async fn recovery(fault: Fault) -> Duration {
     let mut redis = RedisServer::new();
     let gate = Gate::open();
-    // The defaults: the connection manager as the README's quick start makes
+    // The defaults: the connection manager as the guide's examples make
     // it, the 250 ms Redis timeout, the 5-failure / 1 s breaker.
     let conn = redis.client().get_connection_manager().await.unwrap();
     let layer = FenceLayer::new(conn).namespace("recovery:");

@@ -897,7 +897,7 @@ async fn invalidate_path_removes_the_url_for_every_host_and_variant() {
     }
     assert_eq!(handle.invalidate_path("/echo/x").await.unwrap(), 2);
     assert_eq!(handle.soft_invalidate_path(path).await.unwrap(), 6);
-    // The README's quick start, with the host now in the key.
+    // The README's example, with the host now in the key.
     app.get("/item/42", &[("host", "shop.example")]).await;
     app.get("/item/42", &[]).await;
     assert_eq!(handle.invalidate_path("/item/42").await.unwrap(), 2);
@@ -986,7 +986,7 @@ fn info_field(redis: &RedisServer, section: &str, field: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn under_volatile_lru_a_url_flood_evicts_cache_entries_and_no_queued_invalidation() {
-    // The setting the README recommends: every cache key has a TTL, the
+    // The setting the guide recommends: every cache key has a TTL, the
     // invalidation streams have none, so `volatile-lru` evicts only cache.
     let redis =
         RedisServer::with_args(&["--maxmemory", "8mb", "--maxmemory-policy", "volatile-lru"]);

@@ -1,4 +1,4 @@
-//! README promises, each with the default settings a user gets (a setting is
+//! The promises of the README's guarantees table and of the guide, each with the default settings a user gets (a setting is
 //! changed only where the promise is about that setting), against a real
 //! `redis-server`. Every test here was checked to fail when the behaviour it
 //! names is removed (see the comment above each test).
