@@ -263,7 +263,7 @@ where
     ///
     /// ```no_run
     /// use cachefence::FenceCache;
-    /// use cachefence::SentinelConnection;
+    /// use cachefence::sentinel::SentinelConnection;
     /// use redis::sentinel::{SentinelClient, SentinelServerType};
     ///
     /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
@@ -273,6 +273,7 @@ where
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "sentinel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
     pub fn sentinel_wake_ups(self, conn: &crate::sentinel::SentinelConnection) -> Self {
         self.wake_source(Source::Sentinel(conn.clone()), "sentinel_wake_ups")
     }
@@ -309,6 +310,7 @@ where
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "cluster-async")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster-async")))]
     pub fn cluster_wake_ups(mut self, builder: redis::cluster::ClusterClientBuilder) -> Self {
         match Source::cluster(builder) {
             Ok(source) => self.wake_source(source, "cluster_wake_ups"),
