@@ -12,8 +12,11 @@
 //!
 //! Separate measurements (instead of the workloads): `--cluster N` (hits
 //! on one Redis vs an N-primary cluster, and memory per entry; feature
-//! `cluster-async`; `load/scale.rs`), `--wait-cost` (what
-//! `replicated_fences` adds to an invalidation; `load/wait.rs`).
+//! `cluster-async`; `load/scale.rs`; with near caches too), `--wait-cost` (what
+//! `replicated_fences` adds to an invalidation; `load/wait.rs`),
+//! `--redis-latency` (the latency of each of the cache's Redis calls, on
+//! the machine as it is and beside busy loops: what `redis_timeout`'s
+//! default is chosen from; `load/latency.rs`).
 //!
 //! Options: `--svg PATH` (where the chart goes; `--no-svg` for none),
 //! `--conc N` (connections, default 50), `--reps N`, `--secs S` (seconds
@@ -67,6 +70,8 @@ use tokio::runtime::Runtime;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+#[path = "load/latency.rs"]
+mod latency;
 #[cfg(feature = "cluster-async")]
 #[path = "load/scale.rs"]
 mod scale;
@@ -1194,6 +1199,17 @@ fn main() -> Result<(), Error> {
     }
     if std::env::args().any(|a| a == "--wait-cost") {
         return wait::run();
+    }
+    if std::env::args().any(|a| a == "--redis-latency") {
+        let secs = if opts.smoke {
+            0.5
+        } else if std::env::args().any(|a| a == "--secs") {
+            opts.secs
+        } else {
+            10.0
+        };
+        let hog = !std::env::args().any(|a| a == "--no-hog");
+        return latency::run(secs, hog);
     }
     let redis = start_redis()?;
     let threads = Arc::new(AppThreads::default());

@@ -14,7 +14,9 @@
 //! `X-Forwarded-For` (the client's address appended), `X-Forwarded-Proto`
 //! and `X-Forwarded-Host` (the client's `Host`), responses a `Via` and a
 //! `Cache-Status`. Responses are cached as their `Cache-Control` /
-//! `CDN-Cache-Control` / `Expires` say; writes through the proxy invalidate
+//! `CDN-Cache-Control` / `Expires` say, else heuristically (10% of the time
+//! since `Last-Modified`, at most a day); stale entries with validators
+//! are kept 10 minutes to be revalidated; writes through the proxy invalidate
 //! what they touch. When Redis is down every request still goes to the
 //! origin; an origin that can't be reached (or not within the connect
 //! timeout) is a 502, one that sends no response head within the response
@@ -299,6 +301,10 @@ async fn main() {
         .layer()
         .namespace(args.namespace)
         .rfc9111(true)
+        // RFC 9111 §4.2.2, as Traffic Server and Squid do: 10% of the time
+        // since Last-Modified, at most a day.
+        .heuristic_freshness(0.1)
+        .heuristic_freshness_max(Duration::from_secs(24 * 3600))
         .cache_status(Some("cachefence"));
     let Some(authority) = args.origin.authority().cloned() else {
         eprintln!("--origin must name a host");

@@ -167,7 +167,7 @@ fn single<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
 }
 
 fn http_date(value: &[u8]) -> Option<SystemTime> {
-    httpdate::parse_http_date(std::str::from_utf8(value).ok()?.trim()).ok()
+    crate::freshness::parse_date(value)
 }
 
 /// An entity tag (RFC 9110 §8.8.3): `W/` marks it weak; `opaque` is the

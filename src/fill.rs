@@ -496,6 +496,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     // Under a lease, an entry being replaced is revalidated: a 304 keeps its
     // body (revalidate.rs).
     let mut req = req;
+    let authorized = req.headers().contains_key(http::header::AUTHORIZATION);
     let revalidating = stale
         .clone()
         .filter(|s| lease.is_some() && crate::revalidate::ask(req.headers_mut(), s));
@@ -519,7 +520,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         let (parts, body) = res.into_parts();
         if let Some(stale) = revalidating.filter(|_| parts.status == StatusCode::NOT_MODIFIED) {
             let parts = crate::revalidate::freshened(&stale, parts);
-            let rule = policy.response(&parts, delay);
+            let rule = policy.response(&parts, delay, authorized);
             let body = Buffered::Complete {
                 data: stale.body.clone(),
                 trailers: None,
@@ -533,7 +534,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 body: Either::Buffered(body),
             };
         }
-        let rule = policy.response(&parts, delay);
+        let rule = policy.response(&parts, delay, authorized);
         let buffer_it = match &rule {
             ResponseRule::Store { .. } => true,
             // Buffer an uncacheable response only to hand it to joiners.
@@ -660,9 +661,19 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             let fresh_ms = now.saturating_add(duration_ms(ttl));
             (fresh_ms, fresh_ms.saturating_add(grace_ms))
         };
+        let mut headers = storable_headers(&parts.headers, |n| config.is_own_header(n));
+        if config.policy.rfc9111 && !headers.contains_key(http::header::DATE) {
+            // RFC 9110 §6.6.1: a cache adds the `Date` it received it at
+            // (conditions then compare with it: RFC 9111 §4.3.2).
+            let received =
+                std::time::UNIX_EPOCH + Duration::from_millis(now.saturating_sub(age_ms));
+            if let Ok(date) = http::HeaderValue::try_from(httpdate::fmt_http_date(received)) {
+                headers.insert(http::header::DATE, date);
+            }
+        }
         Arc::new(Entry {
             status: parts.status,
-            headers: storable_headers(&parts.headers, |n| config.is_own_header(n)),
+            headers,
             body: data,
             delta,
             stored_ms: now.saturating_sub(age_ms),

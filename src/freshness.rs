@@ -7,11 +7,20 @@
 //! - The freshness lifetime is `s-maxage`, else `max-age`, else `Expires`
 //!   minus `Date` (an invalid `Expires` means already expired), else a
 //!   heuristic fraction of the time since `Last-Modified` when one is
-//!   configured; without any, the response is not stored.
+//!   configured (for the statuses the layer caches without explicit
+//!   freshness); without any, the response is not stored. Explicit
+//!   freshness makes any final status storable (§3).
+//! - `must-understand` stores a status the cache understands despite
+//!   `no-store`, and never one it doesn't (§5.2.2.3).
+//! - A response with a validator is kept past its freshness for the
+//!   revalidation window, to be revalidated (§4.3), never served unvalidated.
 //! - The age on arrival (§4.2.3) is the larger of the time since `Date`
 //!   and the upstream `Age` plus the time the response took to arrive (the
-//!   response delay); a malformed, repeated or huge `Age` counts as stale.
-//!   A response already stale on arrival is not stored.
+//!   response delay); `Age` is its first member, ignored when invalid
+//!   (§5.1), at most 2^31 s.
+//!   A response already stale on arrival is not stored, unless it has a
+//!   validator: then it is kept for the revalidation window, to be
+//!   revalidated on its next use.
 //! - A `no-cache` response with a validator is stored to be revalidated on
 //!   every use (never fresh, never served stale); without one it is not
 //!   stored.
@@ -54,12 +63,34 @@ fn directives(headers: &HeaderMap) -> Directives {
     }
 }
 
+/// What the layer adds to RFC 9111's rules for one response.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Knobs {
+    /// The fraction of the time since `Last-Modified` used as the lifetime
+    /// of a response without explicit freshness (0: none), capped at
+    /// `default_keep`.
+    pub(crate) heuristic: f64,
+    /// How long a `no-cache` response without a lifetime is kept for
+    /// revalidation; the cap of a heuristic lifetime.
+    pub(crate) default_keep: Duration,
+    /// The longest heuristic lifetime (`None`: `default_keep`).
+    pub(crate) heuristic_max: Option<Duration>,
+    /// How long past its freshness a response with a validator is kept to
+    /// be revalidated (§4.3) instead of refetched (zero: not kept).
+    pub(crate) revalidate_for: Duration,
+    /// Whether the status is one the layer caches without explicit
+    /// freshness (its [`statuses`](crate::FenceLayer::statuses), by default
+    /// the heuristically cacheable ones): others need an explicit lifetime.
+    pub(crate) listed: bool,
+}
+
 /// The freshness of a response received at `now`, `delay` after its
 /// request was sent, or why it is not stored. `heuristic` is the fraction
 /// of the time since `Last-Modified` used as the lifetime of a response
 /// without explicit freshness (0: none), capped at `default_keep`, which is
 /// also how long a `no-cache` response without a lifetime is kept for
 /// revalidation.
+#[cfg(test)]
 pub(crate) fn freshness(
     parts: &response::Parts,
     now: SystemTime,
@@ -67,9 +98,39 @@ pub(crate) fn freshness(
     heuristic: f64,
     default_keep: Duration,
 ) -> Result<Freshness, &'static str> {
+    let knobs = Knobs {
+        heuristic,
+        default_keep,
+        heuristic_max: None,
+        revalidate_for: Duration::ZERO,
+        listed: true,
+    };
+    freshness_with(parts, now, delay, &knobs)
+}
+
+/// [`freshness`] with every knob.
+pub(crate) fn freshness_with(
+    parts: &response::Parts,
+    now: SystemTime,
+    delay: Duration,
+    knobs: &Knobs,
+) -> Result<Freshness, &'static str> {
+    let Knobs {
+        heuristic,
+        default_keep,
+        heuristic_max,
+        revalidate_for,
+        listed,
+    } = *knobs;
     let headers = &parts.headers;
     let cc = directives(headers);
-    if cc.no_store || cc.private {
+    // §5.2.2.3: with `must-understand`, a status the cache understands is
+    // stored whatever `no-store` says, one it doesn't never.
+    let understood = parts.status.canonical_reason().is_some();
+    if cc.must_understand && !understood {
+        return Err("must-understand");
+    }
+    if (cc.no_store && !cc.must_understand) || cc.private {
         return Err("cache-control");
     }
     let validated = headers.contains_key(ETAG) || headers.contains_key(LAST_MODIFIED);
@@ -89,19 +150,27 @@ pub(crate) fn freshness(
             None => Duration::ZERO,
         })
     } else if heuristic > 0.0
+        && listed
         && let Some(modified) = date_of(headers, &LAST_MODIFIED)
     {
         let since = date
             .unwrap_or(now)
             .duration_since(modified)
             .unwrap_or_default();
-        Some(since.mul_f64(heuristic.min(1.0)).min(default_keep))
+        Some(
+            since
+                .mul_f64(heuristic.min(1.0))
+                .min(heuristic_max.unwrap_or(default_keep)),
+        )
     } else {
         None
     };
-    let Some(upstream_age) = age(headers) else {
-        return Err("malformed age");
-    };
+    if !listed && lifetime.is_none() {
+        // Any final status is storable with explicit freshness (§3); the
+        // others only as the layer's status list says.
+        return Err("status");
+    }
+    let upstream_age = age(headers);
     // §4.2.3: corrected_initial_age = max(apparent_age, age_value +
     // response_delay).
     let apparent_age = date
@@ -128,6 +197,17 @@ pub(crate) fn freshness(
     };
     let ttl = lifetime.saturating_sub(age);
     if ttl.is_zero() {
+        if validated && !revalidate_for.is_zero() {
+            // Stale on arrival (`max-age=0`, an `Expires` past) but with a
+            // validator: kept to be revalidated on its next use, as a
+            // `no-cache` response is (§4.3), never served as it is.
+            return Ok(Freshness {
+                ttl: Duration::ZERO,
+                grace: Duration::ZERO,
+                age,
+                keep: revalidate_for,
+            });
+        }
         return Err("stale on arrival");
     }
     let (grace, keep) = if cc.forbids_stale() {
@@ -137,12 +217,36 @@ pub(crate) fn freshness(
         let on_error = Duration::from_secs(cc.stale_if_error.unwrap_or(0));
         (grace, grace.max(on_error))
     };
+    // §4.3: a response with a validator outlives its freshness, to be
+    // revalidated (never served without it: `may_serve_stale`), not
+    // refetched; `must-revalidate` and friends included.
+    let keep = if validated {
+        keep.max(revalidate_for)
+    } else {
+        keep
+    };
     Ok(Freshness {
         ttl,
         grace,
         age,
         keep,
     })
+}
+
+/// Whether the directives in force refuse a lifetime set by a handler
+/// ([`CacheTtl`](crate::CacheTtl)): `no-store` (unless `must-understand`),
+/// `private`, `no-cache`.
+pub(crate) fn refuses_set_ttl(headers: &HeaderMap) -> bool {
+    let cc = directives(headers);
+    (cc.no_store && !cc.must_understand) || cc.private || cc.no_cache
+}
+
+/// Whether a response to a request with `Authorization` may be stored by a
+/// shared cache and reused (RFC 9111 §3.5): `public`, `s-maxage` or
+/// `must-revalidate` in the directives in force.
+pub(crate) fn allows_authorized(headers: &HeaderMap) -> bool {
+    let cc = directives(headers);
+    cc.public || cc.s_maxage.is_some() || cc.must_revalidate
 }
 
 /// Whether a stored response that is no longer fresh may be served now
@@ -179,30 +283,69 @@ pub(crate) fn may_serve_stale(
     now_ms < fresh_until.saturating_add(on_error.saturating_mul(1000))
 }
 
-/// The largest `Age` taken as a number; larger ones count as stale.
+/// The largest `Age` taken as a number (§1.2.2: larger ones, and
+/// overflows, are 2^31 seconds, stale on arrival for any lifetime).
 const MAX_AGE_SECS: u64 = 1 << 31;
 
-/// The upstream `Age`: zero when absent, `None` when repeated, malformed or
-/// huge (RFC 9111 §1.2.2, §5.1).
-fn age(headers: &HeaderMap) -> Option<Duration> {
-    let mut values = headers.get_all(AGE).iter();
-    let Some(value) = values.next() else {
-        return Some(Duration::ZERO);
+/// The upstream `Age` (RFC 9111 §5.1): the first member of the field (a
+/// list, or several lines, keep the first), as delta-seconds (§1.2.2);
+/// zero when absent or invalid (a float, a sign, a suffix: the field is
+/// ignored), at most 2^31 seconds.
+fn age(headers: &HeaderMap) -> Duration {
+    let Some(value) = headers.get(AGE) else {
+        return Duration::ZERO;
     };
-    if values.next().is_some() {
-        return None;
+    let bytes = value.as_bytes();
+    let first = bytes.split(|&b| b == b',').next().unwrap_or_default();
+    let first = first.trim_ascii();
+    if first.is_empty() || !first.iter().all(u8::is_ascii_digit) {
+        return Duration::ZERO;
     }
-    let value = value.as_bytes().trim_ascii();
-    if value.is_empty() || !value.iter().all(u8::is_ascii_digit) {
-        return None;
+    let secs = parse_seconds(first).unwrap_or(MAX_AGE_SECS);
+    Duration::from_secs(secs.min(MAX_AGE_SECS))
+}
+
+/// Parses an HTTP date as RFC 9110 §5.6.7 says recipients accept it:
+/// IMF-fixdate, the obsolete RFC 850 and asctime formats, day and month
+/// names in any case (RFC 850's two-digit years 70..=99 are 19xx, the
+/// others 20xx).
+pub(crate) fn parse_date(value: &[u8]) -> Option<SystemTime> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if let Ok(t) = httpdate::parse_http_date(text) {
+        return Some(t);
     }
-    let secs = parse_seconds(value)?;
-    (secs < MAX_AGE_SECS).then(|| Duration::from_secs(secs))
+    // Names in the canonical case: `monday` -> `Monday`, `NOV` -> `Nov`,
+    // `gmt` -> `GMT`.
+    let mut canonical = String::with_capacity(text.len());
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        if word.eq_ignore_ascii_case("gmt") {
+            out.push_str("GMT");
+        } else {
+            for (i, c) in word.chars().enumerate() {
+                out.push(if i == 0 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c.to_ascii_lowercase()
+                });
+            }
+        }
+        word.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_alphabetic() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut canonical);
+            canonical.push(c);
+        }
+    }
+    flush(&mut word, &mut canonical);
+    httpdate::parse_http_date(&canonical).ok()
 }
 
 fn date_of(headers: &HeaderMap, name: &HeaderName) -> Option<SystemTime> {
-    let value = headers.get(name)?.to_str().ok()?;
-    httpdate::parse_http_date(value.trim()).ok()
+    parse_date(headers.get(name)?.as_bytes())
 }
 
 /// The response directives RFC 9111 §5.2.2 and RFC 5861 define.
@@ -215,6 +358,8 @@ struct Directives {
     private: bool,
     must_revalidate: bool,
     proxy_revalidate: bool,
+    must_understand: bool,
+    public: bool,
     max_age: Option<u64>,
     s_maxage: Option<u64>,
     stale_while_revalidate: Option<u64>,
@@ -246,6 +391,8 @@ impl Directives {
                     b"private" => d.private = true,
                     b"must-revalidate" => d.must_revalidate = true,
                     b"proxy-revalidate" => d.proxy_revalidate = true,
+                    b"must-understand" => d.must_understand = true,
+                    b"public" => d.public = true,
                     b"max-age" => d.max_age = d.max_age.or_else(seconds),
                     b"s-maxage" => d.s_maxage = d.s_maxage.or_else(seconds),
                     b"stale-while-revalidate" => {
@@ -426,18 +573,40 @@ mod tests {
     }
 
     #[test]
-    fn the_age_on_arrival_counts_and_bad_ages_are_stale() {
+    fn the_age_on_arrival_counts_and_bad_ages_are_ignored() {
         let got = fresh(&[("cache-control", "max-age=60"), ("age", "20")]).unwrap();
         assert_eq!((got.ttl, got.age), (secs(40), secs(20)));
         assert_eq!(
             fresh(&[("cache-control", "max-age=60"), ("age", "60")]),
             Err("stale on arrival")
         );
-        for bad in ["-1", "1.5", "abc", "99999999999999999999"] {
+        // §5.1: invalid values are ignored, never a reason not to store.
+        for bad in ["-1", "1.5", "abc", "1a", " ", "0x10"] {
             let pairs = [("cache-control", "max-age=60"), ("age", bad)];
-            assert!(fresh(&pairs).is_err(), "{bad}");
+            assert_eq!(fresh(&pairs).map(|f| f.age), Ok(secs(0)), "{bad}");
         }
-        assert!(fresh(&[("cache-control", "max-age=60"), ("age", "1"), ("age", "2")]).is_err());
+        // The first member of a list, or of several lines, counts.
+        let first = |pairs: &[(&'static str, &'static str)]| fresh(pairs).map(|f| f.age);
+        assert_eq!(
+            first(&[("cache-control", "max-age=60"), ("age", "10, 20")]),
+            Ok(secs(10))
+        );
+        assert_eq!(
+            first(&[
+                ("cache-control", "max-age=60"),
+                ("age", "10"),
+                ("age", "30")
+            ]),
+            Ok(secs(10))
+        );
+        // Too large: 2^31 s, stale on arrival (§1.2.2).
+        assert_eq!(
+            fresh(&[
+                ("cache-control", "max-age=60"),
+                ("age", "99999999999999999999")
+            ]),
+            Err("stale on arrival")
+        );
         // Date in the past counts too (apparent age); a Date in the future doesn't.
         let old = fresh(&[
             ("cache-control", "max-age=60"),
@@ -506,6 +675,117 @@ mod tests {
             assert!(!may(strict, 0, 70_000, 65_000, false), "{strict}");
             assert!(!may(strict, 60_000, 70_000, 65_000, true), "{strict}");
         }
+    }
+
+    #[test]
+    fn dates_in_every_format_rfc_9110_accepts() {
+        let want = parse_date(b"Sun, 06 Nov 1994 08:49:37 GMT").unwrap();
+        for v in [
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "sun, 06 nov 1994 08:49:37 gmt",
+            "SUNDAY, 06-NOV-94 08:49:37 GMT",
+            "sun NOV  6 08:49:37 1994",
+            " Sun, 06 Nov 1994 08:49:37 GMT ",
+        ] {
+            assert_eq!(parse_date(v.as_bytes()), Some(want), "{v}");
+        }
+        assert_eq!(parse_date(b"yesterday"), None);
+        assert_eq!(parse_date(b"0"), None);
+    }
+
+    fn with(
+        status: u16,
+        pairs: &[(&'static str, &'static str)],
+        listed: bool,
+        heuristic: f64,
+    ) -> Result<Freshness, &'static str> {
+        let mut p = parts(pairs);
+        p.status = http::StatusCode::from_u16(status).unwrap();
+        let knobs = Knobs {
+            heuristic,
+            default_keep: secs(3600),
+            heuristic_max: None,
+            revalidate_for: secs(600),
+            listed,
+        };
+        freshness_with(&p, now(), Duration::ZERO, &knobs)
+    }
+
+    #[test]
+    fn explicit_freshness_makes_any_status_storable_and_heuristics_only_listed_ones() {
+        for status in [302, 307, 400, 500, 503, 599] {
+            let got = with(status, &[("cache-control", "max-age=60")], false, 0.1);
+            assert_eq!(got.map(|f| f.ttl), Ok(secs(60)), "{status}");
+            let got = with(
+                status,
+                &[("date", NOW), ("expires", "Tue, 01 Dec 2026 12:01:00 GMT")],
+                false,
+                0.1,
+            );
+            assert_eq!(got.map(|f| f.ttl), Ok(secs(60)), "{status}");
+        }
+        let modified = [
+            ("date", NOW),
+            ("last-modified", "Tue, 01 Dec 2026 02:00:00 GMT"),
+        ];
+        assert_eq!(with(500, &modified, false, 0.1), Err("status"));
+        assert_eq!(
+            with(200, &modified, true, 0.1).map(|f| f.ttl),
+            Ok(secs(3600))
+        );
+    }
+
+    #[test]
+    fn must_understand_stores_an_understood_status_despite_no_store() {
+        let cc = [("cache-control", "max-age=60, must-understand, no-store")];
+        assert_eq!(with(200, &cc, true, 0.0).map(|f| f.ttl), Ok(secs(60)));
+        assert_eq!(with(299, &cc, false, 0.0), Err("must-understand"));
+        let cc = [("cache-control", "max-age=60, no-store")];
+        assert_eq!(with(200, &cc, true, 0.0), Err("cache-control"));
+    }
+
+    #[test]
+    fn a_response_with_a_validator_is_kept_to_be_revalidated() {
+        for cc in ["max-age=60", "max-age=60, must-revalidate", "s-maxage=60"] {
+            let pairs = [("cache-control", cc), ("etag", "\"a\"")];
+            let got = with(200, &pairs, true, 0.0).unwrap();
+            assert_eq!((got.grace, got.keep), (secs(0), secs(600)), "{cc}");
+            let got = with(200, &[("cache-control", cc)], true, 0.0).unwrap();
+            assert_eq!(got.keep, secs(0), "{cc}");
+        }
+        let pairs = [
+            ("cache-control", "max-age=60, stale-if-error=900"),
+            ("last-modified", "Tue, 01 Dec 2026 02:00:00 GMT"),
+        ];
+        assert_eq!(with(200, &pairs, true, 0.0).unwrap().keep, secs(900));
+        // Stale on arrival: kept only to be revalidated.
+        for stale in [
+            [("cache-control", "max-age=0"), ("etag", "\"a\"")],
+            [
+                ("expires", "Tue, 01 Dec 2026 11:00:00 GMT"),
+                ("etag", "\"a\""),
+            ],
+        ] {
+            let got = with(200, &stale, true, 0.0).unwrap();
+            assert_eq!(
+                (got.ttl, got.grace, got.keep),
+                (secs(0), secs(0), secs(600))
+            );
+        }
+        assert_eq!(
+            with(200, &[("cache-control", "max-age=0")], true, 0.0),
+            Err("stale on arrival")
+        );
+    }
+
+    #[test]
+    fn cdn_cache_control_overrides_no_store_in_cache_control() {
+        let pairs = [
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=60"),
+        ];
+        assert_eq!(with(200, &pairs, true, 0.0).map(|f| f.ttl), Ok(secs(60)));
     }
 
     #[test]

@@ -402,6 +402,63 @@ pub(crate) fn header_value(headers: &HeaderMap, name: &HeaderName) -> Vec<u8> {
     out
 }
 
+/// A header value with the optional whitespace of lists and parameters
+/// (RFC 9110 §5.6.1, §5.6.6) in one spelling, so that variants don't
+/// multiply per spelling (RFC 9111 §4.1): empty list members dropped,
+/// members joined by `", "`, no whitespace around `;` and `=`, runs of
+/// whitespace one space; quoted strings are kept as they are.
+pub(crate) fn without_list_whitespace(value: &[u8]) -> Vec<u8> {
+    let mut out: Vec<u8> = Vec::with_capacity(value.len());
+    let (mut quoted, mut escaped, mut space) = (false, false, false);
+    for &b in value {
+        if quoted {
+            out.push(b);
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                quoted = false;
+            }
+            continue;
+        }
+        match b {
+            b' ' | b'\t' => space = true,
+            b',' => {
+                while out.last() == Some(&b' ') {
+                    out.pop();
+                }
+                if !out.is_empty() && !out.ends_with(b",") {
+                    out.push(b',');
+                }
+                space = false;
+            }
+            b';' | b'=' => {
+                while out.last() == Some(&b' ') {
+                    out.pop();
+                }
+                out.push(b);
+                space = false;
+            }
+            _ => {
+                let after_separator = matches!(out.last(), Some(b';' | b'=') | None);
+                if out.last() == Some(&b',') || (space && !after_separator) {
+                    out.push(b' ');
+                }
+                space = false;
+                if b == b'"' {
+                    quoted = true;
+                }
+                out.push(b);
+            }
+        }
+    }
+    if out.last() == Some(&b',') {
+        out.pop();
+    }
+    out
+}
+
 /// Percent-encodes every byte outside a conservative safe set. The safe set
 /// has no glob character (`*?[]\`), no brace and no whitespace, so the
 /// result can be put in a Redis key and a SCAN pattern as it is. The mapping
@@ -521,7 +578,10 @@ impl EntryKey {
 
     /// The key of the variant selected by these `Vary` header values.
     pub(crate) fn variant(&self, vary: &[HeaderName], headers: &HeaderMap) -> String {
-        let values: Vec<Vec<u8>> = vary.iter().map(|n| header_value(headers, n)).collect();
+        let values: Vec<Vec<u8>> = vary
+            .iter()
+            .map(|n| without_list_whitespace(&header_value(headers, n)))
+            .collect();
         let mut parts: Vec<&[u8]> = Vec::with_capacity(vary.len() * 2);
         for (name, value) in vary.iter().zip(&values) {
             parts.push(name.as_str().as_bytes());
@@ -700,6 +760,22 @@ pub(crate) fn truncate_escaped(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn list_whitespace_has_one_spelling() {
+        let w = |v: &str| String::from_utf8(without_list_whitespace(v.as_bytes())).unwrap();
+        for v in [
+            "a, b;q=1",
+            "a,b;q=1",
+            " a ,\tb ; q = 1 ",
+            "a,, b;q=1,",
+            "a,  b;q=1",
+        ] {
+            assert_eq!(w(v), "a, b;q=1", "{v:?}");
+        }
+        assert_eq!(w("x  y"), "x y");
+        assert_eq!(w("\"a , b\", c"), "\"a , b\", c");
+    }
 
     #[test]
     fn remembered_entry_keys_are_the_derived_ones() {

@@ -375,9 +375,11 @@ where
     ///   is not stored unless [`heuristic_freshness`](Self::heuristic_freshness)
     ///   is set ([`CacheTtl`](crate::CacheTtl) still wins);
     /// - the age on arrival is the larger of the time since `Date` and the
-    ///   upstream `Age` plus the time the response took to arrive (§4.2.3):
-    ///   a response already stale on arrival, or with a malformed, repeated
-    ///   or huge `Age`, is not stored; hits send an `Age` that includes it;
+    ///   upstream `Age` (its first member; ignored when invalid, §5.1) plus
+    ///   the time the response took to arrive (§4.2.3); responses the cache
+    ///   sends, the first included, carry an `Age` that includes it; a
+    ///   response already stale on arrival is stored only with a validator,
+    ///   to be revalidated on its next use;
     /// - a `no-cache` response with a validator (`ETag` or `Last-Modified`)
     ///   is stored and revalidated on every use: each use waits for a
     ///   conditional request through the one-fill-per-key path (concurrent
@@ -391,8 +393,21 @@ where
     ///   `stale-while-revalidate` window; `no-cache`, `must-revalidate`,
     ///   `proxy-revalidate` and `s-maxage` forbid both, and a soft purge
     ///   then refetches instead of serving stale;
+    /// - any final status with explicit freshness is stored (the
+    ///   [`statuses`](Self::statuses) list only limits the others);
+    ///   `must-understand` stores a status the cache understands despite
+    ///   `no-store` (and never one it doesn't);
+    /// - a response with a validator is kept past its freshness for the
+    ///   [`revalidation_window`](Self::revalidation_window) and revalidated,
+    ///   not refetched (`must-revalidate` included);
+    /// - a request with `Authorization` is looked up; its response is
+    ///   stored, and then served to any request for the key, only with
+    ///   `public`, `s-maxage` or `must-revalidate` (§3.5);
+    /// - `Accept-Language` is normalised
+    ///   ([`normalize_accept_language`](Self::normalize_accept_language));
     /// - `no-store`, `private` (also in `CDN-Cache-Control`) and `Vary: *`
-    ///   are never stored; `Date` is kept as received.
+    ///   are never stored; `Date` is kept as received, and added (the time
+    ///   it was received) when missing (RFC 9110 §6.6.1).
     ///
     /// (Refreshes revalidate with the entry's validators in every mode.)
     ///
@@ -416,9 +431,12 @@ where
 
     /// In [`rfc9111`](Self::rfc9111) mode, give a response without
     /// explicit freshness this fraction of the time since its
-    /// `Last-Modified` as its lifetime, at most [`ttl`](Self::ttl) (RFC 9111
-    /// §4.2.2; default 0: none; 0.1 is customary). Values are clamped to
-    /// 0..=1.
+    /// `Last-Modified` (until its `Date`) as its lifetime, at most
+    /// [`heuristic_freshness_max`](Self::heuristic_freshness_max), by
+    /// default [`ttl`](Self::ttl) (RFC 9111 §4.2.2; default 0: none; 0.1 is
+    /// customary), for the [`statuses`](Self::statuses) cached without
+    /// explicit freshness (by default the heuristically cacheable ones).
+    /// Values are clamped to 0..=1.
     #[must_use]
     pub fn heuristic_freshness(mut self, fraction: f64) -> Self {
         self.config.policy.heuristic = if fraction.is_finite() {
@@ -426,6 +444,85 @@ where
         } else {
             0.0
         };
+        self
+    }
+
+    /// In [`rfc9111`](Self::rfc9111) mode, how long past its freshness a
+    /// response with a validator (`ETag` or `Last-Modified`) stays in Redis
+    /// to be revalidated (RFC 9111 §4.3; default 10 minutes; zero: dropped
+    /// when no longer servable). Such an entry is never served without a
+    /// successful revalidation (`must-revalidate` included): the next
+    /// request for it makes the one fill of its key, with `If-None-Match`
+    /// and `If-Modified-Since`; a `304` freshens it (its header fields
+    /// replace the stored ones, the body stays in Redis), anything else
+    /// replaces it. Memory: each such entry lives at most this long past its
+    /// freshness, with its Redis TTL, so a `volatile-*` `maxmemory` policy
+    /// evicts it like any entry. Clamped to at most a year.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .rfc9111(true)
+    ///     .revalidation_window(Duration::from_secs(3600));
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn revalidation_window(mut self, window: Duration) -> Self {
+        self.config.policy.revalidate_for = window.min(crate::policy::MAX_TTL);
+        self
+    }
+
+    /// Normalise `Accept-Language` before a cacheable request is keyed and
+    /// sent to the origin (default: on in [`rfc9111`](Self::rfc9111) mode,
+    /// off otherwise): language tags lowercased, weights written the one
+    /// way (`q=0.5`, none for 1), tags of equal weight in one order,
+    /// malformed items and duplicates dropped, so that `en-US, fr;q=0.5` and
+    /// `fr; q=0.50,EN-us` share one variant of a response that varies on
+    /// it. The origin sees the normalised value.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .normalize_accept_language(true);
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn normalize_accept_language(mut self, on: bool) -> Self {
+        self.config.normalizers.accept_language = Some(on);
+        self
+    }
+
+    /// The longest lifetime [`heuristic_freshness`](Self::heuristic_freshness)
+    /// gives (default: [`ttl`](Self::ttl)). Clamped to at most a year.
+    ///
+    /// # Example
+    ///
+    /// ```no_run
+    /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+    /// use std::time::Duration;
+    /// use cachefence::FenceLayer;
+    ///
+    /// let redis = redis::Client::open("redis://127.0.0.1/")?;
+    /// let fence = FenceLayer::new(redis.get_connection_manager().await?)
+    ///     .rfc9111(true)
+    ///     .heuristic_freshness(0.1)
+    ///     .heuristic_freshness_max(Duration::from_secs(24 * 3600));
+    /// # Ok(()) }
+    /// ```
+    #[must_use]
+    pub fn heuristic_freshness_max(mut self, max: Duration) -> Self {
+        self.config.policy.heuristic_max = Some(max.min(crate::policy::MAX_TTL));
         self
     }
 

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use http::header::ACCEPT_ENCODING;
+use http::header::{ACCEPT_ENCODING, ACCEPT_LANGUAGE};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// A user's normaliser of one request header: its (joined) value in, the
@@ -21,6 +21,8 @@ pub(crate) type NormalizeFn = Arc<dyn Fn(&HeaderValue) -> Option<HeaderValue> + 
 #[derive(Clone)]
 pub(crate) struct Normalizers {
     pub(crate) accept_encoding: bool,
+    /// `None`: on in RFC 9111 mode only.
+    pub(crate) accept_language: Option<bool>,
     pub(crate) custom: Vec<(HeaderName, NormalizeFn)>,
 }
 
@@ -28,6 +30,7 @@ impl Default for Normalizers {
     fn default() -> Self {
         Self {
             accept_encoding: true,
+            accept_language: None,
             custom: Vec::new(),
         }
     }
@@ -37,6 +40,7 @@ impl fmt::Debug for Normalizers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Normalizers")
             .field("accept_encoding", &self.accept_encoding)
+            .field("accept_language", &self.accept_language)
             .field(
                 "custom",
                 &self.custom.iter().map(|(n, _)| n).collect::<Vec<_>>(),
@@ -46,11 +50,23 @@ impl fmt::Debug for Normalizers {
 }
 
 impl Normalizers {
-    /// Normalises the headers of a request on its way through the cache.
-    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+    /// Normalises the headers of a request on its way through the cache
+    /// (`rfc9111`: the layer is in RFC 9111 mode).
+    pub(crate) fn apply(&self, headers: &mut HeaderMap, rfc9111: bool) {
         if self.accept_encoding && headers.contains_key(ACCEPT_ENCODING) {
             let value = accept_encoding(&crate::key::header_value(headers, &ACCEPT_ENCODING));
             headers.insert(ACCEPT_ENCODING, HeaderValue::from_static(value));
+        }
+        if self.accept_language.unwrap_or(rfc9111) && headers.contains_key(ACCEPT_LANGUAGE) {
+            let value = accept_language(&crate::key::header_value(headers, &ACCEPT_LANGUAGE));
+            match HeaderValue::from_bytes(&value) {
+                Ok(value) if !value.is_empty() => {
+                    headers.insert(ACCEPT_LANGUAGE, value);
+                }
+                _ => {
+                    headers.remove(ACCEPT_LANGUAGE);
+                }
+            }
         }
         for (name, normalize) in &self.custom {
             if !headers.contains_key(name) {
@@ -70,6 +86,58 @@ impl Normalizers {
             }
         }
     }
+}
+
+/// `Accept-Language` in one spelling (RFC 9110 §12.5.4): tags lowercased,
+/// weights in thousandths written `q=0.5` (none for 1), sorted by weight
+/// (highest first) then tag, duplicates keeping their highest weight,
+/// malformed items dropped. Items of weight 0 are kept (they exclude).
+fn accept_language(value: &[u8]) -> Vec<u8> {
+    let mut items: Vec<(u16, Vec<u8>)> = Vec::new();
+    for item in value.split(|&b| b == b',') {
+        let mut params = item.split(|&b| b == b';');
+        let tag = params.next().unwrap_or_default().trim_ascii();
+        let valid = !tag.is_empty()
+            && tag
+                .iter()
+                .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'*');
+        if !valid {
+            continue;
+        }
+        let mut q = Some(1000);
+        for param in params {
+            let param = param.trim_ascii();
+            match param.iter().position(|&b| b == b'=') {
+                Some(i) if param[..i].trim_ascii().eq_ignore_ascii_case(b"q") => {
+                    q = qvalue(&param[i + 1..]);
+                }
+                _ => q = None,
+            }
+        }
+        let Some(q) = q else { continue };
+        let tag = tag.to_ascii_lowercase();
+        match items.iter_mut().find(|(_, t)| *t == tag) {
+            Some(found) => found.0 = found.0.max(q),
+            None => items.push((q, tag)),
+        }
+    }
+    items.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    let mut out = Vec::new();
+    for (q, tag) in items {
+        if !out.is_empty() {
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(&tag);
+        if q < 1000 {
+            let digits = format!("{q:03}");
+            out.extend_from_slice(b";q=0.");
+            out.extend_from_slice(digits.trim_end_matches('0').as_bytes());
+            if q == 0 {
+                out.push(b'0');
+            }
+        }
+    }
+    out
 }
 
 /// The codings chosen from, in the order that breaks ties.
@@ -141,6 +209,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn accept_language_has_one_spelling() {
+        let n = |v: &str| String::from_utf8(accept_language(v.as_bytes())).unwrap();
+        let one = "en-us, fr;q=0.5";
+        for v in [
+            "en-US, fr;q=0.5",
+            "fr;q=0.5, en-US",
+            "EN-us,fr; q=0.50",
+            " fr ; Q=0.500 ,, en-US;q=1",
+            "en-US, fr;q=0.5, en-us;q=0.3",
+        ] {
+            assert_eq!(n(v), one, "{v}");
+        }
+        assert_eq!(n("de, fr, *;q=0.05, x;q=0"), "de, fr, *;q=0.05, x;q=0.0");
+        assert_eq!(n("en;q=2, fr;lvl=1, é"), "");
+    }
+
+    #[test]
     fn accept_encoding_is_reduced_to_the_preferred_coding() {
         let n = |v: &str| accept_encoding(v.as_bytes());
         assert_eq!(n("gzip, deflate, br"), "br");
@@ -176,11 +261,11 @@ mod tests {
             HeaderValue::from_static("de-CH, en;q=0.5"),
         );
         h.insert("accept-encoding", HeaderValue::from_static("gzip, br"));
-        n.apply(&mut h);
+        n.apply(&mut h, false);
         assert_eq!(h["accept-language"], "de");
         assert_eq!(h["accept-encoding"], "br");
         h.insert("accept-language", HeaderValue::from_static("fr"));
-        n.apply(&mut h);
+        n.apply(&mut h, false);
         assert!(!h.contains_key("accept-language"));
     }
 }

@@ -88,6 +88,10 @@ pub(crate) fn response_tags(parts: &response::Parts, tag_headers: &[HeaderName])
 pub(crate) const DEFAULT_STATUSES: [u16; 11] =
     [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501];
 
+/// RFC 9111 mode: how long past its freshness a response with a validator
+/// is kept in Redis to be revalidated, by default.
+pub(crate) const DEFAULT_REVALIDATION_WINDOW: Duration = Duration::from_secs(600);
+
 /// Responses longer-lived than this are cut to it, whatever they ask for.
 pub(crate) const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -106,6 +110,11 @@ pub(crate) struct Policy {
     pub(crate) rfc9111: bool,
     /// The heuristic fraction of the time since `Last-Modified` (0: none).
     pub(crate) heuristic: f64,
+    /// The longest heuristic lifetime (`None`: `ttl`).
+    pub(crate) heuristic_max: Option<Duration>,
+    /// RFC 9111 mode: how long past freshness a response with a validator
+    /// is kept to be revalidated (`FenceLayer::revalidation_window`).
+    pub(crate) revalidate_for: Duration,
 }
 
 impl Default for Policy {
@@ -125,6 +134,8 @@ impl Default for Policy {
             unkeyed: Unkeyed::default(),
             rfc9111: false,
             heuristic: 0.0,
+            heuristic_max: None,
+            revalidate_for: DEFAULT_REVALIDATION_WINDOW,
         }
     }
 }
@@ -172,7 +183,9 @@ impl Policy {
             Method::HEAD => true,
             _ => return RequestRule::Bypass("method"),
         };
-        if !self.cache_authorized && parts.headers.contains_key(AUTHORIZATION) {
+        // RFC 9111 mode looks them up: a response to one is stored only as
+        // §3.5 allows (`Policy::response`).
+        if !self.cache_authorized && !self.rfc9111 && parts.headers.contains_key(AUTHORIZATION) {
             return RequestRule::Bypass("authorization");
         }
         if !self.cache_cookies && parts.headers.contains_key(COOKIE) {
@@ -186,8 +199,14 @@ impl Policy {
     }
 
     /// The rule for a response that arrived `delay` after its request was
-    /// sent (counted in its age in RFC 9111 mode).
-    pub(crate) fn response(&self, parts: &response::Parts, delay: Duration) -> ResponseRule {
+    /// sent (counted in its age in RFC 9111 mode); `authorized`: that
+    /// request carried `Authorization`.
+    pub(crate) fn response(
+        &self,
+        parts: &response::Parts,
+        delay: Duration,
+        authorized: bool,
+    ) -> ResponseRule {
         let shareable = shareable(&parts.headers);
         let dont = |reason| ResponseRule::DontStore { reason, shareable };
         if crate::conditional::is_own_answer(parts.status) {
@@ -197,18 +216,39 @@ impl Policy {
                 shareable: false,
             };
         }
-        if !self.statuses.contains(&parts.status) {
+        let listed = self.statuses.contains(&parts.status);
+        let ttl_set = parts.extensions.get::<CacheTtl>().copied();
+        // RFC 9111 mode: any final status with explicit freshness, and the
+        // directives in force (CDN-Cache-Control, else Cache-Control) are
+        // read by freshness().
+        if (!listed && (!self.rfc9111 || ttl_set.is_some())) || parts.status.is_informational() {
             return dont("status");
         }
         if parts.headers.contains_key(SET_COOKIE) {
             return dont("set-cookie");
         }
-        let cc = CacheControl::parse(&parts.headers);
-        let ttl_set = parts.extensions.get::<CacheTtl>().copied();
-        // In RFC 9111 mode a `no-cache` response may be stored to be
-        // revalidated on every use: freshness() decides.
-        if cc.no_store || cc.private || (cc.no_cache && (!self.rfc9111 || ttl_set.is_some())) {
-            return dont("cache-control");
+        if self.rfc9111 {
+            if ttl_set.is_some() && crate::freshness::refuses_set_ttl(&parts.headers) {
+                return dont("cache-control");
+            }
+            if authorized
+                && !self.cache_authorized
+                && !crate::freshness::allows_authorized(&parts.headers)
+            {
+                // §3.5: another request must not get it; not even those that
+                // waited on this fill. (With `cache_authorized` the key
+                // names the credential: the user's choice, as outside this
+                // mode.)
+                return ResponseRule::DontStore {
+                    reason: "authorization",
+                    shareable: false,
+                };
+            }
+        } else {
+            let cc = CacheControl::parse(&parts.headers);
+            if cc.no_store || cc.private || cc.no_cache {
+                return dont("cache-control");
+            }
         }
         if is_event_stream(&parts.headers) {
             // Server-sent events: endless, and each client's own.
@@ -224,12 +264,18 @@ impl Policy {
         let ttl = if let Some(CacheTtl(ttl)) = ttl_set {
             ttl
         } else if self.rfc9111 {
-            let fresh = crate::freshness::freshness(
+            let knobs = crate::freshness::Knobs {
+                heuristic: self.heuristic,
+                default_keep: self.ttl,
+                heuristic_max: self.heuristic_max,
+                revalidate_for: self.revalidate_for,
+                listed,
+            };
+            let fresh = crate::freshness::freshness_with(
                 parts,
                 std::time::SystemTime::now(),
                 delay,
-                self.heuristic,
-                self.ttl,
+                &knobs,
             );
             match fresh {
                 Ok(fresh) => {
@@ -238,10 +284,9 @@ impl Policy {
                 }
                 Err(reason) => return dont(reason),
             }
-        } else if let Some(age) = cc
-            .s_maxage
-            .or(cc.max_age)
+        } else if let Some(age) = Some(CacheControl::parse(&parts.headers))
             .filter(|_| self.respect_cache_control)
+            .and_then(|cc| cc.s_maxage.or(cc.max_age))
         {
             Duration::from_secs(age)
         } else if parts.status.is_client_error() || parts.status.is_server_error() {
@@ -281,7 +326,9 @@ fn is_event_stream(headers: &HeaderMap) -> bool {
 /// about the next response.
 pub(crate) fn uncacheable_by_nature(reason: &str, status: http::StatusCode) -> bool {
     let transient = status.is_server_error() || matches!(status.as_u16(), 408 | 425 | 429);
-    !(reason == "status" && transient)
+    // A response to a request with credentials says nothing about the
+    // next requests, which may carry none.
+    !(reason == "status" && transient) && reason != "authorization"
 }
 
 /// Request headers that commonly change a response without the response
@@ -643,9 +690,44 @@ mod tests {
     }
 
     #[test]
+    fn rfc9111_mode_stores_a_response_to_credentials_only_as_section_3_5_allows() {
+        let mut p = Policy {
+            rfc9111: true,
+            ..Policy::default()
+        };
+        let req = |p: &Policy| {
+            let r = http::Request::get("/")
+                .header("authorization", "x")
+                .body(())
+                .unwrap();
+            p.request(&r.into_parts().0)
+        };
+        assert!(matches!(req(&p), RequestRule::Lookup { .. }));
+        let stored = |p: &Policy, cc| {
+            let r = response(200, &[("cache-control", cc)]);
+            match p.response(&r, Duration::ZERO, true) {
+                ResponseRule::Store { .. } => Ok(()),
+                ResponseRule::DontStore { reason, shareable } => Err((reason, shareable)),
+            }
+        };
+        assert_eq!(stored(&p, "max-age=60"), Err(("authorization", false)));
+        assert!(!uncacheable_by_nature("authorization", StatusCode::OK));
+        for cc in [
+            "public, max-age=60",
+            "s-maxage=60",
+            "max-age=60, must-revalidate",
+        ] {
+            assert_eq!(stored(&p, cc), Ok(()), "{cc}");
+        }
+        // Keyed on the credential by the user: their choice.
+        p.cache_authorized = true;
+        assert_eq!(stored(&p, "max-age=60"), Ok(()));
+    }
+
+    #[test]
     fn uncacheable_responses_are_refused_with_sharing_decided() {
         let p = Policy::default();
-        let dont = |r| match p.response(&r, Duration::ZERO) {
+        let dont = |r| match p.response(&r, Duration::ZERO, false) {
             ResponseRule::DontStore { shareable, .. } => Some(shareable),
             ResponseRule::Store { .. } => None,
         };
@@ -666,7 +748,7 @@ mod tests {
     #[test]
     fn ttl_comes_from_the_extension_then_cache_control_then_defaults() {
         let mut p = Policy::default();
-        let ttl = |p: &Policy, r| match p.response(&r, Duration::ZERO) {
+        let ttl = |p: &Policy, r| match p.response(&r, Duration::ZERO, false) {
             ResponseRule::Store { ttl, .. } => ttl,
             ResponseRule::DontStore { .. } => Duration::ZERO,
         };

@@ -107,7 +107,9 @@ fn respond<B: Body>(
     {
         headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
     }
-    if !status.is_fill() {
+    // RFC 9111 mode: the first response too, with the age it arrived
+    // with (an upstream `Age`, the response delay: §4.2.3, §5.1).
+    if !status.is_fill() || config.policy.rfc9111 {
         headers.insert(AGE, small_number(age));
     }
     mark(config, headers, status, Some(from));

@@ -18,21 +18,23 @@ use http::{HeaderMap, response};
 use crate::entry::Entry;
 
 /// Adds the validators of `entry` to a fill's request (whose client-only
-/// headers were stripped): `If-None-Match` with its `ETag`, else
-/// `If-Modified-Since` with its `Last-Modified`. Returns whether it did.
+/// headers were stripped): `If-None-Match` with its `ETag` and
+/// `If-Modified-Since` with its `Last-Modified` (RFC 9111 §4.3.1: the
+/// entity tag must be sent, the date should). Returns whether it did.
 pub(crate) fn ask(headers: &mut HeaderMap, entry: &Entry) -> bool {
-    if entry.status != http::StatusCode::OK {
+    if crate::conditional::is_own_answer(entry.status) {
         return false;
     }
+    let mut asked = false;
     if let Some(etag) = entry.headers.get(ETAG) {
         headers.insert(IF_NONE_MATCH, etag.clone());
-        return true;
+        asked = true;
     }
     if let Some(modified) = entry.headers.get(LAST_MODIFIED) {
         headers.insert(IF_MODIFIED_SINCE, modified.clone());
-        return true;
+        asked = true;
     }
-    false
+    asked
 }
 
 /// The response a 304 makes of `entry`: its status, its headers updated with
@@ -84,14 +86,14 @@ mod tests {
     }
 
     #[test]
-    fn validators_are_the_etag_else_last_modified() {
+    fn validators_are_the_etag_and_last_modified() {
         let mut h = HeaderMap::new();
         assert!(ask(
             &mut h,
             &entry(&[("etag", "\"a\""), ("last-modified", "x")])
         ));
         assert_eq!(h[IF_NONE_MATCH], "\"a\"");
-        assert!(!h.contains_key(IF_MODIFIED_SINCE));
+        assert_eq!(h[IF_MODIFIED_SINCE], "x");
         let mut h = HeaderMap::new();
         assert!(ask(&mut h, &entry(&[("last-modified", "x")])));
         assert_eq!(h[IF_MODIFIED_SINCE], "x");

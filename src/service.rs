@@ -176,7 +176,9 @@ where
         let rule = self.config.policy.request(&parts);
         if matches!(rule, RequestRule::Lookup { .. }) {
             // Before keying: the origin is asked with the normalised values.
-            self.config.normalizers.apply(&mut parts.headers);
+            self.config
+                .normalizers
+                .apply(&mut parts.headers, self.config.policy.rfc9111);
         }
         let closing = self
             .shared

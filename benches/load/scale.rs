@@ -1,16 +1,25 @@
-//! `--cluster N`: hit throughput and Redis CPU per hit on one Redis vs an
-//! N-primary Redis Cluster (started here from `redis-server` and
-//! `redis-cli --cluster create`, on this machine), alternated in one run,
-//! and Redis memory per cached entry with a 4 KiB body (`INFO memory`
+//! `--cluster N`: hit throughput, Redis CPU and Redis commands per hit on
+//! one Redis vs an N-primary Redis Cluster (started here from
+//! `redis-server` and `redis-cli --cluster create`, on this machine), each
+//! with and without a 64 MiB near cache: four arms alternated in one run.
+//! Then Redis memory per cached entry with a 4 KiB body (`INFO memory`
 //! `used_memory` before and after storing 10,000 entries, divided).
 //!
 //! ```text
 //! cargo bench --bench load --features cluster-async -- --cluster 3
+//! cargo bench --bench load --features cluster-async -- --cluster 3 --smoke   # CI: a few seconds
 //! ```
 //!
-//! Uses `--conc`, `--reps` and `--secs` of the main harness. The app (one
-//! cachefence layer, default settings, TTL 10 min) serves 1,000 keys, all
-//! stored before the measured windows, so every request is a hit.
+//! Uses `--conc`, `--reps` and `--secs` of the main harness. Each arm's app
+//! (one cachefence layer made the way the README says: a
+//! `HealingConnection` and wake-ups; TTL 10 min) serves 1,000 keys, all
+//! stored (and, with a near cache, taken into it) before the measured
+//! windows, so every request is a hit. Redis CPU (`INFO cpu`) and commands
+//! (`INFO commandstats`, the harness's own `INFO` and connection handshakes
+//! left out) are deltas over the window, summed over the arm's nodes, per
+//! hit answered in the window; commands per socket read (`INFO stats`
+//! `total_reads_processed`) shows how many commands a node gets per
+//! wake-up (the multiplexed connections pipeline concurrent requests).
 
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::PathBuf;
@@ -21,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::get;
-use cachefence::FenceCache;
+use cachefence::{FenceCache, HealingConnection};
 
 use super::{Error, Opts, Origin, Pattern, connect, get_once, load, loadavg, machine, small};
 
@@ -99,10 +108,62 @@ impl Node {
             .unwrap_or(0.0)
     }
 
-    /// CPU seconds (user + system) so far.
-    fn cpu_s(&self) -> f64 {
-        self.info("cpu", "used_cpu_user") + self.info("cpu", "used_cpu_sys")
+    /// CPU seconds (user + system), commands executed (the harness's
+    /// `INFO` and the handshakes of its connections left out) and reads
+    /// from client sockets so far, read with one `INFO`.
+    fn counters(&self) -> Counters {
+        let Ok(info) = self.query::<String>(&["INFO", "cpu", "stats", "commandstats"]) else {
+            return Counters::default();
+        };
+        let mut out = Counters::default();
+        for line in info.lines() {
+            if let Some(v) = line
+                .strip_prefix("used_cpu_user:")
+                .or_else(|| line.strip_prefix("used_cpu_sys:"))
+            {
+                out.cpu_s += v.trim().parse::<f64>().unwrap_or(0.0);
+            }
+            if let Some(v) = line.strip_prefix("total_reads_processed:") {
+                out.reads += v.trim().parse::<u64>().unwrap_or(0);
+            }
+            let Some((name, fields)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|rest| rest.split_once(':'))
+            else {
+                continue;
+            };
+            if name == "info" || name == "client|setinfo" {
+                continue;
+            }
+            out.commands += fields
+                .split(',')
+                .find_map(|f| f.strip_prefix("calls="))
+                .and_then(|c| c.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        out
     }
+}
+
+/// What Redis nodes did so far (summed over nodes).
+#[derive(Debug, Clone, Copy, Default)]
+struct Counters {
+    cpu_s: f64,
+    commands: u64,
+    /// Reads from client sockets (`total_reads_processed`): commands per
+    /// read is how many commands a node gets per wake-up.
+    reads: u64,
+}
+
+fn counters(nodes: &[&Node]) -> Counters {
+    nodes.iter().fold(Counters::default(), |acc, n| {
+        let c = n.counters();
+        Counters {
+            cpu_s: acc.cpu_s + c.cpu_s,
+            commands: acc.commands + c.commands,
+            reads: acc.reads + c.reads,
+        }
+    })
 }
 
 /// Starts `n` cluster nodes and joins them as `n` primaries.
@@ -141,16 +202,95 @@ fn start_cluster(n: usize) -> Result<Vec<Node>, Error> {
     Ok(nodes)
 }
 
-/// An app with one cachefence layer over `conn`, listening.
-async fn app<C>(conn: C, namespace: &str) -> Result<SocketAddr, Error>
+/// The near cache of the `+near` arms.
+const NEAR_BYTES: usize = 64 << 20;
+
+/// Where an arm's cache keeps its entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Single,
+    Cluster,
+}
+
+/// One arm: an app with one cachefence layer, listening.
+struct Arm {
+    place: Place,
+    near: bool,
+    addr: SocketAddr,
+    stats: StatsFn,
+}
+
+impl Arm {
+    fn name(&self, primaries: usize) -> String {
+        let place = match self.place {
+            Place::Single => "1 server".to_owned(),
+            Place::Cluster => format!("{primaries} primaries"),
+        };
+        if self.near {
+            format!("{place} + near")
+        } else {
+            place
+        }
+    }
+}
+
+/// The one place the bench builds a cache: the way the README says (a
+/// `HealingConnection`, as `from_client` / `from_cluster_client` make,
+/// wake-ups), in `namespace`, with
+/// a 64 MiB near cache when `near`. Serves it and, with a near cache, waits
+/// until its subscription holds.
+async fn app(
+    place: Place,
+    near: bool,
+    single_url: &str,
+    cluster_urls: &[String],
+    namespace: &str,
+) -> Result<Arm, Error> {
+    let (addr, stats) = match place {
+        Place::Single => {
+            let client = redis::Client::open(single_url)?;
+            let builder = FenceCache::builder(HealingConnection::connect(client.clone()).await?)
+                .namespace(namespace)
+                .wake_ups(client);
+            let builder = if near {
+                builder.near_cache(NEAR_BYTES)
+            } else {
+                builder
+            };
+            serve(builder.build()?, near).await?
+        }
+        Place::Cluster => {
+            let client = redis::cluster::ClusterClient::new(cluster_urls.to_vec())?;
+            let builder = FenceCache::builder(HealingConnection::connect_cluster(client).await?)
+                .namespace(namespace)
+                .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(
+                    cluster_urls.to_vec(),
+                ));
+            let builder = if near {
+                builder.near_cache(NEAR_BYTES)
+            } else {
+                builder
+            };
+            serve(builder.build()?, near).await?
+        }
+    };
+    Ok(Arm {
+        place,
+        near,
+        addr,
+        stats,
+    })
+}
+
+type StatsFn = Box<dyn Fn() -> cachefence::Stats + Send + Sync>;
+
+/// Serves `/k/{id}` (4 KiB, instant origin, TTL 10 min) through `cache`.
+async fn serve<C>(cache: FenceCache<C>, near: bool) -> Result<(SocketAddr, StatsFn), Error>
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
     let origin = Origin::new(Duration::ZERO);
-    let fence = FenceCache::new(conn)
-        .layer()
-        .namespace(namespace)
-        .ttl(Duration::from_secs(600));
+    let fence = cache.layer().ttl(Duration::from_secs(600));
     let routes = Router::new()
         .route("/k/{id}", get(small))
         .with_state(origin)
@@ -158,7 +298,16 @@ where
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, routes).await });
-    Ok(addr)
+    if near {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cache.near_is_up_for_tests() {
+            if Instant::now() > deadline {
+                return Err("the near cache's subscription did not come up".into());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok((addr, Box::new(move || cache.stats())))
 }
 
 /// GETs `paths`, 32 at a time; counts the failures.
@@ -194,28 +343,55 @@ async fn fetch_all(addr: SocketAddr, paths: Vec<String>) -> usize {
     failed
 }
 
-/// One measured window of hits: (hits per second, Redis CPU µs per hit
-/// summed over `nodes`, errors).
-async fn window(addr: SocketAddr, nodes: &[&Node], opts: &Opts) -> (f64, f64, u64) {
+/// One measured window of one arm.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    rps: f64,
+    p99_ms: f64,
+    /// Redis CPU µs per hit, summed over the arm's nodes.
+    cpu_us: f64,
+    /// Redis commands per hit, summed over the arm's nodes.
+    cmds: f64,
+    /// The share of the hits served by the near cache.
+    near_share: f64,
+    /// Commands per read from a client socket, over the arm's nodes.
+    batch: f64,
+}
+
+/// One measured window of hits over `keys` keys on `arm`, whose Redis is
+/// `nodes`; and the failed requests.
+async fn window(arm: &Arm, nodes: &[&Node], keys: usize, opts: &Opts) -> (Sample, u64) {
     let measuring = Arc::new(AtomicBool::new(false));
     let end = Instant::now() + opts.warmup + Duration::from_secs_f64(opts.secs);
     let run = tokio::spawn(load(
-        addr,
+        arm.addr,
         opts.conc,
-        Pattern::Uniform(KEYS),
+        Pattern::Uniform(keys),
         measuring.clone(),
         end,
         rand_seed(),
     ));
     tokio::time::sleep(opts.warmup).await;
-    let cpu_a: f64 = nodes.iter().map(|n| n.cpu_s()).sum();
+    let a = counters(nodes);
+    let near_a = (arm.stats)().near_hits;
     let started = Instant::now();
     measuring.store(true, std::sync::atomic::Ordering::Relaxed);
-    let rec = run.await.unwrap_or_default();
+    let mut rec = run.await.unwrap_or_default();
     let secs = started.elapsed().as_secs_f64().max(1e-3);
-    let cpu_b: f64 = nodes.iter().map(|n| n.cpu_s()).sum();
+    let near_b = (arm.stats)().near_hits;
+    let b = counters(nodes);
+    rec.latencies_us.sort_unstable();
     let hits = rec.latencies_us.len().max(1) as f64;
-    (hits / secs, (cpu_b - cpu_a) * 1e6 / hits, rec.errors)
+    let sample = Sample {
+        rps: rec.latencies_us.len() as f64 / secs,
+        p99_ms: super::percentile(&rec.latencies_us, 0.99),
+        cpu_us: (b.cpu_s - a.cpu_s) * 1e6 / hits,
+        cmds: b.commands.saturating_sub(a.commands) as f64 / hits,
+        near_share: near_b.saturating_sub(near_a) as f64 / hits,
+        batch: b.commands.saturating_sub(a.commands) as f64
+            / b.reads.saturating_sub(a.reads).max(1) as f64,
+    };
+    (sample, rec.errors)
 }
 
 fn rand_seed() -> u64 {
@@ -230,7 +406,35 @@ fn used_memory(nodes: &[&Node]) -> f64 {
     nodes.iter().map(|n| n.info("memory", "used_memory")).sum()
 }
 
+fn median(samples: &[Sample], f: fn(&Sample) -> f64) -> f64 {
+    let mut v: Vec<f64> = samples.iter().map(f).collect();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let n = v.round() as u64;
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 pub(super) fn run(primaries: usize, opts: &Opts) -> Result<(), Error> {
+    let (keys, memory_entries) = if opts.smoke {
+        (100, 300)
+    } else {
+        (KEYS, MEMORY_ENTRIES)
+    };
     let app_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("app")
@@ -241,102 +445,153 @@ pub(super) fn run(primaries: usize, opts: &Opts) -> Result<(), Error> {
         .thread_name("load")
         .enable_all()
         .build()?;
+    let started = Instant::now();
     let single = Node::start(false)?;
     let cluster = start_cluster(primaries)?;
     let load_before = loadavg();
     eprintln!(
-        "scale: 1 Redis vs a {primaries}-primary cluster on this machine; {} connections, {} x {:.1} s each; load average {load_before}",
+        "scale: 1 Redis vs a {primaries}-primary cluster on this machine, each without and with a near cache; {} connections, {} x {:.1} s per arm; load average {load_before}",
         opts.conc, opts.reps, opts.secs
     );
     let single_url = single.url();
     let cluster_urls: Vec<String> = cluster.iter().map(Node::url).collect();
-    let (single_addr, cluster_addr, mem_single_addr, mem_cluster_addr) =
-        app_rt.block_on(async {
-            let one = redis::Client::open(single_url.as_str())?;
-            let many = redis::cluster::ClusterClient::new(cluster_urls.clone())?;
-            Ok::<_, Error>((
-                app(one.get_connection_manager().await?, "scale:").await?,
-                app(many.get_async_connection().await?, "scale:").await?,
-                app(one.get_connection_manager().await?, "mem:").await?,
-                app(many.get_async_connection().await?, "mem:").await?,
-            ))
-        })?;
+    let arms: Vec<Arm> = app_rt.block_on(async {
+        let mut arms = Vec::new();
+        for (place, near, ns) in [
+            (Place::Single, false, "scale:"),
+            (Place::Single, true, "scale-near:"),
+            (Place::Cluster, false, "scale:"),
+            (Place::Cluster, true, "scale-near:"),
+        ] {
+            arms.push(app(place, near, &single_url, &cluster_urls, ns).await?);
+        }
+        Ok::<_, Error>(arms)
+    })?;
     let single_nodes = [&single];
     let cluster_nodes: Vec<&Node> = cluster.iter().collect();
+    let nodes_of = |arm: &Arm| -> &[&Node] {
+        match arm.place {
+            Place::Single => &single_nodes,
+            Place::Cluster => &cluster_nodes,
+        }
+    };
 
-    // Every key stored before the windows.
-    let keys: Vec<String> = (0..KEYS).map(|i| format!("/k/h{i}")).collect();
-    for addr in [single_addr, cluster_addr] {
-        let failed = load_rt.block_on(fetch_all(addr, keys.clone()));
-        if failed > 0 {
-            return Err(format!("{failed} warm-up requests failed").into());
+    // Every key stored before the windows; a second pass takes them into
+    // the near caches (a store marks an entry, the next read takes it in).
+    let paths: Vec<String> = (0..keys).map(|i| format!("/k/h{i}")).collect();
+    for arm in &arms {
+        for _ in 0..2 {
+            let failed = load_rt.block_on(fetch_all(arm.addr, paths.clone()));
+            if failed > 0 {
+                return Err(format!("{failed} warm-up requests failed").into());
+            }
         }
     }
-    let mut results: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
+    // What the nodes burn with no request: Redis's own cron (and on a
+    // cluster the cluster bus), part of every window's CPU.
+    let idle = Duration::from_secs_f64(opts.secs);
+    let idle_cpu = |nodes: &[&Node]| {
+        let a = counters(nodes).cpu_s;
+        std::thread::sleep(idle);
+        (counters(nodes).cpu_s - a) * 1e3 / idle.as_secs_f64()
+    };
+    let (idle_single, idle_cluster) = (idle_cpu(&single_nodes), idle_cpu(&cluster_nodes));
+    let mut results: Vec<Vec<Sample>> = vec![Vec::new(); arms.len()];
     let mut errors = 0;
     for rep in 0..opts.reps {
-        let order = if rep % 2 == 0 { [0, 1] } else { [1, 0] };
-        for i in order {
-            let (addr, nodes): (SocketAddr, &[&Node]) = if i == 0 {
-                (single_addr, &single_nodes)
-            } else {
-                (cluster_addr, &cluster_nodes)
-            };
-            let (rps, cpu_us, errs) = load_rt.block_on(window(addr, nodes, opts));
+        for k in 0..arms.len() {
+            let i = (k + rep) % arms.len();
+            let arm = &arms[i];
+            let (sample, errs) = load_rt.block_on(window(arm, nodes_of(arm), keys, opts));
             errors += errs;
-            results[i].push((rps, cpu_us));
+            results[i].push(sample);
         }
     }
-    let med = |v: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
-        let mut x: Vec<f64> = v.iter().map(f).collect();
-        x.sort_by(f64::total_cmp);
-        x[x.len() / 2]
-    };
-    let (rps1, cpu1) = (med(&results[0], |r| r.0), med(&results[0], |r| r.1));
-    let (rpsn, cpun) = (med(&results[1], |r| r.0), med(&results[1], |r| r.1));
 
-    // Memory per entry: 10,000 new entries with a 4 KiB body.
-    let mem_paths: Vec<String> = (0..MEMORY_ENTRIES).map(|i| format!("/k/m{i}")).collect();
+    // Memory per entry: new entries with a 4 KiB body, stored and read
+    // once more (with a near cache, the read that takes it in).
+    let mem_paths: Vec<String> = (0..memory_entries).map(|i| format!("/k/m{i}")).collect();
     let mut per_entry = Vec::new();
-    for (addr, nodes) in [
-        (mem_single_addr, &single_nodes[..]),
-        (mem_cluster_addr, &cluster_nodes[..]),
-    ] {
+    for arm in &arms {
+        let nodes = nodes_of(arm);
         let before = used_memory(nodes);
-        let failed = load_rt.block_on(fetch_all(addr, mem_paths.clone()));
-        let after = used_memory(nodes);
-        if failed > 0 {
-            return Err(format!("{failed} memory-run requests failed").into());
+        for _ in 0..2 {
+            let failed = load_rt.block_on(fetch_all(arm.addr, mem_paths.clone()));
+            if failed > 0 {
+                return Err(format!("{failed} memory-run requests failed").into());
+            }
         }
-        per_entry.push((after - before) / MEMORY_ENTRIES as f64);
+        let after = used_memory(nodes);
+        per_entry.push((after - before) / memory_entries as f64);
     }
     let load_after = loadavg();
     println!(
-        "\ncargo bench --bench load --features cluster-async -- --cluster {primaries}: \
-         {} connections, medians of {} alternated runs of {:.1} s, hits over {KEYS} keys (4 KiB); \
+        "\ncargo bench --bench load --features cluster-async -- --cluster {primaries}{}: \
+         {} connections, medians of {} alternated runs of {:.1} s, hits over {keys} keys (4 KiB); \
          {}; load average {load_before} -> {load_after}\n",
+        if opts.smoke { " --smoke" } else { "" },
         opts.conc,
         opts.reps,
         opts.secs,
         machine()
     );
     println!(
-        "| Redis | hits/s | Redis CPU µs/hit (all nodes) | Redis memory per entry (4 KiB body) |"
+        "| Redis | hits/s | p99 ms | Redis CPU µs/hit (all nodes) | Redis commands/hit (all nodes) | commands per socket read | near-cache hits | Redis memory/entry (4 KiB body) |"
     );
-    println!("|---|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    let med: Vec<Sample> = results
+        .iter()
+        .map(|s| Sample {
+            rps: median(s, |x| x.rps),
+            p99_ms: median(s, |x| x.p99_ms),
+            cpu_us: median(s, |x| x.cpu_us),
+            cmds: median(s, |x| x.cmds),
+            near_share: median(s, |x| x.near_share),
+            batch: median(s, |x| x.batch),
+        })
+        .collect();
+    for ((arm, m), mem) in arms.iter().zip(&med).zip(&per_entry) {
+        println!(
+            "| {} | {} | {:.2} | {:.1} | {:.2} | {} | {:.0} % | {} B |",
+            arm.name(primaries),
+            thousands(m.rps),
+            m.p99_ms,
+            m.cpu_us,
+            m.cmds,
+            if m.cmds >= 0.01 {
+                format!("{:.1}", m.batch)
+            } else {
+                "-".to_owned()
+            },
+            m.near_share * 100.0,
+            thousands(*mem),
+        );
+    }
+    println!("\nevery run (hits/s, Redis CPU µs/hit, commands/hit):");
+    for (arm, samples) in arms.iter().zip(&results) {
+        let runs: Vec<String> = samples
+            .iter()
+            .map(|s| format!("{:.0} {:.1} {:.2}", s.rps, s.cpu_us, s.cmds))
+            .collect();
+        println!("  {}: {}", arm.name(primaries), runs.join(" | "));
+    }
     println!(
-        "| 1 server | {rps1:.0} | {cpu1:.1} | {:.0} B |",
-        per_entry[0]
+        "\nRedis CPU with no request (near caches' heartbeats only): 1 server {idle_single:.1} ms/s, \
+         {primaries} primaries {idle_cluster:.1} ms/s (all nodes)"
     );
+    let ratio = |a: f64, b: f64| a / b.max(1e-9);
     println!(
-        "| {primaries}-primary cluster | {rpsn:.0} | {cpun:.1} | {:.0} B |",
-        per_entry[1]
+        "\n{primaries} primaries / 1 server: throughput {:.2}x, Redis CPU per hit {:.2}x; \
+         with near caches: throughput {:.2}x; near / no near: {:.2}x on 1 server, {:.2}x on the cluster; \
+         {errors} errors; {:.0} s in all",
+        ratio(med[2].rps, med[0].rps),
+        ratio(med[2].cpu_us, med[0].cpu_us),
+        ratio(med[3].rps, med[1].rps),
+        ratio(med[1].rps, med[0].rps),
+        ratio(med[3].rps, med[2].rps),
+        started.elapsed().as_secs_f64(),
     );
-    println!(
-        "\nratio {primaries} primaries / 1 server: throughput {:.2}x, Redis CPU per hit {:.2}x; {errors} errors",
-        rpsn / rps1.max(1e-9),
-        cpun / cpu1.max(1e-9)
-    );
+    drop(arms);
     drop(app_rt);
     drop(load_rt);
     if errors > 0 {
