@@ -239,7 +239,7 @@ where
     /// `<namespace>|#invalidate`). `build` rejects a second wake-up source
     /// (of any of the `*wake_ups` setters) and this one on a Redis Cluster,
     /// where wake-ups are sharded: use
-    /// [`cluster_wake_ups`](Self::cluster_wake_ups) there.
+    /// `cluster_wake_ups` there (feature `cluster-async`).
     ///
     /// ```no_run
     /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
@@ -331,7 +331,7 @@ where
     /// slot, wake-ups are sharded, and invalidation walks reach every
     /// primary (through the wrapped connection if it is a
     /// `ClusterConnection`, else through
-    /// [`cluster_wake_ups`](Self::cluster_wake_ups)'s connection; without
+    /// `cluster_wake_ups`'s connection; without
     /// either a walk returns an error rather than cover one node). `build`
     /// rejects `cluster(false)` on a connection that is a cluster's.
     ///
@@ -362,7 +362,7 @@ where
     /// near cache, as it never does from Redis.
     ///
     /// - It needs the subscription of [`wake_ups`](Self::wake_ups) (on a
-    ///   Redis Cluster [`cluster_wake_ups`](Self::cluster_wake_ups), as
+    ///   Redis Cluster `cluster_wake_ups`, as
     ///   invalidations are announced on the namespace's sharded channel):
     ///   `build` rejects a near cache without one. While the subscription
     ///   is down (Redis restarted, the connection killed), the near cache

@@ -20,13 +20,20 @@
 //! # Ok(()) }
 //! ```
 //!
-//! With several routes, make one [`FenceCache`] (it owns the connection and
-//! the cache-wide settings) and a layer per route from it:
+//! With several routes, or any cache-wide setting, make one [`FenceCache`]
+//! (it owns the connection and the cache-wide settings, given once to
+//! [`FenceCache::builder`]) and a layer per route from it:
 //! `cache.layer().name("products").ttl(..)`. [`FenceHandle::purge_service`]
 //! answers purge calls over HTTP. Feature `metrics` exports counters,
 //! histograms and gauges through the `metrics` facade; feature `axum` makes
 //! [`CacheTtl`] and [`CacheTags`] response parts. ARCHITECTURE.md in the
 //! repository describes the internals.
+//!
+//! The root holds what every app names; the rest is grouped by concern:
+//! [`queue`] (the durable invalidation queue and its workers), [`purge`]
+//! (invalidation over HTTP), [`key`] (cache keys and custom key functions),
+//! `sentinel` (feature `sentinel`: a connection that follows failovers).
+//! [`redis`] is the `redis` crate the API takes.
 //!
 //! # The request path
 //!
