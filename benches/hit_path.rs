@@ -6,7 +6,8 @@
 
 use std::hint::black_box;
 
-use cachefence::{DefaultKey, MakeKey, internals};
+use cachefence::internals;
+use cachefence::key::{DefaultKey, MakeKey};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 
 fn benches(c: &mut Criterion) {

@@ -21,7 +21,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use cachefence::{FenceLayer, InvalidationQueue};
+use cachefence::FenceLayer;
+use cachefence::queue::InvalidationQueue;
 use redis::aio::ConnectionManager;
 
 const USAGE: &str = "usage: queue_admin [--namespace NS] [--group G] [--sla SECS] \

@@ -244,7 +244,7 @@ where
     /// `<namespace>|#invalidate`). `build` rejects a second wake-up source
     /// (of any of the `*wake_ups` setters) and this one on a Redis Cluster,
     /// where wake-ups are sharded: use
-    /// [`cluster_wake_ups`](Self::cluster_wake_ups) there.
+    /// `cluster_wake_ups` there (feature `cluster-async`).
     ///
     /// ```no_run
     /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
@@ -268,7 +268,7 @@ where
     ///
     /// ```no_run
     /// use cachefence::FenceCache;
-    /// use cachefence::SentinelConnection;
+    /// use cachefence::sentinel::SentinelConnection;
     /// use redis::sentinel::{SentinelClient, SentinelServerType};
     ///
     /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
@@ -278,6 +278,7 @@ where
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "sentinel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
     pub fn sentinel_wake_ups(self, conn: &crate::sentinel::SentinelConnection) -> Self {
         self.wake_source(Source::Sentinel(conn.clone()), "sentinel_wake_ups")
     }
@@ -314,6 +315,7 @@ where
     /// # Ok(()) }
     /// ```
     #[cfg(feature = "cluster-async")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "cluster-async")))]
     pub fn cluster_wake_ups(mut self, builder: redis::cluster::ClusterClientBuilder) -> Self {
         match Source::cluster(builder) {
             Ok(source) => self.wake_source(source, "cluster_wake_ups"),
@@ -334,7 +336,7 @@ where
     /// slot, wake-ups are sharded, and invalidation walks reach every
     /// primary (through the wrapped connection if it is a
     /// `ClusterConnection`, else through
-    /// [`cluster_wake_ups`](Self::cluster_wake_ups)'s connection; without
+    /// `cluster_wake_ups`'s connection; without
     /// either a walk returns an error rather than cover one node). `build`
     /// rejects `cluster(false)` on a connection that is a cluster's.
     ///
@@ -365,7 +367,7 @@ where
     /// near cache, as it never does from Redis.
     ///
     /// - It needs the subscription of [`wake_ups`](Self::wake_ups) (on a
-    ///   Redis Cluster [`cluster_wake_ups`](Self::cluster_wake_ups), as
+    ///   Redis Cluster `cluster_wake_ups`, as
     ///   invalidations are announced on the namespace's sharded channel):
     ///   `build` rejects a near cache without one. While the subscription
     ///   is down (Redis restarted, the connection killed), the near cache

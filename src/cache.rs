@@ -105,6 +105,7 @@ impl FenceCache<crate::HealingConnection> {
 }
 
 #[cfg(feature = "cluster-async")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cluster-async")))]
 impl FenceCache<crate::HealingConnection<redis::cluster_async::ClusterConnection>> {
     /// A cache in the Redis Cluster `client` names (feature
     /// `cluster-async`), on a cluster connection the cache owns and heals
@@ -195,6 +196,7 @@ where
 
     /// Whether this cache's near cache holds an entry of the URL `path`
     /// (any host or variant of it) in `namespace`. For tests only.
+    #[cfg(feature = "__internals")]
     #[doc(hidden)]
     pub fn near_holds_for_tests(&self, namespace: &str, path: &str) -> bool {
         let Some(key) = self.defaults.key.path_key(path) else {
@@ -206,6 +208,7 @@ where
 
     /// Whether this cache's near cache is in use (its subscription holds).
     /// For tests only.
+    #[cfg(feature = "__internals")]
     #[doc(hidden)]
     pub fn near_is_up_for_tests(&self) -> bool {
         self.shared.near().is_some_and(crate::near::Near::is_up)

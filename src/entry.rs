@@ -129,6 +129,7 @@ const RETRY: usize = 7;
 
 /// What `HMGET <key> LOOKUP_FIELDS...` answers for a hash holding these
 /// field/value pairs (for the benches' samples and the tests).
+#[cfg(any(test, feature = "__internals"))]
 pub(crate) fn lookup_values(fields: &[(Vec<u8>, Vec<u8>)]) -> Vec<Option<Bytes>> {
     LOOKUP_FIELDS
         .iter()

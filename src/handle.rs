@@ -431,7 +431,7 @@ where
     }
 
     /// Removes every stored variant of a URL (path with an optional query,
-    /// normalised as [`DefaultKey`](crate::DefaultKey) does), for every
+    /// normalised as [`DefaultKey`](crate::key::DefaultKey) does), for every
     /// host and every other key dimension (keyed headers, forwarding
     /// headers): all `Vary` variants, for GET and HEAD, in batches. Returns
     /// how many entries were removed. Sets the URL's fence: fills of it that
@@ -439,7 +439,7 @@ where
     /// can't store.
     ///
     /// The URL's key comes from the layer's key function
-    /// ([`MakeKey::path_key`](crate::MakeKey::path_key)). A key function
+    /// ([`MakeKey::path_key`](crate::key::MakeKey::path_key)). A key function
     /// that can't derive it (any closure) makes this fail with an
     /// invalid-input error rather than remove nothing: use
     /// [`invalidate_request`](Self::invalidate_request),
@@ -1084,6 +1084,7 @@ where
 
     /// Shifts this layer's clock (freshness, XFetch, pass markers) by `ms`,
     /// to play a host whose clock is off. For tests only.
+    #[cfg(feature = "__internals")]
     #[doc(hidden)]
     pub fn skew_clock_for_tests(&self, ms: i64) {
         self.shared.store.set_clock_skew(ms);

@@ -159,6 +159,7 @@ impl HealingConnection<MultiplexedConnection> {
 }
 
 #[cfg(feature = "cluster-async")]
+#[cfg_attr(docsrs, doc(cfg(feature = "cluster-async")))]
 impl HealingConnection<redis::cluster_async::ClusterConnection> {
     /// Connects to the Redis Cluster `client` names (feature
     /// `cluster-async`), and makes a new cluster connection from it when

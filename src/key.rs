@@ -13,7 +13,7 @@
 //! where the namespace is escaped like the key (so the first raw `|` ends
 //! it), the readable URL is the URL with every byte outside a safe set
 //! percent-encoded (so no glob character, brace or control byte ever reaches
-//! Redis) and cut to [`READABLE_MAX`] bytes, and the digest is the first 128
+//! Redis) and cut to 160 bytes, and the digest is the first 128
 //! bits of SHA-256 over the namespace and the URL. A key without dimensions
 //! is stored right there; a key with dimensions is stored at
 //! `<url key>:v:<digest of the whole key>`, beside the URL's `Vary` variants,
@@ -44,7 +44,7 @@ pub(crate) const READABLE_MAX: usize = 160;
 /// # Example
 ///
 /// ```
-/// use cachefence::MakeKey;
+/// use cachefence::key::MakeKey;
 ///
 /// // Cache per path only, ignoring the query; never cache `/admin`.
 /// let key = |parts: &http::request::Parts| {
@@ -111,7 +111,7 @@ where
 /// # Example
 ///
 /// ```
-/// use cachefence::{DefaultKey, MakeKey};
+/// use cachefence::key::{DefaultKey, MakeKey};
 ///
 /// let req = http::Request::get("/p?b=2&a=1")
 ///     .header("host", "Shop.Example:443")
@@ -175,7 +175,7 @@ impl DefaultKey {
     /// [`only_query_params`](Self::only_query_params).
     ///
     /// ```
-    /// use cachefence::{DefaultKey, MakeKey};
+    /// use cachefence::key::{DefaultKey, MakeKey};
     ///
     /// let key = DefaultKey::new().ignore_query_params(["utm_*", "fbclid"]);
     /// let req = http::Request::get("/p?utm_source=mail&id=1&fbclid=x").body(()).unwrap();
@@ -201,7 +201,7 @@ impl DefaultKey {
     /// `ignore_query_params`.
     ///
     /// ```
-    /// use cachefence::{DefaultKey, MakeKey};
+    /// use cachefence::key::{DefaultKey, MakeKey};
     ///
     /// let key = DefaultKey::new().only_query_params(["page", "sort"]);
     /// let req = http::Request::get("/list?sort=asc&session=42&page=2").body(()).unwrap();

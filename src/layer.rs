@@ -149,7 +149,7 @@ where
         self
     }
 
-    /// Replaces the key function (default [`DefaultKey`](crate::DefaultKey): path, sorted
+    /// Replaces the key function (default [`DefaultKey`](crate::key::DefaultKey): path, sorted
     /// query and host). [`FenceHandle::invalidate_path`] needs the key
     /// function's [`MakeKey::path_key`]: with a closure it fails with an
     /// error; [`FenceHandle::invalidate_request`] and
@@ -164,7 +164,7 @@ where
     }
 
     /// Caches only requests for these hosts (compared after normalising as
-    /// [`DefaultKey`](crate::DefaultKey) does: lowercase, no trailing dot, no default port);
+    /// [`DefaultKey`](crate::key::DefaultKey) does: lowercase, no trailing dot, no default port);
     /// requests for any other host, or naming none, pass through uncached.
     /// Default: any host. With it, a client sending arbitrary `Host`
     /// values can't fill Redis with entries.

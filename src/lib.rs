@@ -20,8 +20,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! With several routes, make one [`FenceCache`] (it owns the connection and
-//! the cache-wide settings) and a layer per route from it:
+//! With several routes, or any cache-wide setting, make one [`FenceCache`]
+//! (it owns the connection and the cache-wide settings, given once to
+//! [`FenceCache::builder`]) and a layer per route from it:
 //! `cache.layer().name("products").ttl(..)`. [`FenceHandle::purge_service`]
 //! answers purge calls over HTTP. Feature `metrics` exports counters,
 //! histograms and gauges through the `metrics` facade; feature `axum` makes
@@ -29,6 +30,12 @@
 //! per concern (HTTP semantics, invalidation, the near cache, the queue,
 //! Cluster and Sentinel, security, deadlines, metrics, production);
 //! ARCHITECTURE.md in the repository describes the internals.
+//!
+//! The root holds what every app names; the rest is grouped by concern:
+//! [`queue`] (the durable invalidation queue and its workers), [`purge`]
+//! (invalidation over HTTP), [`key`] (cache keys and custom key functions),
+//! `sentinel` (feature `sentinel`: a connection that follows failovers).
+//! [`redis`] is the `redis` crate the API takes.
 //!
 //! # The request path
 //!
@@ -111,6 +118,8 @@
 //! service panics during a fill, the request that started it is answered
 //! `500` and the requests that waited on it look the key up again.
 
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
 mod backoff;
 mod body;
 mod bounds;
@@ -128,10 +137,11 @@ mod freshness;
 pub mod guide;
 mod handle;
 mod healing;
+#[cfg(feature = "__internals")]
 #[doc(hidden)]
 pub mod internals;
 mod keep;
-mod key;
+pub mod key;
 mod layer;
 mod lease;
 mod metrics;
@@ -140,13 +150,14 @@ mod normalize;
 #[cfg(feature = "axum")]
 mod parts;
 mod policy;
-mod purge;
-mod queue;
+pub mod purge;
+pub mod queue;
 mod response;
 mod revalidate;
 mod scripts;
 #[cfg(feature = "sentinel")]
-mod sentinel;
+#[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
+pub mod sentinel;
 mod service;
 mod shared;
 mod stats;
@@ -164,18 +175,25 @@ pub use config::OnWaitTimeout;
 pub use error::FenceError;
 pub use handle::{FenceHandle, Invalidation};
 pub use healing::HealingConnection;
-pub use key::{DefaultKey, MakeKey};
 pub use layer::FenceLayer;
 pub use policy::{CacheTags, CacheTtl};
-pub use purge::PurgeService;
-pub use queue::{
-    ConsumerStats, DeadLetter, InvalidationQueue, InvalidationWorker, QueueStats, WorkerHandle,
-    WorkerStats,
-};
-#[cfg(feature = "sentinel")]
-pub use sentinel::SentinelConnection;
 pub use service::{Fence, ResponseFuture};
 pub use stats::{BreakerState, Stats};
+
+/// The `redis` crate this crate's API takes (its connections, `Client`,
+/// `ClusterClientBuilder`, errors): name its types through this re-export,
+/// or depend on the same `redis` version (the one in this crate's
+/// `Cargo.toml`), so that your connection is the type the cache expects.
+///
+/// ```no_run
+/// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
+/// use cachefence::redis;
+///
+/// let client = redis::Client::open("redis://127.0.0.1/")?;
+/// let cache = cachefence::FenceCache::new(client.get_connection_manager().await?);
+/// # Ok(()) }
+/// ```
+pub use redis;
 
 // The README's examples are compiled as doctests.
 #[cfg(doctest)]

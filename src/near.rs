@@ -283,6 +283,7 @@ impl Near {
     }
 
     /// Whether an entry of the URL of `key` is held (tests).
+    #[cfg(any(test, feature = "__internals"))]
     pub(crate) fn holds_url(&self, key: &str) -> bool {
         self.lock().urls.contains_key(url_of(key))
     }

@@ -22,6 +22,7 @@ use axum_core::response::{IntoResponseParts, ResponseParts};
 
 use crate::policy::{CacheTags, CacheTtl};
 
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl IntoResponseParts for CacheTtl {
     type Error = Infallible;
 
@@ -31,6 +32,7 @@ impl IntoResponseParts for CacheTtl {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 impl IntoResponseParts for CacheTags {
     type Error = Infallible;
 

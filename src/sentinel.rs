@@ -37,7 +37,7 @@ const UNANSWERED_BEFORE_RECONNECT: u32 = 3;
 /// follows failovers: use it as the cache's connection
 /// ([`FenceCache::builder`](crate::FenceCache::builder)), and give it to
 /// [`FenceCacheBuilder::sentinel_wake_ups`](crate::FenceCacheBuilder::sentinel_wake_ups)
-/// and [`InvalidationQueue::sentinel_worker`](crate::InvalidationQueue::sentinel_worker)
+/// and [`InvalidationQueue::sentinel_worker`](crate::queue::InvalidationQueue::sentinel_worker)
 /// so that wake-ups and the queue worker follow the master too
 /// (feature `sentinel`).
 ///
@@ -55,7 +55,8 @@ const UNANSWERED_BEFORE_RECONNECT: u32 = 3;
 /// # Example
 ///
 /// ```no_run
-/// use cachefence::{FenceCache, SentinelConnection};
+/// use cachefence::FenceCache;
+/// use cachefence::sentinel::SentinelConnection;
 /// use redis::sentinel::{SentinelClient, SentinelServerType};
 ///
 /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
@@ -113,7 +114,7 @@ impl SentinelConnection {
     /// # async fn doc() -> redis::RedisResult<()> {
     /// use redis::sentinel::{SentinelClient, SentinelServerType};
     /// let client = SentinelClient::build(vec!["redis://127.0.0.1:26379/"], "mymaster".to_owned(), None, SentinelServerType::Master)?;
-    /// let conn = cachefence::SentinelConnection::connect(client).await?;
+    /// let conn = cachefence::sentinel::SentinelConnection::connect(client).await?;
     /// # Ok(()) }
     /// ```
     pub async fn connect(sentinel: SentinelClient) -> redis::RedisResult<Self> {
@@ -128,7 +129,7 @@ impl SentinelConnection {
     /// use std::time::Duration;
     /// let config = redis::AsyncConnectionConfig::new()
     ///     .set_connection_timeout(Some(Duration::from_millis(500)));
-    /// let conn = cachefence::SentinelConnection::connect_with_config(client, config).await?;
+    /// let conn = cachefence::sentinel::SentinelConnection::connect_with_config(client, config).await?;
     /// # Ok(()) }
     /// ```
     pub async fn connect_with_config(
@@ -160,7 +161,7 @@ impl SentinelConnection {
     /// `SentinelClient` gives its nodes: user, password, TLS, database).
     ///
     /// ```no_run
-    /// # fn doc(conn: cachefence::SentinelConnection) {
+    /// # fn doc(conn: cachefence::sentinel::SentinelConnection) {
     /// println!("master: {}", conn.master_client().get_connection_info().addr());
     /// # }
     /// ```
@@ -172,7 +173,7 @@ impl SentinelConnection {
     /// failover, or to the same address after its connection broke.
     ///
     /// ```no_run
-    /// # fn doc(conn: cachefence::SentinelConnection) {
+    /// # fn doc(conn: cachefence::sentinel::SentinelConnection) {
     /// assert_eq!(conn.moves(), 0);
     /// # }
     /// ```

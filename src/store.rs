@@ -564,6 +564,7 @@ where
         now_ms().saturating_add_signed(self.skew_ms.load(Ordering::Relaxed))
     }
 
+    #[cfg(feature = "__internals")]
     pub(crate) fn set_clock_skew(&self, ms: i64) {
         self.skew_ms.store(ms, Ordering::Relaxed);
     }

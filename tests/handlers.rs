@@ -10,7 +10,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use cachefence::{CacheTags, CacheTtl, DefaultKey, FenceCache};
+use cachefence::key::DefaultKey;
+use cachefence::{CacheTags, CacheTtl, FenceCache};
 use support::{Http, RedisServer, serve};
 
 async fn tagged() -> impl IntoResponse {

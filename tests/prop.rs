@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use cachefence::{DefaultKey, FenceLayer, MakeKey};
+use cachefence::FenceLayer;
+use cachefence::key::{DefaultKey, MakeKey};
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Full};
 use proptest::prelude::*;

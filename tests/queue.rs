@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cachefence::{FenceCache, FenceHandle, FenceLayer, Invalidation, InvalidationQueue};
+use cachefence::queue::InvalidationQueue;
+use cachefence::{FenceCache, FenceHandle, FenceLayer, Invalidation};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use support::origin::{Counter, routes};
@@ -737,7 +738,7 @@ async fn statuses(app: &App, paths: &[String], parallel: usize) -> Vec<String> {
         .await
 }
 
-fn pending_of(stats: &cachefence::QueueStats, consumer: &str) -> u64 {
+fn pending_of(stats: &cachefence::queue::QueueStats, consumer: &str) -> u64 {
     stats
         .consumers
         .iter()

@@ -13,7 +13,8 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use cachefence::{BreakerState, FenceCache, FenceHandle, Invalidation, SentinelConnection};
+use cachefence::sentinel::SentinelConnection;
+use cachefence::{BreakerState, FenceCache, FenceHandle, Invalidation};
 use support::Http;
 use support::sentinel::RedisSentinel;
 

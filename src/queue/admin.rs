@@ -23,7 +23,7 @@ const REPLAY_CHUNK: usize = 500;
 /// given up on: their entries may be stale until they expire).
 ///
 /// ```no_run
-/// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+/// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
 /// use std::time::Duration;
 /// let stats = queue.stats().await?;
 /// if stats.oldest_age.is_some_and(|age| age > Duration::from_secs(30)) {
@@ -72,7 +72,7 @@ pub struct QueueStats {
 /// One consumer (worker) of the group, in [`QueueStats::consumers`].
 ///
 /// ```no_run
-/// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+/// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
 /// use std::time::Duration;
 /// for c in queue.stats().await?.consumers {
 ///     if c.pending > 0 && c.idle > Duration::from_secs(10) {
@@ -105,7 +105,7 @@ where
     /// [`group`](Self::group). See [`QueueStats`] for what to alert on.
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// let s = queue.stats().await?;
     /// println!("depth {} oldest {:?} dead {}", s.depth, s.oldest_age, s.dead_letters);
     /// # Ok(()) }
@@ -127,7 +127,7 @@ where
     /// twice, even by two admins at once).
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// // After fixing what made them fail:
     /// let ids = queue.replay_dead_letters(usize::MAX).await?;
     /// println!("{} invalidations queued again", ids.len());
@@ -152,7 +152,7 @@ where
     /// no such dead letter (already replayed or purged).
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// for dead in queue.dead_letters(100).await? {
     ///     if dead.error.contains("timed out") {
     ///         queue.replay_dead_letter(&dead.id).await?;
@@ -194,7 +194,7 @@ where
     /// and returns how many existed.
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// let junk: Vec<String> = queue
     ///     .dead_letters(100)
     ///     .await?
@@ -215,7 +215,7 @@ where
     /// Deletes every dead letter and returns how many there were.
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// let gone = queue.purge_all_dead_letters().await?;
     /// println!("{gone} dead letters deleted");
     /// # Ok(()) }

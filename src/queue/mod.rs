@@ -97,7 +97,7 @@ struct Keys {
 /// task.await?;
 /// # Ok(()) }
 /// ```
-pub struct InvalidationQueue<C> {
+pub struct InvalidationQueue<C = redis::aio::ConnectionManager> {
     conn: C,
     handle: FenceHandle<C>,
     keys: Arc<Keys>,
@@ -139,7 +139,7 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     /// The durable invalidation queue of this handle's namespace: a Redis
-    /// Stream that [`InvalidationWorker`](crate::InvalidationWorker)s apply
+    /// Stream that [`InvalidationWorker`](crate::queue::InvalidationWorker)s apply
     /// with this handle. Its commands (none of them blocks) go over the
     /// layer's connection.
     ///
@@ -187,7 +187,7 @@ where
     /// under the layer's [`redis_timeout`](crate::FenceCacheBuilder::redis_timeout).
     ///
     /// ```no_run
-    /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) {
+    /// # fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) {
     /// let queue = queue.redis_timeout(std::time::Duration::from_secs(2));
     /// # }
     /// ```
@@ -211,7 +211,7 @@ where
     /// was lost): the invalidation is then queued twice, which is harmless.
     ///
     /// ```no_run
-    /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) {
+    /// # fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) {
     /// let queue = queue.retry_budget(std::time::Duration::from_secs(15));
     /// # }
     /// ```
@@ -226,7 +226,7 @@ where
     /// `cachefence`).
     ///
     /// ```no_run
-    /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) {
+    /// # fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) {
     /// let queue = queue.group("invalidators");
     /// # }
     /// ```
@@ -242,7 +242,7 @@ where
     /// invalidation may not have been queued.
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// use cachefence::Invalidation;
     /// let id = queue.enqueue(&Invalidation::tag("product:42")).await?;
     /// println!("queued as {id}");
@@ -276,7 +276,7 @@ where
     /// them may have been appended.
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// use cachefence::Invalidation;
     /// let batch = [Invalidation::path("/a"), Invalidation::path("/b")];
     /// let ids = queue.enqueue_all(&batch).await?;
@@ -313,7 +313,7 @@ where
     /// the stream (done entries are deleted from it).
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// println!("backlog: {}", queue.backlog().await?);
     /// # Ok(()) }
     /// ```
@@ -326,7 +326,7 @@ where
     /// How many dead letters the dead-letter stream holds.
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// if queue.dead_letter_count().await? > 0 {
     ///     eprintln!("some invalidations could not be applied");
     /// }
@@ -341,7 +341,7 @@ where
     /// Up to `limit` dead letters, oldest first.
     ///
     /// ```no_run
-    /// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+    /// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
     /// for dead in queue.dead_letters(10).await? {
     ///     eprintln!("{:?} failed {} times: {}", dead.payload, dead.attempts, dead.error);
     /// }
@@ -364,7 +364,7 @@ where
     /// The key of the stream.
     ///
     /// ```no_run
-    /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) {
+    /// # fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) {
     /// assert!(queue.stream_key().ends_with("#queue:{q}"));
     /// # }
     /// ```
@@ -375,7 +375,7 @@ where
     /// The key of the dead-letter stream.
     ///
     /// ```no_run
-    /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) {
+    /// # fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) {
     /// assert!(queue.dead_letter_key().ends_with("#queue:{q}:dead"));
     /// # }
     /// ```
@@ -390,7 +390,7 @@ where
     /// queue's slot, whichever node `client` names.
     ///
     /// ```no_run
-    /// # fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>, client: redis::Client) {
+    /// # fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>, client: redis::Client) {
     /// let worker = queue.worker(client).max_attempts(8);
     /// tokio::spawn(worker.run());
     /// # }
@@ -406,13 +406,14 @@ where
     /// should be `conn` or a clone of it).
     ///
     /// ```no_run
-    /// # async fn doc(conn: cachefence::SentinelConnection) {
+    /// # async fn doc(conn: cachefence::sentinel::SentinelConnection) {
     /// let cache = cachefence::FenceCache::new(conn.clone());
     /// let queue = cache.handle().queue();
     /// tokio::spawn(queue.sentinel_worker(&conn).run());
     /// # }
     /// ```
     #[cfg(feature = "sentinel")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sentinel")))]
     pub fn sentinel_worker(
         &self,
         conn: &crate::sentinel::SentinelConnection,

@@ -10,7 +10,7 @@ use crate::handle::Invalidation;
 /// stream.
 ///
 /// ```no_run
-/// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
+/// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), cachefence::FenceError> {
 /// use cachefence::Invalidation;
 /// for dead in queue.dead_letters(100).await? {
 ///     let inv = dead.payload.as_deref().and_then(Invalidation::decode);

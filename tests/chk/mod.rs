@@ -16,9 +16,8 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use cachefence::{
-    CacheTtl, FenceCache, FenceCacheBuilder, FenceHandle, Invalidation, InvalidationQueue,
-};
+use cachefence::queue::InvalidationQueue;
+use cachefence::{CacheTtl, FenceCache, FenceCacheBuilder, FenceHandle, Invalidation};
 use http::{StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HyperClient;

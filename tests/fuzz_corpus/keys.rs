@@ -13,7 +13,7 @@
 //! refusal the API allows), its first line is the key without the host, and
 //! header values can't add lines.
 
-use cachefence::{DefaultKey, MakeKey};
+use cachefence::key::{DefaultKey, MakeKey};
 use http::{HeaderName, HeaderValue, Request, Uri};
 
 /// Runs the checks on one input; panics when a property breaks.

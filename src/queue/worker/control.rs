@@ -12,7 +12,7 @@ use super::InvalidationWorker;
 /// Counters of an [`InvalidationWorker`], from [`WorkerHandle::stats`].
 ///
 /// ```no_run
-/// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+/// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
 /// let stats = worker.stats();
 /// println!("applied {}, retried {}, dead {}", stats.applied, stats.retries, stats.dead_lettered);
 /// # }
@@ -98,7 +98,7 @@ pub(super) struct Control {
 /// Cheap to clone.
 ///
 /// ```no_run
-/// # async fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) -> Result<(), tokio::task::JoinError> {
+/// # async fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) -> Result<(), tokio::task::JoinError> {
 /// let control = worker.handle();
 /// let task = tokio::spawn(worker.run());
 /// println!("{:?}", control.stats());
@@ -118,7 +118,7 @@ impl WorkerHandle {
     /// [`run`](InvalidationWorker::run).
     ///
     /// ```no_run
-    /// # fn doc(control: cachefence::WorkerHandle) {
+    /// # fn doc(control: cachefence::queue::WorkerHandle) {
     /// control.shutdown();
     /// # }
     /// ```
@@ -129,7 +129,7 @@ impl WorkerHandle {
     /// A snapshot of the worker's counters.
     ///
     /// ```no_run
-    /// # fn doc(control: cachefence::WorkerHandle) {
+    /// # fn doc(control: cachefence::queue::WorkerHandle) {
     /// let applied = control.stats().applied;
     /// # }
     /// ```
@@ -140,7 +140,7 @@ impl WorkerHandle {
     /// Whether the worker's [`run`](InvalidationWorker::run) is in progress.
     ///
     /// ```no_run
-    /// # fn doc(control: cachefence::WorkerHandle) {
+    /// # fn doc(control: cachefence::queue::WorkerHandle) {
     /// if !control.is_running() { eprintln!("worker stopped"); }
     /// # }
     /// ```

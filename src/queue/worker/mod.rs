@@ -55,7 +55,7 @@ pub use control::{WorkerHandle, WorkerStats};
 /// ```no_run
 /// use std::time::Duration;
 ///
-/// # async fn doc(queue: cachefence::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), Box<dyn std::error::Error>> {
+/// # async fn doc(queue: cachefence::queue::InvalidationQueue<redis::aio::ConnectionManager>) -> Result<(), Box<dyn std::error::Error>> {
 /// let worker = queue
 ///     .worker(redis::Client::open("redis://127.0.0.1/")?)
 ///     .group("invalidators")
@@ -72,7 +72,7 @@ pub use control::{WorkerHandle, WorkerStats};
 /// task.await?;
 /// # Ok(()) }
 /// ```
-pub struct InvalidationWorker<C> {
+pub struct InvalidationWorker<C = redis::aio::ConnectionManager> {
     queue: InvalidationQueue<C>,
     client: Client,
     consumer: String,
@@ -155,7 +155,7 @@ where
     /// picks up the messages its previous run left pending.
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let worker = worker.consumer("web-1");
     /// # }
     /// ```
@@ -170,7 +170,7 @@ where
     /// one group share the work.
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let worker = worker.group("invalidators");
     /// # }
     /// ```
@@ -184,7 +184,7 @@ where
     /// not wait for it.
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let worker = worker.block(std::time::Duration::from_secs(2));
     /// # }
     /// ```
@@ -205,7 +205,7 @@ where
     /// worker of a group the same value.
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let worker = worker.claim_idle(std::time::Duration::from_secs(60));
     /// # }
     /// ```
@@ -219,7 +219,7 @@ where
     /// 5, at least 1).
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let worker = worker.max_attempts(10);
     /// # }
     /// ```
@@ -235,7 +235,7 @@ where
     /// about 4 to 8 s after its first failure).
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// use std::time::Duration;
     /// let worker = worker.backoff(Duration::from_millis(100), Duration::from_secs(10));
     /// # }
@@ -250,7 +250,7 @@ where
     /// Messages read at once (default 16, at least 1).
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let worker = worker.batch(64);
     /// # }
     /// ```
@@ -267,7 +267,7 @@ where
     /// shutdown.
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let worker = worker.concurrency(1); // one at a time
     /// # }
     /// ```
@@ -281,7 +281,7 @@ where
     /// first (default 10 000).
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let worker = worker.dead_letter_limit(1000);
     /// # }
     /// ```
@@ -294,7 +294,7 @@ where
     /// This worker's consumer name.
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// println!("worker {}", worker.consumer_name());
     /// # }
     /// ```
@@ -305,7 +305,7 @@ where
     /// A handle to stop the worker and read its counters once it runs.
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let control = worker.handle();
     /// tokio::spawn(worker.run());
     /// control.shutdown();
@@ -320,7 +320,7 @@ where
     /// A snapshot of the counters (also on [`WorkerHandle::stats`]).
     ///
     /// ```no_run
-    /// # fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// assert_eq!(worker.stats().applied, 0);
     /// # }
     /// ```

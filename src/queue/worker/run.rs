@@ -51,7 +51,7 @@ where
     /// backoff.
     ///
     /// ```no_run
-    /// # async fn doc(worker: cachefence::InvalidationWorker<redis::aio::ConnectionManager>) {
+    /// # async fn doc(worker: cachefence::queue::InvalidationWorker<redis::aio::ConnectionManager>) {
     /// let task = tokio::spawn(worker.run());
     /// # }
     /// ```
