@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
-use cachefence::{FenceCache, SentinelConnection};
+use cachefence::FenceCache;
+use cachefence::sentinel::SentinelConnection;
 use redis::sentinel::{SentinelClient, SentinelServerType};
 
 #[tokio::main]

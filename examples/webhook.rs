@@ -27,7 +27,8 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
-use cachefence::{FenceCache, Invalidation, InvalidationQueue};
+use cachefence::queue::InvalidationQueue;
+use cachefence::{FenceCache, Invalidation};
 use redis::aio::ConnectionManager;
 use sha2::{Digest, Sha256};
 
