@@ -78,7 +78,10 @@ async fn prometheus_scrape_after_a_stampede_counts_one_fill() {
             &text,
             r#"cachefence_redis_call_duration_seconds_count{cache="cachefence:",op="read"}"#
         )
-        .is_some_and(|n| n >= 60.0),
+        // One read per hit (10) and by the leader; the 49 joiners read
+        // Redis only if they came before the fill was calling the origin
+        // (after that they join it without a lookup).
+        .is_some_and(|n| (11.0..=60.0).contains(&n)),
         "{text}"
     );
     assert_eq!(
