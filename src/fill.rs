@@ -557,7 +557,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     let _registered = lease.as_ref().map(|l| LeaseRegistration::new(&shared, l));
     // Requests may join without a lookup while the origin is called (see
     // `Flight::calling`).
-    flight.calling(true);
+    let calling = shared.flights.calling(&flight);
     let ended = with_lease(
         &shared,
         lease.as_ref(),
@@ -567,7 +567,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         config.lock_timeout,
     )
     .await;
-    flight.calling(false);
+    drop(calling);
     // A failed background refresh backs the next one off, fleet-wide, while
     // the stale entry keeps being served.
     let failed_leave = if mode == Mode::Refresh && stale.is_some() {

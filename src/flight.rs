@@ -1,7 +1,7 @@
 //! In-process single flight: concurrent requests for one key share one fill.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use http::HeaderName;
@@ -109,8 +109,8 @@ impl Flight {
     /// out (its joiners restart). Before the call the fill reads Redis
     /// (ACQUIRE may find an entry), after it its result may be stored
     /// already: a request then reads Redis itself.
-    pub(crate) fn calling(&self, on: bool) {
-        self.calling.store(on, Ordering::Release);
+    fn calling(&self, on: bool) -> bool {
+        self.calling.swap(on, Ordering::AcqRel) != on
     }
 
     /// Hands the outcome to every joiner (once; a detached flight keeps its
@@ -155,10 +155,29 @@ pub(crate) enum Joined {
     Join(watch::Receiver<Option<Outcome>>),
 }
 
+/// A fill calling the origin (see [`Flights::calling`]); dropped when the
+/// call ended, however it ended.
+#[derive(Debug)]
+pub(crate) struct Calling<'a> {
+    flights: &'a Flights,
+    flight: &'a Flight,
+}
+
+impl Drop for Calling<'_> {
+    fn drop(&mut self) {
+        if self.flight.calling(false) && self.flight.cold {
+            self.flights.cold_calling.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
 /// The table of in-flight fills of one process (of one layer and its clones).
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
     map: Mutex<HashMap<String, Arc<Flight>>>,
+    /// How many cold fills are calling the origin: while none is, a
+    /// request (a hit, most of the time) skips the map's lock.
+    cold_calling: AtomicUsize,
     /// Names this cache in the in-flight gauge (feature `metrics`).
     label: crate::metrics::CacheLabel,
 }
@@ -168,7 +187,20 @@ impl Flights {
     pub(crate) fn new(label: crate::metrics::CacheLabel) -> Self {
         Self {
             map: Mutex::default(),
+            cold_calling: AtomicUsize::new(0),
             label,
+        }
+    }
+
+    /// Marks `flight` as calling the origin (`true`) or done with it
+    /// ([`Flight::calling`]); the guard's drop marks it done.
+    pub(crate) fn calling<'a>(&'a self, flight: &'a Flight) -> Calling<'a> {
+        if flight.calling(true) && flight.cold {
+            self.cold_calling.fetch_add(1, Ordering::AcqRel);
+        }
+        Calling {
+            flights: self,
+            flight,
         }
     }
 
@@ -196,6 +228,9 @@ impl Flights {
     /// stored and that is calling the origin ([`Flight::calling`]): the
     /// caller need not read Redis first.
     pub(crate) fn join_cold(&self, key: &str) -> Option<watch::Receiver<Option<Outcome>>> {
+        if self.cold_calling.load(Ordering::Acquire) == 0 {
+            return None;
+        }
         let map = self.lock();
         map.get(key)
             .filter(|f| {
@@ -319,9 +354,10 @@ mod tests {
     fn only_a_fill_of_a_missing_key_is_joined_without_a_lookup() {
         let flights = Flights::default();
         assert!(flights.join_cold("k").is_none());
-        let Joined::Lead(_warm) = flights.join_or_lead("k", false) else {
+        let Joined::Lead(warm) = flights.join_or_lead("k", false) else {
             panic!()
         };
+        let _warm_calls = flights.calling(&warm);
         assert!(
             flights.join_cold("k").is_none(),
             "a fill with a stale entry"
@@ -333,8 +369,11 @@ mod tests {
             flights.join_cold("c").is_none(),
             "not calling the origin yet"
         );
-        cold.calling(true);
+        let calls = flights.calling(&cold);
         let mut rx = flights.join_cold("c").expect("joined");
+        drop(calls);
+        assert!(flights.join_cold("c").is_none(), "the call ended");
+        let _calls = flights.calling(&cold);
         cold.finish(Outcome::Origin);
         assert!(matches!(*rx.borrow_and_update(), Some(Outcome::Origin)));
         assert!(flights.join_cold("c").is_none(), "a finished fill");
