@@ -334,19 +334,34 @@ where
     /// `cluster-async` feature). Turn it on for your own `ConnectionLike`
     /// wrapping a cluster connection: tags are then kept in each entry's
     /// slot, wake-ups are sharded, and invalidation walks reach every
-    /// primary (through the wrapped connection if it is a
-    /// `ClusterConnection`, else through
-    /// `cluster_wake_ups`'s connection; without
-    /// either a walk returns an error rather than cover one node). `build`
-    /// rejects `cluster(false)` on a connection that is a cluster's.
+    /// primary through `cluster_wake_ups`'s connection, which `build`
+    /// requires then (with the `cluster-async` feature; the example of
+    /// `cluster_wake_ups` shows it).
+    ///
+    /// `build` rejects `cluster(false)` on a connection that is a
+    /// cluster's, and `cluster(true)` on a connection it does not recognise
+    /// as one without `cluster_wake_ups` (a walk could then cover one node
+    /// only). What `build` can't tell, because it sends no command and a
+    /// wrapper's type says nothing of what it wraps: a wrapper of a
+    /// cluster connection *without* `cluster(true)` (the cache then keeps
+    /// tag indexes as on one server, in other slots than their entries: a
+    /// script touching both fails (`CROSSSLOT`) and its request passes
+    /// through; and a walk SCANs only the node the connection sends it
+    /// to), and `cluster(true)` over a connection to a
+    /// single server (the cluster listener fails to connect, logs it and
+    /// waiters poll). Say `cluster(true)` exactly when the connection is
+    /// a cluster's.
     ///
     /// # Example
     ///
     /// ```no_run
-    /// # async fn doc(conn: redis::aio::ConnectionManager) -> Result<(), cachefence::FenceError> {
-    /// // A connection the cache can't recognise as a cluster's.
-    /// let cache = cachefence::FenceCache::builder(conn).cluster(true).build()?;
-    /// # Ok(()) }
+    /// # async fn doc(conn: redis::aio::ConnectionManager) {
+    /// // A connection the cache can't recognise as a cluster's, and no
+    /// // cluster_wake_ups to reach every primary: an error naming the fix.
+    /// let err = cachefence::FenceCache::builder(conn).cluster(true).build().unwrap_err();
+    /// assert!(err.is_config());
+    /// assert!(err.to_string().contains("add cluster_wake_ups"));
+    /// # }
     /// ```
     pub fn cluster(mut self, on: bool) -> Self {
         self.cluster = Some(on);
@@ -441,8 +456,11 @@ where
     /// whose message names the setting and the fix: the first value a
     /// setter rejected (each setter says which), a second wake-up source,
     /// a near cache without wake-ups, `cluster(false)` on a Redis Cluster
-    /// connection, `wake_ups` or `sentinel_wake_ups` on a Redis Cluster,
-    /// and `cluster_wake_ups` on a connection that is not a cluster's.
+    /// connection, `cluster(true)` on a connection not recognised as a
+    /// cluster's without `cluster_wake_ups`, `wake_ups` or
+    /// `sentinel_wake_ups` on a Redis Cluster, and `cluster_wake_ups` on a
+    /// connection that is not a cluster's. ([`cluster`](Self::cluster)
+    /// says which misconfigurations of a connection it can't detect.)
     ///
     /// # Example
     ///
@@ -479,6 +497,22 @@ where
                 )));
             }
             _ => {}
+        }
+        if cluster && !detected {
+            // A connection not recognised as a cluster's (a wrapper): the
+            // walks of invalidate_prefix, invalidate_tag and invalidate_all
+            // must reach every primary, through cluster_wake_ups's
+            // connection (checked above to be a cluster's source).
+            #[cfg(feature = "cluster-async")]
+            let reaches_every_primary = matches!(self.wake, Some((Source::Cluster(..), _)));
+            #[cfg(not(feature = "cluster-async"))]
+            let reaches_every_primary = false;
+            if !reaches_every_primary {
+                return Err(FenceError::config(
+                    "cluster(true) on a connection not recognised as a Redis Cluster's (not a ClusterConnection or a HealingConnection of one) without cluster_wake_ups: invalidate_prefix, invalidate_tag and invalidate_all could not reach every primary; add cluster_wake_ups(ClusterClientBuilder::new(nodes)) (feature cluster-async), or pass the ClusterConnection itself and leave cluster out"
+                        .to_owned(),
+                ));
+            }
         }
         if self.near.is_some() && self.wake.is_none() {
             return Err(FenceError::config(

@@ -179,6 +179,14 @@ where
 
     /// A handle to invalidate entries of this cache's namespace and read
     /// its counters.
+    ///
+    /// ```no_run
+    /// # async fn doc(cache: cachefence::FenceCache) -> Result<(), cachefence::FenceError> {
+    /// let handle = cache.handle(); // Clone + Send + Sync
+    /// handle.invalidate_tag("product:42").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn handle(&self) -> FenceHandle<C> {
         let mut config = self.defaults.clone().sanitized();
         self.shared.store.cover_fills(&config);
@@ -190,6 +198,13 @@ where
     }
 
     /// A snapshot of the counters, summed over every route.
+    ///
+    /// ```no_run
+    /// # fn doc(cache: cachefence::FenceCache) {
+    /// let stats = cache.stats();
+    /// println!("{} hits, {} misses", stats.hits, stats.misses);
+    /// # }
+    /// ```
     pub fn stats(&self) -> Stats {
         self.handle().stats()
     }

@@ -13,6 +13,15 @@ use crate::policy::Policy;
 use crate::stats::Counters;
 
 /// What a request does when its wait for another request's fill runs out.
+///
+/// ```no_run
+/// # fn doc(fence: cachefence::FenceLayer) {
+/// use cachefence::OnWaitTimeout;
+/// // A request that waited its wait_timeout with no stale copy gets a 504.
+/// let fence = fence.on_wait_timeout(OnWaitTimeout::GatewayTimeout);
+/// # let _ = fence;
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum OnWaitTimeout {

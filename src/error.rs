@@ -9,6 +9,16 @@ use std::fmt;
 /// into a pass-through to the inner service. It is returned by the handle's
 /// invalidation calls, whose caller must know whether the invalidation
 /// happened.
+///
+/// ```no_run
+/// # async fn doc(handle: cachefence::FenceHandle) {
+/// match handle.invalidate_tag("product:42").await {
+///     Ok(removed) => println!("{removed} entries removed"),
+///     Err(e) if e.is_timeout() || e.is_circuit_open() => eprintln!("retry later: {e}"),
+///     Err(e) => eprintln!("invalidation failed: {e}"),
+/// }
+/// # }
+/// ```
 pub struct FenceError {
     kind: Kind,
 }
@@ -93,22 +103,58 @@ impl FenceError {
     }
 
     /// Redis answered with an error, or the connection failed.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) {
+    /// match handle.invalidate_tag("product:42").await {
+    ///     Err(e) if e.is_redis() => eprintln!("Redis failed: {e}"),
+    ///     _ => {}
+    /// }
+    /// # }
+    /// ```
     pub fn is_redis(&self) -> bool {
         matches!(self.kind, Kind::Redis(_))
     }
 
     /// Redis did not answer within the configured timeout.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) {
+    /// if let Err(e) = handle.invalidate_tag("product:42").await {
+    ///     if e.is_timeout() {
+    ///         eprintln!("Redis answered too late; retry later");
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub fn is_timeout(&self) -> bool {
         matches!(self.kind, Kind::Timeout) || matches!(&self.kind, Kind::Redis(e) if e.is_timeout())
     }
 
     /// The circuit breaker is open after repeated failures, so the command
     /// was not sent.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) {
+    /// if let Err(e) = handle.invalidate_tag("product:42").await {
+    ///     if e.is_circuit_open() {
+    ///         eprintln!("Redis is failing: nothing was sent");
+    ///     }
+    /// }
+    /// # }
+    /// ```
     pub fn is_circuit_open(&self) -> bool {
         matches!(self.kind, Kind::CircuitOpen)
     }
 
     /// An argument was rejected (for example an empty prefix).
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) {
+    /// let err = handle.invalidate_prefix("").await.unwrap_err();
+    /// assert!(err.is_invalid_input());
+    /// # }
+    /// ```
     pub fn is_invalid_input(&self) -> bool {
         matches!(self.kind, Kind::InvalidInput(_))
     }

@@ -269,32 +269,81 @@ enum Target {
 
 impl Invalidation {
     /// Every variant of a URL ([`FenceHandle::invalidate_path`]).
+    ///
+    /// ```no_run
+    /// # fn doc() {
+    /// use cachefence::Invalidation;
+    /// let invalidation = Invalidation::path("/products/42");
+    /// # let _ = invalidation;
+    /// # }
+    /// ```
     pub fn path(path: impl Into<String>) -> Self {
         Self::new(Target::Path(path.into()))
     }
 
     /// The entry of a cache key ([`FenceHandle::invalidate_key`]).
+    ///
+    /// ```no_run
+    /// # fn doc() {
+    /// use cachefence::Invalidation;
+    /// // A key as the route's key function returned it.
+    /// let invalidation = Invalidation::key("products:42");
+    /// # let _ = invalidation;
+    /// # }
+    /// ```
     pub fn key(key: impl Into<String>) -> Self {
         Self::new(Target::Key(key.into()))
     }
 
     /// Every entry under a key prefix ([`FenceHandle::invalidate_prefix`]).
+    ///
+    /// ```no_run
+    /// # fn doc() {
+    /// use cachefence::Invalidation;
+    /// let invalidation = Invalidation::prefix("/products/");
+    /// # let _ = invalidation;
+    /// # }
+    /// ```
     pub fn prefix(prefix: impl Into<String>) -> Self {
         Self::new(Target::Prefix(prefix.into()))
     }
 
     /// Every entry carrying a tag ([`FenceHandle::invalidate_tag`]).
+    ///
+    /// ```no_run
+    /// # fn doc() {
+    /// use cachefence::Invalidation;
+    /// let invalidation = Invalidation::tag("product:42");
+    /// # let _ = invalidation;
+    /// # }
+    /// ```
     pub fn tag(tag: impl Into<String>) -> Self {
         Self::new(Target::Tag(tag.into()))
     }
 
     /// Everything in the namespace ([`FenceHandle::invalidate_all`]).
+    ///
+    /// ```no_run
+    /// # fn doc() {
+    /// use cachefence::Invalidation;
+    /// let invalidation = Invalidation::all();
+    /// # let _ = invalidation;
+    /// # }
+    /// ```
     pub fn all() -> Self {
         Self::new(Target::All)
     }
 
     /// Marks entries stale instead of removing them
     /// ([`FenceHandle::soft_invalidate_all`] for `all`).
+    ///
+    /// ```no_run
+    /// # fn doc() {
+    /// use cachefence::Invalidation;
+    /// let invalidation = Invalidation::tag("product:42").soft();
+    /// # let _ = invalidation;
+    /// # }
+    /// ```
     #[must_use]
     pub fn soft(mut self) -> Self {
         self.soft = true;
@@ -309,6 +358,14 @@ impl Invalidation {
     }
 
     /// A compact text form: `<kind>[~]:<value>`, where `~` marks a soft one.
+    ///
+    /// ```no_run
+    /// # fn doc() {
+    /// use cachefence::Invalidation;
+    /// let text = Invalidation::tag("product:42").encode();
+    /// assert_eq!(Invalidation::decode(&text), Some(Invalidation::tag("product:42")));
+    /// # }
+    /// ```
     pub fn encode(&self) -> String {
         let (kind, value) = match &self.target {
             Target::Path(v) => ("path", v.as_str()),
@@ -322,6 +379,15 @@ impl Invalidation {
 
     /// Reads the form written by [`encode`](Self::encode); `None` when it is
     /// not one.
+    ///
+    /// ```no_run
+    /// # fn doc() {
+    /// use cachefence::Invalidation;
+    /// let text = Invalidation::prefix("/products/").soft().encode();
+    /// assert_eq!(Invalidation::decode(&text), Some(Invalidation::prefix("/products/").soft()));
+    /// assert_eq!(Invalidation::decode("not an invalidation"), None);
+    /// # }
+    /// ```
     pub fn decode(text: &str) -> Option<Self> {
         let (kind, value) = text.split_once(':')?;
         let (kind, soft) = match kind.strip_suffix('~') {
@@ -445,6 +511,14 @@ where
     /// [`invalidate_request`](Self::invalidate_request),
     /// [`invalidate_uri`](Self::invalidate_uri) or
     /// [`invalidate_key`](Self::invalidate_key) there.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// let removed = handle.invalidate_path("/products/42").await?;
+    /// # let _ = removed;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn invalidate_path(&self, path: &str) -> Result<u64, FenceError> {
         self.invalidate_key(&self.path_key(path)?).await
     }
@@ -533,6 +607,15 @@ where
     /// Removes the entry stored under a cache key (as returned by the key
     /// function), with all its variants. Returns how many entries were
     /// removed.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// // A key as the route's key function returned it.
+    /// let removed = handle.invalidate_key("products:42").await?;
+    /// # let _ = removed;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
         let removed = self.invalidate_entry(&ek.primary, false, true, &[]).await?;
@@ -544,11 +627,28 @@ where
     /// request is served the stale copy while one refresh runs. Fills in
     /// flight are fenced out as with [`invalidate_path`](Self::invalidate_path).
     /// Returns how many entries were marked.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// let marked = handle.soft_invalidate_path("/products/42").await?;
+    /// # let _ = marked;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn soft_invalidate_path(&self, path: &str) -> Result<u64, FenceError> {
         self.soft_invalidate_key(&self.path_key(path)?).await
     }
 
     /// [`soft_invalidate_path`](Self::soft_invalidate_path) by cache key.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// // A key as the route's key function returned it.
+    /// let marked = handle.soft_invalidate_key("products:42").await?;
+    /// # let _ = marked;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn soft_invalidate_key(&self, key: &str) -> Result<u64, FenceError> {
         let ek = EntryKey::new(&self.config.namespace, key);
         let marked = self.invalidate_entry(&ek.primary, true, true, &[]).await?;
@@ -567,6 +667,14 @@ where
     /// glob, in batches of 500 keys, so memory stays bounded and Redis is
     /// never blocked; on a Redis Cluster, every primary is walked. An empty
     /// prefix is refused: use [`invalidate_all`](Self::invalidate_all).
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// let removed = handle.invalidate_prefix("/products/").await?;
+    /// # let _ = removed;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, FenceError> {
         if prefix.is_empty() {
             return Err(FenceError::invalid_input(
@@ -579,6 +687,14 @@ where
 
     /// [`invalidate_prefix`](Self::invalidate_prefix), marking entries stale
     /// instead of removing them.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// let marked = handle.soft_invalidate_prefix("/products/").await?;
+    /// # let _ = marked;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn soft_invalidate_prefix(&self, prefix: &str) -> Result<u64, FenceError> {
         if prefix.is_empty() {
             return Err(FenceError::invalid_input(
@@ -600,6 +716,14 @@ where
     /// passed that part of the keyspace) is still found by
     /// [`invalidate_tag`](Self::invalidate_tag). Index members naming
     /// removed entries are harmless and go with their expiry.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// let removed = handle.invalidate_all().await?;
+    /// # let _ = removed;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn invalidate_all(&self) -> Result<u64, FenceError> {
         let removed = self.prefix_walk("", false).await?;
         if self.shared.store.is_cluster() {
@@ -689,6 +813,14 @@ where
     /// primary for their tag markers, and fills are fenced by removing every
     /// fill lease of the namespace first (fills of untagged keys then don't
     /// store either; their waiters look again).
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// let removed = handle.invalidate_tag("product:42").await?;
+    /// # let _ = removed;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
         let removed = self.tag_walk(tag, false).await?;
         self.replicated(removed).await
@@ -698,6 +830,14 @@ where
     /// instead of removing them. The index is read in pages by expiry time
     /// from a cursor, so entries that are added, stored again or expire
     /// while it pages never make it skip one.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// let marked = handle.soft_invalidate_tag("product:42").await?;
+    /// # let _ = marked;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn soft_invalidate_tag(&self, tag: &str) -> Result<u64, FenceError> {
         let marked = self.tag_walk(tag, true).await?;
         self.replicated(marked).await
@@ -705,6 +845,15 @@ where
 
     /// Applies an [`Invalidation`] (as the invalidation queue's worker does).
     /// Applying one twice is harmless.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle) -> Result<(), cachefence::FenceError> {
+    /// use cachefence::Invalidation;
+    /// let removed = handle.apply(&Invalidation::tag("product:42")).await?;
+    /// # let _ = removed;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn apply(&self, invalidation: &Invalidation) -> Result<u64, FenceError> {
         let Invalidation { target, soft } = invalidation;
         match (target, soft) {
@@ -1096,12 +1245,25 @@ where
     }
 
     /// The namespace this handle invalidates in.
+    ///
+    /// ```no_run
+    /// # fn doc(handle: cachefence::FenceHandle) {
+    /// println!("invalidating in {}", handle.namespace());
+    /// # }
+    /// ```
     pub fn namespace(&self) -> &str {
         &self.config.namespace
     }
 
     /// A snapshot of the counters of the layer this handle came from (shared
     /// by all its clones).
+    ///
+    /// ```no_run
+    /// # fn doc(handle: cachefence::FenceHandle) {
+    /// let stats = handle.stats();
+    /// println!("{} hits, {} misses", stats.hits, stats.misses);
+    /// # }
+    /// ```
     pub fn stats(&self) -> Stats {
         let mut stats = self.shared.counters.snapshot();
         stats.redis_errors = self.shared.store.errors.load(Ordering::Relaxed);

@@ -144,12 +144,29 @@ impl Default for DefaultKey {
 
 impl DefaultKey {
     /// The default key: path, sorted query and host.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use cachefence::key::DefaultKey;
+    /// let fence = fence.key(DefaultKey::new());
+    /// # let _ = fence;
+    /// # }
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Whether the request's host is in the key (default on). Turn it off
     /// only when every host the app answers for gets the same responses.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use cachefence::key::DefaultKey;
+    /// // Every host the app answers for serves the same pages.
+    /// let fence = fence.key(DefaultKey::new().with_host(false));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn with_host(mut self, host: bool) -> Self {
         self.host = host;
@@ -162,6 +179,15 @@ impl DefaultKey {
     /// enters the key as a SHA-256 digest, so credentials never appear in
     /// Redis key names. (Headers the *response* names in `Vary` are keyed
     /// automatically.)
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use cachefence::key::DefaultKey;
+    /// let tenant = http::HeaderName::from_static("x-tenant");
+    /// let fence = fence.key(DefaultKey::new().with_header(tenant));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn with_header(mut self, name: HeaderName) -> Self {
         self.headers.push(name);

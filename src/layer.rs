@@ -92,17 +92,39 @@ where
     /// Redis timeout 250 ms, breaker opening after 5 failures for 1 s.
     /// Waiters poll until [`FenceCacheBuilder::wake_ups`](crate::FenceCacheBuilder::wake_ups) gives a client for
     /// notifications.
+    ///
+    /// ```no_run
+    /// # fn doc(conn: redis::aio::ConnectionManager) {
+    /// let fence = cachefence::FenceLayer::new(conn).ttl(std::time::Duration::from_secs(60));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     pub fn new(redis: C) -> Self {
         FenceCache::new(redis).layer()
     }
 
     /// A handle to invalidate entries and read counters.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let handle = fence.handle();
+    /// # let _ = handle;
+    /// # }
+    /// ```
     pub fn handle(&self) -> FenceHandle<C> {
         FenceCache::from_parts(self.shared.clone(), self.config.clone()).handle()
     }
 
     /// How long a response stays fresh (default 60 s). Per route: set it on a
     /// clone of the layer.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use std::time::Duration;
+    /// let fence = fence.ttl(Duration::from_secs(300));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.config.policy.ttl = ttl;
@@ -111,6 +133,14 @@ where
 
     /// How long past fresh an entry may be served stale while one request
     /// refreshes it in the background (default 30 s).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use std::time::Duration;
+    /// let fence = fence.grace(Duration::from_secs(60));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn grace(mut self, grace: Duration) -> Self {
         self.config.policy.grace = grace;
@@ -119,6 +149,14 @@ where
 
     /// The fresh lifetime of cacheable 4xx/5xx statuses (404, 405, 410, 414,
     /// 501 by default); never longer than `ttl` (default 10 s).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use std::time::Duration;
+    /// let fence = fence.negative_ttl(Duration::from_secs(5));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn negative_ttl(mut self, ttl: Duration) -> Self {
         self.config.policy.negative_ttl = ttl;
@@ -143,6 +181,13 @@ where
 
     /// The prefix of every Redis key this layer writes (default
     /// `cachefence:`). Tenants sharing one Redis use different namespaces.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.namespace("blog:");
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.config.namespace = Arc::from(namespace.into());
@@ -157,6 +202,14 @@ where
     ///
     /// Whatever the key function, the forwarding headers listed at
     /// [`trust_header`](Self::trust_header) are added to the key.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use cachefence::key::DefaultKey;
+    /// let fence = fence.key(DefaultKey::new().with_header(http::header::ACCEPT_LANGUAGE));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn key(mut self, key: impl MakeKey) -> Self {
         self.config.key = Arc::new(key);
@@ -230,6 +283,13 @@ where
     /// when they come from clients, such as `X-Original-URL` or a method
     /// override. A stripped header is neither keyed nor a reason to pass
     /// through.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.strip_header(http::HeaderName::from_static("x-http-method-override"));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn strip_header(mut self, name: HeaderName) -> Self {
         self.config.policy.unkeyed.stripped.push(name);
@@ -238,6 +298,13 @@ where
 
     /// The largest body buffered for caching (default 1 MiB). Larger bodies
     /// stream through to the client uncached.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.body_limit(4 << 20); // 4 MiB
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.config.body_limit = bytes;
@@ -246,6 +313,13 @@ where
 
     /// The name of the cache-status header (`HIT`, `MISS`, `STALE`,
     /// `BYPASS`), or `None` to send none (default `x-cache`).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.status_header(None); // no x-cache header
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn status_header(mut self, name: Option<HeaderName>) -> Self {
         self.config.status_header = name;
@@ -306,6 +380,13 @@ where
     /// instead of one per header spelling, and each is exactly what the
     /// origin answered to its normalised value. A request without the
     /// header is left without it.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.normalize_accept_encoding(false);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn normalize_accept_encoding(mut self, on: bool) -> Self {
         self.config.normalizers.accept_encoding = on;
@@ -351,6 +432,14 @@ where
 
     /// The statuses that may be cached (default 200, 203, 204, 300, 301,
     /// 308, 404, 405, 410, 414, 501).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use http::StatusCode;
+    /// let fence = fence.statuses([StatusCode::OK, StatusCode::NOT_FOUND]);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn statuses(mut self, statuses: impl IntoIterator<Item = StatusCode>) -> Self {
         self.config.policy.statuses = statuses.into_iter().collect();
@@ -359,6 +448,13 @@ where
 
     /// Take the TTL of a response from its `Cache-Control: s-maxage` or
     /// `max-age` (default off: the layer's TTL rules).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.respect_cache_control(true);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn respect_cache_control(mut self, on: bool) -> Self {
         self.config.policy.respect_cache_control = on;
@@ -437,6 +533,13 @@ where
     /// customary), for the [`statuses`](Self::statuses) cached without
     /// explicit freshness (by default the heuristically cacheable ones).
     /// Values are clamped to 0..=1.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.rfc9111(true).heuristic_freshness(0.1);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn heuristic_freshness(mut self, fraction: f64) -> Self {
         self.config.policy.heuristic = if fraction.is_finite() {
@@ -529,6 +632,17 @@ where
     /// Cache requests that carry `Authorization` (default off). Turn it on
     /// only with a key function that puts the credential's identity, or
     /// whatever selects the response, in the key.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// // Only with a key that separates users (here: a per-user header).
+    /// use cachefence::key::DefaultKey;
+    /// let fence = fence
+    ///     .key(DefaultKey::new().with_header(http::header::AUTHORIZATION))
+    ///     .cache_authorized(true);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn cache_authorized(mut self, on: bool) -> Self {
         self.config.policy.cache_authorized = on;
@@ -537,6 +651,13 @@ where
 
     /// Cache requests that carry `Cookie` (default off). Turn it on when the
     /// responses don't depend on cookies, or key on the ones they do.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.cache_requests_with_cookies(true);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn cache_requests_with_cookies(mut self, on: bool) -> Self {
         self.config.policy.cache_cookies = on;
@@ -548,6 +669,13 @@ where
     /// Varnish and nginx: clients must not be able to push load onto the
     /// origin). Even when on, the refetch goes through the one-fill-per-key
     /// path.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.honor_request_no_cache(true);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn honor_request_no_cache(mut self, on: bool) -> Self {
         self.config.policy.honor_request_no_cache = on;
@@ -556,6 +684,13 @@ where
 
     /// The XFetch beta (default 1.0): larger refreshes earlier, 0 turns early
     /// refresh off. NaN, infinite and negative values turn it off.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.beta(2.0); // refresh earlier
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn beta(mut self, beta: f64) -> Self {
         self.config.beta = if beta.is_finite() { beta.max(0.0) } else { 0.0 };
@@ -568,6 +703,13 @@ where
     /// early refresh off (refresh on expiry, served stale inside `grace`),
     /// 0.0 is plain XFetch. Values outside `0.0..=1.0` (and NaN) mean the
     /// default.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.early_refresh_after(0.9);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn early_refresh_after(mut self, share: f64) -> Self {
         self.config.early_refresh_after = share;
@@ -579,6 +721,14 @@ where
     /// renews it every third of this while the fill runs, so a dead owner's
     /// lease is taken over by one waiting request within this time.
     /// Clamped to 100 ms ..= 1 day.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use std::time::Duration;
+    /// let fence = fence.lock_timeout(Duration::from_secs(5));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.config.lock_timeout = timeout;
@@ -597,6 +747,14 @@ where
     /// that request's `fill_timeout + lock_timeout`, not a fresh
     /// `fill_timeout`. Invalidation fences outlive the longest fill of any
     /// route of the cache. Clamped to 100 ms ..= 1 day.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use std::time::Duration;
+    /// let fence = fence.fill_timeout(Duration::from_secs(10));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn fill_timeout(mut self, timeout: Duration) -> Self {
         self.config.fill_timeout = timeout;
@@ -608,6 +766,14 @@ where
     /// stale entry, [`on_wait_timeout`](Self::on_wait_timeout) decides.
     /// Invalidations that restart a wait count against the same budget.
     /// Clamped to at most 1 day.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use std::time::Duration;
+    /// let fence = fence.wait_timeout(Duration::from_secs(2));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn wait_timeout(mut self, timeout: Duration) -> Self {
         self.config.wait_timeout = timeout;
@@ -617,6 +783,14 @@ where
     /// What a request does when its wait runs out and no stale entry can be
     /// served (default [`OnWaitTimeout::Wait`]: keep waiting for the live
     /// fill, which is itself bounded by `fill_timeout`).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use cachefence::OnWaitTimeout;
+    /// let fence = fence.on_wait_timeout(OnWaitTimeout::GatewayTimeout);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn on_wait_timeout(mut self, action: OnWaitTimeout) -> Self {
         self.config.on_wait_timeout = action;
@@ -627,6 +801,13 @@ where
     /// (default on). In [`rfc9111`](Self::rfc9111) mode only as far as the
     /// response allows: inside its `stale-while-revalidate` window or its
     /// `stale-if-error` time, never with `must-revalidate` and friends.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.stale_if_error(false);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn stale_if_error(mut self, on: bool) -> Self {
         self.config.stale_if_error = on;
@@ -636,6 +817,14 @@ where
     /// How long an uncacheable response makes the following requests for
     /// its key go straight to the origin, instead of queueing behind a fill
     /// lease ("hit-for-miss", default 10 s; zero turns it off).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// use std::time::Duration;
+    /// let fence = fence.pass_ttl(Duration::from_secs(30));
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn pass_ttl(mut self, ttl: Duration) -> Self {
         self.config.pass_ttl = ttl;
@@ -644,6 +833,13 @@ where
 
     /// The response headers that name a response's tags, comma or space
     /// separated (default `Cache-Tag` and `Surrogate-Key`).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.tag_headers([http::HeaderName::from_static("x-tags")]);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn tag_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config.tag_headers = names.into_iter().collect();
@@ -652,6 +848,13 @@ where
 
     /// Send the tag headers on to clients (default off: they are stripped
     /// from cached and filled responses, as CDNs do).
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let fence = fence.expose_tags(true);
+    /// # let _ = fence;
+    /// # }
+    /// ```
     #[must_use]
     pub fn expose_tags(mut self, on: bool) -> Self {
         self.config.expose_tags = on;
@@ -710,6 +913,14 @@ where
 
     /// The cache this layer belongs to: the one object that owns the
     /// connection and the cache-wide settings, and makes more layers.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::FenceLayer) {
+    /// let cache = fence.cache();
+    /// let other_route = cache.layer().name("other");
+    /// # let _ = other_route;
+    /// # }
+    /// ```
     pub fn cache(&self) -> FenceCache<C> {
         FenceCache::from_parts(self.shared.clone(), self.config.clone())
     }
@@ -723,6 +934,14 @@ where
 {
     /// A layer for one route, with the default per-route settings and this
     /// cache's namespace. Set the route's TTL, name, key and policy on it.
+    ///
+    /// ```no_run
+    /// # fn doc(conn: redis::aio::ConnectionManager) {
+    /// let cache = cachefence::FenceCache::new(conn);
+    /// let products = cache.layer().name("products");
+    /// # let _ = products;
+    /// # }
+    /// ```
     pub fn layer(&self) -> FenceLayer<C> {
         FenceLayer {
             config: self.defaults.clone(),

@@ -23,7 +23,11 @@
 //! | `cachefence_queue_lag_seconds` | gauge | `queue` |
 //!
 //! Every metric is described (`describe_*!`: HELP text and unit) when a
-//! cache or a queue worker is made: install the recorder before.
+//! cache or a queue worker is made, and registered at zero so a scrape
+//! lists it before its first event: a cache's own metrics when it is
+//! built, a route's when it is layered, a queue's when a worker is made,
+//! an op's Redis call metrics at its first call. Install the recorder
+//! before.
 //!
 //! [`FenceCacheBuilder::namespace`]: crate::FenceCacheBuilder::namespace
 
@@ -144,6 +148,58 @@ fn describe_all(counters: &[(&str, &str)]) {
     );
 }
 
+/// Registers the cache `cache`'s own metrics at zero when it is built, so
+/// a scrape lists them before their first event (a dashboard panel or an
+/// alert on a metric that never fired would show "no data"): the
+/// cache-wide counters ([`CACHE_LEVEL`]), the gauges, and the Redis call
+/// metrics of the `read` op (the first call of every request). A route's
+/// counters and histograms are registered when the route is layered; the
+/// other ops' error counters at their first call. Adds nothing: caches
+/// sharing a name keep their counts.
+#[inline(always)]
+pub(crate) fn register_cache(cache: &CacheLabel) {
+    #[cfg(feature = "metrics")]
+    {
+        let name = cache.get();
+        for field in CACHE_LEVEL {
+            ::metrics::counter!(format!("cachefence_{field}_total"), "cache" => name.clone())
+                .increment(0);
+        }
+        for gauge in ["cachefence_fills_in_flight", "cachefence_near_cache_bytes"] {
+            ::metrics::gauge!(gauge, "cache" => name.clone()).increment(0.0);
+        }
+        for counter in [
+            "cachefence_redis_calls_total",
+            "cachefence_redis_errors_total",
+        ] {
+            ::metrics::counter!(counter, "cache" => name.clone(), "op" => "read").increment(0);
+        }
+        // Registered, not recorded: a histogram has no zero sample.
+        let _ = ::metrics::histogram!("cachefence_redis_call_duration_seconds", "cache" => name, "op" => "read");
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = cache;
+}
+
+/// Registers the queue worker metrics of the queue `queue` (its namespace)
+/// at zero when a worker is made, for the same reason as
+/// [`register_cache`]; the lag gauge reads 0 until the first invalidation
+/// is applied.
+#[inline(always)]
+pub(crate) fn register_queue(queue: &str) {
+    #[cfg(feature = "metrics")]
+    {
+        for what in ["applied", "retries", "dead_lettered"] {
+            ::metrics::counter!(format!("cachefence_queue_{what}_total"), "queue" => queue.to_owned())
+                .increment(0);
+        }
+        ::metrics::gauge!("cachefence_queue_lag_seconds", "queue" => queue.to_owned())
+            .increment(0.0);
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = queue;
+}
+
 /// A counter's documentation as one line of plain text: the lines joined,
 /// intra-doc links reduced to their text.
 #[cfg(feature = "metrics")]
@@ -248,10 +304,11 @@ pub(crate) fn redis_call(cache: &CacheLabel, op: &'static str, elapsed: Duration
     let cache = cache.get();
     ::metrics::counter!("cachefence_redis_calls_total", "cache" => cache.clone(), "op" => op)
         .increment(1);
-    if !ok {
-        ::metrics::counter!("cachefence_redis_errors_total", "cache" => cache.clone(), "op" => op)
-            .increment(1);
-    }
+    // Registered at an op's first call, failed or not, so an error rate
+    // reads 0 rather than "no data" (one registry lookup per call, like
+    // the two others).
+    ::metrics::counter!("cachefence_redis_errors_total", "cache" => cache.clone(), "op" => op)
+        .increment(u64::from(!ok));
     ::metrics::histogram!("cachefence_redis_call_duration_seconds", "cache" => cache, "op" => op)
         .record(elapsed.as_secs_f64());
 }

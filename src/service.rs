@@ -39,6 +39,17 @@ use crate::xfetch;
 /// service's responses in Redis.
 ///
 /// See the [crate documentation](crate) for the request path.
+///
+/// ```no_run
+/// # fn doc(cache: cachefence::FenceCache) {
+/// use tower::Layer;
+/// let inner = tower::service_fn(|_req: http::Request<String>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+/// });
+/// let fence: cachefence::Fence<_> = cache.layer().layer(inner);
+/// # let _ = fence;
+/// # }
+/// ```
 pub struct Fence<S, C = redis::aio::ConnectionManager> {
     inner: S,
     config: Arc<Config>,
@@ -74,6 +85,13 @@ impl<S, C> Fence<S, C> {
     }
 
     /// The inner service.
+    ///
+    /// ```no_run
+    /// # fn doc(fence: cachefence::Fence<tower::util::BoxCloneService<http::Request<String>, http::Response<String>, std::convert::Infallible>>) {
+    /// let inner = fence.get_ref();
+    /// # let _ = inner;
+    /// # }
+    /// ```
     pub fn get_ref(&self) -> &S {
         &self.inner
     }

@@ -62,6 +62,7 @@ where
     /// metrics name it `label` (its namespace).
     pub(crate) fn new(redis: C, label: CacheLabel) -> Self {
         crate::metrics::describe(crate::stats::FIELD_DOCS);
+        crate::metrics::register_cache(&label);
         let store = Store::new(
             redis,
             Duration::from_millis(250),

@@ -30,6 +30,15 @@ impl Count {
 }
 
 /// Whether the circuit breaker in front of Redis lets commands through.
+///
+/// ```no_run
+/// # fn doc(cache: cachefence::FenceCache) {
+/// use cachefence::BreakerState;
+/// if cache.stats().breaker == BreakerState::Open {
+///     eprintln!("Redis is failing: requests bypass the cache");
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum BreakerState {

@@ -259,6 +259,23 @@ async fn cluster_wake_ups_after_wake_ups_is_an_error() {
     config_error(builder, &["cluster_wake_ups after wake_ups"]);
 }
 
+/// `cluster(true)` on a connection the cache can't recognise as a cluster's
+/// (here a single server's), with nothing to reach every primary: a walk
+/// would cover one node, so `build` refuses and names the fix.
+#[tokio::test]
+async fn cluster_true_without_a_way_to_every_primary_is_an_error() {
+    let redis = RedisServer::new();
+    let builder = FenceCache::builder(redis.connection_manager().await).cluster(true);
+    config_error(
+        builder,
+        &[
+            "cluster(true) on a connection not recognised as a Redis Cluster's",
+            "every primary",
+            "add cluster_wake_ups",
+        ],
+    );
+}
+
 #[tokio::test]
 async fn the_builder_settings_reach_the_cache() {
     let mut redis = RedisServer::new();

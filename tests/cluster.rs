@@ -704,16 +704,18 @@ async fn a_wrapped_cluster_connection_works_when_configured_as_a_cluster() {
     assert_eq!(handle.invalidate_prefix("/p/").await.unwrap(), 30);
     assert_eq!(http.get(addr, "/red/1").await.cache_status(), Some("MISS"));
 
-    // Without a way to reach each primary a walk fails; it never covers
-    // one node and reports success.
-    let blind = FenceCache::builder(Wrapped(cluster.connection().await))
+    // Without a way to reach each primary a walk could cover one node:
+    // `build` refuses, naming the fix.
+    let err = FenceCache::builder(Wrapped(cluster.connection().await))
         .cluster(true)
         .build()
-        .expect("cache")
-        .layer()
-        .namespace(NS);
-    let err = blind.handle().invalidate_prefix("/p/").await.unwrap_err();
-    assert!(err.to_string().contains("every primary"), "{err}");
+        .expect_err("a misconfiguration");
+    assert!(err.is_config(), "{err:?}");
+    assert!(
+        err.to_string().contains("every primary")
+            && err.to_string().contains("add cluster_wake_ups"),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -973,6 +975,7 @@ async fn a_worker_dropped_mid_batch_has_its_messages_reclaimed_on_a_cluster() {
     gated.held.send_replace(true);
     let doomed_handle = FenceCache::builder(gated.clone())
         .cluster(true)
+        .cluster_wake_ups(redis::cluster::ClusterClientBuilder::new(cluster.urls()))
         .build()
         .expect("cache")
         .layer()

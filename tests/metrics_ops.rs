@@ -283,3 +283,67 @@ async fn the_dashboard_and_alert_rules_name_only_metrics_the_crate_exports() {
         assert!(all.contains(needed), "the dashboards don't show {needed}");
     }
 }
+
+/// A fresh cache's scrape lists every metric the dashboard and the alert
+/// rules name, at zero, before any request: a panel or an alert on a metric
+/// that never fired reads 0, not "no data". Made under a recorder local to
+/// this thread: building the cache, layering its route and making a queue
+/// worker register the metrics, synchronously.
+#[tokio::test]
+async fn a_fresh_cache_scrape_lists_every_metric_the_dashboards_name() {
+    let redis = RedisServer::new();
+    let conn = redis.connection_manager().await;
+    let client = redis.client();
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let scrape = recorder.handle();
+    let (cache, _app, _worker) = metrics::with_local_recorder(&recorder, || {
+        let cache = cache(conn, "fresh:");
+        let app: Router = Router::new().route(
+            "/p",
+            get(|| async { "p" }).layer(cache.layer().name("products")),
+        );
+        let worker = cache.handle().queue().worker(client);
+        (cache, app, worker)
+    });
+    let text = scrape.render();
+    assert_eq!(cache.stats().redis_calls, 0, "no Redis call was made");
+
+    let listed: BTreeSet<&str> = text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .collect();
+    let histograms: BTreeSet<&str> = listed
+        .iter()
+        .copied()
+        .filter(|n| n.ends_with("_duration_seconds"))
+        .collect();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dashboards");
+    for file in ["grafana.json", "alerts.yml"] {
+        let named = names_in(
+            &std::fs::read_to_string(root.join(file)).expect(file),
+            &histograms,
+        );
+        for name in named {
+            assert!(
+                listed.contains(name.as_str()),
+                "{file} names {name}, not in a fresh cache's scrape:\n{text}"
+            );
+        }
+    }
+    // At zero, under the labels the panels and alerts group by.
+    for series in [
+        r#"cachefence_near_ack_timeouts_total{cache="fresh:"}"#,
+        r#"cachefence_listener_connects_total{cache="fresh:"}"#,
+        r#"cachefence_redis_errors_total{cache="fresh:",op="read"}"#,
+        r#"cachefence_fills_in_flight{cache="fresh:"}"#,
+        r#"cachefence_near_cache_bytes{cache="fresh:"}"#,
+        r#"cachefence_breaker_open{cache="fresh:"}"#,
+        r#"cachefence_queue_dead_lettered_total{queue="fresh:"}"#,
+        r#"cachefence_queue_lag_seconds{queue="fresh:"}"#,
+        r#"cachefence_fill_timeouts_total{namespace="fresh:",route="products"}"#,
+        r#"cachefence_hits_total{namespace="fresh:",route="products"}"#,
+    ] {
+        assert_eq!(sample(&text, series), Some(0.0), "{series} in\n{text}");
+    }
+}

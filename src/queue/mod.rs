@@ -154,6 +154,15 @@ where
     }
 
     /// [`queue`](Self::queue) over another connection.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: cachefence::FenceHandle, client: redis::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// // The queue's commands on a connection of their own.
+    /// let queue = handle.queue_with(client.get_connection_manager().await?);
+    /// queue.enqueue(&cachefence::Invalidation::tag("product:42")).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn queue_with(&self, conn: C) -> InvalidationQueue<C> {
         InvalidationQueue::new(self.clone(), conn)
     }

@@ -114,6 +114,7 @@ where
 {
     pub(super) fn new(queue: InvalidationQueue<C>, client: Client) -> Self {
         crate::metrics::describe(crate::stats::FIELD_DOCS);
+        crate::metrics::register_queue(queue.handle.namespace());
         let (shutdown, _) = watch::channel(false);
         let group = queue.group.to_string();
         Self {
