@@ -283,6 +283,16 @@ pub(crate) fn request_host(parts: &Parts) -> Result<String, ()> {
 /// for origin-form requests), any byte outside a safe set percent-encoded.
 pub(crate) fn normalize_host(raw: &[u8], scheme: Option<&str>) -> String {
     let raw = raw.trim_ascii();
+    // The usual host (`shop.example`): lowercase, no port, no trailing dot,
+    // nothing to escape; it is its own normal form.
+    if raw.last().is_some_and(|&b| b != b'.')
+        && raw
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && let Ok(host) = std::str::from_utf8(raw)
+    {
+        return host.to_owned();
+    }
     // Hosts come lowercase almost always: copy only when they don't.
     let raw: std::borrow::Cow<'_, [u8]> = if raw.iter().any(u8::is_ascii_uppercase) {
         raw.to_ascii_lowercase().into()
