@@ -890,6 +890,7 @@ mod tests {
             k.make_key(&req.unwrap().into_parts().0).unwrap()
         };
         for same in [
+            "a.example",
             "A.Example",
             "a.example.",
             "a.example:80",
@@ -898,6 +899,8 @@ mod tests {
         ] {
             assert_eq!(with(same), "/p\nhost:a.example", "{same:?}");
         }
+        // Taken as it is (no port, nothing to lowercase or escape).
+        assert_eq!(with("a-1.b2.example"), "/p\nhost:a-1.b2.example");
         assert_eq!(with("a.example:8080"), "/p\nhost:a.example:8080");
         assert_eq!(with("[::1]:80"), "/p\nhost:%5B::1%5D");
         assert_eq!(with("[::1]"), "/p\nhost:%5B::1%5D");
