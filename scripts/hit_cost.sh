@@ -6,6 +6,8 @@
 #
 #   scripts/hit_cost.sh [ARM...]      # default: naive fence fence-manager
 #
+# One request at a time (CONC=1, the default: repeatable to 0.3 %); CONC=8
+# lets replies batch by Redis's timing (a few % between runs).
 # Uses REDIS_URL (default redis://127.0.0.1:6379/); BIN=path skips the build.
 set -euo pipefail
 arms=("$@")
@@ -18,7 +20,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 count() { # arm hits -> instructions
   valgrind --tool=callgrind --callgrind-out-file="$out/cg.$1.$2" "$BIN" \
-    --arms "$1" --hits "$2" --warm 500 >/dev/null 2>"$out/log.$1.$2"
+    --arms "$1" --hits "$2" --warm 500 --conc "${CONC:-1}" >/dev/null 2>"$out/log.$1.$2"
   grep -o 'Collected : [0-9]*' "$out/log.$1.$2" | grep -o '[0-9]*$'
 }
 for arm in "${arms[@]}"; do
