@@ -17,9 +17,10 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
@@ -115,9 +116,17 @@ impl<C> fmt::Debug for HealingConnection<C> {
     }
 }
 
+/// The connection of every clone, and its generation (bumped by each
+/// replacement).
+struct Current<C> {
+    generation: u64,
+    conn: C,
+}
+
 struct Inner<C> {
-    /// The connection, and its generation (bumped by each replacement).
-    current: RwLock<(u64, C)>,
+    /// Read by every call without a lock (one `ArcSwap` load); swapped by
+    /// a replacement.
+    current: ArcSwap<Current<C>>,
     connect: Box<Connect<C>>,
     /// Failed or dropped calls in a row on the current generation.
     failures: AtomicU32,
@@ -141,7 +150,16 @@ struct Inner<C> {
 
 impl HealingConnection<MultiplexedConnection> {
     /// Connects to the Redis `client` names (a multiplexed connection with
-    /// the client's default settings), and reconnects from it when needed.
+    /// the client's default settings but no response timeout of its own),
+    /// and reconnects from it when needed.
+    ///
+    /// The cache bounds each of its calls with its own `redis_timeout`
+    /// (and counts a call dropped at that timeout towards replacing the
+    /// connection), so redis-rs's response timeout (500 ms by default)
+    /// would be a second timer on every call: it is left out. A command of
+    /// your own sent over this connection is then bounded only by what you
+    /// wrap it in; [`connect_with`](Self::connect_with) makes the
+    /// connection with your settings.
     ///
     /// ```no_run
     /// # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
@@ -150,9 +168,15 @@ impl HealingConnection<MultiplexedConnection> {
     /// # Ok(()) }
     /// ```
     pub async fn connect(client: redis::Client) -> RedisResult<Self> {
+        // One timer per call: the cache's.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         Self::connect_with(move || {
-            let client = client.clone();
-            async move { client.get_multiplexed_async_connection().await }
+            let (client, config) = (client.clone(), config.clone());
+            async move {
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await
+            }
         })
         .await
     }
@@ -212,7 +236,10 @@ where
         let db = first.get_db();
         Ok(Self {
             inner: Arc::new(Inner {
-                current: RwLock::new((0, first)),
+                current: ArcSwap::from_pointee(Current {
+                    generation: 0,
+                    conn: first,
+                }),
                 connect,
                 cluster,
                 failures: AtomicU32::new(0),
@@ -378,22 +405,18 @@ where
     C: ConnectionLike + Clone + Send + Sync + 'static,
 {
     fn current(&self) -> (u64, C) {
-        match self.current.read() {
-            Ok(current) => current.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        let current = self.current.load();
+        (current.generation, current.conn.clone())
     }
 
     fn generation(&self) -> u64 {
-        match self.current.read() {
-            Ok(current) => current.0,
-            Err(poisoned) => poisoned.into_inner().0,
-        }
+        self.current.load().generation
     }
 
     /// A call on `generation` got an answer.
     fn answered(&self, generation: u64) {
-        if generation == self.generation() && self.failures.load(Ordering::Relaxed) != 0 {
+        // The failure count first: it is 0 on almost every call.
+        if self.failures.load(Ordering::Relaxed) != 0 && generation == self.generation() {
             self.failures.store(0, Ordering::Relaxed);
         }
     }
@@ -497,13 +520,9 @@ where
     }
 
     fn replace(&self, conn: C) {
-        {
-            let mut current = match self.current.write() {
-                Ok(current) => current,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            *current = (current.0 + 1, conn);
-        }
+        // Only the one healing task replaces: no other writer to race.
+        let generation = self.generation() + 1;
+        self.current.store(Arc::new(Current { generation, conn }));
         self.failures.store(0, Ordering::Relaxed);
         self.dead.store(false, Ordering::Release);
         match self.last_replaced.lock() {

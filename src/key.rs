@@ -309,6 +309,16 @@ pub(crate) fn request_host(parts: &Parts) -> Result<String, ()> {
 /// for origin-form requests), any byte outside a safe set percent-encoded.
 pub(crate) fn normalize_host(raw: &[u8], scheme: Option<&str>) -> String {
     let raw = raw.trim_ascii();
+    // The usual host (`shop.example`): lowercase, no port, no trailing dot,
+    // nothing to escape; it is its own normal form.
+    if raw.last().is_some_and(|&b| b != b'.')
+        && raw
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && let Ok(host) = std::str::from_utf8(raw)
+    {
+        return host.to_owned();
+    }
     // Hosts come lowercase almost always: copy only when they don't.
     let raw: std::borrow::Cow<'_, [u8]> = if raw.iter().any(u8::is_ascii_uppercase) {
         raw.to_ascii_lowercase().into()
@@ -906,6 +916,7 @@ mod tests {
             k.make_key(&req.unwrap().into_parts().0).unwrap()
         };
         for same in [
+            "a.example",
             "A.Example",
             "a.example.",
             "a.example:80",
@@ -914,6 +925,8 @@ mod tests {
         ] {
             assert_eq!(with(same), "/p\nhost:a.example", "{same:?}");
         }
+        // Taken as it is (no port, nothing to lowercase or escape).
+        assert_eq!(with("a-1.b2.example"), "/p\nhost:a-1.b2.example");
         assert_eq!(with("a.example:8080"), "/p\nhost:a.example:8080");
         assert_eq!(with("[::1]:80"), "/p\nhost:%5B::1%5D");
         assert_eq!(with("[::1]"), "/p\nhost:%5B::1%5D");

@@ -105,7 +105,7 @@ fn respond<B: Body>(
         || from.status == StatusCode::NO_CONTENT
         || from.status == StatusCode::NOT_MODIFIED)
     {
-        headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+        headers.insert(CONTENT_LENGTH, length_value(len));
     }
     // RFC 9111 mode: the first response too, with the age it arrived
     // with (an upstream `Age`, the response delay: §4.2.3, §5.1).
@@ -128,6 +128,32 @@ fn small_number(n: u64) -> HeaderValue {
         Ok(n @ 10..=99) => HeaderValue::from_static(digits(&DIGITS[n * 2..n * 2 + 2])),
         _ => HeaderValue::from(n),
     }
+}
+
+/// `n` as a `Content-Length` value. Hits serve the same few lengths again
+/// and again: the values made last are kept per thread (16 slots), so a
+/// hit clones one (a reference count) instead of formatting and allocating.
+fn length_value(n: usize) -> HeaderValue {
+    type Slots = [(usize, Option<HeaderValue>); 16];
+    thread_local! {
+        static LENGTHS: std::cell::RefCell<Slots> =
+            std::cell::RefCell::new(std::array::from_fn(|_| (0, None)));
+    }
+    if n < 100 {
+        return small_number(n as u64);
+    }
+    LENGTHS.with(|slots| {
+        let mut slots = slots.borrow_mut();
+        let slot = &mut slots[(n ^ (n >> 4) ^ (n >> 8)) % 16];
+        match slot {
+            (len, Some(value)) if *len == n => value.clone(),
+            _ => {
+                let value = HeaderValue::from(n);
+                *slot = (n, Some(value.clone()));
+                value
+            }
+        }
+    })
 }
 
 fn digits(b: &'static [u8]) -> &'static str {
@@ -189,6 +215,13 @@ pub(crate) fn mark(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_lengths_are_their_numbers() {
+        for n in [0, 99, 100, 4096, 4096, 4112, 65_536, 1 << 20, usize::MAX] {
+            assert_eq!(length_value(n), n.to_string().as_str());
+        }
+    }
 
     #[test]
     fn small_numbers_are_static_values() {

@@ -243,9 +243,12 @@ where
         let config = self.config.clone();
         // The path's future is made inside the box, not moved into it.
         let future: BoxFuture<_> = Box::pin(async move {
-            let mut res = serve(ctx, inner, req, key, head, refresh, offline)
-                .instrument(span.clone())
-                .await?;
+            let serving = serve(ctx, inner, req, key, head, refresh, offline);
+            let mut res = if span.is_disabled() {
+                serving.await?
+            } else {
+                serving.instrument(span.clone()).await?
+            };
             if !span.is_disabled() {
                 span.record("cache", status_of(&config, &res));
             }
@@ -374,7 +377,7 @@ where
                     Record::Pass => {
                         tracing::trace!(key = %crate::trace::redact(&entry_key), "pass marker: going to the origin");
                         Counters::inc(&counters.bypasses);
-                        return origin(config, svc, req, CacheStatus::Bypass).await;
+                        return Box::pin(origin(config, svc, req, CacheStatus::Bypass)).await;
                     }
                     Record::Entry(entry) if !refresh && entry.is_fresh(now) => {
                         Counters::inc(&counters.hits);
@@ -441,12 +444,12 @@ where
                     Counters::inc(&counters.misses);
                 }
                 if head && offline {
-                    return origin(config, svc, req, CacheStatus::Unavailable).await;
+                    return Box::pin(origin(config, svc, req, CacheStatus::Unavailable)).await;
                 }
                 if head {
                     // A HEAD response has no body to cache, and turning it into a GET
                     // would need a request body we can't make: pass it through.
-                    return origin(config, svc, req, CacheStatus::Miss).await;
+                    return Box::pin(origin(config, svc, req, CacheStatus::Miss)).await;
                 }
                 // Joinable without a lookup: a fill of a missing primary.
                 let cold = stale.is_none() && !offline && !refresh && entry_key == ek.primary;
@@ -505,7 +508,9 @@ where
                         deadlines.cap
                     };
                 let waited = std::time::Instant::now();
-                let outcome = match tokio::time::timeout_at(until, wait).await {
+                // Boxed: a hit's future stays small (it is moved, not
+                // just polled, on its way into the response future).
+                let outcome = match Box::pin(tokio::time::timeout_at(until, wait)).await {
                     Ok(Ok(outcome)) => outcome.clone(),
                     // The flight ended without an outcome: look again.
                     Ok(Err(_)) => Some(Outcome::Restart),
@@ -533,7 +538,7 @@ where
                         } else {
                             CacheStatus::Miss
                         };
-                        return origin(config, svc, req, status).await;
+                        return Box::pin(origin(config, svc, req, status)).await;
                     }
                     Some(Outcome::Restart) => {}
                     None => {
@@ -544,7 +549,7 @@ where
             }
         }
     }
-    origin(config, svc, req, CacheStatus::Miss).await
+    Box::pin(origin(config, svc, req, CacheStatus::Miss)).await
 }
 
 /// Reads the entry of a key: ONE command, two when the response varies.

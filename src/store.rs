@@ -696,12 +696,7 @@ where
         // Sized up front: no reallocation while the arguments are added.
         let mut cmd = redis::Cmd::with_capacity(2 + LOOKUP_FIELDS.len(), key.len() + 64);
         cmd.arg("HMGET").arg(key).arg(&LOOKUP_FIELDS[..]);
-        let result = self
-            .run("read", move |mut c| async move {
-                cmd.query_async::<Value>(&mut c).await
-            })
-            .await;
-        match result {
+        match self.read_reply(cmd).await {
             Ok(Value::Array(values)) => Ok(Raw::from_values(values.into_iter().map(|v| match v {
                 Value::BulkString(b) => Some(Bytes::from(b)),
                 _ => None,
@@ -711,6 +706,20 @@ where
             Err(e) if is_wrong_type(&e) => Ok(Raw::default()),
             Err(e) => Err(e),
         }
+    }
+
+    /// The reply of a lookup's `HMGET`, as redis-rs parsed it: an error
+    /// reply (`WRONGTYPE`) as an error. Not `query_async`, which walks
+    /// every value of the reply for nested errors (an `HMGET` has none) and
+    /// rebuilds the array.
+    async fn read_reply(&self, cmd: redis::Cmd) -> Result<Value, FenceError> {
+        self.run("read", move |mut c| async move {
+            match c.req_packed_command(&cmd).await? {
+                error @ Value::ServerError(_) => error.extract_error(),
+                value => Ok(value),
+            }
+        })
+        .await
     }
 
     /// [`read`](Self::read), with the values of `extra` fields besides
@@ -726,12 +735,7 @@ where
             key.len() + 64 + 8 * extra.len(),
         );
         cmd.arg("HMGET").arg(key).arg(&LOOKUP_FIELDS[..]).arg(extra);
-        let result = self
-            .run("read", move |mut c| async move {
-                cmd.query_async::<Value>(&mut c).await
-            })
-            .await;
-        let values = match result {
+        let values = match self.read_reply(cmd).await {
             Ok(Value::Array(values)) => values,
             Ok(_) => Vec::new(),
             Err(e) if is_wrong_type(&e) => Vec::new(),
