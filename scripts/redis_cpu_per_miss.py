@@ -199,7 +199,16 @@ def measure(c, name, batches):
     print(f"| {name} | {spent / reqs * unit:.1f} | {total / reqs:.2f} | "
           + ", ".join(f"{k} {v / reqs:g}" for k, v in sorted(calls.items())) + " |")
 
+TEMP_KEY = False
+INLINE = os.environ.get("INLINE") == "1"
+TEMP_TTL = 10000
+
 def run(c, lua, fmt, n):
+    global TEMP_KEY
+    # STORE of this checkout takes the new entry under a key of its own
+    # (MULTI, HSET, PEXPIRE, EVALSHA, EXEC); `INLINE=1`: its fields as ARGV
+    # (as on a Redis Cluster).
+    TEMP_KEY = "RENAME" in lua["STORE"]
     sha = {k: c.call("SCRIPT", "LOAD", v).decode() for k, v in
            {"acquire": lua["ACQUIRE"], "store": lua["STORE"], "facq": FLOOR_ACQUIRE,
             "fstore": FLOOR_STORE}.items()}
@@ -226,9 +235,22 @@ def run(c, lua, fmt, n):
         started = NOW * 1000
         acq = resp("EVALSHA", sha["acquire"], 2, entry, lease, token, 5000, NOW, "fill", fmt, "", "0", "0")
         store_keys = [entry, lease, url, url + ":vars", url + ":fence", ns + "|#fences", ns + "|#keep"]
-        store_args = [token, TTL, ns + "|#wake", lease, "", fmt, started, 0, 64, "1", "0"] + fields(fmt, "/k/" + str(i))
-        store = resp("EVALSHA", sha["store"], len(store_keys), *store_keys, *store_args)
-        return [resp("HMGET", entry, *LOOKUP[fmt]), acq, store]
+        store_args = [token, TTL, ns + "|#wake", lease, "", fmt, started, 0, 64, "1", "0"]
+        entry_fields = fields(fmt, "/k/" + str(i))
+        if not TEMP_KEY:
+            store = resp("EVALSHA", sha["store"], len(store_keys), *store_keys, *store_args, *entry_fields)
+            return [resp("HMGET", entry, *LOOKUP[fmt]), acq, store]
+        if INLINE:
+            store = resp("EVALSHA", sha["store"], len(store_keys), *store_keys, *store_args,
+                         "/k/" + str(i), "0", *entry_fields)
+            return [resp("HMGET", entry, *LOOKUP[fmt]), acq, store]
+        # The entry under a key of the fill's own (its lease and token), in
+        # one MULTI/EXEC with STORE, which renames it into place.
+        tmp = f"{lease}:{token}:new"
+        store_keys.insert(len(store_keys) - 1, tmp)
+        store = resp("EVALSHA", sha["store"], len(store_keys), *store_keys, *store_args, "/k/" + str(i), "1")
+        return [resp("HMGET", entry, *LOOKUP[fmt]), acq, resp("MULTI"), resp("HSET", tmp, *entry_fields),
+                resp("PEXPIRE", tmp, TEMP_TTL), store, resp("EXEC")]
 
     def floor(i):
         url, entry = keys(i, "fl")

@@ -112,6 +112,8 @@ macro_rules! keep_index {
         r"
 local KEEP = KEYS[#KEYS]
 local keep_now
+-- Set once this script listed a key: only then does it reap.
+local kept = false
 local function keep_clock()
   if not keep_now then
     local tk = redis.call('TIME')
@@ -119,14 +121,17 @@ local function keep_clock()
   end
   return keep_now
 end
-local function keep(k, ms)
-  redis.call('PERSIST', k)
+local function keep(k, ms, new)
+  -- A key this script just created has no TTL to remove.
+  if not new then redis.call('PERSIST', k) end
+  kept = true
   if not pcall(redis.call, 'ZADD', KEEP, 'GT', keep_clock() + tonumber(ms), k) then
     redis.call('DEL', KEEP)
     redis.call('ZADD', KEEP, keep_clock() + tonumber(ms), k)
   end
 end
 local function reap()
+  if not kept then return end
   local okr, due = pcall(redis.call, 'ZRANGEBYSCORE', KEEP, '-inf', keep_clock(), 'LIMIT', 0, 16)
   if okr and #due > 0 then
     redis.call('UNLINK', unpack(due))
@@ -162,13 +167,23 @@ return 0
 macro_rules! fenced_write_prologue {
     () => {
         r"
--- The lease and the URL fence in one read (MGET answers nil for a key of
--- another type).
-local lf = redis.call('MGET', KEYS[2], KEYS[5])
-if lf[1] ~= ARGV[1] then return 0 end
+-- The lease, the URL fence and (single server) the time of the newest
+-- prefix fence in one read (MGET answers nil for a key of another type).
+local lf
+if ARGV[10] == '1' then
+  lf = redis.call('MGET', KEYS[2], KEYS[5], KEYS[6] .. ':last')
+else
+  lf = redis.call('MGET', KEYS[2], KEYS[5])
+end
+if lf[1] ~= ARGV[1] then
+  if TMP then redis.call('DEL', TMP) end
+  return 0
+end
 local started = tonumber(ARGV[7])
--- Set once STORE has listed the entry in the URL's variant set.
+-- Set once STORE has listed the entry in the URL's variant set; `new_set`
+-- when that created the set (it has no TTL for `keep` to remove).
 local listed = false
+local new_set = false
 local function drop_lease()
   -- Only a waiter in another process that listens for wake-ups marks the
   -- lease (ACQUIRE): with no mark nobody is woken, and nothing published.
@@ -181,12 +196,16 @@ local function drop_lease()
   end
 end
 local function refuse(code)
+  if TMP then redis.call('DEL', TMP) end
   drop_lease()
   return code
 end
 local uf = lf[2]
 if uf and tonumber(uf) and tonumber(uf) >= started then return refuse(0) end
-if ARGV[10] == '1' then
+-- The prefix fences are read only when the newest is at or after the
+-- fill's start (`:last`, PREFIX_FENCE: missing when there was none in a
+-- fence's lifetime).
+if ARGV[10] == '1' and lf[3] and (tonumber(lf[3]) or started) >= started then
   local okp, fences = pcall(redis.call, 'ZRANGEBYSCORE', KEYS[6], ARGV[7], '+inf')
   if okp then
     for _, p in ipairs(fences) do
@@ -218,10 +237,7 @@ macro_rules! fenced_write_epilogue {
 if ARGV[5] ~= '' then
   local ok, cur = pcall(redis.call, 'HGET', KEYS[3], 'vary')
   if not ok or cur ~= ARGV[5] then
-    local key = ''
-    for i = first, #ARGV - 1, 2 do
-      if ARGV[i] == 'key' then key = ARGV[i + 1] end
-    end
+    local key = key_field()
     if ARGV[11] == '1' then near(KEYS[3], '-') end
     redis.call('DEL', KEYS[3])
     redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
@@ -238,7 +254,7 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
       redis.call('SADD', KEYS[4], KEYS[1])
     end
   end
-  keep(KEYS[4], ttl)
+  keep(KEYS[4], ttl, new_set)
 end
 if markers then
   for i = 1, n do
@@ -300,6 +316,12 @@ return 1
 pub(crate) const STORE: &str = concat!(
     near_announce!(),
     keep_index!(),
+    r"
+-- The new entry, written by the caller under a key of its own (when
+-- ARGV[13] is `1`): renamed into place, or removed when refused.
+local TMP = ARGV[13] == '1' and KEYS[#KEYS - 1]
+local function key_field() return ARGV[12] end
+",
     fenced_write_prologue!(),
     r"
 local ttl = tonumber(ARGV[2])
@@ -308,10 +330,16 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
   -- member is counted against the bound.
   local max = tonumber(ARGV[9])
   local oka, added = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
+  local card = 0
   if not oka then
     redis.call('DEL', KEYS[4])
     added = redis.call('SADD', KEYS[4], KEYS[1])
-  elseif added == 1 and redis.call('SCARD', KEYS[4]) > max then
+    new_set = true
+  elseif added == 1 then
+    card = redis.call('SCARD', KEYS[4])
+    new_set = card == 1
+  end
+  if card > max then
     redis.call('SREM', KEYS[4], KEYS[1])
     -- Forget variants that expired, a bounded look at a time.
     local scan = redis.call('SSCAN', KEYS[4], 0, 'COUNT', max * 2)
@@ -337,12 +365,21 @@ if not marked and not existed and not string.find(ARGV[3], '{', 1, true) then
   local okr, r = pcall(redis.call, 'EXISTS', (string.match(KEYS[1], '^[^|]*|') or '') .. '#nearcaches')
   marked = okr and r == 1
 end
-if existed then redis.call('DEL', KEYS[1]) end
-local first = 12
-if marked then
-  redis.call('HSET', KEYS[1], 'near', '1', unpack(ARGV, first))
+if TMP then
+  -- RENAME replaces the old hash whole. The key is missing when it expired
+  -- or was evicted before this ran: nothing is stored.
+  if not pcall(redis.call, 'RENAME', TMP, KEYS[1]) then
+    TMP = false
+    return refuse(4)
+  end
+  if marked then redis.call('HSET', KEYS[1], 'near', '1') end
 else
-  redis.call('HSET', KEYS[1], unpack(ARGV, first))
+  if existed then redis.call('DEL', KEYS[1]) end
+  if marked then
+    redis.call('HSET', KEYS[1], 'near', '1', unpack(ARGV, 14))
+  else
+    redis.call('HSET', KEYS[1], unpack(ARGV, 14))
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 ",
@@ -371,6 +408,15 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 pub(crate) const FRESHEN: &str = concat!(
     near_announce!(),
     keep_index!(),
+    r"
+local TMP = false
+local function key_field()
+  for i = 14, #ARGV - 1, 2 do
+    if ARGV[i] == 'key' then return ARGV[i + 1] end
+  end
+  return ''
+end
+",
     fenced_write_prologue!(),
     r"
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 3 end
@@ -394,9 +440,11 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 /// folded into one fence on the whole namespace (which refuses more fills,
 /// never fewer).
 ///
-/// KEYS: the namespace's prefix fences, the keep set (`keep_index!`: the
-/// fences have no TTL). ARGV: key prefix, lifetime ms,
-/// max fences, namespace prefix. Returns the fence's time (Redis µs).
+/// KEYS: the namespace's prefix fences, the time of the newest of them
+/// (`<fences>:last`, a string: STORE reads the fences only when it is at
+/// or after the fill's start), the keep set (`keep_index!`: the fences
+/// have no TTL). ARGV: key prefix, lifetime ms, max fences, namespace
+/// prefix. Returns the fence's time (Redis µs).
 pub(crate) const PREFIX_FENCE: &str = concat!(
     keep_index!(),
     r"
@@ -410,7 +458,14 @@ if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
   redis.call('ZADD', KEYS[1], now, ARGV[4])
 end
+-- The newest fence's time only rises (a clock stepping back keeps the
+-- later one, at or after every score in the set).
+local okl, last = pcall(redis.call, 'GET', KEYS[2])
+if not okl or not tonumber(last or '') or tonumber(last) < tonumber(now) then
+  redis.call('SET', KEYS[2], now)
+end
 keep(KEYS[1], ttl)
+keep(KEYS[2], ttl)
 reap()
 return now
 "
