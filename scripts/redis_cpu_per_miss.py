@@ -12,6 +12,9 @@ connection does under load), what one request costs Redis, for N fresh keys:
 - floor: the cheapest fenced store one can write: HMGET, a script taking the
   lease (SET NX PX, TIME), a script checking the lease and the URL fence
   (MGET) and writing the entry (HSET, PEXPIRE) and dropping the lease (DEL);
+  and the same with the entry written under a temporary key in one
+  transaction with the store script, which RENAMEs it into place (no body
+  crossing into Lua);
 - hits: GET of a 4 KiB string, HMGET of an entry's lookup fields.
 
 Redis CPU from `INFO cpu` (main thread) deltas over the run, per request.
@@ -176,6 +179,21 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
+# The same, the new entry written under a temporary key in the same
+# transaction (MULTI, HSET, PEXPIRE, EVALSHA, EXEC) and renamed into place:
+# no body crosses into Lua.
+FLOOR_STORE_RENAME = """
+local lf = redis.call('MGET', KEYS[2], KEYS[3])
+if lf[1] ~= ARGV[1] or (lf[2] and tonumber(lf[2]) >= tonumber(ARGV[3])) then
+  redis.call('DEL', KEYS[2], KEYS[4])
+  return 0
+end
+redis.call('RENAME', KEYS[4], KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
 def measure(c, name, batches):
     c.call("CONFIG", "RESETSTAT")
     before = cpu(c)
@@ -211,7 +229,7 @@ def run(c, lua, fmt, n):
     TEMP_KEY = "RENAME" in lua["STORE"]
     sha = {k: c.call("SCRIPT", "LOAD", v).decode() for k, v in
            {"acquire": lua["ACQUIRE"], "store": lua["STORE"], "facq": FLOOR_ACQUIRE,
-            "fstore": FLOOR_STORE}.items()}
+            "fstore": FLOOR_STORE, "fstore2": FLOOR_STORE_RENAME}.items()}
     ns = "bench:"
     batch = 50
     print(f"{n} requests of each kind, pipelined {batch} at a time; format {fmt}\n")
@@ -261,6 +279,16 @@ def run(c, lua, fmt, n):
                      *fields(fmt, "/k/" + str(i)))
         return [resp("HMGET", entry, *LOOKUP[fmt]), acq, store]
 
+    def floor_rename(i):
+        url, entry = keys(i, "fr")
+        lease = entry + ":lease"
+        token = f"tok{i}"
+        tmp = f"{lease}:{token}:new"
+        acq = resp("EVALSHA", sha["facq"], 1, lease, token, 5000)
+        store = resp("EVALSHA", sha["fstore2"], 4, entry, lease, url + ":fence", tmp, token, TTL, NOW * 1000)
+        return [resp("HMGET", entry, *LOOKUP[fmt]), acq, resp("MULTI"), resp("HSET", tmp, *fields(fmt, "/k/" + str(i))),
+                resp("PEXPIRE", tmp, TEMP_TTL), store, resp("EXEC")]
+
     def batches(make, count, offset=0):
         out = []
         for b in range(0, count, batch):
@@ -272,13 +300,16 @@ def run(c, lua, fmt, n):
 
     # Warm the allocator and the scripts' caches.
     for r in range(1):
-        for cmds, _ in batches(naive, min(n, 2000), 10**7) + batches(fence, min(n, 2000), 10**7) + batches(floor, min(n, 2000), 10**7):
+        for cmds, _ in (batches(naive, min(n, 2000), 10**7) + batches(fence, min(n, 2000), 10**7)
+                        + batches(floor, min(n, 2000), 10**7) + batches(floor_rename, min(n, 2000), 10**7)):
             c.pipeline(cmds)
     for rnd in range(3):
         measure(c, f"naive miss (GET + SET PX) #{rnd + 1}", batches(naive, n, rnd * n))
         measure(c, f"fence miss (HMGET + ACQUIRE + STORE) #{rnd + 1}", batches(fence, n, rnd * n))
         measure(c, f"floor miss (HMGET + SET NX/TIME script + MGET/HSET/PEXPIRE/DEL script) #{rnd + 1}",
                 batches(floor, n, rnd * n))
+        measure(c, f"floor miss, entry renamed into place (HMGET + SET NX/TIME script + MULTI, HSET, PEXPIRE, "
+                f"MGET/RENAME/PEXPIRE/DEL script, EXEC) #{rnd + 1}", batches(floor_rename, n, rnd * n))
     # Refill of expired entries (their URL's variant set still there): the
     # entries are deleted.
     url_entries = [keys(i, "f")[1] for i in range(n)]

@@ -289,7 +289,8 @@ return 1
 /// of the last path or key invalidation of the primary), the namespace's
 /// prefix fences (a sorted set of key prefixes scored by the Redis time of
 /// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
-/// tag indexes and their `n` tag fences, then (last) the keep set
+/// tag indexes and their `n` tag fences, then (when ARGV 13 is `1`) the
+/// fill's temporary key holding the new entry, then (last) the keep set
 /// (`keep_index!`: the variant set, tag indexes and markers get no TTL).
 /// ARGV: token, entry ttl ms, wake
 /// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
@@ -299,7 +300,11 @@ return 1
 /// may hold the entry being replaced (`1` for a refresh or refetch, which
 /// may replace a fresh entry: then a marked one is announced, see
 /// `near_announce!`; a fill of a missing or stale entry replaces nothing a
-/// near cache serves), then field/value pairs. The new hash keeps the old
+/// near cache serves), the entry's `key` field (for a `Vary` index),
+/// `1` when the new entry is the temporary key (written by the caller in
+/// the same `MULTI`/`EXEC`: RENAMEd into place, or removed when the store
+/// is refused; its body never crosses into Lua) or `0` when it is the
+/// field/value pairs that follow (a Redis Cluster). The new hash keeps the old
 /// one's `near` mark: a near cache that has not heard the announcement yet
 /// (or never will: a lost subscription) may still hold the old copy, so the
 /// next invalidation must still announce and wait.
@@ -312,7 +317,11 @@ return 1
 /// Returns 1 when stored, 0 when fenced out (the lease is gone, or the URL,
 /// a prefix of its key or one of the response's tags was invalidated at or
 /// after the fill started), 2 when not stored because the URL has the most
-/// variants it may have.
+/// variants it may have, 4 when the temporary key was gone (not stored).
+///
+/// The prefix fences (ARGV 10 `1`) are read only when their newest
+/// (`<fences>:last`, written by [`PREFIX_FENCE`]; read in the lease's
+/// `MGET`) is at or after the fill's start.
 pub(crate) const STORE: &str = concat!(
     near_announce!(),
     keep_index!(),
