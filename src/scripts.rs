@@ -50,7 +50,9 @@ end
 -- The time before the lease: a script that fails after its SET would leave
 -- the lease held until it expires (an ACL denying TIME, say).
 local t = redis.call('TIME')
-local start = t[1] .. string.format('%06d', tonumber(t[2]))
+-- Zero-padded to 6 digits (TIME's microseconds have no leading zeros);
+-- string.rep rather than string.format, which goes through a double.
+local start = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[4] == 'fill' and v == ARGV[5] and ARGV[8] ~= '1' then return {'won', entry(), start} end
   return {'won', {}, start}

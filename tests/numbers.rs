@@ -403,6 +403,8 @@ async fn a_cold_miss_runs_a_known_list_of_redis_commands() {
     assert_eq!(get_host("/cold").await, "MISS");
     until("the fill to end", || handle.stats().in_flight == 0).await;
     let (cold, cold_list) = commands_of(&redis);
+    // The fill's temporary new entry was renamed into place.
+    assert_eq!(redis.cli(&["KEYS", "cmds:|*:new"]).trim(), "");
     // The same URL again once its entry expired: its variant set is there.
     redis.cli(&["DEL", "cmds:|{/cold}\nhost:shop.example"]);
     for key in redis.cli(&["KEYS", "cmds:|*"]).lines() {
@@ -443,7 +445,11 @@ async fn a_cold_miss_runs_a_known_list_of_redis_commands() {
             ("zadd", 1),
             ("zrangebyscore", 1),
         ];
-        list.push(if new_set { ("scard", 1) } else { ("persist", 1) });
+        list.push(if new_set {
+            ("scard", 1)
+        } else {
+            ("persist", 1)
+        });
         list.sort();
         list.into_iter()
             .map(|(c, n)| (c.to_owned(), n))
