@@ -612,3 +612,21 @@ async fn a_plain_hyper_server_works_through_service_builder() {
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_after_the_scripts_were_flushed_loads_them_again() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    app.get("/item/1").await;
+    // The store script runs inside a transaction with the fill's temporary
+    // key: NOSCRIPT there loads it and sends the transaction again.
+    redis.cli(&["SCRIPT", "FLUSH"]);
+    let miss = app.get("/item/2").await;
+    assert_eq!(miss.cache_status(), Some("MISS"));
+    let hit = app.get("/item/2").await;
+    assert_eq!(hit.cache_status(), Some("HIT"));
+    assert_eq!(app.counter.get(), 2);
+    assert_eq!(app.handle.stats().stores, 2);
+    // Nothing is left under a temporary key.
+    assert_eq!(redis.cli(&["KEYS", "*:new"]).trim(), "");
+}
