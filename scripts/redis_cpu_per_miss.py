@@ -12,6 +12,9 @@ connection does under load), what one request costs Redis, for N fresh keys:
 - floor: the cheapest fenced store one can write: HMGET, a script taking the
   lease (SET NX PX, TIME), a script checking the lease and the URL fence
   (MGET) and writing the entry (HSET, PEXPIRE) and dropping the lease (DEL);
+  and the same with the entry written under a temporary key in one
+  transaction with the store script, which RENAMEs it into place (no body
+  crossing into Lua);
 - hits: GET of a 4 KiB string, HMGET of an entry's lookup fields.
 
 Redis CPU from `INFO cpu` (main thread) deltas over the run, per request.
@@ -176,6 +179,21 @@ redis.call('DEL', KEYS[2])
 return 1
 """
 
+# The same, the new entry written under a temporary key in the same
+# transaction (MULTI, HSET, PEXPIRE, EVALSHA, EXEC) and renamed into place:
+# no body crosses into Lua.
+FLOOR_STORE_RENAME = """
+local lf = redis.call('MGET', KEYS[2], KEYS[3])
+if lf[1] ~= ARGV[1] or (lf[2] and tonumber(lf[2]) >= tonumber(ARGV[3])) then
+  redis.call('DEL', KEYS[2], KEYS[4])
+  return 0
+end
+redis.call('RENAME', KEYS[4], KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
 def measure(c, name, batches):
     c.call("CONFIG", "RESETSTAT")
     before = cpu(c)
@@ -199,10 +217,19 @@ def measure(c, name, batches):
     print(f"| {name} | {spent / reqs * unit:.1f} | {total / reqs:.2f} | "
           + ", ".join(f"{k} {v / reqs:g}" for k, v in sorted(calls.items())) + " |")
 
+TEMP_KEY = False
+INLINE = os.environ.get("INLINE") == "1"
+TEMP_TTL = 10000
+
 def run(c, lua, fmt, n):
+    global TEMP_KEY
+    # STORE of this checkout takes the new entry under a key of its own
+    # (MULTI, HSET, PEXPIRE, EVALSHA, EXEC); `INLINE=1`: its fields as ARGV
+    # (as on a Redis Cluster).
+    TEMP_KEY = "RENAME" in lua["STORE"]
     sha = {k: c.call("SCRIPT", "LOAD", v).decode() for k, v in
            {"acquire": lua["ACQUIRE"], "store": lua["STORE"], "facq": FLOOR_ACQUIRE,
-            "fstore": FLOOR_STORE}.items()}
+            "fstore": FLOOR_STORE, "fstore2": FLOOR_STORE_RENAME}.items()}
     ns = "bench:"
     batch = 50
     print(f"{n} requests of each kind, pipelined {batch} at a time; format {fmt}\n")
@@ -226,9 +253,22 @@ def run(c, lua, fmt, n):
         started = NOW * 1000
         acq = resp("EVALSHA", sha["acquire"], 2, entry, lease, token, 5000, NOW, "fill", fmt, "", "0", "0")
         store_keys = [entry, lease, url, url + ":vars", url + ":fence", ns + "|#fences", ns + "|#keep"]
-        store_args = [token, TTL, ns + "|#wake", lease, "", fmt, started, 0, 64, "1", "0"] + fields(fmt, "/k/" + str(i))
-        store = resp("EVALSHA", sha["store"], len(store_keys), *store_keys, *store_args)
-        return [resp("HMGET", entry, *LOOKUP[fmt]), acq, store]
+        store_args = [token, TTL, ns + "|#wake", lease, "", fmt, started, 0, 64, "1", "0"]
+        entry_fields = fields(fmt, "/k/" + str(i))
+        if not TEMP_KEY:
+            store = resp("EVALSHA", sha["store"], len(store_keys), *store_keys, *store_args, *entry_fields)
+            return [resp("HMGET", entry, *LOOKUP[fmt]), acq, store]
+        if INLINE:
+            store = resp("EVALSHA", sha["store"], len(store_keys), *store_keys, *store_args,
+                         "/k/" + str(i), "0", *entry_fields)
+            return [resp("HMGET", entry, *LOOKUP[fmt]), acq, store]
+        # The entry under a key of the fill's own (its lease and token), in
+        # one MULTI/EXEC with STORE, which renames it into place.
+        tmp = f"{lease}:{token}:new"
+        store_keys.insert(len(store_keys) - 1, tmp)
+        store = resp("EVALSHA", sha["store"], len(store_keys), *store_keys, *store_args, "/k/" + str(i), "1")
+        return [resp("HMGET", entry, *LOOKUP[fmt]), acq, resp("MULTI"), resp("HSET", tmp, *entry_fields),
+                resp("PEXPIRE", tmp, TEMP_TTL), store, resp("EXEC")]
 
     def floor(i):
         url, entry = keys(i, "fl")
@@ -238,6 +278,16 @@ def run(c, lua, fmt, n):
         store = resp("EVALSHA", sha["fstore"], 3, entry, lease, url + ":fence", token, TTL, NOW * 1000,
                      *fields(fmt, "/k/" + str(i)))
         return [resp("HMGET", entry, *LOOKUP[fmt]), acq, store]
+
+    def floor_rename(i):
+        url, entry = keys(i, "fr")
+        lease = entry + ":lease"
+        token = f"tok{i}"
+        tmp = f"{lease}:{token}:new"
+        acq = resp("EVALSHA", sha["facq"], 1, lease, token, 5000)
+        store = resp("EVALSHA", sha["fstore2"], 4, entry, lease, url + ":fence", tmp, token, TTL, NOW * 1000)
+        return [resp("HMGET", entry, *LOOKUP[fmt]), acq, resp("MULTI"), resp("HSET", tmp, *fields(fmt, "/k/" + str(i))),
+                resp("PEXPIRE", tmp, TEMP_TTL), store, resp("EXEC")]
 
     def batches(make, count, offset=0):
         out = []
@@ -250,13 +300,16 @@ def run(c, lua, fmt, n):
 
     # Warm the allocator and the scripts' caches.
     for r in range(1):
-        for cmds, _ in batches(naive, min(n, 2000), 10**7) + batches(fence, min(n, 2000), 10**7) + batches(floor, min(n, 2000), 10**7):
+        for cmds, _ in (batches(naive, min(n, 2000), 10**7) + batches(fence, min(n, 2000), 10**7)
+                        + batches(floor, min(n, 2000), 10**7) + batches(floor_rename, min(n, 2000), 10**7)):
             c.pipeline(cmds)
     for rnd in range(3):
         measure(c, f"naive miss (GET + SET PX) #{rnd + 1}", batches(naive, n, rnd * n))
         measure(c, f"fence miss (HMGET + ACQUIRE + STORE) #{rnd + 1}", batches(fence, n, rnd * n))
         measure(c, f"floor miss (HMGET + SET NX/TIME script + MGET/HSET/PEXPIRE/DEL script) #{rnd + 1}",
                 batches(floor, n, rnd * n))
+        measure(c, f"floor miss, entry renamed into place (HMGET + SET NX/TIME script + MULTI, HSET, PEXPIRE, "
+                f"MGET/RENAME/PEXPIRE/DEL script, EXEC) #{rnd + 1}", batches(floor_rename, n, rnd * n))
     # Refill of expired entries (their URL's variant set still there): the
     # entries are deleted.
     url_entries = [keys(i, "f")[1] for i in range(n)]

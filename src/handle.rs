@@ -61,11 +61,13 @@ where
 
 /// Whether `key` (under an entry's URL) is one of the URL's index keys or
 /// leases rather than an entry: its variant set, fence, a lease, a
-/// waiter mark or its owed near-cache announcement (Redis Cluster).
+/// waiter mark, a fill's temporary new entry or its owed near-cache
+/// announcement (Redis Cluster).
 fn is_index_key(key: &str) -> bool {
     [":vars", ":fence", ":lease", ":lease:w", ":near-owed"]
         .iter()
         .any(|s| key.ends_with(s))
+        || crate::store::is_temp_entry(key)
 }
 
 /// Escapes the glob characters of a Redis `MATCH` pattern. (Keys built by
@@ -1015,6 +1017,7 @@ where
                     // The entry (at the URL or a dimension of it) holds the
                     // whole key, which starts with the URL.
                     if key.ends_with(":lease")
+                        || crate::store::is_temp_entry(key)
                         || key.ends_with(":vars")
                         || key.ends_with(":near-owed")
                     {

@@ -50,7 +50,9 @@ end
 -- The time before the lease: a script that fails after its SET would leave
 -- the lease held until it expires (an ACL denying TIME, say).
 local t = redis.call('TIME')
-local start = t[1] .. string.format('%06d', tonumber(t[2]))
+-- Zero-padded to 6 digits (TIME's microseconds have no leading zeros);
+-- string.rep rather than string.format, which goes through a double.
+local start = t[1] .. string.rep('0', 6 - #t[2]) .. t[2]
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[4] == 'fill' and v == ARGV[5] and ARGV[8] ~= '1' then return {'won', entry(), start} end
   return {'won', {}, start}
@@ -112,6 +114,8 @@ macro_rules! keep_index {
         r"
 local KEEP = KEYS[#KEYS]
 local keep_now
+-- Set once this script listed a key: only then does it reap.
+local kept = false
 local function keep_clock()
   if not keep_now then
     local tk = redis.call('TIME')
@@ -119,14 +123,17 @@ local function keep_clock()
   end
   return keep_now
 end
-local function keep(k, ms)
-  redis.call('PERSIST', k)
+local function keep(k, ms, new)
+  -- A key this script just created has no TTL to remove.
+  if not new then redis.call('PERSIST', k) end
+  kept = true
   if not pcall(redis.call, 'ZADD', KEEP, 'GT', keep_clock() + tonumber(ms), k) then
     redis.call('DEL', KEEP)
     redis.call('ZADD', KEEP, keep_clock() + tonumber(ms), k)
   end
 end
 local function reap()
+  if not kept then return end
   local okr, due = pcall(redis.call, 'ZRANGEBYSCORE', KEEP, '-inf', keep_clock(), 'LIMIT', 0, 16)
   if okr and #due > 0 then
     redis.call('UNLINK', unpack(due))
@@ -162,13 +169,23 @@ return 0
 macro_rules! fenced_write_prologue {
     () => {
         r"
--- The lease and the URL fence in one read (MGET answers nil for a key of
--- another type).
-local lf = redis.call('MGET', KEYS[2], KEYS[5])
-if lf[1] ~= ARGV[1] then return 0 end
+-- The lease, the URL fence and (single server) the time of the newest
+-- prefix fence in one read (MGET answers nil for a key of another type).
+local lf
+if ARGV[10] == '1' then
+  lf = redis.call('MGET', KEYS[2], KEYS[5], KEYS[6] .. ':last')
+else
+  lf = redis.call('MGET', KEYS[2], KEYS[5])
+end
+if lf[1] ~= ARGV[1] then
+  if TMP then redis.call('DEL', TMP) end
+  return 0
+end
 local started = tonumber(ARGV[7])
--- Set once STORE has listed the entry in the URL's variant set.
+-- Set once STORE has listed the entry in the URL's variant set; `new_set`
+-- when that created the set (it has no TTL for `keep` to remove).
 local listed = false
+local new_set = false
 local function drop_lease()
   -- Only a waiter in another process that listens for wake-ups marks the
   -- lease (ACQUIRE): with no mark nobody is woken, and nothing published.
@@ -181,12 +198,16 @@ local function drop_lease()
   end
 end
 local function refuse(code)
+  if TMP then redis.call('DEL', TMP) end
   drop_lease()
   return code
 end
 local uf = lf[2]
 if uf and tonumber(uf) and tonumber(uf) >= started then return refuse(0) end
-if ARGV[10] == '1' then
+-- The prefix fences are read only when the newest is at or after the
+-- fill's start (`:last`, PREFIX_FENCE: missing when there was none in a
+-- fence's lifetime).
+if ARGV[10] == '1' and lf[3] and (tonumber(lf[3]) or started) >= started then
   local okp, fences = pcall(redis.call, 'ZRANGEBYSCORE', KEYS[6], ARGV[7], '+inf')
   if okp then
     for _, p in ipairs(fences) do
@@ -218,10 +239,7 @@ macro_rules! fenced_write_epilogue {
 if ARGV[5] ~= '' then
   local ok, cur = pcall(redis.call, 'HGET', KEYS[3], 'vary')
   if not ok or cur ~= ARGV[5] then
-    local key = ''
-    for i = first, #ARGV - 1, 2 do
-      if ARGV[i] == 'key' then key = ARGV[i + 1] end
-    end
+    local key = key_field()
     if ARGV[11] == '1' then near(KEYS[3], '-') end
     redis.call('DEL', KEYS[3])
     redis.call('HSET', KEYS[3], 'v', ARGV[6], 'vary', ARGV[5], 'key', key)
@@ -238,7 +256,7 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
       redis.call('SADD', KEYS[4], KEYS[1])
     end
   end
-  keep(KEYS[4], ttl)
+  keep(KEYS[4], ttl, new_set)
 end
 if markers then
   for i = 1, n do
@@ -273,7 +291,8 @@ return 1
 /// of the last path or key invalidation of the primary), the namespace's
 /// prefix fences (a sorted set of key prefixes scored by the Redis time of
 /// their invalidation; a same-slot stand-in in Redis Cluster mode), then `n`
-/// tag indexes and their `n` tag fences, then (last) the keep set
+/// tag indexes and their `n` tag fences, then (when ARGV 13 is `1`) the
+/// fill's temporary key holding the new entry, then (last) the keep set
 /// (`keep_index!`: the variant set, tag indexes and markers get no TTL).
 /// ARGV: token, entry ttl ms, wake
 /// channel (a sharded one, `SPUBLISH`ed, when it holds a `{hash tag}`: the
@@ -283,7 +302,11 @@ return 1
 /// may hold the entry being replaced (`1` for a refresh or refetch, which
 /// may replace a fresh entry: then a marked one is announced, see
 /// `near_announce!`; a fill of a missing or stale entry replaces nothing a
-/// near cache serves), then field/value pairs. The new hash keeps the old
+/// near cache serves), the entry's `key` field (for a `Vary` index),
+/// `1` when the new entry is the temporary key (written by the caller in
+/// the same `MULTI`/`EXEC`: RENAMEd into place, or removed when the store
+/// is refused; its body never crosses into Lua) or `0` when it is the
+/// field/value pairs that follow (a Redis Cluster). The new hash keeps the old
 /// one's `near` mark: a near cache that has not heard the announcement yet
 /// (or never will: a lost subscription) may still hold the old copy, so the
 /// next invalidation must still announce and wait.
@@ -296,10 +319,20 @@ return 1
 /// Returns 1 when stored, 0 when fenced out (the lease is gone, or the URL,
 /// a prefix of its key or one of the response's tags was invalidated at or
 /// after the fill started), 2 when not stored because the URL has the most
-/// variants it may have.
+/// variants it may have, 4 when the temporary key was gone (not stored).
+///
+/// The prefix fences (ARGV 10 `1`) are read only when their newest
+/// (`<fences>:last`, written by [`PREFIX_FENCE`]; read in the lease's
+/// `MGET`) is at or after the fill's start.
 pub(crate) const STORE: &str = concat!(
     near_announce!(),
     keep_index!(),
+    r"
+-- The new entry, written by the caller under a key of its own (when
+-- ARGV[13] is `1`): renamed into place, or removed when refused.
+local TMP = ARGV[13] == '1' and KEYS[#KEYS - 1]
+local function key_field() return ARGV[12] end
+",
     fenced_write_prologue!(),
     r"
 local ttl = tonumber(ARGV[2])
@@ -308,10 +341,16 @@ if KEYS[1] .. ':vars' ~= KEYS[4] then
   -- member is counted against the bound.
   local max = tonumber(ARGV[9])
   local oka, added = pcall(redis.call, 'SADD', KEYS[4], KEYS[1])
+  local card = 0
   if not oka then
     redis.call('DEL', KEYS[4])
     added = redis.call('SADD', KEYS[4], KEYS[1])
-  elseif added == 1 and redis.call('SCARD', KEYS[4]) > max then
+    new_set = true
+  elseif added == 1 then
+    card = redis.call('SCARD', KEYS[4])
+    new_set = card == 1
+  end
+  if card > max then
     redis.call('SREM', KEYS[4], KEYS[1])
     -- Forget variants that expired, a bounded look at a time.
     local scan = redis.call('SSCAN', KEYS[4], 0, 'COUNT', max * 2)
@@ -337,12 +376,21 @@ if not marked and not existed and not string.find(ARGV[3], '{', 1, true) then
   local okr, r = pcall(redis.call, 'EXISTS', (string.match(KEYS[1], '^[^|]*|') or '') .. '#nearcaches')
   marked = okr and r == 1
 end
-if existed then redis.call('DEL', KEYS[1]) end
-local first = 12
-if marked then
-  redis.call('HSET', KEYS[1], 'near', '1', unpack(ARGV, first))
+if TMP then
+  -- RENAME replaces the old hash whole. The key is missing when it expired
+  -- or was evicted before this ran: nothing is stored.
+  if not pcall(redis.call, 'RENAME', TMP, KEYS[1]) then
+    TMP = false
+    return refuse(4)
+  end
+  if marked then redis.call('HSET', KEYS[1], 'near', '1') end
 else
-  redis.call('HSET', KEYS[1], unpack(ARGV, first))
+  if existed then redis.call('DEL', KEYS[1]) end
+  if marked then
+    redis.call('HSET', KEYS[1], 'near', '1', unpack(ARGV, 14))
+  else
+    redis.call('HSET', KEYS[1], unpack(ARGV, 14))
+  end
 end
 redis.call('PEXPIRE', KEYS[1], ttl)
 ",
@@ -371,6 +419,15 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 pub(crate) const FRESHEN: &str = concat!(
     near_announce!(),
     keep_index!(),
+    r"
+local TMP = false
+local function key_field()
+  for i = 14, #ARGV - 1, 2 do
+    if ARGV[i] == 'key' then return ARGV[i + 1] end
+  end
+  return ''
+end
+",
     fenced_write_prologue!(),
     r"
 if redis.call('TYPE', KEYS[1])['ok'] ~= 'hash' then return 3 end
@@ -394,9 +451,11 @@ redis.call('PEXPIRE', KEYS[1], ttl)
 /// folded into one fence on the whole namespace (which refuses more fills,
 /// never fewer).
 ///
-/// KEYS: the namespace's prefix fences, the keep set (`keep_index!`: the
-/// fences have no TTL). ARGV: key prefix, lifetime ms,
-/// max fences, namespace prefix. Returns the fence's time (Redis µs).
+/// KEYS: the namespace's prefix fences, the time of the newest of them
+/// (`<fences>:last`, a string: STORE reads the fences only when it is at
+/// or after the fill's start), the keep set (`keep_index!`: the fences
+/// have no TTL). ARGV: key prefix, lifetime ms, max fences, namespace
+/// prefix. Returns the fence's time (Redis µs).
 pub(crate) const PREFIX_FENCE: &str = concat!(
     keep_index!(),
     r"
@@ -410,7 +469,14 @@ if redis.call('ZCARD', KEYS[1]) > tonumber(ARGV[3]) then
   redis.call('DEL', KEYS[1])
   redis.call('ZADD', KEYS[1], now, ARGV[4])
 end
+-- The newest fence's time only rises (a clock stepping back keeps the
+-- later one, at or after every score in the set).
+local okl, last = pcall(redis.call, 'GET', KEYS[2])
+if not okl or not tonumber(last or '') or tonumber(last) < tonumber(now) then
+  redis.call('SET', KEYS[2], now)
+end
 keep(KEYS[1], ttl)
+keep(KEYS[2], ttl)
 reap()
 return now
 "

@@ -317,6 +317,77 @@ impl FencedWriteKeys {
     }
 }
 
+/// How long the temporary key of a new entry lives (`<lease>:<token>:new`,
+/// written in the same transaction as the STORE that renames it into
+/// place): only a STORE that fails with an error leaves it behind.
+const TEMP_ENTRY_MS: u64 = 10_000;
+
+/// The temporary key a fill writes its new entry under: named after its
+/// lease and token (a fill whose lease expired never touches the next
+/// fill's), in the entry's hash slot.
+pub(crate) fn temp_entry_of(lease_key: &str, token: &str) -> String {
+    format!("{lease_key}:{token}:new")
+}
+
+/// Whether `key` is a fill's temporary new entry ([`temp_entry_of`]).
+pub(crate) fn is_temp_entry(key: &str) -> bool {
+    key.ends_with(":new") && key.contains(":lease:")
+}
+
+/// The KEYS and ARGV of a fenced write (STORE or FRESHEN): sent as a script
+/// call that loads the script on `NOSCRIPT` ([`invoke_async`]
+/// (Self::invoke_async)), or as an `EVALSHA` inside a transaction
+/// ([`evalsha_cmd`](Self::evalsha_cmd)).
+struct FencedWrite<'s> {
+    script: &'s redis::Script,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl<'s> FencedWrite<'s> {
+    fn new(script: &'s redis::Script) -> Self {
+        Self {
+            script,
+            keys: Vec::with_capacity(8),
+            args: Vec::with_capacity(32),
+        }
+    }
+
+    fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+
+    fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    fn evalsha_cmd(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.script.get_hash())
+            .arg(self.keys.len())
+            .arg(&self.keys)
+            .arg(&self.args);
+        cmd
+    }
+
+    async fn invoke_async<C, T>(self, con: &mut C) -> redis::RedisResult<T>
+    where
+        C: ConnectionLike,
+        T: redis::FromRedisValue,
+    {
+        let mut inv = self.script.prepare_invoke();
+        for key in &self.keys {
+            inv.key(key.as_slice());
+        }
+        for arg in &self.args {
+            inv.arg(arg.as_slice());
+        }
+        inv.invoke_async(con).await
+    }
+}
+
 /// A release of a lease without a store.
 pub(crate) struct ReleaseArgs<'a> {
     pub(crate) lease_key: &'a str,
@@ -807,18 +878,66 @@ where
     pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<WriteBack, FenceError> {
         self.check_eviction_policy().await;
         let keys = FencedWriteKeys::new(self, &args);
-        let stored: i64 = self
-            .run("store", |mut c| {
-                let mut inv = self.fenced_write(&self.scripts.store, &args, &keys);
+        let key_field = args
+            .fields
+            .iter()
+            .find(|(name, _)| *name == "key")
+            .map_or(&[][..], |(_, value)| value.as_slice());
+        let stored: i64 = if self.is_cluster() {
+            // The fields as ARGV: a MULTI/EXEC pipeline would have to follow
+            // MOVED/ASK redirections as a whole while slots move.
+            self.run("store", |mut c| {
+                let mut inv = self.fenced_write(&self.scripts.store, &args, &keys, None);
+                inv.arg(key_field).arg("0");
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
                 }
                 async move { inv.invoke_async(&mut c).await }
             })
-            .await?;
+            .await?
+        } else {
+            // The new entry under a key of the fill's own, renamed into
+            // place by STORE in the same transaction: the body never
+            // crosses into Lua (BENCHMARKS.md, "Redis per cold miss").
+            let temp = temp_entry_of(args.lease_key, args.token);
+            let script = &self.scripts.store;
+            self.run("store", |mut c| {
+                let mut inv = self.fenced_write(script, &args, &keys, Some(&temp));
+                inv.arg(key_field).arg("1");
+                let mut pipe = redis::pipe();
+                pipe.atomic();
+                pipe.cmd("HSET").arg(temp.as_str());
+                for (name, value) in &args.fields {
+                    pipe.arg(*name).arg(value.as_slice());
+                }
+                pipe.ignore();
+                pipe.cmd("PEXPIRE")
+                    .arg(temp.as_str())
+                    .arg(TEMP_ENTRY_MS)
+                    .ignore();
+                pipe.add_command(inv.evalsha_cmd());
+                async move {
+                    let first: redis::RedisResult<(i64,)> = pipe.query_async(&mut c).await;
+                    match first {
+                        Err(err)
+                            if err.kind()
+                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                        {
+                            // The temporary key is written again.
+                            script.load_async(&mut c).await?;
+                            pipe.query_async::<(i64,)>(&mut c).await.map(|(r,)| r)
+                        }
+                        other => other.map(|(r,)| r),
+                    }
+                }
+            })
+            .await?
+        };
         Ok(match stored {
             1 => WriteBack::Stored,
             2 => WriteBack::TooManyVariants,
+            // 0: fenced out; 4: the temporary new entry was gone (removed
+            // by hand, a flush): not stored either.
             _ => WriteBack::Fenced,
         })
     }
@@ -839,7 +958,7 @@ where
         let keys = FencedWriteKeys::new(self, &args);
         let freshened: i64 = self
             .run("freshen", |mut c| {
-                let mut inv = self.fenced_write(&self.scripts.freshen, &args, &keys);
+                let mut inv = self.fenced_write(&self.scripts.freshen, &args, &keys, None);
                 inv.arg(revalidated_head).arg(revalidated_len);
                 for (name, value) in &args.fields {
                     inv.arg(*name).arg(value.as_slice());
@@ -865,9 +984,11 @@ where
         script: &'s redis::Script,
         args: &StoreArgs<'_>,
         keys: &FencedWriteKeys,
-    ) -> redis::ScriptInvocation<'s> {
+        temp: Option<&str>,
+    ) -> FencedWrite<'s> {
         let cluster = self.is_cluster();
-        let mut inv = script.key(args.entry_key);
+        let mut inv = FencedWrite::new(script);
+        inv.key(args.entry_key);
         inv.key(args.lease_key)
             .key(args.primary)
             .key(args.variants_set)
@@ -891,6 +1012,9 @@ where
             for (_, fence) in &tag_keys {
                 inv.key(fence.as_str());
             }
+        }
+        if let Some(temp) = temp {
+            inv.key(temp);
         }
         inv.key(keys.keep.as_str());
         // In cluster mode the keys are tag markers, flagged by a negative
@@ -1103,10 +1227,12 @@ where
     ) -> Result<u64, FenceError> {
         let fences = prefix_fences_of(namespace);
         let whole = namespace_prefix(namespace);
+        let last = format!("{fences}:last");
         let keep = keep_of(&fences, self.is_cluster());
         self.run("prefix_fence", |mut c| {
             let mut inv = self.scripts.prefix_fence.key(fences.as_str());
-            inv.key(keep.as_str())
+            inv.key(last.as_str())
+                .key(keep.as_str())
                 .arg(key_prefix)
                 .arg(duration_ms(self.fence_ttl()))
                 .arg(MAX_PREFIX_FENCES)

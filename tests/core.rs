@@ -102,29 +102,34 @@ async fn a_fresh_hit_costs_exactly_one_redis_command() {
     assert_eq!(app.handle.stats().redis_calls - calls, 3);
     // Every command of a cold miss, counted: the lookup's HMGET; ACQUIRE
     // reads only the decision fields (HMGET, no HGETALL of an empty key),
-    // TIME, SET NX; STORE reads the lease and the URL fence (MGET) and the
-    // prefix fences (ZRANGEBYSCORE), lists the variant at once and bounds
-    // the URL's variants (SADD, and SCARD as it is new: the entry is the
-    // host's dimension of the URL), looks for a near mark to carry over
-    // and whether the entry is there (HMGET), finds it missing and no near
-    // cache registered to mark it for (EXISTS), writes (HSET, PEXPIRE: no
-    // DEL of a missing entry), keeps the variant set out of eviction's
-    // reach (PERSIST, TIME, ZADD into the keep set; ZRANGEBYSCORE finds
-    // nothing due to reap), drops the lease and finds no waiter mark (one
-    // DEL of both): no PUBLISH.
+    // TIME, SET NX; then one transaction (MULTI, EXEC): the new entry
+    // under the fill's temporary key (HSET, PEXPIRE) and STORE. STORE reads
+    // the lease, the URL fence and the newest prefix fence (MGET: there is
+    // none, so no ZRANGEBYSCORE of the prefix fences), lists the variant at
+    // once and bounds the URL's variants (SADD, and SCARD as it is new: the
+    // entry is the host's dimension of the URL), looks for a near mark to
+    // carry over and whether the entry is there (HMGET), finds it missing
+    // and no near cache registered to mark it for (EXISTS), renames the
+    // temporary key into place (RENAME; the body never crosses into Lua)
+    // and sets its TTL (PEXPIRE), keeps the variant set out of eviction's
+    // reach (TIME, ZADD into the keep set: no PERSIST of a set SADD just
+    // created; ZRANGEBYSCORE finds nothing due to reap), drops the lease
+    // and finds no waiter mark (one DEL of both): no PUBLISH.
     let want = [
         ("evalsha", 2),
         ("hmget", 3),
         ("time", 2),
         ("set", 1),
+        ("multi", 1),
+        ("exec", 1),
         ("mget", 1),
-        ("zrangebyscore", 2),
+        ("zrangebyscore", 1),
         ("scard", 1),
         ("del", 1),
         ("hset", 1),
-        ("pexpire", 1),
+        ("rename", 1),
+        ("pexpire", 2),
         ("sadd", 1),
-        ("persist", 1),
         ("zadd", 1),
         ("exists", 1),
     ];
@@ -606,4 +611,22 @@ async fn a_plain_hyper_server_works_through_service_builder() {
         (Some("HIT"), "hyper /h #1")
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_after_the_scripts_were_flushed_loads_them_again() {
+    let redis = RedisServer::new();
+    let app = app(&redis, |l| l).await;
+    app.get("/item/1").await;
+    // The store script runs inside a transaction with the fill's temporary
+    // key: NOSCRIPT there loads it and sends the transaction again.
+    redis.cli(&["SCRIPT", "FLUSH"]);
+    let miss = app.get("/item/2").await;
+    assert_eq!(miss.cache_status(), Some("MISS"));
+    let hit = app.get("/item/2").await;
+    assert_eq!(hit.cache_status(), Some("HIT"));
+    assert_eq!(app.counter.get(), 2);
+    assert_eq!(app.handle.stats().stores, 2);
+    // Nothing is left under a temporary key.
+    assert_eq!(redis.cli(&["KEYS", "*:new"]).trim(), "");
 }

@@ -504,7 +504,8 @@ fn fence_pttls(redis: &RedisServer, ns: &str) -> Vec<(String, i64)> {
         .filter(|l| !l.is_empty())
         .collect();
     keys.sort();
-    keys.into_iter()
+    let mut fences: Vec<(String, i64)> = keys
+        .into_iter()
         .map(|k| {
             let mut pttl = redis.cli(&["PTTL", &k]).parse().unwrap_or(-3);
             if pttl == -1
@@ -514,7 +515,24 @@ fn fence_pttls(redis: &RedisServer, ns: &str) -> Vec<(String, i64)> {
             }
             (k, pttl)
         })
-        .collect()
+        .collect();
+    // The time of the newest prefix fence (`#fences:last`) lives as long as
+    // the prefix fences: checked here, then left out of the list.
+    let last = format!("{ns}|#fences:last");
+    let set = format!("{ns}|#fences");
+    if let Some(i) = fences.iter().position(|(k, _)| *k == last) {
+        let (_, last_pttl) = fences.remove(i);
+        let set_pttl = fences
+            .iter()
+            .find(|(k, _)| *k == set)
+            .map(|(_, p)| *p)
+            .expect("#fences:last without #fences");
+        assert!(
+            (last_pttl - set_pttl).abs() <= 100,
+            "{last_pttl} vs {set_pttl}"
+        );
+    }
+    fences
 }
 
 /// Two routes of one namespace: one at the defaults, one with a
