@@ -139,7 +139,7 @@ impl NearCache {
     /// Takes in a `200` with a body of `body_len` bytes fresh until
     /// `fresh_ms` under `key` (a snapshot, then the admit): whether taken.
     pub fn admit(&self, key: &str, body_len: usize, fresh_ms: u64) -> bool {
-        let snapshot = self.0.snapshot();
+        let snapshot = self.0.snapshot(key);
         let entry = Entry {
             status: StatusCode::OK,
             headers: HeaderMap::new(),

@@ -330,7 +330,7 @@ where
             None => {
                 // An announcement that overtakes the read keeps it out of the
                 // near cache.
-                let snapshot = near.map(crate::near::Near::snapshot);
+                let snapshot = near.map(|near| near.snapshot(&ek.primary));
                 let found = if offline {
                     None
                 } else {
