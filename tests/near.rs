@@ -416,3 +416,77 @@ async fn near_caches_drop_an_entry_before_the_invalidation_returns() {
         assert_eq!(p.cache.stats().near_ack_timeouts, 0);
     }
 }
+
+/// Coherence under contention: 16 tasks on each of two caches hit 8 URLs
+/// (near hits, on 4 worker threads, so the near cache's shards are taken
+/// from many threads at once) while invalidations, through either cache,
+/// drop URLs from both. No read that starts after an invalidation returned
+/// gets the version before it, from a near cache or from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_near_hits_never_outlive_an_invalidation() {
+    let redis = RedisServer::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
+    let procs = Arc::new([
+        proc(&redis, &version, &calls).await,
+        proc(&redis, &version, &calls).await,
+    ]);
+    let paths: Arc<Vec<String>> = Arc::new((0..8).map(|i| format!("/c/{i}")).collect());
+    // The version each path's last returned invalidation was made after.
+    let floor: Arc<Vec<AtomicU64>> = Arc::new(paths.iter().map(|_| AtomicU64::new(0)).collect());
+    let http = Http::new();
+    for p in procs.iter() {
+        for path in paths.iter() {
+            warm(&http, p, path).await;
+        }
+    }
+    let before: u64 = procs.iter().map(|p| p.cache.stats().near_hits).sum();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (reads, stale) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut readers = Vec::new();
+    for t in 0..32 {
+        let (procs, paths, floor, stop) =
+            (procs.clone(), paths.clone(), floor.clone(), stop.clone());
+        let (reads, stale, http) = (reads.clone(), stale.clone(), http.clone());
+        readers.push(tokio::spawn(async move {
+            let p = &procs[t % 2];
+            let mut i = t;
+            while !stop.load(Ordering::SeqCst) {
+                let u = i % paths.len();
+                i += 1;
+                let least = floor[u].load(Ordering::SeqCst);
+                let got: u64 = http.get(p.addr, &paths[u]).await.text().parse().unwrap();
+                reads.fetch_add(1, Ordering::Relaxed);
+                if got < least {
+                    stale.fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "{}: read {got} after the invalidation made at {least}",
+                        paths[u]
+                    );
+                }
+            }
+        }));
+    }
+    let rounds = 300;
+    for n in 0..rounds {
+        let u = (n * 3) % paths.len();
+        let v = version.fetch_add(1, Ordering::SeqCst) + 1;
+        procs[n % 2]
+            .handle
+            .invalidate_path(&paths[u])
+            .await
+            .unwrap();
+        floor[u].store(v, Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::SeqCst);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    let near_hits: u64 = procs.iter().map(|p| p.cache.stats().near_hits).sum::<u64>() - before;
+    let reads = reads.load(Ordering::Relaxed);
+    eprintln!("{reads} reads, {near_hits} near hits, {rounds} invalidations");
+    assert_eq!(stale.load(Ordering::Relaxed), 0);
+    assert!(near_hits > 0 && reads >= near_hits);
+    for p in procs.iter() {
+        assert_eq!(p.cache.stats().near_ack_timeouts, 0);
+    }
+}
