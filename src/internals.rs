@@ -115,3 +115,51 @@ pub fn hit_response(values: Values, now_ms: u64) -> Option<usize> {
     );
     Some(res.headers().len())
 }
+
+/// A near cache in use (its subscription up), for the near-hit benchmark:
+/// what a near hit does in `serve` before building the response.
+///
+/// ```
+/// let near = cachefence::internals::NearCache::new(1 << 20);
+/// let key = cachefence::internals::entry_key("ns:", "/p");
+/// assert!(near.admit(&key, 16, u64::MAX));
+/// assert!(near.get(&key, 0));
+/// ```
+#[derive(Debug)]
+pub struct NearCache(crate::near::Near);
+
+impl NearCache {
+    /// A near cache of `max_bytes`, in use.
+    pub fn new(max_bytes: usize) -> Self {
+        let near = crate::near::Near::new(max_bytes, Default::default());
+        near.up();
+        Self(near)
+    }
+
+    /// Takes in a `200` with a body of `body_len` bytes fresh until
+    /// `fresh_ms` under `key` (a snapshot, then the admit): whether taken.
+    pub fn admit(&self, key: &str, body_len: usize, fresh_ms: u64) -> bool {
+        let snapshot = self.0.snapshot(key);
+        let entry = Entry {
+            status: StatusCode::OK,
+            headers: HeaderMap::new(),
+            body: Bytes::from(vec![b'x'; body_len]),
+            delta: Duration::ZERO,
+            stored_ms: 0,
+            fresh_ms,
+            stale_ms: fresh_ms,
+            retry_ms: 0,
+        };
+        self.0.admit(key, std::sync::Arc::new(entry), snapshot)
+    }
+
+    /// A near hit: whether a fresh entry is held for `key` at `now_ms`.
+    pub fn get(&self, key: &str, now_ms: u64) -> bool {
+        self.0.get(key, now_ms).is_some()
+    }
+
+    /// Drops the entries of the URL of `key` (an announcement): how many.
+    pub fn drop_url_of(&self, key: &str) -> usize {
+        self.0.drop_url_of(key)
+    }
+}

@@ -351,12 +351,36 @@ where
             None => {
                 // An announcement that overtakes the read keeps it out of the
                 // near cache.
-                let snapshot = near.map(crate::near::Near::snapshot);
+                let snapshot = near.map(|near| near.snapshot(&ek.primary));
                 let found = if offline {
                     None
                 } else {
-                    match lookup(&shared.store, &ek, req.headers(), now, near.is_some()).await {
-                        Ok(found) => Some(found),
+                    match lookup(&shared.store, &ek, req.headers(), now, near).await {
+                        Ok(Looked {
+                            key: found,
+                            record,
+                            tag,
+                            near: None,
+                        }) => Some((found, record, tag)),
+                        Ok(Looked {
+                            key: variant,
+                            near: Some(entry),
+                            ..
+                        }) => {
+                            tokio::task::consume_budget().await;
+                            Counters::inc(&counters.hits);
+                            Counters::inc(&counters.near_hits);
+                            let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
+                            if early_refresh(config, &entry, now, head) {
+                                let current = (*entry).clone();
+                                if refresh_in_background(
+                                    &ctx, svc, req, &ek, variant, &key, current,
+                                ) {
+                                    Counters::inc(&counters.early_refreshes);
+                                }
+                            }
+                            return Ok(res);
+                        }
                         Err(err) => {
                             match shared.warn_gate.allow() {
                                 Some(held) => {
@@ -553,36 +577,72 @@ where
 }
 
 /// Reads the entry of a key: ONE command, two when the response varies.
-/// With `near`, also what the near cache needs of a primary (a variant is
-/// never taken in).
+/// With `near`, also what the near cache needs of the entry read, and a
+/// `Vary` variant it holds is served from it (the index is still read).
 pub(crate) async fn lookup<C>(
     store: &Store<C>,
     ek: &EntryKey,
     headers: &HeaderMap,
     now: u64,
-    near: bool,
-) -> Result<(String, Record, Option<crate::near::Tag>), FenceError>
+    near: Option<&crate::near::Near>,
+) -> Result<Looked, FenceError>
 where
     C: Conn,
 {
-    let (raw, tag) = if near {
-        let (raw, extra) = store
-            .read_with(&ek.primary, &crate::near::TAG_FIELDS)
-            .await?;
-        (raw, crate::near::tag_of(extra))
-    } else {
-        (store.read(&ek.primary).await?, None)
+    let read = |key: &str| {
+        let key = key.to_owned();
+        async move {
+            if near.is_some() {
+                let (raw, extra) = store.read_with(&key, &crate::near::TAG_FIELDS).await?;
+                Ok::<_, FenceError>((raw, crate::near::tag_of(extra)))
+            } else {
+                Ok((store.read(&key).await?, None))
+            }
+        }
     };
+    let (raw, tag) = read(&ek.primary).await?;
     let record = Record::from_raw(raw, now);
     let Record::Vary(names) = record else {
-        return Ok((ek.primary.clone(), record, tag));
+        return Ok(Looked {
+            key: ek.primary.clone(),
+            record,
+            tag,
+            near: None,
+        });
     };
+    // The index was read from Redis just now: the variant it names may be
+    // held near (its coherence is a primary's: marked, announced, dropped
+    // with its URL).
     let variant = ek.variant(&names, headers);
-    let record = match Record::from_raw(store.read(&variant).await?, now) {
+    if let Some(entry) = near.and_then(|near| near.get(&variant, now)) {
+        return Ok(Looked {
+            key: variant,
+            record: Record::Missing,
+            tag: None,
+            near: Some(entry),
+        });
+    }
+    let (raw, tag) = read(&variant).await?;
+    let record = match Record::from_raw(raw, now) {
         Record::Vary(_) => Record::Missing,
         other => other,
     };
-    Ok((variant, record, None))
+    Ok(Looked {
+        key: variant,
+        record,
+        tag,
+        near: None,
+    })
+}
+
+/// What [`lookup`] found: the entry key and record read from Redis (with
+/// what a near cache needs of it), or a `Vary` variant held near.
+pub(crate) struct Looked {
+    key: String,
+    record: Record,
+    tag: Option<crate::near::Tag>,
+    /// The variant at `key`, held near (`record` is then `Missing`).
+    near: Option<Arc<Entry>>,
 }
 
 /// Whether XFetch starts a background refresh of this fresh hit now.

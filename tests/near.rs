@@ -416,3 +416,164 @@ async fn near_caches_drop_an_entry_before_the_invalidation_returns() {
         assert_eq!(p.cache.stats().near_ack_timeouts, 0);
     }
 }
+
+/// Coherence under contention: 16 tasks on each of two caches hit 8 URLs
+/// (near hits, on 4 worker threads, so the near cache's shards are taken
+/// from many threads at once) while invalidations, through either cache,
+/// drop URLs from both. No read that starts after an invalidation returned
+/// gets the version before it, from a near cache or from Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_near_hits_never_outlive_an_invalidation() {
+    let redis = RedisServer::new();
+    let (version, calls) = (Arc::new(AtomicU64::new(0)), Arc::default());
+    let procs = Arc::new([
+        proc(&redis, &version, &calls).await,
+        proc(&redis, &version, &calls).await,
+    ]);
+    let paths: Arc<Vec<String>> = Arc::new((0..8).map(|i| format!("/c/{i}")).collect());
+    // The version each path's last returned invalidation was made after.
+    let floor: Arc<Vec<AtomicU64>> = Arc::new(paths.iter().map(|_| AtomicU64::new(0)).collect());
+    let http = Http::new();
+    for p in procs.iter() {
+        for path in paths.iter() {
+            warm(&http, p, path).await;
+        }
+    }
+    let before: u64 = procs.iter().map(|p| p.cache.stats().near_hits).sum();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (reads, stale) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut readers = Vec::new();
+    for t in 0..32 {
+        let (procs, paths, floor, stop) =
+            (procs.clone(), paths.clone(), floor.clone(), stop.clone());
+        let (reads, stale, http) = (reads.clone(), stale.clone(), http.clone());
+        readers.push(tokio::spawn(async move {
+            let p = &procs[t % 2];
+            let mut i = t;
+            while !stop.load(Ordering::SeqCst) {
+                let u = i % paths.len();
+                i += 1;
+                let least = floor[u].load(Ordering::SeqCst);
+                let got: u64 = http.get(p.addr, &paths[u]).await.text().parse().unwrap();
+                reads.fetch_add(1, Ordering::Relaxed);
+                if got < least {
+                    stale.fetch_add(1, Ordering::Relaxed);
+                    eprintln!(
+                        "{}: read {got} after the invalidation made at {least}",
+                        paths[u]
+                    );
+                }
+            }
+        }));
+    }
+    let rounds = 300;
+    for n in 0..rounds {
+        let u = (n * 3) % paths.len();
+        let v = version.fetch_add(1, Ordering::SeqCst) + 1;
+        procs[n % 2]
+            .handle
+            .invalidate_path(&paths[u])
+            .await
+            .unwrap();
+        floor[u].store(v, Ordering::SeqCst);
+    }
+    stop.store(true, Ordering::SeqCst);
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    let near_hits: u64 = procs.iter().map(|p| p.cache.stats().near_hits).sum::<u64>() - before;
+    let reads = reads.load(Ordering::Relaxed);
+    eprintln!("{reads} reads, {near_hits} near hits, {rounds} invalidations");
+    assert_eq!(stale.load(Ordering::Relaxed), 0);
+    assert!(near_hits > 0 && reads >= near_hits);
+    for p in procs.iter() {
+        assert_eq!(p.cache.stats().near_ack_timeouts, 0);
+    }
+}
+
+/// A `Vary` response is near-cached per variant: a near hit of a variant
+/// reads the URL's index only (one command, no body), and an invalidation
+/// through another cache drops every variant before it returns.
+#[tokio::test(flavor = "multi_thread")]
+async fn vary_variants_are_near_cached_each_and_dropped_with_their_url() {
+    let redis = RedisServer::new();
+    let version = Arc::new(AtomicU64::new(0));
+    let calls = Arc::new(AtomicU64::new(0));
+    let mut procs = Vec::new();
+    for _ in 0..2 {
+        let cache = FenceCache::builder(redis.connection_manager().await)
+            .namespace(NS)
+            .wake_ups(redis.client())
+            .near_cache(1 << 20)
+            .build()
+            .expect("cache");
+        let (version, calls) = (version.clone(), calls.clone());
+        let origin = move |headers: HeaderMap| {
+            let (version, calls) = (version.clone(), calls.clone());
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let lang = headers
+                    .get("accept-language")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("-")
+                    .to_owned();
+                let mut out = HeaderMap::new();
+                out.insert("vary", "accept-language".parse().unwrap());
+                (out, format!("{}:{lang}", version.load(Ordering::SeqCst)))
+            }
+        };
+        let app = Router::new().route("/{*path}", get(origin).layer(cache.layer()));
+        let addr = serve(app).await;
+        up(&cache).await;
+        procs.push(Proc {
+            handle: cache.handle(),
+            cache,
+            addr,
+        });
+    }
+    let http = Http::new();
+    let get_lang = |p: &Proc, lang: &'static str| {
+        let req = http::Request::get(format!("http://{}/v", p.addr))
+            .header("accept-language", lang)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let http = http.clone();
+        async move { http.request(req).await }
+    };
+    let a = &procs[0];
+    // Each variant: a miss, a hit from Redis (marked, taken in), then near.
+    for lang in ["en", "fr"] {
+        assert_eq!(get_lang(a, lang).await.cache_status(), Some("MISS"));
+        assert_eq!(get_lang(a, lang).await.cache_status(), Some("HIT"));
+    }
+    // The store of `fr` dropped the URL here (every variant of it):
+    // `en` is taken in again.
+    assert_eq!(get_lang(a, "en").await.cache_status(), Some("HIT"));
+    assert!(a.cache.near_holds_for_tests(NS, "/v"));
+    let before = a.cache.stats();
+    redis.reset_stats();
+    for lang in ["en", "fr", "en", "fr"] {
+        let reply = get_lang(a, lang).await;
+        assert_eq!(reply.cache_status(), Some("HIT"));
+        assert_eq!(reply.text(), format!("0:{lang}"));
+    }
+    let after = a.cache.stats();
+    assert_eq!(after.near_hits - before.near_hits, 4);
+    // One HMGET of the index per hit; the variants' bodies are not read.
+    assert_eq!(
+        redis.command_count("hmget"),
+        4,
+        "{:?}",
+        redis.commandstats()
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // An invalidation through the other cache drops both variants here
+    // before it returns.
+    version.store(1, Ordering::SeqCst);
+    procs[1].handle.invalidate_path("/v").await.unwrap();
+    assert!(!a.cache.near_holds_for_tests(NS, "/v"));
+    assert_eq!(a.cache.stats().near_ack_timeouts, 0);
+    for lang in ["en", "fr"] {
+        assert_eq!(get_lang(a, lang).await.text(), format!("1:{lang}"));
+    }
+}
