@@ -31,8 +31,13 @@ enum Kind {
     InvalidInput(&'static str),
     /// A misconfiguration `FenceCacheBuilder::build` rejected.
     Config(String),
-    /// A walk over a Redis Cluster could not cover a node (named within).
-    WalkIncomplete(String),
+    /// A walk over a Redis Cluster could not cover a node (named within);
+    /// `cause`: the failure that stopped it, when it was one (a timeout,
+    /// the breaker open), so that `is_timeout`/`is_circuit_open` say so.
+    WalkIncomplete {
+        what: String,
+        cause: Option<Box<FenceError>>,
+    },
     /// `WAIT` after an invalidation: fewer replicas acknowledged its
     /// writes than asked for.
     NotReplicated {
@@ -56,7 +61,25 @@ impl FenceError {
 
     pub(crate) fn walk_incomplete(what: String) -> Self {
         Self {
-            kind: Kind::WalkIncomplete(what),
+            kind: Kind::WalkIncomplete { what, cause: None },
+        }
+    }
+
+    /// A walk that could not cover a node because of `cause`.
+    pub(crate) fn walk_incomplete_by(what: String, cause: FenceError) -> Self {
+        Self {
+            kind: Kind::WalkIncomplete {
+                what,
+                cause: Some(Box::new(cause)),
+            },
+        }
+    }
+
+    /// The failure that stopped an incomplete walk.
+    fn walk_cause(&self) -> Option<&FenceError> {
+        match &self.kind {
+            Kind::WalkIncomplete { cause, .. } => cause.as_deref(),
+            _ => None,
         }
     }
 
@@ -116,7 +139,10 @@ impl FenceError {
         matches!(self.kind, Kind::Redis(_))
     }
 
-    /// Redis did not answer within the configured timeout.
+    /// Redis did not answer within the configured timeout (also for a
+    /// prefix, tag or namespace walk on a Redis Cluster that could not
+    /// cover a node because a call to it timed out: its message names the
+    /// node).
     ///
     /// ```no_run
     /// # async fn doc(handle: cachefence::FenceHandle) {
@@ -128,11 +154,14 @@ impl FenceError {
     /// # }
     /// ```
     pub fn is_timeout(&self) -> bool {
-        matches!(self.kind, Kind::Timeout) || matches!(&self.kind, Kind::Redis(e) if e.is_timeout())
+        matches!(self.kind, Kind::Timeout)
+            || matches!(&self.kind, Kind::Redis(e) if e.is_timeout())
+            || self.walk_cause().is_some_and(Self::is_timeout)
     }
 
     /// The circuit breaker is open after repeated failures, so the command
-    /// was not sent.
+    /// was not sent (also for a walk on a Redis Cluster that stopped at a
+    /// node for that reason: its message names the node).
     ///
     /// ```no_run
     /// # async fn doc(handle: cachefence::FenceHandle) {
@@ -145,6 +174,7 @@ impl FenceError {
     /// ```
     pub fn is_circuit_open(&self) -> bool {
         matches!(self.kind, Kind::CircuitOpen)
+            || self.walk_cause().is_some_and(Self::is_circuit_open)
     }
 
     /// An argument was rejected (for example an empty prefix).
@@ -203,7 +233,7 @@ impl FenceError {
             || self.is_timeout()
             || matches!(
                 self.kind,
-                Kind::WalkIncomplete(_) | Kind::NotReplicated { .. }
+                Kind::WalkIncomplete { .. } | Kind::NotReplicated { .. }
             )
             || matches!(
                 self.redis_code(),
@@ -229,7 +259,7 @@ impl FenceError {
             Kind::CircuitOpen
             | Kind::InvalidInput(_)
             | Kind::Config(_)
-            | Kind::WalkIncomplete(_)
+            | Kind::WalkIncomplete { .. }
             | Kind::NotReplicated { .. } => false,
         }
     }
@@ -261,7 +291,7 @@ impl fmt::Display for FenceError {
             Kind::CircuitOpen => f.write_str("redis circuit breaker is open"),
             Kind::InvalidInput(what) => write!(f, "invalid input: {what}"),
             Kind::Config(what) => write!(f, "invalid cache configuration: {what}"),
-            Kind::WalkIncomplete(what) => f.write_str(what),
+            Kind::WalkIncomplete { what, .. } => f.write_str(what),
             Kind::NotReplicated { acked, wanted } => write!(
                 f,
                 "the invalidation was applied on the primary but acknowledged by {acked} of {wanted} replicas in time"
@@ -274,6 +304,9 @@ impl std::error::Error for FenceError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match &self.kind {
             Kind::Redis(e) => Some(e),
+            Kind::WalkIncomplete {
+                cause: Some(cause), ..
+            } => Some(cause.as_ref()),
             _ => None,
         }
     }
@@ -282,5 +315,52 @@ impl std::error::Error for FenceError {
 impl From<redis::RedisError> for FenceError {
     fn from(err: redis::RedisError) -> Self {
         Self::redis(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FenceError;
+    use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+    fn server(kind: ServerErrorKind, code: &'static str, detail: &str) -> FenceError {
+        FenceError::redis(RedisError::from((
+            ErrorKind::Server(kind),
+            code,
+            detail.to_owned(),
+        )))
+    }
+
+    /// Cluster redirections and retry replies are Redis answering: the
+    /// breaker does not count them (only transport failures and timeouts).
+    #[test]
+    fn redirections_are_not_transport_failures() {
+        for (kind, code) in [
+            (ServerErrorKind::Moved, "MOVED"),
+            (ServerErrorKind::Ask, "ASK"),
+            (ServerErrorKind::TryAgain, "TRYAGAIN"),
+            (ServerErrorKind::ClusterDown, "CLUSTERDOWN"),
+        ] {
+            let err = server(kind, code, "3999 127.0.0.1:6381");
+            assert!(!err.is_transport(), "{code}");
+            assert!(err.is_unavailable(), "{code}");
+        }
+        assert!(FenceError::timeout().is_transport());
+    }
+
+    /// A walk stopped at a node by a timeout or the open breaker names the
+    /// node and says why through `is_timeout` / `is_circuit_open`.
+    #[test]
+    fn a_walk_stopped_by_a_timeout_or_the_breaker_says_so() {
+        let by_timeout = FenceError::walk_incomplete_by("node a".to_owned(), FenceError::timeout());
+        assert!(by_timeout.is_timeout() && !by_timeout.is_circuit_open());
+        assert!(!by_timeout.is_transport() && by_timeout.is_unavailable());
+        assert_eq!(by_timeout.to_string(), "node a");
+        assert!(std::error::Error::source(&by_timeout).is_some());
+        let by_breaker =
+            FenceError::walk_incomplete_by("node b".to_owned(), FenceError::circuit_open());
+        assert!(by_breaker.is_circuit_open() && !by_breaker.is_timeout());
+        let plain = FenceError::walk_incomplete("node c".to_owned());
+        assert!(!plain.is_timeout() && !plain.is_circuit_open() && plain.is_unavailable());
     }
 }

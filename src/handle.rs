@@ -184,11 +184,15 @@ impl Walk {
                 }
                 Err(err) if store.is_cluster() && err.is_transport() => {
                     // Failed over? Then its slots are another primary's.
-                    let now = step(|| store.nodes()).await.map_err(|e| {
-                        walk_incomplete(&node, &format!("{err}; listing primaries: {e}"))
-                    })?;
+                    let now = match step(|| store.nodes()).await {
+                        Ok(now) => now,
+                        Err(e) => {
+                            let why = format!("{err}; listing primaries: {e}");
+                            return Err(walk_stopped(&node, &why, err));
+                        }
+                    };
                     if now.contains(&node) {
-                        return Err(walk_incomplete(&node, &err.to_string()));
+                        return Err(walk_stopped(&node, &err.to_string(), err));
                     }
                     tracing::debug!(node = ?node, error = %err, "a node left mid-walk; walking its successor");
                     self.nodes.pop();
@@ -227,7 +231,7 @@ impl Walk {
     /// the error names it.
     fn batch_failed(&self, cluster: bool, err: FenceError) -> FenceError {
         match &self.batch_node {
-            Some(node) if cluster => walk_incomplete(node, &err.to_string()),
+            Some(node) if cluster => walk_stopped(node, &err.to_string(), err),
             _ => err,
         }
     }
@@ -235,12 +239,20 @@ impl Walk {
 
 /// The error of a walk that could not cover `node`.
 fn walk_incomplete(node: &Node, why: &str) -> FenceError {
+    FenceError::walk_incomplete(walk_incomplete_text(node, why))
+}
+
+/// The error of a walk that `cause` stopped at `node`: it names the node,
+/// and says what `cause` says (`is_timeout`, `is_circuit_open`).
+fn walk_stopped(node: &Node, why: &str, cause: FenceError) -> FenceError {
+    FenceError::walk_incomplete_by(walk_incomplete_text(node, why), cause)
+}
+
+fn walk_incomplete_text(node: &Node, why: &str) -> String {
     let name = node
         .as_ref()
         .map_or_else(|| "the server".to_owned(), |(h, p)| format!("{h}:{p}"));
-    FenceError::walk_incomplete(format!(
-        "invalidation walk incomplete: the keys on {name} were not covered ({why})"
-    ))
+    format!("invalidation walk incomplete: the keys on {name} were not covered ({why})")
 }
 
 /// One invalidation, as applied by [`FenceHandle::apply`] and carried by the
