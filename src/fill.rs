@@ -179,6 +179,8 @@ where
     }
     loop {
         let lease = lease_of(&key);
+        // What ACQUIRE finds stored is what Redis held when it was asked.
+        let asked = Instant::now();
         let acquired = shared
             .store
             .acquire(AcquireArgs {
@@ -231,6 +233,7 @@ where
                         Arc::new(entry),
                         CacheStatus::Hit,
                         vary,
+                        Some(asked),
                     );
                     return;
                 }
@@ -425,6 +428,7 @@ fn gateway_timeout<B: Body, E>(
         entry,
         CacheStatus::Miss,
         Arc::from([]),
+        None,
     );
 }
 
@@ -558,6 +562,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     // Requests may join without a lookup while the origin is called (see
     // `Flight::calling`).
     let calling = shared.flights.calling(&flight);
+    // What the origin answers is what it knew when it was asked: a joiner
+    // that came later takes it only past the fences (`Outcome::Serve`).
+    let called_at = Instant::now();
     let ended = with_lease(
         &shared,
         lease.as_ref(),
@@ -702,6 +709,8 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             }),
         ) => {
             let entry = entry_of(data, ttl, grace_ms, age_ms, false);
+            // Whether a fenced write stored it (see `Outcome::Serve`).
+            let mut vouched = false;
             if let Some(lease) = &lease {
                 let store_key = if vary.is_empty() {
                     lease.key.clone()
@@ -788,6 +797,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                         shared.store.store(args(fields)).await
                     }
                 };
+                vouched = matches!(written, Ok(WriteBack::Stored));
                 match written {
                     Ok(WriteBack::Stored) => {
                         // This process reads its own write at once (other
@@ -831,6 +841,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 entry,
                 status,
                 vary_values(&vary, &req_headers),
+                (!vouched).then_some(called_at),
             );
         }
         (rule, body) => {
@@ -883,6 +894,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                         entry,
                         status: origin_status,
                         vary: vary_values(&vary.unwrap_or_default(), &req_headers),
+                        since: Some(called_at),
                     });
                     send_response(
                         &mut leader,
@@ -905,6 +917,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                                 entry: stale,
                                 status: CacheStatus::Stale,
                                 vary,
+                                since: None,
                             });
                         }
                         None => gateway_timeout::<ResB, S::Error>(&config, &flight, &mut None),
@@ -951,7 +964,15 @@ fn serve_stale<C, B: Body, E>(
 ) {
     Counters::inc(&ctx.config.counters.stale);
     let vary = varies_on(&stale.headers, req_headers);
-    serve_all(flight, leader, &ctx.config, stale, CacheStatus::Stale, vary);
+    serve_all(
+        flight,
+        leader,
+        &ctx.config,
+        stale,
+        CacheStatus::Stale,
+        vary,
+        None,
+    );
 }
 
 /// Hands an entry to the joiners and to the leader.
@@ -962,12 +983,14 @@ fn serve_all<B: Body, E>(
     entry: Arc<Entry>,
     status: CacheStatus,
     vary: Arc<[(HeaderName, Vec<u8>)]>,
+    since: Option<Instant>,
 ) {
     let res = from_entry(config, &entry, status, false, now_ms());
     flight.finish(Outcome::Serve {
         entry,
         status,
         vary,
+        since,
     });
     send(leader, Ok(res));
 }

@@ -65,6 +65,15 @@ pub(crate) enum Outcome {
         entry: Arc<Entry>,
         status: CacheStatus,
         vary: Arc<[(HeaderName, Vec<u8>)]>,
+        /// `Some(t)`: no fenced write in Redis vouches for this response
+        /// (the fill was offline, its store failed or was not made, or it
+        /// is what ACQUIRE read): it is what the origin (or Redis) said at
+        /// `t`. A joiner whose request came after `t` may have come after
+        /// an invalidation this process could not see, so it does not take
+        /// it: it looks again, and joins or leads the next fill (whose
+        /// origin call starts after it came). `None`: stored past the
+        /// fences, or a stale copy (served as `STALE`), or made by the cache.
+        since: Option<std::time::Instant>,
     },
     /// The result can't be shared: call the inner service yourself.
     Origin,
@@ -213,10 +222,27 @@ impl Flights {
 
     /// Joins the fill of `key`, or leads a new one; `cold`: the caller
     /// found nothing stored (see [`join_cold`](Self::join_cold)).
-    pub(crate) fn join_or_lead(&self, key: &str, cold: bool) -> Joined {
+    /// `passed`: the flight whose answer the caller could not take (made
+    /// before it came and not vouched for: see `Outcome::Serve`); if it is
+    /// still the one registered (finished, its fill not yet gone), the
+    /// caller leads a new one in its place instead of joining it again.
+    pub(crate) fn join_or_lead(
+        &self,
+        key: &str,
+        cold: bool,
+        passed: Option<&watch::Receiver<Option<Outcome>>>,
+    ) -> Joined {
         let mut map = self.lock();
         if let Some(flight) = map.get(key) {
-            return Joined::Join(flight.subscribe());
+            let rx = flight.subscribe();
+            if !passed.is_some_and(|p| p.same_channel(&rx)) {
+                return Joined::Join(rx);
+            }
+            // The finished fill's own removal won't find the new flight
+            // (`remove` compares pointers): the gauge counts one either way.
+            let flight = Arc::new(Flight::new(cold));
+            map.insert(key.to_owned(), flight.clone());
+            return Joined::Lead(flight);
         }
         let flight = Arc::new(Flight::new(cold));
         map.insert(key.to_owned(), flight.clone());
@@ -338,10 +364,10 @@ mod tests {
     #[test]
     fn the_first_caller_leads_and_the_others_join() {
         let flights = Flights::default();
-        let Joined::Lead(lead) = flights.join_or_lead("k", false) else {
+        let Joined::Lead(lead) = flights.join_or_lead("k", false, None) else {
             panic!("first caller must lead")
         };
-        let Joined::Join(mut rx) = flights.join_or_lead("k", false) else {
+        let Joined::Join(mut rx) = flights.join_or_lead("k", false, None) else {
             panic!("second caller must join")
         };
         lead.finish(Outcome::Origin);
@@ -354,7 +380,7 @@ mod tests {
     fn only_a_fill_of_a_missing_key_is_joined_without_a_lookup() {
         let flights = Flights::default();
         assert!(flights.join_cold("k").is_none());
-        let Joined::Lead(warm) = flights.join_or_lead("k", false) else {
+        let Joined::Lead(warm) = flights.join_or_lead("k", false, None) else {
             panic!()
         };
         let _warm_calls = flights.calling(&warm);
@@ -362,7 +388,7 @@ mod tests {
             flights.join_cold("k").is_none(),
             "a fill with a stale entry"
         );
-        let Joined::Lead(cold) = flights.join_or_lead("c", true) else {
+        let Joined::Lead(cold) = flights.join_or_lead("c", true, None) else {
             panic!()
         };
         assert!(
@@ -384,10 +410,10 @@ mod tests {
     #[test]
     fn detaching_restarts_joiners_and_frees_the_key() {
         let flights = Flights::default();
-        let Joined::Lead(lead) = flights.join_or_lead("p:v:1", false) else {
+        let Joined::Lead(lead) = flights.join_or_lead("p:v:1", false, None) else {
             panic!()
         };
-        let Joined::Join(rx) = flights.join_or_lead("p:v:1", false) else {
+        let Joined::Join(rx) = flights.join_or_lead("p:v:1", false, None) else {
             panic!()
         };
         assert_eq!(flights.detach_entry("p"), 1);
@@ -396,7 +422,7 @@ mod tests {
         lead.finish(Outcome::Origin);
         assert!(matches!(*rx.borrow(), Some(Outcome::Restart)));
         assert!(matches!(
-            flights.join_or_lead("p:v:1", false),
+            flights.join_or_lead("p:v:1", false, None),
             Joined::Lead(_)
         ));
         // Removing the detached flight doesn't remove its successor.

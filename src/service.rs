@@ -313,6 +313,11 @@ where
     let counters = &config.counters;
     let ek = EntryKey::new(&config.namespace, &key);
     let deadlines = Deadlines::new(config);
+    // A fill's answer not vouched for by Redis is taken only if it was
+    // asked for after this request came (see `Outcome::Serve`).
+    let arrived = std::time::Instant::now();
+    // The flight whose answer this request could not take.
+    let mut passed = None;
     // The near cache serves fresh hits only (a refetch goes to Redis).
     let near = shared.near().filter(|_| !refresh);
     for attempt in 0..MAX_ATTEMPTS {
@@ -478,7 +483,9 @@ where
                 // Joinable without a lookup: a fill of a missing primary.
                 let cold = stale.is_none() && !offline && !refresh && entry_key == ek.primary;
                 (
-                    shared.flights.join_or_lead(&entry_key, cold),
+                    shared
+                        .flights
+                        .join_or_lead(&entry_key, cold, passed.as_ref()),
                     stale,
                     entry_key,
                 )
@@ -542,10 +549,16 @@ where
                 };
                 counters.waited(waited.elapsed());
                 match outcome {
+                    // Answered before this request came, and not vouched for
+                    // by a fenced write: look again (see `Outcome::Serve`).
+                    Some(Outcome::Serve {
+                        since: Some(since), ..
+                    }) if since < arrived => passed = Some(rx),
                     Some(Outcome::Serve {
                         entry,
                         status,
                         vary,
+                        since: _,
                     }) => {
                         let matches = vary
                             .iter()
