@@ -890,11 +890,15 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     trailers: None,
                 }) if shareable => {
                     let entry = entry_of(data.clone(), Duration::ZERO, 0, 0, true);
+                    // A 5xx tells of the origin, not of the resource: every
+                    // joiner shares it (a failing origin gets one call per
+                    // round, not one per waiter).
+                    let since = (!entry.status.is_server_error()).then_some(called_at);
                     flight.finish(Outcome::Serve {
                         entry,
                         status: origin_status,
                         vary: vary_values(&vary.unwrap_or_default(), &req_headers),
-                        since: Some(called_at),
+                        since,
                     });
                     send_response(
                         &mut leader,

@@ -72,7 +72,9 @@ pub(crate) enum Outcome {
         /// an invalidation this process could not see, so it does not take
         /// it: it looks again, and joins or leads the next fill (whose
         /// origin call starts after it came). `None`: stored past the
-        /// fences, or a stale copy (served as `STALE`), or made by the cache.
+        /// fences, or a stale copy (served as `STALE`), or made by the cache,
+        /// or a 5xx that was not stored (it tells of the origin, not of the
+        /// resource: every joiner shares it).
         since: Option<std::time::Instant>,
     },
     /// The result can't be shared: call the inner service yourself.
