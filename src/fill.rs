@@ -16,7 +16,7 @@ use crate::body::{Buffered, FenceBody, buffer};
 use crate::config::{Config, OnWaitTimeout};
 use crate::entry::storable_headers;
 use crate::entry::{Entry, Record, duration_ms, encode_vary, now_ms};
-use crate::flight::{CacheStatus, Flight, Outcome};
+use crate::flight::{CacheStatus, Flight, Outcome, Since};
 use crate::key::{EntryKey, header_value, lease_of};
 use crate::lease::{Ended, Lease, LeaseRegistration, Leave, new_token, release, with_lease};
 use crate::policy::{ResponseRule, response_tags, uncacheable_by_nature, vary_names};
@@ -90,6 +90,9 @@ pub(crate) struct Job<S, C, ReqB, ResB: Body, E> {
     pub(crate) mode: Mode,
     /// A stale entry to fall back on when the origin fails.
     pub(crate) stale: Option<Arc<Entry>>,
+    /// Which joiners may take `stale` ([`Since::Any`] for the one the
+    /// leader's lookup found; what ACQUIRE found is as new as its asking).
+    pub(crate) stale_since: Since,
     /// The request that started the fill, if it is not a background refresh.
     pub(crate) leader: Option<oneshot::Sender<LeaderResult<ResB, E>>>,
     /// The `stored` time of the entry a background refresh was decided on.
@@ -233,7 +236,7 @@ where
                         Arc::new(entry),
                         CacheStatus::Hit,
                         vary,
-                        Some(asked),
+                        Since::Asked(asked),
                     );
                     return;
                 }
@@ -282,6 +285,7 @@ where
                     && let Record::Entry(entry) = Record::decode(fields, now_ms())
                 {
                     job.stale = Some(Arc::new(entry));
+                    job.stale_since = Since::Asked(asked);
                 }
                 let lease = Lease {
                     key,
@@ -393,7 +397,15 @@ where
         .filter(|s| may_serve(&job.ctx.config, s, now_ms(), false))
     {
         let headers = job.req.headers().clone();
-        serve_stale(&job.ctx, &job.flight, &mut job.leader, stale, &headers);
+        let since = job.stale_since;
+        serve_stale(
+            &job.ctx,
+            &job.flight,
+            &mut job.leader,
+            stale,
+            &headers,
+            since,
+        );
         return;
     }
     if cap || job.ctx.config.on_wait_timeout != OnWaitTimeout::CallOrigin {
@@ -428,7 +440,7 @@ fn gateway_timeout<B: Body, E>(
         entry,
         CacheStatus::Miss,
         Arc::from([]),
-        None,
+        Since::Any,
     );
 }
 
@@ -479,6 +491,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
         entry_key,
         mode,
         stale,
+        stale_since,
         mut leader,
         deadlines,
         ..
@@ -612,7 +625,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             match stale.filter(|s| config.stale_if_error && may_serve(&config, s, now, true)) {
                 Some(stale) => {
                     tracing::debug!(key = %crate::trace::redact(&entry_key), "origin failed, serving stale");
-                    serve_stale(&ctx, &flight, &mut leader, stale, &req_headers);
+                    serve_stale(&ctx, &flight, &mut leader, stale, &req_headers, stale_since);
                 }
                 None => {
                     flight.finish(Outcome::Origin);
@@ -627,7 +640,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
             let now = now_ms();
             match stale.filter(|s| may_serve(&config, s, now, true)) {
-                Some(stale) => serve_stale(&ctx, &flight, &mut leader, stale, &req_headers),
+                Some(stale) => {
+                    serve_stale(&ctx, &flight, &mut leader, stale, &req_headers, stale_since)
+                }
                 None => gateway_timeout(&config, &flight, &mut leader),
             }
             return;
@@ -651,7 +666,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
     {
         tracing::debug!(key = %crate::trace::redact(&entry_key), status = %parts.status, "origin answered 5xx, serving stale");
         release(&shared, &ek, &key, lease.as_ref(), failed_leave).await;
-        serve_stale(&ctx, &flight, &mut leader, stale, &req_headers);
+        serve_stale(&ctx, &flight, &mut leader, stale, &req_headers, stale_since);
         return;
     }
 
@@ -709,8 +724,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
             }),
         ) => {
             let entry = entry_of(data, ttl, grace_ms, age_ms, false);
-            // Whether a fenced write stored it (see `Outcome::Serve`).
-            let mut vouched = false;
+            // Stored past the fences, or else what the origin said when it
+            // was asked (see `Since`).
+            let mut since = Since::Asked(called_at);
             if let Some(lease) = &lease {
                 let store_key = if vary.is_empty() {
                     lease.key.clone()
@@ -764,6 +780,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     // it holds the lease).
                     near_check: matches!(mode, Mode::Refresh | Mode::Refetch),
                 };
+                let sent = Instant::now();
                 let written = match &revalidated {
                     // The stored tags could not be read: nothing is written
                     // (a FRESHEN without them would extend the entry's life
@@ -797,7 +814,9 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                         shared.store.store(args(fields)).await
                     }
                 };
-                vouched = matches!(written, Ok(WriteBack::Stored));
+                if matches!(written, Ok(WriteBack::Stored)) {
+                    since = Since::Stored(sent);
+                }
                 match written {
                     Ok(WriteBack::Stored) => {
                         // This process reads its own write at once (other
@@ -841,7 +860,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                 entry,
                 status,
                 vary_values(&vary, &req_headers),
-                (!vouched).then_some(called_at),
+                since,
             );
         }
         (rule, body) => {
@@ -893,7 +912,11 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                     // A 5xx tells of the origin, not of the resource: every
                     // joiner shares it (a failing origin gets one call per
                     // round, not one per waiter).
-                    let since = (!entry.status.is_server_error()).then_some(called_at);
+                    let since = if entry.status.is_server_error() {
+                        Since::Any
+                    } else {
+                        Since::Asked(called_at)
+                    };
                     flight.finish(Outcome::Serve {
                         entry,
                         status: origin_status,
@@ -921,7 +944,7 @@ async fn call_and_decide<S, C, ReqB, ResB>(
                                 entry: stale,
                                 status: CacheStatus::Stale,
                                 vary,
-                                since: None,
+                                since: stale_since,
                             });
                         }
                         None => gateway_timeout::<ResB, S::Error>(&config, &flight, &mut None),
@@ -965,6 +988,7 @@ fn serve_stale<C, B: Body, E>(
     leader: &mut Option<oneshot::Sender<LeaderResult<B, E>>>,
     stale: Arc<Entry>,
     req_headers: &HeaderMap,
+    since: Since,
 ) {
     Counters::inc(&ctx.config.counters.stale);
     let vary = varies_on(&stale.headers, req_headers);
@@ -975,7 +999,7 @@ fn serve_stale<C, B: Body, E>(
         stale,
         CacheStatus::Stale,
         vary,
-        None,
+        since,
     );
 }
 
@@ -987,7 +1011,7 @@ fn serve_all<B: Body, E>(
     entry: Arc<Entry>,
     status: CacheStatus,
     vary: Arc<[(HeaderName, Vec<u8>)]>,
-    since: Option<Instant>,
+    since: Since,
 ) {
     let res = from_entry(config, &entry, status, false, now_ms());
     flight.finish(Outcome::Serve {

@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use http::HeaderName;
 use tokio::sync::{Notify, watch};
@@ -65,22 +66,48 @@ pub(crate) enum Outcome {
         entry: Arc<Entry>,
         status: CacheStatus,
         vary: Arc<[(HeaderName, Vec<u8>)]>,
-        /// `Some(t)`: no fenced write in Redis vouches for this response
-        /// (the fill was offline, its store failed or was not made, or it
-        /// is what ACQUIRE read): it is what the origin (or Redis) said at
-        /// `t`. A joiner whose request came after `t` may have come after
-        /// an invalidation this process could not see, so it does not take
-        /// it: it looks again, and joins or leads the next fill (whose
-        /// origin call starts after it came). `None`: stored past the
-        /// fences, or a stale copy (served as `STALE`), or made by the cache,
-        /// or a 5xx that was not stored (it tells of the origin, not of the
-        /// resource: every joiner shares it).
-        since: Option<std::time::Instant>,
+        /// Which joiners may take it (see [`Since`]).
+        since: Since,
     },
     /// The result can't be shared: call the inner service yourself.
     Origin,
     /// The fill was detached by an invalidation: look the key up again.
     Restart,
+}
+
+/// What vouches for a fill's answer, and so which joiners may take it: a
+/// joiner takes only an answer that is at least as new as what it knew.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Since {
+    /// No fenced write in Redis vouches for it (the fill was offline, its
+    /// store failed or was not made, or it is what ACQUIRE read): it is
+    /// what the origin (or Redis) said at this instant. A joiner whose
+    /// request came after it may have come after an invalidation this
+    /// process could not see: it does not take it, looks again, and joins
+    /// or leads the next fill (whose origin call starts after it came).
+    Asked(Instant),
+    /// Stored past the fences by a write sent at this instant: no
+    /// invalidation came between the fill's start and the write. A joiner
+    /// whose own lookup found nothing after it (the entry was removed
+    /// after it was stored: invalidated, or evicted) does not take it.
+    Stored(Instant),
+    /// Every joiner takes it: a stale copy (served as `STALE`), made by the
+    /// cache, or a 5xx that was not stored (it tells of the origin, not of
+    /// the resource).
+    Any,
+}
+
+impl Since {
+    /// Whether a joiner may take the answer: `arrived`, when its request
+    /// came; `looked`, when its last lookup's answer was in (`None`: it
+    /// joined without one).
+    pub(crate) fn admits(self, arrived: Instant, looked: Option<Instant>) -> bool {
+        match self {
+            Since::Asked(asked) => asked >= arrived,
+            Since::Stored(sent) => looked.is_none_or(|looked| looked < sent),
+            Since::Any => true,
+        }
+    }
 }
 
 /// One in-flight fill.
@@ -92,13 +119,11 @@ pub(crate) struct Flight {
     detached: AtomicBool,
     /// Signalled when the flight is detached.
     pub(crate) detach: Notify,
-    /// A fill of a key its leader found missing in Redis (no entry, not
-    /// even a stale one): a request for the key joins it without reading
-    /// Redis first (it would find nothing either, or the entry this fill
-    /// stored: the response it hands out).
-    cold: bool,
-    /// Set while the fill waits for the origin (see [`calling`](Self::calling)).
-    calling: AtomicBool,
+    /// Set from the start of a fill of a key its leader found missing in
+    /// Redis (no entry, not even a stale one) until its origin call ends
+    /// (or it ends without one): while it is, a request for the key joins
+    /// it without reading Redis first (see [`Flights::join_cold`]).
+    open: AtomicBool,
 }
 
 impl Flight {
@@ -108,20 +133,14 @@ impl Flight {
             wake: Notify::new(),
             detached: AtomicBool::new(false),
             detach: Notify::new(),
-            cold,
-            calling: AtomicBool::new(false),
+            open: AtomicBool::new(cold),
         }
     }
 
-    /// The fill calls the origin (`true`) or has its answer (`false`).
-    /// Only while it calls may a request join it without a lookup: an
-    /// answer computed before an invalidation that ended before the request
-    /// came is then written back after that invalidation, which fences it
-    /// out (its joiners restart). Before the call the fill reads Redis
-    /// (ACQUIRE may find an entry), after it its result may be stored
-    /// already: a request then reads Redis itself.
-    fn calling(&self, on: bool) -> bool {
-        self.calling.swap(on, Ordering::AcqRel) != on
+    /// Ends the time a request may join without a lookup; `true` if it was
+    /// open until now.
+    fn close(&self) -> bool {
+        self.open.swap(false, Ordering::AcqRel)
     }
 
     /// Hands the outcome to every joiner (once; a detached flight keeps its
@@ -167,7 +186,8 @@ pub(crate) enum Joined {
 }
 
 /// A fill calling the origin (see [`Flights::calling`]); dropped when the
-/// call ended, however it ended.
+/// call ended, however it ended, which closes the fill to requests that
+/// have not read Redis.
 #[derive(Debug)]
 pub(crate) struct Calling<'a> {
     flights: &'a Flights,
@@ -176,9 +196,7 @@ pub(crate) struct Calling<'a> {
 
 impl Drop for Calling<'_> {
     fn drop(&mut self) {
-        if self.flight.calling(false) && self.flight.cold {
-            self.flights.cold_calling.fetch_sub(1, Ordering::AcqRel);
-        }
+        self.flights.close(self.flight);
     }
 }
 
@@ -186,9 +204,10 @@ impl Drop for Calling<'_> {
 #[derive(Debug, Default)]
 pub(crate) struct Flights {
     map: Mutex<HashMap<String, Arc<Flight>>>,
-    /// How many cold fills are calling the origin: while none is, a
-    /// request (a hit, most of the time) skips the map's lock.
-    cold_calling: AtomicUsize,
+    /// How many fills are open to requests without a lookup
+    /// ([`join_cold`](Self::join_cold)): while none is, a request (a hit,
+    /// most of the time) skips the map's lock.
+    cold_open: AtomicUsize,
     /// Names this cache in the in-flight gauge (feature `metrics`).
     label: crate::metrics::CacheLabel,
 }
@@ -198,21 +217,35 @@ impl Flights {
     pub(crate) fn new(label: crate::metrics::CacheLabel) -> Self {
         Self {
             map: Mutex::default(),
-            cold_calling: AtomicUsize::new(0),
+            cold_open: AtomicUsize::new(0),
             label,
         }
     }
 
-    /// Marks `flight` as calling the origin (`true`) or done with it
-    /// ([`Flight::calling`]); the guard's drop marks it done.
+    /// A guard for `flight`'s origin call: when the call ends, requests
+    /// no longer join it without a lookup (its answer may be stored next,
+    /// and a request that came after an invalidation that followed the
+    /// store must not take it).
     pub(crate) fn calling<'a>(&'a self, flight: &'a Flight) -> Calling<'a> {
-        if flight.calling(true) && flight.cold {
-            self.cold_calling.fetch_add(1, Ordering::AcqRel);
-        }
         Calling {
             flights: self,
             flight,
         }
+    }
+
+    /// Closes `flight` to requests without a lookup.
+    fn close(&self, flight: &Flight) {
+        if flight.close() {
+            self.cold_open.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// A new flight, counted as open when `cold`.
+    fn flight(&self, cold: bool) -> Arc<Flight> {
+        if cold {
+            self.cold_open.fetch_add(1, Ordering::AcqRel);
+        }
+        Arc::new(Flight::new(cold))
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Flight>>> {
@@ -242,30 +275,33 @@ impl Flights {
             }
             // The finished fill's own removal won't find the new flight
             // (`remove` compares pointers): the gauge counts one either way.
-            let flight = Arc::new(Flight::new(cold));
+            let flight = self.flight(cold);
             map.insert(key.to_owned(), flight.clone());
             return Joined::Lead(flight);
         }
-        let flight = Arc::new(Flight::new(cold));
+        let flight = self.flight(cold);
         map.insert(key.to_owned(), flight.clone());
         crate::metrics::fills_in_flight(&self.label, 1.0);
         Joined::Lead(flight)
     }
 
     /// Joins the fill of `key` if one runs whose leader found nothing
-    /// stored and that is calling the origin ([`Flight::calling`]): the
-    /// caller need not read Redis first.
+    /// stored and whose origin call has not ended: the caller need not read
+    /// Redis first. Whatever that fill answers was read or asked for after
+    /// the fill began (ACQUIRE's reads, the origin's answer, another
+    /// process's entry found once its lease is gone), or, if before the
+    /// caller came, it carries [`Since::Asked`] and the caller looks again;
+    /// what it stores is fenced against every invalidation since its start.
+    /// Once the call ended, the answer may be stored, then invalidated,
+    /// before the fill hands it out: a request then reads Redis itself.
     pub(crate) fn join_cold(&self, key: &str) -> Option<watch::Receiver<Option<Outcome>>> {
-        if self.cold_calling.load(Ordering::Acquire) == 0 {
+        if self.cold_open.load(Ordering::Acquire) == 0 {
             return None;
         }
         let map = self.lock();
         map.get(key)
             .filter(|f| {
-                f.cold
-                    && f.calling.load(Ordering::Acquire)
-                    && !f.is_detached()
-                    && f.tx.borrow().is_none()
+                f.open.load(Ordering::Acquire) && !f.is_detached() && f.tx.borrow().is_none()
             })
             .map(|f| f.subscribe())
     }
@@ -277,14 +313,16 @@ impl Flights {
         if map.contains_key(key) {
             return None;
         }
-        let flight = Arc::new(Flight::new(false));
+        let flight = self.flight(false);
         map.insert(key.to_owned(), flight.clone());
         crate::metrics::fills_in_flight(&self.label, 1.0);
         Some(flight)
     }
 
-    /// Removes `flight` if it is still the one registered under `key`.
+    /// Removes `flight` if it is still the one registered under `key`
+    /// (and closes it, registered or not).
     pub(crate) fn remove(&self, key: &str, flight: &Arc<Flight>) {
+        self.close(flight);
         let mut map = self.lock();
         if map.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             map.remove(key);
@@ -349,6 +387,7 @@ impl Flights {
         };
         crate::metrics::fills_in_flight(&self.label, -(detached.len() as f64));
         for flight in &detached {
+            self.close(flight);
             flight.detach_now();
         }
         detached.len()
@@ -393,20 +432,69 @@ mod tests {
         let Joined::Lead(cold) = flights.join_or_lead("c", true, None) else {
             panic!()
         };
-        assert!(
-            flights.join_cold("c").is_none(),
-            "not calling the origin yet"
-        );
+        // Joinable while it acquires (what it finds carries `Since::Asked`)
+        // and while it calls the origin.
+        let mut early = flights.join_cold("c").expect("joined while acquiring");
         let calls = flights.calling(&cold);
-        let mut rx = flights.join_cold("c").expect("joined");
+        let mut rx = flights.join_cold("c").expect("joined while calling");
         drop(calls);
         assert!(flights.join_cold("c").is_none(), "the call ended");
-        let _calls = flights.calling(&cold);
+        assert_eq!(flights.cold_open.load(Ordering::Acquire), 0);
         cold.finish(Outcome::Origin);
         assert!(matches!(*rx.borrow_and_update(), Some(Outcome::Origin)));
-        assert!(flights.join_cold("c").is_none(), "a finished fill");
+        assert!(matches!(*early.borrow_and_update(), Some(Outcome::Origin)));
         assert_eq!(flights.detach_entry("c"), 1);
         assert!(flights.join_cold("c").is_none());
+    }
+
+    #[test]
+    fn a_fill_closes_to_blind_joiners_however_it_ends() {
+        let flights = Flights::default();
+        // Answered without a call (ACQUIRE found the entry): closed when
+        // it leaves the table.
+        let Joined::Lead(hit) = flights.join_or_lead("a", true, None) else {
+            panic!()
+        };
+        hit.finish(Outcome::Origin);
+        assert!(flights.join_cold("a").is_none(), "a finished fill");
+        flights.remove("a", &hit);
+        // Detached while acquiring.
+        let Joined::Lead(_detached) = flights.join_or_lead("b", true, None) else {
+            panic!()
+        };
+        assert_eq!(flights.detach_prefix("b"), 1);
+        assert!(flights.join_cold("b").is_none());
+        // Replaced in place by a request that could not take its answer:
+        // the old fill's removal still closes it.
+        let Joined::Lead(old) = flights.join_or_lead("c", true, None) else {
+            panic!()
+        };
+        let passed = old.subscribe();
+        old.finish(Outcome::Origin);
+        let Joined::Lead(new) = flights.join_or_lead("c", true, Some(&passed)) else {
+            panic!("a request that passed the answer leads the next fill")
+        };
+        flights.remove("c", &old);
+        assert!(flights.join_cold("c").is_some(), "the new fill is open");
+        flights.remove("c", &new);
+        assert_eq!(flights.cold_open.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_joiner_takes_only_an_answer_as_new_as_what_it_knew() {
+        let t0 = Instant::now();
+        let t1 = t0 + std::time::Duration::from_millis(1);
+        let t2 = t1 + std::time::Duration::from_millis(1);
+        // Asked for before the request came: not taken.
+        assert!(!Since::Asked(t0).admits(t1, None));
+        assert!(Since::Asked(t1).admits(t1, Some(t2)));
+        // Stored after the joiner's lookup found nothing: taken; its
+        // lookup found nothing after the write: the entry was removed
+        // since (invalidated): not taken.
+        assert!(Since::Stored(t2).admits(t0, Some(t1)));
+        assert!(!Since::Stored(t1).admits(t0, Some(t2)));
+        assert!(Since::Stored(t0).admits(t0, None));
+        assert!(Since::Any.admits(t2, Some(t2)));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use crate::config::{Config, OnWaitTimeout};
 use crate::entry::{Entry, Record, now_ms};
 use crate::error::FenceError;
 use crate::fill::{self, Deadlines, Job, Mode};
-use crate::flight::{CacheStatus, Joined, Outcome};
+use crate::flight::{CacheStatus, Joined, Outcome, Since};
 use crate::key::{EntryKey, header_value};
 use crate::policy::RequestRule;
 use crate::response::{
@@ -314,8 +314,10 @@ where
     let ek = EntryKey::new(&config.namespace, &key);
     let deadlines = Deadlines::new(config);
     // A fill's answer not vouched for by Redis is taken only if it was
-    // asked for after this request came (see `Outcome::Serve`).
+    // asked for after this request came, a stored one only if it was
+    // stored after this request's lookup found nothing (see `Since`).
     let arrived = std::time::Instant::now();
+    let mut looked = None;
     // The flight whose answer this request could not take.
     let mut passed = None;
     // The near cache serves fresh hits only (a refetch goes to Redis).
@@ -323,24 +325,24 @@ where
     for attempt in 0..MAX_ATTEMPTS {
         let now = shared.store.now_ms();
         if let Some(entry) = near.and_then(|near| near.get(&ek.primary, now)) {
-            // A near hit awaits nothing: take from the task's budget, so a
-            // loop of them still lets other tasks of its worker run.
-            tokio::task::consume_budget().await;
-            Counters::inc(&counters.hits);
-            Counters::inc(&counters.near_hits);
-            let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
-            if early_refresh(config, &entry, now, head) {
-                let current = (*entry).clone();
-                let entry_key = ek.primary.clone();
-                if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, current) {
-                    Counters::inc(&counters.early_refreshes);
-                }
-            }
-            return Ok(res);
+            let hit = near_hit(
+                &ctx,
+                svc,
+                req,
+                &ek,
+                &ek.primary,
+                &key,
+                &entry,
+                head,
+                now,
+                arrived,
+            );
+            return Ok(hit.await);
         }
-        // A fill of a key its leader found missing is calling the origin in
-        // this process: join it without reading Redis, which holds nothing
-        // newer than what the fill will hand out (see `Flight::calling`).
+        // A fill of a key its leader found missing runs in this process and
+        // has not finished calling the origin: join it without reading
+        // Redis. What it hands out was read or asked for after it began, or
+        // says when, and is then refused (see `Flights::join_cold`).
         let blind = if refresh || head || offline {
             None
         } else {
@@ -372,19 +374,10 @@ where
                             near: Some(entry),
                             ..
                         }) => {
-                            tokio::task::consume_budget().await;
-                            Counters::inc(&counters.hits);
-                            Counters::inc(&counters.near_hits);
-                            let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
-                            if early_refresh(config, &entry, now, head) {
-                                let current = (*entry).clone();
-                                if refresh_in_background(
-                                    &ctx, svc, req, &ek, variant, &key, current,
-                                ) {
-                                    Counters::inc(&counters.early_refreshes);
-                                }
-                            }
-                            return Ok(res);
+                            let hit = near_hit(
+                                &ctx, svc, req, &ek, &variant, &key, &entry, head, now, arrived,
+                            );
+                            return Ok(hit.await);
                         }
                         Err(err) => {
                             match shared.warn_gate.allow() {
@@ -436,7 +429,9 @@ where
                             ));
                         }
                         let res = from_entry(config, &entry, CacheStatus::Hit, head, now);
-                        if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
+                        if refresh_in_background(
+                            &ctx, svc, req, &ek, entry_key, &key, entry, arrived,
+                        ) {
                             Counters::inc(&counters.early_refreshes);
                             tracing::debug!("xfetch: refreshing early");
                         }
@@ -459,7 +454,9 @@ where
                             ));
                         }
                         let res = from_entry(config, &entry, CacheStatus::Stale, head, now);
-                        if refresh_in_background(&ctx, svc, req, &ek, entry_key, &key, entry) {
+                        if refresh_in_background(
+                            &ctx, svc, req, &ek, entry_key, &key, entry, arrived,
+                        ) {
                             Counters::inc(&counters.stale_refreshes);
                         }
                         return Ok(res);
@@ -482,6 +479,12 @@ where
                 }
                 // Joinable without a lookup: a fill of a missing primary.
                 let cold = stale.is_none() && !offline && !refresh && entry_key == ek.primary;
+                // What this request knew of Redis, as of now (a moment
+                // after its lookup's answer: erring late only makes it
+                // refuse an answer it could have taken).
+                if !offline {
+                    looked = Some(std::time::Instant::now());
+                }
                 (
                     shared
                         .flights
@@ -510,6 +513,8 @@ where
                         Mode::Fill
                     },
                     stale,
+                    // Read by this request's lookup, after it came.
+                    stale_since: Since::Asked(arrived),
                     leader: Some(tx),
                     decided_on: None,
                     deadlines,
@@ -527,6 +532,8 @@ where
             }
             Joined::Join(mut rx) => {
                 Counters::inc(&counters.coalesced);
+                // Whether this request's own lookup found a stale copy.
+                let saw_stale = stale.is_some();
                 let wait = rx.wait_for(Option::is_some);
                 // The fill this request joined acts on the wait budget for
                 // all of them (stale, or one origin call, or keeps waiting);
@@ -549,11 +556,15 @@ where
                 };
                 counters.waited(waited.elapsed());
                 match outcome {
-                    // Answered before this request came, and not vouched for
-                    // by a fenced write: look again (see `Outcome::Serve`).
-                    Some(Outcome::Serve {
-                        since: Some(since), ..
-                    }) if since < arrived => passed = Some(rx),
+                    // Older than what this request knew: look again (see
+                    // `Since`). A stale copy is as good as the one its own
+                    // lookup found.
+                    Some(Outcome::Serve { since, status, .. })
+                        if !(since.admits(arrived, looked)
+                            || status == CacheStatus::Stale && saw_stale) =>
+                    {
+                        passed = Some(rx)
+                    }
                     Some(Outcome::Serve {
                         entry,
                         status,
@@ -658,6 +669,45 @@ pub(crate) struct Looked {
     near: Option<Arc<Entry>>,
 }
 
+/// Serves a fresh hit from the near cache (the primary's, or the `Vary`
+/// variant at `entry_key`), found there by a request that came at
+/// `arrived`, and starts XFetch's early refresh if it is due.
+#[allow(clippy::too_many_arguments)]
+async fn near_hit<S, C, ReqB, ResB>(
+    ctx: &Ctx<C>,
+    svc: S,
+    req: Request<ReqB>,
+    ek: &EntryKey,
+    entry_key: &str,
+    key: &str,
+    entry: &Arc<Entry>,
+    head: bool,
+    now: u64,
+    arrived: std::time::Instant,
+) -> Response<FenceBody<ResB>>
+where
+    S: Inner<ReqB, ResB> + Clone,
+    ReqB: Send + 'static,
+    ResB: CacheBody,
+    C: Conn,
+{
+    // A near hit awaits nothing: take from the task's budget, so a loop of
+    // them still lets other tasks of its worker run.
+    tokio::task::consume_budget().await;
+    let (config, counters) = (&ctx.config, &ctx.config.counters);
+    Counters::inc(&counters.hits);
+    Counters::inc(&counters.near_hits);
+    let res = from_entry(config, entry, CacheStatus::Hit, head, now);
+    if early_refresh(config, entry, now, head) {
+        let current = (**entry).clone();
+        let entry_key = entry_key.to_owned();
+        if refresh_in_background(ctx, svc, req, ek, entry_key, key, current, arrived) {
+            Counters::inc(&counters.early_refreshes);
+        }
+    }
+    res
+}
+
 /// Whether XFetch starts a background refresh of this fresh hit now.
 fn early_refresh(config: &Config, entry: &Entry, now: u64, head: bool) -> bool {
     !head
@@ -673,6 +723,9 @@ fn early_refresh(config: &Config, entry: &Entry, now: u64, head: bool) -> bool {
         )
 }
 
+/// Starts a background refresh of `current`, read from Redis (or held
+/// near) no earlier than `read`, unless one runs.
+#[allow(clippy::too_many_arguments)]
 fn refresh_in_background<S, C, ReqB, ResB>(
     ctx: &Ctx<C>,
     svc: S,
@@ -681,6 +734,7 @@ fn refresh_in_background<S, C, ReqB, ResB>(
     entry_key: String,
     key: &str,
     current: Entry,
+    read: std::time::Instant,
 ) -> bool
 where
     S: Inner<ReqB, ResB> + Clone,
@@ -703,6 +757,10 @@ where
         mode: Mode::Refresh,
         decided_on: Some(current.stored_ms),
         stale: Some(Arc::new(current)),
+        // A request that joins the refresh after its lookup found nothing
+        // does not take this copy if it came after it was read (see
+        // `Since`).
+        stale_since: Since::Asked(read),
         leader: None,
         deadlines: Deadlines::new(&ctx.config),
     };

@@ -113,6 +113,100 @@ async fn a_thousand_requests_at_a_cold_key_make_exactly_3_redis_round_trips() {
     assert_eq!(after.fills - before.fills, 1);
 }
 
+/// How many `cmd` commands clients sent since the slow log was reset with
+/// `slowlog-log-slower-than 0` (the slow log names a script's commands'
+/// client `?:0`: those are left out).
+fn sent_by_clients(redis: &RedisServer, cmd: &str) -> usize {
+    let redis::Value::Array(entries) = redis.cli_value(&["SLOWLOG", "GET", "1000000"]) else {
+        panic!("SLOWLOG GET answers an array")
+    };
+    entries
+        .iter()
+        .filter(|entry| {
+            let redis::Value::Array(fields) = entry else {
+                return false;
+            };
+            let (Some(redis::Value::Array(args)), Some(redis::Value::BulkString(client))) =
+                (fields.get(3), fields.get(4))
+            else {
+                return false;
+            };
+            client != b"?:0"
+                && matches!(args.first(), Some(redis::Value::BulkString(name)) if name.eq_ignore_ascii_case(cmd.as_bytes()))
+        })
+        .count()
+}
+
+// Breaks when a request that finds an in-process fill of a missing key reads
+// Redis before joining it while that fill is not yet calling the origin (it
+// acquires, or waits on another process's lease): a burst then sends one
+// lookup per request (issue 25, target 5). What the fill finds in Redis
+// once the other process stored is as new as each joiner: it was read after
+// they all came.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_burst_at_a_key_another_process_fills_sends_one_lookup() {
+    const REQUESTS: u64 = 1000;
+    let redis = RedisServer::new();
+    redis.cli(&["CONFIG", "SET", "slowlog-max-len", "100000"]);
+    let gate = Gate::open();
+    // Two processes: `b` fills the key, `a` gets the burst.
+    let b = FenceLayer::new(redis.connection_manager().await)
+        .namespace("burst:")
+        .layer(origin(&gate));
+    let a_layer = FenceLayer::new(redis.connection_manager().await).namespace("burst:");
+    let a_handle = a_layer.handle();
+    let a = a_layer.layer(origin(&gate));
+    // Loads the scripts.
+    assert_eq!(get(&a, "/warm").await.0, "MISS");
+    until("the warm-up fill to end", || {
+        a_handle.stats().in_flight == 0
+    })
+    .await;
+    gate.hold();
+    let filling = {
+        let b = b.clone();
+        tokio::spawn(async move { get(&b, "/cold").await })
+    };
+    gate.called(2).await;
+    let before = a_handle.stats();
+    let spawn = || {
+        let a = a.clone();
+        tokio::spawn(async move { get(&a, "/cold").await })
+    };
+    // The first request of `a` looks up, finds nothing, and its fill waits
+    // on `b`'s lease.
+    let mut tasks = vec![spawn()];
+    until("a's fill to wait on b's lease", || {
+        a_handle.stats().remote_waits - before.remote_waits == 1
+    })
+    .await;
+    redis.cli(&["CONFIG", "SET", "slowlog-log-slower-than", "0"]);
+    redis.cli(&["SLOWLOG", "RESET"]);
+    tasks.extend((1..REQUESTS).map(|_| spawn()));
+    until("999 requests to join a's fill", || {
+        a_handle.stats().coalesced - before.coalesced == REQUESTS - 1
+    })
+    .await;
+    let lookups = sent_by_clients(&redis, "hmget");
+    gate.release();
+    assert_eq!(
+        filling.await.unwrap(),
+        ("MISS".to_owned(), "/cold #2".to_owned())
+    );
+    for task in tasks {
+        let (status, body) = task.await.unwrap();
+        assert_eq!((status.as_str(), body.as_str()), ("HIT", "/cold #2"));
+    }
+    let after = sent_by_clients(&redis, "hmget");
+    eprintln!(
+        "{REQUESTS} requests at a key another process fills: {lookups} lookups while it filled, {after} in all"
+    );
+    assert_eq!(lookups, 0, "the burst joined a's fill without a lookup");
+    assert_eq!(after, 0, "and took what the fill found");
+    assert_eq!(gate.calls(), 2, "one origin call (and the warm-up)");
+    assert_eq!(a_handle.stats().fills - before.fills, 0);
+}
+
 /// Resets this process's peak RSS (`VmHWM`) to its current RSS, so a later
 /// [`support::peak_rss_kib`] measures only what came after.
 fn reset_peak_rss() {

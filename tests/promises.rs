@@ -289,6 +289,61 @@ async fn offline_no_request_takes_an_answer_asked_before_it_came_and_late_ones_s
     assert_eq!(gate.calls(), 2, "the late requests share one origin call");
 }
 
+// Breaks when a request whose lookup found nothing joins a background
+// refresh and takes the stale copy that refresh falls back on: the entry was
+// invalidated (through another process) after the refresh read it and
+// before the request looked, so that copy is exactly what was invalidated.
+// The request looks again and gets an answer asked for after it came.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_after_an_invalidation_never_takes_the_stale_copy_a_failing_refresh_falls_back_on()
+ {
+    let redis = RedisServer::new();
+    let gate = Gate::open();
+    // Call 2 (the background refresh) fails; the others answer 200.
+    let a_layer = layer(&redis, "refresh-race:").await;
+    let a_handle = a_layer.handle();
+    let a = a_layer.layer(origin(&gate, |parts, n| {
+        let status = if n == 2 { 500 } else { 200 };
+        plain(status, &[])(parts, n)
+    }));
+    // Another process, which invalidates.
+    let b = layer(&redis, "refresh-race:").await.handle();
+    assert_eq!(get(&a, "/k").await.cache, "MISS");
+    until("the fill to end", || a_handle.stats().in_flight == 0).await;
+    b.soft_invalidate_path("/k").await.unwrap();
+    gate.hold();
+    // Served stale; its background refresh holds the stale copy and waits
+    // at the origin.
+    let stale = get(&a, "/k").await;
+    assert_eq!(
+        (stale.cache.as_str(), stale.text()),
+        ("STALE", "/k #1".into())
+    );
+    gate.called(2).await;
+    b.invalidate_path("/k").await.unwrap();
+    let before = a_handle.stats();
+    // This request came after the invalidation returned: its lookup finds
+    // nothing, and it joins the refresh.
+    let late = tokio::spawn({
+        let a = a.clone();
+        async move { get(&a, "/k").await }
+    });
+    until("the request to join the refresh", || {
+        a_handle.stats().coalesced - before.coalesced == 1
+    })
+    .await;
+    gate.release();
+    let late = late.await.unwrap();
+    assert_eq!(late.status, StatusCode::OK);
+    assert_eq!(
+        late.text(),
+        "/k #3",
+        "a request after the invalidation took the invalidated copy ({})",
+        late.cache
+    );
+    assert_eq!(gate.calls(), 3);
+}
+
 /// Requests `path` until it is answered through the cache (not `BYPASS`).
 async fn until_cached(svc: &Svc, path: &str) {
     let deadline = Instant::now() + support::gate::HANG_GUARD;
