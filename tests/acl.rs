@@ -5,46 +5,11 @@
 
 mod support;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use cachefence::FenceLayer;
+use support::capture::capture;
 use support::origin::{Counter, routes};
 use support::{Http, RedisServer, serve};
-
-/// Everything the subscriber wrote.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn count(&self, needle: &str) -> usize {
-        let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-        text.lines().filter(|l| l.contains(needle)).count()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-/// Captures `cachefence` warnings on this thread (a current-thread
-/// runtime: the server and the fills run here too).
-fn capture() -> (Captured, tracing::subscriber::DefaultGuard) {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("cachefence=warn")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
-}
+use tracing_subscriber::fmt::format::FmtSpan;
 
 /// `ACL LOG`: each refusal's command (`object`) and how often, sorted.
 fn refusals(redis: &RedisServer) -> Vec<(String, i64)> {
@@ -144,7 +109,8 @@ async fn stores_without(
     both: &[(&str, i64)],
     calls: (u64, u64),
 ) {
-    let (captured, _guard) = capture();
+    // A current-thread runtime: the server and the fills log here.
+    let (captured, _guard) = capture("cachefence=warn", FmtSpan::NONE);
     let redis = RedisServer::new();
     let mut setuser = vec![
         "ACL", "SETUSER", "limited", "on", ">pw", "~*", "&*", "+@all",
