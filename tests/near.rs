@@ -14,6 +14,7 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use cachefence::{FenceCache, FenceHandle};
 use redis::aio::ConnectionManager;
+use support::gate::until;
 use support::{Http, RedisServer, serve};
 
 const NS: &str = "near:";
@@ -71,15 +72,6 @@ async fn proc(redis: &RedisServer, version: &Arc<AtomicU64>, calls: &Arc<AtomicU
         )
     })
     .await
-}
-
-/// Waits (bounded) until `cond` holds: for state the listener task changes.
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 async fn up(cache: &FenceCache<ConnectionManager>) {
