@@ -1,6 +1,6 @@
 //! What one hit costs the app, in instructions: the load harness's app
-//! (the same axum router and handler, the same hand-written cache-aside
-//! `naive` middleware) driven without HTTP, on one thread, so that
+//! (the same handler and hand-written cache-aside `naive` middleware, from
+//! `benches/load/app.rs`, on the same route) driven without HTTP, on one thread, so that
 //! `valgrind --tool=callgrind` (or `--tool=lackey`) counts the same
 //! instructions run after run on a loaded machine, where wall-clock and
 //! CPU time are not repeatable.
@@ -14,80 +14,45 @@
 //! a current-thread Tokio runtime (the Redis client's driver task runs on
 //! the same thread, so its work is counted). Instructions per hit are the
 //! difference between two runs with different `--hits`, divided: set-up
-//! and warm-up cancel out. Arms: `naive` (`GET`, as in `benches/load.rs`),
+//! and warm-up cancel out. Arms: `naive` (`GET`, the load harness's),
 //! `fence` (`FenceCache::builder(HealingConnection::connect(client))`, as
 //! the README builds it, with wake-ups), `fence-manager` (the same over a
 //! `ConnectionManager` with its default settings). Uses `REDIS_URL`, else
 //! `redis://127.0.0.1:6379/`.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Body as AxumBody;
-use axum::extract::{Path, Request, State};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::middleware;
 use axum::routing::get;
-use bytes::Bytes;
 use cachefence::{FenceCache, HealingConnection};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use http::{HeaderValue, StatusCode, header};
+use http::{StatusCode, header};
 use http_body_util::BodyExt;
-use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 use tower::Service;
 
+#[path = "load/app.rs"]
+mod load_app;
+
+use load_app::{Naive, Origin, naive, small};
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
-
-async fn small(State(body): State<Bytes>, Path(_): Path<String>) -> Response {
-    let mut res = Response::new(AxumBody::from(body));
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    res
-}
-
-#[derive(Clone)]
-struct Naive {
-    redis: ConnectionManager,
-    prefix: Arc<str>,
-}
-
-/// `benches/load.rs`'s `naive`, without its call counter.
-async fn naive(State(n): State<Naive>, req: Request, next: Next) -> Response {
-    let key = format!("{}{}", n.prefix, req.uri().path());
-    let mut redis = n.redis.clone();
-    if let Ok(Some(body)) = redis.get::<_, Option<Vec<u8>>>(&key).await {
-        let mut res = Response::new(AxumBody::from(body));
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        return res;
-    }
-    let res = next.run(req).await;
-    let (parts, body) = res.into_parts();
-    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-        return Response::new(AxumBody::empty());
-    };
-    if parts.status == StatusCode::OK {
-        let _: Result<(), _> = redis.pset_ex(&key, body.as_ref(), 60_000).await;
-    }
-    Response::from_parts(parts, AxumBody::from(body))
-}
 
 async fn app(arm: &str, client: &redis::Client) -> Result<Router, Error> {
     let routes = Router::new()
         .route("/k/{id}", get(small))
-        .with_state(Bytes::from(vec![b's'; 4 * 1024]));
+        .with_state(Origin::new(Duration::ZERO));
     Ok(match arm {
         "naive" => {
             let state = Naive {
                 redis: client.get_connection_manager().await?,
+                ttl_ms: 60_000,
                 prefix: Arc::from("cost-naive:"),
+                calls: Arc::new(AtomicU64::new(0)),
             };
             routes.layer(middleware::from_fn_with_state(state, naive))
         }

@@ -59,22 +59,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::body::Body as AxumBody;
-use axum::extract::{Path, Request, State};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
 use axum::routing::get;
 use bytes::Bytes;
 use cachefence::{FenceCache, FenceHandle};
-use http::{HeaderValue, StatusCode, header};
+use http::{StatusCode, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tokio::runtime::Runtime;
 
+use app::{Naive, Origin, large, naive, small};
+
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
+#[path = "load/app.rs"]
+mod app;
 #[path = "load/latency.rs"]
 mod latency;
 #[cfg(feature = "cluster-async")]
@@ -318,82 +318,6 @@ impl AppThreads {
 }
 
 // ---------------------------------------------------------------- the app
-
-/// The simulated origin.
-struct Origin {
-    latency: Duration,
-    small: Bytes,
-    large: Bytes,
-    calls: AtomicU64,
-}
-
-impl Origin {
-    fn new(latency: Duration) -> Arc<Self> {
-        Arc::new(Self {
-            latency,
-            small: Bytes::from(vec![b's'; 4 * 1024]),
-            large: Bytes::from(vec![b'L'; 1024 * 1024]),
-            calls: AtomicU64::new(0),
-        })
-    }
-}
-
-async fn small(State(origin): State<Arc<Origin>>, Path(_): Path<String>) -> Response {
-    origin.calls.fetch_add(1, Ordering::Relaxed);
-    if !origin.latency.is_zero() {
-        tokio::time::sleep(origin.latency).await;
-    }
-    let mut res = Response::new(AxumBody::from(origin.small.clone()));
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    res
-}
-
-async fn large(State(origin): State<Arc<Origin>>, Path(_): Path<String>) -> Response {
-    origin.calls.fetch_add(1, Ordering::Relaxed);
-    let mut res = Response::new(AxumBody::from(origin.large.clone()));
-    res.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/octet-stream"),
-    );
-    res
-}
-
-/// The hand-written cache-aside layer: `GET` the path; on a miss call the
-/// handler, then `SET` the body `PX` the TTL.
-#[derive(Clone)]
-struct Naive {
-    redis: ConnectionManager,
-    ttl_ms: u64,
-    prefix: Arc<str>,
-    calls: Arc<AtomicU64>,
-}
-
-async fn naive(State(n): State<Naive>, req: Request, next: Next) -> Response {
-    let key = format!("{}{}", n.prefix, req.uri().path());
-    let mut redis = n.redis.clone();
-    n.calls.fetch_add(1, Ordering::Relaxed);
-    if let Ok(Some(body)) = redis.get::<_, Option<Vec<u8>>>(&key).await {
-        let mut res = Response::new(AxumBody::from(body));
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/octet-stream"),
-        );
-        return res;
-    }
-    let res = next.run(req).await;
-    let (parts, body) = res.into_parts();
-    let Ok(body) = body.collect().await.map(|b| b.to_bytes()) else {
-        return StatusCode::BAD_GATEWAY.into_response();
-    };
-    if parts.status == StatusCode::OK {
-        n.calls.fetch_add(1, Ordering::Relaxed);
-        let _: Result<(), _> = redis.pset_ex(&key, body.as_ref(), n.ttl_ms).await;
-    }
-    Response::from_parts(parts, AxumBody::from(body))
-}
 
 /// One arm's app, listening.
 struct App {

@@ -18,6 +18,30 @@ pin_project! {
     ///
     /// Its data is always [`Bytes`] and its error the inner body's error: the
     /// cache adds no error of its own.
+    ///
+    /// # Example
+    ///
+    /// A fenced service answers `Response<FenceBody<B>>` for an inner
+    /// service answering `Response<B>`; read it like any [`Body`]:
+    ///
+    /// ```no_run
+    /// use bytes::Bytes;
+    /// use cachefence::{FenceBody, FenceLayer};
+    /// use http_body_util::{BodyExt, Full};
+    /// use tower::{Layer, ServiceExt, service_fn};
+    ///
+    /// # async fn doc(conn: redis::aio::ConnectionManager) -> Result<(), Box<dyn std::error::Error>> {
+    /// let origin = service_fn(|_req: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("hello"))))
+    /// });
+    /// let fenced = FenceLayer::new(conn).layer(origin);
+    /// let response: http::Response<FenceBody<Full<Bytes>>> =
+    ///     fenced.oneshot(http::Request::get("/greeting").body(())?).await?;
+    /// let body: Bytes = response.into_body().collect().await?.to_bytes();
+    /// assert_eq!(body, "hello");
+    /// # Ok(())
+    /// # }
+    /// ```
     pub struct FenceBody<B: Body> {
         #[pin]
         state: State<B>,

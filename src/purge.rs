@@ -38,6 +38,39 @@ use crate::handle::{FenceHandle, Invalidation};
 /// repeated, empty or unknown parameter; `503` when Redis fails (the
 /// invalidation may be retried: applying one twice is harmless). The
 /// request body is ignored.
+///
+/// # Example
+///
+/// The type written out (a field of an admin app's state, a function's
+/// return type): with a plain function as the check, `A` is a function
+/// pointer. Called here without a server, as a test of the admin route
+/// would:
+///
+/// ```no_run
+/// use cachefence::FenceHandle;
+/// use cachefence::purge::PurgeService;
+/// use http::request::Parts;
+/// use redis::aio::ConnectionManager;
+/// use tower::ServiceExt;
+///
+/// fn is_admin(parts: &Parts) -> bool {
+///     parts.headers.get("x-admin-token").is_some_and(|v| v == "s3cret")
+/// }
+///
+/// fn purge_of(handle: &FenceHandle) -> PurgeService<ConnectionManager, fn(&Parts) -> bool> {
+///     handle.purge_service(is_admin as fn(&Parts) -> bool)
+/// }
+///
+/// # async fn doc(handle: FenceHandle) -> Result<(), Box<dyn std::error::Error>> {
+/// let request = http::Request::post("/admin/purge?tag=product:42")
+///     .header("x-admin-token", "s3cret")
+///     .body(())?;
+/// let response = purge_of(&handle).oneshot(request).await?;
+/// // 200 `{"removed":N}`, or 503 when Redis failed.
+/// println!("{}", response.status());
+/// # Ok(())
+/// # }
+/// ```
 pub struct PurgeService<C, A> {
     handle: FenceHandle<C>,
     authorize: A,

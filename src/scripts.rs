@@ -319,7 +319,10 @@ return 1
 /// Returns 1 when stored, 0 when fenced out (the lease is gone, or the URL,
 /// a prefix of its key or one of the response's tags was invalidated at or
 /// after the fill started), 2 when not stored because the URL has the most
-/// variants it may have, 4 when the temporary key was gone (not stored).
+/// variants it may have, 4 when the temporary key was gone (not stored);
+/// a `NOPERM` error, the temporary key removed and the lease kept, when the
+/// Redis user may not run `RENAME` (the caller stores with the fields as
+/// ARGV).
 ///
 /// The prefix fences (ARGV 10 `1`) are read only when their newest
 /// (`<fences>:last`, written by [`PREFIX_FENCE`]; read in the lease's
@@ -379,7 +382,17 @@ end
 if TMP then
   -- RENAME replaces the old hash whole. The key is missing when it expired
   -- or was evicted before this ran: nothing is stored.
-  if not pcall(redis.call, 'RENAME', TMP, KEYS[1]) then
+  local okr, err = pcall(redis.call, 'RENAME', TMP, KEYS[1])
+  if not okr then
+    -- An ACL that denies RENAME (Redis 7.0: 'The user executing the script
+    -- can't run this command', 7.2 on: 'ACL failure in script'): an error,
+    -- the lease kept, and the caller stores with the fields as ARGV.
+    local m = type(err) == 'table' and err.err or tostring(err)
+    if string.find(m, 'NOPERM', 1, true) or string.find(m, 'ACL', 1, true)
+        or string.find(m, 'executing the script can', 1, true) then
+      redis.call('DEL', TMP)
+      return redis.error_reply('NOPERM RENAME refused in STORE: ' .. m)
+    end
     TMP = false
     return refuse(4)
   end

@@ -440,6 +440,140 @@ fn allkeys_policy(reply: &Value) -> Option<String> {
     }
 }
 
+/// What a single-server store's transaction came to
+/// ([`Store::store_in_transaction`]).
+#[derive(Debug, PartialEq)]
+enum Transaction {
+    /// STORE's answer.
+    Done(i64),
+    /// The Redis user was refused a command of the transaction (`why`: the
+    /// server's words). `ran`: STORE's answer when it ran all the same (a
+    /// refused `MULTI` lets the commands after it run one by one; STORE is
+    /// one script, fenced as ever, and its temporary key the fill's own);
+    /// `None` when it did not run or was refused itself (`RENAME`): the
+    /// temporary key is removed, the lease still held, and the store is
+    /// to be made with the fields as ARGV.
+    Denied { why: String, ran: Option<i64> },
+}
+
+/// The replies of `MULTI`, `HSET`, `PEXPIRE`, `EVALSHA` STORE and `EXEC`,
+/// read.
+#[derive(Debug)]
+enum TransactionReply {
+    Stored(i64),
+    /// STORE is not loaded: load it and send the transaction again.
+    NoScript,
+    Denied {
+        why: String,
+        ran: Option<i64>,
+    },
+    Failed(redis::RedisError),
+}
+
+/// Whether a server error is an ACL refusal: `NOPERM` (a command, or
+/// `RENAME` inside STORE, which answers `NOPERM` for it), or an `EXEC`
+/// aborted for one.
+fn is_denied(err: &redis::ServerError) -> bool {
+    err.kind() == Some(redis::ServerErrorKind::NoPerm)
+        || err.details().is_some_and(|d| d.contains("NOPERM"))
+}
+
+/// A server error as Redis worded it (`CODE details`).
+fn server_words(err: &redis::ServerError) -> String {
+    match err.details() {
+        Some(details) => format!("{} {details}", err.code()),
+        None => err.code().to_owned(),
+    }
+}
+
+/// Reads the replies of a store's transaction (see [`TransactionReply`]).
+fn read_transaction(replies: Value) -> TransactionReply {
+    let unexpected = |what: &'static str| {
+        TransactionReply::Failed(redis::RedisError::from((
+            redis::ErrorKind::UnexpectedReturnType,
+            what,
+        )))
+    };
+    let Value::Array(replies) = replies else {
+        return unexpected("a store's transaction: not an array of replies");
+    };
+    let Ok([multi, hset, pexpire, store, exec]) = <[Value; 5]>::try_from(replies) else {
+        return unexpected("a store's transaction: not five replies");
+    };
+    match multi {
+        Value::Okay | Value::SimpleString(_) => {}
+        Value::ServerError(err) if is_denied(&err) => {
+            // HSET, PEXPIRE and EVALSHA ran on their own; EXEC was refused
+            // too, or found no transaction.
+            let why = server_words(&err);
+            return match store {
+                Value::Int(stored) => TransactionReply::Denied {
+                    why,
+                    ran: Some(stored),
+                },
+                Value::ServerError(store) if is_denied(&store) => TransactionReply::Denied {
+                    why: format!("{why}; {}", server_words(&store)),
+                    ran: None,
+                },
+                _ => TransactionReply::Denied { why, ran: None },
+            };
+        }
+        Value::ServerError(err) => return TransactionReply::Failed(err.into()),
+        _ => return unexpected("a store's transaction: MULTI"),
+    }
+    match exec {
+        Value::Array(mut results) => match results.pop() {
+            Some(Value::Int(stored)) if results.len() == 2 => TransactionReply::Stored(stored),
+            Some(Value::ServerError(err))
+                if err.kind() == Some(redis::ServerErrorKind::NoScript) =>
+            {
+                TransactionReply::NoScript
+            }
+            Some(Value::ServerError(err)) if is_denied(&err) => TransactionReply::Denied {
+                why: server_words(&err),
+                ran: None,
+            },
+            Some(Value::ServerError(err)) => TransactionReply::Failed(err.into()),
+            _ => unexpected("a store's transaction: EXEC"),
+        },
+        // EXECABORT: a command refused as it was queued (its reply says
+        // why), or EXEC itself; nothing ran.
+        Value::ServerError(err) => {
+            let queued = [hset, pexpire, store]
+                .into_iter()
+                .find_map(|reply| match reply {
+                    Value::ServerError(e) if is_denied(&e) => Some(e),
+                    _ => None,
+                });
+            match queued {
+                Some(refused) => TransactionReply::Denied {
+                    why: server_words(&refused),
+                    ran: None,
+                },
+                None if is_denied(&err) => TransactionReply::Denied {
+                    why: server_words(&err),
+                    ran: None,
+                },
+                None => TransactionReply::Failed(err.into()),
+            }
+        }
+        _ => unexpected("a store's transaction: EXEC"),
+    }
+}
+
+/// The command an ACL refusal names (`'multi'` in Redis's words, `RENAME`
+/// in STORE's), upper case, for the warning.
+fn denied_command(why: &str) -> String {
+    let lower = why.to_ascii_lowercase();
+    for command in ["multi", "exec", "rename"] {
+        if lower.contains(&format!("'{command}'")) || lower.contains(&format!("{command} refused"))
+        {
+            return command.to_ascii_uppercase();
+        }
+    }
+    "MULTI, EXEC or RENAME".to_owned()
+}
+
 /// A node a SCAN goes to: `None` is the connection itself (a single
 /// server); `Some((host, port))` one primary of a Redis Cluster.
 pub(crate) type Node = Option<(String, u16)>;
@@ -500,6 +634,11 @@ pub(crate) struct Store<C> {
     wait_ms: AtomicU64,
     /// Set once the `maxmemory-policy` was looked at (`check_eviction_policy`).
     policy_checked: AtomicBool,
+    /// Set once the Redis user was refused a command of the single-server
+    /// store's transaction (`MULTI`, `EXEC`, or `RENAME` inside STORE):
+    /// stores then send the fields as STORE's ARGV, as on a cluster
+    /// ([`Store::store`]).
+    argv_store: AtomicBool,
     /// Reaches every primary for walks when the connection is not a
     /// `ClusterConnection` itself (`FenceCacheBuilder::cluster_wake_ups`).
     #[cfg(feature = "cluster-async")]
@@ -562,6 +701,7 @@ where
             wait_replicas: std::sync::atomic::AtomicU32::new(0),
             wait_ms: AtomicU64::new(0),
             policy_checked: AtomicBool::new(false),
+            argv_store: AtomicBool::new(false),
             #[cfg(feature = "cluster-async")]
             walk_client: std::sync::OnceLock::new(),
             #[cfg(feature = "cluster-async")]
@@ -875,6 +1015,12 @@ where
         }
     }
 
+    /// The fenced write-back of a fill (the STORE script). On a single
+    /// server the new entry goes under the fill's temporary key in one
+    /// transaction with STORE ([`store_in_transaction`]
+    /// (Self::store_in_transaction)); on a cluster, or once the Redis user
+    /// was refused a command of that transaction (an ACL without `MULTI`,
+    /// `EXEC` or `RENAME`), its fields are STORE's ARGV.
     pub(crate) async fn store(&self, args: StoreArgs<'_>) -> Result<WriteBack, FenceError> {
         self.check_eviction_policy().await;
         let keys = FencedWriteKeys::new(self, &args);
@@ -883,55 +1029,21 @@ where
             .iter()
             .find(|(name, _)| *name == "key")
             .map_or(&[][..], |(_, value)| value.as_slice());
-        let stored: i64 = if self.is_cluster() {
-            // The fields as ARGV: a MULTI/EXEC pipeline would have to follow
+        let stored: i64 = if self.is_cluster() || self.argv_store.load(Ordering::Relaxed) {
+            // On a cluster: a MULTI/EXEC pipeline would have to follow
             // MOVED/ASK redirections as a whole while slots move.
-            self.run("store", |mut c| {
-                let mut inv = self.fenced_write(&self.scripts.store, &args, &keys, None);
-                inv.arg(key_field).arg("0");
-                for (name, value) in &args.fields {
-                    inv.arg(*name).arg(value.as_slice());
-                }
-                async move { inv.invoke_async(&mut c).await }
-            })
-            .await?
+            self.store_argv(&args, &keys, key_field).await?
         } else {
-            // The new entry under a key of the fill's own, renamed into
-            // place by STORE in the same transaction: the body never
-            // crosses into Lua (BENCHMARKS.md, "Redis per cold miss").
-            let temp = temp_entry_of(args.lease_key, args.token);
-            let script = &self.scripts.store;
-            self.run("store", |mut c| {
-                let mut inv = self.fenced_write(script, &args, &keys, Some(&temp));
-                inv.arg(key_field).arg("1");
-                let mut pipe = redis::pipe();
-                pipe.atomic();
-                pipe.cmd("HSET").arg(temp.as_str());
-                for (name, value) in &args.fields {
-                    pipe.arg(*name).arg(value.as_slice());
-                }
-                pipe.ignore();
-                pipe.cmd("PEXPIRE")
-                    .arg(temp.as_str())
-                    .arg(TEMP_ENTRY_MS)
-                    .ignore();
-                pipe.add_command(inv.evalsha_cmd());
-                async move {
-                    let first: redis::RedisResult<(i64,)> = pipe.query_async(&mut c).await;
-                    match first {
-                        Err(err)
-                            if err.kind()
-                                == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-                        {
-                            // The temporary key is written again.
-                            script.load_async(&mut c).await?;
-                            pipe.query_async::<(i64,)>(&mut c).await.map(|(r,)| r)
-                        }
-                        other => other.map(|(r,)| r),
+            match self.store_in_transaction(&args, &keys, key_field).await? {
+                Transaction::Done(stored) => stored,
+                Transaction::Denied { why, ran } => {
+                    self.deny_transaction(&why);
+                    match ran {
+                        Some(stored) => stored,
+                        None => self.store_argv(&args, &keys, key_field).await?,
                     }
                 }
-            })
-            .await?
+            }
         };
         Ok(match stored {
             1 => WriteBack::Stored,
@@ -940,6 +1052,111 @@ where
             // by hand, a flush): not stored either.
             _ => WriteBack::Fenced,
         })
+    }
+
+    /// STORE with the entry's fields as its ARGV (a Redis Cluster, or a
+    /// Redis user that may not run the transaction).
+    async fn store_argv(
+        &self,
+        args: &StoreArgs<'_>,
+        keys: &FencedWriteKeys,
+        key_field: &[u8],
+    ) -> Result<i64, FenceError> {
+        self.run("store", |mut c| {
+            let mut inv = self.fenced_write(&self.scripts.store, args, keys, None);
+            inv.arg(key_field).arg("0");
+            for (name, value) in &args.fields {
+                inv.arg(*name).arg(value.as_slice());
+            }
+            async move { inv.invoke_async(&mut c).await }
+        })
+        .await
+    }
+
+    /// STORE on a single server: the new entry under a key of the fill's
+    /// own, renamed into place by STORE in the same transaction, so the
+    /// body never crosses into Lua (BENCHMARKS.md, "Redis per cold miss").
+    ///
+    /// `MULTI` and `EXEC` are commands of a plain pipeline whose every
+    /// reply is read ([`read_transaction`]), not an atomic one: a refused
+    /// `MULTI` must be told apart (then the commands after it ran one by
+    /// one), and redis-rs 1.8's transaction bookkeeping computes the index
+    /// of a `MULTI` error reply as `1 - 2` (a `usize`: a panic in a debug
+    /// build). A refusal leaves no temporary key behind and keeps the lease,
+    /// unless STORE itself ran ([`Transaction::Denied`]).
+    async fn store_in_transaction(
+        &self,
+        args: &StoreArgs<'_>,
+        keys: &FencedWriteKeys,
+        key_field: &[u8],
+    ) -> Result<Transaction, FenceError> {
+        let temp = temp_entry_of(args.lease_key, args.token);
+        let script = &self.scripts.store;
+        self.run("store", |mut c| {
+            let mut inv = self.fenced_write(script, args, keys, Some(&temp));
+            inv.arg(key_field).arg("1");
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            pipe.cmd("MULTI");
+            pipe.cmd("HSET").arg(temp.as_str());
+            for (name, value) in &args.fields {
+                pipe.arg(*name).arg(value.as_slice());
+            }
+            pipe.cmd("PEXPIRE").arg(temp.as_str()).arg(TEMP_ENTRY_MS);
+            pipe.add_command(inv.evalsha_cmd());
+            pipe.cmd("EXEC");
+            async move {
+                let mut loaded = false;
+                loop {
+                    let replies: Value = pipe.query_async(&mut c).await?;
+                    match read_transaction(replies) {
+                        TransactionReply::Stored(stored) => return Ok(Transaction::Done(stored)),
+                        TransactionReply::NoScript if !loaded => {
+                            // The temporary key is written again.
+                            script.load_async(&mut c).await?;
+                            loaded = true;
+                        }
+                        TransactionReply::NoScript => {
+                            return Err(redis::RedisError::from((
+                                redis::ErrorKind::Server(redis::ServerErrorKind::NoScript),
+                                "STORE missing right after SCRIPT LOAD",
+                            )));
+                        }
+                        TransactionReply::Denied { why, ran } => {
+                            if ran.is_none() {
+                                // A refused MULTI let HSET and PEXPIRE run
+                                // on their own (a refused RENAME: STORE
+                                // removed it): the ARGV path stores.
+                                let mut del = redis::cmd("DEL");
+                                del.arg(temp.as_str());
+                                if let Err(err) = del.exec_async(&mut c).await {
+                                    tracing::debug!(error = %err, "removing a temporary entry failed (it expires in 10 s)");
+                                }
+                            }
+                            return Ok(Transaction::Denied { why, ran });
+                        }
+                        TransactionReply::Failed(err) => return Err(err),
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// The Redis user was refused a command of the store's transaction:
+    /// every later store sends the fields as ARGV. Warns once.
+    fn deny_transaction(&self, why: &str) {
+        if self.argv_store.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let command = denied_command(why);
+        tracing::warn!(
+            error = why,
+            command,
+            "the Redis user may not run {command}: stores now send the response to the store script as arguments \
+             (slower: the body crosses into Lua); grant MULTI, EXEC and RENAME to store through a transaction \
+             (ACL SETUSER <user> +multi +exec +rename)"
+        );
     }
 
     /// The header-only write-back of a revalidation (the FRESHEN script):

@@ -412,31 +412,13 @@ async fn a_near_cached_entry_evicted_and_stored_again_is_dropped_by_the_invalida
     assert_eq!(stale, 0, "the near cache served the invalidated entry");
 }
 
-/// Everything a subscriber wrote.
-#[derive(Clone, Default)]
-struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The WARN lines about the eviction policy logged by a cache over a Redis
 /// with `policy`, after three stores.
 async fn policy_warnings(policy: &str) -> usize {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter("cachefence=warn")
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = support::capture::capture(
+        "cachefence=warn",
+        tracing_subscriber::fmt::format::FmtSpan::NONE,
+    );
     let redis = RedisServer::with_args(&["--maxmemory", "64mb", "--maxmemory-policy", policy]);
     let (version, calls) = (Arc::new(AtomicU64::new(1)), Arc::new(AtomicU64::new(0)));
     let layer = FenceLayer::new(redis.connection_manager().await).namespace("pol:");
@@ -446,8 +428,9 @@ async fn policy_warnings(policy: &str) -> usize {
         let r = http.get(addr, &format!("/w/{i}")).await;
         assert_eq!(r.cache_status(), Some("MISS"));
     }
-    let text = String::from_utf8_lossy(&captured.0.lock().unwrap()).into_owned();
-    text.lines()
+    captured
+        .text()
+        .lines()
         .filter(|l| l.contains("WARN") && l.contains("maxmemory-policy"))
         .count()
 }

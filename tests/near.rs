@@ -14,6 +14,7 @@ use axum::http::HeaderMap;
 use axum::routing::get;
 use cachefence::{FenceCache, FenceHandle};
 use redis::aio::ConnectionManager;
+use support::gate::until;
 use support::{Http, RedisServer, serve};
 
 const NS: &str = "near:";
@@ -26,13 +27,33 @@ struct Proc {
     addr: std::net::SocketAddr,
 }
 
-async fn proc(redis: &RedisServer, version: &Arc<AtomicU64>, calls: &Arc<AtomicU64>) -> Proc {
-    let cache = FenceCache::builder(redis.connection_manager().await)
+/// A cache of namespace [`NS`] with wake-ups and a 1 MiB near cache.
+async fn near_cache(redis: &RedisServer) -> FenceCache<ConnectionManager> {
+    FenceCache::builder(redis.connection_manager().await)
         .namespace(NS)
         .wake_ups(redis.client())
         .near_cache(1 << 20)
         .build()
-        .expect("cache");
+        .expect("cache")
+}
+
+/// A [`Proc`] on a [`near_cache`] serving `app(&cache)`, returned once its
+/// near cache is up.
+async fn start(
+    redis: &RedisServer,
+    app: impl FnOnce(&FenceCache<ConnectionManager>) -> Router,
+) -> Proc {
+    let cache = near_cache(redis).await;
+    let addr = serve(app(&cache)).await;
+    up(&cache).await;
+    Proc {
+        handle: cache.handle(),
+        cache,
+        addr,
+    }
+}
+
+async fn proc(redis: &RedisServer, version: &Arc<AtomicU64>, calls: &Arc<AtomicU64>) -> Proc {
     let (version, calls) = (version.clone(), calls.clone());
     let origin = move |uri: axum::http::Uri| {
         let (version, calls) = (version.clone(), calls.clone());
@@ -44,26 +65,13 @@ async fn proc(redis: &RedisServer, version: &Arc<AtomicU64>, calls: &Arc<AtomicU
         }
     };
     // `no-cache` asks for a refetch (and so a store over a fresh entry).
-    let app = Router::new().route(
-        "/{*path}",
-        get(origin).layer(cache.layer().honor_request_no_cache(true)),
-    );
-    let addr = serve(app).await;
-    up(&cache).await;
-    Proc {
-        handle: cache.handle(),
-        cache,
-        addr,
-    }
-}
-
-/// Waits (bounded) until `cond` holds: for state the listener task changes.
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    start(redis, |cache| {
+        Router::new().route(
+            "/{*path}",
+            get(origin).layer(cache.layer().honor_request_no_cache(true)),
+        )
+    })
+    .await
 }
 
 async fn up(cache: &FenceCache<ConnectionManager>) {
@@ -325,12 +333,7 @@ async fn a_loop_of_near_hits_lets_other_tasks_run() {
     // thread run, here the only thread.
     use tower::{Layer, ServiceExt};
     let redis = RedisServer::new();
-    let cache = FenceCache::builder(redis.connection_manager().await)
-        .namespace(NS)
-        .wake_ups(redis.client())
-        .near_cache(1 << 20)
-        .build()
-        .expect("cache");
+    let cache = near_cache(&redis).await;
     let svc = cache
         .layer()
         .layer(tower::service_fn(|_req: http::Request<String>| async {
@@ -501,12 +504,6 @@ async fn vary_variants_are_near_cached_each_and_dropped_with_their_url() {
     let calls = Arc::new(AtomicU64::new(0));
     let mut procs = Vec::new();
     for _ in 0..2 {
-        let cache = FenceCache::builder(redis.connection_manager().await)
-            .namespace(NS)
-            .wake_ups(redis.client())
-            .near_cache(1 << 20)
-            .build()
-            .expect("cache");
         let (version, calls) = (version.clone(), calls.clone());
         let origin = move |headers: HeaderMap| {
             let (version, calls) = (version.clone(), calls.clone());
@@ -522,14 +519,12 @@ async fn vary_variants_are_near_cached_each_and_dropped_with_their_url() {
                 (out, format!("{}:{lang}", version.load(Ordering::SeqCst)))
             }
         };
-        let app = Router::new().route("/{*path}", get(origin).layer(cache.layer()));
-        let addr = serve(app).await;
-        up(&cache).await;
-        procs.push(Proc {
-            handle: cache.handle(),
-            cache,
-            addr,
-        });
+        procs.push(
+            start(&redis, |cache| {
+                Router::new().route("/{*path}", get(origin).layer(cache.layer()))
+            })
+            .await,
+        );
     }
     let http = Http::new();
     let get_lang = |p: &Proc, lang: &'static str| {

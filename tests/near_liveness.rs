@@ -21,6 +21,7 @@ use axum::routing::get;
 use cachefence::{FenceCache, FenceHandle};
 use futures_util::StreamExt;
 use redis::aio::ConnectionManager;
+use support::gate::until;
 use support::proxy::StallProxy;
 use support::{Http, RedisServer, serve};
 
@@ -63,15 +64,6 @@ async fn proc(redis: &RedisServer, wake_url: &str, version: &Arc<AtomicU64>) -> 
         handle: cache.handle(),
         cache,
         addr,
-    }
-}
-
-/// Waits (bounded) until `cond` holds: for state a listener task changes.
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 

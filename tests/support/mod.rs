@@ -4,6 +4,7 @@
 //! item, hence the module-level `dead_code` allowance.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod capture;
 #[cfg(feature = "cluster-async")]
 pub mod cluster;
 pub mod gate;
