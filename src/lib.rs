@@ -177,36 +177,7 @@ pub use handle::{FenceHandle, Invalidation};
 pub use healing::HealingConnection;
 pub use layer::FenceLayer;
 pub use policy::{CacheTags, CacheTtl};
-pub use service::Fence;
-// The example is here, on the re-export (rustdoc shows it on the type's
-// page, before the type's own text), while src/service.rs is being changed
-// elsewhere: it belongs on the struct.
-/// What [`Fence::call`](tower_service::Service::call) returns: resolves to
-/// the response, `Response<FenceBody<B>>`, or the inner service's error.
-///
-/// # Example
-///
-/// Calling a fenced service by hand, as a server loop of one's own would:
-///
-/// ```no_run
-/// use std::convert::Infallible;
-///
-/// use cachefence::{Fence, FenceBody, ResponseFuture};
-/// use tower::Service;
-/// use tower::util::BoxCloneService;
-///
-/// type Origin = BoxCloneService<http::Request<String>, http::Response<String>, Infallible>;
-///
-/// async fn get(
-///     fence: &mut Fence<Origin>,
-///     request: http::Request<String>,
-/// ) -> Result<http::Response<FenceBody<String>>, Infallible> {
-///     std::future::poll_fn(|cx| fence.poll_ready(cx)).await?;
-///     let future: ResponseFuture<_, String, Infallible> = fence.call(request);
-///     future.await
-/// }
-/// ```
-pub use service::ResponseFuture;
+pub use service::{Fence, ResponseFuture};
 pub use stats::{BreakerState, Stats};
 
 /// The `redis` crate this crate's API takes (its connections, `Client`,

@@ -100,7 +100,31 @@ impl<S, C> Fence<S, C> {
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 pin_project! {
-    /// The response future of [`Fence`].
+    /// What [`Fence::call`](tower_service::Service::call) returns: resolves to
+    /// the response, `Response<FenceBody<B>>`, or the inner service's error.
+    ///
+    /// # Example
+    ///
+    /// Calling a fenced service by hand, as a server loop of one's own would:
+    ///
+    /// ```no_run
+    /// use std::convert::Infallible;
+    ///
+    /// use cachefence::{Fence, FenceBody, ResponseFuture};
+    /// use tower::Service;
+    /// use tower::util::BoxCloneService;
+    ///
+    /// type Origin = BoxCloneService<http::Request<String>, http::Response<String>, Infallible>;
+    ///
+    /// async fn get(
+    ///     fence: &mut Fence<Origin>,
+    ///     request: http::Request<String>,
+    /// ) -> Result<http::Response<FenceBody<String>>, Infallible> {
+    ///     std::future::poll_fn(|cx| fence.poll_ready(cx)).await?;
+    ///     let future: ResponseFuture<_, String, Infallible> = fence.call(request);
+    ///     future.await
+    /// }
+    /// ```
     pub struct ResponseFuture<F, B: Body, E> {
         #[pin]
         state: State<F, B, E>,
