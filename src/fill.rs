@@ -90,8 +90,9 @@ pub(crate) struct Job<S, C, ReqB, ResB: Body, E> {
     pub(crate) mode: Mode,
     /// A stale entry to fall back on when the origin fails.
     pub(crate) stale: Option<Arc<Entry>>,
-    /// Which joiners may take `stale` ([`Since::Any`] for the one the
-    /// leader's lookup found; what ACQUIRE found is as new as its asking).
+    /// Which joiners may take `stale`: it is as new as the read that found
+    /// it (`Since::Asked` with the arrival of the request whose lookup
+    /// found it, or ACQUIRE's asking).
     pub(crate) stale_since: Since,
     /// The request that started the fill, if it is not a background refresh.
     pub(crate) leader: Option<oneshot::Sender<LeaderResult<ResB, E>>>,
