@@ -603,6 +603,11 @@ where
                             cache_status::collapsed(config, res.headers_mut());
                             return Ok(res);
                         }
+                        // Made for other header values: look again, and
+                        // don't join this finished fill again if it is
+                        // still in the table (offline, a fill is keyed by
+                        // its primary) but lead the next one in its place.
+                        passed = Some(rx);
                     }
                     Some(Outcome::Origin) => {
                         let status = if offline {

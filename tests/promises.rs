@@ -344,6 +344,91 @@ async fn a_request_after_an_invalidation_never_takes_the_stale_copy_a_failing_re
     assert_eq!(gate.calls(), 3);
 }
 
+// Breaks when a late request of a `Vary` URL (offline, so no fenced STORE
+// vouches for anything) takes an answer asked for before it came, or one
+// made for another language, or when the requests that look again don't
+// share the next call of their language: three origin calls in all, each
+// answer asked for after every request it is given to came and made for
+// its language.
+#[tokio::test(flavor = "multi_thread")]
+async fn offline_late_requests_of_a_vary_url_take_only_a_later_answer_of_their_language() {
+    let mut redis = RedisServer::new();
+    // Call 1 waits at `gates[0]`, call 2 at `gates[1]`, the later ones at
+    // `gates[2]`.
+    let gates = [Gate::new(), Gate::new(), Gate::new()];
+    let layer = layer(&redis, "offline-vary:").await;
+    let handle = layer.handle();
+    let svc = layer.layer(BoxCloneSyncService::new(tower::service_fn({
+        let gates = gates.clone();
+        move |req: Request<Body>| {
+            let gates = gates.clone();
+            async move {
+                let lang = req
+                    .headers()
+                    .get("accept-language")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let n = gates[0].enter().await;
+                if n > 1 {
+                    gates[(n - 1).min(2)].enter().await;
+                }
+                let mut res = Response::new(Body::from(format!("{lang} #{n}")));
+                res.headers_mut()
+                    .insert("vary", "accept-language".parse().unwrap());
+                Ok::<_, Infallible>(res)
+            }
+        }
+    })));
+    redis.stop();
+    let spawn = |lang: &'static str| {
+        let svc = svc.clone();
+        tokio::spawn(async move { get_with(&svc, "/v", &[("accept-language", lang)]).await })
+    };
+    let first = spawn("en");
+    gates[0].called(1).await;
+    // Two of each language come while the first call runs, and join it.
+    let late = [spawn("en"), spawn("en"), spawn("fr"), spawn("fr")];
+    until("the late requests joined the first call", || {
+        handle.stats().coalesced >= 4
+    })
+    .await;
+    gates[0].release();
+    assert_eq!(first.await.unwrap().text(), "en #1");
+    // They look again: one leads the second call, the three others join it.
+    gates[1].called(1).await;
+    until("the late requests joined the second call", || {
+        handle.stats().coalesced >= 7
+    })
+    .await;
+    gates[1].release();
+    // The two of the other language look again once more: one call.
+    gates[2].called(1).await;
+    until("the other language joined the third call", || {
+        handle.stats().coalesced >= 8
+    })
+    .await;
+    gates[2].release();
+    let mut bodies: Vec<String> = Vec::new();
+    for (r, lang) in late.into_iter().zip(["en", "en", "fr", "fr"]) {
+        let r = r.await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        let text = r.text();
+        assert!(
+            text.starts_with(&format!("{lang} #")) && !text.ends_with("#1"),
+            "a late {lang} request got {text}"
+        );
+        bodies.push(text);
+    }
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 2, "one answer per language: {bodies:?}");
+    assert_eq!(
+        gates[0].calls(),
+        3,
+        "the late requests share one call per language"
+    );
+}
+
 /// Requests `path` until it is answered through the cache (not `BYPASS`).
 async fn until_cached(svc: &Svc, path: &str) {
     let deadline = Instant::now() + support::gate::HANG_GUARD;
