@@ -13,7 +13,17 @@
 //! `InvalidationQueue` and the workers of the processes), and faults: Redis
 //! restart, `CLIENT KILL` of the data and of the pub/sub connections, a
 //! stalled (half-open) subscription, a `maxmemory` + `volatile-lru` flood,
-//! and a process SIGKILLed while it leads a fill.
+//! and a process SIGKILLed while it leads a fill. Beside them, origin
+//! outages: for 0.5-2 s one URL (most of them an `/e/` URL, refreshed in the
+//! background every second), or for 0.3-1 s every URL, the origin fails
+//! most calls (`500`, `503`, a slow `503`, or a connection dropped mid-body,
+//! which the app answers `502`), quickly or after 0.3-1.5 s, so fills and
+//! background refreshes fall back on their stale copies
+//! (`stale_if_error`) while invalidations run. In odd seeds `p1` has no
+//! wake-up subscription (the builder's default) and no queue worker, and
+//! nothing is invalidated through it: it hears no invalidation made
+//! elsewhere, so nothing but the fences and its own checks stop its fills
+//! and refreshes from handing out what an invalidation removed.
 //!
 //! Invariants, checked on the recorded history after the run:
 //! - (a) no read that started after an invalidation returned sees a version
@@ -24,7 +34,9 @@
 //!   docs allow it (see [`overlap_excused`]);
 //! - (c) no request waits past `fill_timeout + lock_timeout` (33 s) + 2 s,
 //!   and every request of a live process is answered 200 or 304 with the
-//!   body of its own URL, host and language;
+//!   body of its own URL, host and language, or a 5xx that is the failure
+//!   of an origin call its own process made for its entry key while it
+//!   waited (the body names the call; see `chk::origin_failure`);
 //! - (d) every enqueued invalidation is applied (seen drained) within the
 //!   drain SLA (10 s) + 5 s, and nothing ends in the dead letters.
 //!
