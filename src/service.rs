@@ -344,6 +344,9 @@ where
     let mut looked = None;
     // The flight whose answer this request could not take.
     let mut passed = None;
+    // The newest stale copy a lookup of this request found, for the end of
+    // its cap.
+    let mut fallback: Option<Arc<Entry>> = None;
     // The near cache serves fresh hits only (a refetch goes to Redis).
     let near = shared.near().filter(|_| !refresh);
     for attempt in 0..MAX_ATTEMPTS {
@@ -558,6 +561,9 @@ where
                 Counters::inc(&counters.coalesced);
                 // Whether this request's own lookup found a stale copy.
                 let saw_stale = stale.is_some();
+                if saw_stale {
+                    fallback.clone_from(&stale);
+                }
                 let wait = rx.wait_for(Option::is_some);
                 // The fill this request joined acts on the wait budget for
                 // all of them (stale, or one origin call, or keeps waiting);
@@ -626,7 +632,18 @@ where
             }
         }
     }
-    Box::pin(origin(config, svc, req, CacheStatus::Miss)).await
+    // Out of attempts (fills restarted by invalidations, answers refused as
+    // older than what it knew or made for other `Vary` values): this request
+    // calls the origin alone, within what is left of its cap, as a fill
+    // would (the guide's "Waiting and deadlines": stale or 504 then).
+    let call = Box::pin(origin(config, svc, req, CacheStatus::Miss));
+    match tokio::time::timeout_at(deadlines.cap, call).await {
+        Ok(result) => result,
+        Err(_) => {
+            Counters::inc(&counters.wait_timeouts);
+            Ok(after_wait_timeout(config, counters, fallback))
+        }
+    }
 }
 
 /// Reads the entry of a key: ONE command, two when the response varies.

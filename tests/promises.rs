@@ -429,6 +429,92 @@ async fn offline_late_requests_of_a_vary_url_take_only_a_later_answer_of_their_l
     );
 }
 
+// Breaks when a request that ran out of attempts (answers refused as
+// asked for before it came, or made for another language: three rounds)
+// calls the origin with no deadline: it waits past `fill_timeout +
+// lock_timeout` (tests/checker.rs found one on its `/d/` route: 3.3 s on a
+// 1.5 s cap). It gets its 504 at the cap instead (no stale copy here).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_out_of_attempts_still_ends_at_its_cap() {
+    let mut redis = RedisServer::new();
+    // Call n waits at `gates[min(n - 1, 3)]` (after `gates[0]`, which
+    // counts them all).
+    let gates = [Gate::new(), Gate::new(), Gate::new(), Gate::new()];
+    let layer = layer(&redis, "attempts:")
+        .await
+        .fill_timeout(Duration::from_secs(3))
+        .lock_timeout(Duration::from_secs(1));
+    let handle = layer.handle();
+    let svc = layer.layer(BoxCloneSyncService::new(tower::service_fn({
+        let gates = gates.clone();
+        move |req: Request<Body>| {
+            let gates = gates.clone();
+            async move {
+                let lang = req
+                    .headers()
+                    .get("accept-language")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let n = gates[0].enter().await;
+                if n > 1 {
+                    gates[(n - 1).min(3)].enter().await;
+                }
+                let mut res = Response::new(Body::from(format!("{lang} #{n}")));
+                res.headers_mut()
+                    .insert("vary", "accept-language".parse().unwrap());
+                Ok::<_, Infallible>(res)
+            }
+        }
+    })));
+    redis.stop();
+    let spawn = |lang: &'static str| {
+        let svc = svc.clone();
+        tokio::spawn(async move { get_with(&svc, "/v", &[("accept-language", lang)]).await })
+    };
+    let first = spawn("en");
+    gates[0].called(1).await;
+    let late = [spawn("de"), spawn("fr"), spawn("it")];
+    until("the late requests joined the first call", || {
+        handle.stats().coalesced >= 3
+    })
+    .await;
+    gates[0].release();
+    assert_eq!(first.await.unwrap().text(), "en #1");
+    // They refuse it (asked for before they came): one leads the second
+    // call, two join it; one of those takes it, the other leads the third
+    // call and the last joins it; the last one, handed an answer for
+    // another language once more, is out of attempts.
+    gates[1].called(1).await;
+    until("two joined the second call", || {
+        handle.stats().coalesced >= 5
+    })
+    .await;
+    gates[1].release();
+    gates[2].called(1).await;
+    until("one joined the third call", || {
+        handle.stats().coalesced >= 6
+    })
+    .await;
+    gates[2].release();
+    // It calls the origin alone, which never answers in time.
+    gates[3].called(1).await;
+    let mut statuses = Vec::new();
+    for (r, lang) in late.into_iter().zip(["de", "fr", "it"]) {
+        let r = tokio::time::timeout(support::gate::HANG_GUARD, r)
+            .await
+            .expect("every request answered by its cap")
+            .unwrap();
+        if r.status == StatusCode::OK {
+            assert!(r.text().starts_with(lang), "{lang} got {}", r.text());
+        }
+        statuses.push(r.status.as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 504]);
+    assert_eq!(gates[0].calls(), 4);
+    gates[3].release();
+}
+
 /// Requests `path` until it is answered through the cache (not `BYPASS`).
 async fn until_cached(svc: &Svc, path: &str) {
     let deadline = Instant::now() + support::gate::HANG_GUARD;
