@@ -49,6 +49,22 @@ fn refusals(redis: &RedisServer) -> Vec<(String, i64)> {
     out
 }
 
+/// A cache's `(misses, hits, stores, redis_errors)` and its Redis calls.
+fn assert_stats(
+    handle: &cachefence::FenceHandle,
+    counts: (u64, u64, u64, u64),
+    redis_calls: u64,
+    which: &str,
+) {
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.misses, stats.hits, stats.stores, stats.redis_errors),
+        counts,
+        "{which}'s counters"
+    );
+    assert_eq!(stats.redis_calls, redis_calls, "{which}'s Redis calls");
+}
+
 /// Every key matching `pattern`, by `SCAN`.
 fn scan(redis: &RedisServer, pattern: &str) -> Vec<String> {
     let mut cursor = "0".to_owned();
@@ -139,12 +155,7 @@ async fn stores_without(
         transactions,
         "no transaction after the first"
     );
-    let stats = handle.stats();
-    assert_eq!(
-        (stats.misses, stats.hits, stats.stores, stats.redis_errors),
-        (2, 2, 2, 0)
-    );
-    assert_eq!(stats.redis_calls, calls.0, "the first cache's Redis calls");
+    assert_stats(&handle, (2, 2, 2, 0), calls.0, "the first cache");
     assert_eq!(captured.count("may not run"), 1, "one warning");
 
     // Another cache (another process), STORE loaded.
@@ -153,12 +164,7 @@ async fn stores_without(
     assert_eq!(refusals(&redis), log(both), "the second cache's refusals");
     assert_eq!(http.get(addr, "/item/3").await.cache_status(), Some("HIT"));
     assert_eq!(counter.get(), 1);
-    let stats = handle.stats();
-    assert_eq!(
-        (stats.misses, stats.hits, stats.stores, stats.redis_errors),
-        (1, 1, 1, 0)
-    );
-    assert_eq!(stats.redis_calls, calls.1, "the second cache's Redis calls");
+    assert_stats(&handle, (1, 1, 1, 0), calls.1, "the second cache");
     assert_eq!(captured.count("may not run"), 2, "one warning a cache");
 
     assert_eq!(

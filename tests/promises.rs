@@ -358,27 +358,7 @@ async fn offline_late_requests_of_a_vary_url_take_only_a_later_answer_of_their_l
     let gates = [Gate::new(), Gate::new(), Gate::new()];
     let layer = layer(&redis, "offline-vary:").await;
     let handle = layer.handle();
-    let svc = layer.layer(BoxCloneSyncService::new(tower::service_fn({
-        let gates = gates.clone();
-        move |req: Request<Body>| {
-            let gates = gates.clone();
-            async move {
-                let lang = req
-                    .headers()
-                    .get("accept-language")
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
-                let n = gates[0].enter().await;
-                if n > 1 {
-                    gates[(n - 1).min(2)].enter().await;
-                }
-                let mut res = Response::new(Body::from(format!("{lang} #{n}")));
-                res.headers_mut()
-                    .insert("vary", "accept-language".parse().unwrap());
-                Ok::<_, Infallible>(res)
-            }
-        }
-    })));
+    let svc = layer.layer(vary_origin(&gates));
     redis.stop();
     let spawn = |lang: &'static str| {
         let svc = svc.clone();
@@ -445,27 +425,7 @@ async fn a_request_out_of_attempts_still_ends_at_its_cap() {
         .fill_timeout(Duration::from_secs(3))
         .lock_timeout(Duration::from_secs(1));
     let handle = layer.handle();
-    let svc = layer.layer(BoxCloneSyncService::new(tower::service_fn({
-        let gates = gates.clone();
-        move |req: Request<Body>| {
-            let gates = gates.clone();
-            async move {
-                let lang = req
-                    .headers()
-                    .get("accept-language")
-                    .map(|v| v.to_str().unwrap().to_owned())
-                    .unwrap_or_default();
-                let n = gates[0].enter().await;
-                if n > 1 {
-                    gates[(n - 1).min(3)].enter().await;
-                }
-                let mut res = Response::new(Body::from(format!("{lang} #{n}")));
-                res.headers_mut()
-                    .insert("vary", "accept-language".parse().unwrap());
-                Ok::<_, Infallible>(res)
-            }
-        }
-    })));
+    let svc = layer.layer(vary_origin(&gates));
     redis.stop();
     let spawn = |lang: &'static str| {
         let svc = svc.clone();
@@ -513,6 +473,31 @@ async fn a_request_out_of_attempts_still_ends_at_its_cap() {
     assert_eq!(statuses, [200, 200, 504]);
     assert_eq!(gates[0].calls(), 4);
     gates[3].release();
+}
+
+/// An origin answering `<accept-language> #<call>` with `Vary:
+/// Accept-Language`; call `n` waits at `gates[0]` (which counts every call),
+/// then, after the first, at `gates[min(n - 1, last)]`.
+fn vary_origin<const N: usize>(gates: &[Gate; N]) -> Origin {
+    let gates = gates.clone();
+    BoxCloneSyncService::new(tower::service_fn(move |req: Request<Body>| {
+        let gates = gates.clone();
+        async move {
+            let lang = req
+                .headers()
+                .get("accept-language")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            let n = gates[0].enter().await;
+            if n > 1 {
+                gates[(n - 1).min(N - 1)].enter().await;
+            }
+            let mut res = Response::new(Body::from(format!("{lang} #{n}")));
+            res.headers_mut()
+                .insert("vary", "accept-language".parse().unwrap());
+            Ok::<_, Infallible>(res)
+        }
+    }))
 }
 
 /// Requests `path` until it is answered through the cache (not `BYPASS`).
